@@ -1,0 +1,98 @@
+"""``AgenticRunOperator``: run a command on a remote agent through the sidecar, deferred while it runs."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from agentic_airflow.connection import get_endpoint
+from agentic_airflow.sidecar import TERMINAL, submit_job
+from agentic_airflow.triggers import AgenticJobTrigger
+
+try:  # Airflow 3
+    from airflow.sdk import BaseOperator
+except ImportError:  # Airflow 2
+    from airflow.models import BaseOperator
+from airflow.exceptions import AirflowException
+
+
+class AgenticRunOperator(BaseOperator):
+    """Run ``command`` on an agent chosen by ``agent_id`` or ``route_labels``.
+
+    The job is submitted with the task instance's key (dag, task, run, map index, try), so the
+    reconciler can stop it when the task is marked failed or success, cleared, or its run deleted.
+    The task defers while the job runs: it takes no worker slot, and ends with the job's outcome.
+    """
+
+    template_fields: Sequence[str] = ("command", "env", "cwd")
+    ui_color = "#d6e9f8"
+
+    def __init__(
+        self,
+        *,
+        command: str,
+        agent_id: str | None = None,
+        route_labels: Sequence[str] | None = None,
+        conn_id: str = "agentic_run_default",
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+        run_as: str | None = None,
+        timeout_seconds: float | None = None,
+        poll_interval: float = 2.0,
+        log_tail_bytes: int = 4000,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.command = command
+        self.agent_id = agent_id
+        self.route_labels = list(route_labels or [])
+        self.conn_id = conn_id
+        self.env = env
+        self.cwd = cwd
+        self.run_as = run_as
+        self.timeout_seconds = timeout_seconds
+        self.poll_interval = poll_interval
+        self.log_tail_bytes = log_tail_bytes
+
+    def execute(self, context: Any) -> None:
+        ti = context["ti"]
+        job = submit_job(
+            get_endpoint(self.conn_id),
+            {
+                "command": self.command,
+                "agent_id": self.agent_id,
+                "labels": self.route_labels,
+                "env": self.env,
+                "cwd": self.cwd,
+                "run_as": self.run_as,
+                "timeout_seconds": self.timeout_seconds,
+                "dag_id": ti.dag_id,
+                "task_id": ti.task_id,
+                "run_id": ti.run_id,
+                "map_index": ti.map_index,
+                "try_number": ti.try_number,
+            },
+        )
+        self.log.info(
+            "job %s on agent %s: %s%s",
+            job["job_id"], job["agent_id"], job["status"], "" if job.get("created", True) else " (already submitted)",
+        )
+        if job["status"] in TERMINAL:
+            self.execute_complete(context, {**job, "log_tail": ""})
+            return
+        self.defer(
+            trigger=AgenticJobTrigger(job["job_id"], self.conn_id, self.poll_interval, self.log_tail_bytes),
+            method_name="execute_complete",
+        )
+
+    def execute_complete(self, context: Any, event: dict[str, Any]) -> str:
+        job_id, status = event.get("job_id"), event.get("status")
+        if status == "SUCCEEDED":
+            self.log.info("job %s succeeded", job_id)
+            return str(job_id)
+        if status == "ERROR":
+            raise AirflowException(f"lost track of job {job_id}: {event.get('error')}")
+        raise AirflowException(
+            f"job {job_id} {status} with rc={event.get('rc')}: {event.get('reason')}\n"
+            f"--- last output ---\n{event.get('log_tail', '')}"
+        )

@@ -1,0 +1,103 @@
+"""The reconciler sidecar as a real process, configured through a TOML file like in production."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import subprocess
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from harness.processes import free_port, start, stop_tree, wait_http_ok
+
+
+@dataclass(frozen=True)
+class AgentRef:
+    id: str
+    url: str
+    token: str
+    labels: Sequence[str] = ()
+
+
+@dataclass
+class SidecarProcess:
+    workdir: Path
+    airflow_url: str
+    airflow_password: str
+    agents: Sequence[AgentRef]
+    db_url: str = ""
+    interval_seconds: float = 1.0
+    port: int = field(default_factory=free_port)
+    token: str = field(default_factory=lambda: secrets.token_urlsafe(24))
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def log_path(self) -> Path:
+        return self.workdir / "sidecar.log"
+
+    def write_config(self) -> Path:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        db_url = self.db_url or f"sqlite:///{self.workdir / 'router.db'}"
+        lines = [
+            "[airflow]",
+            f'base_url = "{self.airflow_url}"',
+            'username = "admin"',
+            'password_env = "HARNESS_AIRFLOW_PASSWORD"',
+            "[router_db]",
+            f'url = "{db_url}"',
+            "[poll]",
+            f"interval_seconds = {self.interval_seconds}",
+            "[http]",
+            f"port = {self.port}",
+            'token_env = "HARNESS_SIDECAR_TOKEN"',
+        ]
+        for agent in self.agents:
+            labels = ", ".join(f'"{label}"' for label in agent.labels)
+            lines += [
+                "[[agents]]",
+                f'id = "{agent.id}"',
+                f'url = "{agent.url}"',
+                f'token_env = "HARNESS_AGENT_TOKEN_{agent.id.upper().replace("-", "_")}"',
+                f"labels = [{labels}]",
+            ]
+        path = self.workdir / "reconciler.toml"
+        path.write_text("\n".join(lines) + "\n")
+        return path
+
+    def env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env["HARNESS_AIRFLOW_PASSWORD"] = self.airflow_password
+        env["HARNESS_SIDECAR_TOKEN"] = self.token
+        for agent in self.agents:
+            env[f"HARNESS_AGENT_TOKEN_{agent.id.upper().replace('-', '_')}"] = agent.token
+        return env
+
+    def start(self) -> None:
+        config = self.write_config()
+        self.proc = start(
+            [sys.executable, "-m", "reconciler", "run", "--config", str(config)], log_path=self.log_path, env=self.env()
+        )
+        wait_http_ok(f"{self.url}/healthz", timeout=30, proc=self.proc)
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop_tree(self.proc, grace=35)
+            self.proc = None
+
+    def client(self) -> httpx.Client:
+        return httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {self.token}"}, timeout=30)
+
+    def __enter__(self) -> SidecarProcess:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

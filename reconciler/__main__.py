@@ -1,0 +1,64 @@
+"""``python -m reconciler run|once|check-config --config reconciler.toml``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+
+from reconciler import logs
+from reconciler.config import ConfigError, ReconcilerConfig, Secrets, load_config, load_secrets
+from reconciler.service import build, serve
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m reconciler", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, text in (
+        ("run", "run the sidecar: poll loop and HTTP API"),
+        ("once", "run one reconcile cycle and print what it did"),
+        ("check-config", "validate the configuration file and secrets, then exit"),
+    ):
+        cmd = sub.add_parser(name, help=text)
+        cmd.add_argument("--config", default="config/reconciler.toml", help="TOML file (default: %(default)s)")
+        cmd.add_argument("--log-level", default="INFO")
+        if name == "once":
+            cmd.add_argument("--dry-run", action="store_true", help="decide but change nothing")
+    args = parser.parse_args(argv)
+    logs.setup(args.log_level)
+    try:
+        config = load_config(args.config)
+        secrets = load_secrets(config)
+    except ConfigError as exc:
+        print(f"configuration error: {exc}", file=sys.stderr)
+        return 2
+    if args.command == "check-config":
+        print(f"{args.config}: ok ({len(config.agents)} agent(s), router DB {config.router_db.url.split(':', 1)[0]})")
+        return 0
+    if args.command == "once":
+        return asyncio.run(_once(config, secrets, dry_run=args.dry_run))
+    asyncio.run(serve(config, secrets))
+    return 0
+
+
+async def _once(config: ReconcilerConfig, secrets: Secrets, *, dry_run: bool) -> int:
+    parts = build(config, secrets)
+    try:
+        report = await parts.reconciler.cycle(dry_run=dry_run)
+        if not dry_run:
+            await parts.dispatcher.drain(60.0)
+    finally:
+        await parts.close()
+    for job, stop in report.stops:
+        print(json.dumps({"action": "stop" if not dry_run else "would_stop", "job_id": job.job_id,
+                          "dag_id": job.key.dag_id, "task_id": job.key.task_id, "run_id": job.key.run_id,
+                          "map_index": job.key.map_index, "try_number": job.key.try_number,
+                          "kind": str(stop.kind), "final_status": str(stop.final_status), "reason": stop.reason}))
+    print(json.dumps({"result": report.result, "active_jobs": report.active, "stops": len(report.stops),
+                      "unconfirmed": report.unconfirmed, "dry_run": dry_run}))
+    return 0 if report.result == "ok" else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,55 @@
+"""The configured agents: one :class:`AgentClient` each, and routing of new jobs to them."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+
+import aiohttp
+
+from agent.client import AgentClient
+from reconciler.config import AgentEntry
+
+
+class NoAgent(LookupError):
+    """No configured agent matches the requested route."""
+
+
+class AgentPool:
+    def __init__(self, entries: Sequence[AgentEntry], tokens: Mapping[str, str], *, timeout: float) -> None:
+        self._entries = {e.id: e for e in entries}
+        self._session: aiohttp.ClientSession | None = None
+        self._tokens = tokens
+        self._timeout = timeout
+        self._clients: dict[str, AgentClient] = {}
+        self._next = 0
+
+    def client(self, agent_id: str) -> AgentClient:
+        if agent_id not in self._entries:
+            raise NoAgent(f"unknown agent {agent_id!r}")
+        if agent_id not in self._clients:
+            if self._session is None:
+                # One connection pool for all agents; per-request timeouts come from each client.
+                self._session = aiohttp.ClientSession()
+            self._clients[agent_id] = AgentClient(
+                self._entries[agent_id].url, self._tokens[agent_id], session=self._session, timeout=self._timeout
+            )
+        return self._clients[agent_id]
+
+    def route(self, *, agent_id: str | None, labels: Iterable[str]) -> str:
+        """The agent for a new job: the named one, or round-robin among those carrying all labels."""
+        if agent_id is not None:
+            if agent_id not in self._entries:
+                raise NoAgent(f"unknown agent {agent_id!r}")
+            return agent_id
+        wanted = set(labels)
+        matching = sorted(e.id for e in self._entries.values() if wanted <= set(e.labels))
+        if not matching:
+            raise NoAgent(f"no agent has labels {sorted(wanted)}")
+        self._next += 1
+        return matching[self._next % len(matching)]
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+        self._clients.clear()

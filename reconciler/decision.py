@@ -1,0 +1,103 @@
+"""The decision table: what to do with an active job, given what Airflow says of its task instance.
+
+Pure: plain values in, plain values out. The loop fetches observations, calls :func:`decide`, and hands
+the result to the stop dispatcher; a stop is acted on only if a direct re-read decides the same.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+from router_db import JobStatus
+
+# Task-instance states in which the job's work is still wanted (on the job's own try).
+KEEP_STATES = frozenset({"running", "deferred", "queued", "scheduled", "up_for_reschedule"})
+# A person or Airflow ended the task: the job fails, the reason names the state.
+FAILED_STATES = frozenset({"failed", "upstream_failed", "skipped", "removed"})
+# The try is over and another may follow: cleared (no state), restarting, or waiting to retry.
+CLEARED_STATES = frozenset({None, "restarting", "up_for_retry"})
+
+
+class Divergence(StrEnum):
+    """Why a job must stop; also the ``kind`` label of ``reconciler_divergences_total``."""
+
+    TI_FAILED = "ti_failed"
+    TI_SUCCESS = "ti_success"
+    TI_CLEARED = "ti_cleared"
+    NEWER_TRY = "newer_try"
+    TI_ABSENT = "ti_absent"
+
+
+@dataclass(frozen=True)
+class Observed:
+    """Airflow answered with this task instance."""
+
+    state: str | None
+    try_number: int
+
+
+@dataclass(frozen=True)
+class Absent:
+    """Airflow answered, and the task instance (or its DAG run) does not exist."""
+
+
+@dataclass(frozen=True)
+class Unknown:
+    """Airflow did not give a usable answer (unreachable, 5xx, auth failure, garbage)."""
+
+    why: str
+
+
+Observation = Observed | Absent | Unknown
+
+
+@dataclass(frozen=True)
+class Keep:
+    why: str
+
+
+@dataclass(frozen=True)
+class Stop:
+    kind: Divergence
+    final_status: JobStatus  # what the router DB records once the agent confirms the stop
+    reason: str
+
+
+Decision = Keep | Stop
+
+
+def decide(job_try: int, observation: Observation) -> Decision:
+    """Map one observation of a job's task instance to keep or stop.
+
+    Anything not positively known to diverge is kept: a false stop kills real work and is worse
+    than a late one.
+    """
+    match observation:
+        case Unknown(why=why):
+            return Keep(f"airflow answer unusable: {why}")
+        case Absent():
+            return Stop(Divergence.TI_ABSENT, JobStatus.FAILED, "task instance no longer exists in Airflow")
+        case Observed(state=state, try_number=ti_try):
+            if ti_try > job_try:
+                return Stop(
+                    Divergence.NEWER_TRY,
+                    JobStatus.FAILED,
+                    f"task instance is on try {ti_try}; this job belongs to try {job_try}",
+                )
+            if ti_try < job_try:
+                return Keep(f"airflow reports older try {ti_try} than the job's {job_try}")
+            if state in KEEP_STATES:
+                return Keep(f"task instance is {state}")
+            if state in FAILED_STATES:
+                return Stop(Divergence.TI_FAILED, JobStatus.FAILED, f"task instance is {state}")
+            if state == "success":
+                # Marked success by a person: the router DB follows Airflow's verdict; rc keeps
+                # the process truth (negative: ended by a signal).
+                return Stop(Divergence.TI_SUCCESS, JobStatus.SUCCEEDED, "task instance marked success")
+            if state in CLEARED_STATES:
+                shown = state or "no state (cleared)"
+                return Stop(Divergence.TI_CLEARED, JobStatus.FAILED, f"task instance is {shown}; this try is over")
+            return Keep(f"unrecognised task-instance state {state!r}")
+    raise AssertionError(f"not an observation: {observation!r}")  # pragma: no cover
+

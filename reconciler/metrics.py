@@ -1,0 +1,45 @@
+"""Prometheus metrics of the reconciler. No job or run ids as labels: cardinality stays fixed."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+LATENCY_BUCKETS = (0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, 30.0, 60.0, 300.0)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.cycles = Counter(
+            "reconciler_cycles", "Poll cycles by result (ok, airflow_error, db_error, error).", ["result"], registry=r
+        )
+        self.cycle_duration = Histogram(
+            "reconciler_cycle_duration_seconds", "Wall time of one poll cycle.", registry=r
+        )
+        self.divergences = Counter(
+            "reconciler_divergences", "Confirmed divergences by kind.", ["kind"], registry=r
+        )
+        self.stop_requests = Counter(
+            "reconciler_stop_requests",
+            "Stop calls to agents by outcome (stopped, already_finished, unknown_job, retry, rejected).",
+            ["outcome"],
+            registry=r,
+        )
+        self.detection_latency = Histogram(
+            "reconciler_detection_latency_seconds",
+            "From a task instance's end_date (when Airflow ended it) to the confirmed divergence.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.airflow_requests = Counter(
+            "reconciler_airflow_requests", "Requests to Airflow's API by HTTP code (or 'error').", ["code"], registry=r
+        )
+        self.active_jobs = Gauge("reconciler_active_jobs", "Jobs the router DB considers active.", registry=r)
+        self.last_success = Gauge(
+            "reconciler_last_success_timestamp_seconds", "Unix time of the last successful cycle.", registry=r
+        )
+        self.leader = Gauge("reconciler_leader", "1 while this replica runs the poll loop.", registry=r)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,264 @@
+"""The sidecar's HTTP API: job submission and queries (the router API), metrics and health.
+
+Token auth on everything but ``/metrics``, ``/healthz`` and ``/readyz``. Bad input gets a 4xx JSON
+``{"error": ...}`` naming the problem and changes nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import re
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+
+from agent.client import AgentError, AgentRejected, AgentUnavailable, JobNotFound
+from reconciler.agents import AgentPool, NoAgent
+from reconciler.loop import Reconciler, refresh_from_agent
+from reconciler.metrics import Metrics
+from router_db import JobRecord, JobStatus, NewJob, RouterDB, StaleTransition, TaskInstanceKey
+
+log = logging.getLogger("reconciler.server")
+
+MAX_BODY_BYTES = 1024 * 1024
+MAX_COMMAND_BYTES = 64 * 1024
+JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+OPEN_PATHS = frozenset({"/metrics", "/healthz", "/readyz"})
+
+
+class BadRequest(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class SubmitRequest:
+    key: TaskInstanceKey
+    command: str
+    agent_id: str | None
+    labels: list[str]
+    payload: dict[str, Any]  # what the agent's POST /run receives besides the command
+
+
+def parse_submit(body: Any) -> SubmitRequest:
+    if not isinstance(body, dict):
+        raise BadRequest("body must be a JSON object")
+    command = _field(body, "command", str)
+    if not command.strip() or len(command.encode()) > MAX_COMMAND_BYTES:
+        raise BadRequest(f"command must be non-empty and at most {MAX_COMMAND_BYTES} bytes")
+    ids = {name: _field(body, name, str) for name in ("dag_id", "task_id", "run_id")}
+    for name, value in ids.items():
+        if not value or len(value) > 250:
+            raise BadRequest(f"{name} must be 1-250 characters")
+    map_index = _field(body, "map_index", int, default=-1)
+    try_number = _field(body, "try_number", int)
+    if map_index < -1 or try_number < 0:
+        raise BadRequest("map_index must be >= -1 and try_number >= 0")
+    agent_id = _field(body, "agent_id", str, default=None)
+    labels = _field(body, "labels", list, default=[])
+    if not all(isinstance(label, str) for label in labels):
+        raise BadRequest("labels must be a list of strings")
+    env = _field(body, "env", dict, default=None)
+    if env is not None and not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
+        raise BadRequest("env must map strings to strings")
+    timeout = body.get("timeout_seconds")
+    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0):
+        raise BadRequest("timeout_seconds must be a positive number or null")
+    payload = {
+        "command": command,
+        "cwd": _field(body, "cwd", str, default=None),
+        "env": env,
+        "run_as": _field(body, "run_as", str, default=None),
+        "timeout_seconds": timeout,
+    }
+    key = TaskInstanceKey(ids["dag_id"], ids["task_id"], ids["run_id"], map_index, try_number)
+    return SubmitRequest(key, command, agent_id, labels, payload)
+
+
+_MISSING: Any = object()
+
+
+def _field(body: dict[str, Any], name: str, kind: type, default: Any = _MISSING) -> Any:
+    value = body.get(name, _MISSING)
+    if value is _MISSING or (value is None and default is not _MISSING):
+        if default is _MISSING:
+            raise BadRequest(f"missing field {name!r}")
+        return default
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise BadRequest(f"field {name!r} must be {kind.__name__}")
+    return value
+
+
+class SidecarAPI:
+    def __init__(
+        self,
+        *,
+        db: RouterDB,
+        agents: AgentPool,
+        metrics: Metrics,
+        reconciler: Reconciler,
+        token: str,
+        ready_after: float,
+    ) -> None:
+        self._db = db
+        self._agents = agents
+        self._metrics = metrics
+        self._reconciler = reconciler
+        self._token = token.encode()
+        self._ready_after = ready_after  # seconds without a successful cycle before /readyz fails
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[self._errors, self._auth])
+        app.router.add_post("/jobs", self.submit)
+        app.router.add_get("/jobs", self.list_jobs)
+        app.router.add_get("/jobs/{job_id}", self.get_job)
+        app.router.add_get("/jobs/{job_id}/log", self.job_log)
+        app.router.add_get("/metrics", self.metrics)
+        app.router.add_get("/healthz", self.healthz)
+        app.router.add_get("/readyz", self.readyz)
+        return app
+
+    @web.middleware
+    async def _errors(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except BadRequest as exc:
+            return _error(400, str(exc))
+        except web.HTTPException as exc:
+            if exc.status == 413:
+                return _error(413, f"body larger than {MAX_BODY_BYTES} bytes")
+            return _error(exc.status, exc.reason)
+        except Exception:
+            log.exception("unhandled error in %s %s", request.method, request.path)
+            return _error(500, "internal error; see the sidecar log")
+
+    @web.middleware
+    async def _auth(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        if request.path not in OPEN_PATHS:
+            header = request.headers.get("Authorization", "")
+            given = header.removeprefix("Bearer ").strip().encode() if header.startswith("Bearer ") else b""
+            if not given or not hmac.compare_digest(given, self._token):
+                return _error(401, "missing or wrong token (Authorization: Bearer <token>)")
+        return await handler(request)
+
+    async def submit(self, request: web.Request) -> web.Response:
+        try:
+            body = await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise BadRequest("body is not valid JSON") from None
+        req = parse_submit(body)
+        try:
+            agent_id = self._agents.route(agent_id=req.agent_id, labels=req.labels)
+        except NoAgent as exc:
+            raise BadRequest(str(exc)) from None
+        job, created = await asyncio.to_thread(self._db.submit, NewJob(req.key, agent_id, req.command))
+        if created:
+            job = await self._start_on_agent(job, req.payload)
+        return web.json_response(
+            {"job_id": job.job_id, "agent_id": job.agent_id, "status": str(job.status), "created": created},
+            status=201 if created else 200,
+        )
+
+    async def _start_on_agent(self, job: JobRecord, payload: dict[str, Any]) -> JobRecord:
+        try:
+            await self._agents.client(job.agent_id).run(job.job_id, payload)
+        except AgentRejected as exc:
+            return await asyncio.to_thread(
+                self._db.finish, job.job_id, status=JobStatus.FAILED, rc=None,
+                reason=f"agent refused the job: {exc}", source="submit",
+            )
+        except AgentUnavailable:
+            # The agent may or may not have started it: stay QUEUED; the loop asks the agent later
+            # and records RUNNING or FAILED, and stops it like any job if Airflow says so.
+            log.warning("agent unreachable at submit; job stays QUEUED", extra={"job_id": job.job_id})
+            return job
+        try:
+            return await asyncio.to_thread(self._db.mark_running, job.job_id, source="submit")
+        except StaleTransition:
+            return await asyncio.to_thread(self._db.get, job.job_id) or job
+
+    async def get_job(self, request: web.Request) -> web.Response:
+        job = await self._job(request)
+        job = await refresh_from_agent(self._db, self._agents, job)
+        return web.json_response(job.to_json())
+
+    async def list_jobs(self, request: web.Request) -> web.Response:
+        status = request.query.get("status")
+        try:
+            statuses = [JobStatus(status)] if status else None
+        except ValueError:
+            raise BadRequest(f"unknown status {status!r}; one of {[s.value for s in JobStatus]}") from None
+        try:
+            limit = int(request.query.get("limit", "1000"))
+        except ValueError:
+            raise BadRequest("limit must be an integer") from None
+        jobs = await asyncio.to_thread(
+            self._db.list,
+            dag_id=request.query.get("dag_id"),
+            run_id=request.query.get("run_id"),
+            statuses=statuses,
+            limit=max(1, min(limit, 10000)),
+        )
+        return web.json_response({"jobs": [j.to_json() for j in jobs]})
+
+    async def job_log(self, request: web.Request) -> web.Response:
+        job = await self._job(request)
+        try:
+            offset = int(request.query.get("offset", "0"))
+            limit = int(request.query["limit"]) if "limit" in request.query else None
+        except ValueError:
+            raise BadRequest("offset and limit must be integers") from None
+        if offset < 0 or (limit is not None and limit < 1):
+            raise BadRequest("offset must be >= 0 and limit >= 1")
+        try:
+            chunk = await self._agents.client(job.agent_id).log(job.job_id, offset=offset, limit=limit)
+        except JobNotFound:
+            return _error(404, f"agent {job.agent_id} has no log for job {job.job_id}")
+        except AgentError as exc:
+            return _error(502, f"agent {job.agent_id} communication failed: {exc}")
+        return web.Response(
+            body=chunk.data,
+            content_type="text/plain",
+            headers={"X-Log-Size": str(chunk.size), "X-Next-Offset": str(chunk.next_offset)},
+        )
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        return web.Response(body=self._metrics.render(), headers={"Content-Type": "text/plain; version=0.0.4"})
+
+    async def healthz(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def readyz(self, request: web.Request) -> web.Response:
+        problems = []
+        try:
+            await asyncio.to_thread(self._db.ping)
+        except Exception as exc:
+            problems.append(f"router DB unreachable: {type(exc).__name__}")
+        last = self._reconciler.last_success
+        if last is None or time.monotonic() - last > self._ready_after:
+            problems.append("no successful reconcile cycle recently (Airflow reachable?)")
+        if problems:
+            return web.json_response({"status": "not ready", "problems": problems}, status=503)
+        return web.json_response({"status": "ready"})
+
+    async def _job(self, request: web.Request) -> JobRecord:
+        job_id = request.match_info["job_id"]
+        if not JOB_ID.match(job_id):
+            raise BadRequest("job id must match " + JOB_ID.pattern)
+        job = await asyncio.to_thread(self._db.get, job_id)
+        if job is None:
+            raise web.HTTPNotFound(reason=f"job not found: {job_id}")
+        return job
+
+
+def _error(status: int, message: str) -> web.Response:
+    return web.json_response({"error": message}, status=status)

@@ -1,0 +1,93 @@
+"""Wires the sidecar together: router DB, Airflow client, agents, loop, HTTP server."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from reconciler.agents import AgentPool
+from reconciler.airflow import AirflowClient
+from reconciler.config import ReconcilerConfig, Secrets
+from reconciler.loop import Reconciler
+from reconciler.metrics import Metrics
+from reconciler.server import SidecarAPI
+from reconciler.stops import StopDispatcher
+from router_db import RouterDB
+
+log = logging.getLogger("reconciler")
+
+SHUTDOWN_GRACE_SECONDS = 30.0  # in-flight stops get this long to finish on SIGTERM
+
+
+@dataclass
+class Parts:
+    db: RouterDB
+    airflow: AirflowClient
+    agents: AgentPool
+    metrics: Metrics
+    dispatcher: StopDispatcher
+    reconciler: Reconciler
+
+    async def close(self) -> None:
+        await self.airflow.close()
+        await self.agents.close()
+        self.db.dispose()
+
+
+def build(config: ReconcilerConfig, secrets: Secrets) -> Parts:
+    db = RouterDB(config.router_db.url)
+    db.create_schema()
+    metrics = Metrics()
+    airflow = AirflowClient(
+        config.airflow.base_url,
+        username=config.airflow.username,
+        password=secrets.airflow_password,
+        timeout=config.airflow.timeout_seconds,
+        on_response=lambda code: metrics.airflow_requests.labels(code).inc(),
+    )
+    agents = AgentPool(config.agents, secrets.agent_tokens, timeout=config.stop.timeout_seconds)
+    dispatcher = StopDispatcher(db, agents, metrics, config.stop)
+    reconciler = Reconciler(
+        db=db,
+        airflow=airflow,
+        agents=agents,
+        dispatcher=dispatcher,
+        metrics=metrics,
+        interval=config.poll.interval_seconds,
+        agent_sync_interval=config.poll.agent_sync_seconds,
+    )
+    return Parts(db, airflow, agents, metrics, dispatcher, reconciler)
+
+
+async def serve(config: ReconcilerConfig, secrets: Secrets) -> None:
+    """Run the loop and the HTTP API until SIGTERM or SIGINT, then finish in-flight stops."""
+    parts = build(config, secrets)
+    api = SidecarAPI(
+        db=parts.db,
+        agents=parts.agents,
+        metrics=parts.metrics,
+        reconciler=parts.reconciler,
+        token=secrets.http_token,
+        ready_after=max(10.0, 5 * config.poll.interval_seconds),
+    )
+    runner = web.AppRunner(api.app(), access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, config.http.host, config.http.port)
+    await site.start()
+    log.info("sidecar listening on http://%s:%d", config.http.host, config.http.port)
+
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+    try:
+        await parts.reconciler.run(stopping)
+    finally:
+        log.info("shutting down: finishing %d stop(s) under way", parts.dispatcher.inflight)
+        await parts.dispatcher.drain(SHUTDOWN_GRACE_SECONDS)
+        await runner.cleanup()
+        await parts.close()
