@@ -14,7 +14,11 @@ except ImportError:  # Airflow 2
 
 def _endpoint(conn: Any) -> SidecarEndpoint:
     return SidecarEndpoint.from_connection(
-        conn_type=conn.conn_type, host=conn.host, port=conn.port, password=conn.password, extra=conn.extra_dejson
+        conn_type=conn.conn_type,
+        host=conn.host,
+        port=conn.port,
+        password=conn.password,
+        extra=conn.extra_dejson,
     )
 
 

@@ -75,7 +75,10 @@ class AgenticRunOperator(BaseOperator):
         )
         self.log.info(
             "job %s on agent %s: %s%s",
-            job["job_id"], job["agent_id"], job["status"], "" if job.get("created", True) else " (already submitted)",
+            job["job_id"],
+            job["agent_id"],
+            job["status"],
+            "" if job.get("created", True) else " (already submitted)",
         )
         if job["status"] in TERMINAL:
             self.execute_complete(context, {**job, "log_tail": ""})

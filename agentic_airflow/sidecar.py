@@ -27,7 +27,13 @@ class SidecarEndpoint:
 
     @classmethod
     def from_connection(
-        cls, *, conn_type: str | None, host: str | None, port: int | None, password: str | None, extra: dict[str, Any]
+        cls,
+        *,
+        conn_type: str | None,
+        host: str | None,
+        port: int | None,
+        password: str | None,
+        extra: dict[str, Any],
     ) -> SidecarEndpoint:
         """Read an Airflow connection: ``http://:TOKEN@host:port`` or JSON with ``host``, ``port``,
         ``password``; ``extra.base_url`` overrides the address."""
@@ -48,7 +54,9 @@ class SidecarEndpoint:
         return {"Authorization": f"Bearer {self.token}", "Accept": "application/json"}
 
 
-def submit_job(endpoint: SidecarEndpoint, request: dict[str, Any], *, timeout: float = 30.0) -> dict[str, Any]:
+def submit_job(
+    endpoint: SidecarEndpoint, request: dict[str, Any], *, timeout: float = 30.0
+) -> dict[str, Any]:
     """``POST /jobs``; idempotent per task-instance try (a resubmission returns the same job)."""
     try:
         with httpx.Client(base_url=endpoint.base_url, headers=endpoint.headers, timeout=timeout) as client:

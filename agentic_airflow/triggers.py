@@ -14,7 +14,9 @@ from agentic_airflow.sidecar import TERMINAL, SidecarError, get_job, log_tail
 
 
 class AgenticJobTrigger(BaseTrigger):
-    def __init__(self, job_id: str, conn_id: str, poll_interval: float = 2.0, log_tail_bytes: int = 4000) -> None:
+    def __init__(
+        self, job_id: str, conn_id: str, poll_interval: float = 2.0, log_tail_bytes: int = 4000
+    ) -> None:
         super().__init__()
         self.job_id = job_id
         self.conn_id = conn_id
@@ -35,7 +37,9 @@ class AgenticJobTrigger(BaseTrigger):
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
         endpoint = await aget_endpoint(self.conn_id)
-        async with httpx.AsyncClient(base_url=endpoint.base_url, headers=endpoint.headers, timeout=10.0) as client:
+        async with httpx.AsyncClient(
+            base_url=endpoint.base_url, headers=endpoint.headers, timeout=10.0
+        ) as client:
             while True:
                 try:
                     job = await get_job(client, self.job_id)
@@ -48,7 +52,11 @@ class AgenticJobTrigger(BaseTrigger):
                     await asyncio.sleep(self.poll_interval)
                     continue
                 if job["status"] in TERMINAL:
-                    tail = "" if job["status"] == "SUCCEEDED" else await log_tail(client, self.job_id, self.log_tail_bytes)
+                    tail = (
+                        ""
+                        if job["status"] == "SUCCEEDED"
+                        else await log_tail(client, self.job_id, self.log_tail_bytes)
+                    )
                     yield TriggerEvent({**_summary(job), "log_tail": tail})
                     return
                 await asyncio.sleep(self.poll_interval)

@@ -144,7 +144,9 @@ class AirflowAPI:
         token = httpx.post(f"{url}/auth/token", json={"username": USERNAME, "password": PASSWORD}, timeout=30)
         token.raise_for_status()
         self.http = httpx.Client(
-            base_url=f"{url}/api/v2", headers={"Authorization": f"Bearer {token.json()['access_token']}"}, timeout=30
+            base_url=f"{url}/api/v2",
+            headers={"Authorization": f"Bearer {token.json()['access_token']}"},
+            timeout=30,
         )
 
     def wait_for_dag(self, dag_id: str, *, timeout: float = 60.0) -> None:
@@ -157,7 +159,9 @@ class AirflowAPI:
 
     def trigger(self, dag_id: str, run_id: str) -> None:
         self.http.patch(f"/dags/{dag_id}", json={"is_paused": False}).raise_for_status()
-        response = self.http.post(f"/dags/{dag_id}/dagRuns", json={"dag_run_id": run_id, "logical_date": None, "conf": {}})
+        response = self.http.post(
+            f"/dags/{dag_id}/dagRuns", json={"dag_run_id": run_id, "logical_date": None, "conf": {}}
+        )
         response.raise_for_status()
 
     def task_instance(self, dag_id: str, run_id: str, task_id: str) -> dict[str, Any]:
@@ -175,7 +179,9 @@ class AirflowAPI:
             if ti["state"] in states:
                 return ti
             time.sleep(0.3)
-        raise TimeoutError(f"{dag_id}/{run_id}/{task_id} not in {states} after {timeout:.0f} s: {ti.get('state')}")
+        raise TimeoutError(
+            f"{dag_id}/{run_id}/{task_id} not in {states} after {timeout:.0f} s: {ti.get('state')}"
+        )
 
     def mark(self, dag_id: str, run_id: str, task_id: str, state: str) -> None:
         """Exactly what the UI's "mark failed/success" does."""

@@ -83,7 +83,9 @@ class SidecarProcess:
     def start(self) -> None:
         config = self.write_config()
         self.proc = start(
-            [sys.executable, "-m", "reconciler", "run", "--config", str(config)], log_path=self.log_path, env=self.env()
+            [sys.executable, "-m", "reconciler", "run", "--config", str(config)],
+            log_path=self.log_path,
+            env=self.env(),
         )
         wait_http_ok(f"{self.url}/healthz", timeout=30, proc=self.proc)
 

@@ -21,7 +21,9 @@ def main(argv: list[str] | None = None) -> int:
         ("check-config", "validate the configuration file and secrets, then exit"),
     ):
         cmd = sub.add_parser(name, help=text)
-        cmd.add_argument("--config", default="config/reconciler.toml", help="TOML file (default: %(default)s)")
+        cmd.add_argument(
+            "--config", default="config/reconciler.toml", help="TOML file (default: %(default)s)"
+        )
         cmd.add_argument("--log-level", default="INFO")
         if name == "once":
             cmd.add_argument("--dry-run", action="store_true", help="decide but change nothing")
@@ -34,7 +36,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"configuration error: {exc}", file=sys.stderr)
         return 2
     if args.command == "check-config":
-        print(f"{args.config}: ok ({len(config.agents)} agent(s), router DB {config.router_db.url.split(':', 1)[0]})")
+        backend = config.router_db.url.split(":", 1)[0]
+        print(f"{args.config}: ok ({len(config.agents)} agent(s), router DB {backend})")
         return 0
     if args.command == "once":
         return asyncio.run(_once(config, secrets, dry_run=args.dry_run))
@@ -51,12 +54,33 @@ async def _once(config: ReconcilerConfig, secrets: Secrets, *, dry_run: bool) ->
     finally:
         await parts.close()
     for job, stop in report.stops:
-        print(json.dumps({"action": "stop" if not dry_run else "would_stop", "job_id": job.job_id,
-                          "dag_id": job.key.dag_id, "task_id": job.key.task_id, "run_id": job.key.run_id,
-                          "map_index": job.key.map_index, "try_number": job.key.try_number,
-                          "kind": str(stop.kind), "final_status": str(stop.final_status), "reason": stop.reason}))
-    print(json.dumps({"result": report.result, "active_jobs": report.active, "stops": len(report.stops),
-                      "unconfirmed": report.unconfirmed, "dry_run": dry_run}))
+        print(
+            json.dumps(
+                {
+                    "action": "stop" if not dry_run else "would_stop",
+                    "job_id": job.job_id,
+                    "dag_id": job.key.dag_id,
+                    "task_id": job.key.task_id,
+                    "run_id": job.key.run_id,
+                    "map_index": job.key.map_index,
+                    "try_number": job.key.try_number,
+                    "kind": str(stop.kind),
+                    "final_status": str(stop.final_status),
+                    "reason": stop.reason,
+                }
+            )
+        )
+    print(
+        json.dumps(
+            {
+                "result": report.result,
+                "active_jobs": report.active,
+                "stops": len(report.stops),
+                "unconfirmed": report.unconfirmed,
+                "dry_run": dry_run,
+            }
+        )
+    )
     return 0 if report.result == "ok" else 1
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 
 import aiohttp
-
 from agent.client import AgentClient
+
 from reconciler.config import AgentEntry
 
 
@@ -31,7 +31,10 @@ class AgentPool:
                 # One connection pool for all agents; per-request timeouts come from each client.
                 self._session = aiohttp.ClientSession()
             self._clients[agent_id] = AgentClient(
-                self._entries[agent_id].url, self._tokens[agent_id], session=self._session, timeout=self._timeout
+                self._entries[agent_id].url,
+                self._tokens[agent_id],
+                session=self._session,
+                timeout=self._timeout,
             )
         return self._clients[agent_id]
 

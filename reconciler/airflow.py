@@ -112,7 +112,9 @@ class AirflowClient:
         offset = 0
         while True:
             page = await self._request(
-                "POST", "/api/v2/dags/~/dagRuns/~/taskInstances/list", json_body={**body, "page_offset": offset}
+                "POST",
+                "/api/v2/dags/~/dagRuns/~/taskInstances/list",
+                json_body={**body, "page_offset": offset},
             )
             items, total = _collection(page)
             found.extend(parse_task_instance(item) for item in items)
@@ -120,7 +122,9 @@ class AirflowClient:
             if not items or offset >= total:
                 return found
 
-    async def get_task_instance(self, dag_id: str, run_id: str, task_id: str, map_index: int) -> TaskInstance | None:
+    async def get_task_instance(
+        self, dag_id: str, run_id: str, task_id: str, map_index: int
+    ) -> TaskInstance | None:
         """One task instance read directly; ``None`` when Airflow says it does not exist."""
         path = f"/api/v2/dags/{_seg(dag_id)}/dagRuns/{_seg(run_id)}/taskInstances/{_seg(task_id)}"
         if map_index >= 0:

@@ -125,7 +125,9 @@ def parse_config(raw: Mapping[str, Any], env: Mapping[str, str]) -> ReconcilerCo
 def load_secrets(config: ReconcilerConfig, env: Mapping[str, str] | None = None) -> Secrets:
     env = os.environ if env is None else env
     return Secrets(
-        airflow_password=_secret("[airflow] password", config.airflow.password_env, config.airflow.password_file, env),
+        airflow_password=_secret(
+            "[airflow] password", config.airflow.password_env, config.airflow.password_file, env
+        ),
         http_token=_secret("[http] token", config.http.token_env, config.http.token_file, env),
         agent_tokens={
             a.id: _secret(f"agent {a.id!r} token", a.token_env, a.token_file, env) for a in config.agents
@@ -150,7 +152,10 @@ def _secret(what: str, env_name: str, file_name: str, env: Mapping[str, str]) ->
 def _validate(config: ReconcilerConfig) -> None:
     checks = [
         (config.airflow.api_version in ("v2",), "[airflow] api_version: only 'v2' (Airflow 3) is supported"),
-        (config.airflow.base_url.startswith(("http://", "https://")), "[airflow] base_url: must be http(s)://"),
+        (
+            config.airflow.base_url.startswith(("http://", "https://")),
+            "[airflow] base_url: must be http(s)://",
+        ),
         (config.airflow.timeout_seconds > 0, "[airflow] timeout_seconds: must be > 0"),
         (config.poll.interval_seconds > 0, "[poll] interval_seconds: must be > 0"),
         (config.poll.agent_sync_seconds > 0, "[poll] agent_sync_seconds: must be > 0"),
@@ -160,7 +165,10 @@ def _validate(config: ReconcilerConfig) -> None:
         (0 <= config.http.port <= 65535, "[http] port: must be 0-65535"),
         (bool(config.router_db.url), "[router_db] url: must not be empty"),
     ]
-    checks += [(a.url.startswith(("http://", "https://")), f"[[agents]] {a.id!r} url: must be http(s)://") for a in config.agents]
+    checks += [
+        (a.url.startswith(("http://", "https://")), f"[[agents]] {a.id!r} url: must be http(s)://")
+        for a in config.agents
+    ]
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)

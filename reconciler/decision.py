@@ -97,7 +97,8 @@ def decide(job_try: int, observation: Observation) -> Decision:
                 return Stop(Divergence.TI_SUCCESS, JobStatus.SUCCEEDED, "task instance marked success")
             if state in CLEARED_STATES:
                 shown = state or "no state (cleared)"
-                return Stop(Divergence.TI_CLEARED, JobStatus.FAILED, f"task instance is {shown}; this try is over")
+                return Stop(
+                    Divergence.TI_CLEARED, JobStatus.FAILED, f"task instance is {shown}; this try is over"
+                )
             return Keep(f"unrecognised task-instance state {state!r}")
     raise AssertionError(f"not an observation: {observation!r}")  # pragma: no cover
-

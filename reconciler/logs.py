@@ -9,7 +9,18 @@ from datetime import UTC, datetime
 from typing import Any
 
 # Fields callers pass through ``extra=``; only these are copied into the line.
-FIELDS = ("job_id", "dag_id", "task_id", "run_id", "map_index", "try_number", "agent_id", "action", "kind", "error")
+FIELDS = (
+    "job_id",
+    "dag_id",
+    "task_id",
+    "run_id",
+    "map_index",
+    "try_number",
+    "agent_id",
+    "action",
+    "kind",
+    "error",
+)
 
 
 class JsonFormatter(logging.Formatter):

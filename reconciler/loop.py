@@ -9,14 +9,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TypeVar
 
+from agent.client import AgentError, JobNotFound
 from sqlalchemy.exc import SQLAlchemyError
 
-from agent.client import AgentError, JobNotFound
 from reconciler.agents import AgentPool
 from reconciler.airflow import AirflowClient, AirflowError, TaskInstance
 from reconciler.decision import Absent, Keep, Observation, Observed, Stop, Unknown, decide
@@ -159,7 +159,9 @@ class Reconciler:
         await _bounded(CONFIRM_CONCURRENCY, [refresh_from_agent(self._db, self._agents, job) for job in jobs])
 
 
-async def refresh_from_agent(db: RouterDB, agents: AgentPool, job: JobRecord, *, timeout: float = 5.0) -> JobRecord:
+async def refresh_from_agent(
+    db: RouterDB, agents: AgentPool, job: JobRecord, *, timeout: float = 5.0
+) -> JobRecord:
     """Ask the job's agent about a queued or running job and record what it reports.
 
     Used by the loop (periodically) and by the sidecar's ``GET /jobs/{id}`` (so the operator's
@@ -176,7 +178,9 @@ async def refresh_from_agent(db: RouterDB, agents: AgentPool, job: JobRecord, *,
     except (AgentError, TimeoutError):
         return job
     if info.status in ("SUCCEEDED", "FAILED"):
-        return await _record(db, job, JobStatus(info.status), info.rc, info.reason or f"exited with rc {info.rc}")
+        return await _record(
+            db, job, JobStatus(info.status), info.rc, info.reason or f"exited with rc {info.rc}"
+        )
     if info.status == "RUNNING" and job.status is JobStatus.QUEUED:
         try:
             return await asyncio.to_thread(db.mark_running, job.job_id, source="agent")
@@ -187,7 +191,9 @@ async def refresh_from_agent(db: RouterDB, agents: AgentPool, job: JobRecord, *,
 
 async def _record(db: RouterDB, job: JobRecord, status: JobStatus, rc: int | None, reason: str) -> JobRecord:
     try:
-        done = await asyncio.to_thread(db.finish, job.job_id, status=status, rc=rc, reason=reason, source="agent")
+        done = await asyncio.to_thread(
+            db.finish, job.job_id, status=status, rc=rc, reason=reason, source="agent"
+        )
     except StaleTransition:
         return await asyncio.to_thread(db.get, job.job_id) or job
     log.info("job ended on agent: %s", reason, extra=job_fields(job, action="record_exit"))
@@ -206,5 +212,3 @@ async def _bounded(limit: int, calls: Sequence[Awaitable[T]]) -> list[T]:
 
 def _ti_key(job: JobRecord) -> tuple[str, str, str, int]:
     return (job.key.dag_id, job.key.run_id, job.key.task_id, job.key.map_index)
-
-

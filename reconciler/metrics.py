@@ -12,7 +12,10 @@ class Metrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.cycles = Counter(
-            "reconciler_cycles", "Poll cycles by result (ok, airflow_error, db_error, error).", ["result"], registry=r
+            "reconciler_cycles",
+            "Poll cycles by result (ok, airflow_error, db_error, error).",
+            ["result"],
+            registry=r,
         )
         self.cycle_duration = Histogram(
             "reconciler_cycle_duration_seconds", "Wall time of one poll cycle.", registry=r
@@ -33,7 +36,10 @@ class Metrics:
             registry=r,
         )
         self.airflow_requests = Counter(
-            "reconciler_airflow_requests", "Requests to Airflow's API by HTTP code (or 'error').", ["code"], registry=r
+            "reconciler_airflow_requests",
+            "Requests to Airflow's API by HTTP code (or 'error').",
+            ["code"],
+            registry=r,
         )
         self.active_jobs = Gauge("reconciler_active_jobs", "Jobs the router DB considers active.", registry=r)
         self.last_success = Gauge(

@@ -16,9 +16,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+from agent.client import AgentError, AgentRejected, AgentUnavailable, JobNotFound
 from aiohttp import web
 
-from agent.client import AgentError, AgentRejected, AgentUnavailable, JobNotFound
 from reconciler.agents import AgentPool, NoAgent
 from reconciler.loop import Reconciler, refresh_from_agent
 from reconciler.metrics import Metrics
@@ -67,7 +67,9 @@ def parse_submit(body: Any) -> SubmitRequest:
     if env is not None and not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
         raise BadRequest("env must map strings to strings")
     timeout = body.get("timeout_seconds")
-    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0):
+    if timeout is not None and (
+        isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0
+    ):
         raise BadRequest("timeout_seconds must be a positive number or null")
     payload = {
         "command": command,
@@ -118,6 +120,7 @@ class SidecarAPI:
         app.router.add_get("/jobs", self.list_jobs)
         app.router.add_get("/jobs/{job_id}", self.get_job)
         app.router.add_get("/jobs/{job_id}/log", self.job_log)
+        app.router.add_get("/jobs/{job_id}/events", self.job_events)
         app.router.add_get("/metrics", self.metrics)
         app.router.add_get("/healthz", self.healthz)
         app.router.add_get("/readyz", self.readyz)
@@ -173,8 +176,12 @@ class SidecarAPI:
             await self._agents.client(job.agent_id).run(job.job_id, payload)
         except AgentRejected as exc:
             return await asyncio.to_thread(
-                self._db.finish, job.job_id, status=JobStatus.FAILED, rc=None,
-                reason=f"agent refused the job: {exc}", source="submit",
+                self._db.finish,
+                job.job_id,
+                status=JobStatus.FAILED,
+                rc=None,
+                reason=f"agent refused the job: {exc}",
+                source="submit",
             )
         except AgentUnavailable:
             # The agent may or may not have started it: stay QUEUED; the loop asks the agent later
@@ -202,13 +209,33 @@ class SidecarAPI:
         except ValueError:
             raise BadRequest("limit must be an integer") from None
         jobs = await asyncio.to_thread(
-            self._db.list,
+            self._db.search,
             dag_id=request.query.get("dag_id"),
             run_id=request.query.get("run_id"),
             statuses=statuses,
             limit=max(1, min(limit, 10000)),
         )
         return web.json_response({"jobs": [j.to_json() for j in jobs]})
+
+    async def job_events(self, request: web.Request) -> web.Response:
+        """The job's audit trail: every status change with its time, source and reason."""
+        job = await self._job(request)
+        events = await asyncio.to_thread(self._db.events, job.job_id)
+        return web.json_response(
+            {
+                "job_id": job.job_id,
+                "events": [
+                    {
+                        "at": e.at.isoformat(),
+                        "old_status": e.old_status,
+                        "new_status": e.new_status,
+                        "source": e.source,
+                        "reason": e.reason,
+                    }
+                    for e in events
+                ],
+            }
+        )
 
     async def job_log(self, request: web.Request) -> web.Response:
         job = await self._job(request)
@@ -232,7 +259,9 @@ class SidecarAPI:
         )
 
     async def metrics(self, request: web.Request) -> web.Response:
-        return web.Response(body=self._metrics.render(), headers={"Content-Type": "text/plain; version=0.0.4"})
+        return web.Response(
+            body=self._metrics.render(), headers={"Content-Type": "text/plain; version=0.0.4"}
+        )
 
     async def healthz(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})

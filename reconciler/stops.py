@@ -9,9 +9,9 @@ from __future__ import annotations
 import asyncio
 import logging
 
+from agent.client import AgentRejected, AgentUnavailable, JobNotFound, StopResult
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential_jitter
 
-from agent.client import AgentRejected, AgentUnavailable, JobNotFound, StopResult
 from reconciler.agents import AgentPool
 from reconciler.config import StopConfig
 from reconciler.decision import Stop
@@ -47,7 +47,9 @@ class StopDispatcher:
             )
         except StaleTransition:
             return None
-        log.info("stop requested: %s", decision.reason, extra=job_fields(job, action="stop", kind=decision.kind))
+        log.info(
+            "stop requested: %s", decision.reason, extra=job_fields(job, action="stop", kind=decision.kind)
+        )
         self.resume(stopping)
         return stopping
 
@@ -72,7 +74,9 @@ class StopDispatcher:
             except JobNotFound:
                 self._metrics.stop_requests.labels("unknown_job").inc()
                 log.warning("agent has no record of the job; recording it as ended", extra=fields)
-                await self._finish(job, JobStatus.FAILED, None, f"{job.reason}; agent has no record of the job")
+                await self._finish(
+                    job, JobStatus.FAILED, None, f"{job.reason}; agent has no record of the job"
+                )
                 return
             except AgentRejected as exc:
                 self._metrics.stop_requests.labels("rejected").inc()
@@ -85,7 +89,9 @@ class StopDispatcher:
         if result.action == "already_finished":
             # The process ended on its own before the stop: record what it really did.
             self._metrics.stop_requests.labels("already_finished").inc()
-            status = JobStatus(result.status) if result.status in ("SUCCEEDED", "FAILED") else JobStatus.FAILED
+            status = (
+                JobStatus(result.status) if result.status in ("SUCCEEDED", "FAILED") else JobStatus.FAILED
+            )
             await self._finish(job, status, result.rc, f"{job.reason}; job had already ended on the agent")
         else:
             self._metrics.stop_requests.labels("stopped").inc()
@@ -104,11 +110,15 @@ class StopDispatcher:
         )
         async for attempt in retrying:
             with attempt:
-                return await client.stop(job.job_id, force=False, reason=job.reason or "stopped by reconciler")
+                return await client.stop(
+                    job.job_id, force=False, reason=job.reason or "stopped by reconciler"
+                )
         raise AssertionError("unreachable")  # pragma: no cover - reraise=True always raises or returns
 
     async def _finish(self, job: JobRecord, status: JobStatus, rc: int | None, reason: str | None) -> None:
         try:
-            await asyncio.to_thread(self._db.finish, job.job_id, status=status, rc=rc, reason=reason, source="reconciler")
+            await asyncio.to_thread(
+                self._db.finish, job.job_id, status=status, rc=rc, reason=reason, source="reconciler"
+            )
         except StaleTransition:
             log.info("job already final; nothing to record", extra=job_fields(job))

@@ -14,7 +14,7 @@ from typing import Any
 
 from sqlalchemy import Engine, create_engine, event, select, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.orm import sessionmaker
 
 from router_db.models import ACTIVE_STATUSES, TERMINAL_STATUSES, Base, Job, JobEvent, JobStatus
 
@@ -185,7 +185,7 @@ class RouterDB:
             ).one_or_none()
             return _record(row) if row is not None else None
 
-    def list(
+    def search(
         self,
         *,
         dag_id: str | None = None,

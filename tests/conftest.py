@@ -12,7 +12,9 @@ from sqlalchemy import create_engine, text
 
 from router_db import RouterDB
 
-POSTGRES_ADMIN_URL = os.environ.get("AGENTIC_TEST_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
+POSTGRES_ADMIN_URL = os.environ.get(
+    "AGENTIC_TEST_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+)
 
 
 @pytest.fixture

@@ -53,7 +53,15 @@ def test_absent_task_instance_stops_the_job() -> None:
 
 
 @pytest.mark.parametrize(
-    "why", ["connection refused", "HTTP 500", "HTTP 503", "login failed: HTTP 401", "HTTP 403", "answer is not JSON"]
+    "why",
+    [
+        "connection refused",
+        "HTTP 500",
+        "HTTP 503",
+        "login failed: HTTP 401",
+        "HTTP 403",
+        "answer is not JSON",
+    ],
 )
 def test_airflow_unreachable_or_unusable_never_stops(why: str) -> None:
     verdict = decide(JOB_TRY, Unknown(why))

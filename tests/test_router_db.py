@@ -44,10 +44,14 @@ def test_each_try_and_map_index_is_its_own_job(router_db: RouterDB) -> None:
 def test_stop_intent_then_finish_is_recorded_with_an_audit_trail(router_db: RouterDB) -> None:
     job_id = _submit(router_db)
     router_db.mark_running(job_id, source="submit")
-    stopping = router_db.request_stop(job_id, stop_status=JobStatus.FAILED, reason="task instance is failed", source="reconciler")
+    stopping = router_db.request_stop(
+        job_id, stop_status=JobStatus.FAILED, reason="task instance is failed", source="reconciler"
+    )
     assert stopping.status is JobStatus.STOPPING and stopping.stop_status is JobStatus.FAILED
     assert stopping.stop_requested_at is not None
-    done = router_db.finish(job_id, status=JobStatus.FAILED, rc=-15, reason="task instance is failed", source="reconciler")
+    done = router_db.finish(
+        job_id, status=JobStatus.FAILED, rc=-15, reason="task instance is failed", source="reconciler"
+    )
     assert (done.status, done.rc) == (JobStatus.FAILED, -15)
     assert done.finished_at is not None and done.finished_at.tzinfo is not None
     trail = [(e.old_status, e.new_status, e.source) for e in router_db.events(job_id)]
@@ -80,7 +84,7 @@ def test_active_lists_queued_running_and_stopping_only(router_db: RouterDB) -> N
     router_db.request_stop(stopping, stop_status=JobStatus.FAILED, reason="x", source="t")
     router_db.finish(done, status=JobStatus.FAILED, rc=1, reason="x", source="t")
     assert {j.job_id for j in router_db.active()} == {queued, running, stopping}
-    assert [j.job_id for j in router_db.list(statuses=[JobStatus.FAILED])] == [done]
+    assert [j.job_id for j in router_db.search(statuses=[JobStatus.FAILED])] == [done]
 
 
 def test_racing_transitions_have_exactly_one_winner(router_db: RouterDB) -> None:
@@ -106,4 +110,4 @@ def test_naive_datetimes_are_refused(router_db: RouterDB) -> None:
     from router_db.models import UTCDateTime
 
     with pytest.raises(ValueError, match="naive"):
-        UTCDateTime().process_bind_param(datetime(2026, 1, 1), router_db.engine.dialect)  # noqa: DTZ001
+        UTCDateTime().process_bind_param(datetime(2026, 1, 1), router_db.engine.dialect)

@@ -17,4 +17,6 @@ with DAG(dag_id="agentic_example", schedule=None, start_date=datetime(2026, 1, 1
         poll_interval=1.0,
     )
     # A sibling nobody touches: it keeps running.
-    AgenticRunOperator(task_id="sibling_job", command="sleep 600", route_labels=["default"], poll_interval=1.0)
+    AgenticRunOperator(
+        task_id="sibling_job", command="sleep 600", route_labels=["default"], poll_interval=1.0
+    )
