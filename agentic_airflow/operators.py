@@ -38,7 +38,7 @@ class AgenticRunOperator(BaseOperator):
         cwd: str | None = None,
         run_as: str | None = None,
         timeout_seconds: float | None = None,
-        poll_interval: float = 2.0,
+        poll_interval: float = 5.0,
         log_tail_bytes: int = 4000,
         **kwargs: Any,
     ) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import secrets
 import shutil
 import sys
 import tempfile
@@ -63,7 +64,9 @@ def wait(predicate: Any, timeout: float, what: str) -> None:
 
 def run(base: Path) -> None:
     say(f"working directory: {base}")
-    with AgentProcess(home=base / "agent", agent_id="agent-1", grace_seconds=5.0) as agent:
+    with AgentProcess(
+        home=base / "agent", agent_id="agent-1", token=secrets.token_urlsafe(24), grace_seconds=5.0
+    ) as agent:
         say(f"[1/5] agent-1 up at {agent.url}")
         sidecar = SidecarProcess(
             workdir=base / "sidecar",

@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 async def _once(config: ReconcilerConfig, secrets: Secrets, *, dry_run: bool) -> int:
-    parts = build(config, secrets)
+    parts = build(config, secrets, create_schema=not dry_run)
     try:
         report = await parts.reconciler.cycle(dry_run=dry_run)
         if not dry_run:

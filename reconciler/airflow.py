@@ -203,6 +203,6 @@ def _collection(page: Any) -> tuple[list[Any], int]:
     if not isinstance(page, dict):
         raise AirflowError("task-instance list is not an object")
     items, total = page.get("task_instances"), page.get("total_entries")
-    if not isinstance(items, list) or not _is_int(total):
+    if not isinstance(items, list) or not isinstance(total, int) or isinstance(total, bool):
         raise AirflowError("task-instance list lacks task_instances/total_entries")
     return items, total

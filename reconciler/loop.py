@@ -14,9 +14,9 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TypeVar
 
-from agent.client import AgentError, JobNotFound
 from sqlalchemy.exc import SQLAlchemyError
 
+from agent.client import AgentError, JobNotFound
 from reconciler.agents import AgentPool
 from reconciler.airflow import AirflowClient, AirflowError, TaskInstance
 from reconciler.decision import Absent, Keep, Observation, Observed, Stop, Unknown, decide
@@ -107,6 +107,7 @@ class Reconciler:
             for job in jobs:
                 self._dispatcher.resume(job)  # finishes stops left pending by a crash or an outage
         if not live:
+            await self._airflow.ping()  # nothing to read, but readiness must still mean "Airflow answers"
             return report
 
         seen = await self._airflow.list_task_instances(

@@ -16,9 +16,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from agent.client import AgentError, AgentRejected, AgentUnavailable, JobNotFound
 from aiohttp import web
 
+from agent.client import AgentError, AgentRejected, AgentUnavailable, JobNotFound
 from reconciler.agents import AgentPool, NoAgent
 from reconciler.loop import Reconciler, refresh_from_agent
 from reconciler.metrics import Metrics

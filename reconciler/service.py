@@ -38,9 +38,10 @@ class Parts:
         self.db.dispose()
 
 
-def build(config: ReconcilerConfig, secrets: Secrets) -> Parts:
+def build(config: ReconcilerConfig, secrets: Secrets, *, create_schema: bool = True) -> Parts:
     db = RouterDB(config.router_db.url)
-    db.create_schema()
+    if create_schema:
+        db.create_schema()
     metrics = Metrics()
     airflow = AirflowClient(
         config.airflow.base_url,

@@ -18,5 +18,8 @@ with DAG(dag_id="agentic_example", schedule=None, start_date=datetime(2026, 1, 1
     )
     # A sibling nobody touches: it keeps running.
     AgenticRunOperator(
-        task_id="sibling_job", command="sleep 600", route_labels=["default"], poll_interval=1.0
+        task_id="sibling_job",
+        command="echo started; sleep 600 & sleep 600 & wait",
+        route_labels=["default"],
+        poll_interval=1.0,
     )

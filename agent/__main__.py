@@ -1,0 +1,44 @@
+"""``python -m agent --config config/agent.toml``: run the agent until SIGTERM.
+
+Exit codes: 0 after a graceful shutdown, 1 when it cannot run (port taken, home not writable),
+2 for a bad configuration. Errors are one line on stderr, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from pathlib import Path
+
+from agent.config import ConfigError, load_config
+from agent.server import serve
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="agentic-agent", description="Run and stop process trees on this VM."
+    )
+    parser.add_argument("--config", type=Path, default=None, help="TOML file with an [agent] table")
+    args = parser.parse_args(argv)
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(f"agentic-agent: config error: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        asyncio.run(serve(config))
+    except OSError as exc:
+        print(f"agentic-agent: cannot run: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,221 @@
+"""``AgentClient``: the one client every part of the project uses to talk to an agent.
+
+    async with AgentClient("http://10.0.0.5:8791", token) as agent:
+        info = await agent.run("job-1", RunPayload(command="make all"))
+        result = await agent.stop("job-1", reason="task instance failed")
+
+Errors, for callers that retry (with tenacity; the client itself never retries):
+
+- :class:`AgentUnavailable` — connection refused or reset, timeout, HTTP 5xx, or an answer that does not
+  parse: retryable.
+- :class:`AgentRejected` — HTTP 4xx (bad input, auth, duplicate job): retrying will not help.
+  ``.status`` is the HTTP status, ``.message`` the server's explanation.
+- :class:`JobNotFound` (an :class:`AgentRejected`) — HTTP 404: the agent does not know the job.
+
+Answers are parsed strictly into frozen dataclasses; a garbage answer raises :class:`AgentUnavailable`
+and never yields a half-filled object. Job ids are checked before sending (``ValueError``), because an
+id like ``../x`` would otherwise address a different URL. The token is sent in the ``Authorization``
+header only and never appears in an error message.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping
+from types import TracebackType
+from typing import Any, TypeVar
+
+import aiohttp
+
+from agent.protocol import (
+    JobInfo,
+    LogChunk,
+    ProtocolError,
+    RunPayload,
+    StopResult,
+    validate_job_id,
+)
+
+__all__ = [
+    "AgentClient",
+    "AgentError",
+    "AgentRejected",
+    "AgentUnavailable",
+    "JobInfo",
+    "JobNotFound",
+    "LogChunk",
+    "RunPayload",
+    "StopResult",
+]
+
+_T = TypeVar("_T")
+
+
+class AgentError(Exception):
+    """Base of every error the client raises (except ``ValueError`` for an invalid job id)."""
+
+
+class AgentUnavailable(AgentError):
+    """The agent could not be reached or gave no usable answer; retrying may help."""
+
+
+class AgentRejected(AgentError):
+    """The agent refused the request (HTTP 4xx); retrying the same request will not help."""
+
+    def __init__(self, status: int, message: str, *, request: str) -> None:
+        super().__init__(f"{request}: HTTP {status}: {message}")
+        self.status = status
+        self.message = message
+
+
+class JobNotFound(AgentRejected):
+    """HTTP 404: the agent does not know this job."""
+
+
+class AgentClient:
+    def __init__(
+        self,
+        base_url: str,
+        token: str,
+        *,
+        session: aiohttp.ClientSession | None = None,
+        timeout: float = 10.0,
+        stop_timeout: float = 120.0,
+    ) -> None:
+        """``timeout`` bounds every request but ``stop``, which waits for the tree to end and is
+        bounded by ``stop_timeout`` (keep it above the agent's ``grace_seconds``)."""
+        self.base_url = base_url.rstrip("/")
+        self._token = token
+        self._session = session
+        self._owns_session = session is None
+        self.timeout = timeout
+        self.stop_timeout = stop_timeout
+
+    def __repr__(self) -> str:
+        return f"AgentClient({self.base_url!r})"
+
+    async def __aenter__(self) -> AgentClient:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Close the session if the client created it (a session passed in is the caller's)."""
+        if self._owns_session and self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    # ------------------------------------------------------------------------------ API
+
+    async def run(self, job_id: str, payload: RunPayload | Mapping[str, Any]) -> JobInfo:
+        body_payload = payload.to_json() if isinstance(payload, RunPayload) else dict(payload)
+        body = {"job_id": validate_job_id(job_id), "payload": body_payload}
+        answer = await self._json("POST", "/run", body=body)
+        return _parse(JobInfo.from_json, answer, f"POST {self.base_url}/run")
+
+    async def get(self, job_id: str) -> JobInfo:
+        path = f"/jobs/{validate_job_id(job_id)}"
+        return _parse(JobInfo.from_json, await self._json("GET", path), f"GET {self.base_url}{path}")
+
+    async def log(self, job_id: str, offset: int = 0, limit: int | None = None) -> LogChunk:
+        if offset < 0 or (limit is not None and limit < 0):
+            raise ValueError("offset and limit must not be negative")
+        path = f"/jobs/{validate_job_id(job_id)}/log"
+        params = {"offset": str(offset)} | ({"limit": str(limit)} if limit is not None else {})
+        body, headers = await self._request("GET", path, params=params)
+        where = f"GET {self.base_url}{path}"
+        try:
+            size, next_offset = int(headers["X-Log-Size"]), int(headers["X-Next-Offset"])
+        except (KeyError, ValueError):
+            raise AgentUnavailable(f"{where}: answer without valid X-Log-Size/X-Next-Offset") from None
+        return LogChunk(data=body, next_offset=next_offset, size=size)
+
+    async def stop(self, job_id: str, *, force: bool = False, reason: str = "") -> StopResult:
+        path = f"/stop/{validate_job_id(job_id)}"
+        answer = await self._json(
+            "POST", path, body={"force": force, "reason": reason}, timeout=self.stop_timeout
+        )
+        return _parse(StopResult.from_json, answer, f"POST {self.base_url}{path}")
+
+    async def health(self) -> dict[str, Any]:
+        answer = await self._json("GET", "/health")
+        if not isinstance(answer, dict) or answer.get("status") != "ok":
+            raise AgentUnavailable(f"GET {self.base_url}/health: unexpected answer")
+        return answer
+
+    # ------------------------------------------------------------------------------ transport
+
+    async def _json(
+        self, method: str, path: str, *, body: object = None, timeout: float | None = None
+    ) -> object:
+        raw, _ = await self._request(method, path, body=body, timeout=timeout)
+        try:
+            return json.loads(raw)
+        except (ValueError, RecursionError):
+            raise AgentUnavailable(f"{method} {self.base_url}{path}: answer is not JSON") from None
+
+    async def _request(
+        self,
+        method: str,
+        path: str,
+        *,
+        body: object = None,
+        params: Mapping[str, str] | None = None,
+        timeout: float | None = None,
+    ) -> tuple[bytes, Mapping[str, str]]:
+        """One HTTP exchange; returns a 2xx answer, raises the documented errors for anything else."""
+        where = f"{method} {self.base_url}{path}"
+        seconds = self.timeout if timeout is None else timeout
+        try:
+            async with self._client().request(
+                method,
+                self.base_url + path,
+                json=body,
+                params=params,
+                headers={"Authorization": f"Bearer {self._token}"},
+                timeout=aiohttp.ClientTimeout(total=seconds),
+                allow_redirects=False,
+            ) as response:
+                raw = await response.read()
+                status, headers = response.status, response.headers
+        except TimeoutError:
+            raise AgentUnavailable(f"{where}: no answer within {seconds:g} s") from None
+        except aiohttp.ClientError as exc:
+            raise AgentUnavailable(f"{where}: {self._scrub(f'{type(exc).__name__}: {exc}')}") from None
+        if 200 <= status < 300:
+            return raw, headers
+        message = self._scrub(_error_message(raw))
+        if status == 404:
+            raise JobNotFound(status, message, request=where)
+        if 400 <= status < 500:
+            raise AgentRejected(status, message, request=where)
+        raise AgentUnavailable(f"{where}: HTTP {status}: {message}")
+
+    def _client(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            self._session = aiohttp.ClientSession()
+        return self._session
+
+    def _scrub(self, text: str) -> str:
+        return text.replace(self._token, "***") if self._token else text
+
+
+def _error_message(raw: bytes) -> str:
+    try:
+        answer = json.loads(raw)
+    except (ValueError, RecursionError):
+        answer = None
+    if isinstance(answer, dict) and isinstance(answer.get("error"), str):
+        return str(answer["error"])[:500]
+    text = raw.decode("utf-8", "replace").strip()
+    return text[:200] or "(empty answer)"
+
+
+def _parse(parser: Callable[[object], _T], answer: object, where: str) -> _T:
+    try:
+        return parser(answer)
+    except ProtocolError as exc:
+        raise AgentUnavailable(f"{where}: unexpected answer: {exc}") from None

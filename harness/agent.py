@@ -1,0 +1,142 @@
+"""Run a real agent process on loopback: ``python -m agent --config <tmp toml>``.
+
+    with AgentProcess(tmp_path / "agent") as agent:
+        ...  # agent.url, agent.token, agent.home, agent.pid
+
+``stop()`` ends the agent and everything it started (its job supervisors and their jobs), by PID.
+``kill()`` SIGKILLs only the agent's own PID and leaves its jobs running, as a crash would; a new
+``AgentProcess`` on the same ``home`` then adopts them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from types import TracebackType
+
+from harness.processes import free_port, start, stop_tree, wait_http_ok
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class AgentProcess:
+    def __init__(
+        self,
+        home: Path,
+        *,
+        token: str = "test-agent-token",
+        agent_id: str = "test-agent",
+        port: int | None = None,
+        grace_seconds: float = 0.5,
+        poll_seconds: float = 0.1,
+        max_body_bytes: int = 1024 * 1024,
+        ready_timeout: float = 20.0,
+    ) -> None:
+        self.home = home
+        self.token = token
+        self.agent_id = agent_id
+        self.port = port if port is not None else free_port()
+        self.grace_seconds = grace_seconds
+        self.poll_seconds = poll_seconds
+        self.max_body_bytes = max_body_bytes
+        self.ready_timeout = ready_timeout
+        self.config_path = home.parent / f"{home.name}-agent.toml"
+        self.log_path = home.parent / f"{home.name}-agent.log"
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def pid(self) -> int:
+        if self._proc is None:
+            raise RuntimeError("the agent is not started")
+        return self._proc.pid
+
+    @property
+    def process(self) -> subprocess.Popen[bytes]:
+        if self._proc is None:
+            raise RuntimeError("the agent is not started")
+        return self._proc
+
+    def start(self) -> AgentProcess:
+        """Start the agent and wait until /health answers (that is, until adoption is done)."""
+        if self._proc is not None:
+            raise RuntimeError("the agent is already started")
+        self.home.mkdir(parents=True, exist_ok=True)
+        self.config_path.write_text(
+            "[agent]\n"
+            f"id = {json.dumps(self.agent_id)}\n"
+            'host = "127.0.0.1"\n'
+            f"port = {self.port}\n"
+            f"home = {json.dumps(str(self.home))}\n"
+            f"grace_seconds = {self.grace_seconds}\n"
+            f"poll_seconds = {self.poll_seconds}\n"
+            f"max_body_bytes = {self.max_body_bytes}\n",
+            encoding="utf-8",
+        )
+        env = {key: value for key, value in os.environ.items() if not key.startswith("AGENTIC_AGENT_")}
+        env["AGENTIC_AGENT_TOKEN"] = self.token
+        self._proc = start(
+            [sys.executable, "-m", "agent", "--config", str(self.config_path)],
+            log_path=self.log_path,
+            env=env,
+            cwd=REPO_ROOT,
+        )
+        try:
+            wait_http_ok(f"{self.url}/health", timeout=self.ready_timeout, proc=self._proc)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        """Stop the agent and every process it started (supervisors and jobs alike)."""
+        if self._proc is not None:
+            stop_tree(self._proc, grace=5.0)
+            self._proc = None
+
+    def terminate(self, timeout: float = 10.0) -> int:
+        """SIGTERM only the agent (a graceful shutdown that leaves jobs running); its exit code."""
+        proc = self.process
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(timeout=timeout)
+        self._proc = None
+        return rc
+
+    def kill(self) -> None:
+        """SIGKILL only the agent's own PID, as a crash would; its jobs keep running."""
+        proc = self.process
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        self._proc = None
+
+    def log_text(self) -> str:
+        try:
+            return self.log_path.read_text(encoding="utf-8", errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def __enter__(self) -> AgentProcess:
+        return self.start()
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+
+def wait_until(predicate: Callable[[], object], *, timeout: float = 10.0, what: str = "condition") -> None:
+    """Poll ``predicate`` until it is truthy; fail with ``what`` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"{what} not reached within {timeout:g} s")
+        time.sleep(0.02)

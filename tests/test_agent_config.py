@@ -1,0 +1,105 @@
+"""Agent configuration: TOML, environment overrides, the token, and how bad config is reported."""
+
+from __future__ import annotations
+
+import dataclasses
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from agent.config import AgentConfig, ConfigError, load_config
+from harness.agent import REPO_ROOT
+
+EXAMPLE = REPO_ROOT / "config" / "agent.toml"
+TOKEN = "config-test-token-9999"
+
+
+def write(tmp_path: Path, body: str) -> Path:
+    path = tmp_path / "agent.toml"
+    path.write_text(body)
+    return path
+
+
+def test_the_example_config_loads_and_states_the_defaults() -> None:
+    config = load_config(EXAMPLE, environ={"AGENTIC_AGENT_TOKEN": TOKEN})
+    assert config == AgentConfig(id=socket.gethostname(), home=Path("/var/lib/agentic-agent"), token=TOKEN)
+
+
+def test_every_key_is_documented_in_the_example() -> None:
+    text = EXAMPLE.read_text()
+    for field in dataclasses.fields(AgentConfig):
+        if field.name != "token":
+            assert f"{field.name} =" in text, field.name
+
+
+def test_file_values_and_environment_overrides(tmp_path: Path) -> None:
+    path = write(tmp_path, '[agent]\nid = "vm-7"\nport = 9000\ngrace_seconds = 3\nhome = "/srv/agent"\n')
+    env = {"AGENTIC_AGENT_TOKEN": TOKEN, "AGENTIC_AGENT_PORT": "9100", "AGENTIC_AGENT_GRACE_SECONDS": "2.5"}
+    config = load_config(path, environ=env)
+    assert (config.id, config.port, config.grace_seconds, config.home) == (
+        "vm-7",
+        9100,
+        2.5,
+        Path("/srv/agent"),
+    )
+
+
+def test_token_comes_from_the_named_env_var_or_a_file(tmp_path: Path) -> None:
+    path = write(tmp_path, '[agent]\ntoken_env = "MY_AGENT_SECRET"\n')
+    assert load_config(path, environ={"MY_AGENT_SECRET": TOKEN}).token == TOKEN
+    token_file = tmp_path / "token"
+    token_file.write_text(f"{TOKEN}\n")
+    path = write(tmp_path, f'[agent]\ntoken_file = "{token_file}"\n')
+    assert load_config(path, environ={}).token == TOKEN
+    assert TOKEN not in repr(load_config(path, environ={}))
+
+
+@pytest.mark.parametrize(
+    ("body", "env", "names"),
+    [
+        ("[agent]\nprot = 1\n", {}, "prot"),
+        ("[agent]\nport = 'http'\n", {}, "port"),
+        ("[agent]\nport = true\n", {}, "port"),
+        ("[agent]\nport = 70000\n", {}, "port"),
+        ("[agent]\ngrace_seconds = -1\n", {}, "grace_seconds"),
+        ("[agent]\npoll_seconds = 0\n", {}, "poll_seconds"),
+        ("[agent]\nmax_body_bytes = 1.5\n", {}, "max_body_bytes"),
+        ("[agent]\nid = ''\n", {}, "id"),
+        ("[agent]\n", {"AGENTIC_AGENT_PORT": "eighty"}, "AGENTIC_AGENT_PORT"),
+        (f"[agent]\ntoken = '{TOKEN}'\n", {}, "token"),
+        ("[agnet]\nport = 1\n", {}, "agnet"),
+        ("[agent\n", {}, "TOML"),
+    ],
+)
+def test_bad_values_name_the_key_and_never_the_token(
+    tmp_path: Path, body: str, env: dict[str, str], names: str
+) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, body), environ={"AGENTIC_AGENT_TOKEN": TOKEN, **env})
+    assert names in str(caught.value)
+    assert TOKEN not in str(caught.value)
+
+
+def test_a_missing_token_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="AGENTIC_AGENT_TOKEN"):
+        load_config(write(tmp_path, "[agent]\n"), environ={})
+    with pytest.raises(ConfigError, match="token_file"):
+        load_config(write(tmp_path, f'[agent]\ntoken_file = "{tmp_path / "absent"}"\n'), environ={})
+
+
+def test_bad_config_exits_2_with_one_line_and_no_traceback(tmp_path: Path) -> None:
+    path = write(tmp_path, "[agent]\nport = 'http'\n")
+    done = subprocess.run(
+        [sys.executable, "-m", "agent", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        env={"AGENTIC_AGENT_TOKEN": TOKEN, "PATH": "/usr/bin:/bin"},
+        cwd=REPO_ROOT,
+        timeout=30,
+    )
+    assert done.returncode == 2
+    assert done.stderr.count("\n") == 1 and "port" in done.stderr
+    assert "Traceback" not in done.stderr and TOKEN not in done.stderr
