@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 
 import aiohttp
-from agent.client import AgentClient
 
+from agent.client import AgentClient
 from reconciler.config import AgentEntry
 
 
@@ -15,11 +15,14 @@ class NoAgent(LookupError):
 
 
 class AgentPool:
-    def __init__(self, entries: Sequence[AgentEntry], tokens: Mapping[str, str], *, timeout: float) -> None:
+    def __init__(
+        self, entries: Sequence[AgentEntry], tokens: Mapping[str, str], *, timeout: float, stop_timeout: float
+    ) -> None:
         self._entries = {e.id: e for e in entries}
         self._session: aiohttp.ClientSession | None = None
         self._tokens = tokens
         self._timeout = timeout
+        self._stop_timeout = stop_timeout
         self._clients: dict[str, AgentClient] = {}
         self._next = 0
 
@@ -35,6 +38,7 @@ class AgentPool:
                 self._tokens[agent_id],
                 session=self._session,
                 timeout=self._timeout,
+                stop_timeout=self._stop_timeout,
             )
         return self._clients[agent_id]
 

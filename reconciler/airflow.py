@@ -1,21 +1,32 @@
-"""Reads task-instance states from Airflow's stable REST API (v2, Airflow 3).
+"""Reads task-instance states from Airflow's stable REST API: v2 (Airflow 3) or v1 (Airflow 2).
 
-Every answer is parsed strictly. Anything the client cannot vouch for raises :class:`AirflowError`,
-which the loop turns into an ``Unknown`` observation: never a reason to stop a job.
+Three reads, all parsed strictly:
+
+- :meth:`AirflowClient.changed_since`: every task instance updated since a time (the cheap,
+  incremental read of a steady-state cycle; keyset paging on v2, offset paging on v1);
+- :meth:`AirflowClient.list_task_instances`: the batch endpoint, by DAG runs (the full resync);
+- :meth:`AirflowClient.get_task_instance`: one task instance (the confirmation before a stop).
+
+Anything the client cannot vouch for raises :class:`AirflowError`, which the loop turns into an
+``Unknown`` observation: never a reason to stop a job.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from datetime import datetime
-from typing import Any
+from datetime import UTC, datetime
+from typing import Any, Literal, Protocol
 from urllib.parse import quote
 
 import aiohttp
 
-PAGE_LIMIT = 1000  # the batch endpoint does not cap page_limit; 1000 keeps answers near 1 MB
+ApiVersion = Literal["v1", "v2"]
+BATCH_PAGE = 1000  # the batch endpoints do not cap page_limit; 1000 keeps answers near 1 MB
+LIST_PAGE_V2 = 100  # [api] maximum_page_limit caps v2 list pages at 100 by default
+LIST_PAGE_V1 = 1000  # v1 (Airflow 2.11) does not cap list pages
 
 
 class AirflowError(Exception):
@@ -38,13 +49,12 @@ class TaskInstance:
 
 
 def parse_task_instance(raw: Any) -> TaskInstance:
-    """One task instance from Airflow's JSON, or :class:`AirflowError` if it is not one."""
+    """One task instance from Airflow's JSON (same field names in v1 and v2), or AirflowError."""
     if not isinstance(raw, dict):
         raise AirflowError("task instance is not an object")
     try:
         dag_id, run_id, task_id = raw["dag_id"], raw["dag_run_id"], raw["task_id"]
         map_index, state, try_number = raw["map_index"], raw["state"], raw["try_number"]
-        end_date = raw.get("end_date")
     except KeyError as exc:
         raise AirflowError(f"task instance lacks field {exc.args[0]!r}") from None
     if not all(isinstance(v, str) for v in (dag_id, run_id, task_id)):
@@ -53,7 +63,9 @@ def parse_task_instance(raw: Any) -> TaskInstance:
         raise AirflowError("task instance map_index/try_number are not integers")
     if state is not None and not isinstance(state, str):
         raise AirflowError("task instance state is not a string")
-    return TaskInstance(dag_id, run_id, task_id, map_index, state, try_number, _parse_time(end_date))
+    return TaskInstance(
+        dag_id, run_id, task_id, map_index, state, try_number, _parse_time(raw.get("end_date"))
+    )
 
 
 def _is_int(value: Any) -> bool:
@@ -72,48 +84,118 @@ def _parse_time(value: Any) -> datetime | None:
     return parsed if parsed.tzinfo is not None else None
 
 
+class TaskInstanceReader(Protocol):
+    """What the loop reads from Airflow; :class:`AirflowClient` is the real one."""
+
+    async def changed_since(self, since: datetime) -> list[TaskInstance]: ...
+
+    async def list_task_instances(
+        self, *, dag_ids: Iterable[str], run_ids: Iterable[str], task_ids: Iterable[str]
+    ) -> list[TaskInstance]: ...
+
+    async def get_task_instance(
+        self, dag_id: str, run_id: str, task_id: str, map_index: int
+    ) -> TaskInstance | None: ...
+
+    async def ping(self) -> None: ...
+
+
+def iso_z(moment: datetime) -> str:
+    """UTC ISO-8601 with a ``Z``: a ``+00:00`` in a query string could be read back as a space."""
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
 class AirflowClient:
-    """Airflow 3 REST API v2 with a JWT from ``/auth/token``, renewed when Airflow answers 401."""
+    """Airflow's REST API with v2's JWT (renewed on 401) or v1's basic auth.
+
+    ``api_version="auto"`` asks Airflow's public health endpoints which API it serves, once.
+    """
 
     def __init__(
         self,
         base_url: str,
         *,
+        api_version: Literal["v1", "v2", "auto"] = "auto",
         username: str,
         password: str,
         timeout: float = 10.0,
         on_response: Callable[[str], None] = lambda code: None,
     ) -> None:
         self._base = base_url.rstrip("/")
+        self._version: ApiVersion | None = None if api_version == "auto" else api_version
         self._username = username
         self._password = password
         self._timeout = aiohttp.ClientTimeout(total=timeout)
         self._on_response = on_response  # metrics hook: called with the HTTP code or "error"
         self._session: aiohttp.ClientSession | None = None
         self._token: str | None = None
+        self.requests = 0  # requests sent, for the benchmark's cost figures
 
     async def close(self) -> None:
         if self._session is not None:
             await self._session.close()
             self._session = None
 
+    async def api_version(self) -> ApiVersion:
+        if self._version is None:
+            for version, path in (("v2", "/api/v2/monitor/health"), ("v1", "/api/v1/health")):
+                status, _ = await self._send("GET", path, None, {})
+                if status == 200:
+                    self._version = version  # type: ignore[assignment]
+                    break
+            else:
+                raise AirflowError("cannot tell the API version: neither /api/v2 nor /api/v1 answers health")
+        return self._version  # type: ignore[return-value]
+
+    async def changed_since(self, since: datetime) -> list[TaskInstance]:
+        """Every task instance (all DAGs, all runs) whose row changed at or after ``since``."""
+        version = await self.api_version()
+        path = f"/api/{version}/dags/~/dagRuns/~/taskInstances"
+        params: dict[str, str] = {"updated_at_gte": iso_z(since)}
+        found: list[TaskInstance] = []
+        if version == "v2":
+            # Keyset paging: rows changing meanwhile cannot shift later pages (offset paging could).
+            params |= {"limit": str(LIST_PAGE_V2), "order_by": "id", "cursor": ""}
+            while True:
+                page = await self._request("GET", path, params=params)
+                items, _ = _collection(page)
+                found.extend(parse_task_instance(item) for item in items)
+                cursor = page.get("next_cursor")
+                if not cursor or not items:
+                    return found
+                if not isinstance(cursor, str):
+                    raise AirflowError("next_cursor is not a string")
+                params["cursor"] = cursor
+        offset = 0
+        while True:
+            page = await self._request(
+                "GET", path, params={**params, "limit": str(LIST_PAGE_V1), "offset": str(offset)}
+            )
+            items, total = _collection(page)
+            found.extend(parse_task_instance(item) for item in items)
+            offset += len(items)
+            if not items or offset >= total:
+                return found
+
     async def list_task_instances(
         self, *, dag_ids: Iterable[str], run_ids: Iterable[str], task_ids: Iterable[str]
     ) -> list[TaskInstance]:
-        """Task instances in these DAG runs with these task ids, all pages, in one logical read."""
+        """Task instances in these DAG runs with these task ids, all pages (the batch endpoint)."""
+        version = await self.api_version()
         body: dict[str, Any] = {
             "dag_ids": sorted(set(dag_ids)),
             "dag_run_ids": sorted(set(run_ids)),
             "task_ids": sorted(set(task_ids)),
-            "page_limit": PAGE_LIMIT,
-            "order_by": "id",
+            "page_limit": BATCH_PAGE,
         }
+        if version == "v2":
+            body["order_by"] = "id"  # v1 refuses unknown fields; its default order is stable enough
         found: list[TaskInstance] = []
         offset = 0
         while True:
             page = await self._request(
                 "POST",
-                "/api/v2/dags/~/dagRuns/~/taskInstances/list",
+                f"/api/{version}/dags/~/dagRuns/~/taskInstances/list",
                 json_body={**body, "page_offset": offset},
             )
             items, total = _collection(page)
@@ -126,7 +208,8 @@ class AirflowClient:
         self, dag_id: str, run_id: str, task_id: str, map_index: int
     ) -> TaskInstance | None:
         """One task instance read directly; ``None`` when Airflow says it does not exist."""
-        path = f"/api/v2/dags/{_seg(dag_id)}/dagRuns/{_seg(run_id)}/taskInstances/{_seg(task_id)}"
+        version = await self.api_version()
+        path = f"/api/{version}/dags/{_seg(dag_id)}/dagRuns/{_seg(run_id)}/taskInstances/{_seg(task_id)}"
         if map_index >= 0:
             path += f"/{map_index}"
         answer = await self._request("GET", path, absent_ok=True)
@@ -134,36 +217,48 @@ class AirflowClient:
 
     async def ping(self) -> None:
         """Raise :class:`AirflowError` unless the API answers an authenticated read."""
-        await self._request("GET", "/api/v2/dags?limit=1")
+        version = await self.api_version()
+        await self._request("GET", f"/api/{version}/dags", params={"limit": "1"})
 
     async def _request(
-        self, method: str, path: str, *, json_body: Any = None, absent_ok: bool = False
+        self,
+        method: str,
+        path: str,
+        *,
+        params: dict[str, str] | None = None,
+        json_body: Any = None,
+        absent_ok: bool = False,
     ) -> Any:
         for attempt in (1, 2):
-            if self._token is None:
-                self._token = await self._fetch_token()
-            status, payload = await self._send(method, path, json_body, self._token)
-            if status == 401 and attempt == 1:
-                self._token = None  # expired or rotated secret: log in again once
+            status, payload = await self._send(method, path, json_body, await self._auth(), params)
+            if status == 401 and attempt == 1 and self._version == "v2":
+                self._token = None  # expired or rotated JWT secret: log in again, once
                 continue
             if status == 404 and absent_ok:
-                # A 404 means "absent" only if it is Airflow's own JSON answer, not a proxy page.
+                # A 404 means "absent" only as Airflow's own JSON answer, not a proxy's page.
                 if isinstance(payload, dict) and "detail" in payload:
-                    detail = str(payload["detail"])
-                    if "is mapped" in detail:
+                    if "is mapped" in str(payload["detail"]):
                         raise AirflowError("task instance is mapped but the job has no map_index")
                     return None
                 raise AirflowError(f"{method} {path}: 404 without Airflow's JSON body")
             if status != 200:
                 raise AirflowError(f"{method} {path}: HTTP {status}")
-            if payload is _UNPARSEABLE:
-                raise AirflowError(f"{method} {path}: answer is not JSON")
+            if payload is _UNPARSEABLE or not isinstance(payload, dict):
+                raise AirflowError(f"{method} {path}: answer is not a JSON object")
             return payload
         raise AirflowError(f"{method} {path}: still unauthorized after a fresh token")
 
+    async def _auth(self) -> dict[str, str]:
+        if self._version == "v1":
+            pair = base64.b64encode(f"{self._username}:{self._password}".encode()).decode()
+            return {"Authorization": f"Basic {pair}"}
+        if self._token is None:
+            self._token = await self._fetch_token()
+        return {"Authorization": f"Bearer {self._token}"}
+
     async def _fetch_token(self) -> str:
         status, payload = await self._send(
-            "POST", "/auth/token", {"username": self._username, "password": self._password}, None
+            "POST", "/auth/token", {"username": self._username, "password": self._password}, {}
         )
         if status not in (200, 201):
             raise AirflowError(f"login as {self._username!r} failed: HTTP {status}")
@@ -172,14 +267,20 @@ class AirflowClient:
             raise AirflowError("login answer has no access_token")
         return token
 
-    async def _send(self, method: str, path: str, body: Any, token: str | None) -> tuple[int, Any]:
+    async def _send(
+        self, method: str, path: str, body: Any, headers: dict[str, str], params: dict[str, str] | None = None
+    ) -> tuple[int, Any]:
         if self._session is None:
             self._session = aiohttp.ClientSession(timeout=self._timeout)
-        headers = {"Accept": "application/json"}
-        if token is not None:
-            headers["Authorization"] = f"Bearer {token}"
+        self.requests += 1
         try:
-            async with self._session.request(method, self._base + path, json=body, headers=headers) as resp:
+            async with self._session.request(
+                method,
+                self._base + path,
+                json=body,
+                params=params,
+                headers={"Accept": "application/json", **headers},
+            ) as resp:
                 raw = await resp.read()
                 status = resp.status
         except (aiohttp.ClientError, TimeoutError) as exc:
@@ -200,9 +301,7 @@ def _seg(value: str) -> str:
 
 
 def _collection(page: Any) -> tuple[list[Any], int]:
-    if not isinstance(page, dict):
-        raise AirflowError("task-instance list is not an object")
     items, total = page.get("task_instances"), page.get("total_entries")
-    if not isinstance(items, list) or not isinstance(total, int) or isinstance(total, bool):
+    if not isinstance(items, list) or not _is_int(total):
         raise AirflowError("task-instance list lacks task_instances/total_entries")
     return items, total

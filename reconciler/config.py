@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any, TypeVar, get_args, get_origin, get_type_hints
 
 ENV_PREFIX = "AGENTIC_RECONCILER_"
+API_VERSIONS = ("auto", "v2", "v1")
+STRATEGIES = ("incremental", "batch", "naive")
 
 
 class ConfigError(Exception):
@@ -26,7 +28,7 @@ class ConfigError(Exception):
 @dataclass(frozen=True)
 class AirflowConfig:
     base_url: str = "http://127.0.0.1:8080"
-    api_version: str = "v2"
+    api_version: str = "auto"
     username: str = "admin"
     password_env: str = "AIRFLOW_PASSWORD"
     password_file: str = ""
@@ -41,6 +43,9 @@ class RouterDBConfig:
 @dataclass(frozen=True)
 class PollConfig:
     interval_seconds: float = 1.0
+    strategy: str = "incremental"
+    full_resync_seconds: float = 30.0
+    overlap_seconds: float = 10.0
     agent_sync_seconds: float = 15.0
 
 
@@ -51,6 +56,8 @@ class StopConfig:
     backoff_max_seconds: float = 5.0
     timeout_seconds: float = 60.0
     concurrency: int = 32
+    per_agent_concurrency: int = 8
+    force_after_seconds: float = 120.0
 
 
 @dataclass(frozen=True)
@@ -151,7 +158,15 @@ def _secret(what: str, env_name: str, file_name: str, env: Mapping[str, str]) ->
 
 def _validate(config: ReconcilerConfig) -> None:
     checks = [
-        (config.airflow.api_version in ("v2",), "[airflow] api_version: only 'v2' (Airflow 3) is supported"),
+        (
+            config.airflow.api_version in API_VERSIONS,
+            f"[airflow] api_version: one of {', '.join(API_VERSIONS)}",
+        ),
+        (config.poll.strategy in STRATEGIES, f"[poll] strategy: one of {', '.join(STRATEGIES)}"),
+        (config.poll.full_resync_seconds > 0, "[poll] full_resync_seconds: must be > 0"),
+        (config.poll.overlap_seconds >= 0, "[poll] overlap_seconds: must be >= 0"),
+        (config.stop.per_agent_concurrency >= 1, "[stop] per_agent_concurrency: must be >= 1"),
+        (config.stop.force_after_seconds > 0, "[stop] force_after_seconds: must be > 0"),
         (
             config.airflow.base_url.startswith(("http://", "https://")),
             "[airflow] base_url: must be http(s)://",

@@ -1,7 +1,9 @@
 """The poll loop: read task-instance states, decide, confirm, and hand stops to the dispatcher.
 
-One cycle reads every active job's task instance with a single batch request per page, then re-reads
-each would-be stop directly before acting. Airflow errors keep every job: uncertainty never stops one.
+A steady-state cycle asks Airflow only for task instances updated since its previous read; every
+``full_resync_seconds`` it reads all active jobs' task instances through the batch endpoint, which
+also finds deleted runs. Each would-be stop is re-read directly before it is acted on. Airflow
+errors keep every job: uncertainty never stops one.
 """
 
 from __future__ import annotations
@@ -11,14 +13,15 @@ import logging
 import time
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import TypeVar
 
 from sqlalchemy.exc import SQLAlchemyError
 
 from agent.client import AgentError, JobNotFound
 from reconciler.agents import AgentPool
-from reconciler.airflow import AirflowClient, AirflowError, TaskInstance
+from reconciler.airflow import AirflowError, TaskInstance, TaskInstanceReader
+from reconciler.config import PollConfig
 from reconciler.decision import Absent, Keep, Observation, Observed, Stop, Unknown, decide
 from reconciler.logs import job_fields
 from reconciler.metrics import Metrics
@@ -27,14 +30,16 @@ from router_db import JobRecord, JobStatus, RouterDB, StaleTransition
 
 log = logging.getLogger("reconciler.loop")
 
-CONFIRM_CONCURRENCY = 16  # direct re-reads in flight at once: bounded load on Airflow
+READ_CONCURRENCY = 16  # direct reads in flight at once: bounded load on Airflow
 T = TypeVar("T")
 
 
 @dataclass
 class CycleReport:
     result: str = "ok"
+    read: str = ""  # "incremental", "full" or "naive"
     active: int = 0
+    observed: int = 0
     stops: list[tuple[JobRecord, Stop]] = field(default_factory=list)
     unconfirmed: int = 0
 
@@ -43,25 +48,29 @@ def observe(ti: TaskInstance | None) -> Observation:
     return Absent() if ti is None else Observed(ti.state, ti.try_number)
 
 
+def ti_key(job: JobRecord) -> tuple[str, str, str, int]:
+    return (job.key.dag_id, job.key.run_id, job.key.task_id, job.key.map_index)
+
+
 class Reconciler:
     def __init__(
         self,
         *,
         db: RouterDB,
-        airflow: AirflowClient,
+        airflow: TaskInstanceReader,
         agents: AgentPool,
         dispatcher: StopDispatcher,
         metrics: Metrics,
-        interval: float,
-        agent_sync_interval: float,
+        poll: PollConfig,
     ) -> None:
         self._db = db
         self._airflow = airflow
         self._agents = agents
         self._dispatcher = dispatcher
         self._metrics = metrics
-        self._interval = interval
-        self._agent_sync_interval = agent_sync_interval
+        self._poll = poll
+        self._watermark: datetime | None = None  # start of the last successful read (our clock)
+        self._last_full = float("-inf")
         self._last_agent_sync = float("-inf")
         self.last_success: float | None = None  # monotonic time of the last successful cycle
 
@@ -70,7 +79,7 @@ class Reconciler:
         while not stopping.is_set():
             started = time.monotonic()
             await self.cycle()
-            delay = max(0.0, self._interval - (time.monotonic() - started))
+            delay = max(0.0, self._poll.interval_seconds - (time.monotonic() - started))
             try:
                 await asyncio.wait_for(stopping.wait(), timeout=delay)
             except TimeoutError:
@@ -106,58 +115,102 @@ class Reconciler:
         if not dry_run:
             for job in jobs:
                 self._dispatcher.resume(job)  # finishes stops left pending by a crash or an outage
-        if not live:
-            await self._airflow.ping()  # nothing to read, but readiness must still mean "Airflow answers"
-            return report
-
-        seen = await self._airflow.list_task_instances(
-            dag_ids={j.key.dag_id for j in live},
-            run_ids={j.key.run_id for j in live},
-            task_ids={j.key.task_id for j in live},
-        )
-        by_key = {ti.key: ti for ti in seen}
+        observations = await self._read(live, report)
+        report.observed = len(observations)
         suspects = [
             job
             for job in live
-            if isinstance(decide(job.key.try_number, observe(by_key.get(_ti_key(job)))), Stop)
+            if job.job_id in observations
+            and isinstance(decide(job.key.try_number, observations[job.job_id]), Stop)
         ]
-        confirmed = await _bounded(CONFIRM_CONCURRENCY, [self._confirm(job) for job in suspects])
-        for job, verdict in zip(suspects, confirmed, strict=True):
+        verdicts = await _bounded(READ_CONCURRENCY, [self._confirm(job) for job in suspects])
+        for job, verdict in zip(suspects, verdicts, strict=True):
             if verdict is None:
                 report.unconfirmed += 1
                 continue
-            stop, ti = verdict
-            self._metrics.divergences.labels(stop.kind).inc()
-            if ti is not None and ti.end_date is not None:
-                lag = (datetime.now(UTC) - ti.end_date).total_seconds()
-                self._metrics.detection_latency.observe(max(0.0, lag))
-            report.stops.append((job, stop))
+            report.stops.append((job, verdict))
             if not dry_run:
-                await self._dispatcher.stop(job, stop, source="reconciler")
+                await self._dispatcher.stop(job, verdict, source="reconciler")
 
-        if not dry_run and time.monotonic() - self._last_agent_sync >= self._agent_sync_interval:
+        if not dry_run and time.monotonic() - self._last_agent_sync >= self._poll.agent_sync_seconds:
             self._last_agent_sync = time.monotonic()
             stopped = {job.job_id for job, _ in report.stops}
             await self.sync_from_agents([j for j in live if j.job_id not in stopped])
         return report
 
-    async def _confirm(self, job: JobRecord) -> tuple[Stop, TaskInstance | None] | None:
+    async def _read(self, live: Sequence[JobRecord], report: CycleReport) -> dict[str, Observation]:
+        """Observations of the live jobs this cycle can see; a job left out is unchanged."""
+        read_started = datetime.now(UTC)
+        full_due = time.monotonic() - self._last_full >= self._poll.full_resync_seconds
+        if self._poll.strategy == "naive":
+            report.read = "naive"
+            tis = await _bounded(READ_CONCURRENCY, [self._direct(job) for job in live])
+            return {job.job_id: obs for job, obs in zip(live, tis, strict=True)}
+        if self._poll.strategy == "batch" or full_due or self._watermark is None:
+            report.read = "full"
+            if live:
+                seen = await self._airflow.list_task_instances(
+                    dag_ids={j.key.dag_id for j in live},
+                    run_ids={j.key.run_id for j in live},
+                    task_ids={j.key.task_id for j in live},
+                )
+            else:
+                await self._airflow.ping()  # nothing to read, but readiness must mean "Airflow answers"
+                seen = []
+            by_key = {ti.key: ti for ti in seen}
+            self._last_full = time.monotonic()
+            self._watermark = read_started
+            return {job.job_id: observe(by_key.get(ti_key(job))) for job in live}
+        report.read = "incremental"
+        since = self._watermark - timedelta(seconds=self._poll.overlap_seconds)
+        changed = {ti.key: ti for ti in await self._airflow.changed_since(since)}
+        self._watermark = read_started
+        return {job.job_id: observe(changed[ti_key(job)]) for job in live if ti_key(job) in changed}
+
+    async def _direct(self, job: JobRecord) -> Observation:
+        key = job.key
+        try:
+            return observe(
+                await self._airflow.get_task_instance(key.dag_id, key.run_id, key.task_id, key.map_index)
+            )
+        except AirflowError as exc:
+            return Unknown(str(exc))
+
+    async def _confirm(self, job: JobRecord) -> Stop | None:
         """Re-read the one task instance; the stop stands only if the fresh answer says stop too."""
         key = job.key
         try:
             ti = await self._airflow.get_task_instance(key.dag_id, key.run_id, key.task_id, key.map_index)
-            observation: Observation = observe(ti)
+            verdict = decide(key.try_number, observe(ti))
         except AirflowError as exc:
-            ti, observation = None, Unknown(str(exc))
-        verdict = decide(key.try_number, observation)
+            ti, verdict = None, decide(key.try_number, Unknown(str(exc)))
         if isinstance(verdict, Keep):
             log.info("divergence not confirmed: %s", verdict.why, extra=job_fields(job, action="keep"))
             return None
-        return verdict, ti
+        self._metrics.divergences.labels(verdict.kind).inc()
+        if ti is not None and ti.end_date is not None:
+            self._metrics.detection_latency.observe(
+                max(0.0, (datetime.now(UTC) - ti.end_date).total_seconds())
+            )
+        return verdict
+
+    async def check(self, job: JobRecord, *, source: str) -> Stop | None:
+        """Confirm one job against Airflow now and stop it if it diverges: the push endpoint's path.
+
+        Raises :class:`AirflowError` when Airflow cannot answer, so the caller can say so.
+        """
+        key = job.key
+        ti = await self._airflow.get_task_instance(key.dag_id, key.run_id, key.task_id, key.map_index)
+        verdict = decide(key.try_number, observe(ti))
+        if isinstance(verdict, Keep):
+            return None
+        self._metrics.divergences.labels(verdict.kind).inc()
+        await self._dispatcher.stop(job, verdict, source=source)
+        return verdict
 
     async def sync_from_agents(self, jobs: Sequence[JobRecord]) -> None:
         """The reverse direction: record jobs that ended on their agent without anyone noticing."""
-        await _bounded(CONFIRM_CONCURRENCY, [refresh_from_agent(self._db, self._agents, job) for job in jobs])
+        await _bounded(READ_CONCURRENCY, [refresh_from_agent(self._db, self._agents, job) for job in jobs])
 
 
 async def refresh_from_agent(
@@ -209,7 +262,3 @@ async def _bounded(limit: int, calls: Sequence[Awaitable[T]]) -> list[T]:
             return await call
 
     return list(await asyncio.gather(*(one(c) for c in calls)))
-
-
-def _ti_key(job: JobRecord) -> tuple[str, str, str, int]:
-    return (job.key.dag_id, job.key.run_id, job.key.task_id, job.key.map_index)

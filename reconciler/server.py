@@ -20,13 +20,16 @@ from aiohttp import web
 
 from agent.client import AgentError, AgentRejected, AgentUnavailable, JobNotFound
 from reconciler.agents import AgentPool, NoAgent
+from reconciler.airflow import AirflowError
 from reconciler.loop import Reconciler, refresh_from_agent
 from reconciler.metrics import Metrics
+from reconciler.stops import StopDispatcher
 from router_db import JobRecord, JobStatus, NewJob, RouterDB, StaleTransition, TaskInstanceKey
 
 log = logging.getLogger("reconciler.server")
 
 MAX_BODY_BYTES = 1024 * 1024
+UPDATE_WAIT_SECONDS = 15.0  # update_status answers with the stop's outcome if the agent is this quick
 MAX_COMMAND_BYTES = 64 * 1024
 JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 OPEN_PATHS = frozenset({"/metrics", "/healthz", "/readyz"})
@@ -104,6 +107,7 @@ class SidecarAPI:
         agents: AgentPool,
         metrics: Metrics,
         reconciler: Reconciler,
+        dispatcher: StopDispatcher,
         token: str,
         ready_after: float,
     ) -> None:
@@ -111,12 +115,14 @@ class SidecarAPI:
         self._agents = agents
         self._metrics = metrics
         self._reconciler = reconciler
+        self._dispatcher = dispatcher
         self._token = token.encode()
         self._ready_after = ready_after  # seconds without a successful cycle before /readyz fails
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[self._errors, self._auth])
         app.router.add_post("/jobs", self.submit)
+        app.router.add_post("/jobs/update_status", self.update_status)
         app.router.add_get("/jobs", self.list_jobs)
         app.router.add_get("/jobs/{job_id}", self.get_job)
         app.router.add_get("/jobs/{job_id}/log", self.job_log)
@@ -192,6 +198,53 @@ class SidecarAPI:
             return await asyncio.to_thread(self._db.mark_running, job.job_id, source="submit")
         except StaleTransition:
             return await asyncio.to_thread(self._db.get, job.job_id) or job
+
+    async def update_status(self, request: web.Request) -> web.Response:
+        """The push endpoint: someone reports a task's new state; the job is found by ``job_id`` or
+        by ``dag_id``/``task_id``/``run_id`` (newest try) and checked exactly as the poll loop would:
+        Airflow is read directly, and the job is stopped only if Airflow confirms the divergence."""
+        try:
+            body = await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise BadRequest("body is not valid JSON") from None
+        job = await self._find_for_update(body)
+        if job is None:
+            return _update_answer(404, False, "Job not found with provided identifiers", None, "none")
+        if not job.active:
+            return _update_answer(200, True, f"job already ended {job.status}", job, "already_final")
+        if job.status is JobStatus.STOPPING:
+            return _update_answer(200, True, "stop already under way", job, "stop_pending")
+        try:
+            stop = await self._reconciler.check(job, source="api")
+        except AirflowError as exc:
+            return _update_answer(
+                503, False, f"cannot confirm with Airflow ({exc}); nothing stopped", job, "none"
+            )
+        if stop is None:
+            message = "Airflow still wants this task instance to run; job not stopped"
+            return _update_answer(409, False, message, job, "kept")
+        await self._dispatcher.wait(job.job_id, UPDATE_WAIT_SECONDS)
+        after = await asyncio.to_thread(self._db.get, job.job_id) or job
+        if after.status is JobStatus.STOPPING:
+            message = f"{stop.reason}; Agent communication failed or is slow, the stop is retried every cycle"
+            return _update_answer(202, True, message, after, "stop_requested", previous=job.status)
+        return _update_answer(200, True, stop.reason, after, "stopped", previous=job.status)
+
+    async def _find_for_update(self, body: Any) -> JobRecord | None:
+        if not isinstance(body, dict):
+            raise BadRequest("body must be a JSON object")
+        status = _field(body, "status", str)
+        if not status or len(status) > 32:
+            raise BadRequest("status must be 1-32 characters")
+        _field(body, "reason", str, default=None)
+        job_id = _field(body, "job_id", str, default=None)
+        if job_id is not None:
+            if not JOB_ID.match(job_id):
+                raise BadRequest("job_id must match " + JOB_ID.pattern)
+            return await asyncio.to_thread(self._db.get, job_id)
+        ids = [_field(body, name, str) for name in ("dag_id", "task_id", "run_id")]
+        map_index = _field(body, "map_index", int, default=-1)
+        return await asyncio.to_thread(self._db.find_latest, ids[0], ids[1], ids[2], map_index)
 
     async def get_job(self, request: web.Request) -> web.Response:
         job = await self._job(request)
@@ -287,6 +340,29 @@ class SidecarAPI:
         if job is None:
             raise web.HTTPNotFound(reason=f"job not found: {job_id}")
         return job
+
+
+def _update_answer(
+    code: int,
+    ok: bool,
+    message: str,
+    job: JobRecord | None,
+    action: str,
+    *,
+    previous: JobStatus | None = None,
+) -> web.Response:
+    return web.json_response(
+        {
+            "ok": ok,
+            "message": message,
+            "action": action,
+            "job_id": job.job_id if job else None,
+            "previous_status": str(previous) if previous else (str(job.status) if job else None),
+            "status": str(job.status) if job else None,
+            "rc": job.rc if job else None,
+        },
+        status=code,
+    )
 
 
 def _error(status: int, message: str) -> web.Response:

@@ -21,6 +21,7 @@ from router_db import RouterDB
 log = logging.getLogger("reconciler")
 
 SHUTDOWN_GRACE_SECONDS = 30.0  # in-flight stops get this long to finish on SIGTERM
+AGENT_READ_TIMEOUT_SECONDS = 10.0  # run, status and log calls; stops use [stop] timeout_seconds
 
 
 @dataclass
@@ -45,12 +46,18 @@ def build(config: ReconcilerConfig, secrets: Secrets, *, create_schema: bool = T
     metrics = Metrics()
     airflow = AirflowClient(
         config.airflow.base_url,
+        api_version=config.airflow.api_version,  # type: ignore[arg-type]  # validated by the config
         username=config.airflow.username,
         password=secrets.airflow_password,
         timeout=config.airflow.timeout_seconds,
         on_response=lambda code: metrics.airflow_requests.labels(code).inc(),
     )
-    agents = AgentPool(config.agents, secrets.agent_tokens, timeout=config.stop.timeout_seconds)
+    agents = AgentPool(
+        config.agents,
+        secrets.agent_tokens,
+        timeout=AGENT_READ_TIMEOUT_SECONDS,
+        stop_timeout=config.stop.timeout_seconds,
+    )
     dispatcher = StopDispatcher(db, agents, metrics, config.stop)
     reconciler = Reconciler(
         db=db,
@@ -58,8 +65,7 @@ def build(config: ReconcilerConfig, secrets: Secrets, *, create_schema: bool = T
         agents=agents,
         dispatcher=dispatcher,
         metrics=metrics,
-        interval=config.poll.interval_seconds,
-        agent_sync_interval=config.poll.agent_sync_seconds,
+        poll=config.poll,
     )
     return Parts(db, airflow, agents, metrics, dispatcher, reconciler)
 
@@ -72,6 +78,7 @@ async def serve(config: ReconcilerConfig, secrets: Secrets) -> None:
         agents=parts.agents,
         metrics=parts.metrics,
         reconciler=parts.reconciler,
+        dispatcher=parts.dispatcher,
         token=secrets.http_token,
         ready_after=max(10.0, 5 * config.poll.interval_seconds),
     )

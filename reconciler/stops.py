@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from datetime import UTC, datetime
 
-from agent.client import AgentRejected, AgentUnavailable, JobNotFound, StopResult
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential_jitter
 
+from agent.client import AgentRejected, AgentUnavailable, JobNotFound, StopResult
 from reconciler.agents import AgentPool
 from reconciler.config import StopConfig
 from reconciler.decision import Stop
@@ -29,6 +30,8 @@ class StopDispatcher:
         self._metrics = metrics
         self._config = config
         self._slots = asyncio.Semaphore(config.concurrency)
+        # One slow or hanging agent must not hold every slot: each agent gets its own share.
+        self._agent_slots: dict[str, asyncio.Semaphore] = {}
         self._inflight: dict[str, asyncio.Task[None]] = {}
 
     @property
@@ -53,6 +56,12 @@ class StopDispatcher:
         self.resume(stopping)
         return stopping
 
+    async def wait(self, job_id: str, timeout: float) -> None:
+        """Wait up to ``timeout`` for the agent call of a stop under way (if any) to finish."""
+        task = self._inflight.get(job_id)
+        if task is not None:
+            await asyncio.wait([task], timeout=timeout)
+
     def resume(self, job: JobRecord) -> None:
         """Make sure a STOPPING job has an agent call under way (at most one per job)."""
         if job.status is not JobStatus.STOPPING or job.job_id in self._inflight:
@@ -68,7 +77,10 @@ class StopDispatcher:
 
     async def _carry_out(self, job: JobRecord) -> None:
         fields = job_fields(job, action="stop")
-        async with self._slots:
+        agent_slots = self._agent_slots.setdefault(
+            job.agent_id, asyncio.Semaphore(self._config.per_agent_concurrency)
+        )
+        async with agent_slots, self._slots:
             try:
                 result = await self._call_agent(job)
             except JobNotFound:
@@ -100,10 +112,20 @@ class StopDispatcher:
 
     async def _call_agent(self, job: JobRecord) -> StopResult:
         client = self._agents.client(job.agent_id)
+        # A stop that has not completed for force_after_seconds goes straight to SIGKILL.
+        overdue = (
+            job.stop_requested_at is not None
+            and (datetime.now(UTC) - job.stop_requested_at).total_seconds()
+            >= self._config.force_after_seconds
+        )
         retrying = AsyncRetrying(
             stop=stop_after_attempt(self._config.attempts),
+            # Exponential from backoff_initial_seconds, with up to as much jitter again, so that many
+            # stops retrying one agent do not arrive in lockstep.
             wait=wait_exponential_jitter(
-                initial=self._config.backoff_initial_seconds, max=self._config.backoff_max_seconds
+                multiplier=self._config.backoff_initial_seconds,
+                max=self._config.backoff_max_seconds,
+                jitter=self._config.backoff_initial_seconds,
             ),
             retry=retry_if_exception_type(AgentUnavailable),
             reraise=True,
@@ -111,7 +133,7 @@ class StopDispatcher:
         async for attempt in retrying:
             with attempt:
                 return await client.stop(
-                    job.job_id, force=False, reason=job.reason or "stopped by reconciler"
+                    job.job_id, force=overdue, reason=job.reason or "stopped by reconciler"
                 )
         raise AssertionError("unreachable")  # pragma: no cover - reraise=True always raises or returns
 

@@ -181,3 +181,49 @@ def test_check_config_names_the_bad_key(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert "[poll] interval_seconds: expected float, got str" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_update_status_for_an_unknown_job_says_so(sidecar: SidecarProcess) -> None:
+    with sidecar.client() as client:
+        by_ids = client.post(
+            "/jobs/update_status",
+            json={"dag_id": "nope", "task_id": "nope", "run_id": "nope", "status": "FAILED"},
+        )
+        by_id = client.post("/jobs/update_status", json={"job_id": "0" * 32, "status": "FAILED"})
+    for answer in (by_ids, by_id):
+        assert answer.status_code == 404
+        assert answer.json()["ok"] is False
+        assert answer.json()["message"] == "Job not found with provided identifiers"
+
+
+def test_update_status_never_stops_what_airflow_cannot_confirm(sidecar: SidecarProcess) -> None:
+    body = submission(command="sleep 30")
+    with sidecar.client() as client:
+        job_id = client.post("/jobs", json=body).json()["job_id"]
+        push = {k: body[k] for k in ("dag_id", "task_id", "run_id")} | {
+            "status": "FAILED",
+            "reason": "marked failed",
+        }
+        answer = client.post("/jobs/update_status", json=push)
+        assert answer.status_code == 503
+        assert answer.json()["ok"] is False and "nothing stopped" in answer.json()["message"]
+        assert answer.json()["job_id"] == job_id
+        assert client.get(f"/jobs/{job_id}").json()["status"] == "RUNNING"
+
+
+@pytest.mark.parametrize(
+    ("body", "names"),
+    [
+        ({"dag_id": "d", "task_id": "t", "run_id": "r"}, "status"),
+        ({"dag_id": "d", "task_id": "t", "status": "FAILED"}, "run_id"),
+        ({"job_id": "../../etc/passwd", "status": "FAILED"}, "job_id"),
+        ({"job_id": 7, "status": "FAILED"}, "job_id"),
+        ({"dag_id": "d", "task_id": "t", "run_id": "r", "status": "x" * 100}, "status"),
+        ([], "object"),
+    ],
+)
+def test_update_status_refuses_bad_requests(sidecar: SidecarProcess, body: Any, names: str) -> None:
+    with sidecar.client() as client:
+        answer = client.post("/jobs/update_status", json=body)
+    assert answer.status_code == 400
+    assert names in answer.json()["error"]

@@ -1,0 +1,318 @@
+"""The poll loop with scripted Airflow answers; router DB, dispatcher and agent are real.
+
+Airflow's answers are scripted here because the behaviour under test is the loop's own: which read
+it makes when, what it does with errors and garbage, and that it never stops on uncertainty. The
+same loop against a real Airflow is covered by tests/test_airflow_e2e.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Awaitable, Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import TypeVar
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from harness.agent import AgentProcess
+from harness.processes import free_port
+from reconciler.agents import AgentPool
+from reconciler.airflow import AirflowError, TaskInstance
+from reconciler.config import AgentEntry, PollConfig, StopConfig
+from reconciler.loop import Reconciler
+from reconciler.metrics import Metrics
+from reconciler.stops import StopDispatcher
+from router_db import JobRecord, JobStatus, NewJob, RouterDB, TaskInstanceKey
+
+T = TypeVar("T")
+
+
+@dataclass
+class ScriptedAirflow:
+    """Answers from a script: ``truth`` for direct reads, ``listed`` for list reads, or errors."""
+
+    truth: dict[tuple[str, str, str, int], TaskInstance | None] = field(default_factory=dict)
+    listed: list[TaskInstance] | None = None  # None: list reads return the truth
+    fail_lists: bool = False
+    fail_direct: bool = False
+    calls: list[str] = field(default_factory=list)
+    since: list[datetime] = field(default_factory=list)
+
+    async def changed_since(self, since: datetime) -> list[TaskInstance]:
+        self.calls.append("changed_since")
+        self.since.append(since)
+        return self._list()
+
+    async def list_task_instances(
+        self, *, dag_ids: Iterable[str], run_ids: Iterable[str], task_ids: Iterable[str]
+    ) -> list[TaskInstance]:
+        self.calls.append("batch")
+        return self._list()
+
+    async def get_task_instance(
+        self, dag_id: str, run_id: str, task_id: str, map_index: int
+    ) -> TaskInstance | None:
+        self.calls.append("direct")
+        if self.fail_direct:
+            raise AirflowError("HTTP 503")
+        return self.truth.get((dag_id, run_id, task_id, map_index))
+
+    async def ping(self) -> None:
+        self.calls.append("ping")
+        if self.fail_lists:
+            raise AirflowError("connection refused")
+
+    def _list(self) -> list[TaskInstance]:
+        if self.fail_lists:
+            raise AirflowError("HTTP 500")
+        if self.listed is not None:
+            return list(self.listed)
+        return [ti for ti in self.truth.values() if ti is not None]
+
+
+def ti(job: JobRecord, state: str | None, try_number: int | None = None) -> TaskInstance:
+    k = job.key
+    return TaskInstance(k.dag_id, k.run_id, k.task_id, k.map_index, state, try_number or k.try_number, None)
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Iterator[RouterDB]:
+    router = RouterDB(f"sqlite:///{tmp_path / 'router.db'}")
+    router.create_schema()
+    yield router
+    router.dispose()
+
+
+def running_job(
+    db: RouterDB, task_id: str = "t", try_number: int = 1, agent_id: str = "agent-1"
+) -> JobRecord:
+    job, _ = db.submit(NewJob(TaskInstanceKey("d", task_id, "r", -1, try_number), agent_id, "sleep 60"))
+    return db.mark_running(job.job_id, source="test")
+
+
+def make_loop(
+    db: RouterDB, airflow: ScriptedAirflow, agents: AgentPool, **poll: float | str
+) -> tuple[Reconciler, StopDispatcher]:
+    metrics = Metrics()
+    dispatcher = StopDispatcher(db, agents, metrics, StopConfig(attempts=1, backoff_initial_seconds=0.01))
+    config = PollConfig(**{"full_resync_seconds": 3600.0, "agent_sync_seconds": 3600.0, **poll})  # type: ignore[arg-type]
+    return Reconciler(
+        db=db, airflow=airflow, agents=agents, dispatcher=dispatcher, metrics=metrics, poll=config
+    ), dispatcher
+
+
+def unreachable_agents() -> AgentPool:
+    entry = AgentEntry(id="agent-1", url=f"http://127.0.0.1:{free_port()}")
+    return AgentPool([entry], {"agent-1": "token"}, timeout=1.0, stop_timeout=1.0)
+
+
+def run(scenario: Callable[[AgentPool], Awaitable[T]]) -> T:
+    """Run ``scenario`` with an agent pool that nothing answers, closed before the event loop ends."""
+
+    async def main() -> T:
+        pool = unreachable_agents()
+        try:
+            return await scenario(pool)
+        finally:
+            await pool.close()
+
+    return asyncio.run(main())
+
+
+def test_first_cycle_reads_everything_then_only_what_changed(db: RouterDB) -> None:
+    job = running_job(db)
+    airflow = ScriptedAirflow(truth={("d", "r", "t", -1): ti(job, "deferred")})
+
+    async def scenario(pool: AgentPool) -> None:
+        loop, _ = make_loop(db, airflow, pool, overlap_seconds=10.0)
+        before = datetime.now(UTC)
+        assert (await loop.cycle()).read == "full"
+        assert (await loop.cycle()).read == "incremental"
+        assert (await loop.cycle()).read == "incremental"
+        assert airflow.calls == ["batch", "changed_since", "changed_since"]
+        # Each incremental read starts the overlap before the previous read began.
+        assert before - timedelta(seconds=10) <= airflow.since[0] <= datetime.now(UTC) - timedelta(seconds=10)
+        assert airflow.since[1] > airflow.since[0]
+
+    run(scenario)
+    assert db.get(job.job_id).status is JobStatus.RUNNING  # type: ignore[union-attr]
+
+
+def test_failed_incremental_read_does_not_advance_the_watermark(db: RouterDB) -> None:
+    job = running_job(db)
+    airflow = ScriptedAirflow(truth={("d", "r", "t", -1): ti(job, "deferred")})
+
+    async def scenario(pool: AgentPool) -> None:
+        loop, _ = make_loop(db, airflow, pool)
+        await loop.cycle()
+        await loop.cycle()
+        airflow.fail_lists = True
+        assert (await loop.cycle()).result == "airflow_error"
+        airflow.fail_lists = False
+        await loop.cycle()
+        # The read after the outage starts where the failed one would have: nothing in between is skipped.
+        assert airflow.since[2] == airflow.since[1]
+
+    run(scenario)
+
+
+def test_full_resync_runs_again_after_its_interval(db: RouterDB) -> None:
+    job = running_job(db)
+    airflow = ScriptedAirflow(truth={("d", "r", "t", -1): ti(job, "deferred")})
+
+    async def scenario(pool: AgentPool) -> None:
+        loop, _ = make_loop(db, airflow, pool, full_resync_seconds=0.2)
+        await loop.cycle()
+        await loop.cycle()
+        await asyncio.sleep(0.25)
+        assert (await loop.cycle()).read == "full"
+
+    run(scenario)
+    assert airflow.calls.count("batch") == 2
+
+
+def test_absent_in_a_full_read_stops_only_once_a_direct_read_confirms(db: RouterDB) -> None:
+    deleted = running_job(db, "deleted")
+    lagging = running_job(db, "lagging")
+    airflow = ScriptedAirflow(
+        truth={("d", "r", "deleted", -1): None, ("d", "r", "lagging", -1): ti(lagging, "deferred")},
+        listed=[],  # the batch read sees neither
+    )
+
+    async def scenario(pool: AgentPool) -> list[JobRecord]:
+        loop, _ = make_loop(db, airflow, pool)
+        report = await loop.cycle(dry_run=True)
+        return [job for job, _ in report.stops]
+
+    stopped = run(scenario)
+    assert [j.job_id for j in stopped] == [deleted.job_id]
+    assert airflow.calls.count("direct") == 2
+
+
+def test_a_task_missing_from_an_incremental_read_is_left_alone(db: RouterDB) -> None:
+    job = running_job(db)
+    airflow = ScriptedAirflow(truth={("d", "r", "t", -1): ti(job, "deferred")})
+
+    async def scenario(pool: AgentPool) -> None:
+        loop, _ = make_loop(db, airflow, pool)
+        await loop.cycle()
+        airflow.truth = {}  # deleted: only a full resync may conclude that
+        airflow.listed = []
+        report = await loop.cycle()
+        assert report.read == "incremental" and not report.stops
+
+    run(scenario)
+    assert "direct" not in airflow.calls
+
+
+def test_dry_run_decides_but_changes_nothing(db: RouterDB) -> None:
+    job = running_job(db)
+    airflow = ScriptedAirflow(truth={("d", "r", "t", -1): ti(job, "failed")})
+
+    async def scenario(pool: AgentPool) -> int:
+        loop, _ = make_loop(db, airflow, pool)
+        return len((await loop.cycle(dry_run=True)).stops)
+
+    assert run(scenario) == 1
+    assert db.get(job.job_id).status is JobStatus.RUNNING  # type: ignore[union-attr]
+    assert len(db.events(job.job_id)) == 2
+
+
+def test_a_restarted_reconciler_finishes_a_stop_left_pending(db: RouterDB, tmp_path: Path) -> None:
+    with AgentProcess(tmp_path / "agent", agent_id="agent-1", token="t0ken") as agent:
+        job, _ = db.submit(NewJob(TaskInstanceKey("d", "t", "r"), "agent-1", "sleep 60"))
+        pool = AgentPool([AgentEntry("agent-1", agent.url)], {"agent-1": "t0ken"}, timeout=5, stop_timeout=30)
+
+        async def scenario() -> None:
+            try:
+                await pool.client("agent-1").run(job.job_id, {"command": "sleep 60"})
+                # The previous reconciler recorded the intent and died before calling the agent.
+                db.mark_running(job.job_id, source="submit")
+                db.request_stop(
+                    job.job_id,
+                    stop_status=JobStatus.FAILED,
+                    reason="task instance is failed",
+                    source="reconciler",
+                )
+                loop, dispatcher = make_loop(db, ScriptedAirflow(), pool)
+                await loop.cycle()
+                await dispatcher.drain(30)
+            finally:
+                await pool.close()
+
+        asyncio.run(scenario())
+        done = db.get(job.job_id)
+        assert done is not None and done.status is JobStatus.FAILED and done.rc is not None and done.rc < 0
+        assert [e.new_status for e in db.events(job.job_id)][-2:] == [JobStatus.STOPPING, JobStatus.FAILED]
+
+
+# --- the property: nothing stops a job whose task instance really runs on the job's own try -------
+
+STATES = st.sampled_from(
+    [
+        None,
+        "running",
+        "deferred",
+        "queued",
+        "scheduled",
+        "success",
+        "failed",
+        "upstream_failed",
+        "skipped",
+        "removed",
+        "restarting",
+        "up_for_retry",
+        "up_for_reschedule",
+        "some_future_state",
+    ]
+)
+LIST_ANSWER = st.one_of(
+    st.just("error"),
+    st.just("absent"),
+    st.tuples(STATES, st.integers(min_value=0, max_value=5)),
+)
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    own_state=st.sampled_from(["running", "deferred"]),
+    script=st.lists(st.tuples(LIST_ANSWER, st.booleans(), st.booleans()), min_size=1, max_size=8),
+)
+def test_no_sequence_of_observations_stops_a_job_whose_task_runs_on_its_own_try(
+    db: RouterDB, own_state: str, script: list[tuple[object, bool, bool]]
+) -> None:
+    """Whatever list reads say (stale, wrong try, absent, garbage-as-error), and whether direct reads
+    fail or not, a job whose task instance is truly running or deferred on its try is never stopped."""
+    job = running_job(db, task_id=f"t{uuid.uuid4().hex[:12]}", try_number=2)
+    truth = ti(job, own_state)
+    airflow = ScriptedAirflow(truth={ti_key_of(job): truth})
+
+    async def scenario(pool: AgentPool) -> None:
+        loop, _ = make_loop(db, airflow, pool, full_resync_seconds=0.0)
+        for list_answer, direct_fails, force_full in script:
+            airflow.fail_lists = list_answer == "error"
+            airflow.fail_direct = direct_fails
+            if list_answer == "absent":
+                airflow.listed = []
+            elif isinstance(list_answer, tuple):
+                state, try_number = list_answer
+                airflow.listed = [ti(job, state, try_number)]
+            if force_full:
+                loop._last_full = float("-inf")
+            await loop.cycle()
+
+    run(scenario)
+    after = db.get(job.job_id)
+    assert after is not None and after.status is JobStatus.RUNNING
+    assert all(e.new_status is not JobStatus.STOPPING for e in db.events(job.job_id))
+    # Examples share the DB: retire this job so the next example's reads do not see it.
+    db.finish(job.job_id, status=JobStatus.FAILED, rc=None, reason="example over", source="test")
+
+
+def ti_key_of(job: JobRecord) -> tuple[str, str, str, int]:
+    return (job.key.dag_id, job.key.run_id, job.key.task_id, job.key.map_index)
