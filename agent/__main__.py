@@ -32,6 +32,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         asyncio.run(serve(config))
+    except ConfigError as exc:  # a TLS file that changed between loading the config and serving
+        print(f"agentic-agent: config error: {exc}", file=sys.stderr)
+        return 2
     except OSError as exc:
         print(f"agentic-agent: cannot run: {exc}", file=sys.stderr)
         return 1

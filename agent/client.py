@@ -16,11 +16,18 @@ Answers are parsed strictly into frozen dataclasses; a garbage answer raises :cl
 and never yields a half-filled object. Job ids are checked before sending (``ValueError``), because an
 id like ``../x`` would otherwise address a different URL. The token is sent in the ``Authorization``
 header only and never appears in an error message.
+
+HTTPS: an ``https://`` agent's certificate is verified against the system's trusted CAs, or against
+the bundle in ``ca_file`` (PEM) when one is given; a certificate that does not verify raises
+:class:`AgentUnavailable`, before any request (and so the token) is sent. The CA bundle is applied
+per request, so clients for agents with different CAs can share one ``aiohttp.ClientSession``.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import ssl
 from collections.abc import Callable, Mapping
 from types import TracebackType
 from typing import Any, TypeVar
@@ -81,11 +88,15 @@ class AgentClient:
         session: aiohttp.ClientSession | None = None,
         timeout: float = 10.0,
         stop_timeout: float = 120.0,
+        ca_file: str | os.PathLike[str] | None = None,
     ) -> None:
         """``timeout`` bounds every request but ``stop``, which waits for the tree to end and is
-        bounded by ``stop_timeout`` (keep it above the agent's ``grace_seconds``)."""
+        bounded by ``stop_timeout`` (keep it above the agent's ``grace_seconds``). ``ca_file``: PEM
+        bundle of the CAs that may sign an ``https://`` agent's certificate (default: the system's);
+        ``ValueError`` if it cannot be loaded."""
         self.base_url = base_url.rstrip("/")
         self._token = token
+        self._ssl = _verifying_context(ca_file)
         self._session = session
         self._owns_session = session is None
         self.timeout = timeout
@@ -178,6 +189,7 @@ class AgentClient:
                 headers={"Authorization": f"Bearer {self._token}"},
                 timeout=aiohttp.ClientTimeout(total=seconds),
                 allow_redirects=False,
+                ssl=self._ssl,
             ) as response:
                 raw = await response.read()
                 status, headers = response.status, response.headers
@@ -201,6 +213,17 @@ class AgentClient:
 
     def _scrub(self, text: str) -> str:
         return text.replace(self._token, "***") if self._token else text
+
+
+def _verifying_context(ca_file: str | os.PathLike[str] | None) -> ssl.SSLContext | bool:
+    """``True`` is aiohttp's default: verify against the system's CAs."""
+    if ca_file is None:
+        return True
+    try:
+        return ssl.create_default_context(cafile=ca_file)
+    except (OSError, ssl.SSLError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise ValueError(f"ca_file: cannot load CA bundle {os.fspath(ca_file)!r}: {reason}") from None
 
 
 def _error_message(raw: bytes) -> str:

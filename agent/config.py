@@ -2,16 +2,27 @@
 
 Keys live in the ``[agent]`` table of the TOML file (see ``config/agent.toml``). Every key can be
 overridden by an environment variable ``AGENTIC_AGENT_<KEY>`` (``AGENTIC_AGENT_PORT=9000``), which wins
-over the file. The token is a secret and never comes from the TOML: it is read from the environment
-variable named by ``token_env`` (default ``AGENTIC_AGENT_TOKEN``) or, if ``token_file`` is set, from that
-file. Error messages name the key and the problem, never the token.
+over the file. Error messages name the key and the problem, never a token.
+
+Tokens are secrets and never come from the TOML: they are read from the environment variable named by
+``token_env`` (default ``AGENTIC_AGENT_TOKEN``) or, if ``token_file`` is set, from that file. Either may
+hold several tokens, separated by commas, spaces or newlines (so a token cannot contain those); a
+request carrying any of them is accepted. That is how a token is rotated without a moment in which
+clients are refused: add the new token next to the old one and restart the agent (running jobs are
+adopted), move the clients to the new token, then remove the old one and restart again.
+
+TLS: with ``tls_cert_file`` and ``tls_key_file`` (PEM; both or neither) the agent serves HTTPS only.
+Both files are loaded when the configuration is, so a missing, unreadable or mismatched file is a
+:class:`ConfigError` at start, not a failure on the first connection.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import re
 import socket
+import ssl
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -31,7 +42,7 @@ class ConfigError(ValueError):
 class AgentConfig:
     id: str
     home: Path  # job state: <home>/jobs/<job_id>/{state.json,output.log,...}
-    token: str = field(repr=False)
+    tokens: tuple[str, ...] = field(repr=False)  # every token a request may carry (rotation: old + new)
     host: str = "127.0.0.1"
     port: int = 8791
     token_env: str = DEFAULT_TOKEN_ENV
@@ -39,6 +50,33 @@ class AgentConfig:
     grace_seconds: float = 10.0  # SIGTERM -> SIGKILL
     max_body_bytes: int = 1024 * 1024
     poll_seconds: float = 0.5  # how often running jobs are checked (exit, descendants, timeout)
+    tls_cert_file: Path | None = None  # PEM certificate chain; with tls_key_file, the agent serves HTTPS
+    tls_key_file: Path | None = None  # PEM private key, unencrypted (protect it with file permissions)
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.tls_cert_file is not None else "http"
+
+    def server_ssl_context(self) -> ssl.SSLContext | None:
+        """The TLS context to serve with, or None for plain HTTP; raises ConfigError naming the file."""
+        if self.tls_cert_file is None or self.tls_key_file is None:
+            return None
+        for key, path in (("tls_cert_file", self.tls_cert_file), ("tls_key_file", self.tls_key_file)):
+            try:
+                with path.open("rb"):
+                    pass
+            except OSError as exc:
+                raise ConfigError(f"{key}: cannot read {path}: {exc.strerror}") from None
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        try:
+            context.load_cert_chain(self.tls_cert_file, self.tls_key_file)
+        except ssl.SSLError as exc:
+            raise ConfigError(
+                f"tls_cert_file, tls_key_file: {self.tls_cert_file} and {self.tls_key_file} are not a PEM "
+                f"certificate and its matching unencrypted private key ({exc.reason or exc})"
+            ) from None
+        return context
 
 
 # key -> (parser of a TOML/env value, default); the parser raises ConfigError naming the key.
@@ -99,6 +137,8 @@ _KEYS: dict[str, tuple[_Parser, object]] = {
     "grace_seconds": (_as_seconds(0.0, inclusive=True), 10.0),
     "max_body_bytes": (_as_int(1024, 1024 * 1024 * 1024), 1024 * 1024),
     "poll_seconds": (_as_seconds(0.0, inclusive=False), 0.5),
+    "tls_cert_file": (_as_path, None),
+    "tls_key_file": (_as_path, None),
 }
 
 
@@ -116,8 +156,12 @@ def load_config(path: Path | str | None, *, environ: Mapping[str, str] | None = 
         else:
             values[key] = default
     values["id"] = values["id"] or socket.gethostname()
-    token = _load_token(values["token_env"], values["token_file"], env)
-    return AgentConfig(token=token, **values)
+    if (values["tls_cert_file"] is None) != (values["tls_key_file"] is None):
+        raise ConfigError("tls_cert_file, tls_key_file: set both (to serve HTTPS) or neither")
+    tokens = _load_tokens(values["token_env"], values["token_file"], env)
+    config = AgentConfig(tokens=tokens, **values)
+    config.server_ssl_context()  # fail now, with the key's name, not on the first connection
+    return config
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
@@ -145,17 +189,23 @@ def _read_toml(path: Path) -> dict[str, Any]:
     return section
 
 
-def _load_token(token_env: str, token_file: Path | None, env: Mapping[str, str]) -> str:
+def _load_tokens(token_env: str, token_file: Path | None, env: Mapping[str, str]) -> tuple[str, ...]:
     if token_file is not None:
         try:
-            token = token_file.read_text(encoding="utf-8").strip()
+            text = token_file.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as exc:
             reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
             raise ConfigError(f"token_file: cannot read {token_file}: {reason}") from None
-        if not token:
+        tokens = _split_tokens(text)
+        if not tokens:
             raise ConfigError(f"token_file: {token_file} is empty")
-        return token
-    token = env.get(token_env, "").strip()
-    if not token:
+        return tokens
+    tokens = _split_tokens(env.get(token_env, ""))
+    if not tokens:
         raise ConfigError(f"token: environment variable {token_env} is not set or empty (or set token_file)")
-    return token
+    return tokens
+
+
+def _split_tokens(text: str) -> tuple[str, ...]:
+    """The tokens in ``text``, separated by commas or whitespace, in order, without duplicates."""
+    return tuple(dict.fromkeys(token for token in re.split(r"[,\s]+", text) if token))

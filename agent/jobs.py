@@ -257,7 +257,9 @@ class JobManager:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
         with job_dir.supervisor_log_path.open("ab") as errors:
             return subprocess.Popen(
-                [sys.executable, "-P", "-m", "agent.supervisor", str(job_dir.path)],
+                # -S: no site (its .pth files and import finders cost more than the supervisor itself);
+                # -P: nothing from the working directory shadows the agent's modules
+                [sys.executable, "-S", "-P", "-m", "agent.supervisor", str(job_dir.path)],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=errors,
@@ -348,13 +350,15 @@ class JobManager:
         """The supervisor writes exit.json right after reaping the shell; give it a moment."""
         deadline = time.monotonic() + EXIT_FILE_WAIT
         supervisor = job.record.supervisor
+        interval = 0.002
         while True:
             exit_record = _read_exit(job)
             if exit_record is not None or time.monotonic() >= deadline:
                 return exit_record
             if supervisor is None or not supervisor.alive():
                 return _read_exit(job)
-            await asyncio.sleep(0.02)
+            await asyncio.sleep(interval)
+            interval = min(0.05, interval * 2)
 
     # ------------------------------------------------------------------------------ finishing
 
@@ -367,10 +371,19 @@ class JobManager:
 
     def _finish_exited(self, job: _Job, exit_record: ExitRecord | None) -> None:
         """The job ended by itself (or its stop completed while no agent was up)."""
+        stop_reason = job.record.stop_reason
         if exit_record is None:
-            reason = job.record.stop_reason or "the job ended"
-            self._finish(job, JobStatus.FAILED, rc=None, reason=f"{reason}; its exit code is unknown")
-            return
+            self._finish(job, JobStatus.FAILED, rc=None, reason=_lost_reason(job.record))
+            log.warning("job %s: %s", job.record.job_id, job.record.reason)
+        else:
+            self._finish_with_exit_code(job, exit_record)
+        if stop_reason is not None:  # the stop was asked for, and the log says so, as for any stop
+            _append_log_line(
+                job.dir,
+                f"[agentic-agent {_now().isoformat()}] job stopped: {stop_reason} (rc={job.record.rc})",
+            )
+
+    def _finish_with_exit_code(self, job: _Job, exit_record: ExitRecord) -> None:
         rc = exit_record.rc
         if job.record.stop_reason is not None:
             status, reason = JobStatus.FAILED, job.record.stop_reason
@@ -505,6 +518,31 @@ def _default_cwd(run_as: str | None, env: Mapping[str, str]) -> str:
         return os.getcwd()
     home = env.get("HOME", "/")
     return home if Path(home).is_dir() else "/"
+
+
+def _lost_reason(record: JobRecord) -> str:
+    """Why a job ended with an unknown rc: its processes are gone and no exit.json was written.
+
+    A recorded PID that now belongs to another process (a different create time) is named, to make
+    clear that the agent saw it and left that process alone.
+    """
+    reused = sorted(
+        {
+            ref.pid
+            for ref in (record.leader, record.supervisor)
+            if ref is not None and ref.process() is None and ProcessRef.of(ref.pid) is not None
+        }
+    )
+    prefix = f"{record.stop_reason}; " if record.stop_reason else ""
+    detail = (
+        f" (PID {', '.join(map(str, reused))} now belongs to another process, which was left alone)"
+        if reused
+        else ""
+    )
+    return (
+        f"{prefix}the job's processes are gone and its supervisor recorded no exit code{detail}; "
+        "its exit code is unknown"
+    )
 
 
 def _already_finished(record: JobRecord) -> StopResult:

@@ -9,13 +9,15 @@ Signalling a whole tree (SIGTERM, grace, SIGKILL) is :mod:`agent.termination`.
 
 from __future__ import annotations
 
+import os
 import signal
 from dataclasses import dataclass
 
 import psutil
 
-# psutil computes create times the same way in every process; the tolerance only absorbs float noise.
-_CREATE_TIME_TOLERANCE = 0.01
+# A create time is a whole number of clock ticks since boot (1/100 s on Linux), so two different
+# processes differ by at least one tick; half a tick absorbs float noise and never merges two of them.
+_CREATE_TIME_TOLERANCE = 0.5 / os.sysconf("SC_CLK_TCK")
 
 
 @dataclass(frozen=True, order=True)
@@ -54,7 +56,30 @@ class ProcessRef:
             return False
 
     def send(self, sig: signal.Signals) -> bool:
-        """Signal this process if it still is the one we know; True if a signal was delivered."""
+        """Signal this process if it still is the one we know; True if a signal was delivered.
+
+        The PID is pinned with a pidfd *before* the create time is checked, and the signal goes through
+        that pidfd: if the process dies and its PID is reused after the check, the signal reaches
+        nobody (``ESRCH``) instead of the newcomer. Without pidfds (Linux < 5.3) psutil's check right
+        before ``kill()`` leaves a window of microseconds.
+        """
+        try:
+            pidfd = os.pidfd_open(self.pid)
+        except ProcessLookupError:
+            return False
+        except OSError:  # no pidfd support: fall back to check-then-kill
+            return self._send_without_pidfd(sig)
+        try:
+            if self.process() is None:
+                return False
+            signal.pidfd_send_signal(pidfd, sig)
+            return True
+        except (ProcessLookupError, PermissionError):
+            return False
+        finally:
+            os.close(pidfd)
+
+    def _send_without_pidfd(self, sig: signal.Signals) -> bool:
         proc = self.process()
         if proc is None:
             return False

@@ -17,7 +17,9 @@ Routes (JSON in and out unless noted):
   ``{"ok", "message", "status", "rc", "action", "signal", "reason"}``.
 - ``GET /health`` -> ``{"status": "ok", "agent_id", "jobs_running"}``; the only route without a token.
 
-Auth: ``Authorization: Bearer <token>`` or ``X-Agent-Token: <token>``, compared in constant time.
+Auth: ``Authorization: Bearer <token>`` or ``X-Agent-Token: <token>``; any of the configured tokens
+is accepted (rotation), and every one of them is compared, each in constant time.
+TLS: with ``tls_cert_file`` and ``tls_key_file`` configured, the same API is served over HTTPS only.
 Job ids: ``^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$`` (see :mod:`agent.protocol`).
 Every failure is a JSON ``{"error": "..."}`` naming the problem: 400 bad input, 401 auth, 404 unknown
 job or route, 409 duplicate job, 413 body larger than ``max_body_bytes``, 500 a bug (logged). Rejected
@@ -43,6 +45,7 @@ log = logging.getLogger(__name__)
 
 ACCESS_LOG_FORMAT = '%a "%r" %s %b %Tfs'  # no headers: they carry the token
 _CONFIG: web.AppKey[AgentConfig] = web.AppKey("config", AgentConfig)
+_TOKENS: web.AppKey[tuple[bytes, ...]] = web.AppKey("tokens", tuple)
 _JOBS: web.AppKey[JobManager] = web.AppKey("jobs", JobManager)
 _Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -73,8 +76,11 @@ async def _errors(request: web.Request, handler: _Handler) -> web.StreamResponse
 async def _auth(request: web.Request, handler: _Handler) -> web.StreamResponse:
     if request.path == "/health":
         return await handler(request)
-    expected = request.app[_CONFIG].token.encode()
-    if not hmac.compare_digest(_presented_token(request).encode(), expected):
+    presented = _presented_token(request).encode()
+    accepted = False
+    for token in request.app[_TOKENS]:  # no early exit: the time taken does not tell which one matched
+        accepted |= hmac.compare_digest(presented, token)
+    if not accepted:
         return error_response(401, "missing or invalid token (Authorization: Bearer or X-Agent-Token)")
     return await handler(request)
 
@@ -163,6 +169,7 @@ def create_app(config: AgentConfig, jobs: JobManager) -> web.Application:
     # client_max_size is not our limit (bodies are read by _read_json); keep aiohttp's out of the way
     app = web.Application(middlewares=[_errors, _auth], client_max_size=config.max_body_bytes + 1)
     app[_CONFIG] = config
+    app[_TOKENS] = tuple(token.encode() for token in config.tokens)
     app[_JOBS] = jobs
     app.router.add_post("/run", _run)
     app.router.add_get("/jobs/{job_id}", _get)
@@ -174,15 +181,16 @@ def create_app(config: AgentConfig, jobs: JobManager) -> web.Application:
 
 async def serve(config: AgentConfig) -> None:
     """Adopt existing jobs, then listen until SIGTERM or SIGINT; running jobs are left running."""
+    ssl_context = config.server_ssl_context()  # before adoption: a bad file fails fast
     jobs = JobManager(config)
     await jobs.load()  # before listening: /health answers only once adoption is done
     jobs.start_monitor()
     runner = web.AppRunner(create_app(config, jobs), access_log_format=ACCESS_LOG_FORMAT)
     await runner.setup()
     try:
-        site = web.TCPSite(runner, config.host, config.port)
+        site = web.TCPSite(runner, config.host, config.port, ssl_context=ssl_context)
         await site.start()
-        log.info("agent %s listening on http://%s:%d", config.id, config.host, config.port)
+        log.info("agent %s listening on %s://%s:%d", config.id, config.scheme, config.host, config.port)
         stopping = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):

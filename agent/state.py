@@ -17,12 +17,19 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
+from agent.jobfiles import (
+    EXIT_FILE,
+    LEADER_FILE,
+    LOG_FILE,
+    STATE_FILE,
+    SUPERVISOR_LOG_FILE,
+    write_json_atomic,
+)
 from agent.process_tree import ProcessRef
 from agent.protocol import JobInfo, JobStatus, format_time, parse_time
 
@@ -31,21 +38,6 @@ _T = TypeVar("_T")
 
 class StateError(ValueError):
     """A state file exists but cannot be understood."""
-
-
-def write_json_atomic(path: Path, value: object, *, durable: bool = True) -> None:
-    """Replace ``path`` with ``value`` as JSON; readers see the old or the new file, never a mix."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(value, handle, separators=(",", ":"))
-            handle.flush()
-            if durable:
-                os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _read_json(path: Path) -> Any | None:
@@ -153,30 +145,30 @@ def _opt(value: object, kind: type[_T]) -> _T | None:
 
 
 class JobDir:
-    """The files of one job."""
+    """The files of one job, read and written as the agent's types."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
 
     @property
     def state_path(self) -> Path:
-        return self.path / "state.json"
+        return self.path / STATE_FILE
 
     @property
     def log_path(self) -> Path:
-        return self.path / "output.log"
+        return self.path / LOG_FILE
 
     @property
     def leader_path(self) -> Path:
-        return self.path / "leader.json"
+        return self.path / LEADER_FILE
 
     @property
     def exit_path(self) -> Path:
-        return self.path / "exit.json"
+        return self.path / EXIT_FILE
 
     @property
     def supervisor_log_path(self) -> Path:
-        return self.path / "supervisor.log"
+        return self.path / SUPERVISOR_LOG_FILE
 
     def read_state(self) -> JobRecord | None:
         value = _read_json(self.state_path)

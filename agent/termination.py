@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 from agent.process_tree import ProcessRef
 
+_FIRST_POLL = 0.002
+
 
 @dataclass(frozen=True)
 class TreeOutcome:
@@ -39,6 +41,8 @@ async def terminate_tree(
     ``members`` is called again on every poll, so processes forked during the grace period are
     signalled too. With ``force`` SIGKILL is sent at once. Returns once no member is alive, or after
     ``kill_wait`` seconds past SIGKILL with the survivors (processes stuck in uninterruptible sleep).
+    The first polls come quickly and the interval doubles up to ``poll``: most trees end within a few
+    milliseconds of SIGTERM, and a stop answers as soon as they are gone.
     """
     current = members()
     if not current:
@@ -49,8 +53,10 @@ async def terminate_tree(
     loop = asyncio.get_running_loop()
     deadline = loop.time() + (0.0 if force else grace)
     kill_deadline: float | None = loop.time() + kill_wait if force else None
+    interval = min(poll, _FIRST_POLL)
     while True:
-        await asyncio.sleep(poll)
+        await asyncio.sleep(interval)
+        interval = min(poll, interval * 2)
         current = {ref for ref in members() if ref.alive()}
         if not current:
             return TreeOutcome(signal=sent, survivors=())

@@ -6,6 +6,11 @@
 ``stop()`` ends the agent and everything it started (its job supervisors and their jobs), by PID.
 ``kill()`` SIGKILLs only the agent's own PID and leaves its jobs running, as a crash would; a new
 ``AgentProcess`` on the same ``home`` then adopts them.
+
+Tokens: the agent accepts ``accepted_tokens`` (default: just ``token``), passed in its environment;
+with ``token_file`` it reads its tokens from that file instead. ``token`` is what tests send.
+HTTPS: pass ``tls_cert_file`` and ``tls_key_file``, and ``ca_file`` (the CA that signed the
+certificate) so that the harness can tell when the agent is up.
 """
 
 from __future__ import annotations
@@ -13,14 +18,17 @@ from __future__ import annotations
 import json
 import os
 import signal
+import ssl
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
 
-from harness.processes import free_port, start, stop_tree, wait_http_ok
+from harness.processes import free_port, start, stop_tree
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -37,9 +45,19 @@ class AgentProcess:
         poll_seconds: float = 0.1,
         max_body_bytes: int = 1024 * 1024,
         ready_timeout: float = 20.0,
+        accepted_tokens: Sequence[str] | None = None,
+        token_file: Path | None = None,
+        tls_cert_file: Path | None = None,
+        tls_key_file: Path | None = None,
+        ca_file: Path | None = None,
     ) -> None:
         self.home = home
         self.token = token
+        self.accepted_tokens = list(accepted_tokens) if accepted_tokens is not None else [token]
+        self.token_file = token_file
+        self.tls_cert_file = tls_cert_file
+        self.tls_key_file = tls_key_file
+        self.ca_file = ca_file
         self.agent_id = agent_id
         self.port = port if port is not None else free_port()
         self.grace_seconds = grace_seconds
@@ -52,7 +70,8 @@ class AgentProcess:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        scheme = "https" if self.tls_cert_file is not None else "http"
+        return f"{scheme}://127.0.0.1:{self.port}"
 
     @property
     def pid(self) -> int:
@@ -79,11 +98,21 @@ class AgentProcess:
             f"home = {json.dumps(str(self.home))}\n"
             f"grace_seconds = {self.grace_seconds}\n"
             f"poll_seconds = {self.poll_seconds}\n"
-            f"max_body_bytes = {self.max_body_bytes}\n",
+            f"max_body_bytes = {self.max_body_bytes}\n"
+            + "".join(
+                f"{key} = {json.dumps(str(path))}\n"
+                for key, path in (
+                    ("token_file", self.token_file),
+                    ("tls_cert_file", self.tls_cert_file),
+                    ("tls_key_file", self.tls_key_file),
+                )
+                if path is not None
+            ),
             encoding="utf-8",
         )
         env = {key: value for key, value in os.environ.items() if not key.startswith("AGENTIC_AGENT_")}
-        env["AGENTIC_AGENT_TOKEN"] = self.token
+        if self.token_file is None:
+            env["AGENTIC_AGENT_TOKEN"] = ",".join(self.accepted_tokens)
         self._proc = start(
             [sys.executable, "-m", "agent", "--config", str(self.config_path)],
             log_path=self.log_path,
@@ -91,11 +120,31 @@ class AgentProcess:
             cwd=REPO_ROOT,
         )
         try:
-            wait_http_ok(f"{self.url}/health", timeout=self.ready_timeout, proc=self._proc)
+            self._wait_healthy()
         except BaseException:
             self.stop()
             raise
         return self
+
+    def _wait_healthy(self) -> None:
+        """Poll /health until it answers 200; fail early if the agent exits meanwhile."""
+        proc = self.process
+        context = ssl.create_default_context(cafile=self.ca_file) if self.ca_file is not None else None
+        deadline = time.monotonic() + self.ready_timeout
+        last_error = "no answer"
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                tail = self.log_text()[-2000:]
+                raise RuntimeError(f"the agent exited with {proc.returncode} before it was up:\n{tail}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/health", timeout=2, context=context) as response:
+                    if response.status == 200:
+                        return
+                    last_error = f"HTTP {response.status}"
+            except (urllib.error.URLError, OSError) as exc:
+                last_error = str(exc)
+            time.sleep(0.05)
+        raise TimeoutError(f"{self.url}/health not healthy after {self.ready_timeout:g} s: {last_error}")
 
     def stop(self) -> None:
         """Stop the agent and every process it started (supervisors and jobs alike)."""

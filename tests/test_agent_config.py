@@ -12,9 +12,11 @@ import pytest
 
 from agent.config import AgentConfig, ConfigError, load_config
 from harness.agent import REPO_ROOT
+from tests.certs import make_ca
 
 EXAMPLE = REPO_ROOT / "config" / "agent.toml"
 TOKEN = "config-test-token-9999"
+ENV = "AGENTIC_AGENT_TOKEN"
 
 
 def write(tmp_path: Path, body: str) -> Path:
@@ -25,13 +27,15 @@ def write(tmp_path: Path, body: str) -> Path:
 
 def test_the_example_config_loads_and_states_the_defaults() -> None:
     config = load_config(EXAMPLE, environ={"AGENTIC_AGENT_TOKEN": TOKEN})
-    assert config == AgentConfig(id=socket.gethostname(), home=Path("/var/lib/agentic-agent"), token=TOKEN)
+    assert config == AgentConfig(
+        id=socket.gethostname(), home=Path("/var/lib/agentic-agent"), tokens=(TOKEN,)
+    )
 
 
 def test_every_key_is_documented_in_the_example() -> None:
     text = EXAMPLE.read_text()
     for field in dataclasses.fields(AgentConfig):
-        if field.name != "token":
+        if field.name != "tokens":
             assert f"{field.name} =" in text, field.name
 
 
@@ -49,12 +53,26 @@ def test_file_values_and_environment_overrides(tmp_path: Path) -> None:
 
 def test_token_comes_from_the_named_env_var_or_a_file(tmp_path: Path) -> None:
     path = write(tmp_path, '[agent]\ntoken_env = "MY_AGENT_SECRET"\n')
-    assert load_config(path, environ={"MY_AGENT_SECRET": TOKEN}).token == TOKEN
+    assert load_config(path, environ={"MY_AGENT_SECRET": TOKEN}).tokens == (TOKEN,)
     token_file = tmp_path / "token"
     token_file.write_text(f"{TOKEN}\n")
     path = write(tmp_path, f'[agent]\ntoken_file = "{token_file}"\n')
-    assert load_config(path, environ={}).token == TOKEN
+    assert load_config(path, environ={}).tokens == (TOKEN,)
     assert TOKEN not in repr(load_config(path, environ={}))
+
+
+def test_several_tokens_are_accepted_for_rotation(tmp_path: Path) -> None:
+    env_value = " old-token, new-token\tspare-token\nold-token "
+    config = load_config(write(tmp_path, "[agent]\n"), environ={"AGENTIC_AGENT_TOKEN": env_value})
+    assert config.tokens == ("old-token", "new-token", "spare-token")
+    token_file = tmp_path / "tokens"
+    token_file.write_text("old-token\nnew-token\n\n")
+    config = load_config(write(tmp_path, f'[agent]\ntoken_file = "{token_file}"\n'), environ={})
+    assert config.tokens == ("old-token", "new-token")
+    assert "old-token" not in repr(config) and "new-token" not in repr(config)
+    with pytest.raises(ConfigError, match="empty"):
+        token_file.write_text(" ,\n")
+        load_config(write(tmp_path, f'[agent]\ntoken_file = "{token_file}"\n'), environ={})
 
 
 @pytest.mark.parametrize(
@@ -103,3 +121,61 @@ def test_bad_config_exits_2_with_one_line_and_no_traceback(tmp_path: Path) -> No
     assert done.returncode == 2
     assert done.stderr.count("\n") == 1 and "port" in done.stderr
     assert "Traceback" not in done.stderr and TOKEN not in done.stderr
+
+
+# ----------------------------------------------------------------------------------------------- TLS
+
+
+def tls_config(tmp_path: Path, cert: Path | None, key: Path | None) -> Path:
+    lines = ["[agent]"]
+    lines += [f'tls_cert_file = "{cert}"'] if cert is not None else []
+    lines += [f'tls_key_file = "{key}"'] if key is not None else []
+    return write(tmp_path, "\n".join(lines) + "\n")
+
+
+def test_tls_files_are_loaded_with_the_config(tmp_path: Path) -> None:
+    server = make_ca(tmp_path / "ca", "CA").issue(tmp_path / "server", hosts=["127.0.0.1"])
+    config = load_config(tls_config(tmp_path, server.cert_file, server.key_file), environ={ENV: TOKEN})
+    assert (config.tls_cert_file, config.tls_key_file, config.scheme) == (
+        server.cert_file,
+        server.key_file,
+        "https",
+    )
+    assert config.server_ssl_context() is not None
+    plain = load_config(write(tmp_path, "[agent]\n"), environ={ENV: TOKEN})
+    assert (plain.scheme, plain.server_ssl_context()) == ("http", None)
+
+
+def test_bad_tls_files_are_config_errors_naming_the_key(tmp_path: Path) -> None:
+    ca = make_ca(tmp_path / "ca", "CA")
+    server = ca.issue(tmp_path / "server", hosts=["127.0.0.1"])
+    other = ca.issue(tmp_path / "other", hosts=["127.0.0.1"])
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("-----BEGIN CERTIFICATE-----\nnot base64\n-----END CERTIFICATE-----\n")
+    unreadable = tmp_path / "unreadable.pem"
+    unreadable.mkdir()  # reading a directory fails even as root, which ignores file modes
+    cases = [
+        (server.cert_file, None, "set both"),
+        (None, server.key_file, "set both"),
+        (tmp_path / "absent.pem", server.key_file, "tls_cert_file: cannot read"),
+        (server.cert_file, unreadable, "tls_key_file: cannot read"),
+        (server.cert_file, other.key_file, "matching"),  # a key that does not belong to the cert
+        (garbage, server.key_file, "PEM"),
+    ]
+    for cert, key, message in cases:
+        with pytest.raises(ConfigError, match=message) as caught:
+            load_config(tls_config(tmp_path, cert, key), environ={ENV: TOKEN})
+        assert "tls_" in str(caught.value) and TOKEN not in str(caught.value)
+
+
+def test_a_missing_config_file_exits_2_with_one_line(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "agent", "--config", str(tmp_path / "absent.toml")],
+        capture_output=True,
+        text=True,
+        env={ENV: TOKEN, "PATH": "/usr/bin:/bin"},
+        cwd=REPO_ROOT,
+        timeout=30,
+    )
+    assert done.returncode == 2
+    assert done.stderr.count("\n") == 1 and "absent.toml" in done.stderr

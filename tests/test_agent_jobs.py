@@ -303,6 +303,8 @@ def test_timeout_seconds_stops_the_job_with_a_reason(agent: AgentProcess, tmp_pa
         tree = await pids_from(pids, 1)
         info = await until_finished(client, job_id, timeout=10)
         assert_all_gone(tree)
+        last_line = (await client.log(job_id)).data.decode().rstrip().splitlines()[-1]
+        assert last_line.endswith(f"job stopped: {info.reason} (terminated with SIGTERM, rc=-15)")
         return info
 
     info = with_client(agent, scenario)
