@@ -39,6 +39,7 @@ class AgentPool:
                 session=self._session,
                 timeout=self._timeout,
                 stop_timeout=self._stop_timeout,
+                ca_file=self._entries[agent_id].ca_file or None,
             )
         return self._clients[agent_id]
 

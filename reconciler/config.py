@@ -75,6 +75,7 @@ class AgentEntry:
     token_env: str = "AGENTIC_AGENT_TOKEN"
     token_file: str = ""
     labels: list[str] = field(default_factory=list)
+    ca_file: str = ""
 
 
 @dataclass(frozen=True)
@@ -180,10 +181,13 @@ def _validate(config: ReconcilerConfig) -> None:
         (0 <= config.http.port <= 65535, "[http] port: must be 0-65535"),
         (bool(config.router_db.url), "[router_db] url: must not be empty"),
     ]
-    checks += [
-        (a.url.startswith(("http://", "https://")), f"[[agents]] {a.id!r} url: must be http(s)://")
-        for a in config.agents
-    ]
+    for a in config.agents:
+        checks.append(
+            (a.url.startswith(("http://", "https://")), f"[[agents]] {a.id!r} url: must be http(s)://")
+        )
+        checks.append(
+            (not a.ca_file or Path(a.ca_file).is_file(), f"[[agents]] {a.id!r} ca_file: no such file")
+        )
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
