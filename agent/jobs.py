@@ -6,16 +6,20 @@ never waits on the job itself; it learns the exit from that file. The same code 
 jobs this agent started and jobs it adopted after a restart, and both get their exact ``rc``.
 
 A monitor task checks every running job every ``poll_seconds``: exit, descendants (recorded with their
-create time so that processes that left the process group can still be found at stop time), and
-``timeout_seconds``. All mutations of one job (start, stop, finishing) hold that job's asyncio lock,
-so two stops, or a stop and a natural exit, never race.
+start ticks so that processes that left the process group can still be found at stop time), and
+``timeout_seconds`` (measured on the boot clock from the leader's start, so a wall-clock step neither
+fires it early nor delays it). All mutations of one job (start, stop, finishing) hold that job's
+asyncio lock, so two stops, or a stop and a natural exit, never race.
 
 Adopted jobs and rc: when the agent starts, it reads every ``state.json``. A job that was running is
-adopted if its leader (PID + create time) or its supervisor is still alive. If ``exit.json`` exists the
+adopted if its leader (PID + start ticks) or its supervisor is still alive. If ``exit.json`` exists the
 job ended while the agent was down, and it gets its final status with the exact ``rc``. If neither
 the processes nor ``exit.json`` exist (the supervisor was killed too), the job is ``FAILED`` with
 ``rc`` null and a reason that says the exit code is unknown. A stop that was in progress when the agent
-died (``stop_reason`` recorded) is resumed.
+died (``stop_reason`` recorded) is resumed. Processes the agent cannot verify are never signalled: a
+job recorded in an earlier boot (its processes ended with that boot), or in state format 1 (identities
+by wall-clock time, see :mod:`agent.state`), ends at once, with its ``rc`` if ``exit.json`` exists and
+otherwise ``FAILED`` with a reason that says why nothing was stopped.
 """
 
 from __future__ import annotations
@@ -38,8 +42,9 @@ from pathlib import Path
 from typing import Any
 
 import agent
+from agent import procfs
 from agent.config import ENV_PREFIX, AgentConfig
-from agent.process_tree import ProcessRef, ProcessTable, descendants
+from agent.process_tree import ProcessRef, ProcessTable
 from agent.protocol import (
     JOB_ID_PATTERN,
     JobInfo,
@@ -50,7 +55,7 @@ from agent.protocol import (
     StopAction,
     StopResult,
 )
-from agent.state import ExitRecord, JobDir, JobRecord, StateError
+from agent.state import STATE_FORMAT, ExitRecord, JobDir, JobRecord, LeaderRecord, StateError
 from agent.termination import terminate_tree
 
 log = logging.getLogger(__name__)
@@ -96,6 +101,7 @@ class JobManager:
     def __init__(self, config: AgentConfig) -> None:
         self._config = config
         self._root = config.home / "jobs"
+        self._boot_id = procfs.boot_id()
         self._jobs: dict[str, _Job] = {}
         self._supervisors: list[subprocess.Popen[bytes]] = []  # ours to reap
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -115,8 +121,8 @@ class JobManager:
             except StateError as exc:
                 log.warning("skipping job %s: unreadable state: %s", path.name, exc)
                 continue
-            if record is None:
-                record = JobRecord(job_id=path.name, status=JobStatus.QUEUED)
+            if record is None:  # the agent died before the first write: nothing was started yet
+                record = JobRecord(job_id=path.name, status=JobStatus.QUEUED, boot_id=self._boot_id)
             elif record.job_id != path.name:
                 log.warning("skipping job directory %s: state.json names job %r", path.name, record.job_id)
                 continue
@@ -172,9 +178,10 @@ class JobManager:
             path.mkdir(mode=0o700)
         except FileExistsError:
             raise JobRejected(409, f"job {job_id!r} already exists") from None
-        job = _Job(
-            JobDir(path), JobRecord(job_id, JobStatus.QUEUED, timeout_seconds=request.payload.timeout_seconds)
+        record = JobRecord(
+            job_id, JobStatus.QUEUED, boot_id=self._boot_id, timeout_seconds=request.payload.timeout_seconds
         )
+        job = _Job(JobDir(path), record)
         self._jobs[job_id] = job  # before the first await: a concurrent duplicate sees it
         async with job.lock:
             try:
@@ -217,29 +224,29 @@ class JobManager:
         try:
             answer = await asyncio.to_thread(_handshake, proc, json.dumps(spec).encode())
         except (OSError, TimeoutError, ValueError) as exc:
-            answer = {"error": f"no answer from the supervisor: {exc}"}
-        if "error" in answer:
+            answer = f"no answer from the supervisor: {exc}"
+        if isinstance(answer, str):
             leader = _read_leader(job)  # a late answer may still have started it
             if leader is None:
                 with contextlib.suppress(OSError):
                     proc.kill()  # our own child, and it started nothing
-                self._finish(job, JobStatus.FAILED, rc=None, reason=f"could not start: {answer['error']}")
-                log.warning("job %s could not start: %s", job.record.job_id, answer["error"])
+                self._finish(job, JobStatus.FAILED, rc=None, reason=f"could not start: {answer}")
+                log.warning("job %s could not start: %s", job.record.job_id, answer)
                 return
         else:
-            leader = ProcessRef(int(answer["pid"]), float(answer["create_time"]))
+            leader = answer
         self._mark_running(job, leader)
-        log.info("job %s started: pid %d", job.record.job_id, leader.pid)
+        log.info("job %s started: pid %d", job.record.job_id, leader.ref.pid)
 
-    def _mark_running(self, job: _Job, leader: ProcessRef) -> None:
+    def _mark_running(self, job: _Job, leader: LeaderRecord) -> None:
         job.save(
             replace(
                 job.record,
                 status=JobStatus.RUNNING,
-                pid=leader.pid,
-                pgid=leader.pid,  # start_new_session: the shell leads its own session and group
-                create_time=leader.create_time,
-                started_at=datetime.fromtimestamp(leader.create_time, UTC),
+                pid=leader.ref.pid,
+                pgid=leader.ref.pid,  # start_new_session: the shell leads its own session and group
+                start_ticks=leader.ref.start_ticks,
+                started_at=leader.started_at,
             )
         )
 
@@ -337,14 +344,15 @@ class JobManager:
     def _tree(self, job: _Job) -> set[ProcessRef]:
         """Every live process of the job: leader, current and recorded descendants (not the supervisor)."""
         record = job.record
+        table = ProcessTable.scan()
         members = set(record.descendants)
         if record.leader is not None:
             members.add(record.leader)
-            members |= descendants(record.leader)
+            members |= table.descendants(record.leader)
         if record.supervisor is not None:
-            members |= descendants(record.supervisor)  # includes orphans re-parented to the subreaper
+            members |= table.descendants(record.supervisor)  # includes orphans re-parented to the subreaper
             members.discard(record.supervisor)
-        return {ref for ref in members if ref.alive()}
+        return {ref for ref in members if table.alive(ref)}
 
     async def _await_exit(self, job: _Job) -> ExitRecord | None:
         """The supervisor writes exit.json right after reaping the shell; give it a moment."""
@@ -369,11 +377,17 @@ class JobManager:
         self._finish_exited(job, exit_record)
         return True
 
-    def _finish_exited(self, job: _Job, exit_record: ExitRecord | None) -> None:
-        """The job ended by itself (or its stop completed while no agent was up)."""
+    def _finish_exited(self, job: _Job, exit_record: ExitRecord | None, *, lost: str | None = None) -> None:
+        """The job ended by itself (or its stop completed while no agent was up).
+
+        Without ``exit_record`` its rc is unknown; ``lost`` says why, by default that its processes
+        are gone.
+        """
         stop_reason = job.record.stop_reason
         if exit_record is None:
-            self._finish(job, JobStatus.FAILED, rc=None, reason=_lost_reason(job.record))
+            prefix = f"{stop_reason}; " if stop_reason else ""
+            reason = prefix + (lost or _lost_reason(job.record))
+            self._finish(job, JobStatus.FAILED, rc=None, reason=reason)
             log.warning("job %s: %s", job.record.job_id, job.record.reason)
         else:
             self._finish_with_exit_code(job, exit_record)
@@ -420,14 +434,18 @@ class JobManager:
 
     async def _adopt(self, job: _Job) -> None:
         record = job.record
+        unverifiable = self._unverifiable(record)
+        if unverifiable is not None:
+            self._finish_exited(job, _read_exit(job), lost=unverifiable)
+            return
         if record.leader is None:  # the agent died while starting it
-            leader = await self._await_leader(job)
-            if leader is None:
+            announced = await self._await_leader(job)
+            if announced is None:
                 self._finish(
                     job, JobStatus.FAILED, rc=None, reason="the agent stopped before the job started"
                 )
                 return
-            self._mark_running(job, leader)
+            self._mark_running(job, announced)
             record = job.record
         if self._finish_if_exited(job):
             return
@@ -439,7 +457,23 @@ class JobManager:
         if record.stop_reason is not None:
             self._background(self._stop(job, force=False, reason=record.stop_reason))
 
-    async def _await_leader(self, job: _Job) -> ProcessRef | None:
+    def _unverifiable(self, record: JobRecord) -> str | None:
+        """Why the recorded processes cannot be checked against this machine's, if they cannot."""
+        if record.state_format < STATE_FORMAT:
+            pid = f" (PID {record.pid})" if record.pid is not None else ""
+            return (
+                f"recorded by an older agent (state format {record.state_format}) that identified "
+                f"processes by wall-clock time, which cannot be verified: its processes{pid} were left "
+                "alone, and its exit code is unknown"
+            )
+        if record.boot_id != self._boot_id:
+            return (
+                f"the machine has restarted since the job started (boot id {record.boot_id}, now "
+                f"{self._boot_id}), which ended its processes; its exit code is unknown"
+            )
+        return None
+
+    async def _await_leader(self, job: _Job) -> LeaderRecord | None:
         supervisor = job.record.supervisor
         deadline = time.monotonic() + SUPERVISOR_START_TIMEOUT
         while True:
@@ -491,10 +525,10 @@ class JobManager:
         self._check_timeout(job)
 
     def _check_timeout(self, job: _Job) -> None:
-        record = job.record
-        if record.timeout_seconds is None or record.started_at is None or job.timeout_fired:
+        record, leader = job.record, job.record.leader
+        if record.timeout_seconds is None or leader is None or job.timeout_fired:
             return
-        if (_now() - record.started_at).total_seconds() < record.timeout_seconds:
+        if leader.running_for() < record.timeout_seconds:  # not now - started_at: the wall clock may step
             return
         job.timeout_fired = True
         reason = f"timeout: still running after timeout_seconds={record.timeout_seconds:g}"
@@ -523,24 +557,23 @@ def _default_cwd(run_as: str | None, env: Mapping[str, str]) -> str:
 def _lost_reason(record: JobRecord) -> str:
     """Why a job ended with an unknown rc: its processes are gone and no exit.json was written.
 
-    A recorded PID that now belongs to another process (a different create time) is named, to make
-    clear that the agent saw it and left that process alone.
+    A recorded PID that now belongs to another process (other start ticks) is named, to make clear
+    that the agent saw it and left that process alone.
     """
     reused = sorted(
         {
             ref.pid
             for ref in (record.leader, record.supervisor)
-            if ref is not None and ref.process() is None and ProcessRef.of(ref.pid) is not None
+            if ref is not None and not ref.exists() and ProcessRef.of(ref.pid) is not None
         }
     )
-    prefix = f"{record.stop_reason}; " if record.stop_reason else ""
     detail = (
         f" (PID {', '.join(map(str, reused))} now belongs to another process, which was left alone)"
         if reused
         else ""
     )
     return (
-        f"{prefix}the job's processes are gone and its supervisor recorded no exit code{detail}; "
+        f"the job's processes are gone and its supervisor recorded no exit code{detail}; "
         "its exit code is unknown"
     )
 
@@ -565,7 +598,7 @@ def _read_exit(job: _Job) -> ExitRecord | None:
         return None
 
 
-def _read_leader(job: _Job) -> ProcessRef | None:
+def _read_leader(job: _Job) -> LeaderRecord | None:
     try:
         return job.dir.read_leader()
     except StateError as exc:
@@ -590,8 +623,8 @@ def _append_log_line(job_dir: JobDir, line: str) -> None:
     job_dir.append_log(("\n" if needs_newline else "") + line + "\n")
 
 
-def _handshake(proc: subprocess.Popen[bytes], spec: bytes) -> dict[str, Any]:
-    """Send the job spec to the supervisor; read its one-line answer (leader pid or error)."""
+def _handshake(proc: subprocess.Popen[bytes], spec: bytes) -> LeaderRecord | str:
+    """Send the job spec to the supervisor; read its one-line answer: the job's leader, or its error."""
     assert proc.stdin is not None and proc.stdout is not None
     try:
         proc.stdin.write(spec)
@@ -617,6 +650,9 @@ def _handshake(proc: subprocess.Popen[bytes], spec: bytes) -> dict[str, Any]:
     if not buffer.strip():
         raise ValueError("the supervisor exited without an answer (see supervisor.log of the job)")
     answer = json.loads(buffer.split(b"\n", 1)[0])
-    if not isinstance(answer, dict) or not ("error" in answer or {"pid", "create_time"} <= answer.keys()):
-        raise ValueError(f"unexpected answer from the supervisor: {answer!r}")
-    return answer
+    if isinstance(answer, dict) and isinstance(answer.get("error"), str):
+        return str(answer["error"])
+    try:
+        return LeaderRecord.from_json(answer)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"unexpected answer from the supervisor: {answer!r} ({exc})") from None

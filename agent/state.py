@@ -5,19 +5,28 @@ Layout of ``<home>/jobs/<job_id>/``:
 - ``state.json`` — the agent's record (:class:`JobRecord`), replaced atomically (temp file + fsync +
   ``os.replace``), so a crash leaves either the old or the new version, never a torn one;
 - ``output.log`` — stdout and stderr of the job, plus one line from the agent when it stops the job;
-- ``leader.json`` — ``{"pid", "create_time"}`` of the job's shell, written by the supervisor;
+- ``leader.json`` — ``{"pid", "start_ticks", "started_at"}`` of the job's shell, written by the
+  supervisor (:class:`LeaderRecord`);
 - ``exit.json`` — ``{"rc", "finished_at"}``, written by the supervisor when the shell is reaped;
 - ``supervisor.log`` — the supervisor's own diagnostics.
 
 The job's environment is never written to disk (it may hold secrets); it reaches the supervisor
 through a pipe.
+
+``state.json`` formats (the ``format`` key; a file without one is format 1):
+
+1. processes identified by PID and psutil's wall-clock create time (``create_time`` floats). Such an
+   identity breaks when the system clock is stepped, so a format-1 record is read without its process
+   identities: the agent cannot verify those processes and never signals them.
+2. processes identified by PID and start ticks since boot (``start_ticks`` integers, see
+   :mod:`agent.procfs`), plus the ``boot_id`` of the boot those ticks count from.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
@@ -34,6 +43,8 @@ from agent.process_tree import ProcessRef
 from agent.protocol import JobInfo, JobStatus, format_time, parse_time
 
 _T = TypeVar("_T")
+
+STATE_FORMAT = 2
 
 
 class StateError(ValueError):
@@ -56,14 +67,34 @@ class ExitRecord:
 
 
 @dataclass(frozen=True)
+class LeaderRecord:
+    """The job's shell as its supervisor announces it (its answer to the agent and ``leader.json``)."""
+
+    ref: ProcessRef
+    started_at: datetime
+
+    @classmethod
+    def from_json(cls, value: object) -> LeaderRecord:
+        """Raises ValueError (or KeyError, TypeError) on anything but a well-formed announcement."""
+        if not isinstance(value, dict):
+            raise TypeError(f"not a JSON object: {value!r}")
+        started_at = parse_time(value["started_at"], "started_at")
+        if started_at is None:
+            raise ValueError("started_at is null")
+        return cls(ProcessRef.from_json([value["pid"], value["start_ticks"]]), started_at)
+
+
+@dataclass(frozen=True)
 class JobRecord:
     """What the agent knows about one job; ``state.json`` holds exactly this."""
 
     job_id: str
     status: JobStatus
+    # the boot the start ticks below count from; they mean nothing after a reboot
+    boot_id: str | None = None
     pid: int | None = None
     pgid: int | None = None
-    create_time: float | None = None  # of the leader; the PID is trusted only together with it
+    start_ticks: int | None = None  # of the leader; the PID is trusted only together with it
     rc: int | None = None
     started_at: datetime | None = None
     finished_at: datetime | None = None
@@ -74,12 +105,14 @@ class JobRecord:
     descendants: frozenset[ProcessRef] = field(default_factory=frozenset)
     # the stop intent, written before the first signal: a restarted agent finishes the stop
     stop_reason: str | None = None
+    # as read from disk; below STATE_FORMAT the process identities were dropped as unverifiable
+    state_format: int = STATE_FORMAT
 
     @property
     def leader(self) -> ProcessRef | None:
-        if self.pid is None or self.create_time is None:
+        if self.pid is None or self.start_ticks is None:
             return None
-        return ProcessRef(self.pid, self.create_time)
+        return ProcessRef(self.pid, self.start_ticks)
 
     def info(self) -> JobInfo:
         return JobInfo(
@@ -94,11 +127,13 @@ class JobRecord:
 
     def to_json(self) -> dict[str, Any]:
         return {
+            "format": self.state_format,
             "job_id": self.job_id,
             "status": self.status.value,
+            "boot_id": self.boot_id,
             "pid": self.pid,
             "pgid": self.pgid,
-            "create_time": self.create_time,
+            "start_ticks": self.start_ticks,
             "rc": self.rc,
             "started_at": format_time(self.started_at),
             "finished_at": format_time(self.finished_at),
@@ -114,21 +149,33 @@ class JobRecord:
         if not isinstance(value, dict):
             raise StateError("state is not a JSON object")
         try:
-            supervisor = value.get("supervisor")
-            return cls(
+            version = value.get("format", 1)
+            if type(version) is not int or version not in (1, STATE_FORMAT):
+                raise ValueError(f"state format {version!r} is not one this agent reads (1, {STATE_FORMAT})")
+            record = cls(
                 job_id=str(value["job_id"]),
                 status=JobStatus(value["status"]),
                 pid=_opt(value.get("pid"), int),
                 pgid=_opt(value.get("pgid"), int),
-                create_time=_opt(value.get("create_time"), float),
                 rc=_opt(value.get("rc"), int),
                 started_at=parse_time(value.get("started_at"), "started_at"),
                 finished_at=parse_time(value.get("finished_at"), "finished_at"),
                 reason=_opt(value.get("reason"), str),
                 timeout_seconds=_opt(value.get("timeout_seconds"), float),
+                stop_reason=_opt(value.get("stop_reason"), str),
+                state_format=version,
+            )
+            if version == 1:
+                return record  # wall-clock identities: dropped, so that nothing can act on them
+            supervisor = value.get("supervisor")
+            if not isinstance(value["boot_id"], str):
+                raise TypeError(f"boot_id must be a string, got {value['boot_id']!r}")
+            return replace(
+                record,
+                boot_id=value["boot_id"],
+                start_ticks=_opt(value.get("start_ticks"), int),
                 supervisor=ProcessRef.from_json(supervisor) if supervisor is not None else None,
                 descendants=frozenset(ProcessRef.from_json(ref) for ref in value.get("descendants", [])),
-                stop_reason=_opt(value.get("stop_reason"), str),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise StateError(f"invalid state: {exc}") from None
@@ -177,12 +224,12 @@ class JobDir:
     def write_state(self, record: JobRecord, *, durable: bool = True) -> None:
         write_json_atomic(self.state_path, record.to_json(), durable=durable)
 
-    def read_leader(self) -> ProcessRef | None:
+    def read_leader(self) -> LeaderRecord | None:
         value = _read_json(self.leader_path)
         if value is None:
             return None
         try:
-            return ProcessRef(int(value["pid"]), float(value["create_time"]))
+            return LeaderRecord.from_json(value)
         except (KeyError, TypeError, ValueError) as exc:
             raise StateError(f"{self.leader_path}: {exc}") from None
 

@@ -4,8 +4,9 @@
 stdin, starts ``/bin/sh -c <command>`` in a new session (its own session and process group) with
 stdout and stderr appended to ``<job_dir>/output.log``, and then:
 
-1. writes ``<job_dir>/leader.json`` (``{"pid", "create_time"}`` of the shell) atomically and prints the
-   same JSON as one line on stdout, which the agent waits for (``{"error": ...}`` if the start failed);
+1. writes ``<job_dir>/leader.json`` (``{"pid", "start_ticks", "started_at"}`` of the shell: its identity,
+   see :mod:`agent.procfs`, and the wall-clock time for people) atomically and prints the same JSON
+   as one line on stdout, which the agent waits for (``{"error": ...}`` if the start failed);
 2. waits for the shell and writes ``<job_dir>/exit.json`` (``{"rc", "finished_at"}``) atomically the
    moment it is reaped. ``rc`` is what :mod:`subprocess` reports: the exit code, or ``-N`` when the
    shell was killed by signal ``N``.
@@ -25,9 +26,9 @@ not inherit the disposition): stopping happens through the agent, which signals 
 killing the supervisor only loses the exit code.
 
 Start cost: one supervisor starts per job, so it imports the standard library only (no psutil, nothing
-of the agent but :mod:`agent.jobfiles`) and the agent runs it with ``python -S`` (no ``site``: no
-``.pth`` files, no editable-install finders). Keep it that way; ``python -X importtime -S -m
-agent.supervisor`` shows what an import costs.
+of the agent but :mod:`agent.jobfiles` and :mod:`agent.procfs`) and the agent runs it with
+``python -S`` (no ``site``: no ``.pth`` files, no editable-install finders). Keep it that way;
+``python -X importtime -S -m agent.supervisor`` shows what an import costs.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ import sys
 from datetime import UTC, datetime
 
 from agent.jobfiles import EXIT_FILE, LEADER_FILE, LOG_FILE, write_json_atomic
+from agent.procfs import read_stat
 
 TYPE_CHECKING = False  # not typing.TYPE_CHECKING: importing typing costs ~2 ms; mypy knows this idiom
 if TYPE_CHECKING:
@@ -60,12 +62,18 @@ def main(argv: list[str]) -> int:
     _become_subreaper()
     try:
         spec = json.loads(sys.stdin.buffer.read())
+        started_at = datetime.now(UTC).isoformat()
         leader = _start(spec, job_dir)
     except Exception as exc:
         _report({"error": f"{type(exc).__name__}: {exc}"})
         return 1
-    create_time = _create_time(leader.pid)  # our unreaped child: the PID cannot have been reused
-    announcement = {"pid": leader.pid, "create_time": create_time}
+    stat = read_stat(leader.pid)  # our unreaped child: the PID cannot have been reused
+    if stat is None:  # only if /proc is unreadable; an unidentifiable job must not run on
+        leader.kill()
+        leader.wait()
+        _report({"error": f"cannot read /proc/{leader.pid}/stat of the job's shell"})
+        return 1
+    announcement = {"pid": leader.pid, "start_ticks": stat.start_ticks, "started_at": started_at}
     write_json_atomic(os.path.join(job_dir, LEADER_FILE), announcement)
     _report(announcement)
     rc = _reap_until_no_children(leader.pid, job_dir)
@@ -108,21 +116,6 @@ def _reap_until_no_children(leader_pid: int, job_dir: str) -> int | None:
             rc = os.waitstatus_to_exitcode(status)
             finished_at = datetime.now(UTC).isoformat()
             write_json_atomic(os.path.join(job_dir, EXIT_FILE), {"rc": rc, "finished_at": finished_at})
-
-
-def _create_time(pid: int) -> float:
-    """What ``psutil.Process(pid).create_time()`` returns on Linux, to the bit, without psutil.
-
-    The agent identifies processes by PID and psutil's create time, so this must be the same formula:
-    the start time in clock ticks since boot (field 22 of ``/proc/<pid>/stat``, counted after the
-    command name, which may itself hold spaces and parentheses) over ``SC_CLK_TCK``, plus ``btime``.
-    """
-    with open(f"/proc/{pid}/stat", "rb") as stat:
-        data = stat.read()
-    start_ticks = float(data[data.rindex(b")") + 2 :].split()[19])
-    with open("/proc/stat", "rb") as system:
-        boot_time = next(float(line.split()[1]) for line in system if line.startswith(b"btime"))
-    return start_ticks / os.sysconf("SC_CLK_TCK") + boot_time
 
 
 def _report(message: dict[str, Any]) -> None:

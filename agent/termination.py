@@ -2,7 +2,7 @@
 
 The process group is signalled with ``killpg`` only while at least one verified member of the job is
 still in it: a group id stays allocated while any member lives, so the group cannot have been reused.
-Every member is also signalled by PID (after its create time is checked), which reaches processes
+Every member is also signalled by PID (after its start ticks are checked), which reaches processes
 that left the group with ``setsid``.
 """
 
@@ -86,7 +86,7 @@ def _signal_all(refs: Iterable[ProcessRef], pgid: int | None, sig: signal.Signal
 
 def _group_is_ours(pgid: int, refs: Iterable[ProcessRef]) -> bool:
     for ref in refs:
-        if ref.process() is None:
+        if not ref.exists():
             continue
         try:
             if os.getpgid(ref.pid) == pgid:

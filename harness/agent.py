@@ -11,6 +11,8 @@ Tokens: the agent accepts ``accepted_tokens`` (default: just ``token``), passed 
 with ``token_file`` it reads its tokens from that file instead. ``token`` is what tests send.
 HTTPS: pass ``tls_cert_file`` and ``tls_key_file``, and ``ca_file`` (the CA that signed the
 certificate) so that the harness can tell when the agent is up.
+``command_prefix`` runs the agent under a wrapper that ends by exec'ing it (``unshare ... exec "$@"``),
+so the agent keeps the wrapper's PID and ``kill()`` and ``stop()`` still reach it.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ class AgentProcess:
         tls_cert_file: Path | None = None,
         tls_key_file: Path | None = None,
         ca_file: Path | None = None,
+        command_prefix: Sequence[str] = (),
     ) -> None:
         self.home = home
         self.token = token
@@ -58,6 +61,7 @@ class AgentProcess:
         self.tls_cert_file = tls_cert_file
         self.tls_key_file = tls_key_file
         self.ca_file = ca_file
+        self.command_prefix = list(command_prefix)
         self.agent_id = agent_id
         self.port = port if port is not None else free_port()
         self.grace_seconds = grace_seconds
@@ -114,7 +118,7 @@ class AgentProcess:
         if self.token_file is None:
             env["AGENTIC_AGENT_TOKEN"] = ",".join(self.accepted_tokens)
         self._proc = start(
-            [sys.executable, "-m", "agent", "--config", str(self.config_path)],
+            [*self.command_prefix, sys.executable, "-m", "agent", "--config", str(self.config_path)],
             log_path=self.log_path,
             env=env,
             cwd=REPO_ROOT,

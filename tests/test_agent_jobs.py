@@ -71,8 +71,8 @@ async def pids_from(path: Path, count: int, timeout: float = 10.0) -> list[Proce
 
 
 def assert_all_gone(refs: list[ProcessRef]) -> None:
-    """Gone means reaped too: no process with that PID and create time, not even a zombie."""
-    wait_until(lambda: all(ref.process() is None for ref in refs), timeout=3, what="processes reaped")
+    """Gone means reaped too: no process with that PID and start ticks, not even a zombie."""
+    wait_until(lambda: not any(ref.exists() for ref in refs), timeout=3, what="processes reaped")
 
 
 def assert_no_zombies_under(agent: AgentProcess) -> None:

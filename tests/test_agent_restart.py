@@ -25,7 +25,7 @@ class Leftovers:
 
     def track_job(self, home: Path, job_id: str) -> None:
         state = json.loads((home / "jobs" / job_id / "state.json").read_text())
-        self.refs.append(ProcessRef(state["pid"], state["create_time"]))
+        self.refs.append(ProcessRef(state["pid"], state["start_ticks"]))
         self.refs.append(ProcessRef(*state["supervisor"]))
 
     def kill_all(self) -> None:
@@ -105,7 +105,7 @@ def test_jobs_survive_an_agent_crash_and_are_adopted(tmp_path: Path) -> None:
 
             result = stop(restarted, "long-job", reason="after restart")
             assert (result.action, result.status, result.rc) == ("terminated", "FAILED", -15)
-            wait_until(lambda: not any(ref.process() for ref in tree), timeout=3, what="tree reaped")
+            wait_until(lambda: not any(ref.exists() for ref in tree), timeout=3, what="tree reaped")
 
 
 def test_graceful_shutdown_leaves_jobs_running_and_their_exit_is_seen_after_restart(tmp_path: Path) -> None:
