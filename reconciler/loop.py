@@ -69,7 +69,11 @@ class Reconciler:
         self._dispatcher = dispatcher
         self._metrics = metrics
         self._poll = poll
-        self._watermark: datetime | None = None  # start of the last successful read (our clock)
+        self._watermark: datetime | None = None  # start of the last successful Airflow read (our clock)
+        # Active jobs, kept current from the router DB's recently-changed rows: a cycle does not
+        # reload tens of thousands of jobs; a full resync does.
+        self._jobs: dict[str, JobRecord] = {}
+        self._jobs_read: datetime | None = None
         self._last_full = float("-inf")
         self._last_agent_sync = float("-inf")
         self.last_success: float | None = None  # monotonic time of the last successful cycle
@@ -108,14 +112,19 @@ class Reconciler:
         return report
 
     async def _cycle(self, dry_run: bool) -> CycleReport:
-        jobs = await asyncio.to_thread(self._db.active)
+        full = (
+            self._poll.strategy == "batch"
+            or self._watermark is None
+            or time.monotonic() - self._last_full >= self._poll.full_resync_seconds
+        )
+        jobs = await self._active_jobs(reload=full)
         self._metrics.active_jobs.set(len(jobs))
         report = CycleReport(active=len(jobs))
         live = [j for j in jobs if j.status is not JobStatus.STOPPING]
         if not dry_run:
             for job in jobs:
                 self._dispatcher.resume(job)  # finishes stops left pending by a crash or an outage
-        observations = await self._read(live, report)
+        observations = await self._read(live, report, full=full)
         report.observed = len(observations)
         suspects = [
             job
@@ -124,13 +133,10 @@ class Reconciler:
             and isinstance(decide(job.key.try_number, observations[job.job_id]), Stop)
         ]
         verdicts = await _bounded(READ_CONCURRENCY, [self._confirm(job) for job in suspects])
-        for job, verdict in zip(suspects, verdicts, strict=True):
-            if verdict is None:
-                report.unconfirmed += 1
-                continue
-            report.stops.append((job, verdict))
-            if not dry_run:
-                await self._dispatcher.stop(job, verdict, source="reconciler")
+        report.stops = [(job, verdict) for job, verdict in zip(suspects, verdicts, strict=True) if verdict]
+        report.unconfirmed = len(suspects) - len(report.stops)
+        if report.stops and not dry_run:
+            await self._dispatcher.stop_many(report.stops, source="reconciler")
 
         if not dry_run and time.monotonic() - self._last_agent_sync >= self._poll.agent_sync_seconds:
             self._last_agent_sync = time.monotonic()
@@ -138,15 +144,31 @@ class Reconciler:
             await self.sync_from_agents([j for j in live if j.job_id not in stopped])
         return report
 
-    async def _read(self, live: Sequence[JobRecord], report: CycleReport) -> dict[str, Observation]:
+    async def _active_jobs(self, *, reload: bool) -> list[JobRecord]:
+        read_started = datetime.now(UTC)
+        if reload or self._jobs_read is None:
+            self._jobs = {job.job_id: job for job in await asyncio.to_thread(self._db.active)}
+        else:
+            # The overlap also covers writers on other hosts whose clocks run behind ours.
+            since = self._jobs_read - timedelta(seconds=self._poll.overlap_seconds)
+            for job in await asyncio.to_thread(self._db.changed_since, since):
+                if job.active:
+                    self._jobs[job.job_id] = job
+                else:
+                    self._jobs.pop(job.job_id, None)
+        self._jobs_read = read_started
+        return list(self._jobs.values())
+
+    async def _read(
+        self, live: Sequence[JobRecord], report: CycleReport, *, full: bool
+    ) -> dict[str, Observation]:
         """Observations of the live jobs this cycle can see; a job left out is unchanged."""
         read_started = datetime.now(UTC)
-        full_due = time.monotonic() - self._last_full >= self._poll.full_resync_seconds
         if self._poll.strategy == "naive":
             report.read = "naive"
             tis = await _bounded(READ_CONCURRENCY, [self._direct(job) for job in live])
             return {job.job_id: obs for job, obs in zip(live, tis, strict=True)}
-        if self._poll.strategy == "batch" or full_due or self._watermark is None:
+        if full or self._watermark is None:
             report.read = "full"
             if live:
                 seen = await self._airflow.list_task_instances(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Sequence
 from datetime import UTC, datetime
 
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential_jitter
@@ -18,7 +19,7 @@ from reconciler.config import StopConfig
 from reconciler.decision import Stop
 from reconciler.logs import job_fields
 from reconciler.metrics import Metrics
-from router_db import JobRecord, JobStatus, RouterDB, StaleTransition
+from router_db import JobRecord, JobStatus, RouterDB, Transition
 
 log = logging.getLogger("reconciler.stops")
 
@@ -33,6 +34,8 @@ class StopDispatcher:
         # One slow or hanging agent must not hold every slot: each agent gets its own share.
         self._agent_slots: dict[str, asyncio.Semaphore] = {}
         self._inflight: dict[str, asyncio.Task[None]] = {}
+        self._outcomes: list[tuple[Transition, asyncio.Future[JobRecord | None]]] = []
+        self._flusher: asyncio.Task[None] | None = None
 
     @property
     def inflight(self) -> int:
@@ -40,21 +43,21 @@ class StopDispatcher:
 
     async def stop(self, job: JobRecord, decision: Stop, *, source: str) -> JobRecord | None:
         """Record the intent, then start the agent call. ``None`` if the job moved on meanwhile."""
-        try:
-            stopping = await asyncio.to_thread(
-                self._db.request_stop,
-                job.job_id,
-                stop_status=decision.final_status,
-                reason=decision.reason,
-                source=source,
-            )
-        except StaleTransition:
-            return None
-        log.info(
-            "stop requested: %s", decision.reason, extra=job_fields(job, action="stop", kind=decision.kind)
-        )
-        self.resume(stopping)
+        (stopping,) = await self.stop_many([(job, decision)], source=source)
         return stopping
+
+    async def stop_many(
+        self, stops: Sequence[tuple[JobRecord, Stop]], *, source: str
+    ) -> list[JobRecord | None]:
+        """Record many stop intents in one transaction, then start their agent calls."""
+        transitions = [Transition.stop(job.job_id, stop.final_status, stop.reason) for job, stop in stops]
+        recorded = await asyncio.to_thread(self._db.apply, transitions, source=source)
+        for (job, stop), stopping in zip(stops, recorded, strict=True):
+            if stopping is None:
+                continue  # it ended or another replica moved it meanwhile
+            log.info("stop requested: %s", stop.reason, extra=job_fields(job, action="stop", kind=stop.kind))
+            self.resume(stopping)
+        return recorded
 
     async def wait(self, job_id: str, timeout: float) -> None:
         """Wait up to ``timeout`` for the agent call of a stop under way (if any) to finish."""
@@ -138,9 +141,30 @@ class StopDispatcher:
         raise AssertionError("unreachable")  # pragma: no cover - reraise=True always raises or returns
 
     async def _finish(self, job: JobRecord, status: JobStatus, rc: int | None, reason: str | None) -> None:
+        """Record the outcome; returns once it is committed. Outcomes that arrive together (a burst
+        of stops) share one transaction instead of one commit each."""
+        recorded: asyncio.Future[JobRecord | None] = asyncio.get_running_loop().create_future()
+        self._outcomes.append((Transition.finish(job.job_id, status, rc, reason), recorded))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush_outcomes())
         try:
-            await asyncio.to_thread(
-                self._db.finish, job.job_id, status=status, rc=rc, reason=reason, source="reconciler"
+            if await recorded is None:
+                log.info("job already final; nothing to record", extra=job_fields(job))
+        except Exception as exc:
+            # Stays STOPPING: the next cycle resumes it and the agent answers "already finished".
+            log.error(
+                "router DB unavailable; outcome recorded on resume",
+                extra={**job_fields(job), "error": str(exc)},
             )
-        except StaleTransition:
-            log.info("job already final; nothing to record", extra=job_fields(job))
+
+    async def _flush_outcomes(self) -> None:
+        while self._outcomes:
+            batch, self._outcomes = self._outcomes, []
+            try:
+                results = await asyncio.to_thread(self._db.apply, [t for t, _ in batch], source="reconciler")
+            except Exception as exc:  # the router DB is down: each stop stays STOPPING and resumes later
+                for _, recorded in batch:
+                    recorded.set_exception(exc)
+                continue
+            for (_, recorded), result in zip(batch, results, strict=True):
+                recorded.set_result(result)

@@ -11,6 +11,7 @@ from router_db.store import (
     RouterDB,
     StaleTransition,
     TaskInstanceKey,
+    Transition,
 )
 
 __all__ = [
@@ -23,4 +24,5 @@ __all__ = [
     "RouterDB",
     "StaleTransition",
     "TaskInstanceKey",
+    "Transition",
 ]

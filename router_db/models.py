@@ -84,6 +84,7 @@ class Job(Base):
         UniqueConstraint("dag_id", "task_id", "run_id", "map_index", "try_number", name="uq_jobs_ti_key"),
         Index("ix_jobs_status", "status"),
         Index("ix_jobs_run", "dag_id", "run_id"),
+        Index("ix_jobs_updated_at", "updated_at"),
     )
 
 

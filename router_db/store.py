@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import Engine, create_engine, event, select, update
+from sqlalchemy import Engine, create_engine, event, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import sessionmaker
 
@@ -103,7 +103,8 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
-def _record(row: Job) -> JobRecord:
+def _record(row: Any) -> JobRecord:
+    """A record from an ORM object or a Core row of the jobs table."""
     return JobRecord(
         job_id=row.job_id,
         key=TaskInstanceKey(row.dag_id, row.task_id, row.run_id, row.map_index, row.try_number),
@@ -205,9 +206,15 @@ class RouterDB:
 
     def active(self) -> list[JobRecord]:
         """Every job the router still considers active (queued, running, or stopping)."""
+        query = select(Job.__table__).where(Job.status.in_([str(s) for s in ACTIVE_STATUSES]))
+        with self._sessions() as session:  # Core rows: no identity map for tens of thousands of jobs
+            return [_record(row) for row in session.execute(query)]
+
+    def changed_since(self, moment: datetime) -> list[JobRecord]:
+        """Jobs of any status updated at or after ``moment``: keeps an in-memory view current."""
+        query = select(Job.__table__).where(Job.updated_at >= moment)
         with self._sessions() as session:
-            rows = session.scalars(select(Job).where(Job.status.in_([str(s) for s in ACTIVE_STATUSES])))
-            return [_record(row) for row in rows]
+            return [_record(row) for row in session.execute(query)]
 
     def events(self, job_id: str) -> list[EventRecord]:
         with self._sessions() as session:
@@ -258,63 +265,139 @@ class RouterDB:
             return existing, False
         return _record(row), True
 
+    def import_running(self, jobs: Sequence[NewJob], *, source: str) -> list[str]:
+        """Record many jobs already running on their agents, in one transaction (migrations,
+        benchmarks). Returns their job ids; the audit trail gets one RUNNING event each."""
+        now = _now()
+        ids = [uuid.uuid4().hex for _ in jobs]
+        rows = [
+            {
+                "job_id": job_id,
+                "dag_id": new.key.dag_id,
+                "task_id": new.key.task_id,
+                "run_id": new.key.run_id,
+                "map_index": new.key.map_index,
+                "try_number": new.key.try_number,
+                "agent_id": new.agent_id,
+                "command": new.command,
+                "status": str(JobStatus.RUNNING),
+                "created_at": now,
+                "updated_at": now,
+            }
+            for job_id, new in zip(ids, jobs, strict=True)
+        ]
+        events = [
+            {
+                "job_id": job_id,
+                "at": now,
+                "new_status": str(JobStatus.RUNNING),
+                "source": source,
+                "reason": "imported",
+            }
+            for job_id in ids
+        ]
+        with self._sessions.begin() as session:
+            session.execute(insert(Job), rows)
+            session.execute(insert(JobEvent), events)
+        return ids
+
     def mark_running(self, job_id: str, *, source: str) -> JobRecord:
-        return self._transition(job_id, JobStatus.RUNNING, source=source, reason="started on agent")
+        return self._apply_one(Transition.running(job_id), source)
 
     def request_stop(self, job_id: str, *, stop_status: JobStatus, reason: str, source: str) -> JobRecord:
         """Record the stop intent before the agent is called, so that a crash cannot lose it."""
-        if stop_status not in TERMINAL_STATUSES:
-            raise ValueError(f"stop_status must be terminal, not {stop_status}")
-        now = _now()
-        return self._transition(
-            job_id,
-            JobStatus.STOPPING,
-            source=source,
-            reason=reason,
-            values={"stop_status": str(stop_status), "stop_requested_at": now},
-            now=now,
-        )
+        return self._apply_one(Transition.stop(job_id, stop_status, reason), source)
 
     def finish(
         self, job_id: str, *, status: JobStatus, rc: int | None, reason: str | None, source: str
     ) -> JobRecord:
+        return self._apply_one(Transition.finish(job_id, status, rc, reason), source)
+
+    def apply(self, transitions: Sequence[Transition], *, source: str) -> list[JobRecord | None]:
+        """Apply many transitions in one transaction (one commit for a burst of stops).
+
+        Each is a compare-and-set on the job's current status; the result is the updated job, or
+        ``None`` where the job is unknown or no longer in a status the transition may follow.
+        """
+        now = _now()
+        applied: list[str] = []
+        with self._sessions.begin() as session:
+            current: dict[str, str] = {}
+            for chunk in _chunks([t.job_id for t in transitions]):
+                statuses = session.execute(select(Job.job_id, Job.status).where(Job.job_id.in_(chunk)))
+                current.update((job_id, status) for job_id, status in statuses)
+            for t in transitions:
+                old = current.get(t.job_id)
+                if old is None or t.new not in _ALLOWED[JobStatus(old)]:
+                    continue
+                result = session.execute(
+                    update(Job)
+                    .where(Job.job_id == t.job_id, Job.status == old)
+                    .values(status=str(t.new), reason=t.reason, updated_at=now, **t.values(now))
+                )
+                if result.rowcount != 1:  # type: ignore[attr-defined]
+                    continue  # another writer moved it first
+                current[t.job_id] = str(t.new)  # a later transition of the same job in this batch sees it
+                session.add(_event(t.job_id, now, JobStatus(old), t.new, source, t.reason))
+                applied.append(t.job_id)
+            session.flush()
+            rows: dict[str, JobRecord] = {}
+            for chunk in _chunks(applied):
+                rows.update(
+                    (r.job_id, _record(r))
+                    for r in session.execute(select(Job.__table__).where(Job.job_id.in_(chunk)))
+                )
+        done = set(applied)
+        return [rows[t.job_id] if t.job_id in done else None for t in transitions]
+
+    def _apply_one(self, transition: Transition, source: str) -> JobRecord:
+        (result,) = self.apply([transition], source=source)
+        if result is not None:
+            return result
+        current = self.get(transition.job_id)
+        if current is None:
+            raise KeyError(transition.job_id)
+        raise StaleTransition(f"job {transition.job_id} is {current.status}; cannot become {transition.new}")
+
+
+@dataclass(frozen=True)
+class Transition:
+    """One status change: to RUNNING, to STOPPING with the status to record once stopped, or final."""
+
+    job_id: str
+    new: JobStatus
+    reason: str | None
+    stop_status: JobStatus | None = None
+    rc: int | None = None
+
+    @classmethod
+    def running(cls, job_id: str) -> Transition:
+        return cls(job_id, JobStatus.RUNNING, "started on agent")
+
+    @classmethod
+    def stop(cls, job_id: str, stop_status: JobStatus, reason: str) -> Transition:
+        if stop_status not in TERMINAL_STATUSES:
+            raise ValueError(f"stop_status must be terminal, not {stop_status}")
+        return cls(job_id, JobStatus.STOPPING, reason, stop_status=stop_status)
+
+    @classmethod
+    def finish(cls, job_id: str, status: JobStatus, rc: int | None, reason: str | None) -> Transition:
         if status not in TERMINAL_STATUSES:
             raise ValueError(f"finish needs a terminal status, not {status}")
-        now = _now()
-        return self._transition(
-            job_id, status, source=source, reason=reason, values={"rc": rc, "finished_at": now}, now=now
-        )
+        return cls(job_id, status, reason, rc=rc)
 
-    def _transition(
-        self,
-        job_id: str,
-        new: JobStatus,
-        *,
-        source: str,
-        reason: str | None,
-        values: dict[str, Any] | None = None,
-        now: datetime | None = None,
-    ) -> JobRecord:
-        now = now or _now()
-        with self._sessions.begin() as session:
-            current = session.get(Job, job_id)
-            if current is None:
-                raise KeyError(job_id)
-            old = JobStatus(current.status)
-            if new not in _ALLOWED[old]:
-                raise StaleTransition(f"job {job_id} is {old}; cannot become {new}")
-            result = session.execute(
-                update(Job)
-                .where(Job.job_id == job_id, Job.status == str(old))
-                .values(status=str(new), reason=reason, updated_at=now, **(values or {}))
-                .execution_options(synchronize_session=False)
-            )
-            if result.rowcount != 1:  # type: ignore[attr-defined]
-                raise StaleTransition(f"job {job_id} changed while moving from {old} to {new}")
-            session.add(_event(job_id, now, old, new, source, reason))
-            session.flush()
-            session.expire(current)
-            return _record(session.get_one(Job, job_id))
+    def values(self, now: datetime) -> dict[str, Any]:
+        """Columns set besides status, reason and updated_at."""
+        if self.new is JobStatus.STOPPING:
+            return {"stop_status": str(self.stop_status), "stop_requested_at": now}
+        if self.new in TERMINAL_STATUSES:
+            return {"rc": self.rc, "finished_at": now}
+        return {}
+
+
+def _chunks(ids: Sequence[str], size: int = 500) -> list[Sequence[str]]:
+    """Bounded IN lists: SQLite and PostgreSQL both cap bound parameters per statement."""
+    return [ids[i : i + size] for i in range(0, len(ids), size)]
 
 
 def _key_filter(key: TaskInstanceKey) -> Sequence[Any]:

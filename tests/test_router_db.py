@@ -111,3 +111,13 @@ def test_naive_datetimes_are_refused(router_db: RouterDB) -> None:
 
     with pytest.raises(ValueError, match="naive"):
         UTCDateTime().process_bind_param(datetime(2026, 1, 1), router_db.engine.dialect)
+
+
+def test_import_running_records_many_jobs_with_their_audit_rows(router_db: RouterDB) -> None:
+    new = [NewJob(TaskInstanceKey("d", f"t{i}", "r"), "agent-1", "sleep 1") for i in range(500)]
+    ids = router_db.import_running(new, source="import")
+    assert len(set(ids)) == 500
+    active = router_db.active()
+    assert {j.job_id for j in active} == set(ids)
+    assert all(j.status is JobStatus.RUNNING for j in active)
+    assert [e.new_status for e in router_db.events(ids[0])] == [JobStatus.RUNNING]
