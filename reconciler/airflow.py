@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal, Protocol
@@ -33,7 +33,7 @@ class AirflowError(Exception):
     """Airflow gave no usable answer. Messages never carry credentials."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class TaskInstance:
     dag_id: str
     run_id: str
@@ -89,9 +89,9 @@ class TaskInstanceReader(Protocol):
 
     async def changed_since(self, since: datetime) -> list[TaskInstance]: ...
 
-    async def list_task_instances(
+    def task_instance_pages(
         self, *, dag_ids: Iterable[str], run_ids: Iterable[str], task_ids: Iterable[str]
-    ) -> list[TaskInstance]: ...
+    ) -> AsyncIterator[list[TaskInstance]]: ...
 
     async def get_task_instance(
         self, dag_id: str, run_id: str, task_id: str, map_index: int
@@ -181,6 +181,13 @@ class AirflowClient:
         self, *, dag_ids: Iterable[str], run_ids: Iterable[str], task_ids: Iterable[str]
     ) -> list[TaskInstance]:
         """Task instances in these DAG runs with these task ids, all pages (the batch endpoint)."""
+        pages = self.task_instance_pages(dag_ids=dag_ids, run_ids=run_ids, task_ids=task_ids)
+        return [ti async for page in pages for ti in page]
+
+    async def task_instance_pages(
+        self, *, dag_ids: Iterable[str], run_ids: Iterable[str], task_ids: Iterable[str]
+    ) -> AsyncIterator[list[TaskInstance]]:
+        """The batch endpoint's answer, one page at a time."""
         version = await self.api_version()
         body: dict[str, Any] = {
             "dag_ids": sorted(set(dag_ids)),
@@ -190,7 +197,6 @@ class AirflowClient:
         }
         if version == "v2":
             body["order_by"] = "id"  # v1 refuses unknown fields; its default order is stable enough
-        found: list[TaskInstance] = []
         offset = 0
         while True:
             page = await self._request(
@@ -199,10 +205,10 @@ class AirflowClient:
                 json_body={**body, "page_offset": offset},
             )
             items, total = _collection(page)
-            found.extend(parse_task_instance(item) for item in items)
+            yield [parse_task_instance(item) for item in items]
             offset += len(items)
             if not items or offset >= total:
-                return found
+                return
 
     async def get_task_instance(
         self, dag_id: str, run_id: str, task_id: str, map_index: int

@@ -29,7 +29,7 @@ class Divergence(StrEnum):
     TI_ABSENT = "ti_absent"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Observed:
     """Airflow answered with this task instance."""
 
@@ -37,12 +37,12 @@ class Observed:
     try_number: int
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Absent:
     """Airflow answered, and the task instance (or its DAG run) does not exist."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Unknown:
     """Airflow did not give a usable answer (unreachable, 5xx, auth failure, garbage)."""
 
@@ -52,12 +52,12 @@ class Unknown:
 Observation = Observed | Absent | Unknown
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Keep:
     why: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Stop:
     kind: Divergence
     final_status: JobStatus  # what the router DB records once the agent confirms the stop

@@ -9,6 +9,7 @@ errors keep every job: uncertainty never stops one.
 from __future__ import annotations
 
 import asyncio
+import heapq
 import logging
 import time
 from collections.abc import Awaitable, Sequence
@@ -39,7 +40,7 @@ class CycleReport:
     result: str = "ok"
     read: str = ""  # "incremental", "full" or "naive"
     active: int = 0
-    observed: int = 0
+    candidates: int = 0  # jobs whose observation this cycle would stop them, before confirmation
     stops: list[tuple[JobRecord, Stop]] = field(default_factory=list)
     unconfirmed: int = 0
 
@@ -75,8 +76,12 @@ class Reconciler:
         self._jobs: dict[str, JobRecord] = {}
         self._jobs_read: datetime | None = None
         self._last_full = float("-inf")
-        self._last_agent_sync = float("-inf")
+        self._sync_cursor = ""  # job id up to which the rolling agent sweep has got
         self.last_success: float | None = None  # monotonic time of the last successful cycle
+
+    def known_jobs(self) -> list[JobRecord]:
+        """The active jobs as of the last cycle (the loop's view of the router DB)."""
+        return list(self._jobs.values())
 
     async def run(self, stopping: asyncio.Event) -> None:
         self._metrics.leader.set(1)
@@ -125,7 +130,7 @@ class Reconciler:
             for job in jobs:
                 self._dispatcher.resume(job)  # finishes stops left pending by a crash or an outage
         observations = await self._read(live, report, full=full)
-        report.observed = len(observations)
+        report.candidates = len(observations)
         suspects = [
             job
             for job in live
@@ -138,11 +143,18 @@ class Reconciler:
         if report.stops and not dry_run:
             await self._dispatcher.stop_many(report.stops, source="reconciler")
 
-        if not dry_run and time.monotonic() - self._last_agent_sync >= self._poll.agent_sync_seconds:
-            self._last_agent_sync = time.monotonic()
+        if not dry_run:
             stopped = {job.job_id for job, _ in report.stops}
-            await self.sync_from_agents([j for j in live if j.job_id not in stopped])
+            await self.sync_from_agents(self._next_to_sync([j for j in live if j.job_id not in stopped]))
         return report
+
+    def _next_to_sync(self, live: Sequence[JobRecord]) -> list[JobRecord]:
+        """The next few jobs of a rolling sweep in job-id order, so agents see a bounded load
+        however many jobs are active (the operator's trigger reports exits sooner anyway)."""
+        after = [job for job in live if job.job_id > self._sync_cursor]
+        batch = heapq.nsmallest(self._poll.agent_sync_per_cycle, after, key=lambda job: job.job_id)
+        self._sync_cursor = batch[-1].job_id if batch else ""  # wrap around after the last job
+        return batch
 
     async def _active_jobs(self, *, reload: bool) -> list[JobRecord]:
         read_started = datetime.now(UTC)
@@ -170,19 +182,26 @@ class Reconciler:
             return {job.job_id: obs for job, obs in zip(live, tis, strict=True)}
         if full or self._watermark is None:
             report.read = "full"
+            if not live:
+                await self._airflow.ping()  # nothing to read, but readiness must mean "Airflow answers"
+            # Page by page, keeping only what could stop a job: a full read of 100k task instances
+            # must not hold them all at once.
+            unseen = {ti_key(job): job for job in live}
+            found: dict[str, Observation] = {}
             if live:
-                seen = await self._airflow.list_task_instances(
+                async for page in self._airflow.task_instance_pages(
                     dag_ids={j.key.dag_id for j in live},
                     run_ids={j.key.run_id for j in live},
                     task_ids={j.key.task_id for j in live},
-                )
-            else:
-                await self._airflow.ping()  # nothing to read, but readiness must mean "Airflow answers"
-                seen = []
-            by_key = {ti.key: ti for ti in seen}
+                ):
+                    for ti in page:
+                        job = unseen.pop(ti.key, None)
+                        if job is not None and isinstance(decide(job.key.try_number, observe(ti)), Stop):
+                            found[job.job_id] = observe(ti)
+            found.update((job.job_id, Absent()) for job in unseen.values())
             self._last_full = time.monotonic()
             self._watermark = read_started
-            return {job.job_id: observe(by_key.get(ti_key(job))) for job in live}
+            return found
         report.read = "incremental"
         since = self._watermark - timedelta(seconds=self._poll.overlap_seconds)
         changed = {ti.key: ti for ti in await self._airflow.changed_since(since)}
@@ -277,10 +296,16 @@ async def _record(db: RouterDB, job: JobRecord, status: JobStatus, rc: int | Non
 
 
 async def _bounded(limit: int, calls: Sequence[Awaitable[T]]) -> list[T]:
-    slots = asyncio.Semaphore(limit)
+    """Await ``calls`` with at most ``limit`` in flight, by a fixed pool of workers (not one task per
+    call: a burst of thousands stays a handful of tasks)."""
+    results: list[T] = []
+    pending = iter(enumerate(calls))
+    slots: dict[int, T] = {}
 
-    async def one(call: Awaitable[T]) -> T:
-        async with slots:
-            return await call
+    async def worker() -> None:
+        for index, call in pending:
+            slots[index] = await call
 
-    return list(await asyncio.gather(*(one(c) for c in calls)))
+    await asyncio.gather(*(worker() for _ in range(min(limit, len(calls)))))
+    results.extend(slots[i] for i in range(len(calls)))
+    return results

@@ -6,6 +6,7 @@ loop and other replicas may race on one job, and exactly one of them wins each t
 
 from __future__ import annotations
 
+import sys
 import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -32,7 +33,7 @@ class StaleTransition(Exception):
     """The job was not in a status from which the transition is allowed (someone else moved it)."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class TaskInstanceKey:
     dag_id: str
     task_id: str
@@ -41,14 +42,14 @@ class TaskInstanceKey:
     try_number: int = 1
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class NewJob:
     key: TaskInstanceKey
     agent_id: str
     command: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class JobRecord:
     job_id: str
     key: TaskInstanceKey
@@ -89,7 +90,7 @@ class JobRecord:
         }
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class EventRecord:
     job_id: str
     at: datetime
@@ -104,12 +105,22 @@ def _now() -> datetime:
 
 
 def _record(row: Any) -> JobRecord:
-    """A record from an ORM object or a Core row of the jobs table."""
+    """A record from an ORM object or a Core row of the jobs table.
+
+    DAG, task, run and agent ids and commands repeat across thousands of jobs: interning them keeps
+    one copy each, which is most of an active job's memory in the reconciler's view.
+    """
     return JobRecord(
         job_id=row.job_id,
-        key=TaskInstanceKey(row.dag_id, row.task_id, row.run_id, row.map_index, row.try_number),
-        agent_id=row.agent_id,
-        command=row.command,
+        key=TaskInstanceKey(
+            sys.intern(row.dag_id),
+            sys.intern(row.task_id),
+            sys.intern(row.run_id),
+            row.map_index,
+            row.try_number,
+        ),
+        agent_id=sys.intern(row.agent_id),
+        command=sys.intern(row.command),
         status=JobStatus(row.status),
         rc=row.rc,
         reason=row.reason,
@@ -206,7 +217,11 @@ class RouterDB:
 
     def active(self) -> list[JobRecord]:
         """Every job the router still considers active (queued, running, or stopping)."""
-        query = select(Job.__table__).where(Job.status.in_([str(s) for s in ACTIVE_STATUSES]))
+        query = (
+            select(Job.__table__)
+            .where(Job.status.in_([str(s) for s in ACTIVE_STATUSES]))
+            .execution_options(yield_per=2000)  # stream rows: no buffer of every row at once
+        )
         with self._sessions() as session:  # Core rows: no identity map for tens of thousands of jobs
             return [_record(row) for row in session.execute(query)]
 
@@ -360,7 +375,7 @@ class RouterDB:
         raise StaleTransition(f"job {transition.job_id} is {current.status}; cannot become {transition.new}")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Transition:
     """One status change: to RUNNING, to STOPPING with the status to record once stopped, or final."""
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Awaitable, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -48,11 +48,11 @@ class ScriptedAirflow:
         self.since.append(since)
         return self._list()
 
-    async def list_task_instances(
+    async def task_instance_pages(
         self, *, dag_ids: Iterable[str], run_ids: Iterable[str], task_ids: Iterable[str]
-    ) -> list[TaskInstance]:
+    ) -> AsyncIterator[list[TaskInstance]]:
         self.calls.append("batch")
-        return self._list()
+        yield self._list()
 
     async def get_task_instance(
         self, dag_id: str, run_id: str, task_id: str, map_index: int
@@ -100,7 +100,7 @@ def make_loop(
 ) -> tuple[Reconciler, StopDispatcher]:
     metrics = Metrics()
     dispatcher = StopDispatcher(db, agents, metrics, StopConfig(attempts=1, backoff_initial_seconds=0.01))
-    config = PollConfig(**{"full_resync_seconds": 3600.0, "agent_sync_seconds": 3600.0, **poll})  # type: ignore[arg-type]
+    config = PollConfig(**{"full_resync_seconds": 3600.0, "agent_sync_per_cycle": 0, **poll})  # type: ignore[arg-type]
     return Reconciler(
         db=db, airflow=airflow, agents=agents, dispatcher=dispatcher, metrics=metrics, poll=config
     ), dispatcher
@@ -316,3 +316,27 @@ def test_no_sequence_of_observations_stops_a_job_whose_task_runs_on_its_own_try(
 
 def ti_key_of(job: JobRecord) -> tuple[str, str, str, int]:
     return (job.key.dag_id, job.key.run_id, job.key.task_id, job.key.map_index)
+
+
+def test_the_rolling_agent_sweep_records_exits_nobody_reported(db: RouterDB, tmp_path: Path) -> None:
+    with AgentProcess(tmp_path / "agent", agent_id="agent-1", token="t0ken") as agent:
+        pool = AgentPool([AgentEntry("agent-1", agent.url)], {"agent-1": "t0ken"}, timeout=5, stop_timeout=30)
+        jobs = [running_job(db, task_id=f"t{i}") for i in range(5)]
+        airflow = ScriptedAirflow(truth={("d", "r", j.key.task_id, -1): ti(j, "deferred") for j in jobs})
+
+        async def scenario() -> list[int]:
+            try:
+                for job in jobs:
+                    await pool.client("agent-1").run(job.job_id, {"command": "exit 0"})
+                await asyncio.sleep(1.0)  # every job has exited; the router DB still says RUNNING
+                loop, _ = make_loop(db, airflow, pool, agent_sync_per_cycle=2)
+                still_running = []
+                for _ in range(3):  # 5 jobs, 2 per cycle: all covered in 3 cycles
+                    await loop.cycle()
+                    still_running.append(sum(db.get(j.job_id).status is JobStatus.RUNNING for j in jobs))  # type: ignore[union-attr]
+                return still_running
+            finally:
+                await pool.close()
+
+        assert asyncio.run(scenario()) == [3, 1, 0]
+    assert all(db.get(j.job_id).rc == 0 for j in jobs)  # type: ignore[union-attr]
