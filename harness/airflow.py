@@ -1,8 +1,12 @@
-"""A real Airflow 3 on loopback: cached venv, the project installed into it, all components started.
+"""A real Airflow (3.3.2 or 2.11.2) on loopback: cached venv, the project installed into it, all started.
 
 The venv lives under ``$AGENTIC_CACHE`` (default ``~/.cache/agentic-airflow``), keyed by version,
 and is created on first use (about 20 s); the project is reinstalled into it on every start so DAGs
 import the code of this checkout.
+
+Airflow 3 runs on SQLite (its LocalExecutor works there). Airflow 2 would be held to the
+SequentialExecutor on SQLite, so it gets a database of its own on the PostgreSQL server
+(``$AGENTIC_TEST_POSTGRES``, an admin URL, default the local server), dropped again on stop.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import os
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -20,24 +25,47 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from sqlalchemy import create_engine, make_url, text
 
 from harness.processes import free_port, start, stop_tree, wait_http_ok
 
 AIRFLOW_VERSION = "3.3.2"
+AIRFLOW_2_VERSION = "2.11.2"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 USERNAME = PASSWORD = "admin"  # a throwaway Airflow on loopback, for tests and the demo only
+USERS_CREATE = "users-create"
+JWT_SECRET = "agentic-harness-jwt-secret-" + "x" * 40  # >= 64 bytes, or PyJWT warns on every token
+POSTGRES_ADMIN_URL = os.environ.get(
+    "AGENTIC_TEST_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+)
+
+
+def major(version: str) -> int:
+    return int(version.split(".", 1)[0])
+
+
+def api_version(version: str) -> str:
+    """The stable REST API an Airflow version serves: ``v2`` on Airflow 3, ``v1`` on Airflow 2."""
+    return "v1" if major(version) == 2 else "v2"
 
 
 def cache_dir() -> Path:
     return Path(os.environ.get("AGENTIC_CACHE", Path.home() / ".cache" / "agentic-airflow"))
 
 
+@contextmanager
+def _venv_lock(venv: Path) -> Iterator[None]:
+    """Serialise installs into one cached venv between concurrent test runs."""
+    venv.parent.mkdir(parents=True, exist_ok=True)
+    with open(venv.parent / f".{venv.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
 def ensure_venv(version: str = AIRFLOW_VERSION) -> Path:
     """The cached Airflow venv for ``version``, created when missing; concurrent callers wait."""
     venv = cache_dir() / f"airflow-{version}"
-    venv.parent.mkdir(parents=True, exist_ok=True)
-    with open(venv.parent / f".airflow-{version}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with _venv_lock(venv):
         done = venv / ".complete"
         if not done.exists():
             print(f"installing Airflow {version} into {venv} (once per machine, ~20 s)", file=sys.stderr)
@@ -45,39 +73,67 @@ def ensure_venv(version: str = AIRFLOW_VERSION) -> Path:
             _run([str(venv / "bin/pip"), "install", "-q", "-U", "pip"])
             _run([str(venv / "bin/pip"), "install", "-q", f"apache-airflow=={version}"])
             done.touch()
+        # Airflow 2 runs on PostgreSQL here (see the module docstring); its SQLAlchemy 1.4 needs psycopg2.
+        # A separate marker, so venvs cached before this requirement get the driver too.
+        driver = venv / ".psycopg2"
+        if major(version) == 2 and not driver.exists():
+            _run([str(venv / "bin/pip"), "install", "-q", "psycopg2-binary>=2.9,<3"])
+            driver.touch()
     return venv
 
 
 def install_project(venv: Path) -> None:
     """Install this checkout into the Airflow venv (no dependencies: the operator needs only httpx)."""
-    _run([str(venv / "bin/pip"), "install", "-q", "--no-deps", "--force-reinstall", str(REPO_ROOT)])
+    with _venv_lock(venv):
+        _run([str(venv / "bin/pip"), "install", "-q", "--no-deps", "--force-reinstall", str(REPO_ROOT)])
 
 
-def _run(argv: list[str]) -> None:
-    result = subprocess.run(argv, capture_output=True, text=True, check=False)
+def _run(argv: list[str], env: Mapping[str, str] | None = None) -> None:
+    result = subprocess.run(
+        argv, env=dict(env) if env is not None else None, capture_output=True, text=True, check=False
+    )
     if result.returncode != 0:
         raise RuntimeError(f"{' '.join(argv)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
 
 
 @dataclass
 class AirflowServer:
-    """Airflow's api-server, scheduler, dag-processor and triggerer, all on 127.0.0.1."""
+    """A whole Airflow on 127.0.0.1, started as separate processes.
+
+    Airflow 3: api-server, scheduler, dag-processor and triggerer, metadata on SQLite.
+    Airflow 2: webserver, scheduler and triggerer, metadata in a fresh PostgreSQL database.
+    ``venv`` defaults to the cached venv of ``version``.
+    """
 
     home: Path
     dags_folder: Path
     extra_env: Mapping[str, str] = field(default_factory=dict)
     port: int = field(default_factory=free_port)
-    venv: Path = field(default_factory=ensure_venv)
+    venv: Path | None = None
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    version: str = AIRFLOW_VERSION
+    database: str = ""  # Airflow 2's PostgreSQL database while it exists
+
+    def __post_init__(self) -> None:
+        if major(self.version) not in (2, 3):
+            raise ValueError(f"unsupported Airflow version {self.version}")
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    @property
+    def api_version(self) -> str:
+        return api_version(self.version)
+
+    @property
+    def venv_path(self) -> Path:
+        if self.venv is None:
+            self.venv = ensure_venv(self.version)
+        return self.venv
+
     def env(self) -> dict[str, str]:
         self.home.mkdir(parents=True, exist_ok=True)
-        passwords = self.home / "passwords.json"
-        passwords.write_text(json.dumps({USERNAME: PASSWORD}))
         env = {k: v for k, v in os.environ.items() if not k.startswith("AIRFLOW")}
         env.update(
             {
@@ -85,62 +141,131 @@ class AirflowServer:
                 "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
                 "AIRFLOW__CORE__DAGS_FOLDER": str(self.dags_folder),
                 "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
-                "AIRFLOW__CORE__PARALLELISM": "4",
-                "AIRFLOW__CORE__AUTH_MANAGER": (
-                    "airflow.api_fastapi.auth.managers.simple.simple_auth_manager.SimpleAuthManager"
-                ),
-                "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": f"{USERNAME}:admin",
-                "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(passwords),
-                "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{self.url}/execution/",
-                "AIRFLOW__API__HOST": "127.0.0.1",
-                "AIRFLOW__API__PORT": str(self.port),
-                "AIRFLOW__API__BASE_URL": self.url,
-                "AIRFLOW__API_AUTH__JWT_SECRET": "agentic-harness-jwt-secret",
-                "AIRFLOW__API__SECRET_KEY": "agentic-harness-secret-key",
-                "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
+                "AIRFLOW__CORE__PARALLELISM": "4",  # the default 32 forks 32 idle workers
                 "AIRFLOW__SCHEDULER__ENABLE_HEALTH_CHECK": "False",
-                "AIRFLOW__TRIGGERER__DEFAULT_CAPACITY": "200",
-                "PATH": f"{self.venv / 'bin'}:{env.get('PATH', '')}",
+                "PATH": f"{self.venv_path / 'bin'}:{env.get('PATH', '')}",
             }
         )
+        env.update(self._env_airflow3() if major(self.version) == 3 else self._env_airflow2())
         env.update(self.extra_env)
         return env
 
-    def start(self, *, timeout: float = 90.0) -> None:
-        install_project(self.venv)
-        env = self.env()
-        airflow = str(self.venv / "bin/airflow")
-        logs = self.home / "logs-harness"
-        _run_env([airflow, "db", "migrate"], env)
-        commands = {
-            "api-server": [airflow, "api-server", "-H", "127.0.0.1", "-p", str(self.port), "-w", "1"],
-            "scheduler": [airflow, "scheduler", "--skip-serve-logs"],
-            "dag-processor": [airflow, "dag-processor"],
-            "triggerer": [airflow, "triggerer", "--skip-serve-logs"],
+    def _env_airflow3(self) -> dict[str, str]:
+        passwords = self.home / "passwords.json"
+        passwords.write_text(json.dumps({USERNAME: PASSWORD}))
+        return {
+            "AIRFLOW__CORE__AUTH_MANAGER": (
+                "airflow.api_fastapi.auth.managers.simple.simple_auth_manager.SimpleAuthManager"
+            ),
+            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": f"{USERNAME}:admin",
+            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(passwords),
+            "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{self.url}/execution/",
+            "AIRFLOW__API__HOST": "127.0.0.1",
+            "AIRFLOW__API__PORT": str(self.port),
+            "AIRFLOW__API__BASE_URL": self.url,
+            "AIRFLOW__API_AUTH__JWT_SECRET": JWT_SECRET,
+            "AIRFLOW__API__SECRET_KEY": "agentic-harness-secret-key",
+            "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
+            "AIRFLOW__TRIGGERER__CAPACITY": "200",
         }
+
+    def _env_airflow2(self) -> dict[str, str]:
+        if not self.database:
+            raise RuntimeError("Airflow 2's database is not created yet (call start())")
+        db_url = make_url(POSTGRES_ADMIN_URL).set(drivername="postgresql+psycopg2", database=self.database)
+        return {
+            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": db_url.render_as_string(hide_password=False),
+            "AIRFLOW__DATABASE__LOAD_DEFAULT_CONNECTIONS": "False",
+            "AIRFLOW__API__AUTH_BACKENDS": (
+                "airflow.providers.fab.auth_manager.api.auth.backend.basic_auth,"
+                "airflow.api.auth.backend.session"
+            ),
+            "AIRFLOW__WEBSERVER__WEB_SERVER_HOST": "127.0.0.1",
+            "AIRFLOW__WEBSERVER__WEB_SERVER_PORT": str(self.port),
+            "AIRFLOW__WEBSERVER__BASE_URL": self.url,
+            "AIRFLOW__WEBSERVER__SECRET_KEY": "agentic-harness-secret-key",
+            # Notice new DAG files within seconds (default 300 s); the files present at start are
+            # parsed at once either way.
+            "AIRFLOW__SCHEDULER__DAG_DIR_LIST_INTERVAL": "5",
+            "AIRFLOW__TRIGGERER__DEFAULT_CAPACITY": "200",  # renamed [triggerer] capacity in Airflow 3
+        }
+
+    def start(self, *, timeout: float = 90.0) -> None:
+        venv = self.venv_path
+        install_project(venv)
+        airflow = str(venv / "bin/airflow")
+        logs = self.home / "logs-harness"
+        if major(self.version) == 2:
+            self.database = _create_database()
+        env = self.env()
+        _run([airflow, "db", "migrate"], env)
+        if major(self.version) == 3:
+            commands = {
+                "api-server": [airflow, "api-server", "-H", "127.0.0.1", "-p", str(self.port), "-w", "1"],
+                "scheduler": [airflow, "scheduler", "--skip-serve-logs"],
+                "dag-processor": [airflow, "dag-processor"],
+                "triggerer": [airflow, "triggerer", "--skip-serve-logs"],
+            }
+            health, server = f"{self.url}/api/v2/monitor/health", "api-server"
+        else:
+            user = ["-u", USERNAME, "-p", PASSWORD, "-r", "Admin", "-f", "Agentic", "-l", "Harness"]
+            commands = {
+                # Only API calls need the user (basic auth): create it while the servers start (~5 s).
+                USERS_CREATE: [airflow, "users", "create", *user, "-e", "admin@example.com"],
+                "webserver": [airflow, "webserver", "-H", "127.0.0.1", "-p", str(self.port), "-w", "1"],
+                "scheduler": [airflow, "scheduler", "--skip-serve-logs"],
+                "triggerer": [airflow, "triggerer", "--skip-serve-logs"],
+            }
+            health, server = f"{self.url}/api/v1/health", "webserver"
         for name, argv in commands.items():
             self.procs[name] = start(argv, log_path=logs / f"{name}.log", env=env)
-        wait_http_ok(f"{self.url}/api/v2/monitor/health", timeout=timeout, proc=self.procs["api-server"])
+        wait_http_ok(health, timeout=timeout, proc=self.procs[server])
+        if USERS_CREATE in self.procs:
+            if self.procs[USERS_CREATE].wait(timeout=timeout) != 0:
+                raise RuntimeError(f"airflow users create failed; see {logs / USERS_CREATE}.log")
+            del self.procs[USERS_CREATE]
 
     def stop(self) -> None:
         for proc in self.procs.values():
             stop_tree(proc)
         self.procs.clear()
+        if self.database:
+            _drop_database(self.database)
+            self.database = ""
 
     def api(self) -> AirflowAPI:
-        return AirflowAPI(self.url)
+        return AirflowAPI(self.url, version=self.version)
 
 
-def _run_env(argv: list[str], env: Mapping[str, str]) -> None:
-    result = subprocess.run(argv, env=dict(env), capture_output=True, text=True, check=False)
-    if result.returncode != 0:
-        raise RuntimeError(f"{' '.join(argv)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+def _create_database() -> str:
+    name = f"agentic_airflow_{uuid.uuid4().hex[:12]}"
+    _admin_sql(f'CREATE DATABASE "{name}"')
+    return name
+
+
+def _drop_database(name: str) -> None:
+    _admin_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def _admin_sql(statement: str) -> None:
+    engine = create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    try:
+        with engine.connect() as conn:
+            conn.execute(text(statement))
+    finally:
+        engine.dispose()
 
 
 class AirflowAPI:
-    """What a person does in the UI, through the REST API v2."""
+    """What a person does in the UI, through the stable REST API: v2 (JWT) on Airflow 3, v1 (basic
+    auth) on Airflow 2. Paths below are relative to ``/api/v2`` or ``/api/v1``, the same in both."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, version: str = AIRFLOW_VERSION) -> None:
+        self.version = version
+        self.api_version = api_version(version)
+        if self.api_version == "v1":
+            self.http = httpx.Client(base_url=f"{url}/api/v1", auth=(USERNAME, PASSWORD), timeout=30)
+            return
         token = httpx.post(f"{url}/auth/token", json={"username": USERNAME, "password": PASSWORD}, timeout=30)
         token.raise_for_status()
         self.http = httpx.Client(
@@ -158,11 +283,16 @@ class AirflowAPI:
         raise TimeoutError(f"DAG {dag_id} not parsed after {timeout:.0f} s")
 
     def trigger(self, dag_id: str, run_id: str) -> None:
-        self.http.patch(f"/dags/{dag_id}", json={"is_paused": False}).raise_for_status()
-        response = self.http.post(
-            f"/dags/{dag_id}/dagRuns", json={"dag_run_id": run_id, "logical_date": None, "conf": {}}
-        )
-        response.raise_for_status()
+        if self.api_version == "v1":
+            unpause = self.http.patch(
+                f"/dags/{dag_id}", params={"update_mask": "is_paused"}, json={"is_paused": False}
+            )
+            body: dict[str, Any] = {"dag_run_id": run_id, "conf": {}}
+        else:
+            unpause = self.http.patch(f"/dags/{dag_id}", json={"is_paused": False})
+            body = {"dag_run_id": run_id, "logical_date": None, "conf": {}}
+        unpause.raise_for_status()
+        self.http.post(f"/dags/{dag_id}/dagRuns", json=body).raise_for_status()
 
     def task_instance(self, dag_id: str, run_id: str, task_id: str) -> dict[str, Any]:
         response = self.http.get(f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}")
@@ -185,15 +315,57 @@ class AirflowAPI:
 
     def mark(self, dag_id: str, run_id: str, task_id: str, state: str) -> None:
         """Exactly what the UI's "mark failed/success" does."""
-        response = self.http.patch(
-            f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}", json={"new_state": state}
+        body: dict[str, Any] = {"new_state": state}
+        if self.api_version == "v1":
+            body["dry_run"] = False  # v1 only reports what it would change unless told otherwise
+        response = self.http.patch(f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}", json=body)
+        response.raise_for_status()
+
+    def clear(self, dag_id: str, run_id: str, task_id: str) -> list[dict[str, Any]]:
+        """What the UI's "clear" does to one task of one run, whatever its state; the cleared TIs.
+
+        A running task goes to ``restarting``, a deferred or finished one to no state; the scheduler
+        then runs it again as a new try (``try_number`` + 1).
+        """
+        response = self.http.post(
+            f"/dags/{dag_id}/clearTaskInstances",
+            json={
+                "dry_run": False,  # defaults to true in both versions
+                "task_ids": [task_id],
+                "dag_run_id": run_id,
+                "only_failed": False,  # defaults to true: would skip a running or deferred task
+                "reset_dag_runs": True,  # a finished run goes back to queued, as in the UI
+            },
         )
         response.raise_for_status()
+        return list(response.json()["task_instances"])
+
+    def delete_run(self, dag_id: str, run_id: str, *, attempts: int = 5) -> None:
+        """Delete a DAG run, its task instances with it.
+
+        Airflow 3 refuses to delete a running run (409) but accepts a queued one; setting the run
+        to queued leaves its task instances untouched (marking it failed would fail them first).
+        Airflow 2 deletes a run in any state.
+        """
+        path = f"/dags/{dag_id}/dagRuns/{run_id}"
+        for _ in range(attempts):
+            response = self.http.delete(path)
+            if response.status_code == 409 and self.api_version == "v2":
+                # The scheduler may move the run back to running between the two calls: try again.
+                self.http.patch(path, json={"state": "queued"}).raise_for_status()
+                continue
+            response.raise_for_status()
+            return
+        raise RuntimeError(f"DAG run {dag_id}/{run_id} still not deletable after {attempts} attempts")
 
 
 @contextmanager
-def running_airflow(base: Path, dags_folder: Path, extra_env: Mapping[str, str]) -> Iterator[AirflowServer]:
-    server = AirflowServer(home=base / "airflow-home", dags_folder=dags_folder, extra_env=extra_env)
+def running_airflow(
+    base: Path, dags_folder: Path, extra_env: Mapping[str, str], *, version: str = AIRFLOW_VERSION
+) -> Iterator[AirflowServer]:
+    server = AirflowServer(
+        home=base / "airflow-home", dags_folder=dags_folder, extra_env=extra_env, version=version
+    )
     try:
         server.start()
         yield server

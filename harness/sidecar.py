@@ -31,6 +31,9 @@ class SidecarProcess:
     agents: Sequence[AgentRef]
     db_url: str = ""
     interval_seconds: float = 1.0
+    # Written only when set; otherwise the reconciler's defaults apply.
+    api_version: str | None = None  # [airflow] api_version: "v2" (Airflow 3), "v1" (Airflow 2), "auto"
+    full_resync_seconds: float | None = None  # [poll] full_resync_seconds: how soon deleted runs are seen
     port: int = field(default_factory=free_port)
     token: str = field(default_factory=lambda: secrets.token_urlsafe(24))
     proc: subprocess.Popen[bytes] | None = None
@@ -49,12 +52,18 @@ class SidecarProcess:
         lines = [
             "[airflow]",
             f'base_url = "{self.airflow_url}"',
+            *([f'api_version = "{self.api_version}"'] if self.api_version is not None else []),
             'username = "admin"',
             'password_env = "HARNESS_AIRFLOW_PASSWORD"',
             "[router_db]",
             f'url = "{db_url}"',
             "[poll]",
             f"interval_seconds = {self.interval_seconds}",
+            *(
+                [f"full_resync_seconds = {self.full_resync_seconds}"]
+                if self.full_resync_seconds is not None
+                else []
+            ),
             "[http]",
             f"port = {self.port}",
             'token_env = "HARNESS_SIDECAR_TOKEN"',

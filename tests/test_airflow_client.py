@@ -79,8 +79,8 @@ def airflow(
         api.wait_for_state("recorded", "rec", "sleeper", {"running"}, timeout=120)
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:  # the harness reads unmapped tasks only
-            page = api.http.get("/dags/recorded/dagRuns/rec/taskInstances", params={"task_id": "mapped"}).json()
-            if [ti["state"] for ti in page["task_instances"]] == ["running", "running"]:
+            page = api.http.get("/dags/recorded/dagRuns/rec/taskInstances/mapped/listMapped").json()
+            if [ti["state"] for ti in page.get("task_instances", [])] == ["running", "running"]:
                 break
             time.sleep(0.3)
         else:
@@ -144,10 +144,8 @@ def test_mapped_task_read_without_its_index_is_an_error_not_absent(airflow: tupl
         finally:
             await reader.close()
 
-    if version.startswith("2."):
-        # Airflow 2 answers the unmapped read of a mapped task with 404 and no hint: it reads as absent.
-        # The loop never asks this way (a job's map_index comes from the task instance that submitted it).
-        pytest.skip("Airflow 2.11 gives no distinguishable answer; documented above")
+    # Both versions answer 404 with the detail "Task instance is mapped, ...": that 404 must not read
+    # as "absent", or a job would be stopped for asking the wrong question.
     with pytest.raises(AirflowError, match="mapped"):
         asyncio.run(scenario())
 

@@ -1,11 +1,17 @@
-"""End to end on a real Airflow 3.3.2, a real agent and the sidecar as processes.
+"""End to end on a real Airflow (3.3.2 and 2.11.2), a real agent and the sidecar as processes.
 
-The Airflow venv is cached under ``~/.cache/agentic-airflow`` (created on first use, ~20 s).
+One Airflow at a time: the whole stack of one version is torn down before the next one starts.
+Every scenario's DAG run is triggered as soon as the stack is up, so Airflow's own latency (schedule,
+start a worker, defer) is paid once, in parallel, rather than once per test.
+
+The Airflow venvs are cached under ``~/.cache/agentic-airflow`` (created on first use, ~20 s each);
+Airflow 2 gets a fresh database on the PostgreSQL server at 127.0.0.1:5432.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -15,30 +21,46 @@ from typing import Any
 import httpx
 import psutil
 import pytest
-from harness.agent import AgentProcess
 
-from harness.airflow import PASSWORD, AirflowAPI, AirflowServer
+from harness.agent import AgentProcess
+from harness.airflow import AIRFLOW_2_VERSION, AIRFLOW_VERSION, PASSWORD, AirflowAPI, AirflowServer
 from harness.sidecar import AgentRef, SidecarProcess
 
 pytestmark = pytest.mark.airflow
 
 POLL_INTERVAL = 1.0
+FULL_RESYNC = 2.0  # deleted DAG runs are only seen by a full resync: keep it inside the stop budget
+STOP_BUDGET = POLL_INTERVAL + 3.0  # from a person's action to the remote tree gone and the job recorded
 TREE_SIZE = 5  # the shell, a sub-shell with two sleeps, and one more sleep (tests/dags/agentic_e2e.py)
 DAGS = Path(__file__).parent / "dags"
+# (dag_id, run_id) of every scenario, triggered together when the stack starts.
+RUNS = [
+    ("e2e_stop", "mark"),
+    ("e2e_clear", "clear"),
+    ("e2e_delete", "deleted"),
+    ("e2e_delete", "kept"),
+    ("e2e_exit_codes", "exit_codes"),
+]
 
 
 @dataclass
 class Stack:
+    version: str
     airflow: AirflowServer
     api: AirflowAPI
     agent: AgentProcess
     sidecar: SidecarProcess
 
-    def jobs(self, dag_id: str, run_id: str) -> dict[str, dict[str, Any]]:
+    def jobs(self, dag_id: str, run_id: str) -> list[dict[str, Any]]:
         with self.sidecar.client() as client:
             response = client.get("/jobs", params={"dag_id": dag_id, "run_id": run_id})
             response.raise_for_status()
-            return {job["task_id"]: job for job in response.json()["jobs"]}
+            return list(response.json()["jobs"])
+
+    def latest_job(self, dag_id: str, run_id: str, task_id: str) -> dict[str, Any] | None:
+        """The job of the task's latest try, if any was submitted."""
+        tries = [j for j in self.jobs(dag_id, run_id) if j["task_id"] == task_id]
+        return max(tries, key=lambda j: j["try_number"], default=None)
 
     def job(self, job_id: str) -> dict[str, Any]:
         with self.sidecar.client() as client:
@@ -46,10 +68,18 @@ class Stack:
             response.raise_for_status()
             return dict(response.json())
 
+    def agent_pid(self, job_id: str) -> int:
+        response = httpx.get(
+            f"{self.agent.url}/jobs/{job_id}", headers={"Authorization": f"Bearer {self.agent.token}"}
+        )
+        response.raise_for_status()
+        return int(response.json()["pid"])
 
-@pytest.fixture(scope="session")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    base = tmp_path_factory.mktemp("e2e")
+
+@pytest.fixture(scope="module", params=[AIRFLOW_VERSION, AIRFLOW_2_VERSION], ids=lambda v: f"airflow-{v}")
+def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    version: str = request.param
+    base = tmp_path_factory.mktemp(f"e2e-airflow-{version}")
     with AgentProcess(home=base / "agent", agent_id="agent-1", grace_seconds=3.0) as agent:
         sidecar = SidecarProcess(
             workdir=base / "sidecar",
@@ -57,19 +87,26 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             airflow_password=PASSWORD,
             agents=[AgentRef("agent-1", agent.url, agent.token, labels=["default"])],
             interval_seconds=POLL_INTERVAL,
+            full_resync_seconds=FULL_RESYNC,
         )
         airflow = AirflowServer(
             home=base / "airflow",
             dags_folder=DAGS,
+            version=version,
             extra_env={
                 "AIRFLOW_CONN_AGENTIC_RUN_DEFAULT": f"http://:{sidecar.token}@127.0.0.1:{sidecar.port}"
             },
         )
+        sidecar.api_version = airflow.api_version
         try:
             airflow.start()
             sidecar.airflow_url = airflow.url
             sidecar.start()
-            yield Stack(airflow, airflow.api(), agent, sidecar)
+            api = airflow.api()
+            for dag_id, run_id in RUNS:
+                api.wait_for_dag(dag_id)
+                api.trigger(dag_id, run_id)
+            yield Stack(version, airflow, api, agent, sidecar)
         finally:
             sidecar.stop()
             airflow.stop()
@@ -107,63 +144,118 @@ def wait_until(predicate: Callable[[], bool], *, timeout: float, what: str) -> N
 
 
 def running_job(
-    stack: Stack, dag_id: str, run_id: str, task_id: str
+    stack: Stack, dag_id: str, run_id: str, task_id: str, *, try_number: int | None = None
 ) -> tuple[dict[str, Any], list[psutil.Process]]:
-    """The job of a deferred task, and its whole process tree once every member has started."""
-    stack.api.wait_for_state(dag_id, run_id, task_id, {"deferred"})
-    job = stack.jobs(dag_id, run_id)[task_id]
+    """The RUNNING job of a deferred task (its latest try, or ``try_number``), and its whole process
+    tree once every member has started."""
+    ti = stack.api.wait_for_state(dag_id, run_id, task_id, {"deferred"})
+    job = stack.latest_job(dag_id, run_id, task_id)
+    assert job is not None, f"{dag_id}/{run_id}/{task_id} deferred without a job"
+    assert job["try_number"] == (try_number if try_number is not None else ti["try_number"])
     assert job["status"] == "RUNNING"
-    response = httpx.get(
-        f"{stack.agent.url}/jobs/{job['job_id']}", headers={"Authorization": f"Bearer {stack.agent.token}"}
-    )
-    pid = response.json()["pid"]
+    pid = stack.agent_pid(job["job_id"])
     wait_until(lambda: len(job_tree(pid)) >= TREE_SIZE, timeout=10, what="job tree started")
     return job, job_tree(pid)
 
 
+def stopped(stack: Stack, job: dict[str, Any], tree: list[psutil.Process], status: str) -> Callable[[], bool]:
+    """True once the job's whole tree is gone and the router DB records ``status``."""
+    return lambda: not alive(tree) and stack.job(job["job_id"])["status"] == status
+
+
+def assert_untouched(
+    stack: Stack, job: dict[str, Any], tree: list[psutil.Process], *, seconds: float
+) -> None:
+    """The job's task stays deferred, the job RUNNING and every process alive for ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        ti = stack.api.task_instance(job["dag_id"], job["run_id"], job["task_id"])
+        assert (ti["state"], ti["try_number"]) == ("deferred", job["try_number"])
+        assert stack.job(job["job_id"])["status"] == "RUNNING"
+        assert len(alive(tree)) == len(tree)
+        time.sleep(0.5)
+
+
 def test_marked_failed_task_has_its_remote_tree_stopped_and_sibling_untouched(stack: Stack) -> None:
-    dag_id, run_id = "e2e_stop", "mark_failed"
-    stack.api.wait_for_dag(dag_id)
-    stack.api.trigger(dag_id, run_id)
+    dag_id, run_id = "e2e_stop", "mark"
     victim, victim_tree = running_job(stack, dag_id, run_id, "victim")
     sibling, sibling_tree = running_job(stack, dag_id, run_id, "sibling")
 
-    budget = POLL_INTERVAL + 3.0
     stack.api.mark(dag_id, run_id, "victim", "failed")
     wait_until(
-        lambda: not alive(victim_tree) and stack.job(victim["job_id"])["status"] == "FAILED",
-        timeout=budget,
+        stopped(stack, victim, victim_tree, "FAILED"),
+        timeout=STOP_BUDGET,
         what="victim's process tree gone and the job FAILED in the router DB",
     )
     final = stack.job(victim["job_id"])
     assert "failed" in final["reason"]
     assert final["rc"] is not None and final["rc"] < 0  # ended by a signal
 
-    # The sibling was never touched: still deferred, still RUNNING, every process alive, for a while longer.
-    for _ in range(int(3 * POLL_INTERVAL / 0.5)):
-        assert stack.api.task_instance(dag_id, run_id, "sibling")["state"] == "deferred"
-        assert stack.job(sibling["job_id"])["status"] == "RUNNING"
-        assert len(alive(sibling_tree)) == len(sibling_tree)
-        time.sleep(0.5)
+    assert_untouched(stack, sibling, sibling_tree, seconds=3 * POLL_INTERVAL)
 
     # Marked success: stopped as well, and the router DB follows Airflow's verdict.
     stack.api.mark(dag_id, run_id, "sibling", "success")
-    wait_until(lambda: not alive(sibling_tree), timeout=budget, what="sibling's process tree gone")
     wait_until(
-        lambda: stack.job(sibling["job_id"])["status"] == "SUCCEEDED",
-        timeout=budget,
-        what="sibling SUCCEEDED",
+        stopped(stack, sibling, sibling_tree, "SUCCEEDED"),
+        timeout=STOP_BUDGET,
+        what="sibling's process tree gone and the job SUCCEEDED in the router DB",
     )
+    final = stack.job(sibling["job_id"])
+    assert "success" in final["reason"]
+    assert final["rc"] is not None and final["rc"] < 0  # the process truth: ended by a signal
+
+
+def test_cleared_deferred_task_stops_its_try_and_runs_again_as_a_new_job(stack: Stack) -> None:
+    dag_id, run_id = "e2e_clear", "clear"
+    victim, victim_tree = running_job(stack, dag_id, run_id, "victim")
+    sibling, sibling_tree = running_job(stack, dag_id, run_id, "sibling")
+
+    cleared = stack.api.clear(dag_id, run_id, "victim")
+    assert [ti["task_id"] for ti in cleared] == ["victim"]
+    wait_until(
+        stopped(stack, victim, victim_tree, "FAILED"),
+        timeout=STOP_BUDGET,
+        what="cleared try's process tree gone and the job FAILED in the router DB",
+    )
+    reason = stack.job(victim["job_id"])["reason"]
+    assert re.search(r"cleared|restarting|no state|newer try|on try", reason), reason
+
+    # Airflow runs the task again: a new job for the new try, which the reconciler leaves alone.
+    retry, retry_tree = running_job(stack, dag_id, run_id, "victim", try_number=victim["try_number"] + 1)
+    assert retry["job_id"] != victim["job_id"]
+    assert_untouched(stack, retry, retry_tree, seconds=2 * POLL_INTERVAL)
+    assert_untouched(stack, sibling, sibling_tree, seconds=POLL_INTERVAL)
+
+    for job, tree in ((retry, retry_tree), (sibling, sibling_tree)):
+        stack.api.mark(dag_id, run_id, job["task_id"], "failed")
+        wait_until(stopped(stack, job, tree, "FAILED"), timeout=STOP_BUDGET, what="clean-up stop")
+
+
+def test_deleted_dag_run_has_its_jobs_stopped_and_other_runs_untouched(stack: Stack) -> None:
+    dag_id = "e2e_delete"
+    doomed, doomed_tree = running_job(stack, dag_id, "deleted", "work")
+    kept, kept_tree = running_job(stack, dag_id, "kept", "work")
+
+    stack.api.delete_run(dag_id, "deleted")
+    wait_until(
+        stopped(stack, doomed, doomed_tree, "FAILED"),
+        timeout=STOP_BUDGET,
+        what="deleted run's process tree gone and the job FAILED in the router DB",
+    )
+    assert "no longer exists" in stack.job(doomed["job_id"])["reason"]
+
+    # Same DAG and task, another run: kept through several full resyncs.
+    assert_untouched(stack, kept, kept_tree, seconds=2 * FULL_RESYNC)
+    stack.api.mark(dag_id, "kept", "work", "failed")
+    wait_until(stopped(stack, kept, kept_tree, "FAILED"), timeout=STOP_BUDGET, what="clean-up stop")
 
 
 def test_exit_code_decides_the_airflow_task_state(stack: Stack) -> None:
     dag_id, run_id = "e2e_exit_codes", "exit_codes"
-    stack.api.wait_for_dag(dag_id)
-    stack.api.trigger(dag_id, run_id)
     ok = stack.api.wait_for_state(dag_id, run_id, "exit_zero", {"success", "failed"}, timeout=60)
     bad = stack.api.wait_for_state(dag_id, run_id, "exit_three", {"success", "failed"}, timeout=60)
     assert ok["state"] == "success"
     assert bad["state"] == "failed"
-    jobs = stack.jobs(dag_id, run_id)
+    jobs = {job["task_id"]: job for job in stack.jobs(dag_id, run_id)}
     assert (jobs["exit_zero"]["status"], jobs["exit_zero"]["rc"]) == ("SUCCEEDED", 0)
     assert (jobs["exit_three"]["status"], jobs["exit_three"]["rc"]) == ("FAILED", 3)

@@ -1,10 +1,13 @@
-"""DAGs the end-to-end tests drive in a real Airflow."""
+"""DAGs the end-to-end tests drive in a real Airflow (3.x and 2.x: the file imports under both)."""
 
 from __future__ import annotations
 
 from datetime import datetime
 
-from airflow.sdk import DAG
+try:  # Airflow 3
+    from airflow.sdk import DAG
+except ImportError:  # Airflow 2
+    from airflow import DAG
 
 from agentic_airflow.operators import AgenticRunOperator
 
@@ -12,9 +15,21 @@ START = datetime(2026, 1, 1)
 # Two children and a grandchild in the job's process group: all must die on stop.
 TREE = "sh -c 'sleep 900 & sleep 900 & wait' & sleep 900 & wait"
 
-with DAG(dag_id="e2e_stop", schedule=None, start_date=START, catchup=False):
-    AgenticRunOperator(task_id="victim", command=TREE, route_labels=["default"], poll_interval=0.5)
-    AgenticRunOperator(task_id="sibling", command=TREE, route_labels=["default"], poll_interval=0.5)
+
+def victim_and_sibling(dag_id: str) -> DAG:
+    """A task the test acts on, and one beside it in the same run that must never be touched."""
+    with DAG(dag_id=dag_id, schedule=None, start_date=START, catchup=False) as dag:
+        AgenticRunOperator(task_id="victim", command=TREE, route_labels=["default"], poll_interval=0.5)
+        AgenticRunOperator(task_id="sibling", command=TREE, route_labels=["default"], poll_interval=0.5)
+    return dag
+
+
+stop_dag = victim_and_sibling("e2e_stop")  # mark failed, mark success
+clear_dag = victim_and_sibling("e2e_clear")  # clear the deferred victim: it runs again as a new try
+
+with DAG(dag_id="e2e_delete", schedule=None, start_date=START, catchup=False):
+    # Two runs: one is deleted, the other must keep its job.
+    AgenticRunOperator(task_id="work", command=TREE, route_labels=["default"], poll_interval=0.5)
 
 with DAG(dag_id="e2e_exit_codes", schedule=None, start_date=START, catchup=False):
     AgenticRunOperator(

@@ -1,0 +1,50 @@
+# syntax=docker/dockerfile:1
+# One image for both services of agentic-airflow (see docs/deployment.md):
+#   sidecar (default command): python -m reconciler run --config /etc/agentic/reconciler.toml
+#   agent:                     python -m agent --config /etc/agentic/agent.toml
+#                              (and AGENTIC_HEALTH_URL=http://127.0.0.1:8791/health for the HEALTHCHECK)
+# Configuration is mounted at /etc/agentic/, secrets come from the environment or mounted files
+# (the TOML names them); nothing secret is built into the image.
+#   docker build -t agentic-airflow:0.1.0 .
+# tests/test_dockerfile.py lints this file with hadolint and runs the build stage's install steps.
+
+ARG PYTHON_IMAGE=python:3.11.14-slim-bookworm
+
+# ---- build: the project and its dependencies in a venv (binary wheels only: no compiler needed)
+FROM ${PYTHON_IMAGE} AS build
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY agent/ agent/
+COPY reconciler/ reconciler/
+COPY router_db/ router_db/
+COPY agentic_airflow/ agentic_airflow/
+RUN python -m venv /opt/agentic \
+    && /opt/agentic/bin/pip install --no-cache-dir . \
+    && /opt/agentic/bin/pip check
+
+# ---- runtime: the venv, tini as PID 1 (reaps the agent's orphaned job processes), a non-root user
+FROM ${PYTHON_IMAGE} AS runtime
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends tini=0.19.0-1+b3 \
+    && rm -rf /var/lib/apt/lists/* \
+    && groupadd --system --gid 10001 agentic \
+    && useradd --system --uid 10001 --gid agentic --home-dir /var/lib/agentic --shell /usr/sbin/nologin agentic \
+    && install -d -o agentic -g agentic -m 0750 /var/lib/agentic /var/lib/agentic-agent \
+    && install -d -m 0755 /etc/agentic
+COPY --from=build /opt/agentic /opt/agentic
+COPY config/ /etc/agentic/examples/
+COPY --chmod=0755 deploy/docker/healthcheck.py /usr/local/bin/agentic-healthcheck
+ENV PATH=/opt/agentic/bin:$PATH \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    AGENTIC_HEALTH_URL=http://127.0.0.1:8790/healthz
+# The sidecar's SQLite router DB (sqlite:///reconciler.db) lands here unless [router_db] url says otherwise.
+WORKDIR /var/lib/agentic
+USER 10001:10001
+EXPOSE 8790 8791
+HEALTHCHECK --interval=30s --timeout=5s --start-period=30s --retries=3 CMD ["agentic-healthcheck"]
+ENTRYPOINT ["tini", "--"]
+CMD ["python", "-m", "reconciler", "run", "--config", "/etc/agentic/reconciler.toml"]

@@ -1,0 +1,108 @@
+"""docs/configuration.md is generated from the typed configuration and config/*.toml, and stays so."""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from agent import config as agent_config
+from reconciler import config as reconciler_config
+from reconciler.docs import (
+    CONFIG_DIR,
+    FALLBACK_DOCS,
+    REGENERATE,
+    Comments,
+    DocsError,
+    Key,
+    agent_keys,
+    documented,
+    read_comments,
+    reconciler_keys,
+    render,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+REFERENCE = ROOT / "docs" / "configuration.md"
+
+
+def known(keys: list[Key]) -> dict[str, set[str]]:
+    tables: dict[str, set[str]] = {}
+    for key in keys:
+        tables.setdefault(key.table, set()).add(key.name)
+    return tables
+
+
+def test_the_reference_is_up_to_date() -> None:
+    assert REFERENCE.read_text(encoding="utf-8") == render(), f"stale: run `{REGENERATE}`"
+
+
+def test_the_documented_command_prints_the_reference() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "reconciler.docs"], cwd=ROOT, capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == REFERENCE.read_text(encoding="utf-8")
+
+
+def test_the_reference_documents_exactly_the_keys_the_services_accept() -> None:
+    assert {k.name for k in agent_keys()} == set(agent_config._KEYS)
+    sections = {f.name for f in dataclasses.fields(reconciler_config.ReconcilerConfig)}
+    assert {k.table for k in reconciler_keys()} == sections
+    text = REFERENCE.read_text(encoding="utf-8")
+    for key in reconciler_keys() + agent_keys():
+        assert f'<a id="{key.table}-{key.name}"></a>' in text, key
+        if key.env:
+            assert f"`{key.env}`" in text
+
+
+def test_the_example_files_show_the_codes_defaults() -> None:
+    example = tomllib.loads((CONFIG_DIR / "reconciler.toml").read_text(encoding="utf-8"))
+    defaults = reconciler_config.ReconcilerConfig()
+    for section, values in example.items():
+        if section == "agents":
+            continue
+        default = getattr(defaults, section)
+        for key, value in values.items():
+            assert value == getattr(default, key), f"config/reconciler.toml [{section}] {key}"
+    agent_example = tomllib.loads((CONFIG_DIR / "agent.toml").read_text(encoding="utf-8"))["agent"]
+    code = {name: default for name, (_, default) in agent_config._KEYS.items()}
+    for key, value in agent_example.items():
+        expected = str(code[key]) if isinstance(code[key], Path) else code[key]
+        assert value == expected, f"config/agent.toml {key}"
+
+
+def test_every_key_has_a_comment_in_the_example_files() -> None:
+    rkeys, akeys = reconciler_keys(), agent_keys()
+    rc = read_comments(CONFIG_DIR / "reconciler.toml", known(rkeys))
+    ac = read_comments(CONFIG_DIR / "agent.toml", known(akeys))
+    for key in rkeys:
+        if key.table == "agents":
+            assert (key.table, key.name) in rc.keys, f"[[agents]] {key.name} is not in the example"
+            continue
+        assert rc.keys.get((key.table, key.name)), f"[{key.table}] {key.name}: no comment in config/"
+    for key in akeys:
+        assert ac.keys.get(("agent", key.name)), f"[agent] {key.name}: no comment in config/agent.toml"
+    assert set(FALLBACK_DOCS) <= {("agents", k.name) for k in rkeys if k.table == "agents"}
+
+
+def test_a_key_nobody_described_stops_the_generator() -> None:
+    with pytest.raises(DocsError, match=r"\[poll\] interval_seconds"):
+        documented([k for k in reconciler_keys() if k.table == "poll"], Comments())
+
+
+def test_comments_attach_to_the_key_below_and_run_on_to_its_neighbour(tmp_path: Path) -> None:
+    example = tmp_path / "x.toml"
+    example.write_text(
+        "# The file.\n\n[agent]\n# Said of host.\n#   indented detail\nhost = 'a'\nport = 1\n\n"
+        "# Said of id.\n# id = 'vm'\n# Not a key: id = 'x'\n"
+    )
+    found = read_comments(example, {"agent": {"host", "port", "id"}})
+    assert found.intro == ["The file."]
+    assert found.keys[("agent", "host")] == ["Said of host.", "  indented detail"]
+    assert found.keys[("agent", "port")] == found.keys[("agent", "host")]
+    assert found.keys[("agent", "id")] == ["Said of id."]

@@ -1,0 +1,411 @@
+"""The API reference, docs/openapi-agent.yaml and docs/openapi-sidecar.yaml, against real answers.
+
+A real agent and a real sidecar (processes, as in production) answer every documented call, success
+and error; each answer must be documented for its route, method and status, with the documented
+content type, headers and body schema, and every documented answer must have been seen. Airflow is a
+small stand-in for the part of its REST API v2 the reconciler reads (JWT login, task-instance reads),
+so the test can choose what Airflow says without starting one.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+import httpx
+import jsonschema
+import pytest
+import yaml
+from openapi_spec_validator import validate as validate_openapi
+from referencing import Registry, Resource
+from referencing.jsonschema import DRAFT202012
+
+from harness.agent import AgentProcess
+from harness.processes import free_port
+from harness.sidecar import AgentRef, SidecarProcess
+
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+INTERVAL = 0.3
+# Documented answers no test can provoke without a bug in the server.
+UNPROVOKABLE = {("post", "/run", "500"), ("post", "/jobs", "500")}
+
+
+def pointer(*parts: str) -> str:
+    """A JSON pointer (without the leading slash) to ``parts``, each escaped."""
+    return "/".join(p.replace("~", "~0").replace("/", "~1") for p in parts)
+
+
+# Keywords a schema object may use here (JSON Schema 2020-12 plus OpenAPI's annotations); anything
+# else is most likely YAML gone wrong (an unquoted comma in a flow mapping makes a key of it).
+SCHEMA_KEYWORDS = {
+    "$ref", "type", "enum", "const", "properties", "required", "additionalProperties", "items",
+    "minItems", "minimum", "exclusiveMinimum", "minLength", "maxLength", "pattern", "format",
+    "oneOf", "not", "default", "description",
+}  # fmt: skip
+
+
+def schemas_in(node: Any) -> Iterator[dict[str, Any]]:
+    """Every schema object in an OpenAPI document."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "schema" or (
+                key in ("items", "not", "additionalProperties") and isinstance(value, dict)
+            ):
+                yield value
+            elif key in ("properties",) or (key == "schemas" and isinstance(value, dict)):
+                yield from (v for v in value.values() if isinstance(v, dict))
+            elif key == "oneOf":
+                yield from value
+            yield from schemas_in(value)
+    elif isinstance(node, list):
+        for item in node:
+            yield from schemas_in(item)
+
+
+@dataclass
+class Spec:
+    """An OpenAPI 3.1 document, checking answers against it and recording which answers were seen."""
+
+    path: Path
+    doc: dict[str, Any] = field(init=False)
+    seen: set[tuple[str, str, str]] = field(default_factory=set)
+
+    def __post_init__(self) -> None:
+        self.doc = yaml.safe_load(self.path.read_text(encoding="utf-8"))
+        self.registry: Registry[Any] = Registry().with_resource(
+            "urn:spec", Resource.from_contents(self.doc, default_specification=DRAFT202012)
+        )
+
+    def documented(self) -> set[tuple[str, str, str]]:
+        return {
+            (method, route, status)
+            for route, item in self.doc["paths"].items()
+            for method, operation in item.items()
+            for status in operation["responses"]
+        }
+
+    def route(self, method: str, path: str) -> str:
+        # Literal routes first: /jobs/update_status is not /jobs/{job_id}.
+        routes = sorted(self.doc["paths"], key=lambda r: "{" in r)
+        for route in routes:
+            pattern = "^" + re.sub(r"\{[^}]+\}", "[^/]+", route) + "$"
+            if re.match(pattern, path) and method in self.doc["paths"][route]:
+                return route
+        raise AssertionError(f"{method.upper()} {path} is not documented in {self.path.name}")
+
+    def validate(self, schema_pointer: str, value: Any, what: str) -> None:
+        validator = jsonschema.Draft202012Validator(
+            {"$ref": f"urn:spec#/{schema_pointer}"},
+            registry=self.registry,
+            format_checker=jsonschema.Draft202012Validator.FORMAT_CHECKER,
+        )
+        errors = sorted(validator.iter_errors(value), key=str)
+        assert not errors, f"{what} does not match {self.path.name}: {errors[0].message}\n{value!r}"
+
+    def check(self, response: httpx.Response, expected_status: int) -> httpx.Response:
+        """Assert ``response`` has ``expected_status`` and is documented as it is; record it."""
+        request = response.request
+        method, path = request.method.lower(), request.url.path
+        what = f"{method.upper()} {path} -> {response.status_code}"
+        assert response.status_code == expected_status, f"{what}, expected {expected_status}: {response.text}"
+        route = self.route(method, path)
+        status = str(response.status_code)
+        answer_at = ["paths", route, method, "responses", status]
+        answer = self.doc["paths"][route][method]["responses"].get(status)
+        assert answer is not None, f"{what}: status {status} not documented for {method.upper()} {route}"
+        if "$ref" in answer:
+            name = answer["$ref"].removeprefix("#/components/responses/")
+            answer_at, answer = ["components", "responses", name], self.doc["components"]["responses"][name]
+        content_type = response.headers.get("content-type", "").split(";")[0].strip()
+        assert content_type in answer["content"], f"{what}: content type {content_type!r} not documented"
+        if content_type == "application/json":
+            schema = pointer(*answer_at, "content", "application/json", "schema")
+            self.validate(schema, response.json(), what)
+        for name, header in answer.get("headers", {}).items():
+            assert name in response.headers, f"{what}: documented header {name} missing"
+            self.validate_header(header, response.headers[name], f"{what} header {name}")
+        if 200 <= response.status_code < 300 and request.content:
+            body = self.doc["paths"][route][method].get("requestBody")
+            assert body is not None, f"{what}: a body was sent but none is documented"
+            schema = pointer("paths", route, method, "requestBody", "content", "application/json", "schema")
+            self.validate(schema, json.loads(request.content), f"{what} request")
+        self.seen.add((method, route, status))
+        return response
+
+    def validate_header(self, header: dict[str, Any], value: str, what: str) -> None:
+        if "$ref" in header:
+            header = self.doc["components"]["headers"][header["$ref"].rsplit("/", 1)[1]]
+        assert header["schema"]["type"] == "integer"
+        assert value.isdigit(), f"{what}: {value!r} is not a non-negative integer"
+
+
+def test_the_documents_are_valid_openapi_3_1() -> None:
+    for name in ("openapi-agent.yaml", "openapi-sidecar.yaml"):
+        doc = yaml.safe_load((DOCS / name).read_text(encoding="utf-8"))
+        validate_openapi(doc)
+        assert doc["openapi"].startswith("3.1")
+        for schema in schemas_in(doc):
+            assert set(schema) <= SCHEMA_KEYWORDS, f"{name}: unexpected keys {set(schema) - SCHEMA_KEYWORDS}"
+
+
+def test_date_times_are_really_checked() -> None:
+    """Without rfc3339-validator installed, format: date-time would silently accept anything."""
+    checker = jsonschema.Draft202012Validator.FORMAT_CHECKER
+    assert not checker.conforms("yesterday", "date-time")
+
+
+# ------------------------------------------------------------------------------------------ agent
+
+
+@pytest.fixture(scope="module")
+def agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AgentProcess]:
+    with AgentProcess(home=tmp_path_factory.mktemp("agent"), agent_id="agent-1", grace_seconds=2.0) as proc:
+        yield proc
+
+
+def test_agent_answers_match_the_documented_api(agent: AgentProcess) -> None:
+    spec = Spec(DOCS / "openapi-agent.yaml")
+    auth = {"Authorization": f"Bearer {agent.token}"}
+    with (
+        httpx.Client(base_url=agent.url, headers=auth, timeout=30) as api,
+        httpx.Client(base_url=agent.url, timeout=30) as anonymous,
+    ):
+        spec.check(anonymous.get("/health"), 200)
+        run = {"job_id": "doc-long", "payload": {"command": "sleep 30", "env": {"A": "1"}, "cwd": "/"}}
+        spec.check(api.post("/run", json=run), 201)
+        spec.check(api.post("/run", json=run), 409)
+        spec.check(api.post("/run", json={**run, "job_id": "doc-x", "extra": 1}), 400)
+        spec.check(anonymous.post("/run", json=run), 401)
+        huge = {"job_id": "doc-huge", "payload": {"command": "x" * (1024 * 1024 + 1)}}
+        spec.check(api.post("/run", json=huge), 413)
+        spec.check(api.post("/run", json={"job_id": "doc-echo", "payload": {"command": "echo hi"}}), 201)
+
+        with httpx.Client(base_url=agent.url, headers={"X-Agent-Token": agent.token}) as other_scheme:
+            spec.check(other_scheme.get("/jobs/doc-long"), 200)
+        spec.check(api.get("/jobs/.hidden"), 400)
+        spec.check(api.get("/jobs/doc-nope"), 404)
+        spec.check(anonymous.get("/jobs/doc-long"), 401)
+
+        log = spec.check(api.get("/jobs/doc-echo/log", params={"offset": 0, "limit": 100}), 200)
+        assert int(log.headers["X-Next-Offset"]) == len(log.content)
+        spec.check(api.get("/jobs/doc-echo/log", params={"offset": "abc"}), 400)
+        spec.check(api.get("/jobs/doc-nope/log"), 404)
+        spec.check(anonymous.get("/jobs/doc-echo/log"), 401)
+
+        stopped = spec.check(api.post("/stop/doc-long", json={"force": False, "reason": "docs"}), 200)
+        assert stopped.json()["action"] == "terminated"
+        again = spec.check(api.post("/stop/doc-long"), 200)
+        assert again.json()["action"] == "already_finished"
+        spec.check(api.post("/stop/doc-long", json={"force": "yes"}), 400)
+        spec.check(api.post("/stop/doc-nope"), 404)
+        spec.check(anonymous.post("/stop/doc-long"), 401)
+    assert spec.documented() - UNPROVOKABLE <= spec.seen, spec.documented() - UNPROVOKABLE - spec.seen
+
+
+# ---------------------------------------------------------------------------------------- sidecar
+
+
+class FakeAirflow:
+    """Airflow 3's REST API v2 as the reconciler reads it, answering from what the test set.
+
+    ``listed`` is what the list endpoints (incremental and batch reads) say of a task instance;
+    ``direct`` overrides what a direct read says ("absent" -> 404, "error" -> HTTP 500). A poll cycle
+    stops a job only when both say so, so a test can make one path diverge and keep the loop still.
+    """
+
+    def __init__(self) -> None:
+        self.listed: dict[tuple[str, str, str, int], str] = {}
+        self.direct: dict[tuple[str, str, str, int], str] = {}
+        self.server = ThreadingHTTPServer(("127.0.0.1", free_port()), self._handler())
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def __enter__(self) -> FakeAirflow:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    def answer(self, method: str, path: str) -> tuple[int, Any]:
+        if method == "POST" and path == "/auth/token":
+            return 201, {"access_token": "fake-jwt"}
+        if path == "/api/v2/dags":
+            return 200, {"dags": [], "total_entries": 0}
+        if path in ("/api/v2/dags/~/dagRuns/~/taskInstances", "/api/v2/dags/~/dagRuns/~/taskInstances/list"):
+            items = [self._ti(key, state) for key, state in self.listed.items()]
+            return 200, {"task_instances": items, "total_entries": len(items)}
+        direct = re.match(r"^/api/v2/dags/([^/]+)/dagRuns/([^/]+)/taskInstances/([^/]+)(?:/(\d+))?$", path)
+        if direct:
+            dag, run, task, index = direct.groups()
+            key = (unquote(dag), unquote(run), unquote(task), int(index) if index else -1)
+            state = self.direct.get(key, self.listed.get(key, "absent"))
+            if state == "absent":
+                return 404, {"detail": "The Task Instance was not found"}
+            if state == "error":
+                return 500, {"detail": "Internal Server Error"}
+            return 200, self._ti(key, state)
+        return 404, {"detail": "Not Found"}
+
+    @staticmethod
+    def _ti(key: tuple[str, str, str, int], state: str) -> dict[str, Any]:
+        dag_id, run_id, task_id, map_index = key
+        return {
+            "dag_id": dag_id,
+            "dag_run_id": run_id,
+            "task_id": task_id,
+            "map_index": map_index,
+            "state": state,
+            "try_number": 1,
+            "end_date": None,
+        }
+
+    def _handler(self) -> type[BaseHTTPRequestHandler]:
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def _reply(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                self.rfile.read(length)
+                status, body = fake.answer(self.command, urlsplit(self.path).path)
+                data = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            do_GET = do_POST = _reply
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        return Handler
+
+
+def submission(task_id: str, **overrides: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "command": "sleep 30",
+        "labels": ["default"],
+        "dag_id": "docs",
+        "task_id": task_id,
+        "run_id": "manual__1",
+        "try_number": 1,
+    }
+    return {**body, **overrides}
+
+
+def wait_until_status(client: httpx.Client, job_id: str, status: str) -> None:
+    deadline = time.monotonic() + 15
+    while client.get(f"/jobs/{job_id}").json()["status"] != status:
+        assert time.monotonic() < deadline, f"job {job_id} never became {status}"
+        time.sleep(0.1)
+
+
+def test_sidecar_answers_match_the_documented_api(agent: AgentProcess, tmp_path: Path) -> None:
+    spec = Spec(DOCS / "openapi-sidecar.yaml")
+    nowhere = f"http://127.0.0.1:{free_port()}"
+    agents = [
+        AgentRef("agent-1", agent.url, agent.token, labels=["default"]),
+        AgentRef("agent-down", nowhere, "unused", labels=["down"]),
+    ]
+    with (
+        FakeAirflow() as airflow,
+        SidecarProcess(
+            workdir=tmp_path / "sidecar",
+            airflow_url=airflow.url,
+            airflow_password="fake",
+            agents=agents,
+            api_version="v2",
+            interval_seconds=INTERVAL,
+        ) as sidecar,
+        sidecar.client() as api,
+        httpx.Client(base_url=sidecar.url, timeout=30) as anonymous,
+    ):
+        for task in ("long", "kept", "unreadable", "quick", "unreachable"):
+            airflow.listed[("docs", "manual__1", task, -1)] = "running"
+
+        spec.check(anonymous.get("/healthz"), 200)
+        assert "reconciler_cycles_total" in spec.check(anonymous.get("/metrics"), 200).text
+        deadline = time.monotonic() + 15
+        while anonymous.get("/readyz").status_code != 200:
+            assert time.monotonic() < deadline, "the sidecar never became ready against the fake Airflow"
+            time.sleep(0.1)
+        spec.check(anonymous.get("/readyz"), 200)
+
+        long_job = spec.check(api.post("/jobs", json=submission("long")), 201).json()["job_id"]
+        assert spec.check(api.post("/jobs", json=submission("long")), 200).json()["created"] is False
+        spec.check(api.post("/jobs", content=b"{not json"), 400)
+        spec.check(anonymous.post("/jobs", json=submission("long")), 401)
+        spec.check(api.post("/jobs", json=submission("huge", command="x" * (2 * 1024 * 1024))), 413)
+
+        spec.check(api.get("/jobs", params={"dag_id": "docs", "status": "RUNNING"}), 200)
+        spec.check(api.get("/jobs", params={"status": "BOGUS"}), 400)
+        spec.check(anonymous.get("/jobs"), 401)
+        spec.check(api.get(f"/jobs/{long_job}"), 200)
+        spec.check(api.get("/jobs/bad!id"), 400)
+        spec.check(api.get("/jobs/no-such-job"), 404)
+        spec.check(anonymous.get(f"/jobs/{long_job}"), 401)
+        spec.check(api.get(f"/jobs/{long_job}/events"), 200)
+        spec.check(api.get("/jobs/bad!id/events"), 400)
+        spec.check(api.get("/jobs/no-such-job/events"), 404)
+        spec.check(anonymous.get(f"/jobs/{long_job}/events"), 401)
+        spec.check(api.get(f"/jobs/{long_job}/log", params={"offset": 0}), 200)
+        spec.check(api.get(f"/jobs/{long_job}/log", params={"offset": -1}), 400)
+        spec.check(api.get("/jobs/no-such-job/log"), 404)
+        spec.check(anonymous.get(f"/jobs/{long_job}/log"), 401)
+
+        update = "/jobs/update_status"
+        spec.check(anonymous.post(update, json={"job_id": long_job, "status": "failed"}), 401)
+        spec.check(api.post(update, json={"status": "failed"}), 400)
+        spec.check(api.post(update, json={"job_id": "no-such-job", "status": "failed"}), 404)
+        kept = spec.check(api.post("/jobs", json=submission("kept")), 201).json()["job_id"]
+        spec.check(api.post(update, json={"job_id": kept, "status": "failed"}), 409)
+        unreadable = spec.check(api.post("/jobs", json=submission("unreadable")), 201).json()["job_id"]
+        airflow.direct[("docs", "manual__1", "unreadable", -1)] = "error"
+        spec.check(api.post(update, json={"job_id": unreadable, "status": "failed"}), 503)
+
+        airflow.direct[("docs", "manual__1", "long", -1)] = "failed"
+        by_key = {"dag_id": "docs", "task_id": "long", "run_id": "manual__1", "status": "failed"}
+        stopped = spec.check(api.post(update, json=by_key), 200).json()
+        assert (stopped["action"], stopped["status"]) == ("stopped", "FAILED")
+
+        quick = spec.check(api.post("/jobs", json=submission("quick", command="exit 0")), 201).json()
+        wait_until_status(api, quick["job_id"], "SUCCEEDED")
+        final = spec.check(api.post(update, json={"job_id": quick["job_id"], "status": "failed"}), 200)
+        assert final.json()["action"] == "already_final"
+
+        lost = submission("unreachable", labels=["down"])
+        lost_job = spec.check(api.post("/jobs", json=lost), 201).json()
+        assert lost_job["status"] == "QUEUED"  # the agent could not be reached
+        spec.check(api.get(f"/jobs/{lost_job['job_id']}/log"), 502)
+        airflow.direct[("docs", "manual__1", "unreachable", -1)] = "failed"
+        requested = spec.check(api.post(update, json={"job_id": lost_job["job_id"], "status": "failed"}), 202)
+        assert "Agent communication failed" in requested.json()["message"]
+        pending = spec.check(api.post(update, json={"job_id": lost_job["job_id"], "status": "failed"}), 200)
+        assert pending.json()["action"] == "stop_pending"
+
+    with (
+        SidecarProcess(
+            workdir=tmp_path / "unready",
+            airflow_url=nowhere,
+            airflow_password="x",
+            agents=[],
+            api_version="v2",
+        ) as unready,
+        httpx.Client(base_url=unready.url, timeout=30) as anonymous,
+    ):
+        spec.check(anonymous.get("/readyz"), 503)
+    assert spec.documented() - UNPROVOKABLE <= spec.seen, spec.documented() - UNPROVOKABLE - spec.seen
