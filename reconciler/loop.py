@@ -124,6 +124,7 @@ class Reconciler:
         )
         jobs = await self._active_jobs(reload=full)
         self._metrics.active_jobs.set(len(jobs))
+        self._metrics.stopping_jobs.set(sum(job.status is JobStatus.STOPPING for job in jobs))
         report = CycleReport(active=len(jobs))
         live = [j for j in jobs if j.status is not JobStatus.STOPPING]
         if not dry_run:

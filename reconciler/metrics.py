@@ -42,6 +42,11 @@ class Metrics:
             registry=r,
         )
         self.active_jobs = Gauge("reconciler_active_jobs", "Jobs the router DB considers active.", registry=r)
+        self.stopping_jobs = Gauge(
+            "reconciler_stopping_jobs",
+            "Jobs whose stop intent is recorded but not yet confirmed by their agent (the stop backlog).",
+            registry=r,
+        )
         self.last_success = Gauge(
             "reconciler_last_success_timestamp_seconds", "Unix time of the last successful cycle.", registry=r
         )

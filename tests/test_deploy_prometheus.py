@@ -121,6 +121,7 @@ def series(name: str, values: str, **labels: str) -> dict[str, str]:
 
 HEALTHY = [
     series("reconciler_leader", "1x40"),
+    series("reconciler_stopping_jobs", "0 2 0 1 0 0 3 0 0x32"),  # stops come and go within a cycle or two
     series("reconciler_last_success_timestamp_seconds", "0+60x40"),
     series("reconciler_cycles_total", "0+60x40", result="ok"),
     series("reconciler_airflow_requests_total", "0+60x40", code="200"),
@@ -179,6 +180,13 @@ SCENARIOS: list[tuple[str, list[dict[str, str]], str, int, dict[str, str]]] = [
         [series("reconciler_stop_requests_total", "0+1x30", outcome="retry")],
         "AgenticStopsRetrying",
         20,
+        LABELS,
+    ),
+    (
+        "stops stay pending for a quarter of an hour",
+        [series("reconciler_stopping_jobs", "3x30")],
+        "AgenticStopBacklog",
+        15,
         LABELS,
     ),
     (
