@@ -76,7 +76,8 @@ async def _errors(request: web.Request, handler: _Handler) -> web.StreamResponse
 async def _auth(request: web.Request, handler: _Handler) -> web.StreamResponse:
     if request.path == "/health":
         return await handler(request)
-    presented = _presented_token(request).encode()
+    # aiohttp decodes non-UTF-8 header bytes as surrogate escapes: encode them back, never fail on them.
+    presented = _presented_token(request).encode("utf-8", "surrogateescape")
     accepted = False
     for token in request.app[_TOKENS]:  # no early exit: the time taken does not tell which one matched
         accepted |= hmac.compare_digest(presented, token)

@@ -39,8 +39,13 @@ class AgenticJobTrigger(BaseTrigger):
         endpoint = await aget_endpoint(self.conn_id)
         # Building a client loads the CA bundle (tens of ms, more under load): off the triggerer's
         # event loop, which every other trigger shares.
+        verify = await asyncio.to_thread(endpoint.verify)
         client = await asyncio.to_thread(
-            httpx.AsyncClient, base_url=endpoint.base_url, headers=endpoint.headers, timeout=10.0
+            httpx.AsyncClient,
+            base_url=endpoint.base_url,
+            headers=endpoint.headers,
+            timeout=10.0,
+            verify=verify,
         )
         async with client:
             while True:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import time
 import urllib.error
@@ -22,15 +23,22 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def wait_http_ok(url: str, *, timeout: float, proc: subprocess.Popen[bytes] | None = None) -> None:
-    """Poll ``url`` until it answers 2xx; fail early if ``proc`` dies meanwhile."""
+def wait_http_ok(
+    url: str,
+    *,
+    timeout: float,
+    proc: subprocess.Popen[bytes] | None = None,
+    context: ssl.SSLContext | None = None,
+) -> None:
+    """Poll ``url`` until it answers 2xx; fail early if ``proc`` dies meanwhile. ``context``
+    verifies an https server (default: the system's CAs)."""
     deadline = time.monotonic() + timeout
     last_error = "no answer"
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"process {proc.args!r} exited with {proc.returncode} before {url} was up")
         try:
-            with urllib.request.urlopen(url, timeout=2) as response:
+            with urllib.request.urlopen(url, timeout=2, context=context) as response:
                 if 200 <= response.status < 300:
                     return
                 last_error = f"HTTP {response.status}"

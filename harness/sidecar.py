@@ -1,9 +1,15 @@
-"""The reconciler sidecar as a real process, configured through a TOML file like in production."""
+"""The reconciler sidecar as a real process, configured through a TOML file like in production.
+
+HTTPS: pass ``tls_cert_file`` and ``tls_key_file``, and ``ca_file`` (the CA that signed the
+certificate) so that the harness and :meth:`SidecarProcess.client` can verify it. Tokens: the
+sidecar accepts ``accepted_tokens`` (default: just ``token``); ``token`` is what ``client()`` sends.
+"""
 
 from __future__ import annotations
 
 import os
 import secrets
+import ssl
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -21,6 +27,7 @@ class AgentRef:
     url: str
     token: str
     labels: Sequence[str] = ()
+    ca_file: Path | None = None  # [[agents]] ca_file, for an agent served over https
 
 
 @dataclass
@@ -34,13 +41,24 @@ class SidecarProcess:
     # Written only when set; otherwise the reconciler's defaults apply.
     api_version: str | None = None  # [airflow] api_version: "v2" (Airflow 3), "v1" (Airflow 2), "auto"
     full_resync_seconds: float | None = None  # [poll] full_resync_seconds: how soon deleted runs are seen
+    lease_seconds: float | None = None  # [leader] lease_seconds: how soon a standby takes over
     port: int = field(default_factory=free_port)
     token: str = field(default_factory=lambda: secrets.token_urlsafe(24))
+    accepted_tokens: Sequence[str] | None = None  # what the sidecar accepts; default [token]
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    ca_file: Path | None = None  # verifies the sidecar's certificate (harness and client())
+    rate_limit_per_second: float | None = None  # [http] rate_limit_per_second, written when set
+    rate_limit_burst: int | None = None
     proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        scheme = "https" if self.tls_cert_file is not None else "http"
+        return f"{scheme}://127.0.0.1:{self.port}"
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        return ssl.create_default_context(cafile=str(self.ca_file)) if self.ca_file is not None else None
 
     @property
     def log_path(self) -> Path:
@@ -67,6 +85,17 @@ class SidecarProcess:
             "[http]",
             f"port = {self.port}",
             'token_env = "HARNESS_SIDECAR_TOKEN"',
+            *(
+                [f'tls_cert_file = "{self.tls_cert_file}"', f'tls_key_file = "{self.tls_key_file}"']
+                if self.tls_cert_file is not None
+                else []
+            ),
+            *(
+                [f"rate_limit_per_second = {self.rate_limit_per_second}"]
+                if self.rate_limit_per_second is not None
+                else []
+            ),
+            *([f"rate_limit_burst = {self.rate_limit_burst}"] if self.rate_limit_burst is not None else []),
         ]
         for agent in self.agents:
             labels = ", ".join(f'"{label}"' for label in agent.labels)
@@ -76,7 +105,10 @@ class SidecarProcess:
                 f'url = "{agent.url}"',
                 f'token_env = "HARNESS_AGENT_TOKEN_{agent.id.upper().replace("-", "_")}"',
                 f"labels = [{labels}]",
+                *([f'ca_file = "{agent.ca_file}"'] if agent.ca_file is not None else []),
             ]
+        if self.lease_seconds is not None:
+            lines += ["[leader]", f"lease_seconds = {self.lease_seconds}"]
         path = self.workdir / "reconciler.toml"
         path.write_text("\n".join(lines) + "\n")
         return path
@@ -84,7 +116,8 @@ class SidecarProcess:
     def env(self) -> dict[str, str]:
         env = dict(os.environ)
         env["HARNESS_AIRFLOW_PASSWORD"] = self.airflow_password
-        env["HARNESS_SIDECAR_TOKEN"] = self.token
+        tokens = self.accepted_tokens if self.accepted_tokens is not None else [self.token]
+        env["HARNESS_SIDECAR_TOKEN"] = ",".join(tokens)
         for agent in self.agents:
             env[f"HARNESS_AGENT_TOKEN_{agent.id.upper().replace('-', '_')}"] = agent.token
         return env
@@ -96,7 +129,7 @@ class SidecarProcess:
             log_path=self.log_path,
             env=self.env(),
         )
-        wait_http_ok(f"{self.url}/healthz", timeout=30, proc=self.proc)
+        wait_http_ok(f"{self.url}/healthz", timeout=30, proc=self.proc, context=self.ssl_context())
 
     def stop(self) -> None:
         if self.proc is not None:
@@ -104,7 +137,12 @@ class SidecarProcess:
             self.proc = None
 
     def client(self) -> httpx.Client:
-        return httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {self.token}"}, timeout=30)
+        return httpx.Client(
+            base_url=self.url,
+            headers={"Authorization": f"Bearer {self.token}"},
+            timeout=30,
+            verify=self.ssl_context() or True,
+        )
 
     def __enter__(self) -> SidecarProcess:
         self.start()

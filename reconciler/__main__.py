@@ -9,6 +9,7 @@ import sys
 
 from reconciler import logs
 from reconciler.config import ConfigError, ReconcilerConfig, Secrets, load_config, load_secrets
+from reconciler.leadership import holder_id
 from reconciler.service import build, serve
 
 
@@ -47,10 +48,23 @@ def main(argv: list[str] | None = None) -> int:
 
 async def _once(config: ReconcilerConfig, secrets: Secrets, *, dry_run: bool) -> int:
     parts = build(config, secrets, create_schema=not dry_run)
+    holder = holder_id()
+    lease = config.leader.lease_name
     try:
-        report = await parts.reconciler.cycle(dry_run=dry_run)
-        if not dry_run:
-            await parts.dispatcher.drain(60.0)
+        # A cycle that acts must not run beside a live leader: take the lease for it, or refuse.
+        if not dry_run and not await asyncio.to_thread(
+            parts.db.acquire_lease, lease, holder, config.leader.lease_seconds
+        ):
+            leader = await asyncio.to_thread(parts.db.lease_holder, lease)
+            print(f"refusing to act: replica {leader} leads; use --dry-run to look", file=sys.stderr)
+            return 3
+        try:
+            report = await parts.reconciler.cycle(dry_run=dry_run)
+            if not dry_run:
+                await parts.dispatcher.drain(60.0)
+        finally:
+            if not dry_run:
+                await asyncio.to_thread(parts.db.release_lease, lease, holder)
     finally:
         await parts.close()
     for job, stop in report.stops:

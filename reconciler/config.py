@@ -8,7 +8,9 @@ Secrets are never read from the TOML: it names the environment variable (``*_env
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import ssl
 import tomllib
 import types
 from collections.abc import Mapping
@@ -64,8 +66,46 @@ class StopConfig:
 class HttpConfig:
     host: str = "127.0.0.1"
     port: int = 8790
-    token_env: str = "AGENTIC_SIDECAR_TOKEN"
+    token_env: str = "AGENTIC_SIDECAR_TOKEN"  # may hold several tokens (rotation), like token_file
     token_file: str = ""
+    tls_cert_file: str = ""  # PEM certificate chain; with tls_key_file, the API is served over HTTPS
+    tls_key_file: str = ""  # PEM private key, unencrypted
+    rate_limit_per_second: float = 0.0  # per client (token, or address if none); 0 disables
+    rate_limit_burst: int = 0  # bucket size; 0 means max(1, rate_limit_per_second)
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.tls_cert_file else "http"
+
+    def server_ssl_context(self) -> ssl.SSLContext | None:
+        """The TLS context to serve with, or None for plain HTTP; raises ConfigError naming the key."""
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            missing = "tls_key_file" if self.tls_cert_file else "tls_cert_file"
+            raise ConfigError(f"[http] {missing}: set tls_cert_file and tls_key_file both, or neither")
+        if not self.tls_cert_file:
+            return None
+        for key, name in (("tls_cert_file", self.tls_cert_file), ("tls_key_file", self.tls_key_file)):
+            try:
+                with open(name, "rb"):
+                    pass
+            except OSError as exc:
+                raise ConfigError(f"[http] {key}: cannot read {name}: {exc.strerror}") from None
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        try:
+            context.load_cert_chain(self.tls_cert_file, self.tls_key_file)
+        except ssl.SSLError as exc:
+            raise ConfigError(
+                f"[http] tls_cert_file, tls_key_file: {self.tls_cert_file} and {self.tls_key_file} are not "
+                f"a PEM certificate and its matching unencrypted private key ({exc.reason or exc})"
+            ) from None
+        return context
+
+
+@dataclass(frozen=True)
+class LeaderConfig:
+    lease_seconds: float = 15.0
+    lease_name: str = "reconciler"
 
 
 @dataclass(frozen=True)
@@ -86,6 +126,7 @@ class ReconcilerConfig:
     stop: StopConfig = field(default_factory=StopConfig)
     http: HttpConfig = field(default_factory=HttpConfig)
     agents: list[AgentEntry] = field(default_factory=list)
+    leader: LeaderConfig = field(default_factory=LeaderConfig)
 
 
 @dataclass(frozen=True)
@@ -179,7 +220,14 @@ def _validate(config: ReconcilerConfig) -> None:
         (config.stop.concurrency >= 1, "[stop] concurrency: must be >= 1"),
         (config.stop.timeout_seconds > 0, "[stop] timeout_seconds: must be > 0"),
         (0 <= config.http.port <= 65535, "[http] port: must be 0-65535"),
+        (
+            math.isfinite(config.http.rate_limit_per_second) and config.http.rate_limit_per_second >= 0,
+            "[http] rate_limit_per_second: must be >= 0 (0 disables rate limiting)",
+        ),
+        (config.http.rate_limit_burst >= 0, "[http] rate_limit_burst: must be >= 0"),
         (bool(config.router_db.url), "[router_db] url: must not be empty"),
+        (config.leader.lease_seconds >= 1, "[leader] lease_seconds: must be >= 1"),
+        (bool(config.leader.lease_name), "[leader] lease_name: must not be empty"),
     ]
     for a in config.agents:
         checks.append(
@@ -191,6 +239,7 @@ def _validate(config: ReconcilerConfig) -> None:
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+    config.http.server_ssl_context()  # a missing or bad TLS file fails now, naming its key
 
 
 T = TypeVar("T")

@@ -1,7 +1,10 @@
 """The sidecar's HTTP API: job submission and queries (the router API), metrics and health.
 
-Token auth on everything but ``/metrics``, ``/healthz`` and ``/readyz``. Bad input gets a 4xx JSON
-``{"error": ...}`` naming the problem and changes nothing.
+Token auth on everything but ``/metrics``, ``/healthz`` and ``/readyz``. The token setting may hold
+several tokens separated by commas or whitespace (rotation: old and new both accepted); every one is
+compared, each in constant time. With a rate limit configured, each client (the token it presented,
+or its address when it presented no valid token) gets a token bucket; past it, 429 with
+``Retry-After``. Bad input gets a 4xx JSON ``{"error": ...}`` naming the problem and changes nothing.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ import asyncio
 import hmac
 import json
 import logging
+import math
 import re
 import time
 from collections.abc import Awaitable, Callable
@@ -23,6 +27,7 @@ from reconciler.agents import AgentPool, NoAgent
 from reconciler.airflow import AirflowError
 from reconciler.loop import Reconciler, refresh_from_agent
 from reconciler.metrics import Metrics
+from reconciler.ratelimit import RateLimiter
 from reconciler.stops import StopDispatcher
 from router_db import JobRecord, JobStatus, NewJob, RouterDB, StaleTransition, TaskInstanceKey
 
@@ -33,6 +38,7 @@ UPDATE_WAIT_SECONDS = 15.0  # update_status answers with the stop's outcome if t
 MAX_COMMAND_BYTES = 64 * 1024
 JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 OPEN_PATHS = frozenset({"/metrics", "/healthz", "/readyz"})
+MAX_INT = 2**31 - 1  # map_index, try_number, offsets: far beyond any real value, within every DB's int
 
 
 class BadRequest(Exception):
@@ -60,8 +66,8 @@ def parse_submit(body: Any) -> SubmitRequest:
             raise BadRequest(f"{name} must be 1-250 characters")
     map_index = _field(body, "map_index", int, default=-1)
     try_number = _field(body, "try_number", int)
-    if map_index < -1 or try_number < 0:
-        raise BadRequest("map_index must be >= -1 and try_number >= 0")
+    if not (-1 <= map_index <= MAX_INT and 0 <= try_number <= MAX_INT):
+        raise BadRequest(f"map_index must be -1 to {MAX_INT} and try_number 0 to {MAX_INT}")
     agent_id = _field(body, "agent_id", str, default=None)
     labels = _field(body, "labels", list, default=[])
     if not all(isinstance(label, str) for label in labels):
@@ -71,9 +77,12 @@ def parse_submit(body: Any) -> SubmitRequest:
         raise BadRequest("env must map strings to strings")
     timeout = body.get("timeout_seconds")
     if timeout is not None and (
-        isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0
+        isinstance(timeout, bool)
+        or not isinstance(timeout, int | float)
+        or not math.isfinite(timeout)
+        or not 0 < timeout <= MAX_INT
     ):
-        raise BadRequest("timeout_seconds must be a positive number or null")
+        raise BadRequest(f"timeout_seconds must be a positive number up to {MAX_INT}, or null")
     payload = {
         "command": command,
         "cwd": _field(body, "cwd", str, default=None),
@@ -110,13 +119,18 @@ class SidecarAPI:
         dispatcher: StopDispatcher,
         token: str,
         ready_after: float,
+        rate_limiter: RateLimiter | None = None,
     ) -> None:
         self._db = db
         self._agents = agents
         self._metrics = metrics
         self._reconciler = reconciler
         self._dispatcher = dispatcher
-        self._token = token.encode()
+        # Several tokens (rotation): separated by commas or whitespace, like the agent's.
+        self._tokens = tuple(dict.fromkeys(t.encode() for t in re.split(r"[,\s]+", token) if t))
+        if not self._tokens:
+            raise ValueError("the sidecar needs at least one token")
+        self._limiter = rate_limiter
         self._ready_after = ready_after  # seconds without a successful cycle before /readyz fails
 
     def app(self) -> web.Application:
@@ -143,6 +157,10 @@ class SidecarAPI:
         except web.HTTPException as exc:
             if exc.status == 413:
                 return _error(413, f"body larger than {MAX_BODY_BYTES} bytes")
+            if exc.status == 405:
+                response = _error(405, f"method {request.method} not allowed on {request.path}")
+                response.headers["Allow"] = exc.headers.get("Allow", "")
+                return response
             return _error(exc.status, exc.reason)
         except Exception:
             log.exception("unhandled error in %s %s", request.method, request.path)
@@ -152,19 +170,30 @@ class SidecarAPI:
     async def _auth(
         self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
     ) -> web.StreamResponse:
-        if request.path not in OPEN_PATHS:
-            header = request.headers.get("Authorization", "")
-            given = header.removeprefix("Bearer ").strip().encode() if header.startswith("Bearer ") else b""
-            if not given or not hmac.compare_digest(given, self._token):
-                return _error(401, "missing or wrong token (Authorization: Bearer <token>)")
+        if request.path in OPEN_PATHS:
+            return await handler(request)
+        header = request.headers.get("Authorization", "")
+        given = header.removeprefix("Bearer ").strip() if header.startswith("Bearer ") else ""
+        given_bytes = given.encode("utf-8", "surrogateescape")  # non-UTF-8 header bytes arrive escaped
+        matched = -1
+        for index, token in enumerate(self._tokens):  # no early exit: timing does not tell which
+            if hmac.compare_digest(given_bytes, token):
+                matched = index
+        if self._limiter is not None:
+            # Keyed by the token's position, never the token itself; unauthenticated callers by
+            # address, so guessing tokens is throttled too.
+            client = f"token#{matched}" if matched >= 0 else f"addr:{request.remote}"
+            retry_after = self._limiter.acquire(client)
+            if retry_after:
+                response = _error(429, f"rate limit exceeded; retry in {retry_after} s")
+                response.headers["Retry-After"] = str(retry_after)
+                return response
+        if not given or matched < 0:
+            return _error(401, "missing or wrong token (Authorization: Bearer <token>)")
         return await handler(request)
 
     async def submit(self, request: web.Request) -> web.Response:
-        try:
-            body = await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise BadRequest("body is not valid JSON") from None
-        req = parse_submit(body)
+        req = parse_submit(await _read_json(request))
         try:
             agent_id = self._agents.route(agent_id=req.agent_id, labels=req.labels)
         except NoAgent as exc:
@@ -203,11 +232,7 @@ class SidecarAPI:
         """The push endpoint: someone reports a task's new state; the job is found by ``job_id`` or
         by ``dag_id``/``task_id``/``run_id`` (newest try) and checked exactly as the poll loop would:
         Airflow is read directly, and the job is stopped only if Airflow confirms the divergence."""
-        try:
-            body = await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise BadRequest("body is not valid JSON") from None
-        job = await self._find_for_update(body)
+        job = await self._find_for_update(await _read_json(request))
         if job is None:
             return _update_answer(404, False, "Job not found with provided identifiers", None, "none")
         if not job.active:
@@ -239,11 +264,13 @@ class SidecarAPI:
         _field(body, "reason", str, default=None)
         job_id = _field(body, "job_id", str, default=None)
         if job_id is not None:
-            if not JOB_ID.match(job_id):
+            if not JOB_ID.fullmatch(job_id):
                 raise BadRequest("job_id must match " + JOB_ID.pattern)
             return await asyncio.to_thread(self._db.get, job_id)
         ids = [_field(body, name, str) for name in ("dag_id", "task_id", "run_id")]
         map_index = _field(body, "map_index", int, default=-1)
+        if not -1 <= map_index <= MAX_INT:
+            raise BadRequest(f"map_index must be -1 to {MAX_INT}")
         return await asyncio.to_thread(self._db.find_latest, ids[0], ids[1], ids[2], map_index)
 
     async def get_job(self, request: web.Request) -> web.Response:
@@ -297,8 +324,8 @@ class SidecarAPI:
             limit = int(request.query["limit"]) if "limit" in request.query else None
         except ValueError:
             raise BadRequest("offset and limit must be integers") from None
-        if offset < 0 or (limit is not None and limit < 1):
-            raise BadRequest("offset must be >= 0 and limit >= 1")
+        if not 0 <= offset <= MAX_INT or (limit is not None and not 1 <= limit <= MAX_INT):
+            raise BadRequest(f"offset must be 0 to {MAX_INT} and limit 1 to {MAX_INT}")
         try:
             chunk = await self._agents.client(job.agent_id).log(job.job_id, offset=offset, limit=limit)
         except JobNotFound:
@@ -334,7 +361,7 @@ class SidecarAPI:
 
     async def _job(self, request: web.Request) -> JobRecord:
         job_id = request.match_info["job_id"]
-        if not JOB_ID.match(job_id):
+        if not JOB_ID.fullmatch(job_id):
             raise BadRequest("job id must match " + JOB_ID.pattern)
         job = await asyncio.to_thread(self._db.get, job_id)
         if job is None:
@@ -363,6 +390,24 @@ def _update_answer(
         },
         status=code,
     )
+
+
+async def _read_json(request: web.Request) -> Any:
+    """The body as JSON: strict UTF-8, no lone surrogates (not even as \\u escapes), bounded depth."""
+    raw = await request.read()  # aiohttp enforces MAX_BODY_BYTES (client_max_size): 413
+    try:
+        body = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise BadRequest("body is not valid UTF-8") from None
+    except (ValueError, RecursionError):  # ValueError includes JSONDecodeError and huge integers
+        raise BadRequest("body is not valid JSON") from None
+    try:
+        json.dumps(body, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadRequest("body contains a lone surrogate (\\ud800-\\udfff), which is not text") from None
+    except (ValueError, RecursionError):
+        raise BadRequest("body is not valid JSON") from None
+    return body
 
 
 def _error(status: int, message: str) -> web.Response:

@@ -12,8 +12,10 @@ from aiohttp import web
 from reconciler.agents import AgentPool
 from reconciler.airflow import AirflowClient
 from reconciler.config import ReconcilerConfig, Secrets
+from reconciler.leadership import Leadership
 from reconciler.loop import Reconciler
 from reconciler.metrics import Metrics
+from reconciler.ratelimit import RateLimiter
 from reconciler.server import SidecarAPI
 from reconciler.stops import StopDispatcher
 from router_db import RouterDB
@@ -81,21 +83,30 @@ async def serve(config: ReconcilerConfig, secrets: Secrets) -> None:
         dispatcher=parts.dispatcher,
         token=secrets.http_token,
         ready_after=max(10.0, 5 * config.poll.interval_seconds),
+        rate_limiter=(
+            RateLimiter(rate=config.http.rate_limit_per_second, burst=config.http.rate_limit_burst)
+            if config.http.rate_limit_per_second > 0
+            else None
+        ),
     )
     runner = web.AppRunner(api.app(), access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, config.http.host, config.http.port)
+    ssl_context = config.http.server_ssl_context()
+    site = web.TCPSite(runner, config.http.host, config.http.port, ssl_context=ssl_context)
     await site.start()
-    log.info("sidecar listening on http://%s:%d", config.http.host, config.http.port)
+    log.info("sidecar listening on %s://%s:%d", config.http.scheme, config.http.host, config.http.port)
 
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
+    # Every replica serves the API; only the lease holder runs the loop (which resumes pending stops).
+    leadership = Leadership(db=parts.db, metrics=parts.metrics, config=config.leader)
     try:
-        await parts.reconciler.run(stopping)
+        await leadership.run(stopping, parts.reconciler.run)
     finally:
         log.info("shutting down: finishing %d stop(s) under way", parts.dispatcher.inflight)
         await parts.dispatcher.drain(SHUTDOWN_GRACE_SECONDS)
+        await leadership.release()
         await runner.cleanup()
         await parts.close()

@@ -102,3 +102,16 @@ class JobEvent(Base):
     new_status: Mapped[str] = mapped_column(String(16))
     source: Mapped[str] = mapped_column(String(32))
     reason: Mapped[str | None] = mapped_column(Text)
+
+
+class Lease(Base):
+    """A named lease: the replica whose ``holder`` id it carries runs the poll loop until ``expires_at``.
+
+    ``expires_at`` is always computed by the database's own clock, so replicas' clocks never matter.
+    """
+
+    __tablename__ = "leases"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    holder: Mapped[str] = mapped_column(String(255))
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime())

@@ -404,8 +404,17 @@ def test_sidecar_answers_match_the_documented_api(agent: AgentProcess, tmp_path:
             airflow_password="x",
             agents=[],
             api_version="v2",
+            rate_limit_per_second=0.01,  # one request, then 429 for the rest of the test
+            rate_limit_burst=1,
         ) as unready,
+        unready.client() as api,
         httpx.Client(base_url=unready.url, timeout=30) as anonymous,
     ):
         spec.check(anonymous.get("/readyz"), 503)
+        spec.check(api.get("/jobs"), 200)
+        spec.check(api.get("/jobs"), 429)
+        spec.check(api.post("/jobs", json=submission("limited")), 429)
+        spec.check(api.post("/jobs/update_status", json={"job_id": "x", "status": "failed"}), 429)
+        for path in ("/jobs/x", "/jobs/x/log", "/jobs/x/events"):
+            spec.check(api.get(path), 429)
     assert spec.documented() - UNPROVOKABLE <= spec.seen, spec.documented() - UNPROVOKABLE - spec.seen
