@@ -120,6 +120,7 @@ class SidecarAPI:
         token: str,
         ready_after: float,
         rate_limiter: RateLimiter | None = None,
+        is_leader: Callable[[], bool] = lambda: True,
     ) -> None:
         self._db = db
         self._agents = agents
@@ -131,6 +132,7 @@ class SidecarAPI:
         if not self._tokens:
             raise ValueError("the sidecar needs at least one token")
         self._limiter = rate_limiter
+        self._is_leader = is_leader
         self._ready_after = ready_after  # seconds without a successful cycle before /readyz fails
 
     def app(self) -> web.Application:
@@ -202,7 +204,15 @@ class SidecarAPI:
         if created:
             job = await self._start_on_agent(job, req.payload)
         return web.json_response(
-            {"job_id": job.job_id, "agent_id": job.agent_id, "status": str(job.status), "created": created},
+            {
+                "job_id": job.job_id,
+                "agent_id": job.agent_id,
+                "status": str(job.status),
+                "created": created,
+                # A job the agent refused is FAILED at once: the caller needs to know why.
+                "rc": job.rc,
+                "reason": job.reason,
+            },
             status=201 if created else 200,
         )
 
@@ -352,12 +362,14 @@ class SidecarAPI:
             await asyncio.to_thread(self._db.ping)
         except Exception as exc:
             problems.append(f"router DB unreachable: {type(exc).__name__}")
+        # A standby runs no cycles: it is ready when it can serve the API, i.e. reach the router DB.
+        role = "leader" if self._is_leader() else "standby"
         last = self._reconciler.last_success
-        if last is None or time.monotonic() - last > self._ready_after:
+        if role == "leader" and (last is None or time.monotonic() - last > self._ready_after):
             problems.append("no successful reconcile cycle recently (Airflow reachable?)")
         if problems:
-            return web.json_response({"status": "not ready", "problems": problems}, status=503)
-        return web.json_response({"status": "ready"})
+            return web.json_response({"status": "not ready", "role": role, "problems": problems}, status=503)
+        return web.json_response({"status": "ready", "role": role})
 
     async def _job(self, request: web.Request) -> JobRecord:
         job_id = request.match_info["job_id"]

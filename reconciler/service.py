@@ -75,6 +75,8 @@ def build(config: ReconcilerConfig, secrets: Secrets, *, create_schema: bool = T
 async def serve(config: ReconcilerConfig, secrets: Secrets) -> None:
     """Run the loop and the HTTP API until SIGTERM or SIGINT, then finish in-flight stops."""
     parts = build(config, secrets)
+    # Every replica serves the API; only the lease holder runs the loop (which resumes pending stops).
+    leadership = Leadership(db=parts.db, metrics=parts.metrics, config=config.leader)
     api = SidecarAPI(
         db=parts.db,
         agents=parts.agents,
@@ -88,6 +90,7 @@ async def serve(config: ReconcilerConfig, secrets: Secrets) -> None:
             if config.http.rate_limit_per_second > 0
             else None
         ),
+        is_leader=lambda: leadership.is_leader,
     )
     runner = web.AppRunner(api.app(), access_log=None)
     await runner.setup()
@@ -100,8 +103,6 @@ async def serve(config: ReconcilerConfig, secrets: Secrets) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
-    # Every replica serves the API; only the lease holder runs the loop (which resumes pending stops).
-    leadership = Leadership(db=parts.db, metrics=parts.metrics, config=config.leader)
     try:
         await leadership.run(stopping, parts.reconciler.run)
     finally:

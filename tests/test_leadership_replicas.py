@@ -81,6 +81,13 @@ def test_three_replicas_elect_one_leader_a_standby_takes_over_after_sigkill_and_
             for n, replica in enumerate(replicas):  # every replica serves the API
                 assert httpx.get(f"{replica.url}/healthz", timeout=5).status_code == 200
                 submit(replica, n)
+            # Airflow is unreachable here: the leader is not ready, standbys are (their API works).
+            for replica in replicas:
+                ready = httpx.get(f"{replica.url}/readyz", timeout=5)
+                role = "leader" if replica is leader else "standby"
+                assert (ready.status_code, ready.json()["role"]) == (
+                    (503, role) if role == "leader" else (200, role)
+                )
 
             assert leader.proc is not None
             leader.proc.kill()  # SIGKILL to that one PID: no chance to release the lease

@@ -227,3 +227,24 @@ def test_update_status_refuses_bad_requests(sidecar: SidecarProcess, body: Any, 
         answer = client.post("/jobs/update_status", json=body)
     assert answer.status_code == 400
     assert names in answer.json()["error"]
+
+
+def test_a_job_the_agent_refuses_is_failed_at_submit_with_the_reason(
+    agent: AgentProcess, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    with (
+        SidecarProcess(
+            workdir=tmp_path_factory.mktemp("sidecar-wrong-token"),
+            airflow_url=f"http://127.0.0.1:{free_port()}",
+            airflow_password="unused",
+            agents=[AgentRef("agent-1", agent.url, "not-the-agents-token", labels=["default"])],
+            interval_seconds=INTERVAL,
+        ) as sidecar,
+        sidecar.client() as client,
+    ):
+        answer = client.post("/jobs", json=submission())
+    assert answer.status_code == 201
+    body = answer.json()
+    assert (body["status"], body["rc"]) == ("FAILED", None)
+    assert body["reason"].startswith("agent refused the job") and "401" in body["reason"]
+    assert "not-the-agents-token" not in answer.text
