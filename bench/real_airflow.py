@@ -5,7 +5,7 @@
 A real Airflow 3.3.2, two real agents and the sidecar with its default poll settings. 50
 ``AgenticRunOperator`` tasks defer on jobs (process trees) spread over the agents; 20 of them are
 marked failed through the REST API at random moments, and each time the benchmark measures when
-the job's whole process group is gone. For the anchor, three ``BashOperator`` tasks run locally
+the job's whole process group is gone. For the anchor, ten ``BashOperator`` tasks run locally
 in the same Airflow and are marked failed too: Airflow itself kills those.
 """
 
@@ -94,7 +94,7 @@ def run(base: Path, marked: int, seed: int) -> dict[str, object]:
         dags_folder=DAGS,
         extra_env={
             "AIRFLOW_CONN_AGENTIC_RUN_DEFAULT": f"http://:{sidecar.token}@127.0.0.1:{sidecar.port}",
-            "AIRFLOW__CORE__PARALLELISM": "8",  # 3 local tasks hold slots; remote tasks pass through
+            "AIRFLOW__CORE__PARALLELISM": "14",  # 10 local tasks hold slots; remote tasks pass through
         },
     )
     try:
@@ -129,7 +129,7 @@ def run(base: Path, marked: int, seed: int) -> dict[str, object]:
             latencies.append(time.monotonic() - started)
 
         local = []
-        for i in range(3):
+        for i in range(10):
             task_id = f"local_{i}"
             ti = api.wait_for_state(DAG_ID, "bench", task_id, {"running"}, timeout=120)
             tree = [
@@ -147,6 +147,8 @@ def run(base: Path, marked: int, seed: int) -> dict[str, object]:
         return {
             "remote_mark_failed_to_gone": summary(latencies),
             "airflow_local_kill": summary(local),
+            "airflow_local_kill_all_s": [round(v, 3) for v in local],
+            "remote_all_s": [round(v, 3) for v in latencies],
             "remote_jobs_left_running": len(untouched),
             "poll_interval_s": sidecar.interval_seconds,
         }

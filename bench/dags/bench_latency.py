@@ -17,6 +17,6 @@ with DAG(dag_id="bench_latency", schedule=None, start_date=datetime(2026, 1, 1),
             route_labels=["default"],
             poll_interval=5.0,
         )
-    for i in range(3):
+    for i in range(10):
         # Airflow's own reaction to "mark failed": it kills a task that runs locally on a worker.
         BashOperator(task_id=f"local_{i}", bash_command="exec sleep 900")
