@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import secrets
 import statistics
@@ -27,36 +26,16 @@ import psutil
 
 from harness.agent import AgentProcess
 from harness.airflow import PASSWORD, AirflowServer
+from harness.processes import alive, process_group
 from harness.sidecar import AgentRef, SidecarProcess
 
 DAG_ID = "bench_latency"
 DAGS = Path(__file__).resolve().parent / "dags"
 
 
-def group(pgid: int) -> list[psutil.Process]:
-    members = []
-    for proc in psutil.process_iter():
-        try:
-            if os.getpgid(proc.pid) == pgid:
-                members.append(proc)
-        except (ProcessLookupError, psutil.NoSuchProcess):
-            continue
-    return members
-
-
-def gone(procs: list[psutil.Process]) -> bool:
-    for proc in procs:
-        try:
-            if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
-                return False
-        except psutil.NoSuchProcess:
-            continue
-    return True
-
-
 def wait_gone(procs: list[psutil.Process], timeout: float = 60.0) -> float:
     started = time.monotonic()
-    while not gone(procs):
+    while alive(procs):
         if time.monotonic() - started > timeout:
             raise TimeoutError("process tree still alive")
         time.sleep(0.01)
@@ -117,7 +96,7 @@ def run(base: Path, marked: int, seed: int) -> dict[str, object]:
             info = httpx.get(
                 f"{agent.url}/jobs/{job['job_id']}", headers={"Authorization": f"Bearer {agent.token}"}
             )
-            trees[task_id] = group(info.json()["pid"])
+            trees[task_id] = process_group(info.json()["pid"])
 
         latencies = []
         for task_id in rng.sample(remote, marked):
@@ -143,7 +122,7 @@ def run(base: Path, marked: int, seed: int) -> dict[str, object]:
             api.mark(DAG_ID, "bench", task_id, "failed")
             wait_gone(tree)
             local.append(time.monotonic() - started)
-        untouched = [t for t in remote if not gone(trees[t])]
+        untouched = [t for t in remote if alive(trees[t])]
         return {
             "remote_mark_failed_to_gone": summary(latencies),
             "airflow_local_kill": summary(local),

@@ -7,7 +7,6 @@ does, and the demo prints when each step of its stop happened. Everything it sta
 from __future__ import annotations
 
 import argparse
-import os
 import secrets
 import shutil
 import sys
@@ -22,6 +21,7 @@ import psutil
 
 from harness.agent import AgentProcess
 from harness.airflow import PASSWORD, REPO_ROOT, AirflowServer
+from harness.processes import alive, process_group
 from harness.sidecar import AgentRef, SidecarProcess
 
 DAG_ID = "agentic_example"
@@ -29,28 +29,6 @@ DAG_ID = "agentic_example"
 
 def say(text: str) -> None:
     print(text, flush=True)
-
-
-def group_members(pgid: int) -> list[psutil.Process]:
-    members = []
-    for proc in psutil.process_iter():
-        try:
-            if os.getpgid(proc.pid) == pgid:
-                members.append(proc)
-        except (ProcessLookupError, psutil.NoSuchProcess):
-            continue
-    return members
-
-
-def live(procs: list[psutil.Process]) -> list[psutil.Process]:
-    out = []
-    for proc in procs:
-        try:
-            if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
-                out.append(proc)
-        except psutil.NoSuchProcess:
-            continue
-    return out
 
 
 def wait(predicate: Any, timeout: float, what: str) -> None:
@@ -114,8 +92,8 @@ def demo(airflow: AirflowServer, agent: AgentProcess, sidecar: SidecarProcess) -
             }
             job_id = jobs[task_id]["job_id"]
             pid = agent_http.get(f"/jobs/{job_id}").json()["pid"]
-            wait(lambda pid=pid: len(group_members(pid)) >= 3, 10, "job processes did not start")
-            trees[task_id] = (job_id, group_members(pid))
+            wait(lambda pid=pid: len(process_group(pid)) >= 3, 10, "job processes did not start")
+            trees[task_id] = (job_id, process_group(pid))
             say(
                 f"      {task_id:<12} deferred; job {job_id} RUNNING on agent-1, process group {pid} "
                 f"({len(trees[task_id][1])} processes)"
@@ -125,7 +103,7 @@ def demo(airflow: AirflowServer, agent: AgentProcess, sidecar: SidecarProcess) -
         say("[4/5] marking long_job failed through the REST API, as the UI does")
         marked = datetime.now(UTC)
         api.mark(DAG_ID, run_id, "long_job", "failed")
-        wait(lambda: not live(tree), 30, "process tree still alive")
+        wait(lambda: not alive(tree), 30, "process tree still alive")
         gone = datetime.now(UTC)
         wait(lambda: client.get(f"/jobs/{job_id}").json()["status"] == "FAILED", 30, "job not FAILED")
         job = client.get(f"/jobs/{job_id}").json()
@@ -152,11 +130,11 @@ def demo(airflow: AirflowServer, agent: AgentProcess, sidecar: SidecarProcess) -
         state = api.task_instance(DAG_ID, run_id, "sibling_job")["state"]
         say(
             f"[5/5] sibling_job untouched: task {state}, job {sibling['status']}, "
-            f"{len(live(sibling_tree))}/{len(sibling_tree)} processes alive"
+            f"{len(alive(sibling_tree))}/{len(sibling_tree)} processes alive"
         )
         say("      marking sibling_job success: the sidecar stops its job too")
         api.mark(DAG_ID, run_id, "sibling_job", "success")
-        wait(lambda: not live(sibling_tree), 30, "sibling tree still alive")
+        wait(lambda: not alive(sibling_tree), 30, "sibling tree still alive")
         wait(
             lambda: client.get(f"/jobs/{sibling_id}").json()["status"] == "SUCCEEDED",
             30,

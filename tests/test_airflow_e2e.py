@@ -10,7 +10,6 @@ Airflow 2 gets a fresh database on the PostgreSQL server at 127.0.0.1:5432.
 
 from __future__ import annotations
 
-import os
 import re
 import time
 from collections.abc import Callable, Iterator
@@ -24,6 +23,7 @@ import pytest
 
 from harness.agent import AgentProcess
 from harness.airflow import AIRFLOW_2_VERSION, AIRFLOW_VERSION, PASSWORD, AirflowAPI, AirflowServer
+from harness.processes import alive, process_group
 from harness.sidecar import AgentRef, SidecarProcess
 
 pytestmark = pytest.mark.airflow
@@ -112,28 +112,6 @@ def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
             airflow.stop()
 
 
-def job_tree(pid: int) -> list[psutil.Process]:
-    """Every process in the job's process group (the agent starts each job as a group leader)."""
-    tree = []
-    for proc in psutil.process_iter():
-        try:
-            if os.getpgid(proc.pid) == pid:
-                tree.append(proc)
-        except (ProcessLookupError, psutil.NoSuchProcess):
-            continue
-    return tree
-
-
-def alive(procs: list[psutil.Process]) -> list[psutil.Process]:
-    def running(proc: psutil.Process) -> bool:
-        try:
-            return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
-        except psutil.NoSuchProcess:
-            return False
-
-    return [p for p in procs if running(p)]
-
-
 def wait_until(predicate: Callable[[], bool], *, timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -154,8 +132,8 @@ def running_job(
     assert job["try_number"] == (try_number if try_number is not None else ti["try_number"])
     assert job["status"] == "RUNNING"
     pid = stack.agent_pid(job["job_id"])
-    wait_until(lambda: len(job_tree(pid)) >= TREE_SIZE, timeout=10, what="job tree started")
-    return job, job_tree(pid)
+    wait_until(lambda: len(process_group(pid)) >= TREE_SIZE, timeout=10, what="job tree started")
+    return job, process_group(pid)
 
 
 def stopped(stack: Stack, job: dict[str, Any], tree: list[psutil.Process], status: str) -> Callable[[], bool]:
