@@ -729,8 +729,8 @@ def errors_line(cases: dict[str, Case], server_errors: Counter[str]) -> str:
         + (
             ": SQLAlchemy's connection pool ran dry (Airflow's defaults: `sql_alchemy_pool_size` 5 + "
             "`sql_alchemy_max_overflow` 10 per api-server worker; a request then waits 30 s for a "
-            "connection and fails), so concurrent single reads beyond a handful per worker cost Airflow "
-            "errors, not throughput."
+            "connection and fails): reads beyond what the pool serves wait and fail instead of adding "
+            "throughput (compare the 4-in-flight sample)."
             if pool
             else "."
         )

@@ -49,6 +49,7 @@ class PollConfig:
     full_resync_seconds: float = 30.0
     overlap_seconds: float = 10.0
     agent_sync_per_cycle: int = 50
+    max_concurrent_reads: int = 8
 
 
 @dataclass(frozen=True)
@@ -216,6 +217,7 @@ def _validate(config: ReconcilerConfig) -> None:
         (config.airflow.timeout_seconds > 0, "[airflow] timeout_seconds: must be > 0"),
         (config.poll.interval_seconds > 0, "[poll] interval_seconds: must be > 0"),
         (config.poll.agent_sync_per_cycle >= 0, "[poll] agent_sync_per_cycle: must be >= 0"),
+        (config.poll.max_concurrent_reads >= 1, "[poll] max_concurrent_reads: must be >= 1"),
         (config.stop.attempts >= 1, "[stop] attempts: must be >= 1"),
         (config.stop.concurrency >= 1, "[stop] concurrency: must be >= 1"),
         (config.stop.timeout_seconds > 0, "[stop] timeout_seconds: must be > 0"),

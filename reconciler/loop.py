@@ -31,7 +31,7 @@ from router_db import JobRecord, JobStatus, RouterDB, StaleTransition
 
 log = logging.getLogger("reconciler.loop")
 
-READ_CONCURRENCY = 16  # direct reads in flight at once: bounded load on Airflow
+AGENT_READ_CONCURRENCY = 16  # status reads of the rolling agent sweep in flight at once
 T = TypeVar("T")
 
 
@@ -138,7 +138,7 @@ class Reconciler:
             if job.job_id in observations
             and isinstance(decide(job.key.try_number, observations[job.job_id]), Stop)
         ]
-        verdicts = await _bounded(READ_CONCURRENCY, [self._confirm(job) for job in suspects])
+        verdicts = await _bounded(self._poll.max_concurrent_reads, [self._confirm(job) for job in suspects])
         report.stops = [(job, verdict) for job, verdict in zip(suspects, verdicts, strict=True) if verdict]
         report.unconfirmed = len(suspects) - len(report.stops)
         if report.stops and not dry_run:
@@ -179,7 +179,7 @@ class Reconciler:
         read_started = datetime.now(UTC)
         if self._poll.strategy == "naive":
             report.read = "naive"
-            tis = await _bounded(READ_CONCURRENCY, [self._direct(job) for job in live])
+            tis = await _bounded(self._poll.max_concurrent_reads, [self._direct(job) for job in live])
             return {job.job_id: obs for job, obs in zip(live, tis, strict=True)}
         if full or self._watermark is None:
             report.read = "full"
@@ -252,7 +252,9 @@ class Reconciler:
 
     async def sync_from_agents(self, jobs: Sequence[JobRecord]) -> None:
         """The reverse direction: record jobs that ended on their agent without anyone noticing."""
-        await _bounded(READ_CONCURRENCY, [refresh_from_agent(self._db, self._agents, job) for job in jobs])
+        await _bounded(
+            AGENT_READ_CONCURRENCY, [refresh_from_agent(self._db, self._agents, job) for job in jobs]
+        )
 
 
 async def refresh_from_agent(
