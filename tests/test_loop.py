@@ -8,6 +8,7 @@ same loop against a real Airflow is covered by tests/test_airflow_e2e.py.
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -340,3 +341,35 @@ def test_the_rolling_agent_sweep_records_exits_nobody_reported(db: RouterDB, tmp
 
         assert asyncio.run(scenario()) == [3, 1, 0]
     assert all(db.get(j.job_id).rc == 0 for j in jobs)  # type: ignore[union-attr]
+
+
+def test_a_stop_pending_past_its_deadline_is_sent_with_force(db: RouterDB, tmp_path: Path) -> None:
+    # A job that ignores SIGTERM on an agent with a long grace period: only force (SIGKILL at once)
+    # can end it quickly.
+    with AgentProcess(tmp_path / "agent", agent_id="agent-1", token="t0ken", grace_seconds=60) as agent:
+        pool = AgentPool([AgentEntry("agent-1", agent.url)], {"agent-1": "t0ken"}, timeout=5, stop_timeout=90)
+        job, _ = db.submit(NewJob(TaskInstanceKey("d", "t", "r"), "agent-1", "trap '' TERM; sleep 60"))
+
+        async def scenario() -> float:
+            try:
+                await pool.client("agent-1").run(job.job_id, {"command": "trap '' TERM; sleep 60"})
+                await asyncio.sleep(0.5)
+                db.mark_running(job.job_id, source="submit")
+                db.request_stop(
+                    job.job_id, stop_status=JobStatus.FAILED, reason="task instance is failed", source="t"
+                )
+                metrics = Metrics()
+                config = StopConfig(attempts=1, force_after_seconds=0.1)  # the intent is already overdue
+                dispatcher = StopDispatcher(db, pool, metrics, config)
+                await asyncio.sleep(0.2)
+                started = time.monotonic()
+                dispatcher.resume(db.get(job.job_id))  # type: ignore[arg-type]
+                await dispatcher.drain(30)
+                return time.monotonic() - started
+            finally:
+                await pool.close()
+
+        took = asyncio.run(scenario())
+    done = db.get(job.job_id)
+    assert done is not None and done.status is JobStatus.FAILED and done.rc == -9
+    assert took < 10, f"force was not used: the stop waited {took:.1f} s"
