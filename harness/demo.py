@@ -111,19 +111,24 @@ def demo(airflow: AirflowServer, agent: AgentProcess, sidecar: SidecarProcess) -
         stop_intent = next(e for e in events if e["new_status"] == "STOPPING")
         final = next(e for e in events if e["new_status"] == "FAILED")
 
-        def offset(at: datetime | str) -> str:
+        def seconds(at: datetime | str) -> float:
             moment = datetime.fromisoformat(at) if isinstance(at, str) else at
-            return f"T+{(moment - marked).total_seconds():6.3f} s"
+            return (moment - marked).total_seconds()
 
-        say("")
-        say(f"      {'T+ 0.000 s':<12} long_job marked failed in Airflow")
-        say(
-            f"      {offset(stop_intent['at']):<12} reconciler saw the divergence, confirmed it by a direct "
-            "read, recorded the stop intent (STOPPING) and sent the stop to agent-1"
-        )
-        say(f"      {offset(gone):<12} remote process group gone ({len(tree)} processes, none left)")
         outcome = f"{job['status']} (rc={job['rc']}, reason: {job['reason']})"
-        say(f"      {offset(final['at']):<12} router DB: {outcome}")
+        timeline = [
+            (0.0, "long_job marked failed in Airflow"),
+            (
+                seconds(stop_intent["at"]),
+                "reconciler saw the divergence, confirmed it by a direct read, recorded the stop intent "
+                "(STOPPING) and sent the stop to agent-1",
+            ),
+            (seconds(gone), f"remote process group gone ({len(tree)} processes, none left)"),
+            (seconds(final["at"]), f"router DB: {outcome}"),
+        ]
+        say("")
+        for at, what in sorted(timeline):
+            say(f"      T+{at:6.3f} s   {what}")
         say("")
         sibling_id, sibling_tree = trees["sibling_job"]
         sibling = client.get(f"/jobs/{sibling_id}").json()
