@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from agent.tls import server_context
+
 ENV_PREFIX = "AGENTIC_AGENT_"
 DEFAULT_TOKEN_ENV = "AGENTIC_AGENT_TOKEN"
 DEFAULT_HOME = Path("/var/lib/agentic-agent")
@@ -61,22 +63,10 @@ class AgentConfig:
         """The TLS context to serve with, or None for plain HTTP; raises ConfigError naming the file."""
         if self.tls_cert_file is None or self.tls_key_file is None:
             return None
-        for key, path in (("tls_cert_file", self.tls_cert_file), ("tls_key_file", self.tls_key_file)):
-            try:
-                with path.open("rb"):
-                    pass
-            except OSError as exc:
-                raise ConfigError(f"{key}: cannot read {path}: {exc.strerror}") from None
-        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        context.minimum_version = ssl.TLSVersion.TLSv1_2
         try:
-            context.load_cert_chain(self.tls_cert_file, self.tls_key_file)
-        except ssl.SSLError as exc:
-            raise ConfigError(
-                f"tls_cert_file, tls_key_file: {self.tls_cert_file} and {self.tls_key_file} are not a PEM "
-                f"certificate and its matching unencrypted private key ({exc.reason or exc})"
-            ) from None
-        return context
+            return server_context(self.tls_cert_file, self.tls_key_file)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
 
 
 # key -> (parser of a TOML/env value, default); the parser raises ConfigError naming the key.

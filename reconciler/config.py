@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar, get_args, get_origin, get_type_hints
 
+from agent.tls import server_context
+
 ENV_PREFIX = "AGENTIC_RECONCILER_"
 API_VERSIONS = ("auto", "v2", "v1")
 STRATEGIES = ("incremental", "batch", "naive")
@@ -85,22 +87,10 @@ class HttpConfig:
             raise ConfigError(f"[http] {missing}: set tls_cert_file and tls_key_file both, or neither")
         if not self.tls_cert_file:
             return None
-        for key, name in (("tls_cert_file", self.tls_cert_file), ("tls_key_file", self.tls_key_file)):
-            try:
-                with open(name, "rb"):
-                    pass
-            except OSError as exc:
-                raise ConfigError(f"[http] {key}: cannot read {name}: {exc.strerror}") from None
-        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        context.minimum_version = ssl.TLSVersion.TLSv1_2
         try:
-            context.load_cert_chain(self.tls_cert_file, self.tls_key_file)
-        except ssl.SSLError as exc:
-            raise ConfigError(
-                f"[http] tls_cert_file, tls_key_file: {self.tls_cert_file} and {self.tls_key_file} are not "
-                f"a PEM certificate and its matching unencrypted private key ({exc.reason or exc})"
-            ) from None
-        return context
+            return server_context(self.tls_cert_file, self.tls_key_file)
+        except ValueError as exc:
+            raise ConfigError(f"[http] {exc}") from None
 
 
 @dataclass(frozen=True)
