@@ -6,9 +6,7 @@ loopback from a thread; the agent and the sidecar are real processes. Every wait
 
 from __future__ import annotations
 
-import asyncio
 import re
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -16,11 +14,10 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
-from aiohttp import web
 
 from bench.standins import AirflowStandIn, recorded_task_instance
 from harness.agent import AgentProcess
-from harness.processes import free_port
+from harness.served import ServedApp
 from harness.sidecar import AgentRef, SidecarProcess
 from router_db import JobRecord, JobStatus, RouterDB
 
@@ -28,37 +25,16 @@ AGENT_DOWN_SECONDS = 60.0  # the outage the issue names; backoff caps at 5 s
 KEY = ("d", "r", "t", -1)  # (dag_id, run_id, task_id, map_index) of the one task instance
 
 
-class ServedAirflow:
+class ServedAirflow(ServedApp):
     """The Airflow stand-in on a loopback port, served by its own event loop in a thread."""
 
     def __init__(self) -> None:
         self.standin = AirflowStandIn(recorded_task_instance())
-        self.port = free_port()
-        self._loop = asyncio.new_event_loop()
-        self._runner = web.AppRunner(self.standin.app(), access_log=None)
-        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self) -> None:
-        self._thread.start()
-        asyncio.run_coroutine_threadsafe(self._serve(), self._loop).result(timeout=10)
-
-    async def _serve(self) -> None:
-        await self._runner.setup()
-        await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
+        super().__init__(self.standin.app())
 
     def mark(self, state: str) -> None:
         """A person marks the task instance: new state, updated now."""
-        self._loop.call_soon_threadsafe(self.standin.flip, [KEY], state)
-
-    def stop(self) -> None:
-        asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(timeout=10)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(timeout=10)
-        self._loop.close()
+        self.call_soon(self.standin.flip, [KEY], state)
 
 
 @pytest.fixture

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
@@ -26,7 +25,7 @@ from aiohttp import web
 
 from bench.standins import AirflowStandIn, recorded_task_instance
 from harness.agent import AgentProcess
-from harness.processes import free_port
+from harness.served import ServedApp
 from harness.sidecar import AgentRef, SidecarProcess
 from router_db import JobStatus, RouterDB
 
@@ -38,7 +37,7 @@ BATCH_PATH = "/api/v2/dags/~/dagRuns/~/taskInstances/list"
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-class FaultyAirflow:
+class FaultyAirflow(ServedApp):
     """The stand-in behind a switchable fault layer; ``mode`` is set from the test's thread.
 
     Modes: ``ok``; ``500``; ``hang`` (past the client's timeout); ``slow`` (within it); ``expired``
@@ -53,30 +52,9 @@ class FaultyAirflow:
         self.mode = "ok"
         self.logins = 0
         self.valid_token: str | None = None  # in "expired" mode: the only token accepted
-        self.port = free_port()
-        self._loop = asyncio.new_event_loop()
         app = self.standin.app()
         app.middlewares.append(self._fault)
-        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
-        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self) -> None:
-        self._thread.start()
-        asyncio.run_coroutine_threadsafe(self._serve(), self._loop).result(timeout=10)
-
-    async def _serve(self) -> None:
-        await self._runner.setup()
-        await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
-
-    def stop(self) -> None:
-        asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(timeout=10)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(timeout=10)
-        self._loop.close()
+        super().__init__(app)
 
     def set_mode(self, mode: str) -> None:
         if mode == "expired":
@@ -85,7 +63,7 @@ class FaultyAirflow:
 
     def mark(self, state: str) -> None:
         """The truth changes (a person marks the task instance): new state, updated now."""
-        self._loop.call_soon_threadsafe(self.standin.flip, [KEY], state)
+        self.call_soon(self.standin.flip, [KEY], state)
 
     def failed_ti(self, **changes: Any) -> dict[str, Any]:
         """The task instance as a faulty answer reports it: ``failed``, with ``changes`` applied."""

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,7 +27,7 @@ import pytest
 from aiohttp import web
 from sqlalchemy import func, select
 
-from harness.processes import free_port
+from harness.served import ServedApp
 from harness.sidecar import AgentRef, SidecarProcess
 from router_db import RouterDB
 from router_db.models import Job
@@ -40,23 +39,16 @@ TOTAL = int(RATE * SECONDS)
 P99_BOUND = 5.0  # seconds: catches a gross regression; the figure itself is printed, not graded
 
 
-class InstantAgent:
+class InstantAgent(ServedApp):
     """An agent that accepts every job at once and reports it running; served from a thread."""
 
     def __init__(self) -> None:
-        self.port = free_port()
         self.runs = 0
-        self._loop = asyncio.new_event_loop()
         app = web.Application()
         app.router.add_post("/run", self.run)
         app.router.add_get("/jobs/{job_id}", self.job)
         app.router.add_get("/health", self.health)
-        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
-        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        super().__init__(app)
 
     @staticmethod
     def info(job_id: str) -> dict[str, object]:
@@ -80,20 +72,6 @@ class InstantAgent:
 
     async def health(self, request: web.Request) -> web.Response:
         return web.json_response({"ok": True})
-
-    def start(self) -> None:
-        self._thread.start()
-        asyncio.run_coroutine_threadsafe(self._serve(), self._loop).result(timeout=10)
-
-    async def _serve(self) -> None:
-        await self._runner.setup()
-        await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
-
-    def stop(self) -> None:
-        asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(timeout=10)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(timeout=10)
-        self._loop.close()
 
 
 @pytest.fixture

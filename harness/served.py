@@ -1,0 +1,44 @@
+"""An aiohttp app served on loopback from its own event loop in a thread: stand-ins for tests."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from aiohttp import web
+
+from harness.processes import free_port
+
+
+class ServedApp:
+    """Serves ``app`` on 127.0.0.1 while a synchronous test drives other processes against it."""
+
+    def __init__(self, app: web.Application) -> None:
+        self.port = free_port()
+        self._loop = asyncio.new_event_loop()
+        self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
+        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        self._thread.start()
+        asyncio.run_coroutine_threadsafe(self._serve(), self._loop).result(timeout=10)
+
+    async def _serve(self) -> None:
+        await self._runner.setup()
+        await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
+
+    def call_soon(self, fn: Callable[..., Any], *args: Any) -> None:
+        """Run ``fn(*args)`` on the serving loop: state the handlers read changes between requests."""
+        self._loop.call_soon_threadsafe(fn, *args)
+
+    def stop(self) -> None:
+        asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(timeout=10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
+        self._loop.close()
