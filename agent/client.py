@@ -28,7 +28,7 @@ from __future__ import annotations
 import json
 import os
 import ssl
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from types import TracebackType
 from typing import Any, TypeVar
 
@@ -131,6 +131,19 @@ class AgentClient:
         path = f"/jobs/{validate_job_id(job_id)}"
         return _parse(JobInfo.from_json, await self._json("GET", path), f"GET {self.base_url}{path}")
 
+    async def jobs(self, *statuses: str) -> list[JobInfo]:
+        """Every job the agent knows, or those of the given statuses (e.g. ``"RUNNING"``)."""
+        where = f"GET {self.base_url}/jobs"
+        raw, _ = await self._request("GET", "/jobs", params=[("status", s) for s in statuses])
+        try:
+            answer = json.loads(raw)
+        except (ValueError, RecursionError):
+            raise AgentUnavailable(f"{where}: answer is not JSON") from None
+        items = answer.get("jobs") if isinstance(answer, dict) else None
+        if not isinstance(items, list):
+            raise AgentUnavailable(f"{where}: answer lacks a jobs list")
+        return [_parse(JobInfo.from_json, item, where) for item in items]
+
     async def log(self, job_id: str, offset: int = 0, limit: int | None = None) -> LogChunk:
         if offset < 0 or (limit is not None and limit < 0):
             raise ValueError("offset and limit must not be negative")
@@ -174,7 +187,7 @@ class AgentClient:
         path: str,
         *,
         body: object = None,
-        params: Mapping[str, str] | None = None,
+        params: Mapping[str, str] | Sequence[tuple[str, str]] | None = None,
         timeout: float | None = None,
     ) -> tuple[bytes, Mapping[str, str]]:
         """One HTTP exchange; returns a 2xx answer, raises the documented errors for anything else."""

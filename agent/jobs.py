@@ -153,6 +153,14 @@ class JobManager:
     def get(self, job_id: str) -> JobInfo:
         return self._job(job_id).record.info()
 
+    def list(self, statuses: frozenset[JobStatus] | None = None) -> list[JobInfo]:
+        """Every job this agent knows (optionally of some statuses), in job-id order."""
+        return [
+            job.record.info()
+            for job_id, job in sorted(self._jobs.items())
+            if statuses is None or job.record.status in statuses
+        ]
+
     async def read_log(self, job_id: str, *, offset: int, limit: int | None) -> LogChunk:
         job = self._job(job_id)
         size_limit = MAX_LOG_CHUNK if limit is None else min(limit, MAX_LOG_CHUNK)
@@ -278,10 +286,36 @@ class JobManager:
     # ------------------------------------------------------------------------------ stop
 
     async def stop(self, job_id: str, *, force: bool, reason: str) -> StopResult:
-        """Stop the job's whole process tree; answers once it is gone. Idempotent."""
+        """Stop the job's whole process tree; answers once it is gone. Idempotent.
+
+        A job this agent has never seen gets a tombstone: a FAILED record under its id, so that a
+        ``/run`` still on its way (sent before the stop, delayed by the network or a paused agent)
+        is refused instead of starting work nobody will ever stop.
+        """
+        if job_id not in self._jobs:
+            return self._tombstone(job_id, reason or "stop requested")
         job = self._job(job_id)
         task = self._background(self._stop(job, force=force, reason=reason or "stop requested"))
         return await asyncio.shield(task)  # a client that hangs up does not leave a half-done stop
+
+    def _tombstone(self, job_id: str, reason: str) -> StopResult:
+        path = self._root / job_id
+        try:
+            path.mkdir(mode=0o700)
+        except FileExistsError:  # a directory without a loadable state: leave it, refuse the id
+            pass
+        record = JobRecord(
+            job_id,
+            JobStatus.FAILED,
+            boot_id=self._boot_id,
+            reason=f"stopped before it started: {reason}",
+            finished_at=_now(),
+        )
+        job = _Job(JobDir(path), record)
+        job.save(record)
+        self._jobs[job_id] = job
+        log.info("job %s: stop before any run; its id is now refused", job_id)
+        return _already_finished(record)
 
     async def _stop(self, job: _Job, *, force: bool, reason: str) -> StopResult:
         async with job.lock:

@@ -10,11 +10,13 @@ Routes (JSON in and out unless noted):
   needs an agent running as root; ``timeout_seconds`` stops the job (SIGTERM, grace, SIGKILL) with a
   reason saying so.
   A job that could not be started is answered with 201 and status ``FAILED``, ``reason`` says why.
+- ``GET /jobs?status=S`` (``status`` repeatable, optional) -> ``{"jobs": [job, ...]}`` in job-id order.
 - ``GET /jobs/{job_id}`` -> the job.
 - ``GET /jobs/{job_id}/log?offset=N&limit=M`` -> the log's bytes from ``offset`` (``text/plain``), with
   headers ``X-Log-Size`` (whole log) and ``X-Next-Offset`` (where to continue).
 - ``POST /stop/{job_id}`` ``{"force": false, "reason": "..."}`` (body optional) -> once the tree is gone,
-  ``{"ok", "message", "status", "rc", "action", "signal", "reason"}``.
+  ``{"ok", "message", "status", "rc", "action", "signal", "reason"}``. A stop of a job the agent
+  has never seen leaves a tombstone (a FAILED job of that id): a ``/run`` arriving later is refused.
 - ``GET /health`` -> ``{"status": "ok", "agent_id", "jobs_running"}``; the only route without a token.
 
 Auth: ``Authorization: Bearer <token>`` or ``X-Agent-Token: <token>``; any of the configured tokens
@@ -39,7 +41,13 @@ from aiohttp import web
 
 from agent.config import AgentConfig
 from agent.jobs import JobManager, JobRejected
-from agent.protocol import ProtocolError, parse_run_request, parse_stop_request, validate_job_id
+from agent.protocol import (
+    JobStatus,
+    ProtocolError,
+    parse_run_request,
+    parse_stop_request,
+    validate_job_id,
+)
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +141,16 @@ async def _run(request: web.Request) -> web.Response:
     return web.json_response(info.to_json(), status=201)
 
 
+async def _list(request: web.Request) -> web.Response:
+    """``GET /jobs?status=RUNNING&status=QUEUED``: the sidecar's orphan sweep, one request per agent."""
+    wanted = request.query.getall("status", [])
+    try:
+        statuses = frozenset(JobStatus(value) for value in wanted) if wanted else None
+    except ValueError:
+        raise ProtocolError(f"status must be one of {', '.join(s.value for s in JobStatus)}") from None
+    return web.json_response({"jobs": [info.to_json() for info in request.app[_JOBS].list(statuses)]})
+
+
 async def _get(request: web.Request) -> web.Response:
     return web.json_response(request.app[_JOBS].get(_job_id(request)).to_json())
 
@@ -173,6 +191,7 @@ def create_app(config: AgentConfig, jobs: JobManager) -> web.Application:
     app[_TOKENS] = tuple(token.encode() for token in config.tokens)
     app[_JOBS] = jobs
     app.router.add_post("/run", _run)
+    app.router.add_get("/jobs", _list)
     app.router.add_get("/jobs/{job_id}", _get)
     app.router.add_get("/jobs/{job_id}/log", _log)
     app.router.add_post("/stop/{job_id}", _stop)

@@ -50,6 +50,8 @@ class SidecarProcess:
     ca_file: Path | None = None  # verifies the sidecar's certificate (harness and client())
     rate_limit_per_second: float | None = None  # [http] rate_limit_per_second, written when set
     rate_limit_burst: int | None = None
+    # TOML appended verbatim: whole sections the fields above do not write (e.g. "[fleet]\n...").
+    extra_config: str = ""
     proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -110,7 +112,7 @@ class SidecarProcess:
         if self.lease_seconds is not None:
             lines += ["[leader]", f"lease_seconds = {self.lease_seconds}"]
         path = self.workdir / "reconciler.toml"
-        path.write_text("\n".join(lines) + "\n")
+        path.write_text("\n".join(lines) + "\n" + self.extra_config)
         return path
 
     def env(self) -> dict[str, str]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import aiohttp
 
@@ -25,6 +25,10 @@ class AgentPool:
         self._stop_timeout = stop_timeout
         self._clients: dict[str, AgentClient] = {}
         self._next = 0
+        self.avoid: Callable[[str], bool] = lambda agent_id: False  # set by the fleet's liveness
+
+    def ids(self) -> list[str]:
+        return sorted(self._entries)
 
     def client(self, agent_id: str) -> AgentClient:
         if agent_id not in self._entries:
@@ -53,6 +57,8 @@ class AgentPool:
         matching = sorted(e.id for e in self._entries.values() if wanted <= set(e.labels))
         if not matching:
             raise NoAgent(f"no agent has labels {sorted(wanted)}")
+        # Lost agents get no new work while another one can take it.
+        matching = [a for a in matching if not self.avoid(a)] or matching
         self._next += 1
         return matching[self._next % len(matching)]
 

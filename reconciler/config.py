@@ -100,6 +100,14 @@ class LeaderConfig:
 
 
 @dataclass(frozen=True)
+class FleetConfig:
+    lost_after_seconds: float = 120.0  # no answer for this long: the agent is lost, its jobs end FAILED
+    check_interval_seconds: float = 5.0  # how often each agent's /health is asked
+    check_timeout_seconds: float = 10.0  # one health check's limit (a slow answer is still an answer)
+    orphan_sweep_seconds: float = 60.0  # how often each agent's running jobs are compared with the DB
+
+
+@dataclass(frozen=True)
 class AgentEntry:
     id: str
     url: str
@@ -118,6 +126,7 @@ class ReconcilerConfig:
     http: HttpConfig = field(default_factory=HttpConfig)
     agents: list[AgentEntry] = field(default_factory=list)
     leader: LeaderConfig = field(default_factory=LeaderConfig)
+    fleet: FleetConfig = field(default_factory=FleetConfig)
 
 
 @dataclass(frozen=True)
@@ -220,6 +229,13 @@ def _validate(config: ReconcilerConfig) -> None:
         (bool(config.router_db.url), "[router_db] url: must not be empty"),
         (config.leader.lease_seconds >= 1, "[leader] lease_seconds: must be >= 1"),
         (bool(config.leader.lease_name), "[leader] lease_name: must not be empty"),
+        (config.fleet.lost_after_seconds > 0, "[fleet] lost_after_seconds: must be > 0"),
+        (config.fleet.check_interval_seconds > 0, "[fleet] check_interval_seconds: must be > 0"),
+        (
+            0 < config.fleet.check_timeout_seconds <= config.fleet.lost_after_seconds,
+            "[fleet] check_timeout_seconds: must be > 0 and at most lost_after_seconds",
+        ),
+        (config.fleet.orphan_sweep_seconds > 0, "[fleet] orphan_sweep_seconds: must be > 0"),
     ]
     for a in config.agents:
         checks.append(

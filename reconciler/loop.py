@@ -19,11 +19,12 @@ from typing import TypeVar
 
 from sqlalchemy.exc import SQLAlchemyError
 
-from agent.client import AgentError, JobNotFound
+from agent.client import AgentClient, AgentError, JobNotFound
 from reconciler.agents import AgentPool
 from reconciler.airflow import AirflowError, TaskInstance, TaskInstanceReader
 from reconciler.config import PollConfig
 from reconciler.decision import Absent, Keep, Observation, Observed, Stop, Unknown, decide
+from reconciler.fleet import AgentState, Fleet
 from reconciler.logs import job_fields
 from reconciler.metrics import Metrics
 from reconciler.stops import StopDispatcher
@@ -32,6 +33,9 @@ from router_db import JobRecord, JobStatus, RouterDB, StaleTransition
 log = logging.getLogger("reconciler.loop")
 
 AGENT_READ_CONCURRENCY = 16  # status reads of the rolling agent sweep in flight at once
+# A queued job its agent does not know is given up only this long after submission: well past the
+# sidecar's own /run request (10 s), which may still be on its way.
+START_GRACE_SECONDS = 60.0
 T = TypeVar("T")
 
 
@@ -63,8 +67,10 @@ class Reconciler:
         dispatcher: StopDispatcher,
         metrics: Metrics,
         poll: PollConfig,
+        fleet: Fleet | None = None,
     ) -> None:
         self._db = db
+        self._fleet = fleet
         self._airflow = airflow
         self._agents = agents
         self._dispatcher = dispatcher
@@ -75,9 +81,15 @@ class Reconciler:
         # reload tens of thousands of jobs; a full resync does.
         self._jobs: dict[str, JobRecord] = {}
         self._jobs_read: datetime | None = None
-        self._last_full = float("-inf")
+        self._next_full = float("-inf")  # monotonic time the next full read is due
+        self._full_failures = 0  # consecutive failed full reads (they back off, incrementals go on)
+        self.full_read_error: str | None = None  # why the last full read failed, while it keeps failing
         self._sync_cursor = ""  # job id up to which the rolling agent sweep has got
         self.last_success: float | None = None  # monotonic time of the last successful cycle
+
+    def agent_states(self) -> dict[str, str]:
+        """Each agent's liveness (live, suspect, lost) as this replica's loop sees it."""
+        return {} if self._fleet is None else {a: str(s) for a, s in self._fleet.states().items()}
 
     def known_jobs(self) -> list[JobRecord]:
         """The active jobs as of the last cycle (the loop's view of the router DB)."""
@@ -85,15 +97,21 @@ class Reconciler:
 
     async def run(self, stopping: asyncio.Event) -> None:
         self._metrics.leader.set(1)
-        while not stopping.is_set():
-            started = time.monotonic()
-            await self.cycle()
-            delay = max(0.0, self._poll.interval_seconds - (time.monotonic() - started))
-            try:
-                await asyncio.wait_for(stopping.wait(), timeout=delay)
-            except TimeoutError:
-                pass
-        self._metrics.leader.set(0)
+        if self._fleet is not None:
+            self._fleet.reset()  # a new term: agents get lost_after_seconds from now to answer
+        try:
+            while not stopping.is_set():
+                started = time.monotonic()
+                await self.cycle()
+                delay = max(0.0, self._poll.interval_seconds - (time.monotonic() - started))
+                try:
+                    await asyncio.wait_for(stopping.wait(), timeout=delay)
+                except TimeoutError:
+                    pass
+        finally:
+            if self._fleet is not None:
+                await self._fleet.close()  # a standby neither checks agents nor sweeps them
+            self._metrics.leader.set(0)
 
     async def cycle(self, *, dry_run: bool = False) -> CycleReport:
         """One reconciliation pass. With ``dry_run`` it reads and decides but changes nothing."""
@@ -118,18 +136,43 @@ class Reconciler:
 
     async def _cycle(self, dry_run: bool) -> CycleReport:
         full = (
-            self._poll.strategy == "batch"
-            or self._watermark is None
-            or time.monotonic() - self._last_full >= self._poll.full_resync_seconds
+            self._poll.strategy == "batch" or self._watermark is None or time.monotonic() >= self._next_full
         )
         jobs = await self._active_jobs(reload=full)
         self._metrics.active_jobs.set(len(jobs))
         self._metrics.stopping_jobs.set(sum(job.status is JobStatus.STOPPING for job in jobs))
         report = CycleReport(active=len(jobs))
         live = [j for j in jobs if j.status is not JobStatus.STOPPING]
-        if not dry_run:
-            for job in jobs:
-                self._dispatcher.resume(job)  # finishes stops left pending by a crash or an outage
+        if dry_run:
+            await self._against_airflow(live, report, full=full, dry_run=True)
+            return report
+        for job in jobs:
+            self._dispatcher.resume(job)  # finishes stops left pending by a crash or an outage
+        # Agent bookkeeping (exits, liveness, orphans) never waits for Airflow, nor Airflow for it.
+        outcomes = await asyncio.gather(
+            self._bookkeeping(jobs),
+            self._against_airflow(live, report, full=full, dry_run=False),
+            return_exceptions=True,
+        )
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
+        return report
+
+    async def _bookkeeping(self, jobs: Sequence[JobRecord]) -> None:
+        if self._fleet is not None:
+            await self._fleet.tick(jobs)
+        answering = [
+            job
+            for job in jobs
+            if job.status is not JobStatus.STOPPING
+            and (self._fleet is None or self._fleet.state(job.agent_id) is AgentState.LIVE)
+        ]
+        await self.sync_from_agents(self._next_to_sync(answering))
+
+    async def _against_airflow(
+        self, live: Sequence[JobRecord], report: CycleReport, *, full: bool, dry_run: bool
+    ) -> None:
         observations = await self._read(live, report, full=full)
         report.candidates = len(observations)
         suspects = [
@@ -143,11 +186,6 @@ class Reconciler:
         report.unconfirmed = len(suspects) - len(report.stops)
         if report.stops and not dry_run:
             await self._dispatcher.stop_many(report.stops, source="reconciler")
-
-        if not dry_run:
-            stopped = {job.job_id for job, _ in report.stops}
-            await self.sync_from_agents(self._next_to_sync([j for j in live if j.job_id not in stopped]))
-        return report
 
     def _next_to_sync(self, live: Sequence[JobRecord]) -> list[JobRecord]:
         """The next few jobs of a rolling sweep in job-id order, so agents see a bounded load
@@ -183,31 +221,71 @@ class Reconciler:
             return {job.job_id: obs for job, obs in zip(live, tis, strict=True)}
         if full or self._watermark is None:
             report.read = "full"
-            if not live:
-                await self._airflow.ping()  # nothing to read, but readiness must mean "Airflow answers"
-            # Page by page, keeping only what could stop a job: a full read of 100k task instances
-            # must not hold them all at once.
-            unseen = {ti_key(job): job for job in live}
-            found: dict[str, Observation] = {}
-            if live:
-                async for page in self._airflow.task_instance_pages(
-                    dag_ids={j.key.dag_id for j in live},
-                    run_ids={j.key.run_id for j in live},
-                    task_ids={j.key.task_id for j in live},
-                ):
-                    for ti in page:
-                        job = unseen.pop(ti.key, None)
-                        if job is not None and isinstance(decide(job.key.try_number, observe(ti)), Stop):
-                            found[job.job_id] = observe(ti)
-            found.update((job.job_id, Absent()) for job in unseen.values())
-            self._last_full = time.monotonic()
-            self._watermark = read_started
-            return found
-        report.read = "incremental"
+            try:
+                found = await self._full_read(live)
+            except AirflowError as exc:
+                self._full_read_failed(exc)
+                if self._watermark is None:
+                    # Nothing read yet: incremental reads start from here; the full read, when it
+                    # works again, finds what changed before.
+                    self._watermark = read_started
+                    raise
+                report.read = "incremental (full read failing)"
+            else:
+                if self.full_read_error is not None:
+                    log.info("full read of task instances works again", extra={"action": "full_read"})
+                self._full_failures, self.full_read_error = 0, None
+                self._metrics.full_resync_failing.set(0)
+                self._next_full = time.monotonic() + self._poll.full_resync_seconds
+                self._watermark = read_started
+                return found
+        else:
+            report.read = "incremental"
         since = self._watermark - timedelta(seconds=self._poll.overlap_seconds)
         changed = {ti.key: ti for ti in await self._airflow.changed_since(since)}
         self._watermark = read_started
         return {job.job_id: observe(changed[ti_key(job)]) for job in live if ti_key(job) in changed}
+
+    async def _full_read(self, live: Sequence[JobRecord]) -> dict[str, Observation]:
+        """Every live job's task instance through the batch endpoint; a job whose task instance is
+        not in the answer is absent (its run or task instance was deleted)."""
+        if not live:
+            await self._airflow.ping()  # nothing to read, but readiness must mean "Airflow answers"
+            return {}
+        # Several jobs may share a task-instance key (two tries, or a run deleted and created again):
+        # each is checked. Page by page, keeping only what could stop a job: a full read of 100k task
+        # instances must not hold them all at once.
+        unseen: dict[tuple[str, str, str, int], list[JobRecord]] = {}
+        for job in live:
+            unseen.setdefault(ti_key(job), []).append(job)
+        found: dict[str, Observation] = {}
+        async for page in self._airflow.task_instance_pages(
+            dag_ids={j.key.dag_id for j in live},
+            run_ids={j.key.run_id for j in live},
+            task_ids={j.key.task_id for j in live},
+        ):
+            for ti in page:
+                for job in unseen.pop(ti.key, ()):
+                    if isinstance(decide(job.key.try_number, observe(ti)), Stop):
+                        found[job.job_id] = observe(ti)
+        found.update((job.job_id, Absent()) for jobs in unseen.values() for job in jobs)
+        return found
+
+    def _full_read_failed(self, exc: AirflowError) -> None:
+        """Back off the full read (one poll interval, doubling up to full_resync_seconds); the
+        incremental reads go on every cycle meanwhile."""
+        self._full_failures += 1
+        delay = min(self._poll.full_resync_seconds, self._poll.interval_seconds * 2**self._full_failures)
+        self._next_full = time.monotonic() + delay
+        self.full_read_error = str(exc)
+        self._metrics.full_resync_failing.set(1)
+        log.error(
+            "full read of task instances failed (%d in a row, next in %.0f s); incremental reads go on: %s",
+            self._full_failures,
+            delay,
+            exc,
+            extra={"action": "full_read", "error": str(exc)},
+        )
 
     async def _direct(self, job: JobRecord) -> Observation:
         key = job.key
@@ -267,12 +345,13 @@ async def refresh_from_agent(
     """
     if job.status not in (JobStatus.QUEUED, JobStatus.RUNNING):
         return job
+    client = agents.client(job.agent_id)
     try:
-        info = await asyncio.wait_for(agents.client(job.agent_id).get(job.job_id), timeout)
+        info = await asyncio.wait_for(client.get(job.job_id), timeout)
     except JobNotFound:
         if job.status is not JobStatus.QUEUED:
             return job
-        return await _record(db, job, JobStatus.FAILED, None, "agent never started the job")
+        return await _never_started(db, client, job, timeout)
     except (AgentError, TimeoutError):
         return job
     if info.status in ("SUCCEEDED", "FAILED"):
@@ -285,6 +364,24 @@ async def refresh_from_agent(
         except StaleTransition:
             pass
     return job
+
+
+async def _never_started(db: RouterDB, client: AgentClient, job: JobRecord, timeout: float) -> JobRecord:
+    """A queued job its agent does not know. Its ``/run`` may still be on the way: only once that
+    request's time is long past is the job given up, and by a stop, which leaves a tombstone on the
+    agent so that a ``/run`` arriving even later is refused rather than started untracked."""
+    if (datetime.now(UTC) - job.created_at).total_seconds() < START_GRACE_SECONDS:
+        return job
+    try:
+        result = await asyncio.wait_for(client.stop(job.job_id, reason="never started"), timeout)
+    except JobNotFound:  # an agent without tombstones
+        pass
+    except (AgentError, TimeoutError):
+        return job
+    else:
+        if result.action != "already_finished":  # it started after all, late, and was stopped now
+            return await _record(db, job, JobStatus.FAILED, result.rc, "started too late; stopped")
+    return await _record(db, job, JobStatus.FAILED, None, "agent never started the job")
 
 
 async def _record(db: RouterDB, job: JobRecord, status: JobStatus, rc: int | None, reason: str) -> JobRecord:

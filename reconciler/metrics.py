@@ -25,7 +25,8 @@ class Metrics:
         )
         self.stop_requests = Counter(
             "reconciler_stop_requests",
-            "Stop calls to agents by outcome (stopped, already_finished, unknown_job, retry, rejected).",
+            "Stop calls to agents by outcome "
+            "(stopped, already_finished, survived, unknown_job, retry, rejected).",
             ["outcome"],
             registry=r,
         )
@@ -49,6 +50,22 @@ class Metrics:
         )
         self.last_success = Gauge(
             "reconciler_last_success_timestamp_seconds", "Unix time of the last successful cycle.", registry=r
+        )
+        self.agents = Gauge(
+            "reconciler_agents", "Configured agents by state (live, suspect, lost).", ["state"], registry=r
+        )
+        self.lost_jobs = Counter(
+            "reconciler_lost_agent_jobs", "Jobs ended FAILED because their agent was lost.", registry=r
+        )
+        self.orphans_stopped = Counter(
+            "reconciler_orphans_stopped",
+            "Jobs an agent still ran although the router DB had ended them (or never knew them), stopped.",
+            registry=r,
+        )
+        self.full_resync_failing = Gauge(
+            "reconciler_full_resync_failing",
+            "1 while the periodic full read of the active jobs' task instances keeps failing.",
+            registry=r,
         )
         self.leader = Gauge("reconciler_leader", "1 while this replica runs the poll loop.", registry=r)
 

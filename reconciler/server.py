@@ -369,7 +369,17 @@ class SidecarAPI:
             problems.append("no successful reconcile cycle recently (Airflow reachable?)")
         if problems:
             return web.json_response({"status": "not ready", "role": role, "problems": problems}, status=503)
-        return web.json_response({"status": "ready", "role": role})
+        # Still ready (the API serves, the incremental reads run), but people need to see these.
+        warnings = []
+        if role == "leader" and self._reconciler.full_read_error is not None:
+            warnings.append(f"full read of task instances failing: {self._reconciler.full_read_error}")
+        lost = [agent for agent, state in self._reconciler.agent_states().items() if state == "lost"]
+        if role == "leader" and lost:
+            warnings.append(f"agents lost: {', '.join(lost)}")
+        answer: dict[str, object] = {"status": "ready", "role": role}
+        if warnings:
+            answer["warnings"] = warnings
+        return web.json_response(answer)
 
     async def _job(self, request: web.Request) -> JobRecord:
         job_id = request.match_info["job_id"]

@@ -12,6 +12,7 @@ from aiohttp import web
 from reconciler.agents import AgentPool
 from reconciler.airflow import AirflowClient
 from reconciler.config import ReconcilerConfig, Secrets
+from reconciler.fleet import AgentState, Fleet
 from reconciler.leadership import Leadership
 from reconciler.loop import Reconciler
 from reconciler.metrics import Metrics
@@ -34,8 +35,10 @@ class Parts:
     metrics: Metrics
     dispatcher: StopDispatcher
     reconciler: Reconciler
+    fleet: Fleet
 
     async def close(self) -> None:
+        await self.fleet.close()
         await self.airflow.close()
         await self.agents.close()
         self.db.dispose()
@@ -61,6 +64,8 @@ def build(config: ReconcilerConfig, secrets: Secrets, *, create_schema: bool = T
         stop_timeout=config.stop.timeout_seconds,
     )
     dispatcher = StopDispatcher(db, agents, metrics, config.stop)
+    fleet = Fleet(db=db, agents=agents, metrics=metrics, config=config.fleet)
+    agents.avoid = lambda agent_id: fleet.state(agent_id) is AgentState.LOST
     reconciler = Reconciler(
         db=db,
         airflow=airflow,
@@ -68,8 +73,9 @@ def build(config: ReconcilerConfig, secrets: Secrets, *, create_schema: bool = T
         dispatcher=dispatcher,
         metrics=metrics,
         poll=config.poll,
+        fleet=fleet,
     )
-    return Parts(db, airflow, agents, metrics, dispatcher, reconciler)
+    return Parts(db, airflow, agents, metrics, dispatcher, reconciler, fleet)
 
 
 async def serve(config: ReconcilerConfig, secrets: Secrets) -> None:

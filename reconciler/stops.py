@@ -36,6 +36,8 @@ class StopDispatcher:
         self._inflight: dict[str, asyncio.Task[None]] = {}
         self._outcomes: list[tuple[Transition, asyncio.Future[JobRecord | None]]] = []
         self._flusher: asyncio.Task[None] | None = None
+        # Jobs whose last stop left processes alive after SIGKILL: their next attempt forces at once.
+        self._force: set[str] = set()
 
     @property
     def inflight(self) -> int:
@@ -87,6 +89,7 @@ class StopDispatcher:
             try:
                 result = await self._call_agent(job)
             except JobNotFound:
+                self._force.discard(job.job_id)
                 self._metrics.stop_requests.labels("unknown_job").inc()
                 log.warning("agent has no record of the job; recording it as ended", extra=fields)
                 await self._finish(
@@ -101,22 +104,29 @@ class StopDispatcher:
                 self._metrics.stop_requests.labels("retry").inc()
                 log.warning("agent unreachable; stop resumes next cycle", extra={**fields, "error": str(exc)})
                 return
+        if not result.ok:
+            # Processes survived SIGKILL (uninterruptible sleep, a frozen cgroup): not stopped. The
+            # job stays STOPPING and the next cycle tries again, with force.
+            self._force.add(job.job_id)
+            self._metrics.stop_requests.labels("survived").inc()
+            log.error("stop incomplete, retried next cycle: %s", result.message, extra=fields)
+            return
+        self._force.discard(job.job_id)
+        # The status chosen at intent stands whatever the process did meanwhile (a retried stop whose
+        # first answer was lost finds the job ended by that first stop); rc keeps the process truth.
+        status = job.stop_status or JobStatus.FAILED
         if result.action == "already_finished":
-            # The process ended on its own before the stop: record what it really did.
             self._metrics.stop_requests.labels("already_finished").inc()
-            status = (
-                JobStatus(result.status) if result.status in ("SUCCEEDED", "FAILED") else JobStatus.FAILED
-            )
             await self._finish(job, status, result.rc, f"{job.reason}; job had already ended on the agent")
         else:
             self._metrics.stop_requests.labels("stopped").inc()
-            await self._finish(job, job.stop_status or JobStatus.FAILED, result.rc, job.reason)
+            await self._finish(job, status, result.rc, job.reason)
         log.info("job stopped (rc=%s, %s)", result.rc, result.action, extra=fields)
 
     async def _call_agent(self, job: JobRecord) -> StopResult:
         client = self._agents.client(job.agent_id)
         # A stop that has not completed for force_after_seconds goes straight to SIGKILL.
-        overdue = (
+        overdue = job.job_id in self._force or (
             job.stop_requested_at is not None
             and (datetime.now(UTC) - job.stop_requested_at).total_seconds()
             >= self._config.force_after_seconds

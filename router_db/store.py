@@ -175,6 +175,15 @@ class RouterDB:
             row = session.get(Job, job_id)
             return _record(row) if row is not None else None
 
+    def get_many(self, job_ids: Sequence[str]) -> dict[str, JobRecord]:
+        """The jobs of these ids that exist, by id."""
+        found: dict[str, JobRecord] = {}
+        with self._sessions() as session:
+            for chunk in _chunks(job_ids):
+                query = select(Job.__table__).where(Job.job_id.in_(chunk))
+                found.update((row.job_id, _record(row)) for row in session.execute(query))
+        return found
+
     def find(self, key: TaskInstanceKey) -> JobRecord | None:
         """The job of exactly this task-instance try (the reverse mapping)."""
         with self._sessions() as session:

@@ -121,6 +121,8 @@ def series(name: str, values: str, **labels: str) -> dict[str, str]:
 
 HEALTHY = [
     series("reconciler_leader", "1x40"),
+    series("reconciler_agents", "0x40", state="lost"),
+    series("reconciler_full_resync_failing", "0x40"),
     series("reconciler_stopping_jobs", "0 2 0 1 0 0 3 0 0x32"),  # stops come and go within a cycle or two
     series("reconciler_last_success_timestamp_seconds", "0+60x40"),
     series("reconciler_cycles_total", "0+60x40", result="ok"),
@@ -186,6 +188,20 @@ SCENARIOS: list[tuple[str, list[dict[str, str]], str, int, dict[str, str]]] = [
         "stops stay pending for a quarter of an hour",
         [series("reconciler_stopping_jobs", "3x30")],
         "AgenticStopBacklog",
+        15,
+        LABELS,
+    ),
+    (
+        "an agent stops answering",
+        [series("reconciler_agents", "0 0 1 1 1 1 1", state="lost")],
+        "AgenticAgentLost",
+        4,
+        LABELS,
+    ),
+    (
+        "the full read keeps failing",
+        [series("reconciler_full_resync_failing", "1x20")],
+        "AgenticFullResyncFailing",
         15,
         LABELS,
     ),

@@ -40,6 +40,7 @@ class ScriptedAirflow:
     truth: dict[tuple[str, str, str, int], TaskInstance | None] = field(default_factory=dict)
     listed: list[TaskInstance] | None = None  # None: list reads return the truth
     fail_lists: bool = False
+    fail_batch: bool = False  # only the full read's batch endpoint fails (a 403, a proxy's 413)
     fail_direct: bool = False
     calls: list[str] = field(default_factory=list)
     since: list[datetime] = field(default_factory=list)
@@ -53,6 +54,8 @@ class ScriptedAirflow:
         self, *, dag_ids: Iterable[str], run_ids: Iterable[str], task_ids: Iterable[str]
     ) -> AsyncIterator[list[TaskInstance]]:
         self.calls.append("batch")
+        if self.fail_batch:
+            raise AirflowError("HTTP 403")
         yield self._list()
 
     async def get_task_instance(
@@ -175,6 +178,63 @@ def test_full_resync_runs_again_after_its_interval(db: RouterDB) -> None:
 
     run(scenario)
     assert airflow.calls.count("batch") == 2
+
+
+def test_the_full_read_checks_every_job_of_a_task_instance(db: RouterDB) -> None:
+    # Two live jobs of one task instance: the old try's job must go, whichever the read meets first.
+    old = running_job(db, "t", try_number=1)
+    new = running_job(db, "t", try_number=2)
+    gone_old, gone_new = running_job(db, "deleted", try_number=1), running_job(db, "deleted", try_number=2)
+    airflow = ScriptedAirflow(
+        truth={("d", "r", "t", -1): ti(new, "running"), ("d", "r", "deleted", -1): None}
+    )
+
+    async def scenario(pool: AgentPool) -> set[str]:
+        loop, _ = make_loop(db, airflow, pool)
+        report = await loop.cycle(dry_run=True)
+        assert report.read == "full"
+        return {job.job_id for job, _ in report.stops}
+
+    assert run(scenario) == {old.job_id, gone_old.job_id, gone_new.job_id}
+
+
+def test_a_failing_full_read_backs_off_and_incremental_reads_go_on(db: RouterDB) -> None:
+    job = running_job(db)
+    airflow = ScriptedAirflow(truth={("d", "r", "t", -1): ti(job, "deferred")})
+
+    async def scenario(pool: AgentPool) -> None:
+        loop, _ = make_loop(db, airflow, pool, full_resync_seconds=0.01, interval_seconds=0.5)
+        await loop.cycle()  # the first full read works
+        airflow.fail_batch = True
+        await asyncio.sleep(0.02)
+        report = await loop.cycle()  # full read due, and failing: this cycle still reads incrementally
+        assert report.read == "incremental (full read failing)" and report.result == "ok"
+        assert loop.full_read_error == "HTTP 403"
+        assert loop._metrics.full_resync_failing._value.get() == 1
+        airflow.truth[("d", "r", "t", -1)] = ti(job, "failed")  # a person marks the task failed
+        report = await loop.cycle()
+        assert report.read == "incremental" and [j.job_id for j, _ in report.stops] == [job.job_id]
+        assert airflow.calls.count("batch") == 2  # backing off: not retried every cycle
+        await asyncio.sleep(1.05)  # past the backoff (2 x interval): the full read is tried again
+        airflow.fail_batch = False
+        assert (await loop.cycle()).read == "full"
+        assert loop.full_read_error is None and loop._metrics.full_resync_failing._value.get() == 0
+
+    run(scenario)
+
+
+def test_a_full_read_failing_from_the_start_does_not_block_incremental_reads(db: RouterDB) -> None:
+    job = running_job(db)
+    airflow = ScriptedAirflow(truth={("d", "r", "t", -1): ti(job, "deferred")}, fail_batch=True)
+
+    async def scenario(pool: AgentPool) -> None:
+        loop, _ = make_loop(db, airflow, pool, interval_seconds=5.0)
+        assert (await loop.cycle()).result == "airflow_error"
+        airflow.truth[("d", "r", "t", -1)] = ti(job, "failed")
+        report = await loop.cycle()
+        assert report.read == "incremental" and [j.job_id for j, _ in report.stops] == [job.job_id]
+
+    run(scenario)
 
 
 def test_absent_in_a_full_read_stops_only_once_a_direct_read_confirms(db: RouterDB) -> None:
@@ -304,7 +364,7 @@ def test_no_sequence_of_observations_stops_a_job_whose_task_runs_on_its_own_try(
                 state, try_number = list_answer
                 airflow.listed = [ti(job, state, try_number)]
             if force_full:
-                loop._last_full = float("-inf")
+                loop._next_full = float("-inf")
             await loop.cycle()
 
     run(scenario)

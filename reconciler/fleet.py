@@ -1,0 +1,241 @@
+"""Agent liveness and the orphan sweep: the bookkeeping that needs agents, never Airflow.
+
+Each agent's ``/health`` is asked every ``check_interval_seconds``, in the background: a paused or
+hanging agent must not hold up the loop. An agent is **lost** once a health check *started*
+``lost_after_seconds`` after its last answer has failed. Counting from the start of a failed check (not
+from "now") means a sidecar that was itself paused, starved or restarted never declares a healthy
+agent lost: only a check sent after the whole silence counts. A lost agent's active jobs end ``FAILED``
+with a reason naming the agent and its last answer, so their tasks fail and Airflow's retries run.
+
+When a lost agent answers again, and every ``orphan_sweep_seconds`` for every agent, the agent's
+queued and running jobs are compared with the router DB: one the router DB has ended (or never heard
+of: started behind the sidecar's back) is an orphan, and is stopped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Coroutine, Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+from agent.client import AgentError, JobInfo
+from reconciler.agents import AgentPool
+from reconciler.config import FleetConfig
+from reconciler.metrics import Metrics
+from router_db import JobRecord, JobStatus, RouterDB, Transition
+
+log = logging.getLogger("reconciler.fleet")
+
+
+class AgentState(StrEnum):
+    """Also the ``state`` label of ``reconciler_agents``."""
+
+    LIVE = "live"  # its last health check answered
+    SUSPECT = "suspect"  # its last health check failed; not lost yet
+    LOST = "lost"  # silent for lost_after_seconds; its jobs were ended
+
+
+def agent_state(
+    *, last_contact: float, last_check_ok: bool, failed_check_started: float | None, lost_after: float
+) -> AgentState:
+    """The agent's state from the times of its last answer and of its latest failed check (monotonic)."""
+    if failed_check_started is not None and failed_check_started - last_contact >= lost_after:
+        return AgentState.LOST
+    return AgentState.LIVE if last_check_ok else AgentState.SUSPECT
+
+
+def lost_job_transition(job: JobRecord, reason: str) -> Transition:
+    """How a job of a lost agent ends: FAILED, or the status chosen when its stop was requested."""
+    if job.status is JobStatus.STOPPING:
+        return Transition.finish(
+            job.job_id, job.stop_status or JobStatus.FAILED, None, f"{job.reason}; {reason}"
+        )
+    return Transition.finish(job.job_id, JobStatus.FAILED, None, reason)
+
+
+def orphans(running: Iterable[JobInfo], records: dict[str, JobRecord]) -> list[tuple[str, str]]:
+    """The agent's jobs that must not run: ``(job_id, why)`` for each one the router DB has ended or
+    does not know."""
+    found = []
+    for info in running:
+        record = records.get(info.job_id)
+        if record is None:
+            found.append((info.job_id, "orphan: the router DB has no such job"))
+        elif not record.active:
+            found.append((info.job_id, f"orphan: the router DB has ended the job {record.status}"))
+    return found
+
+
+@dataclass
+class _Agent:
+    id: str
+    last_contact: float  # monotonic; the sidecar's start counts as contact
+    last_contact_at: datetime | None = None  # wall clock of the last answer; None: none since start
+    last_check_ok: bool = True
+    failed_check_started: float | None = None
+    last_error: str = ""
+    state: AgentState = AgentState.LIVE
+    next_check: float = 0.0
+    next_sweep: float = 0.0
+    tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    checking: bool = False
+    sweeping: bool = False
+
+
+class Fleet:
+    def __init__(
+        self,
+        *,
+        db: RouterDB,
+        agents: AgentPool,
+        metrics: Metrics,
+        config: FleetConfig,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._db = db
+        self._pool = agents
+        self._metrics = metrics
+        self._config = config
+        self._clock = clock
+        self._started_at = datetime.now(UTC)
+        now = clock()
+        self._agents = {
+            agent_id: _Agent(agent_id, last_contact=now, next_sweep=now + config.orphan_sweep_seconds)
+            for agent_id in agents.ids()
+        }
+
+    def reset(self) -> None:
+        """Count from now, as at start: after a pause (a standby term) silence says nothing yet."""
+        now = self._clock()
+        for agent in self._agents.values():
+            agent.last_contact = now
+            agent.failed_check_started = None
+            agent.next_sweep = min(agent.next_sweep, now + self._config.orphan_sweep_seconds)
+
+    def state(self, agent_id: str) -> AgentState:
+        agent = self._agents.get(agent_id)
+        return agent.state if agent is not None else AgentState.LIVE
+
+    def states(self) -> dict[str, AgentState]:
+        return {agent_id: agent.state for agent_id, agent in self._agents.items()}
+
+    async def tick(self, jobs: Sequence[JobRecord]) -> None:
+        """Start the checks and sweeps that are due, and end the jobs of lost agents. Returns at once
+        (but for the router DB write); the checks run in the background."""
+        now = self._clock()
+        lost_jobs: list[Transition] = []
+        for agent in self._agents.values():
+            self._update_state(agent)
+            if agent.state is AgentState.LOST:
+                reason = self._lost_reason(agent)
+                mine = [job for job in jobs if job.agent_id == agent.id and job.active]
+                lost_jobs += [lost_job_transition(job, reason) for job in mine]
+            if not agent.checking and now >= agent.next_check:
+                self._spawn(agent, self._check(agent))
+            if agent.state is AgentState.LIVE and not agent.sweeping and now >= agent.next_sweep:
+                self._spawn(agent, self._sweep(agent))
+        for state in AgentState:
+            self._metrics.agents.labels(state.value).set(sum(a.state is state for a in self._agents.values()))
+        if lost_jobs:
+            ended = await asyncio.to_thread(self._db.apply, lost_jobs, source="fleet")
+            count = sum(job is not None for job in ended)
+            self._metrics.lost_jobs.inc(count)
+            if count:
+                log.error("ended %d job(s) of lost agents", count, extra={"action": "end_lost_jobs"})
+
+    async def close(self) -> None:
+        tasks = [task for agent in self._agents.values() for task in agent.tasks]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _update_state(self, agent: _Agent) -> None:
+        state = agent_state(
+            last_contact=agent.last_contact,
+            last_check_ok=agent.last_check_ok,
+            failed_check_started=agent.failed_check_started,
+            lost_after=self._config.lost_after_seconds,
+        )
+        if state is agent.state:
+            return
+        fields = {"agent_id": agent.id, "action": f"agent_{state.value}"}
+        if state is AgentState.LOST:
+            log.error("%s; its jobs end FAILED", self._lost_reason(agent), extra=fields)
+        elif agent.state is AgentState.LOST:
+            log.warning("agent %s answers again; sweeping it for orphans", agent.id, extra=fields)
+            agent.next_sweep = self._clock()  # at once: its jobs were ended while it kept running them
+        agent.state = state
+
+    def _lost_reason(self, agent: _Agent) -> str:
+        since = (
+            f"since {agent.last_contact_at.isoformat(timespec='seconds')}"
+            if agent.last_contact_at is not None
+            else f"since the sidecar started at {self._started_at.isoformat(timespec='seconds')}"
+        )
+        error = f"; last error: {agent.last_error}" if agent.last_error else ""
+        limit = f"lost_after_seconds={self._config.lost_after_seconds:g}"
+        return f"agent {agent.id} lost: no answer {since} ({limit}){error}"
+
+    def _spawn(self, agent: _Agent, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coro)
+        agent.tasks.add(task)
+        task.add_done_callback(agent.tasks.discard)
+
+    async def _check(self, agent: _Agent) -> None:
+        agent.checking = True
+        started = self._clock()
+        try:
+            await asyncio.wait_for(self._pool.client(agent.id).health(), self._config.check_timeout_seconds)
+        except (AgentError, TimeoutError) as exc:
+            agent.last_check_ok = False
+            agent.failed_check_started = started
+            agent.last_error = (
+                str(exc)
+                if not isinstance(exc, TimeoutError)
+                else (f"no answer to /health within {self._config.check_timeout_seconds:g} s")
+            )
+        else:
+            agent.last_contact = self._clock()
+            agent.last_contact_at = datetime.now(UTC)
+            agent.last_check_ok = True
+            agent.failed_check_started = None
+            agent.last_error = ""
+        finally:
+            agent.checking = False
+            agent.next_check = started + self._config.check_interval_seconds
+
+    async def _sweep(self, agent: _Agent) -> None:
+        agent.sweeping = True
+        try:
+            await self.sweep(agent.id)
+        except Exception as exc:  # an unanswered sweep is retried at the next period
+            log.warning("orphan sweep of agent %s failed: %s", agent.id, exc, extra={"agent_id": agent.id})
+        finally:
+            agent.sweeping = False
+            agent.next_sweep = self._clock() + self._config.orphan_sweep_seconds
+
+    async def sweep(self, agent_id: str) -> int:
+        """Stop the agent's jobs that the router DB has ended or never knew; returns how many."""
+        client = self._pool.client(agent_id)
+        running = await client.jobs(str(JobStatus.QUEUED), str(JobStatus.RUNNING))
+        if not running:
+            return 0
+        records = await asyncio.to_thread(self._db.get_many, [info.job_id for info in running])
+        stopped = 0
+        for job_id, why in orphans(running, records):
+            fields = {"job_id": job_id, "agent_id": agent_id, "action": "stop_orphan"}
+            log.warning("stopping %s", why, extra=fields)
+            try:
+                result = await client.stop(job_id, reason=why)
+            except AgentError as exc:
+                log.warning("orphan stop failed; retried at the next sweep: %s", exc, extra=fields)
+                continue
+            if result.ok:
+                stopped += 1
+                self._metrics.orphans_stopped.inc()
+        return stopped
