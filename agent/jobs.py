@@ -162,9 +162,14 @@ class JobManager:
         ]
 
     async def read_log(self, job_id: str, *, offset: int, limit: int | None) -> LogChunk:
+        """Up to ``limit`` bytes (at most MAX_LOG_CHUNK) of the job's output from ``offset``.
+
+        ``next_offset`` is ``offset`` plus the bytes read: from at or past the end of the log, no bytes
+        and ``offset`` itself, so a client paging by it waits there for the log to grow.
+        """
         job = self._job(job_id)
         size_limit = MAX_LOG_CHUNK if limit is None else min(limit, MAX_LOG_CHUNK)
-        data, size = await asyncio.to_thread(job.dir.read_log, offset, size_limit)
+        data, size = await asyncio.to_thread(_read_log_chunk, job.dir, offset, size_limit)
         return LogChunk(data=data, next_offset=offset + len(data), size=size)
 
     def _job(self, job_id: str) -> _Job:
@@ -645,6 +650,22 @@ def _signal_name(number: int) -> str:
         return signal.Signals(number).name
     except ValueError:
         return f"signal {number}"
+
+
+def _read_log_chunk(job_dir: JobDir, offset: int, limit: int) -> tuple[bytes, int]:
+    """Up to ``limit`` bytes from ``offset`` and the log's size, seeking only within the log.
+
+    A seek past the file system's largest file size fails (EINVAL on ext4 beyond 16 TiB): an offset at
+    or past the end is answered from the size alone. The log only grows, so an offset below the size
+    seen here is inside the file when it is read.
+    """
+    try:
+        size = job_dir.log_path.stat().st_size
+    except FileNotFoundError:  # not started yet: an empty log
+        return b"", 0
+    if offset >= size or limit == 0:
+        return b"", size
+    return job_dir.read_log(offset, limit)
 
 
 def _append_log_line(job_dir: JobDir, line: str) -> None:

@@ -13,7 +13,9 @@ Routes (JSON in and out unless noted):
 - ``GET /jobs?status=S`` (``status`` repeatable, optional) -> ``{"jobs": [job, ...]}`` in job-id order.
 - ``GET /jobs/{job_id}`` -> the job.
 - ``GET /jobs/{job_id}/log?offset=N&limit=M`` -> the log's bytes from ``offset`` (``text/plain``), with
-  headers ``X-Log-Size`` (whole log) and ``X-Next-Offset`` (where to continue).
+  headers ``X-Log-Size`` (whole log) and ``X-Next-Offset`` (where to continue: ``offset`` plus the
+  bytes returned). ``offset`` and ``limit`` have at most 18 digits. From at or past the end of the log
+  the answer is no bytes and ``X-Next-Offset`` = ``offset``: a client paging by it waits where it is.
 - ``POST /stop/{job_id}`` ``{"force": false, "reason": "..."}`` (body optional) -> once the tree is gone,
   ``{"ok", "message", "status", "rc", "action", "signal", "reason"}``. A stop of a job the agent
   has never seen leaves a tombstone (a FAILED job of that id): a ``/run`` arriving later is refused.
@@ -23,9 +25,11 @@ Auth: ``Authorization: Bearer <token>`` or ``X-Agent-Token: <token>``; any of th
 is accepted (rotation), and every one of them is compared, each in constant time.
 TLS: with ``tls_cert_file`` and ``tls_key_file`` configured, the same API is served over HTTPS only.
 Job ids: ``^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$`` (see :mod:`agent.protocol`).
-Every failure is a JSON ``{"error": "..."}`` naming the problem: 400 bad input, 401 auth, 404 unknown
-job or route, 409 duplicate job, 413 body larger than ``max_body_bytes``, 500 a bug (logged). Rejected
-requests change nothing. Logs never contain the token: it is only read from headers, never logged.
+Every failure is a JSON ``{"error": "..."}`` naming the problem: 400 bad input (NUL or a lone
+surrogate in any string or key of a body included), 401 auth, 404 unknown job or route, 405 a method
+the route lacks (``Allow`` lists those it has), 409 duplicate job, 413 body larger than
+``max_body_bytes``, 500 a bug (logged). Rejected requests change nothing. Logs never contain the
+token: it is only read from headers, never logged.
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ from agent.protocol import (
     ProtocolError,
     parse_run_request,
     parse_stop_request,
+    text_problem,
     validate_job_id,
 )
 
@@ -74,7 +79,14 @@ async def _errors(request: web.Request, handler: _Handler) -> web.StreamResponse
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        return error_response(exc.status, exc.reason)
+        if exc.status != 405:
+            return error_response(exc.status, exc.reason)
+        allow = exc.headers.get("Allow", "")
+        response = error_response(
+            405, f"method {request.method} not allowed on {request.path}; allowed: {allow}"
+        )
+        response.headers["Allow"] = allow
+        return response
     except Exception:
         log.exception("unhandled error in %s %s", request.method, request.path)
         return error_response(500, "internal error in the agent (logged)")
@@ -117,9 +129,13 @@ async def _read_json(request: web.Request, *, allow_empty: bool = False) -> obje
             return {}
         raise ProtocolError("request body is empty; expected a JSON object")
     try:
-        return json.loads(body)
+        value = json.loads(body)
     except (ValueError, RecursionError):
         raise ProtocolError("request body is not valid JSON") from None
+    problem = text_problem(value)
+    if problem is not None:
+        raise ProtocolError(problem)
+    return value
 
 
 def _job_id(request: web.Request) -> str:
@@ -127,11 +143,12 @@ def _job_id(request: web.Request) -> str:
 
 
 def _query_int(request: web.Request, name: str) -> int | None:
+    """A non-negative integer of at most 18 digits (below 2**63: every file offset), or None if absent."""
     raw = request.query.get(name)
     if raw is None or raw == "":
         return None
     if not (raw.isascii() and raw.isdigit()) or len(raw) > 18:
-        raise ProtocolError(f"{name} must be a non-negative integer")
+        raise ProtocolError(f"{name} must be a non-negative integer of at most 18 digits")
     return int(raw)
 
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from agentic_airflow.sidecar import SidecarEndpoint
+from airflow.exceptions import AirflowNotFoundException
+
+from agentic_airflow.sidecar import SidecarEndpoint, SidecarError
 
 try:  # Airflow 3
     from airflow.sdk import BaseHook
@@ -22,13 +24,28 @@ def _endpoint(conn: Any) -> SidecarEndpoint:
     )
 
 
+def _undefined(conn_id: str) -> SidecarError:
+    return SidecarError(f"the connection {conn_id} is not defined")
+
+
 def get_endpoint(conn_id: str) -> SidecarEndpoint:
-    return _endpoint(BaseHook.get_connection(conn_id))
+    try:
+        conn = BaseHook.get_connection(conn_id)
+    except AirflowNotFoundException:
+        raise _undefined(conn_id) from None
+    return _endpoint(conn)
 
 
 async def aget_endpoint(conn_id: str) -> SidecarEndpoint:
-    if hasattr(BaseHook, "aget_connection"):  # Airflow >= 3.1: safe inside the triggerer's event loop
-        return _endpoint(await BaseHook.aget_connection(conn_id))
-    from asgiref.sync import sync_to_async
+    """The endpoint, read afresh (a rotated token is seen). Raises :class:`SidecarError` for a
+    connection that is missing or incomplete; whatever a secrets backend raises otherwise."""
+    try:
+        if hasattr(BaseHook, "aget_connection"):  # Airflow >= 3.1: safe inside the triggerer's event loop
+            conn = await BaseHook.aget_connection(conn_id)
+        else:
+            from asgiref.sync import sync_to_async
 
-    return _endpoint(await sync_to_async(BaseHook.get_connection)(conn_id))
+            conn = await sync_to_async(BaseHook.get_connection)(conn_id)
+    except AirflowNotFoundException:
+        raise _undefined(conn_id) from None
+    return _endpoint(conn)

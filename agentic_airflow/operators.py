@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from agentic_airflow.connection import get_endpoint
-from agentic_airflow.sidecar import TERMINAL, submit_job
+from agentic_airflow.sidecar import TERMINAL, logical_date_identity, submit_job
 from agentic_airflow.triggers import AgenticJobTrigger
 
 try:  # Airflow 3
@@ -14,6 +14,17 @@ try:  # Airflow 3
 except ImportError:  # Airflow 2
     from airflow.models import BaseOperator
 from airflow.exceptions import AirflowException
+
+
+def ti_identity(ti: Any, context: Any) -> str:
+    """What tells this task instance from one of a DAG run deleted and created again with the same
+    run_id: its id on Airflow 3 (a new one each try), its run's logical date on Airflow 2."""
+    ti_id = getattr(ti, "id", None)
+    if ti_id:
+        return str(ti_id)
+    dag_run = context.get("dag_run")
+    logical = getattr(dag_run, "execution_date", None) or getattr(dag_run, "logical_date", None)
+    return logical_date_identity(logical) if logical is not None else ""
 
 
 class AgenticRunOperator(BaseOperator):
@@ -71,6 +82,7 @@ class AgenticRunOperator(BaseOperator):
                 "run_id": ti.run_id,
                 "map_index": ti.map_index,
                 "try_number": ti.try_number,
+                "ti_identity": ti_identity(ti, context),
             },
         )
         self.log.info(

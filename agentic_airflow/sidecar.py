@@ -5,13 +5,25 @@ No Airflow import here, so it is usable and testable on its own.
 
 from __future__ import annotations
 
+import enum
+import json
+import math
 import ssl
 from dataclasses import dataclass
+from datetime import UTC, datetime
+from email.utils import parsedate_to_datetime
 from typing import Any
 
 import httpx
 
 TERMINAL = frozenset({"SUCCEEDED", "FAILED"})
+MAX_ERROR_CHARS = 300  # of an answer's error text quoted in a log line
+
+
+def logical_date_identity(moment: datetime) -> str:
+    """A run's logical date as the identity of its task instances on Airflow 2 (no task-instance id
+    there); the reconciler reads Airflow's API into the same text."""
+    return "logical_date:" + moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 class SidecarError(Exception):
@@ -91,17 +103,110 @@ def submit_job(
     return body
 
 
-async def get_job(client: httpx.AsyncClient, job_id: str) -> dict[str, Any]:
-    """``GET /jobs/{id}``. Raises :class:`SidecarError` on 4xx; httpx errors for transient faults."""
+class AnswerKind(enum.Enum):
+    """What an answer to ``GET /jobs/{id}`` means for a task waiting on the job."""
+
+    JOB = "job"  # the job's record: its status says whether it has ended
+    NO_SUCH_JOB = "no_such_job"  # the sidecar's own 404 for this id: it will never know the job
+    THROTTLED = "throttled"  # 429: the sidecar's rate limit (or a proxy's)
+    UNAUTHORIZED = "unauthorized"  # 401/403: a token rotation, or a connection not yet updated
+    UNAVAILABLE = "unavailable"  # 5xx: the sidecar, or a proxy in front of it, failed
+    UNUSABLE = "unusable"  # anything else: not JSON, the wrong shape, a proxy's 404 page, other 4xx
+
+
+@dataclass(frozen=True)
+class JobAnswer:
+    kind: AnswerKind
+    detail: str  # what happened, for a log line; never the token
+    job: dict[str, Any] | None = None  # the record, when kind is JOB
+    retry_after: float | None = None  # seconds the answer asked to wait (Retry-After), if any
+
+    @property
+    def final(self) -> bool:
+        """True when waiting longer cannot change the outcome: the job ended, or it does not exist."""
+        if self.kind is AnswerKind.NO_SUCH_JOB:
+            return True
+        return self.job is not None and self.job.get("status") in TERMINAL
+
+
+def classify_job_answer(
+    job_id: str,
+    *,
+    status_code: int,
+    content_type: str,
+    body: bytes,
+    retry_after: str | None,
+    now: datetime,
+) -> JobAnswer:
+    """Read an answer to ``GET /jobs/{job_id}``. Only a job record and the sidecar's own JSON
+    ``{"error": "job not found: <job_id>"}`` are facts about the job; every other answer says
+    something about the path to the sidecar (a restart, a proxy, a rate limit, a rotation) and is
+    worth waiting out, because the job may well be running meanwhile."""
+    parsed = _parse_object(body)
+    error = _error_text(parsed)
+    if status_code == 200:
+        if parsed is None:
+            return JobAnswer(AnswerKind.UNUSABLE, "HTTP 200 with a body that is not a JSON object")
+        if not isinstance(parsed.get("status"), str):
+            return JobAnswer(AnswerKind.UNUSABLE, "HTTP 200 without a job status")
+        if parsed.get("job_id", job_id) != job_id:
+            return JobAnswer(AnswerKind.UNUSABLE, "HTTP 200 describing another job")
+        return JobAnswer(AnswerKind.JOB, f"job status {parsed['status']}", job=parsed)
+    if status_code == 404:
+        if content_type.lower().startswith("application/json") and error == f"job not found: {job_id}":
+            return JobAnswer(AnswerKind.NO_SUCH_JOB, error)
+        return JobAnswer(
+            AnswerKind.UNUSABLE, "HTTP 404 without the sidecar's job-not-found answer (a proxy's page?)"
+        )
+    detail = f"HTTP {status_code}: {error}" if error else f"HTTP {status_code}"
+    wait = retry_after_seconds(retry_after, now=now)
+    if status_code == 429:
+        return JobAnswer(AnswerKind.THROTTLED, detail, retry_after=wait)
+    if status_code in (401, 403):
+        return JobAnswer(AnswerKind.UNAUTHORIZED, detail)
+    if status_code >= 500:
+        return JobAnswer(AnswerKind.UNAVAILABLE, detail, retry_after=wait)
+    return JobAnswer(AnswerKind.UNUSABLE, detail)
+
+
+def retry_after_seconds(value: str | None, *, now: datetime) -> float | None:
+    """A ``Retry-After`` header in seconds: delta-seconds or an HTTP-date (RFC 9110); None when
+    absent or unreadable, 0 for a date already past."""
+    if not value or not value.strip():
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = parsedate_to_datetime(value.strip())
+        except (TypeError, ValueError, IndexError):
+            return None
+        if when.tzinfo is None:  # "-0000": UTC by RFC 5322
+            when = when.replace(tzinfo=UTC)
+        seconds = (when - now).total_seconds()
+    return max(0.0, seconds) if math.isfinite(seconds) else None
+
+
+async def fetch_job_answer(client: httpx.AsyncClient, job_id: str) -> JobAnswer:
+    """``GET /jobs/{id}``, classified. Raises httpx errors when no answer came at all."""
     response = await client.get(f"/jobs/{job_id}")
-    if response.status_code >= 500:
-        response.raise_for_status()
-    body = _json(response)
-    if response.status_code != 200:
-        raise SidecarError(f"sidecar: HTTP {response.status_code}: {body.get('error', body)}")
-    if not isinstance(body.get("status"), str):
-        raise SidecarError("sidecar answer lacks status")
-    return body
+    return classify_job_answer(
+        job_id,
+        status_code=response.status_code,
+        content_type=response.headers.get("Content-Type", ""),
+        body=response.content,
+        retry_after=response.headers.get("Retry-After"),
+        now=datetime.now(UTC),
+    )
+
+
+async def get_job(client: httpx.AsyncClient, job_id: str) -> dict[str, Any]:
+    """``GET /jobs/{id}``: the job's record. Raises :class:`SidecarError` on any other answer,
+    httpx errors when there was none."""
+    answer = await fetch_job_answer(client, job_id)
+    if answer.job is None:
+        raise SidecarError(f"sidecar: {answer.detail}")
+    return answer.job
 
 
 async def log_tail(client: httpx.AsyncClient, job_id: str, max_bytes: int) -> str:
@@ -131,6 +236,19 @@ def describe_failure(endpoint: SidecarEndpoint, exc: httpx.HTTPError) -> str:
             )
         cause = cause.__cause__ or cause.__context__
     return f"sidecar at {endpoint.base_url} unreachable: {type(exc).__name__}"
+
+
+def _parse_object(body: bytes) -> dict[str, Any] | None:
+    try:
+        parsed = json.loads(body)
+    except (ValueError, RecursionError):  # ValueError covers bad JSON and bad UTF-8 alike
+        return None
+    return parsed if isinstance(parsed, dict) else None
+
+
+def _error_text(body: dict[str, Any] | None) -> str:
+    error = body.get("error") if body is not None else None
+    return error[:MAX_ERROR_CHARS] if isinstance(error, str) else ""
 
 
 def _json(response: httpx.Response) -> dict[str, Any]:

@@ -1,16 +1,19 @@
-"""The trigger an :class:`AgenticRunOperator` defers on: polls the sidecar until the job ends."""
+"""The trigger an :class:`AgenticRunOperator` defers on: polls the sidecar until the job ends.
+
+The waiting itself is :class:`agentic_airflow.polling.JobPoller` (no Airflow there): only the job's
+terminal status, or the sidecar's own answer that it has no such job, ends the task; every transient
+answer is logged to the task's log and retried with backoff.
+"""
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
-import httpx
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
 from agentic_airflow.connection import aget_endpoint
-from agentic_airflow.sidecar import TERMINAL, SidecarError, get_job, log_tail
+from agentic_airflow.polling import JobPoller
 
 
 class AgenticJobTrigger(BaseTrigger):
@@ -36,39 +39,12 @@ class AgenticJobTrigger(BaseTrigger):
         )
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
-        endpoint = await aget_endpoint(self.conn_id)
-        # Building a client loads the CA bundle (tens of ms, more under load): off the triggerer's
-        # event loop, which every other trigger shares.
-        verify = await asyncio.to_thread(endpoint.verify)
-        client = await asyncio.to_thread(
-            httpx.AsyncClient,
-            base_url=endpoint.base_url,
-            headers=endpoint.headers,
-            timeout=10.0,
-            verify=verify,
+        poller = JobPoller(
+            job_id=self.job_id,
+            conn_id=self.conn_id,
+            resolve=aget_endpoint,
+            log=self.log,
+            poll_interval=self.poll_interval,
+            log_tail_bytes=self.log_tail_bytes,
         )
-        async with client:
-            while True:
-                try:
-                    job = await get_job(client, self.job_id)
-                except SidecarError as exc:
-                    yield TriggerEvent({"job_id": self.job_id, "status": "ERROR", "error": str(exc)})
-                    return
-                except httpx.HTTPError as exc:
-                    # The sidecar restarting or briefly unreachable: keep waiting, the job runs on.
-                    self.log.warning("sidecar unreachable (%s); retrying", type(exc).__name__)
-                    await asyncio.sleep(self.poll_interval)
-                    continue
-                if job["status"] in TERMINAL:
-                    tail = (
-                        ""
-                        if job["status"] == "SUCCEEDED"
-                        else await log_tail(client, self.job_id, self.log_tail_bytes)
-                    )
-                    yield TriggerEvent({**_summary(job), "log_tail": tail})
-                    return
-                await asyncio.sleep(self.poll_interval)
-
-
-def _summary(job: dict[str, Any]) -> dict[str, Any]:
-    return {k: job.get(k) for k in ("job_id", "status", "rc", "reason", "agent_id", "finished_at")}
+        yield TriggerEvent(await poller.run())

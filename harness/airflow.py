@@ -1,11 +1,11 @@
-"""A real Airflow (3.3.2 or 2.11.2) on loopback: cached venv, the project installed into it, all started.
+"""A real Airflow (3.3.2, 3.1.8 or 2.11.2) on loopback: cached venv, the project installed, all started.
 
 The venv lives under ``$AGENTIC_CACHE`` (default ``~/.cache/agentic-airflow``), keyed by version,
 and is created on first use (about 20 s); the project is reinstalled into it on every start so DAGs
 import the code of this checkout.
 
-Airflow 3 runs on SQLite (its LocalExecutor works there). Airflow 2 would be held to the
-SequentialExecutor on SQLite, so it gets a database of its own on the PostgreSQL server
+Airflow 3 (3.1 and 3.3 alike) runs on SQLite (its LocalExecutor works there). Airflow 2 would be
+held to the SequentialExecutor on SQLite, so it gets a database of its own on the PostgreSQL server
 (``$AGENTIC_TEST_POSTGRES``, an admin URL, default the local server), dropped again on stop.
 """
 
@@ -30,6 +30,7 @@ from sqlalchemy import create_engine, make_url, text
 from harness.processes import free_port, start, stop_tree, wait_http_ok
 
 AIRFLOW_VERSION = "3.3.2"
+AIRFLOW_3_1_VERSION = "3.1.8"  # no keyset cursor on the task-instance list: pages by offset only
 AIRFLOW_2_VERSION = "2.11.2"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 USERNAME = PASSWORD = "admin"  # a throwaway Airflow on loopback, for tests and the demo only

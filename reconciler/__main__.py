@@ -1,4 +1,4 @@
-"""``python -m reconciler run|once|check-config --config reconciler.toml``."""
+"""``python -m reconciler run|once|check-config|db upgrade --config reconciler.toml``."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from reconciler import logs
 from reconciler.config import ConfigError, ReconcilerConfig, Secrets, load_config, load_secrets
 from reconciler.leadership import holder_id
 from reconciler.service import build, serve
+from router_db import RouterDB, schema
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,6 +29,10 @@ def main(argv: list[str] | None = None) -> int:
         cmd.add_argument("--log-level", default="INFO")
         if name == "once":
             cmd.add_argument("--dry-run", action="store_true", help="decide but change nothing")
+    db = sub.add_parser("db", help="router DB schema: upgrade it, or show its revision")
+    db.add_argument("action", choices=["upgrade", "current"])
+    db.add_argument("--config", default="config/reconciler.toml", help="TOML file (default: %(default)s)")
+    db.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
     logs.setup(args.log_level)
     try:
@@ -40,10 +45,24 @@ def main(argv: list[str] | None = None) -> int:
         backend = config.router_db.url.split(":", 1)[0]
         print(f"{args.config}: ok ({len(config.agents)} agent(s), router DB {backend})")
         return 0
+    if args.command == "db":
+        return _db(config, args.action)
     if args.command == "once":
         return asyncio.run(_once(config, secrets, dry_run=args.dry_run))
     asyncio.run(serve(config, secrets))
     return 0
+
+
+def _db(config: ReconcilerConfig, action: str) -> int:
+    """Migrations also run when the sidecar starts; this runs them alone (e.g. before a rollout)."""
+    db = RouterDB(config.router_db.url)
+    try:
+        if action == "upgrade":
+            db.create_schema()
+        print(f"router DB at revision {schema.current(db.engine)} (this version: {schema.head()})")
+        return 0
+    finally:
+        db.dispose()
 
 
 async def _once(config: ReconcilerConfig, secrets: Secrets, *, dry_run: bool) -> int:

@@ -3,7 +3,7 @@
 Three reads, all parsed strictly:
 
 - :meth:`AirflowClient.changed_since`: every task instance updated since a time (the cheap,
-  incremental read of a steady-state cycle; keyset paging on v2, offset paging on v1);
+  incremental read of a steady-state cycle; keyset paging where v2 has it, offset paging otherwise);
 - :meth:`AirflowClient.list_task_instances`: the batch endpoint, by DAG runs (the full resync);
 - :meth:`AirflowClient.get_task_instance`: one task instance (the confirmation before a stop).
 
@@ -27,6 +27,7 @@ ApiVersion = Literal["v1", "v2"]
 BATCH_PAGE = 1000  # the batch endpoints do not cap page_limit; 1000 keeps answers near 1 MB
 LIST_PAGE_V2 = 100  # [api] maximum_page_limit caps v2 list pages at 100 by default
 LIST_PAGE_V1 = 1000  # v1 (Airflow 2.11) does not cap list pages
+MAX_STEP_BACKS = 20  # offset paging by id: a read that keeps finding rows moved gives up for this cycle
 
 
 class AirflowError(Exception):
@@ -42,6 +43,9 @@ class TaskInstance:
     state: str | None
     try_number: int
     end_date: datetime | None
+    # Tells this task instance from another of the same key (a DAG run deleted and created again):
+    # its id on Airflow 3 (one per try), its run's logical date on Airflow 2; None if Airflow gave none.
+    identity: str | None = None
 
     @property
     def key(self) -> tuple[str, str, str, int]:
@@ -64,8 +68,33 @@ def parse_task_instance(raw: Any) -> TaskInstance:
     if state is not None and not isinstance(state, str):
         raise AirflowError("task instance state is not a string")
     return TaskInstance(
-        dag_id, run_id, task_id, map_index, state, try_number, _parse_time(raw.get("end_date"))
+        dag_id,
+        run_id,
+        task_id,
+        map_index,
+        state,
+        try_number,
+        _parse_time(raw.get("end_date")),
+        _identity(raw),
     )
+
+
+def _identity(raw: dict[str, Any]) -> str | None:
+    ti_id, logical = raw.get("id"), raw.get("execution_date")
+    if ti_id is not None:
+        if not isinstance(ti_id, str) or not ti_id:
+            raise AirflowError("task instance id is not a string")
+        return ti_id
+    if logical is not None:  # Airflow 2 (API v1): no id; the run's logical date tells runs apart
+        parsed = _parse_time(logical)
+        return logical_date_identity(parsed) if parsed is not None else None
+    return None
+
+
+def logical_date_identity(moment: datetime) -> str:
+    """How a run's logical date identifies its task instances on Airflow 2; the operator sends the same
+    text (``agentic_airflow.sidecar.ti_identity``)."""
+    return "logical_date:" + moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def _is_int(value: Any) -> bool:
@@ -129,6 +158,10 @@ class AirflowClient:
         self._on_response = on_response  # metrics hook: called with the HTTP code or "error"
         self._session: aiohttp.ClientSession | None = None
         self._token: str | None = None
+        # Whether v2's list endpoint pages by keyset cursor (Airflow 3.0 and 3.1 do not). Assumed
+        # until an answer says otherwise; every answer is checked, so an upgrade or a downgrade of
+        # Airflow is noticed by the next read.
+        self._keyset_paging = True
         self.requests = 0  # requests sent, for the benchmark's cost figures
 
     async def close(self) -> None:
@@ -152,20 +185,73 @@ class AirflowClient:
         version = await self.api_version()
         path = f"/api/{version}/dags/~/dagRuns/~/taskInstances"
         params: dict[str, str] = {"updated_at_gte": iso_z(since)}
+        if version == "v1":
+            return await self._changed_by_offset(path, params)
+        params |= {"limit": str(LIST_PAGE_V2), "order_by": "id"}
+        if self._keyset_paging:
+            return await self._changed_by_cursor(path, params)
+        return await self._changed_by_id_offset(path, params)
+
+    async def _changed_by_cursor(self, path: str, params: dict[str, str]) -> list[TaskInstance]:
+        """Keyset paging: rows changing meanwhile cannot shift later pages."""
         found: list[TaskInstance] = []
-        if version == "v2":
-            # Keyset paging: rows changing meanwhile cannot shift later pages (offset paging could).
-            params |= {"limit": str(LIST_PAGE_V2), "order_by": "id", "cursor": ""}
-            while True:
-                page = await self._request("GET", path, params=params)
-                items, _ = _collection(page)
-                found.extend(parse_task_instance(item) for item in items)
-                cursor = page.get("next_cursor")
-                if not cursor or not items:
-                    return found
-                if not isinstance(cursor, str):
-                    raise AirflowError("next_cursor is not a string")
-                params["cursor"] = cursor
+        cursor = ""
+        while True:
+            page = await self._request("GET", path, params={**params, "cursor": cursor})
+            if "next_cursor" not in page:
+                # No keyset paging here (Airflow 3.0, 3.1): the cursor was ignored, so this answer
+                # is the first page of offset paging by id.
+                self._keyset_paging = False
+                return await self._changed_by_id_offset(path, params, first=page)
+            items, _ = _collection(page)
+            found.extend(parse_task_instance(item) for item in items)
+            cursor = page["next_cursor"]
+            if not cursor or not items:
+                return found
+            if not isinstance(cursor, str):
+                raise AirflowError("next_cursor is not a string")
+
+    async def _changed_by_id_offset(
+        self, path: str, params: dict[str, str], *, first: dict[str, Any] | None = None
+    ) -> list[TaskInstance]:
+        """Offset paging ordered by id, where Airflow has no keyset paging.
+
+        No row that matters is skipped: ids are UUID7, time-ordered, so new rows and new tries (a
+        new try gets a new id) sort last, and ``updated_at`` only grows, so rows only enter the
+        window. A row entering before the offset pushes later ones back: a page may repeat rows
+        already read, which is harmless (they are dropped). Only a row deleted, or moved to a new
+        try's id, from before the offset pulls later ones forward past it; so each page starts on
+        the last row of the page before, and one that does not start at or before that row is read
+        again a page further back.
+        """
+        found: list[TaskInstance] = []
+        last_id = ""  # the greatest id read so far
+        offset, page, step_backs = 0, first, 0
+        while True:
+            if page is None:
+                page = await self._request("GET", path, params={**params, "offset": str(offset)})
+            if "next_cursor" in page:
+                self._keyset_paging = True  # Airflow now pages by cursor: the next read uses it
+            items, total = _collection(page)
+            ids = [_task_instance_id(item) for item in items]
+            if offset and (not ids or ids[0] > last_id):
+                step_backs += 1
+                if step_backs > MAX_STEP_BACKS:
+                    raise AirflowError("task instances kept moving while they were read")
+                offset, page = max(offset - LIST_PAGE_V2, 0), None
+                continue
+            found.extend(
+                parse_task_instance(item) for item, ti_id in zip(items, ids, strict=True) if ti_id > last_id
+            )
+            last_id = max(last_id, *ids) if ids else last_id
+            # A page of one row holds only the last row read: nothing past it, whatever the count says.
+            if len(items) < 2 or offset + len(items) >= total:
+                return found
+            offset, page = offset + len(items) - 1, None
+
+    async def _changed_by_offset(self, path: str, params: dict[str, str]) -> list[TaskInstance]:
+        """v1's offset paging in its default order (Airflow 2's task instances have no id)."""
+        found: list[TaskInstance] = []
         offset = 0
         while True:
             page = await self._request(
@@ -304,6 +390,13 @@ _UNPARSEABLE: Any = object()
 
 def _seg(value: str) -> str:
     return quote(value, safe="")
+
+
+def _task_instance_id(raw: Any) -> str:
+    ti_id = raw.get("id") if isinstance(raw, dict) else None
+    if not isinstance(ti_id, str) or not ti_id:
+        raise AirflowError("task instance lacks a string id")
+    return ti_id
 
 
 def _collection(page: Any) -> tuple[list[Any], int]:

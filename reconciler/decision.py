@@ -6,7 +6,7 @@ the result to the stop dispatcher; a stop is acted on only if a direct re-read d
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import StrEnum
 
 from router_db import JobStatus
@@ -27,6 +27,7 @@ class Divergence(StrEnum):
     TI_CLEARED = "ti_cleared"
     NEWER_TRY = "newer_try"
     TI_ABSENT = "ti_absent"
+    TI_REPLACED = "ti_replaced"
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +36,7 @@ class Observed:
 
     state: str | None
     try_number: int
+    identity: str | None = None  # see reconciler.airflow.TaskInstance.identity
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,12 +69,31 @@ class Stop:
 Decision = Keep | Stop
 
 
-def decide(job_try: int, observation: Observation) -> Decision:
+def decide(job_try: int, observation: Observation, *, job_identity: str = "") -> Decision:
     """Map one observation of a job's task instance to keep or stop.
 
-    Anything not positively known to diverge is kept: a false stop kills real work and is worse
-    than a late one.
+    ``job_identity`` is the identity of the task instance the job was submitted for ("" if unknown):
+    a task instance of the same key but another identity belongs to a DAG run created again after
+    the job's was deleted. Anything not positively known to diverge is kept: a false stop kills real
+    work and is worse than a late one.
     """
+    if (
+        isinstance(observation, Observed)
+        and job_identity
+        and observation.identity
+        and observation.identity != job_identity
+    ):
+        # Another task instance under the job's key. Airflow 3 also gives a task instance a new id
+        # when its try ends (cleared, retried): then the state says so, in more precise words.
+        decision = decide(job_try, replace(observation, identity=None))
+        if isinstance(decision, Stop):
+            return decision
+        return Stop(
+            Divergence.TI_REPLACED,
+            JobStatus.FAILED,
+            "task instance was replaced (its DAG run was deleted and created again); "
+            "this job belongs to the old one",
+        )
     match observation:
         case Unknown(why=why):
             return Keep(f"airflow answer unusable: {why}")

@@ -168,7 +168,8 @@ class Fleet:
             log.error("%s; its jobs end FAILED", self._lost_reason(agent), extra=fields)
         elif agent.state is AgentState.LOST:
             log.warning("agent %s answers again; sweeping it for orphans", agent.id, extra=fields)
-            agent.next_sweep = self._clock()  # at once: its jobs were ended while it kept running them
+            # Due in this very tick: its jobs were ended while it kept running them.
+            agent.next_sweep = float("-inf")
         agent.state = state
 
     def _lost_reason(self, agent: _Agent) -> str:

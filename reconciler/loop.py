@@ -23,7 +23,7 @@ from agent.client import AgentClient, AgentError, JobNotFound
 from reconciler.agents import AgentPool
 from reconciler.airflow import AirflowError, TaskInstance, TaskInstanceReader
 from reconciler.config import PollConfig
-from reconciler.decision import Absent, Keep, Observation, Observed, Stop, Unknown, decide
+from reconciler.decision import Absent, Decision, Keep, Observation, Observed, Stop, Unknown, decide
 from reconciler.fleet import AgentState, Fleet
 from reconciler.logs import job_fields
 from reconciler.metrics import Metrics
@@ -50,7 +50,12 @@ class CycleReport:
 
 
 def observe(ti: TaskInstance | None) -> Observation:
-    return Absent() if ti is None else Observed(ti.state, ti.try_number)
+    return Absent() if ti is None else Observed(ti.state, ti.try_number, ti.identity)
+
+
+def judge(job: JobRecord, observation: Observation) -> Decision:
+    """The decision table for this job (its try and its task instance's identity)."""
+    return decide(job.key.try_number, observation, job_identity=job.ti_identity)
 
 
 def ti_key(job: JobRecord) -> tuple[str, str, str, int]:
@@ -179,7 +184,7 @@ class Reconciler:
             job
             for job in live
             if job.job_id in observations
-            and isinstance(decide(job.key.try_number, observations[job.job_id]), Stop)
+            and isinstance(judge(job, observations[job.job_id]), Stop)
         ]
         verdicts = await _bounded(self._poll.max_concurrent_reads, [self._confirm(job) for job in suspects])
         report.stops = [(job, verdict) for job, verdict in zip(suspects, verdicts, strict=True) if verdict]
@@ -266,7 +271,7 @@ class Reconciler:
         ):
             for ti in page:
                 for job in unseen.pop(ti.key, ()):
-                    if isinstance(decide(job.key.try_number, observe(ti)), Stop):
+                    if isinstance(judge(job, observe(ti)), Stop):
                         found[job.job_id] = observe(ti)
         found.update((job.job_id, Absent()) for jobs in unseen.values() for job in jobs)
         return found
@@ -301,9 +306,9 @@ class Reconciler:
         key = job.key
         try:
             ti = await self._airflow.get_task_instance(key.dag_id, key.run_id, key.task_id, key.map_index)
-            verdict = decide(key.try_number, observe(ti))
+            verdict = judge(job, observe(ti))
         except AirflowError as exc:
-            ti, verdict = None, decide(key.try_number, Unknown(str(exc)))
+            ti, verdict = None, judge(job, Unknown(str(exc)))
         if isinstance(verdict, Keep):
             log.info("divergence not confirmed: %s", verdict.why, extra=job_fields(job, action="keep"))
             return None
@@ -321,7 +326,7 @@ class Reconciler:
         """
         key = job.key
         ti = await self._airflow.get_task_instance(key.dag_id, key.run_id, key.task_id, key.map_index)
-        verdict = decide(key.try_number, observe(ti))
+        verdict = judge(job, observe(ti))
         if isinstance(verdict, Keep):
             return None
         self._metrics.divergences.labels(verdict.kind).inc()

@@ -5,6 +5,9 @@ several tokens separated by commas or whitespace (rotation: old and new both acc
 compared, each in constant time. With a rate limit configured, each client (the token it presented,
 or its address when it presented no valid token) gets a token bucket; past it, 429 with
 ``Retry-After``. Bad input gets a 4xx JSON ``{"error": ...}`` naming the problem and changes nothing.
+Text no router DB can store (a NUL character: PostgreSQL refuses it where SQLite keeps it; a lone
+surrogate) is refused wherever it is, in any body string or key and in query parameters, before any
+field is looked at.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from typing import Any
 from aiohttp import web
 
 from agent.client import AgentError, AgentRejected, AgentUnavailable, JobNotFound
+from agent.protocol import text_problem
 from reconciler.agents import AgentPool, NoAgent
 from reconciler.airflow import AirflowError
 from reconciler.loop import Reconciler, refresh_from_agent
@@ -36,6 +40,7 @@ log = logging.getLogger("reconciler.server")
 MAX_BODY_BYTES = 1024 * 1024
 UPDATE_WAIT_SECONDS = 15.0  # update_status answers with the stop's outcome if the agent is this quick
 MAX_COMMAND_BYTES = 64 * 1024
+MAX_NAME_CHARS = 250  # dag_id, task_id, run_id: Airflow's own limit
 JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 OPEN_PATHS = frozenset({"/metrics", "/healthz", "/readyz"})
 MAX_INT = 2**31 - 1  # map_index, try_number, offsets: far beyond any real value, within every DB's int
@@ -52,6 +57,7 @@ class SubmitRequest:
     agent_id: str | None
     labels: list[str]
     payload: dict[str, Any]  # what the agent's POST /run receives besides the command
+    ti_identity: str = ""  # the task instance's id (Airflow 3) or run's logical date (Airflow 2)
 
 
 def parse_submit(body: Any) -> SubmitRequest:
@@ -60,10 +66,7 @@ def parse_submit(body: Any) -> SubmitRequest:
     command = _field(body, "command", str)
     if not command.strip() or len(command.encode()) > MAX_COMMAND_BYTES:
         raise BadRequest(f"command must be non-empty and at most {MAX_COMMAND_BYTES} bytes")
-    ids = {name: _field(body, name, str) for name in ("dag_id", "task_id", "run_id")}
-    for name, value in ids.items():
-        if not value or len(value) > 250:
-            raise BadRequest(f"{name} must be 1-250 characters")
+    ids = {name: _name(name, _field(body, name, str)) for name in ("dag_id", "task_id", "run_id")}
     map_index = _field(body, "map_index", int, default=-1)
     try_number = _field(body, "try_number", int)
     if not (-1 <= map_index <= MAX_INT and 0 <= try_number <= MAX_INT):
@@ -90,11 +93,20 @@ def parse_submit(body: Any) -> SubmitRequest:
         "run_as": _field(body, "run_as", str, default=None),
         "timeout_seconds": timeout,
     }
+    ti_identity = _field(body, "ti_identity", str, default="")
+    if len(ti_identity) > 64:
+        raise BadRequest("ti_identity must be at most 64 characters")
     key = TaskInstanceKey(ids["dag_id"], ids["task_id"], ids["run_id"], map_index, try_number)
-    return SubmitRequest(key, command, agent_id, labels, payload)
+    return SubmitRequest(key, command, agent_id, labels, payload, ti_identity)
 
 
 _MISSING: Any = object()
+
+
+def _name(field: str, value: str) -> str:
+    if not value or len(value) > MAX_NAME_CHARS:
+        raise BadRequest(f"{field} must be 1-{MAX_NAME_CHARS} characters")
+    return value
 
 
 def _field(body: dict[str, Any], name: str, kind: type, default: Any = _MISSING) -> Any:
@@ -200,7 +212,8 @@ class SidecarAPI:
             agent_id = self._agents.route(agent_id=req.agent_id, labels=req.labels)
         except NoAgent as exc:
             raise BadRequest(str(exc)) from None
-        job, created = await asyncio.to_thread(self._db.submit, NewJob(req.key, agent_id, req.command))
+        new = NewJob(req.key, agent_id, req.command, req.ti_identity)
+        job, created = await asyncio.to_thread(self._db.submit, new)
         if created:
             job = await self._start_on_agent(job, req.payload)
         return web.json_response(
@@ -289,21 +302,25 @@ class SidecarAPI:
         return web.json_response(job.to_json())
 
     async def list_jobs(self, request: web.Request) -> web.Response:
-        status = request.query.get("status")
+        """Jobs matching every filter given; a filter left out matches everything (see :func:`_query`)."""
+        dag_id, run_id, status, limit = (_query(request, n) for n in ("dag_id", "run_id", "status", "limit"))
+        for name, value in (("dag_id", dag_id), ("run_id", run_id)):
+            if value is not None:
+                _name(name, value)
         try:
-            statuses = [JobStatus(status)] if status else None
+            statuses = [JobStatus(status)] if status is not None else None
         except ValueError:
             raise BadRequest(f"unknown status {status!r}; one of {[s.value for s in JobStatus]}") from None
         try:
-            limit = int(request.query.get("limit", "1000"))
+            most = int(limit or "1000")
         except ValueError:
             raise BadRequest("limit must be an integer") from None
         jobs = await asyncio.to_thread(
             self._db.search,
-            dag_id=request.query.get("dag_id"),
-            run_id=request.query.get("run_id"),
+            dag_id=dag_id,
+            run_id=run_id,
             statuses=statuses,
-            limit=max(1, min(limit, 10000)),
+            limit=max(1, min(most, 10000)),
         )
         return web.json_response({"jobs": [j.to_json() for j in jobs]})
 
@@ -415,7 +432,8 @@ def _update_answer(
 
 
 async def _read_json(request: web.Request) -> Any:
-    """The body as JSON: strict UTF-8, no lone surrogates (not even as \\u escapes), bounded depth."""
+    """The body as JSON: strict UTF-8, bounded depth, and every string and key text a router DB can
+    store (no NUL, no lone surrogate, not even as \\u escapes); the error names the field."""
     raw = await request.read()  # aiohttp enforces MAX_BODY_BYTES (client_max_size): 413
     try:
         body = json.loads(raw.decode("utf-8"))
@@ -423,13 +441,26 @@ async def _read_json(request: web.Request) -> Any:
         raise BadRequest("body is not valid UTF-8") from None
     except (ValueError, RecursionError):  # ValueError includes JSONDecodeError and huge integers
         raise BadRequest("body is not valid JSON") from None
-    try:
-        json.dumps(body, ensure_ascii=False).encode("utf-8")
-    except UnicodeEncodeError:
-        raise BadRequest("body contains a lone surrogate (\\ud800-\\udfff), which is not text") from None
-    except (ValueError, RecursionError):
-        raise BadRequest("body is not valid JSON") from None
+    problem = text_problem(body)
+    if problem is not None:
+        raise BadRequest(problem)
     return body
+
+
+def _query(request: web.Request, name: str) -> str | None:
+    """A query parameter, or None when absent. Given once, not empty (an empty filter is a template
+    gone wrong, not "any": leave it out for that), and text a router DB can store."""
+    values = request.query.getall(name, [])
+    if not values:
+        return None
+    if len(values) > 1:
+        raise BadRequest(f"query parameter {name} is given {len(values)} times; give it at most once")
+    if not values[0]:
+        raise BadRequest(f"query parameter {name} is empty; leave it out to match any")
+    problem = text_problem({name: values[0]})
+    if problem is not None:
+        raise BadRequest(f"query parameter {problem}")
+    return values[0]
 
 
 def _error(status: int, message: str) -> web.Response:

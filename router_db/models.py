@@ -65,6 +65,9 @@ class Job(Base):
     run_id: Mapped[str] = mapped_column(String(250))
     map_index: Mapped[int] = mapped_column(Integer, default=-1)
     try_number: Mapped[int] = mapped_column(Integer)
+    # The task instance's own identity in Airflow (its id on Airflow 3, the run's logical date on
+    # Airflow 2; "" when the submitter did not say): tells a re-created DAG run from the deleted one.
+    ti_identity: Mapped[str] = mapped_column(String(64), default="", server_default="")
 
     agent_id: Mapped[str] = mapped_column(String(128))
     command: Mapped[str] = mapped_column(Text)
@@ -81,7 +84,9 @@ class Job(Base):
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
     __table_args__ = (
-        UniqueConstraint("dag_id", "task_id", "run_id", "map_index", "try_number", name="uq_jobs_ti_key"),
+        UniqueConstraint(
+            "dag_id", "task_id", "run_id", "map_index", "try_number", "ti_identity", name="uq_jobs_ti_key"
+        ),
         Index("ix_jobs_status", "status"),
         Index("ix_jobs_run", "dag_id", "run_id"),
         Index("ix_jobs_updated_at", "updated_at"),

@@ -17,7 +17,8 @@ from sqlalchemy import ColumnElement, Engine, create_engine, delete, event, func
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import sessionmaker
 
-from router_db.models import ACTIVE_STATUSES, TERMINAL_STATUSES, Base, Job, JobEvent, JobStatus, Lease
+from router_db.models import ACTIVE_STATUSES, TERMINAL_STATUSES, Job, JobEvent, JobStatus, Lease
+from router_db.schema import upgrade
 
 # Which status may follow which. Terminal statuses are final.
 _ALLOWED: dict[JobStatus, frozenset[JobStatus]] = {
@@ -47,6 +48,7 @@ class NewJob:
     key: TaskInstanceKey
     agent_id: str
     command: str
+    ti_identity: str = ""  # see Job.ti_identity
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,6 +65,7 @@ class JobRecord:
     updated_at: datetime
     stop_requested_at: datetime | None
     finished_at: datetime | None
+    ti_identity: str = ""
 
     @property
     def active(self) -> bool:
@@ -79,6 +82,7 @@ class JobRecord:
             "run_id": self.key.run_id,
             "map_index": self.key.map_index,
             "try_number": self.key.try_number,
+            "ti_identity": self.ti_identity,
             "agent_id": self.agent_id,
             "status": str(self.status),
             "rc": self.rc,
@@ -129,6 +133,7 @@ def _record(row: Any) -> JobRecord:
         updated_at=row.updated_at,
         stop_requested_at=row.stop_requested_at,
         finished_at=row.finished_at,
+        ti_identity=row.ti_identity,
     )
 
 
@@ -159,7 +164,8 @@ class RouterDB:
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
 
     def create_schema(self) -> None:
-        Base.metadata.create_all(self.engine)
+        """Create the schema, or migrate an existing one to this version's (idempotent)."""
+        upgrade(self.engine)
 
     def dispose(self) -> None:
         self.engine.dispose()
@@ -184,10 +190,11 @@ class RouterDB:
                 found.update((row.job_id, _record(row)) for row in session.execute(query))
         return found
 
-    def find(self, key: TaskInstanceKey) -> JobRecord | None:
+    def find(self, key: TaskInstanceKey, ti_identity: str = "") -> JobRecord | None:
         """The job of exactly this task-instance try (the reverse mapping)."""
         with self._sessions() as session:
-            row = session.scalars(select(Job).where(*_key_filter(key))).one_or_none()
+            query = select(Job).where(*_key_filter(key), Job.ti_identity == ti_identity)
+            row = session.scalars(query).one_or_none()
             return _record(row) if row is not None else None
 
     def find_latest(self, dag_id: str, task_id: str, run_id: str, map_index: int = -1) -> JobRecord | None:
@@ -316,6 +323,7 @@ class RouterDB:
             run_id=new.key.run_id,
             map_index=new.key.map_index,
             try_number=new.key.try_number,
+            ti_identity=new.ti_identity,
             agent_id=new.agent_id,
             command=new.command,
             status=str(JobStatus.QUEUED),
@@ -328,7 +336,7 @@ class RouterDB:
                 session.flush()
                 session.add(_event(row.job_id, now, None, JobStatus.QUEUED, source, "submitted"))
         except IntegrityError:
-            existing = self.find(new.key)
+            existing = self.find(new.key, new.ti_identity)
             if existing is None:  # the conflict was something else
                 raise
             return existing, False
@@ -347,6 +355,7 @@ class RouterDB:
                 "run_id": new.key.run_id,
                 "map_index": new.key.map_index,
                 "try_number": new.key.try_number,
+                "ti_identity": new.ti_identity,
                 "agent_id": new.agent_id,
                 "command": new.command,
                 "status": str(JobStatus.RUNNING),

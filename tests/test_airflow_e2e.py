@@ -22,7 +22,14 @@ import psutil
 import pytest
 
 from harness.agent import AgentProcess
-from harness.airflow import AIRFLOW_2_VERSION, AIRFLOW_VERSION, PASSWORD, AirflowAPI, AirflowServer
+from harness.airflow import (
+    AIRFLOW_2_VERSION,
+    AIRFLOW_3_1_VERSION,
+    AIRFLOW_VERSION,
+    PASSWORD,
+    AirflowAPI,
+    AirflowServer,
+)
 from harness.processes import alive, process_group
 from harness.sidecar import AgentRef, SidecarProcess
 
@@ -60,7 +67,8 @@ class Stack:
     def latest_job(self, dag_id: str, run_id: str, task_id: str) -> dict[str, Any] | None:
         """The job of the task's latest try, if any was submitted."""
         tries = [j for j in self.jobs(dag_id, run_id) if j["task_id"] == task_id]
-        return max(tries, key=lambda j: j["try_number"], default=None)
+        # A run deleted and created again has two try-1 jobs: the newer one is its own.
+        return max(tries, key=lambda j: (j["try_number"], j["created_at"]), default=None)
 
     def job(self, job_id: str) -> dict[str, Any]:
         with self.sidecar.client() as client:
@@ -76,7 +84,11 @@ class Stack:
         return int(response.json()["pid"])
 
 
-@pytest.fixture(scope="module", params=[AIRFLOW_VERSION, AIRFLOW_2_VERSION], ids=lambda v: f"airflow-{v}")
+@pytest.fixture(
+    scope="module",
+    params=[AIRFLOW_VERSION, AIRFLOW_3_1_VERSION, AIRFLOW_2_VERSION],
+    ids=lambda v: f"airflow-{v}",
+)
 def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     version: str = request.param
     base = tmp_path_factory.mktemp(f"e2e-airflow-{version}")
@@ -148,8 +160,9 @@ def assert_untouched(
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         ti = stack.api.task_instance(job["dag_id"], job["run_id"], job["task_id"])
-        assert (ti["state"], ti["try_number"]) == ("deferred", job["try_number"])
-        assert stack.job(job["job_id"])["status"] == "RUNNING"
+        now = stack.job(job["job_id"])
+        seen = (ti["state"], ti["try_number"], now["status"])
+        assert seen == ("deferred", job["try_number"], "RUNNING"), f"task and job: {seen}, job: {now}"
         assert len(alive(tree)) == len(tree)
         time.sleep(0.5)
 
@@ -222,10 +235,18 @@ def test_deleted_dag_run_has_its_jobs_stopped_and_other_runs_untouched(stack: St
     )
     assert "no longer exists" in stack.job(doomed["job_id"])["reason"]
 
+    # The run triggered again under the same run_id is a new run: a new job, left alone.
+    stack.api.trigger(dag_id, "deleted")
+    reborn, reborn_tree = running_job(stack, dag_id, "deleted", "work")
+    assert reborn["job_id"] != doomed["job_id"] and reborn["try_number"] == doomed["try_number"]
+    assert reborn["ti_identity"] and reborn["ti_identity"] != doomed["ti_identity"]
+
     # Same DAG and task, another run: kept through several full resyncs.
     assert_untouched(stack, kept, kept_tree, seconds=2 * FULL_RESYNC)
-    stack.api.mark(dag_id, "kept", "work", "failed")
-    wait_until(stopped(stack, kept, kept_tree, "FAILED"), timeout=STOP_BUDGET, what="clean-up stop")
+    assert_untouched(stack, reborn, reborn_tree, seconds=POLL_INTERVAL)
+    for run_id, job, tree in (("kept", kept, kept_tree), ("deleted", reborn, reborn_tree)):
+        stack.api.mark(dag_id, run_id, "work", "failed")
+        wait_until(stopped(stack, job, tree, "FAILED"), timeout=STOP_BUDGET, what="clean-up stop")
 
 
 def test_exit_code_decides_the_airflow_task_state(stack: Stack) -> None:

@@ -1,23 +1,29 @@
 """A battery of bad requests against the real agent and the real sidecar (processes, as in production).
 
 Every case must get a 4xx JSON ``{"error": ...}``, change nothing (the sidecar's job list and the
-agent's job directories and job are as before) and leave the service healthy. The cases are a table,
-generated from a few lists of bad bodies, ids, queries, methods and tokens; the last test checks that
-all of them ran and prints how many.
+agent's job directories and job are as before) and leave the service healthy; a 405 names the allowed
+methods in ``Allow``. The cases are a table, generated from a few lists of bad bodies, ids, queries,
+methods and tokens; the last test checks that all of them ran and prints how many. The sidecar runs on
+SQLite; text that no router DB may store (NUL, lone surrogates) is also tried on PostgreSQL, which
+refuses NUL where SQLite stores it.
 """
 
 from __future__ import annotations
 
 import json
+import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from sqlalchemy import create_engine, text
 
 from harness.agent import AgentProcess
+from harness.airflow import POSTGRES_ADMIN_URL
 from harness.processes import free_port
 from harness.sidecar import AgentRef, SidecarProcess
 
@@ -34,6 +40,7 @@ class Case:
     body: bytes | None = None
     auth: str | bytes | None = "good"  # "good": the real token; None: no header; else the header value
     expect: int | None = None  # an exact status, or None for "any 4xx"
+    names: str | None = None  # what the error message must name (the field), if anything
 
 
 # Bodies that are not a usable JSON document, whatever the route.
@@ -102,6 +109,66 @@ _DROP: Any = object()
 
 def _j(value: Any) -> bytes:
     return json.dumps(value).encode()
+
+
+NUL = "a\u0000b"
+SURROGATE = "a\udcffb"  # what surrogateescape makes of the byte 0xff: not text either
+
+
+def _nested(field: str, value: str) -> dict[str, Any]:
+    """A submission carrying ``value`` in ``field``, or inside it for the list and mapping fields."""
+    if field == "labels":
+        return {"labels": [value]}
+    if field == "env-key":
+        return {"env": {value: "1"}}
+    if field == "env-value":
+        return {"env": {"A": value}}
+    return {field: value}
+
+
+def text_cases() -> list[Case]:
+    """Text no router DB can store, in every text field that reaches the router DB or the agent."""
+    cases: list[Case] = []
+    for bad_name, bad in (("nul", NUL), ("surrogate", SURROGATE)):
+        for field in (
+            "command", "dag_id", "task_id", "run_id", "agent_id", "labels", "env-key", "env-value",
+            "cwd", "run_as",
+        ):  # fmt: skip
+            body = _j(_sidecar_submission(**_nested(field, bad)))
+            named = field.split("-")[0]
+            cases.append(
+                Case(
+                    f"sidecar-submit-{field}-{bad_name}",
+                    "sidecar",
+                    "POST",
+                    "/jobs",
+                    body,
+                    expect=400,
+                    names=named,
+                )
+            )
+        update: dict[str, dict[str, Any]] = {
+            "status": {"job_id": JOB, "status": bad},
+            "reason": {"job_id": JOB, "status": "failed", "reason": bad},
+            **{
+                name: {
+                    "dag_id": "bad_input",
+                    "task_id": "never",
+                    "run_id": "r",
+                    "status": "failed",
+                    name: bad,
+                }
+                for name in ("dag_id", "task_id", "run_id")
+            },
+        }
+        for name, fields in update.items():
+            case_id = f"sidecar-update-{name}-{bad_name}"
+            path = "/jobs/update_status"
+            cases.append(Case(case_id, "sidecar", "POST", path, _j(fields), expect=400, names=name))
+    for name in ("dag_id", "run_id", "status"):  # invalid UTF-8 in a query arrives as U+FFFD: text
+        path = f"/jobs?{name}=a%00b"
+        cases.append(Case(f"sidecar-query-{name}-nul", "sidecar", "GET", path, expect=400, names=name))
+    return cases
 
 
 def sidecar_cases() -> list[Case]:
@@ -207,6 +274,9 @@ def sidecar_cases() -> list[Case]:
     }
     for name, path in queries.items():
         cases.append(Case(f"sidecar-query-{name}", "sidecar", "GET", path, expect=400))
+    for name in ("status", "dag_id", "run_id"):  # an empty filter is a mistake, not "any"
+        path = f"/jobs?{name}="
+        cases.append(Case(f"sidecar-query-{name}-empty", "sidecar", "GET", path, expect=400, names=name))
     methods = [
         ("PUT", "/jobs"), ("DELETE", "/jobs"), ("DELETE", f"/jobs/{JOB}"), ("PATCH", f"/jobs/{JOB}"),
         ("GET", "/jobs/update_status/x"), ("PUT", "/jobs/update_status"), ("POST", f"/jobs/{JOB}/log"),
@@ -257,6 +327,9 @@ def agent_cases() -> list[Case]:
         "timeout-negative": {"job_id": "bi-1", "payload": {"command": "true", "timeout_seconds": -1}},
         "timeout-string": {"job_id": "bi-1", "payload": {"command": "true", "timeout_seconds": "9"}},
         "payload-extra": {"job_id": "bi-1", "payload": {"command": "true", "shell": "bash"}},
+        "command-surrogate": {"job_id": "bi-1", "payload": {"command": SURROGATE}},
+        "env-key-surrogate": {"job_id": "bi-1", "payload": {"command": "true", "env": {SURROGATE: "1"}}},
+        "cwd-surrogate": {"job_id": "bi-1", "payload": {"command": "true", "cwd": "/" + SURROGATE}},
         "unicode-valid-but-bad-type": {"job_id": "bi-1", "payload": {"command": "écho ☃", "env": ["𝄞"]}},
     }
     for name, body in run.items():
@@ -268,6 +341,8 @@ def agent_cases() -> list[Case]:
         "force-string": {"force": "yes"},
         "reason-int": {"reason": 5},
         "reason-overlong": {"reason": "r" * 2001},
+        "reason-nul": {"reason": NUL},
+        "reason-surrogate": {"reason": SURROGATE},
         "extra-key": {"force": True, "now": True},
     }
     for name, body in stop.items():
@@ -276,10 +351,13 @@ def agent_cases() -> list[Case]:
         cases.append(Case(f"agent-GET-id-{name}", "agent", "GET", f"/jobs/{job_id}"))
         cases.append(Case(f"agent-GET-log-{name}", "agent", "GET", f"/jobs/{job_id}/log"))
         cases.append(Case(f"agent-POST-stop-{name}", "agent", "POST", f"/stop/{job_id}", b"{}"))
-    for name, query in (("negative", "-1"), ("text", "abc"), ("huge", "9" * 40), ("float", "1.5")):
-        cases.append(
-            Case(f"agent-log-offset-{name}", "agent", "GET", f"/jobs/{JOB}/log?offset={query}", expect=400)
-        )
+    for param in ("offset", "limit"):
+        for name, query in (
+            ("negative", "-1"), ("text", "abc"), ("huge", "9" * 40), ("19-digits", "1" + "0" * 18),
+            ("float", "1.5"), ("plus", "%2B1"), ("superscript", "%C2%B2"), ("nul", "1%00"),
+        ):  # fmt: skip
+            path = f"/jobs/{JOB}/log?{param}={query}"
+            cases.append(Case(f"agent-log-{param}-{name}", "agent", "GET", path, expect=400, names=param))
     methods = [
         ("GET", "/run"), ("PUT", "/run"), ("DELETE", f"/jobs/{JOB}"), ("PATCH", f"/jobs/{JOB}/log"),
         ("GET", f"/stop/{JOB}"), ("DELETE", f"/stop/{JOB}"), ("POST", "/health"),
@@ -298,7 +376,8 @@ def agent_cases() -> list[Case]:
     return cases
 
 
-CASES = sidecar_cases() + agent_cases()
+TEXT_CASES = text_cases()
+CASES = sidecar_cases() + TEXT_CASES + agent_cases()
 ATTEMPTED: set[str] = set()
 PASSED: set[str] = set()
 
@@ -324,9 +403,9 @@ class Stand:
         return {"Authorization": f"Bearer {self.agent.token}"}
 
 
-@pytest.fixture(scope="module")
-def stand(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stand]:
-    root = tmp_path_factory.mktemp("bad-input")
+@contextmanager
+def _running_stand(root: Path, db_url: str = "") -> Iterator[Stand]:
+    """An agent and a sidecar (router DB at ``db_url``, default SQLite) with one job running."""
     with AgentProcess(home=root / "agent", agent_id="agent-1", grace_seconds=1.0) as agent:
         nowhere = f"http://127.0.0.1:{free_port()}"  # Airflow unreachable: the loop never stops anything
         with SidecarProcess(
@@ -334,6 +413,7 @@ def stand(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stand]:
             airflow_url=nowhere,
             airflow_password="unused",
             agents=[AgentRef("agent-1", agent.url, agent.token, labels=["default"])],
+            db_url=db_url,
             interval_seconds=0.5,
         ) as sidecar:
             with sidecar.client() as client:
@@ -341,6 +421,29 @@ def stand(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stand]:
                 assert answer.status_code == 201, answer.text
                 job_id = answer.json()["job_id"]
             yield Stand(agent, sidecar, job_id)
+
+
+@pytest.fixture(scope="module")
+def stand(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stand]:
+    with _running_stand(tmp_path_factory.mktemp("bad-input")) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def postgres_stand(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stand]:
+    """The same stand with its router DB in a fresh database on the PostgreSQL server."""
+    name = f"agentic_bad_input_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            conn.execute(text(f'CREATE DATABASE "{name}"'))
+        url = POSTGRES_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+        with _running_stand(tmp_path_factory.mktemp("bad-input-postgres"), url) as running:
+            yield running
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
 
 
 def _send(stand: Stand, case: Case) -> httpx.Response:
@@ -359,9 +462,7 @@ def _send(stand: Stand, case: Case) -> httpx.Response:
         return client.send(request)
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-def test_bad_request_gets_a_json_4xx_and_changes_nothing(stand: Stand, case: Case) -> None:
-    ATTEMPTED.add(case.id)
+def _check_refused(stand: Stand, case: Case) -> None:
     before = stand.snapshot()
     response = _send(stand, case)
     shown = f"{case.method} {case.path} -> {response.status_code} {response.text[:300]!r}"
@@ -374,10 +475,57 @@ def test_bad_request_gets_a_json_4xx_and_changes_nothing(stand: Stand, case: Cas
     # {"error": ...}, or update_status's documented answer for a job it cannot find ({"ok": false, ...})
     message = body.get("error") or (body.get("message") if body.get("ok") is False else None)
     assert isinstance(message, str) and message, shown
+    if case.names is not None:
+        assert case.names in message, f"{shown}: the message does not name {case.names!r}"
+    if response.status_code == 405:
+        allowed = response.headers.get("Allow", "").split(",")
+        assert allowed != [""] and case.method not in allowed, f"{shown}: Allow {allowed}"
     assert stand.snapshot() == before, f"{shown}: state changed"
     for url in (f"{stand.agent.url}/health", f"{stand.sidecar.url}/healthz"):
         assert httpx.get(url, timeout=10).status_code == 200, f"{shown}: {url} not healthy after"
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_bad_request_gets_a_json_4xx_and_changes_nothing(stand: Stand, case: Case) -> None:
+    ATTEMPTED.add(case.id)
+    _check_refused(stand, case)
     PASSED.add(case.id)
+
+
+@pytest.mark.parametrize("case", TEXT_CASES, ids=[c.id for c in TEXT_CASES])
+def test_text_no_router_db_can_store_is_refused_on_postgresql_too(postgres_stand: Stand, case: Case) -> None:
+    """PostgreSQL refuses NUL in text (SQLite stores it): it must never get that far."""
+    _check_refused(postgres_stand, case)
+
+
+def _log(stand: Stand, query: str) -> httpx.Response:
+    """The agent's answer to ``GET /jobs/<the running job>/log?<query>``."""
+    return _send(stand, Case("log", "agent", "GET", f"/jobs/{JOB}/log?{query}"))
+
+
+@pytest.mark.parametrize(
+    "offset",
+    [1, 1000, 2**31 - 1, 17_592_186_040_321, 10**18 - 1],  # 17592186040321: past ext4's largest file
+)
+def test_agent_log_from_past_its_end_is_an_empty_chunk(stand: Stand, offset: int) -> None:
+    """A client paging with X-Next-Offset keeps its place: the next offset is the one it asked for."""
+    size = int(_log(stand, "").headers["X-Log-Size"])
+    for limit in ("", "&limit=0", "&limit=1", f"&limit={10**18 - 1}"):
+        response = _log(stand, f"offset={size + offset}{limit}")
+        shown = f"offset={size + offset}{limit} -> {response.status_code} {response.text[:300]!r}"
+        assert response.status_code == 200, shown
+        assert response.content == b"", shown
+        assert response.headers["X-Log-Size"] == str(size), shown
+        assert response.headers["X-Next-Offset"] == str(size + offset), shown
+
+
+def test_agent_log_limit_extremes(stand: Stand) -> None:
+    """limit=0 reads nothing and stays put; the largest limit accepted reads the whole log."""
+    empty = _log(stand, "offset=0&limit=0")
+    assert (empty.status_code, empty.content, empty.headers["X-Next-Offset"]) == (200, b"", "0")
+    whole = _log(stand, f"limit={10**18 - 1}")
+    assert whole.status_code == 200, whole.text
+    assert whole.headers["X-Next-Offset"] == whole.headers["X-Log-Size"] == str(len(whole.content))
 
 
 def test_the_battery_leaves_no_job_behind_but_the_running_one(stand: Stand) -> None:

@@ -71,3 +71,26 @@ def test_airflow_unreachable_or_unusable_never_stops(why: str) -> None:
 
 def test_unrecognised_future_state_keeps_the_job() -> None:
     assert isinstance(decide(JOB_TRY, Observed("some_new_state", JOB_TRY)), Keep)
+
+
+# --- a DAG run deleted and created again under the same run_id --------------------------------------
+
+
+@pytest.mark.parametrize("ti_try", [JOB_TRY - 1, JOB_TRY])
+@pytest.mark.parametrize("state", ["running", "deferred", "queued"])
+def test_another_task_instance_under_the_jobs_key_stops_the_job(ti_try: int, state: str) -> None:
+    # The re-created run's task runs try 1 (or the same try as the old job): not this job's.
+    verdict = decide(JOB_TRY, Observed(state, ti_try, "new-ti"), job_identity="old-ti")
+    assert isinstance(verdict, Stop)
+    assert (verdict.kind, verdict.final_status) == (Divergence.TI_REPLACED, JobStatus.FAILED)
+
+
+def test_a_try_that_ended_with_a_new_id_is_named_by_its_state() -> None:
+    # Airflow 3 gives a cleared task instance a new id at once: "cleared", not "replaced".
+    verdict = decide(JOB_TRY, Observed("restarting", JOB_TRY, "new-ti"), job_identity="old-ti")
+    assert isinstance(verdict, Stop) and verdict.kind is Divergence.TI_CLEARED
+
+
+@pytest.mark.parametrize(("job_identity", "seen"), [("ti-1", "ti-1"), ("", "ti-1"), ("ti-1", None)])
+def test_the_same_or_an_unknown_identity_changes_nothing(job_identity: str, seen: str | None) -> None:
+    assert isinstance(decide(JOB_TRY, Observed("deferred", JOB_TRY, seen), job_identity=job_identity), Keep)

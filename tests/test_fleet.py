@@ -146,7 +146,7 @@ def test_a_killed_agent_is_lost_and_only_its_jobs_end_failed(
 
     took = asyncio.run(scenario())
     assert took <= FLEET.lost_after_seconds + 2 * FLEET.check_interval_seconds + 1.0
-    record = db.get([j for j in db.search() if j.key.task_id == "on-a"][0].job_id)
+    record = db.get(next(j for j in db.search() if j.key.task_id == "on-a").job_id)
     assert record is not None and record.rc is None
     assert record.reason is not None and record.reason.startswith("agent agent-a lost: no answer since 20")
 

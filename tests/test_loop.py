@@ -237,6 +237,26 @@ def test_a_full_read_failing_from_the_start_does_not_block_incremental_reads(db:
     run(scenario)
 
 
+def test_a_job_of_a_deleted_run_is_stopped_when_the_run_is_created_again(db: RouterDB) -> None:
+    # The run was deleted and triggered again with the same run_id: same key, same try, another task
+    # instance. The old job must go; the new run's job (its own identity) stays.
+    old, _ = db.submit(NewJob(TaskInstanceKey("d", "t", "r", -1, 1), "agent-1", "sleep 60", "ti-old"))
+    new, _ = db.submit(NewJob(TaskInstanceKey("d", "t", "r", -1, 1), "agent-1", "sleep 60", "ti-new"))
+    for job in (old, new):
+        db.mark_running(job.job_id, source="test")
+    now_running = TaskInstance("d", "r", "t", -1, "deferred", 1, None, "ti-new")
+    airflow = ScriptedAirflow(truth={("d", "r", "t", -1): now_running})
+
+    async def scenario(pool: AgentPool) -> list[tuple[str, str]]:
+        loop, _ = make_loop(db, airflow, pool)
+        full = await loop.cycle(dry_run=True)
+        incremental = await loop.cycle(dry_run=True)
+        assert (full.read, incremental.read) == ("full", "incremental")
+        return [(j.job_id, str(stop.kind)) for report in (full, incremental) for j, stop in report.stops]
+
+    assert run(scenario) == [(old.job_id, "ti_replaced")] * 2
+
+
 def test_absent_in_a_full_read_stops_only_once_a_direct_read_confirms(db: RouterDB) -> None:
     deleted = running_job(db, "deleted")
     lagging = running_job(db, "lagging")

@@ -33,6 +33,7 @@ from harness.processes import free_port
 from harness.sidecar import AgentRef, SidecarProcess
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
+HTTP_METHODS = {"get", "put", "post", "delete", "options", "head", "patch", "trace"}
 INTERVAL = 0.3
 # Documented answers no test can provoke without a bug in the server.
 UNPROVOKABLE = {("post", "/run", "500"), ("post", "/jobs", "500")}
@@ -47,7 +48,7 @@ def pointer(*parts: str) -> str:
 # else is most likely YAML gone wrong (an unquoted comma in a flow mapping makes a key of it).
 SCHEMA_KEYWORDS = {
     "$ref", "type", "enum", "const", "properties", "required", "additionalProperties", "items",
-    "minItems", "minimum", "exclusiveMinimum", "minLength", "maxLength", "pattern", "format",
+    "minItems", "minimum", "maximum", "exclusiveMinimum", "minLength", "maxLength", "pattern", "format",
     "oneOf", "not", "default", "description",
 }  # fmt: skip
 
@@ -77,6 +78,7 @@ class Spec:
     path: Path
     doc: dict[str, Any] = field(init=False)
     seen: set[tuple[str, str, str]] = field(default_factory=set)
+    seen_responses: set[str] = field(default_factory=set)  # components/responses checked
 
     def __post_init__(self) -> None:
         self.doc = yaml.safe_load(self.path.read_text(encoding="utf-8"))
@@ -92,12 +94,15 @@ class Spec:
             for status in operation["responses"]
         }
 
-    def route(self, method: str, path: str) -> str:
-        # Literal routes first: /jobs/update_status is not /jobs/{job_id}.
+    def matching(self, path: str) -> list[str]:
+        """The documented routes ``path`` matches, literal ones first (/jobs/update_status is not
+        /jobs/{job_id}, though it matches both)."""
         routes = sorted(self.doc["paths"], key=lambda r: "{" in r)
-        for route in routes:
-            pattern = "^" + re.sub(r"\{[^}]+\}", "[^/]+", route) + "$"
-            if re.match(pattern, path) and method in self.doc["paths"][route]:
+        return [r for r in routes if re.match("^" + re.sub(r"\{[^}]+\}", "[^/]+", r) + "$", path)]
+
+    def route(self, method: str, path: str) -> str:
+        for route in self.matching(path):
+            if method in self.doc["paths"][route]:
                 return route
         raise AssertionError(f"{method.upper()} {path} is not documented in {self.path.name}")
 
@@ -121,17 +126,7 @@ class Spec:
         answer_at = ["paths", route, method, "responses", status]
         answer = self.doc["paths"][route][method]["responses"].get(status)
         assert answer is not None, f"{what}: status {status} not documented for {method.upper()} {route}"
-        if "$ref" in answer:
-            name = answer["$ref"].removeprefix("#/components/responses/")
-            answer_at, answer = ["components", "responses", name], self.doc["components"]["responses"][name]
-        content_type = response.headers.get("content-type", "").split(";")[0].strip()
-        assert content_type in answer["content"], f"{what}: content type {content_type!r} not documented"
-        if content_type == "application/json":
-            schema = pointer(*answer_at, "content", "application/json", "schema")
-            self.validate(schema, response.json(), what)
-        for name, header in answer.get("headers", {}).items():
-            assert name in response.headers, f"{what}: documented header {name} missing"
-            self.validate_header(header, response.headers[name], f"{what} header {name}")
+        self.check_answer(response, answer_at, answer, what)
         if 200 <= response.status_code < 300 and request.content:
             body = self.doc["paths"][route][method].get("requestBody")
             assert body is not None, f"{what}: a body was sent but none is documented"
@@ -140,11 +135,49 @@ class Spec:
         self.seen.add((method, route, status))
         return response
 
+    def check_answer(
+        self, response: httpx.Response, answer_at: list[str], answer: dict[str, Any], what: str
+    ) -> None:
+        """``response`` has a documented content type, body and headers of ``answer``."""
+        if "$ref" in answer:
+            name = answer["$ref"].removeprefix("#/components/responses/")
+            answer_at, answer = ["components", "responses", name], self.doc["components"]["responses"][name]
+        if answer_at[:2] == ["components", "responses"]:
+            self.seen_responses.add(answer_at[2])
+        content_type = response.headers.get("content-type", "").split(";")[0].strip()
+        assert content_type in answer["content"], f"{what}: content type {content_type!r} not documented"
+        if content_type == "application/json":
+            schema = pointer(*answer_at, "content", "application/json", "schema")
+            self.validate(schema, response.json(), what)
+        for name, header in answer.get("headers", {}).items():
+            assert name in response.headers, f"{what}: documented header {name} missing"
+            self.validate_header(header, response.headers[name], f"{what} header {name}")
+
+    def check_not_allowed(self, response: httpx.Response) -> httpx.Response:
+        """Assert ``response`` is the documented 405 to a method the path does not have: its
+        ``Allow`` lists exactly the documented methods of the routes the path matches (and HEAD
+        wherever GET is: aiohttp answers it)."""
+        method, path = response.request.method, response.request.url.path
+        what = f"{method} {path} -> {response.status_code}"
+        assert response.status_code == 405, f"{what}, expected 405: {response.text}"
+        routes = self.matching(path)
+        assert routes, f"{what}: no documented route matches {path}"
+        documented = {m.upper() for r in routes for m in self.doc["paths"][r] if m in HTTP_METHODS}
+        assert method not in documented, f"{what}: {method} is documented for {path}"
+        allowed = documented | ({"HEAD"} if "GET" in documented else set())
+        assert set(response.headers.get("Allow", "").split(",")) == allowed, f"{what}: Allow vs {allowed}"
+        self.check_answer(response, [], {"$ref": "#/components/responses/MethodNotAllowed"}, what)
+        return response
+
     def validate_header(self, header: dict[str, Any], value: str, what: str) -> None:
         if "$ref" in header:
             header = self.doc["components"]["headers"][header["$ref"].rsplit("/", 1)[1]]
-        assert header["schema"]["type"] == "integer"
-        assert value.isdigit(), f"{what}: {value!r} is not a non-negative integer"
+        if header["schema"]["type"] == "integer":
+            assert value.isdigit(), f"{what}: {value!r} is not a non-negative integer"
+            jsonschema.validate(int(value), header["schema"])
+        else:
+            assert header["schema"]["type"] == "string"
+            jsonschema.validate(value, header["schema"])
 
 
 def test_the_documents_are_valid_openapi_3_1() -> None:
@@ -194,20 +227,41 @@ def test_agent_answers_match_the_documented_api(agent: AgentProcess) -> None:
         spec.check(api.get("/jobs/doc-nope"), 404)
         spec.check(anonymous.get("/jobs/doc-long"), 401)
 
+        listed = spec.check(api.get("/jobs", params=[("status", "RUNNING"), ("status", "QUEUED")]), 200)
+        assert "doc-long" in [job["job_id"] for job in listed.json()["jobs"]]
+        assert {job["status"] for job in listed.json()["jobs"]} <= {"RUNNING", "QUEUED"}
+        spec.check(api.get("/jobs"), 200)
+        spec.check(api.get("/jobs", params={"status": "BOGUS"}), 400)
+        spec.check(anonymous.get("/jobs"), 401)
+
         log = spec.check(api.get("/jobs/doc-echo/log", params={"offset": 0, "limit": 100}), 200)
         assert int(log.headers["X-Next-Offset"]) == len(log.content)
+        for offset in (len(log.content), 17_592_186_040_321, 10**18 - 1):  # the end, past ext4's largest file
+            past = spec.check(api.get("/jobs/doc-echo/log", params={"offset": offset}), 200)
+            assert (past.content, int(past.headers["X-Next-Offset"])) == (b"", offset)
         spec.check(api.get("/jobs/doc-echo/log", params={"offset": "abc"}), 400)
+        spec.check(api.get("/jobs/doc-echo/log", params={"offset": 10**18}), 400)
         spec.check(api.get("/jobs/doc-nope/log"), 404)
         spec.check(anonymous.get("/jobs/doc-echo/log"), 401)
 
+        spec.check(api.post("/stop/doc-long", json={"reason": "a\u0000b"}), 400)
         stopped = spec.check(api.post("/stop/doc-long", json={"force": False, "reason": "docs"}), 200)
         assert stopped.json()["action"] == "terminated"
         again = spec.check(api.post("/stop/doc-long"), 200)
         assert again.json()["action"] == "already_finished"
         spec.check(api.post("/stop/doc-long", json={"force": "yes"}), 400)
-        spec.check(api.post("/stop/doc-nope"), 404)
+        never_run = spec.check(api.post("/stop/doc-never-run"), 200).json()
+        assert (never_run["action"], never_run["status"]) == ("already_finished", "FAILED")
+        spec.check(api.post("/run", json={**run, "job_id": "doc-never-run"}), 409)  # the tombstone
         spec.check(anonymous.post("/stop/doc-long"), 401)
+
+        for method, path in (
+            ("PUT", "/run"), ("DELETE", "/jobs"), ("DELETE", "/jobs/doc-long"),
+            ("PATCH", "/jobs/doc-echo/log"), ("GET", "/stop/doc-long"), ("POST", "/health"),
+        ):  # fmt: skip
+            spec.check_not_allowed(api.request(method, path))
     assert spec.documented() - UNPROVOKABLE <= spec.seen, spec.documented() - UNPROVOKABLE - spec.seen
+    assert "MethodNotAllowed" in spec.seen_responses
 
 
 # ---------------------------------------------------------------------------------------- sidecar
@@ -348,11 +402,16 @@ def test_sidecar_answers_match_the_documented_api(agent: AgentProcess, tmp_path:
         long_job = spec.check(api.post("/jobs", json=submission("long")), 201).json()["job_id"]
         assert spec.check(api.post("/jobs", json=submission("long")), 200).json()["created"] is False
         spec.check(api.post("/jobs", content=b"{not json"), 400)
+        nul = spec.check(api.post("/jobs", json=submission("nul", env={"A": "a\u0000b"})), 400)
+        assert "env.A" in nul.json()["error"]
         spec.check(anonymous.post("/jobs", json=submission("long")), 401)
         spec.check(api.post("/jobs", json=submission("huge", command="x" * (2 * 1024 * 1024))), 413)
 
         spec.check(api.get("/jobs", params={"dag_id": "docs", "status": "RUNNING"}), 200)
         spec.check(api.get("/jobs", params={"status": "BOGUS"}), 400)
+        for bad in ({"status": ""}, {"dag_id": ""}, {"run_id": "a\u0000b"}, {"dag_id": "d" * 251}):
+            spec.check(api.get("/jobs", params=bad), 400)
+        spec.check(api.get("/jobs", params=[("status", "RUNNING"), ("status", "FAILED")]), 400)
         spec.check(anonymous.get("/jobs"), 401)
         spec.check(api.get(f"/jobs/{long_job}"), 200)
         spec.check(api.get("/jobs/bad!id"), 400)
@@ -362,7 +421,10 @@ def test_sidecar_answers_match_the_documented_api(agent: AgentProcess, tmp_path:
         spec.check(api.get("/jobs/bad!id/events"), 400)
         spec.check(api.get("/jobs/no-such-job/events"), 404)
         spec.check(anonymous.get(f"/jobs/{long_job}/events"), 401)
-        spec.check(api.get(f"/jobs/{long_job}/log", params={"offset": 0}), 200)
+        log = spec.check(api.get(f"/jobs/{long_job}/log", params={"offset": 0}), 200)
+        past_end = spec.check(api.get(f"/jobs/{long_job}/log", params={"offset": 2**31 - 1}), 200)
+        assert (past_end.content, past_end.headers["X-Log-Size"]) == (b"", log.headers["X-Log-Size"])
+        assert past_end.headers["X-Next-Offset"] == str(2**31 - 1)
         spec.check(api.get(f"/jobs/{long_job}/log", params={"offset": -1}), 400)
         spec.check(api.get("/jobs/no-such-job/log"), 404)
         spec.check(anonymous.get(f"/jobs/{long_job}/log"), 401)
@@ -397,6 +459,14 @@ def test_sidecar_answers_match_the_documented_api(agent: AgentProcess, tmp_path:
         pending = spec.check(api.post(update, json={"job_id": lost_job["job_id"], "status": "failed"}), 200)
         assert pending.json()["action"] == "stop_pending"
 
+        for method, path in (
+            ("PUT", "/jobs"), ("DELETE", f"/jobs/{long_job}"), ("PUT", "/jobs/update_status"),
+            ("POST", f"/jobs/{long_job}/log"), ("PUT", f"/jobs/{long_job}/events"),
+        ):  # fmt: skip
+            spec.check_not_allowed(api.request(method, path))
+        for method, path in (("POST", "/metrics"), ("POST", "/healthz"), ("DELETE", "/readyz")):
+            spec.check_not_allowed(anonymous.request(method, path))
+
     with (
         SidecarProcess(
             workdir=tmp_path / "unready",
@@ -418,3 +488,4 @@ def test_sidecar_answers_match_the_documented_api(agent: AgentProcess, tmp_path:
         for path in ("/jobs/x", "/jobs/x/log", "/jobs/x/events"):
             spec.check(api.get(path), 429)
     assert spec.documented() - UNPROVOKABLE <= spec.seen, spec.documented() - UNPROVOKABLE - spec.seen
+    assert "MethodNotAllowed" in spec.seen_responses

@@ -1,0 +1,268 @@
+"""How a deferred task waits for its job: poll the sidecar until the job ends, riding out the rest.
+
+A task must not fail because the path to the sidecar hiccups: the job keeps running on its VM, and a
+failed task would make the reconciler stop it. So only two answers end the wait: the job's terminal
+status, and the sidecar's own "job not found" (see :func:`agentic_airflow.sidecar.classify_job_answer`).
+Everything else (no connection, timeouts, 5xx, 429, 401/403, answers that are not the sidecar's, a
+connection that cannot be resolved, a CA file that cannot be loaded) is logged and retried with capped
+exponential backoff and jitter, so a fleet of triggers does not hammer a sidecar that is coming back.
+
+No Airflow import: the trigger hands in how to resolve its connection and where to log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import httpx
+
+from agentic_airflow.sidecar import (
+    AnswerKind,
+    JobAnswer,
+    SidecarEndpoint,
+    SidecarError,
+    describe_failure,
+    fetch_job_answer,
+    log_tail,
+)
+
+MAX_BACKOFF_SECONDS = 60.0
+MIN_BACKOFF_SECONDS = 0.5  # retrying a failing sidecar faster than this helps nobody
+REPORT_EVERY_SECONDS = 60.0  # the same kind of trouble is logged at most this often
+
+
+class Log(Protocol):
+    """What the poller needs of a logger (``logging.Logger`` and Airflow's structlog loggers)."""
+
+    def info(self, msg: str, *args: Any) -> Any: ...
+
+    def warning(self, msg: str, *args: Any) -> Any: ...
+
+    def error(self, msg: str, *args: Any) -> Any: ...
+
+
+@dataclass
+class Backoff:
+    """Delays after consecutive failures: each a random pick from the upper half of
+    ``base * 2**failures`` (never below ``base``), capped at ``cap``."""
+
+    base: float
+    cap: float = MAX_BACKOFF_SECONDS
+    rng: random.Random = field(default_factory=random.Random)
+    failures: int = 0
+
+    def next_delay(self, *, at_least: float | None = None) -> float:
+        """The wait before the next try; ``at_least`` (a ``Retry-After``) is honoured up to ``cap``."""
+        self.failures += 1
+        cap = max(self.cap, self.base)
+        ceiling = min(cap, self.base * 2.0 ** min(self.failures, 32))
+        delay = self.rng.uniform(max(self.base, ceiling / 2), ceiling)
+        return max(delay, min(at_least or 0.0, cap))
+
+    def reset(self) -> None:
+        self.failures = 0
+
+
+@dataclass
+class _Report:
+    at: float
+    held_back: int = 0
+
+
+class JobPoller:
+    """Wait for ``job_id`` to end; :meth:`run` returns the trigger event's payload.
+
+    ``resolve`` reads the sidecar's endpoint from the connection ``conn_id``; it is called again
+    after a 401/403 (the token may have been rotated) and after any failure to resolve. ``sleep``,
+    ``clock``, ``rng`` and ``transport`` exist for tests.
+    """
+
+    def __init__(
+        self,
+        *,
+        job_id: str,
+        conn_id: str,
+        resolve: Callable[[str], Awaitable[SidecarEndpoint]],
+        log: Log,
+        poll_interval: float = 2.0,
+        log_tail_bytes: int = 4000,
+        max_backoff: float = MAX_BACKOFF_SECONDS,
+        request_timeout: float = 10.0,
+        report_every: float = REPORT_EVERY_SECONDS,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        clock: Callable[[], float] = time.monotonic,
+        rng: random.Random | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self.job_id = job_id
+        self.conn_id = conn_id
+        self._resolve = resolve
+        self._log = log
+        self._poll_interval = poll_interval
+        self._log_tail_bytes = log_tail_bytes
+        self._request_timeout = request_timeout
+        self._report_every = report_every
+        self._sleep = sleep
+        self._clock = clock
+        self._transport = transport
+        jitter = rng or random.Random()  # noqa: S311 (spreads retries out; nothing secret)
+        self._backoff = Backoff(max(poll_interval, MIN_BACKOFF_SECONDS), max_backoff, jitter)
+        # Kept across answers: a sidecar that throttles every other poll must not fill the log.
+        self._reports: dict[str, _Report] = {}
+        self._failing_since: float | None = None  # the first failure of the current streak
+        self._streak_reported = False  # a line about this streak was written: so is its end
+
+    async def run(self) -> dict[str, Any]:
+        session: tuple[SidecarEndpoint, httpx.AsyncClient] | None = None
+        try:
+            while True:
+                if session is None:
+                    try:
+                        endpoint = await self._resolve(self.conn_id)
+                        session = endpoint, await self._client(endpoint)
+                    except Exception as exc:  # whatever a secrets backend raises: retried all the same
+                        await self._cannot_resolve(exc)
+                        continue
+                endpoint, client = session
+                try:
+                    answer = await fetch_job_answer(client, self.job_id)
+                except httpx.HTTPError as exc:
+                    detail = describe_failure(endpoint, exc)
+                    await self._retry(
+                        f"unreachable:{detail}", "job %s: %s; the job runs on, retrying in %.1f s%s", detail
+                    )
+                    continue
+                if answer.kind is AnswerKind.JOB:
+                    self._answered(endpoint)
+                    if answer.final:
+                        return await self._ended(client, answer)
+                    await self._sleep(self._poll_interval)
+                elif answer.kind is AnswerKind.NO_SUCH_JOB:
+                    return self._gone(endpoint, answer)
+                else:
+                    if answer.kind is AnswerKind.UNAUTHORIZED:
+                        session = None  # read the connection again: the token may have been rotated
+                        await client.aclose()
+                    await self._refused(endpoint, answer)
+        finally:
+            if session is not None:
+                await session[1].aclose()
+
+    async def _client(self, endpoint: SidecarEndpoint) -> httpx.AsyncClient:
+        # Loading a CA bundle takes tens of milliseconds, more under load: off the triggerer's event
+        # loop, which every other trigger shares. A CA file that cannot be loaded raises SidecarError.
+        verify = await asyncio.to_thread(endpoint.verify)
+        return await asyncio.to_thread(
+            httpx.AsyncClient,
+            base_url=endpoint.base_url,
+            headers=endpoint.headers,
+            timeout=self._request_timeout,
+            verify=verify,
+            transport=self._transport,
+        )
+
+    async def _cannot_resolve(self, exc: Exception) -> None:
+        # SidecarError texts are ours and never carry the token; other exceptions might quote a
+        # connection URI, so only their type is shown.
+        reason = str(exc) if isinstance(exc, SidecarError) else type(exc).__name__
+        await self._retry(
+            f"resolve:{reason}",
+            "job %s: cannot use the connection %s (%s); retrying in %.1f s%s",
+            self.conn_id,
+            reason,
+            level="error",
+        )
+
+    async def _refused(self, endpoint: SidecarEndpoint, answer: JobAnswer) -> None:
+        where, detail = endpoint.base_url, answer.detail
+        if answer.kind is AnswerKind.THROTTLED:
+            await self._retry(
+                "throttled",
+                "job %s: sidecar at %s is rate-limiting polls (%s); retrying in %.1f s%s",
+                where,
+                detail,
+                at_least=answer.retry_after,
+            )
+        elif answer.kind is AnswerKind.UNAUTHORIZED:
+            await self._retry(
+                "unauthorized",
+                "job %s: sidecar at %s refused the token of connection %s (%s); "
+                "reading the connection again, retrying in %.1f s%s",
+                where,
+                self.conn_id,
+                detail,
+                level="error",
+            )
+        elif answer.kind is AnswerKind.UNAVAILABLE:
+            await self._retry(
+                f"unavailable:{detail}",
+                "job %s: sidecar at %s failed (%s); the job runs on, retrying in %.1f s%s",
+                where,
+                detail,
+                at_least=answer.retry_after,
+            )
+        else:
+            await self._retry(
+                f"unusable:{detail}",
+                "job %s: unusable answer from the sidecar at %s (%s); retrying in %.1f s%s",
+                where,
+                detail,
+            )
+
+    async def _retry(
+        self, kind: str, message: str, *fields: object, level: str = "warning", at_least: float | None = None
+    ) -> None:
+        """Log ``message`` (the job id, ``fields``, the delay, a note of lines held back) unless the
+        same ``kind`` of trouble was reported less than ``report_every`` ago; then wait."""
+        now = self._clock()
+        if self._failing_since is None:
+            self._failing_since = now
+        delay = self._backoff.next_delay(at_least=at_least)
+        report = self._reports.get(kind)
+        if report is not None and now - report.at < self._report_every:
+            report.held_back += 1
+        else:
+            held_back = report.held_back if report is not None else 0
+            note = f" ({held_back} more like this since the last report)" if held_back else ""
+            write = self._log.error if level == "error" else self._log.warning
+            write(message, self.job_id, *fields, delay, note)
+            self._reports[kind] = _Report(now)
+            self._streak_reported = True
+        await self._sleep(delay)
+
+    def _answered(self, endpoint: SidecarEndpoint) -> None:
+        if self._failing_since is not None and self._streak_reported:
+            self._log.info(
+                "job %s: sidecar at %s answers again; failed polls: %d over %.0f s",
+                self.job_id,
+                endpoint.base_url,
+                self._backoff.failures,
+                self._clock() - self._failing_since,
+            )
+        self._failing_since = None
+        self._streak_reported = False
+        self._backoff.reset()
+
+    async def _ended(self, client: httpx.AsyncClient, answer: JobAnswer) -> dict[str, Any]:
+        job = answer.job or {}
+        tail = (
+            ""
+            if job.get("status") == "SUCCEEDED"
+            else await log_tail(client, self.job_id, self._log_tail_bytes)
+        )
+        return {**summary(job), "log_tail": tail}
+
+    def _gone(self, endpoint: SidecarEndpoint, answer: JobAnswer) -> dict[str, Any]:
+        error = f"sidecar at {endpoint.base_url} has no such job ({answer.detail})"
+        self._log.error("job %s: %s; ending the task", self.job_id, error)
+        return {"job_id": self.job_id, "status": "ERROR", "error": error}
+
+
+def summary(job: dict[str, Any]) -> dict[str, Any]:
+    """The fields of a finished job that the operator's ``execute_complete`` reads."""
+    return {k: job.get(k) for k in ("job_id", "status", "rc", "reason", "agent_id", "finished_at")}
