@@ -6,7 +6,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from agentic_airflow.connection import get_endpoint
-from agentic_airflow.sidecar import TERMINAL, logical_date_identity, submit_job
+from agentic_airflow.polling import submit_patiently
+from agentic_airflow.sidecar import TERMINAL, logical_date_identity
 from agentic_airflow.triggers import AgenticJobTrigger
 
 try:  # Airflow 3
@@ -67,8 +68,8 @@ class AgenticRunOperator(BaseOperator):
 
     def execute(self, context: Any) -> None:
         ti = context["ti"]
-        job = submit_job(
-            get_endpoint(self.conn_id),
+        job = submit_patiently(
+            lambda: get_endpoint(self.conn_id),
             {
                 "command": self.command,
                 "agent_id": self.agent_id,
@@ -84,6 +85,8 @@ class AgenticRunOperator(BaseOperator):
                 "try_number": ti.try_number,
                 "ti_identity": ti_identity(ti, context),
             },
+            conn_id=self.conn_id,
+            log=self.log,
         )
         self.log.info(
             "job %s on agent %s: %s%s",

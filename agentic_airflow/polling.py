@@ -26,9 +26,11 @@ from agentic_airflow.sidecar import (
     JobAnswer,
     SidecarEndpoint,
     SidecarError,
+    TransientSubmitError,
     describe_failure,
     fetch_job_answer,
     log_tail,
+    submit_job,
 )
 
 MAX_BACKOFF_SECONDS = 60.0
@@ -266,3 +268,40 @@ class JobPoller:
 def summary(job: dict[str, Any]) -> dict[str, Any]:
     """The fields of a finished job that the operator's ``execute_complete`` reads."""
     return {k: job.get(k) for k in ("job_id", "status", "rc", "reason", "agent_id", "finished_at")}
+
+
+SUBMIT_PATIENCE_SECONDS = 600.0  # how long a task waits for the sidecar to take its job
+
+
+def submit_patiently(
+    resolve: Callable[[], SidecarEndpoint],
+    request: dict[str, Any],
+    *,
+    conn_id: str,
+    log: Log,
+    patience: float = SUBMIT_PATIENCE_SECONDS,
+    sleep: Callable[[float], None] = time.sleep,
+    clock: Callable[[], float] = time.monotonic,
+    backoff: Backoff | None = None,
+) -> dict[str, Any]:
+    """``POST /jobs`` until the sidecar takes the job, riding out what may pass (no connection, 5xx,
+    429 with its Retry-After, 401/403 while a token rotates: the connection is read again) for up to
+    ``patience`` seconds. Safe because a submission is idempotent per task instance. A refusal (4xx)
+    or a certificate that does not verify fails at once: waiting would not change it."""
+    backoff = backoff or Backoff(base=1.0)
+    deadline = clock() + patience
+    endpoint = resolve()
+    while True:
+        try:
+            return submit_job(endpoint, request)
+        except TransientSubmitError as exc:
+            delay = backoff.next_delay(at_least=exc.retry_after)
+            if clock() + delay > deadline:
+                raise SidecarError(f"{exc}; still failing after {patience:.0f} s") from None
+            if exc.unauthorized:
+                log.error("sidecar refused the token of connection %s (%s); reading it again", conn_id, exc)
+            else:
+                log.warning("job not submitted yet: %s; retrying in %.1f s", exc, delay)
+            sleep(delay)
+            if exc.unauthorized:
+                endpoint = resolve()

@@ -83,10 +83,23 @@ class SidecarEndpoint:
             ) from None
 
 
+class TransientSubmitError(SidecarError):
+    """The submission did not get through, for a reason that may pass: no connection, a timeout, 5xx,
+    429, 401/403 (a token rotation). Retrying is safe: a submission is idempotent per task instance."""
+
+    def __init__(self, message: str, *, retry_after: float | None = None, unauthorized: bool = False):
+        super().__init__(message)
+        self.retry_after = retry_after
+        self.unauthorized = unauthorized
+
+
 def submit_job(
     endpoint: SidecarEndpoint, request: dict[str, Any], *, timeout: float = 30.0
 ) -> dict[str, Any]:
-    """``POST /jobs``; idempotent per task-instance try (a resubmission returns the same job)."""
+    """``POST /jobs``, once; idempotent per task-instance try (a resubmission returns the same job).
+
+    Raises :class:`TransientSubmitError` for what may pass, :class:`SidecarError` for what will not
+    (a refused request, a certificate that does not verify)."""
     verify = endpoint.verify()
     try:
         with httpx.Client(
@@ -94,10 +107,22 @@ def submit_job(
         ) as client:
             response = client.post("/jobs", json=request)
     except httpx.HTTPError as exc:
-        raise SidecarError(describe_failure(endpoint, exc)) from None
+        message = describe_failure(endpoint, exc)
+        if "certificate verification failed" in message:
+            raise SidecarError(message) from None
+        raise TransientSubmitError(message) from None
+    code = response.status_code
+    if code == 429 or code >= 500 or code in (401, 403):
+        parsed = _parse_object(response.content)
+        error = _error_text(parsed)
+        raise TransientSubmitError(
+            f"sidecar at {endpoint.base_url}: HTTP {code}" + (f": {error}" if error else ""),
+            retry_after=retry_after_seconds(response.headers.get("Retry-After"), now=datetime.now(UTC)),
+            unauthorized=code in (401, 403),
+        )
     body = _json(response)
-    if response.status_code not in (200, 201):
-        raise SidecarError(f"sidecar refused the job: HTTP {response.status_code}: {body.get('error', body)}")
+    if code not in (200, 201):
+        raise SidecarError(f"sidecar refused the job: HTTP {code}: {body.get('error', body)}")
     if not isinstance(body.get("job_id"), str) or not isinstance(body.get("status"), str):
         raise SidecarError("sidecar answer lacks job_id/status")
     return body

@@ -15,9 +15,10 @@ of: started behind the sidecar's back) is an orphan, and is stopped.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import Callable, Coroutine, Iterable, Sequence
+from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -82,6 +83,7 @@ class _Agent:
     state: AgentState = AgentState.LIVE
     next_check: float = 0.0
     next_sweep: float = 0.0
+    next_end: float = 0.0  # while lost: when its active jobs are next read and ended
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
     checking: bool = False
     sweeping: bool = False
@@ -115,6 +117,7 @@ class Fleet:
         for agent in self._agents.values():
             agent.last_contact = now
             agent.failed_check_started = None
+            agent.last_check_ok, agent.state = True, AgentState.LIVE
             agent.next_sweep = min(agent.next_sweep, now + self._config.orphan_sweep_seconds)
 
     def state(self, agent_id: str) -> AgentState:
@@ -124,29 +127,52 @@ class Fleet:
     def states(self) -> dict[str, AgentState]:
         return {agent_id: agent.state for agent_id, agent in self._agents.items()}
 
-    async def tick(self, jobs: Sequence[JobRecord]) -> None:
-        """Start the checks and sweeps that are due, and end the jobs of lost agents. Returns at once
-        (but for the router DB write); the checks run in the background."""
+    async def run(self, stopping: asyncio.Event) -> None:
+        """Tick until ``stopping`` is set, on its own clock: neither a slow Airflow read nor a slow
+        cycle delays noticing a lost agent."""
+        self.reset()
+        period = min(0.5, self._config.check_interval_seconds / 2)
+        try:
+            while not stopping.is_set():
+                try:
+                    await self.tick()
+                except Exception as exc:  # the router DB is down: the next tick tries again
+                    log.error("fleet bookkeeping failed: %s", type(exc).__name__, extra={"error": str(exc)})
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stopping.wait(), timeout=period)
+        finally:
+            await self.close()  # a standby neither checks agents nor sweeps them
+            self.reset()  # nor does it keep a past term's verdicts
+
+    async def tick(self) -> None:
+        """Start the checks and sweeps that are due, and end the jobs of lost agents (read from the
+        router DB once per check interval while the agent stays lost, so jobs routed to it by id
+        meanwhile end too). The checks and sweeps run in the background."""
         now = self._clock()
-        lost_jobs: list[Transition] = []
         for agent in self._agents.values():
             self._update_state(agent)
-            if agent.state is AgentState.LOST:
-                reason = self._lost_reason(agent)
-                mine = [job for job in jobs if job.agent_id == agent.id and job.active]
-                lost_jobs += [lost_job_transition(job, reason) for job in mine]
+            if agent.state is AgentState.LOST and now >= agent.next_end:
+                agent.next_end = now + self._config.check_interval_seconds
+                await self._end_jobs(agent)
             if not agent.checking and now >= agent.next_check:
                 self._spawn(agent, self._check(agent))
             if agent.state is AgentState.LIVE and not agent.sweeping and now >= agent.next_sweep:
                 self._spawn(agent, self._sweep(agent))
         for state in AgentState:
             self._metrics.agents.labels(state.value).set(sum(a.state is state for a in self._agents.values()))
-        if lost_jobs:
-            ended = await asyncio.to_thread(self._db.apply, lost_jobs, source="fleet")
-            count = sum(job is not None for job in ended)
-            self._metrics.lost_jobs.inc(count)
-            if count:
-                log.error("ended %d job(s) of lost agents", count, extra={"action": "end_lost_jobs"})
+
+    async def _end_jobs(self, agent: _Agent) -> None:
+        jobs = await asyncio.to_thread(self._db.active, agent_id=agent.id)
+        if not jobs:
+            return
+        reason = self._lost_reason(agent)
+        ended = await asyncio.to_thread(
+            self._db.apply, [lost_job_transition(job, reason) for job in jobs], source="fleet"
+        )
+        count = sum(job is not None for job in ended)
+        self._metrics.lost_jobs.inc(count)
+        if count:
+            log.error("ended %d job(s) of lost agent %s", count, agent.id, extra={"agent_id": agent.id})
 
     async def close(self) -> None:
         tasks = [task for agent in self._agents.values() for task in agent.tasks]

@@ -96,14 +96,18 @@ class Reconciler:
         """Each agent's liveness (live, suspect, lost) as this replica's loop sees it."""
         return {} if self._fleet is None else {a: str(s) for a, s in self._fleet.states().items()}
 
+    def answering(self, agent_id: str) -> bool:
+        """False while this replica's loop sees the agent fail its health checks (suspect or lost)."""
+        return self._fleet is None or self._fleet.state(agent_id) is AgentState.LIVE
+
     def known_jobs(self) -> list[JobRecord]:
         """The active jobs as of the last cycle (the loop's view of the router DB)."""
         return list(self._jobs.values())
 
     async def run(self, stopping: asyncio.Event) -> None:
         self._metrics.leader.set(1)
-        if self._fleet is not None:
-            self._fleet.reset()  # a new term: agents get lost_after_seconds from now to answer
+        # Agent liveness runs beside the cycles, on its own clock; a new term counts from now.
+        fleet = asyncio.create_task(self._fleet.run(stopping)) if self._fleet is not None else None
         try:
             while not stopping.is_set():
                 started = time.monotonic()
@@ -114,8 +118,9 @@ class Reconciler:
                 except TimeoutError:
                     pass
         finally:
-            if self._fleet is not None:
-                await self._fleet.close()  # a standby neither checks agents nor sweeps them
+            if fleet is not None:
+                fleet.cancel()
+                await asyncio.gather(fleet, return_exceptions=True)
             self._metrics.leader.set(0)
 
     async def cycle(self, *, dry_run: bool = False) -> CycleReport:
@@ -165,8 +170,6 @@ class Reconciler:
         return report
 
     async def _bookkeeping(self, jobs: Sequence[JobRecord]) -> None:
-        if self._fleet is not None:
-            await self._fleet.tick(jobs)
         answering = [
             job
             for job in jobs

@@ -298,7 +298,10 @@ class SidecarAPI:
 
     async def get_job(self, request: web.Request) -> web.Response:
         job = await self._job(request)
-        job = await refresh_from_agent(self._db, self._agents, job)
+        # An agent that does not answer its health checks is not asked: the trigger polling this job
+        # must hear at once that the router DB ended it, not after a timeout.
+        if self._reconciler.answering(job.agent_id):
+            job = await refresh_from_agent(self._db, self._agents, job)
         return web.json_response(job.to_json())
 
     async def list_jobs(self, request: web.Request) -> web.Response:
@@ -353,6 +356,9 @@ class SidecarAPI:
             raise BadRequest("offset and limit must be integers") from None
         if not 0 <= offset <= MAX_INT or (limit is not None and not 1 <= limit <= MAX_INT):
             raise BadRequest(f"offset must be 0 to {MAX_INT} and limit 1 to {MAX_INT}")
+        if not self._reconciler.answering(job.agent_id):
+            state = self._reconciler.agent_states().get(job.agent_id, "unknown")
+            return _error(502, f"agent {job.agent_id} is {state}: it does not answer its health checks")
         try:
             chunk = await self._agents.client(job.agent_id).log(job.job_id, offset=offset, limit=limit)
         except JobNotFound:

@@ -231,13 +231,16 @@ class RouterDB:
         with self._sessions() as session:
             return [_record(row) for row in session.scalars(query)]
 
-    def active(self) -> list[JobRecord]:
-        """Every job the router still considers active (queued, running, or stopping)."""
+    def active(self, *, agent_id: str | None = None) -> list[JobRecord]:
+        """Every job the router still considers active (queued, running, or stopping), or those
+        of one agent."""
         query = (
             select(Job.__table__)
             .where(Job.status.in_([str(s) for s in ACTIVE_STATUSES]))
             .execution_options(yield_per=2000)  # stream rows: no buffer of every row at once
         )
+        if agent_id is not None:
+            query = query.where(Job.agent_id == agent_id)
         with self._sessions() as session:  # Core rows: no identity map for tens of thousands of jobs
             return [_record(row) for row in session.execute(query)]
 

@@ -64,7 +64,7 @@ def pool_of(*agents: AgentProcess) -> AgentPool:
 
 
 class Sidecar:
-    """The loop with its fleet, as the service wires them, cycling every ``interval`` seconds."""
+    """The loop with its fleet, as the service wires them; each step ticks the fleet, then cycles."""
 
     def __init__(self, db: RouterDB, pool: AgentPool, airflow: ScriptedAirflow, fleet: FleetConfig) -> None:
         self.metrics = Metrics()
@@ -84,6 +84,7 @@ class Sidecar:
         """Cycle until ``predicate`` holds; returns how long it took (fails the test on timeout)."""
         started = time.monotonic()
         while time.monotonic() - started < timeout:
+            await self.fleet.tick()
             await self.loop.cycle()
             if predicate():
                 return time.monotonic() - started
@@ -93,6 +94,7 @@ class Sidecar:
     async def cycle_for(self, seconds: float) -> None:
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline:
+            await self.fleet.tick()
             await self.loop.cycle()
             await asyncio.sleep(0.2)
 

@@ -1,9 +1,12 @@
 """Load: a sustained submission rate to the sidecar for 30 s with its loop running.
 
-200 submissions per second (``AGENTIC_LOAD_RATE`` overrides it). What must hold: every answer 201 and
+120 submissions per second (``AGENTIC_LOAD_RATE`` overrides it). What must hold: every answer 201 and
 no row lost; p50/p99/max are printed (run with ``-s``). On this 2-core machine, which also hosts the
-test's driver and stand-ins, 200/s is near the sidecar's capacity: measured p50 ~0.6 s, p99 1.4-1.9 s
-(queueing; at 150/s p99 is ~0.15 s). The p99 bound below only catches a gross regression.
+test's driver and stand-ins, the sidecar's capacity varies with the host: 186-192/s measured on
+2026-11-24, 133-179/s on 2026-11-29 within minutes (the code of both days alike). Past capacity an
+open-loop schedule only measures its own queue, so the default stays below it: 120/s gave p50 10 ms,
+p99 0.27 s.
+The p99 bound below only catches a gross regression; ``bench/RESULTS.md`` holds the 200/s figures.
 
 A real sidecar process (router DB on SQLite) with its poll loop running against the Airflow stand-in
 of ``bench.standins`` (every submitted task instance exists there, ``running``, so the loop keeps
@@ -33,7 +36,7 @@ from router_db import RouterDB
 from router_db.models import Job
 from tests.test_faults import ServedAirflow
 
-RATE = float(os.environ.get("AGENTIC_LOAD_RATE", "200"))  # submissions per second
+RATE = float(os.environ.get("AGENTIC_LOAD_RATE", "120"))  # submissions per second
 SECONDS = 30.0
 TOTAL = int(RATE * SECONDS)
 P99_BOUND = 5.0  # seconds: catches a gross regression; the figure itself is printed, not graded
