@@ -290,9 +290,11 @@ def submit_patiently(
     or a certificate that does not verify fails at once: waiting would not change it."""
     backoff = backoff or Backoff(base=1.0)
     deadline = clock() + patience
-    endpoint = resolve()
+    endpoint: SidecarEndpoint | None = None
     while True:
         try:
+            if endpoint is None:
+                endpoint = _resolve(resolve, conn_id)
             return submit_job(endpoint, request)
         except TransientSubmitError as exc:
             delay = backoff.next_delay(at_least=exc.retry_after)
@@ -300,8 +302,17 @@ def submit_patiently(
                 raise SidecarError(f"{exc}; still failing after {patience:.0f} s") from None
             if exc.unauthorized:
                 log.error("sidecar refused the token of connection %s (%s); reading it again", conn_id, exc)
+                endpoint = None
             else:
                 log.warning("job not submitted yet: %s; retrying in %.1f s", exc, delay)
             sleep(delay)
-            if exc.unauthorized:
-                endpoint = resolve()
+
+
+def _resolve(resolve: Callable[[], SidecarEndpoint], conn_id: str) -> SidecarEndpoint:
+    """The connection, read now; a failure to read it (a secrets backend throttling) may pass."""
+    try:
+        return resolve()
+    except SidecarError as exc:
+        raise TransientSubmitError(f"connection {conn_id}: {exc}") from None
+    except Exception as exc:  # its text may quote the connection's URI, token included: the type only
+        raise TransientSubmitError(f"connection {conn_id} cannot be read: {type(exc).__name__}") from None

@@ -100,7 +100,10 @@ def submit_job(
 
     Raises :class:`TransientSubmitError` for what may pass, :class:`SidecarError` for what will not
     (a refused request, a certificate that does not verify)."""
-    verify = endpoint.verify()
+    try:
+        verify = endpoint.verify()
+    except SidecarError as exc:  # the CA file may be mid-rotation, as for the trigger
+        raise TransientSubmitError(str(exc)) from None
     try:
         with httpx.Client(
             base_url=endpoint.base_url, headers=endpoint.headers, timeout=timeout, verify=verify
@@ -112,9 +115,11 @@ def submit_job(
             raise SidecarError(message) from None
         raise TransientSubmitError(message) from None
     code = response.status_code
-    if code == 429 or code >= 500 or code in (401, 403):
-        parsed = _parse_object(response.content)
-        error = _error_text(parsed)
+    parsed = _parse_object(response.content)
+    error = _error_text(parsed)
+    # Only the sidecar's own JSON refusal of this request is final; any other failure says something
+    # about the path to it (a restart, a proxy's page, a rate limit, a token rotation).
+    if code not in (200, 201) and (code in (401, 403, 429) or code >= 500 or not error):
         raise TransientSubmitError(
             f"sidecar at {endpoint.base_url}: HTTP {code}" + (f": {error}" if error else ""),
             retry_after=retry_after_seconds(response.headers.get("Retry-After"), now=datetime.now(UTC)),
@@ -122,7 +127,7 @@ def submit_job(
         )
     body = _json(response)
     if code not in (200, 201):
-        raise SidecarError(f"sidecar refused the job: HTTP {code}: {body.get('error', body)}")
+        raise SidecarError(f"sidecar refused the job: HTTP {code}: {error}")
     if not isinstance(body.get("job_id"), str) or not isinstance(body.get("status"), str):
         raise SidecarError("sidecar answer lacks job_id/status")
     return body

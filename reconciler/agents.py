@@ -24,11 +24,31 @@ class AgentPool:
         self._timeout = timeout
         self._stop_timeout = stop_timeout
         self._clients: dict[str, AgentClient] = {}
+        self._probe_session: aiohttp.ClientSession | None = None
+        self._probers: dict[str, AgentClient] = {}
         self._next = 0
         self.avoid: Callable[[str], bool] = lambda agent_id: False  # set by the fleet's liveness
 
     def ids(self) -> list[str]:
         return sorted(self._entries)
+
+    def prober(self, agent_id: str) -> AgentClient:
+        """A client for health checks, on connections of its own: requests queued for a busy
+        agent's shared pool must not make a healthy agent look silent."""
+        if agent_id not in self._entries:
+            raise NoAgent(f"unknown agent {agent_id!r}")
+        if agent_id not in self._probers:
+            if self._probe_session is None:
+                self._probe_session = aiohttp.ClientSession()
+            entry = self._entries[agent_id]
+            self._probers[agent_id] = AgentClient(
+                entry.url,
+                self._tokens[agent_id],
+                session=self._probe_session,
+                timeout=self._timeout,
+                ca_file=entry.ca_file or None,
+            )
+        return self._probers[agent_id]
 
     def client(self, agent_id: str) -> AgentClient:
         if agent_id not in self._entries:
@@ -63,7 +83,9 @@ class AgentPool:
         return matching[self._next % len(matching)]
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        for session in (self._session, self._probe_session):
+            if session is not None:
+                await session.close()
+        self._session = self._probe_session = None
         self._clients.clear()
+        self._probers.clear()

@@ -199,10 +199,12 @@ class AirflowClient:
         while True:
             page = await self._request("GET", path, params={**params, "cursor": cursor})
             if "next_cursor" not in page:
-                # No keyset paging here (Airflow 3.0, 3.1): the cursor was ignored, so this answer
-                # is the first page of offset paging by id.
+                # No keyset paging here (Airflow 3.0, 3.1): the cursor was ignored, so a first answer
+                # is the first page of offset paging by id. Met later in a read (Airflow downgraded
+                # meanwhile), the read starts over by offset: what this answer is cannot be told.
                 self._keyset_paging = False
-                return await self._changed_by_id_offset(path, params, first=page)
+                first = None if cursor else page
+                return await self._changed_by_id_offset(path, params, first=first)
             items, _ = _collection(page)
             found.extend(parse_task_instance(item) for item in items)
             cursor = page["next_cursor"]
@@ -235,11 +237,12 @@ class AirflowClient:
             items, total = _collection(page)
             ids = [_task_instance_id(item) for item in items]
             if offset and (not ids or ids[0] > last_id):
-                step_backs += 1
+                step_backs += 1  # in a row, without progress: a busy Airflow makes some, not a spiral
                 if step_backs > MAX_STEP_BACKS:
                     raise AirflowError("task instances kept moving while they were read")
                 offset, page = max(offset - LIST_PAGE_V2, 0), None
                 continue
+            step_backs = 0
             found.extend(
                 parse_task_instance(item) for item, ti_id in zip(items, ids, strict=True) if ti_id > last_id
             )

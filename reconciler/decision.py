@@ -81,6 +81,7 @@ def decide(job_try: int, observation: Observation, *, job_identity: str = "") ->
         isinstance(observation, Observed)
         and job_identity
         and observation.identity
+        and _kind(observation.identity) == _kind(job_identity)  # an Airflow upgrade changes the kind
         and observation.identity != job_identity
     ):
         # Another task instance under the job's key. Airflow 3 also gives a task instance a new id
@@ -123,3 +124,8 @@ def decide(job_try: int, observation: Observation, *, job_identity: str = "") ->
                 )
             return Keep(f"unrecognised task-instance state {state!r}")
     raise AssertionError(f"not an observation: {observation!r}")  # pragma: no cover
+
+
+def _kind(identity: str) -> str:
+    """``logical_date`` (Airflow 2) or ``id`` (Airflow 3): identities of two kinds say nothing."""
+    return identity.partition(":")[0] if identity.startswith("logical_date:") else "id"

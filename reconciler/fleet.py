@@ -8,8 +8,9 @@ agent lost: only a check sent after the whole silence counts. A lost agent's act
 with a reason naming the agent and its last answer, so their tasks fail and Airflow's retries run.
 
 When a lost agent answers again, and every ``orphan_sweep_seconds`` for every agent, the agent's
-queued and running jobs are compared with the router DB: one the router DB has ended (or never heard
-of: started behind the sidecar's back) is an orphan, and is stopped.
+queued and running jobs are compared with the router DB: one the router DB has ended is an orphan,
+and is stopped. When most agents fail at once, the fault is likely the sidecar's own network: no agent
+is declared lost until most answer again.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import logging
 import time
 from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
@@ -50,6 +51,13 @@ def agent_state(
     return AgentState.LIVE if last_check_ok else AgentState.SUSPECT
 
 
+def partitioned(*, failing: int, total: int) -> bool:
+    """True when more than half of three or more agents fail their checks at once: that says more
+    about the sidecar's own network (DNS, a policy, a proxy) than about the agents, and ending every
+    job in the fleet would turn the sidecar's outage into the loss of all work."""
+    return total >= 3 and 2 * failing > total
+
+
 def lost_job_transition(job: JobRecord, reason: str) -> Transition:
     """How a job of a lost agent ends: FAILED, or the status chosen when its stop was requested."""
     if job.status is JobStatus.STOPPING:
@@ -60,16 +68,15 @@ def lost_job_transition(job: JobRecord, reason: str) -> Transition:
 
 
 def orphans(running: Iterable[JobInfo], records: dict[str, JobRecord]) -> list[tuple[str, str]]:
-    """The agent's jobs that must not run: ``(job_id, why)`` for each one the router DB has ended or
-    does not know."""
-    found = []
-    for info in running:
-        record = records.get(info.job_id)
-        if record is None:
-            found.append((info.job_id, "orphan: the router DB has no such job"))
-        elif not record.active:
-            found.append((info.job_id, f"orphan: the router DB has ended the job {record.status}"))
-    return found
+    """The agent's jobs that must not run: ``(job_id, why)`` for each one the router DB has ended.
+
+    A job the router DB does not know is left alone: another sidecar may share the agent, or this
+    router DB may be new or restored from a backup; not knowing is no proof that it must stop."""
+    return [
+        (info.job_id, f"orphan: the router DB has ended the job {record.status}")
+        for info in running
+        if (record := records.get(info.job_id)) is not None and not record.active
+    ]
 
 
 @dataclass
@@ -81,6 +88,7 @@ class _Agent:
     failed_check_started: float | None = None
     last_error: str = ""
     state: AgentState = AgentState.LIVE
+    lost_at: datetime | None = None  # when it was declared lost: jobs submitted later are not its past
     next_check: float = 0.0
     next_sweep: float = 0.0
     next_end: float = 0.0  # while lost: when its active jobs are next read and ended
@@ -105,6 +113,7 @@ class Fleet:
         self._config = config
         self._clock = clock
         self._started_at = datetime.now(UTC)
+        self._holding = False  # new losses held back: most agents fail at once
         now = clock()
         self._agents = {
             agent_id: _Agent(agent_id, last_contact=now, next_sweep=now + config.orphan_sweep_seconds)
@@ -117,8 +126,14 @@ class Fleet:
         for agent in self._agents.values():
             agent.last_contact = now
             agent.failed_check_started = None
-            agent.last_check_ok, agent.state = True, AgentState.LIVE
+            agent.last_check_ok, agent.state, agent.lost_at = True, AgentState.LIVE, None
             agent.next_sweep = min(agent.next_sweep, now + self._config.orphan_sweep_seconds)
+        self._holding = False
+        self._publish()
+
+    def _publish(self) -> None:
+        for state in AgentState:
+            self._metrics.agents.labels(state.value).set(sum(a.state is state for a in self._agents.values()))
 
     def state(self, agent_id: str) -> AgentState:
         agent = self._agents.get(agent_id)
@@ -149,8 +164,24 @@ class Fleet:
         router DB once per check interval while the agent stays lost, so jobs routed to it by id
         meanwhile end too). The checks and sweeps run in the background."""
         now = self._clock()
+        verdicts = {agent.id: self._verdict(agent) for agent in self._agents.values()}
+        failing = sum(state is not AgentState.LIVE for state in verdicts.values())
+        hold = partitioned(failing=failing, total=len(verdicts))
+        if hold != self._holding:
+            self._holding = hold
+            if hold:
+                log.error(
+                    "%d of %d agents fail their health checks at once: the sidecar itself may be cut "
+                    "off; no agent is declared lost until most answer again",
+                    failing,
+                    len(verdicts),
+                    extra={"action": "fleet_partitioned"},
+                )
         for agent in self._agents.values():
-            self._update_state(agent)
+            verdict = verdicts[agent.id]
+            if hold and verdict is AgentState.LOST and agent.state is not AgentState.LOST:
+                verdict = AgentState.SUSPECT
+            self._update_state(agent, verdict)
             if agent.state is AgentState.LOST and now >= agent.next_end:
                 agent.next_end = now + self._config.check_interval_seconds
                 await self._end_jobs(agent)
@@ -158,11 +189,19 @@ class Fleet:
                 self._spawn(agent, self._check(agent))
             if agent.state is AgentState.LIVE and not agent.sweeping and now >= agent.next_sweep:
                 self._spawn(agent, self._sweep(agent))
-        for state in AgentState:
-            self._metrics.agents.labels(state.value).set(sum(a.state is state for a in self._agents.values()))
+        self._publish()
 
     async def _end_jobs(self, agent: _Agent) -> None:
-        jobs = await asyncio.to_thread(self._db.active, agent_id=agent.id)
+        # Jobs submitted after the verdict are ended only once they too have gone a whole
+        # lost_after_seconds without their agent answering (the agent may be back already).
+        lost_at = agent.lost_at or datetime.now(UTC)
+        window = timedelta(seconds=self._config.lost_after_seconds)
+        now = datetime.now(UTC)
+        jobs = [
+            job
+            for job in await asyncio.to_thread(self._db.active, agent_id=agent.id)
+            if job.created_at <= lost_at or now - job.created_at >= window
+        ]
         if not jobs:
             return
         reason = self._lost_reason(agent)
@@ -180,17 +219,20 @@ class Fleet:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
-    def _update_state(self, agent: _Agent) -> None:
-        state = agent_state(
+    def _verdict(self, agent: _Agent) -> AgentState:
+        return agent_state(
             last_contact=agent.last_contact,
             last_check_ok=agent.last_check_ok,
             failed_check_started=agent.failed_check_started,
             lost_after=self._config.lost_after_seconds,
         )
+
+    def _update_state(self, agent: _Agent, state: AgentState) -> None:
         if state is agent.state:
             return
         fields = {"agent_id": agent.id, "action": f"agent_{state.value}"}
         if state is AgentState.LOST:
+            agent.lost_at = datetime.now(UTC)
             log.error("%s; its jobs end FAILED", self._lost_reason(agent), extra=fields)
         elif agent.state is AgentState.LOST:
             log.warning("agent %s answers again; sweeping it for orphans", agent.id, extra=fields)
@@ -217,7 +259,7 @@ class Fleet:
         agent.checking = True
         started = self._clock()
         try:
-            await asyncio.wait_for(self._pool.client(agent.id).health(), self._config.check_timeout_seconds)
+            await asyncio.wait_for(self._pool.prober(agent.id).health(), self._config.check_timeout_seconds)
         except (AgentError, TimeoutError) as exc:
             agent.last_check_ok = False
             agent.failed_check_started = started
@@ -247,7 +289,7 @@ class Fleet:
             agent.next_sweep = self._clock() + self._config.orphan_sweep_seconds
 
     async def sweep(self, agent_id: str) -> int:
-        """Stop the agent's jobs that the router DB has ended or never knew; returns how many."""
+        """Stop the agent's jobs that the router DB has ended; returns how many."""
         client = self._pool.client(agent_id)
         running = await client.jobs(str(JobStatus.QUEUED), str(JobStatus.RUNNING))
         if not running:

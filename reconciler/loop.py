@@ -122,6 +122,7 @@ class Reconciler:
                 fleet.cancel()
                 await asyncio.gather(fleet, return_exceptions=True)
             self._metrics.leader.set(0)
+            self._metrics.full_resync_failing.set(0)  # a standby reads nothing: no stale alert
 
     async def cycle(self, *, dry_run: bool = False) -> CycleReport:
         """One reconciliation pass. With ``dry_run`` it reads and decides but changes nothing."""
@@ -283,7 +284,8 @@ class Reconciler:
         """Back off the full read (one poll interval, doubling up to full_resync_seconds); the
         incremental reads go on every cycle meanwhile."""
         self._full_failures += 1
-        delay = min(self._poll.full_resync_seconds, self._poll.interval_seconds * 2**self._full_failures)
+        backoff = self._poll.interval_seconds * 2.0 ** min(self._full_failures - 1, 20)
+        delay = min(self._poll.full_resync_seconds, backoff)
         self._next_full = time.monotonic() + delay
         self.full_read_error = str(exc)
         self._metrics.full_resync_failing.set(1)

@@ -40,6 +40,7 @@ log = logging.getLogger("reconciler.server")
 MAX_BODY_BYTES = 1024 * 1024
 UPDATE_WAIT_SECONDS = 15.0  # update_status answers with the stop's outcome if the agent is this quick
 MAX_COMMAND_BYTES = 64 * 1024
+LOST_AGENT_RETRY_AFTER = 15  # seconds: a submission to a lost agent is answered 503 with this
 MAX_NAME_CHARS = 250  # dag_id, task_id, run_id: Airflow's own limit
 JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 OPEN_PATHS = frozenset({"/metrics", "/healthz", "/readyz"})
@@ -212,6 +213,14 @@ class SidecarAPI:
             agent_id = self._agents.route(agent_id=req.agent_id, labels=req.labels)
         except NoAgent as exc:
             raise BadRequest(str(exc)) from None
+        if self._reconciler.agent_states().get(agent_id) == "lost" and (
+            await asyncio.to_thread(self._db.find, req.key, req.ti_identity) is None
+        ):
+            # No new work for a lost agent (routing by labels already avoids it): the operator
+            # retries, and the job starts once the agent answers again.
+            response = _error(503, f"agent {agent_id} is lost: it does not answer its health checks")
+            response.headers["Retry-After"] = str(LOST_AGENT_RETRY_AFTER)
+            return response
         new = NewJob(req.key, agent_id, req.command, req.ti_identity)
         job, created = await asyncio.to_thread(self._db.submit, new)
         if created:

@@ -7,13 +7,16 @@ revision is applied in order. ``python -m reconciler db upgrade`` runs it; so do
 
 from __future__ import annotations
 
+import fcntl
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Connection, Engine, inspect
+from sqlalchemy import Connection, Engine, inspect, text
 
 MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 FIRST = "0001"
@@ -38,10 +41,53 @@ def current(engine: Engine) -> str | None:
         return MigrationContext.configure(connection).get_current_revision()
 
 
+ADVISORY_LOCK = 7_216_455_001  # PostgreSQL: replicas starting together migrate one after the other
+
+
 def upgrade(engine: Engine) -> None:
-    with engine.begin() as connection:
-        config = _config(connection)
-        tables = set(inspect(connection).get_table_names())
-        if "jobs" in tables and "alembic_version" not in tables:
-            command.stamp(config, FIRST)  # created by create_all before migrations existed
-        command.upgrade(config, "head")
+    with _sqlite_file_lock(engine):
+        _upgrade(engine)
+
+
+@contextmanager
+def _sqlite_file_lock(engine: Engine) -> Iterator[None]:
+    """SQLite: processes starting together on one file migrate one after the other (PostgreSQL
+    serialises them with an advisory lock inside the migration's transaction)."""
+    path = engine.url.database if engine.dialect.name == "sqlite" else None
+    if not path or path == ":memory:":
+        yield
+        return
+    with open(f"{path}.migrate-lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _upgrade(engine: Engine) -> None:
+    sqlite = engine.dialect.name == "sqlite"
+    with engine.connect() as connection:
+        if sqlite:
+            # SQLite migrations rebuild tables (DROP, then re-create): with foreign keys on, the drop
+            # of ``jobs`` would cascade to every audit row. The pragma only takes effect outside a
+            # transaction; the router DB turns it on again for every connection it opens.
+            connection.exec_driver_sql("PRAGMA foreign_keys=OFF")
+            connection.commit()
+        try:
+            with connection.begin():
+                if not sqlite:
+                    connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": ADVISORY_LOCK})
+                config = _config(connection)
+                tables = set(inspect(connection).get_table_names())
+                if "jobs" in tables and "alembic_version" not in tables:
+                    command.stamp(config, FIRST)  # created by create_all before migrations existed
+                command.upgrade(config, "head")
+                if sqlite:
+                    broken = connection.exec_driver_sql("PRAGMA foreign_key_check").fetchall()
+                    if broken:
+                        raise RuntimeError(f"router DB migration broke foreign keys: {broken[:5]}")
+        finally:
+            if sqlite:
+                connection.exec_driver_sql("PRAGMA foreign_keys=ON")
+                connection.commit()

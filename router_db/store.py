@@ -208,7 +208,7 @@ class RouterDB:
                     Job.run_id == run_id,
                     Job.map_index == map_index,
                 )
-                .order_by(Job.try_number.desc())
+                .order_by(Job.try_number.desc(), Job.created_at.desc())  # a re-created run's is newer
                 .limit(1)
             ).one_or_none()
             return _record(row) if row is not None else None

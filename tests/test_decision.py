@@ -94,3 +94,23 @@ def test_a_try_that_ended_with_a_new_id_is_named_by_its_state() -> None:
 @pytest.mark.parametrize(("job_identity", "seen"), [("ti-1", "ti-1"), ("", "ti-1"), ("ti-1", None)])
 def test_the_same_or_an_unknown_identity_changes_nothing(job_identity: str, seen: str | None) -> None:
     assert isinstance(decide(JOB_TRY, Observed("deferred", JOB_TRY, seen), job_identity=job_identity), Keep)
+
+
+def test_identities_of_two_kinds_say_nothing() -> None:
+    # A job submitted on Airflow 2 still running after an upgrade to Airflow 3.
+    observed = Observed("deferred", JOB_TRY, "01970f5e-7a1b-7c3d-8e4f-123456789abc")
+    airflow_2 = "logical_date:2026-11-29T10:00:00.000000Z"
+    assert isinstance(decide(JOB_TRY, observed, job_identity=airflow_2), Keep)
+
+
+def test_the_operator_and_the_reconciler_write_airflow_2_identities_alike() -> None:
+    from datetime import UTC, datetime, timedelta, timezone
+
+    from agentic_airflow.sidecar import logical_date_identity as operator_side
+    from reconciler.airflow import logical_date_identity as reconciler_side
+
+    for moment in (
+        datetime(2026, 11, 29, 10, 0, tzinfo=UTC),
+        datetime(2026, 11, 29, 11, 30, 5, 123456, tzinfo=timezone(timedelta(hours=2))),
+    ):
+        assert operator_side(moment) == reconciler_side(moment)

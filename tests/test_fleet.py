@@ -17,14 +17,16 @@ from pathlib import Path
 import pytest
 
 from harness.agent import AgentProcess
-from harness.processes import alive, process_group
+from harness.processes import alive, free_port, process_group
+from harness.sidecar import AgentRef, SidecarProcess
 from reconciler.agents import AgentPool
 from reconciler.config import AgentEntry, FleetConfig, PollConfig, StopConfig
-from reconciler.fleet import AgentState, Fleet, agent_state, orphans
+from reconciler.fleet import AgentState, Fleet, agent_state, orphans, partitioned
 from reconciler.loop import Reconciler
 from reconciler.metrics import Metrics
 from reconciler.stops import StopDispatcher
 from router_db import JobRecord, JobStatus, NewJob, RouterDB, TaskInstanceKey
+from tests.test_faults import ServedAirflow
 from tests.test_loop import ScriptedAirflow, ti
 
 FLEET = FleetConfig(
@@ -244,7 +246,7 @@ def test_an_agent_is_lost_only_by_a_check_sent_after_the_whole_silence() -> None
     )
 
 
-def test_an_orphan_is_a_running_job_the_router_db_ended_or_never_knew(db: RouterDB) -> None:
+def test_an_orphan_is_a_running_job_the_router_db_has_ended(db: RouterDB) -> None:
     from agent.protocol import JobInfo
     from agent.protocol import JobStatus as AgentJobStatus
 
@@ -257,4 +259,74 @@ def test_an_orphan_is_a_running_job_the_router_db_ended_or_never_knew(db: Router
 
     running = [info(ended.job_id), info(active.job_id), info("stranger")]
     found = orphans(running, db.get_many([i.job_id for i in running]))
-    assert [job_id for job_id, _ in found] == [ended.job_id, "stranger"]
+    # A job the router DB never heard of is left alone: another sidecar may share the agent.
+    assert [job_id for job_id, _ in found] == [ended.job_id]
+
+
+def test_the_sidecar_answers_at_once_for_a_lost_agent_and_gives_it_no_new_work(tmp_path: Path) -> None:
+    """Real processes: the trigger's poll and log reads do not wait on a dead VM, and a submission
+    pinned to it is answered 503 with Retry-After (the operator retries) instead of a doomed job."""
+    airflow = ServedAirflow()
+    airflow.standin.add("d", "r", "t", -1, state="running", try_number=1)
+    airflow.start()
+    with AgentProcess(tmp_path / "a", agent_id="agent-a", token="token-a") as agent:
+        sidecar = SidecarProcess(
+            workdir=tmp_path / "sidecar",
+            airflow_url=airflow.url,
+            airflow_password="unused",
+            agents=[AgentRef("agent-a", agent.url, agent.token)],
+            api_version="v2",
+            interval_seconds=0.5,
+            extra_config=(
+                "[fleet]\nlost_after_seconds = 2.0\ncheck_interval_seconds = 0.2\n"
+                "check_timeout_seconds = 1.0\n"
+            ),
+        )
+        try:
+            sidecar.start()
+            with sidecar.client() as client:
+                body = {"command": "sleep 120", "agent_id": "agent-a", "dag_id": "d", "task_id": "t"}
+                job = client.post("/jobs", json={**body, "run_id": "r", "try_number": 1}).json()
+                os.kill(agent.pid, signal.SIGSTOP)  # hung VM: connections accepted, never answered
+                deadline = time.monotonic() + 15
+                while client.get(f"/jobs/{job['job_id']}").json()["status"] != "FAILED":
+                    assert time.monotonic() < deadline, "the lost agent's job did not end"
+                    time.sleep(0.2)
+                started = time.monotonic()
+                assert client.get(f"/jobs/{job['job_id']}").json()["reason"].startswith("agent agent-a lost")
+                log = client.get(f"/jobs/{job['job_id']}/log")
+                took = time.monotonic() - started
+                assert log.status_code == 502 and "agent-a is lost" in log.json()["error"]
+                assert took < 1.0, f"the API waited {took:.1f} s on a lost agent"
+                refused = client.post("/jobs", json={**body, "run_id": "r2", "try_number": 1})
+                assert refused.status_code == 503 and int(refused.headers["Retry-After"]) > 0
+                assert "agent-a is lost" in refused.json()["error"]
+                assert client.get("/readyz").json()["warnings"] == ["agents lost: agent-a"]
+        finally:
+            os.kill(agent.pid, signal.SIGCONT)
+            sidecar.stop()
+            airflow.stop()
+
+
+def test_most_agents_failing_at_once_is_taken_for_the_sidecars_own_outage(db: RouterDB) -> None:
+    # Three agents nobody can reach (the sidecar's DNS or network policy broke): nobody is lost.
+    entries = [AgentEntry(f"agent-{i}", f"http://127.0.0.1:{free_port()}") for i in range(3)]
+    pool = AgentPool(entries, {e.id: "t" for e in entries}, timeout=1, stop_timeout=1)
+    job, _ = db.submit(NewJob(TaskInstanceKey("d", "t", "r"), "agent-0", "sleep 1"))
+
+    async def scenario() -> dict[str, AgentState]:
+        try:
+            fleet = Fleet(db=db, agents=pool, metrics=Metrics(), config=FLEET)
+            deadline = time.monotonic() + FLEET.lost_after_seconds + 2.0
+            while time.monotonic() < deadline:
+                await fleet.tick()
+                await asyncio.sleep(0.1)
+            states = fleet.states()
+            await fleet.close()
+            return states
+        finally:
+            await pool.close()
+
+    assert set(asyncio.run(scenario()).values()) == {AgentState.SUSPECT}
+    assert status(db, job) is JobStatus.QUEUED
+    assert partitioned(failing=1, total=3) is False and partitioned(failing=1, total=1) is False

@@ -42,6 +42,14 @@ def at_first_revision(url: str, *, stamped: bool) -> None:
             ),
             {"now": now},
         )
+        for status in ("QUEUED", "RUNNING"):
+            connection.execute(
+                text(
+                    "INSERT INTO job_events (job_id, at, new_status, source, reason)"
+                    " VALUES ('old-job', :now, :status, 'submit', 'before the upgrade')"
+                ),
+                {"now": now, "status": status},
+            )
         if not stamped:
             connection.execute(text("DROP TABLE alembic_version"))
     engine.dispose()
@@ -57,6 +65,8 @@ def test_an_old_router_db_is_upgraded_in_place_and_keeps_its_jobs(url: str, stam
         assert current(db.engine) == head()
         old = db.get("old-job")
         assert old is not None and old.status is JobStatus.RUNNING and old.ti_identity == ""
+        # The audit trail survives the table rebuild (SQLite would cascade the drop into it).
+        assert [e.new_status for e in db.events("old-job")] == [JobStatus.QUEUED, JobStatus.RUNNING]
         # The old job answers for its key as before; a task instance of another identity gets its own.
         again, created = db.submit(NewJob(TaskInstanceKey("d", "t", "r"), "agent-1", "sleep 1"))
         assert (again.job_id, created) == ("old-job", False)
@@ -64,6 +74,36 @@ def test_an_old_router_db_is_upgraded_in_place_and_keeps_its_jobs(url: str, stam
         assert created and new.job_id != "old-job"
     finally:
         db.dispose()
+
+
+def test_replicas_starting_together_migrate_one_after_the_other(url: str, tmp_path: Path) -> None:
+    at_first_revision(url, stamped=False)
+    upgrades = [upgrade_command(url, tmp_path / f"replica-{i}") for i in range(4)]
+    for proc in upgrades:
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err
+    db = RouterDB(url)
+    try:
+        assert current(db.engine) == head()
+        assert db.get("old-job") is not None and len(db.events("old-job")) == 2
+    finally:
+        db.dispose()
+
+
+def upgrade_command(url: str, workdir: Path) -> subprocess.Popen[str]:
+    """``python -m reconciler db upgrade`` against ``url``, started (not awaited)."""
+    workdir.mkdir()
+    config = workdir / "reconciler.toml"
+    config.write_text(f'[router_db]\nurl = "{url}"\n')
+    env = {"AIRFLOW_PASSWORD": "x", "AGENTIC_SIDECAR_TOKEN": "y", "PATH": "/usr/bin:/bin"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "reconciler", "db", "upgrade", "--config", str(config)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def test_the_models_match_the_migrations(url: str) -> None:
@@ -80,16 +120,5 @@ def test_the_models_match_the_migrations(url: str) -> None:
 def test_the_db_upgrade_command_migrates_and_says_where_it_is(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'router.db'}"
     at_first_revision(url, stamped=False)
-    config = tmp_path / "reconciler.toml"
-    config.write_text(f'[router_db]\nurl = "{url}"\n')
-    env = {"AIRFLOW_PASSWORD": "x", "AGENTIC_SIDECAR_TOKEN": "y", "PATH": "/usr/bin:/bin"}
-    result = subprocess.run(
-        [sys.executable, "-m", "reconciler", "db", "upgrade", "--config", str(config)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == f"router DB at revision {head()} (this version: {head()})"
+    out, err = upgrade_command(url, tmp_path / "cli").communicate(timeout=60)
+    assert out.strip() == f"router DB at revision {head()} (this version: {head()})", err

@@ -35,6 +35,8 @@ class ScriptedSidecar(ServedApp):
     async def submit(self, request: web.Request) -> web.Response:
         self.tokens.append(request.headers.get("Authorization", ""))
         status, body, headers = self.script.pop(0)
+        if "html" in body:  # an ingress's page, not the sidecar's answer
+            return web.Response(text=body["html"], status=status, content_type="text/html")
         return web.json_response(body, status=status, headers=headers)
 
 
@@ -114,3 +116,19 @@ def test_a_sidecar_that_never_comes_back_fails_the_task_after_the_patience(log: 
             clock=lambda: now[0],
         )
     assert sum(waits) <= 120.0 and len(waits) >= 3
+
+
+def test_a_proxys_page_and_an_unreadable_connection_are_waited_out(log: logging.Logger) -> None:
+    script = [(404, {"html": "<h1>404 Not Found</h1>"}, {}), (201, ACCEPTED, {})]
+    with serve(script) as sidecar:
+        attempts = iter([RuntimeError("secrets backend throttled: http://:tok3n@host"), None])
+
+        def resolve() -> SidecarEndpoint:
+            error = next(attempts)
+            if error is not None:
+                raise error
+            return SidecarEndpoint(sidecar.url, "t")
+
+        waits: list[float] = []
+        job = submit_patiently(resolve, {"command": "true"}, conn_id="c", log=log, sleep=waits.append)
+        assert job == ACCEPTED and len(waits) == 2
