@@ -36,6 +36,7 @@ from agentic_airflow.sidecar import (
 MAX_BACKOFF_SECONDS = 60.0
 MIN_BACKOFF_SECONDS = 0.5  # retrying a failing sidecar faster than this helps nobody
 REPORT_EVERY_SECONDS = 60.0  # the same kind of trouble is logged at most this often
+MAX_REPORT_KINDS = 32  # kinds of trouble remembered for that, the least recently reported forgotten
 
 
 class Log(Protocol):
@@ -233,7 +234,10 @@ class JobPoller:
             note = f" ({held_back} more like this since the last report)" if held_back else ""
             write = self._log.error if level == "error" else self._log.warning
             write(message, self.job_id, *fields, delay, note)
+            self._reports.pop(kind, None)
             self._reports[kind] = _Report(now)
+            if len(self._reports) > MAX_REPORT_KINDS:  # texts that vary (request ids) must not pile up
+                del self._reports[next(iter(self._reports))]
             self._streak_reported = True
         await self._sleep(delay)
 

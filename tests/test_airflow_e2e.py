@@ -1,4 +1,4 @@
-"""End to end on a real Airflow (3.3.2 and 2.11.2), a real agent and the sidecar as processes.
+"""End to end on a real Airflow (3.3.2, 3.1.8 and 2.11.2), a real agent and the sidecar as processes.
 
 One Airflow at a time: the whole stack of one version is torn down before the next one starts.
 Every scenario's DAG run is triggered as soon as the stack is up, so Airflow's own latency (schedule,

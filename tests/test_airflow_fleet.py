@@ -38,7 +38,7 @@ DAG_ID, RUN_ID = "fleet_loss", "fleet"
 AGENTS = ("agent-a", "agent-b", "agent-c")
 TREE_SIZE = 5  # the shell, a sub-shell with two sleeps, one more sleep (tests/dags/agentic_fleet.py)
 
-POLL_INTERVAL = 1.0  # [poll] interval_seconds: the loop's cycles start the health checks and sweeps
+POLL_INTERVAL = 1.0  # [poll] interval_seconds
 TRIGGER_POLL = 1.0  # the tasks' poll_interval: how often the trigger asks the sidecar about its job
 LOST_AFTER = 6.0
 CHECK_INTERVAL = 0.5
@@ -58,22 +58,19 @@ OBSERVE = 0.1  # the test's own reading cadence
 AIRFLOW_MARGIN = 2.0
 # From the router DB ending a job to its task leaving deferred: the trigger's next poll, then Airflow.
 TRIGGER_SIGHTING = TRIGGER_POLL + AIRFLOW_MARGIN
-# A crashed agent refuses connections at once. Its last answer precedes the crash; the first check
-# started lost_after_seconds after that answer runs within a cycle and fails at once, and the next
-# cycle ends the job (2 poll intervals); the trigger sees it at its next poll.
+# A crashed agent refuses connections at once. The fleet ticks on its own clock (every half check
+# interval): the first check sent lost_after_seconds after the last answer fails at once, the next
+# tick ends the job; 2 poll intervals cover those steps with room; the trigger sees it at its next poll.
 CRASH_BUDGET = LOST_AFTER + 2 * POLL_INTERVAL + TRIGGER_POLL + AIRFLOW_MARGIN
-# A paused agent must not lose its jobs early. Its last answer can precede the SIGSTOP by one cycle
-# (checks start on cycles), and by half a second more when a cycle is slow on a busy machine.
+# A paused agent must not lose its jobs early: its last answer precedes the SIGSTOP by at most one
+# check interval (and a slow tick on a busy machine).
 EARLIEST_LOSS = LOST_AFTER - POLL_INTERVAL - 0.5
-# A paused agent accepts connections but never answers: every check runs into check_timeout_seconds
-# and the next one starts at the following cycle, so the check that decides may start up to
-# check_timeout_seconds + a cycle after the instant it is due, and counts once it has timed out, at
-# the cycle after that. One more poll interval: the first cycle after the SIGSTOP is slow, waiting
-# on the agent for its job's status.
+# A paused agent accepts connections but never answers: each check runs into check_timeout_seconds, so
+# the check that decides may start up to a check timeout after it is due and counts once it has timed
+# out; a poll interval of room on each, and one more for a busy machine.
 PAUSE_LOSS_BUDGET = LOST_AFTER + 2 * (CHECK_TIMEOUT + POLL_INTERVAL) + POLL_INTERVAL
-# After SIGCONT the pending health check is answered at once, or the next one is, started by the
-# next cycle; the cycle after the answer sees the agent back and starts the sweep, which stops the
-# job at once (SIGTERM ends the sleeps): 2 poll intervals, plus one check interval and the stop itself.
+# After SIGCONT the pending health check is answered at once, or the next one is; the next tick sees
+# the agent back and sweeps it, which stops the job at once (SIGTERM ends the sleeps).
 SWEEP_BUDGET = 2 * POLL_INTERVAL + CHECK_INTERVAL + 0.5
 
 

@@ -202,7 +202,7 @@ def test_deferred_tasks_outlive_sidecar_restarts_rate_limits_and_refused_tokens(
     log = stack.trigger_log("kept")
     assert "HTTP 429" in log, log[-3000:]
     assert f"refused the token of connection {CONN_ID}" in log, log[-3000:]
-    assert "unreachable" in log, log[-3000:]
+    # ("unreachable" shows only if a poll happened to fall into a restart's second of downtime.)
     for task_id in TASKS:
         assert stack.sidecar.token not in stack.trigger_log(task_id)
 
