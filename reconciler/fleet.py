@@ -52,9 +52,10 @@ def agent_state(
 
 
 def partitioned(*, failing: int, total: int) -> bool:
-    """True when more than half of three or more agents fail their checks at once: that says more
-    about the sidecar's own network (DNS, a policy, a proxy) than about the agents, and ending every
-    job in the fleet would turn the sidecar's outage into the loss of all work."""
+    """True when more than half of three or more agents (of those not lost already) fail their checks
+    at once: that says more about the sidecar's own network (DNS, a policy, a proxy) than about the
+    agents, and ending every job in the fleet would turn the sidecar's outage into the loss of all
+    work."""
     return total >= 3 and 2 * failing > total
 
 
@@ -165,8 +166,10 @@ class Fleet:
         meanwhile end too). The checks and sweeps run in the background."""
         now = self._clock()
         verdicts = {agent.id: self._verdict(agent) for agent in self._agents.values()}
-        failing = sum(state is not AgentState.LIVE for state in verdicts.values())
-        hold = partitioned(failing=failing, total=len(verdicts))
+        # Among the agents not lost already: a VM dead for an hour says nothing about a new silence.
+        current = [verdicts[a.id] for a in self._agents.values() if a.state is not AgentState.LOST]
+        failing = sum(state is not AgentState.LIVE for state in current)
+        hold = partitioned(failing=failing, total=len(current))
         if hold != self._holding:
             self._holding = hold
             if hold:
@@ -174,7 +177,7 @@ class Fleet:
                     "%d of %d agents fail their health checks at once: the sidecar itself may be cut "
                     "off; no agent is declared lost until most answer again",
                     failing,
-                    len(verdicts),
+                    len(current),
                     extra={"action": "fleet_partitioned"},
                 )
         for agent in self._agents.values():
