@@ -4,10 +4,8 @@
 first), change a moment before a person marks the task failed. A read that stops after the first
 page of 100 rows by id misses the mark for as long as those rows share its window, which is about
 as long as the mark stays in it. The sidecar's full resync is pushed out of reach, so only the
-incremental read can see the mark. Airflow 3.1 pages the list by offset only, 3.3 by keyset cursor
-as well: both must be read completely.
-
-One Airflow at a time: each version's stack is torn down before the next one starts.
+incremental read can see the mark. Airflow 3.1 pages the list by offset only, which is where a read
+can fall short.
 """
 
 from __future__ import annotations
@@ -22,7 +20,7 @@ import httpx
 import pytest
 
 from harness.agent import AgentProcess
-from harness.airflow import AIRFLOW_3_1_VERSION, AIRFLOW_VERSION, PASSWORD, AirflowAPI, AirflowServer
+from harness.airflow import AIRFLOW_3_1_VERSION, PASSWORD, AirflowAPI, AirflowServer
 from harness.processes import alive, process_group
 from harness.sidecar import AgentRef, SidecarProcess
 
@@ -64,7 +62,9 @@ class Stack:
         return dict(response.json())
 
 
-@pytest.fixture(scope="module", params=[AIRFLOW_3_1_VERSION, AIRFLOW_VERSION], ids=lambda v: f"airflow-{v}")
+# 3.1.8 only: its offset paging is what can miss rows; 3.3's keyset paging is pinned by the recorded
+# cassettes of tests/test_airflow_client.py and exercised by every e2e test on 3.3.2 (a CI minute saved).
+@pytest.fixture(scope="module", params=[AIRFLOW_3_1_VERSION], ids=lambda v: f"airflow-{v}")
 def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     version: str = request.param
     base = tmp_path_factory.mktemp(f"incremental-airflow-{version}")

@@ -196,7 +196,7 @@ def test_a_slow_agent_that_answers_within_lost_after_never_loses_a_job(
             job = await start_job(db, pool, a, "slow")
             sidecar = Sidecar(db, pool, deferred(job), FLEET)
             await sidecar.cycle_for(0.5)
-            for _ in range(3):  # three hangs, each shorter than lost_after_seconds
+            for _ in range(2):  # two hangs, each shorter than lost_after_seconds
                 os.kill(a.pid, signal.SIGSTOP)
                 await sidecar.cycle_for(FLEET.lost_after_seconds * 0.6)
                 os.kill(a.pid, signal.SIGCONT)
