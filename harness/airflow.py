@@ -28,6 +28,7 @@ import httpx
 from sqlalchemy import create_engine, make_url, text
 
 from harness.processes import free_port, start, stop_tree, wait_http_ok
+from harness.sidecar import SidecarProcess
 
 AIRFLOW_VERSION = "3.3.2"
 AIRFLOW_3_1_VERSION = "3.1.8"  # no keyset cursor on the task-instance list: pages by offset only
@@ -372,3 +373,31 @@ def running_airflow(
         yield server
     finally:
         server.stop()
+
+
+@contextmanager
+def airflow_with_sidecar(
+    sidecar: SidecarProcess,
+    *,
+    home: Path,
+    dags_folder: Path,
+    version: str = AIRFLOW_VERSION,
+    conn_id: str = "agentic_run_default",
+) -> Iterator[AirflowServer]:
+    """A real Airflow whose connection ``conn_id`` points at ``sidecar``, then the sidecar reading
+    that Airflow (its API version set to match); both stopped on the way out."""
+    airflow = AirflowServer(
+        home=home,
+        dags_folder=dags_folder,
+        version=version,
+        extra_env={f"AIRFLOW_CONN_{conn_id.upper()}": f"http://:{sidecar.token}@127.0.0.1:{sidecar.port}"},
+    )
+    sidecar.api_version = airflow.api_version
+    try:
+        airflow.start()
+        sidecar.airflow_url = airflow.url
+        sidecar.start()
+        yield airflow
+    finally:
+        sidecar.stop()
+        airflow.stop()

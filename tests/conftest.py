@@ -36,6 +36,15 @@ def postgres_url() -> Iterator[str]:
         admin.dispose()
 
 
+@pytest.fixture
+def db(tmp_path: Path) -> Iterator[RouterDB]:
+    """A router DB on SQLite, in the test's own directory."""
+    router = RouterDB(f"sqlite:///{tmp_path / 'router.db'}")
+    router.create_schema()
+    yield router
+    router.dispose()
+
+
 @pytest.fixture(params=["sqlite", "postgresql"])
 def router_db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[RouterDB]:
     """The router DB on each supported backend."""

@@ -29,6 +29,7 @@ from harness.airflow import (
     PASSWORD,
     AirflowAPI,
     AirflowServer,
+    airflow_with_sidecar,
 )
 from harness.processes import alive, process_group
 from harness.sidecar import AgentRef, SidecarProcess
@@ -101,27 +102,13 @@ def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
             interval_seconds=POLL_INTERVAL,
             full_resync_seconds=FULL_RESYNC,
         )
-        airflow = AirflowServer(
-            home=base / "airflow",
-            dags_folder=DAGS,
-            version=version,
-            extra_env={
-                "AIRFLOW_CONN_AGENTIC_RUN_DEFAULT": f"http://:{sidecar.token}@127.0.0.1:{sidecar.port}"
-            },
-        )
-        sidecar.api_version = airflow.api_version
-        try:
-            airflow.start()
-            sidecar.airflow_url = airflow.url
-            sidecar.start()
+        home = base / "airflow"
+        with airflow_with_sidecar(sidecar, home=home, dags_folder=DAGS, version=version) as airflow:
             api = airflow.api()
             for dag_id, run_id in RUNS:
                 api.wait_for_dag(dag_id)
                 api.trigger(dag_id, run_id)
             yield Stack(version, airflow, api, agent, sidecar)
-        finally:
-            sidecar.stop()
-            airflow.stop()
 
 
 def wait_until(predicate: Callable[[], bool], *, timeout: float, what: str) -> None:

@@ -27,7 +27,7 @@ import psutil
 import pytest
 
 from harness.agent import AgentProcess
-from harness.airflow import AIRFLOW_VERSION, PASSWORD, AirflowAPI, AirflowServer
+from harness.airflow import PASSWORD, AirflowAPI, AirflowServer, airflow_with_sidecar
 from harness.processes import alive, process_group
 from harness.sidecar import AgentRef, SidecarProcess
 
@@ -150,19 +150,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             api_version="v2",
             extra_config=FLEET_CONFIG,
         )
-        airflow = AirflowServer(
-            home=base / "airflow",
-            dags_folder=DAGS,
-            version=AIRFLOW_VERSION,
-            extra_env={
-                "AIRFLOW_CONN_AGENTIC_RUN_DEFAULT": f"http://:{sidecar.token}@127.0.0.1:{sidecar.port}"
-            },
+        airflow = cleanup.enter_context(
+            airflow_with_sidecar(sidecar, home=base / "airflow", dags_folder=DAGS)
         )
-        cleanup.callback(airflow.stop)
-        cleanup.callback(sidecar.stop)
-        airflow.start()
-        sidecar.airflow_url = airflow.url
-        sidecar.start()
         api = airflow.api()
         api.wait_for_dag(DAG_ID)
         api.trigger(DAG_ID, RUN_ID)

@@ -20,7 +20,7 @@ import httpx
 import pytest
 
 from harness.agent import AgentProcess
-from harness.airflow import AIRFLOW_3_1_VERSION, PASSWORD, AirflowAPI, AirflowServer
+from harness.airflow import AIRFLOW_3_1_VERSION, PASSWORD, AirflowAPI, airflow_with_sidecar
 from harness.processes import alive, process_group
 from harness.sidecar import AgentRef, SidecarProcess
 
@@ -77,25 +77,11 @@ def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
             interval_seconds=POLL_INTERVAL,
             full_resync_seconds=FULL_RESYNC,
         )
-        airflow = AirflowServer(
-            home=base / "airflow",
-            dags_folder=DAGS,
-            version=version,
-            # No parallelism or max_active_tasks to raise: the scheduler sets EmptyOperator tasks
-            # to success itself, in one UPDATE, without queueing them.
-            extra_env={
-                "AIRFLOW_CONN_AGENTIC_RUN_DEFAULT": f"http://:{sidecar.token}@127.0.0.1:{sidecar.port}"
-            },
-        )
-        sidecar.api_version = airflow.api_version
-        try:
-            airflow.start()
-            sidecar.airflow_url = airflow.url
-            sidecar.start()
+        # No parallelism or max_active_tasks to raise: the scheduler sets EmptyOperator tasks to
+        # success itself, in one UPDATE, without queueing them.
+        home = base / "airflow"
+        with airflow_with_sidecar(sidecar, home=home, dags_folder=DAGS, version=version) as airflow:
             yield Stack(airflow.api(), agent, sidecar)
-        finally:
-            sidecar.stop()
-            airflow.stop()
 
 
 def wait_until(predicate: Callable[[], bool], *, timeout: float, what: str) -> float:

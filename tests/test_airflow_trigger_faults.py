@@ -30,6 +30,7 @@ from harness.airflow import (
     PASSWORD,
     AirflowAPI,
     AirflowServer,
+    airflow_with_sidecar,
     ensure_venv,
 )
 from harness.processes import alive, process_group
@@ -98,25 +99,13 @@ def stack(tmp_path: Path) -> Iterator[Stack]:
             interval_seconds=1.0,
             api_version="v2",
         )
-        airflow = AirflowServer(
-            home=tmp_path / "airflow",
-            dags_folder=DAGS,
-            version=AIRFLOW_VERSION,
-            extra_env={
-                f"AIRFLOW_CONN_{CONN_ID.upper()}": f"http://:{sidecar.token}@127.0.0.1:{sidecar.port}"
-            },
-        )
-        try:
-            airflow.start()
-            sidecar.airflow_url = airflow.url
-            sidecar.start()
+        with airflow_with_sidecar(
+            sidecar, home=tmp_path / "airflow", dags_folder=DAGS, conn_id=CONN_ID
+        ) as airflow:
             api = airflow.api()
             api.wait_for_dag(DAG_ID)
             api.trigger(DAG_ID, RUN_ID)
             yield Stack(airflow, api, agent, sidecar)
-        finally:
-            sidecar.stop()
-            airflow.stop()
 
 
 def wait_until(predicate: Callable[[], bool], *, timeout: float, what: str) -> float:

@@ -10,7 +10,7 @@ import asyncio
 import sqlite3
 import threading
 import time
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -32,13 +32,6 @@ from router_db import JobRecord, JobStatus, NewJob, RouterDB, TaskInstanceKey
 
 FAILED = Stop(Divergence.TI_FAILED, JobStatus.FAILED, "task instance is failed")
 
-
-@pytest.fixture
-def db(tmp_path: Path) -> Iterator[RouterDB]:
-    router = RouterDB(f"sqlite:///{tmp_path / 'router.db'}")
-    router.create_schema()
-    yield router
-    router.dispose()
 
 
 def running_job(db: RouterDB, task_id: str, agent_id: str) -> JobRecord:

@@ -34,13 +34,6 @@ FLEET = FleetConfig(
 )
 
 
-@pytest.fixture
-def db(tmp_path: Path) -> Iterator[RouterDB]:
-    router = RouterDB(f"sqlite:///{tmp_path / 'router.db'}")
-    router.create_schema()
-    yield router
-    router.dispose()
-
 
 @pytest.fixture
 def two_agents(tmp_path: Path) -> Iterator[tuple[AgentProcess, AgentProcess]]:

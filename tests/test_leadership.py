@@ -5,10 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
-
-import pytest
 
 from reconciler.config import LeaderConfig
 from reconciler.leadership import Leadership, holder_id
@@ -64,13 +61,6 @@ def test_holder_ids_name_the_host_and_process_and_differ() -> None:
     first, second = holder_id(), holder_id()
     assert first != second and first.count(":") == 2
 
-
-@pytest.fixture
-def db(tmp_path: Path) -> Iterator[RouterDB]:
-    db = RouterDB(f"sqlite:///{tmp_path / 'router.db'}")
-    db.create_schema()
-    yield db
-    db.dispose()
 
 
 class CountingTerm:

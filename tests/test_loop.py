@@ -10,13 +10,12 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TypeVar
 
-import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -83,13 +82,6 @@ def ti(job: JobRecord, state: str | None, try_number: int | None = None) -> Task
     k = job.key
     return TaskInstance(k.dag_id, k.run_id, k.task_id, k.map_index, state, try_number or k.try_number, None)
 
-
-@pytest.fixture
-def db(tmp_path: Path) -> Iterator[RouterDB]:
-    router = RouterDB(f"sqlite:///{tmp_path / 'router.db'}")
-    router.create_schema()
-    yield router
-    router.dispose()
 
 
 def running_job(

@@ -31,14 +31,6 @@ from router_db.models import Job
 
 
 @pytest.fixture
-def db(tmp_path: Path) -> Iterator[RouterDB]:
-    router = RouterDB(f"sqlite:///{tmp_path / 'router.db'}")
-    router.create_schema()
-    yield router
-    router.dispose()
-
-
-@pytest.fixture
 def agent(tmp_path: Path) -> Iterator[AgentProcess]:
     with AgentProcess(tmp_path / "agent", agent_id="agent-1", token="t0ken") as proc:
         yield proc
