@@ -10,7 +10,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import psutil
@@ -117,3 +117,16 @@ def alive(procs: list[psutil.Process]) -> list[psutil.Process]:
             return False
 
     return [proc for proc in procs if running(proc)]
+
+
+def wait_until(
+    predicate: Callable[[], object], *, timeout: float = 10.0, what: str = "condition", interval: float = 0.02
+) -> float:
+    """Poll ``predicate`` until it is truthy and return the seconds that took; ``TimeoutError`` naming
+    ``what`` after ``timeout`` seconds."""
+    started = time.monotonic()
+    while not predicate():
+        if time.monotonic() - started >= timeout:
+            raise TimeoutError(f"{what} not reached within {timeout:g} s")
+        time.sleep(interval)
+    return time.monotonic() - started

@@ -33,7 +33,8 @@ import pytest
 
 from agent.client import AgentClient, JobInfo, RunPayload, StopResult
 from agent.process_tree import ProcessRef
-from harness.agent import REPO_ROOT, AgentProcess, wait_until
+from harness.agent import REPO_ROOT, AgentProcess
+from harness.processes import wait_until
 
 STEP = 3600  # seconds the wall clock is stepped forward
 

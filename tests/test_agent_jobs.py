@@ -16,7 +16,8 @@ import pytest
 
 from agent.client import AgentClient, AgentRejected, JobInfo, RunPayload
 from agent.process_tree import ProcessRef
-from harness.agent import AgentProcess, wait_until
+from harness.agent import AgentProcess
+from harness.processes import wait_until
 
 T = TypeVar("T")
 GRACE = 0.5

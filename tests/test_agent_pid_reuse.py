@@ -22,7 +22,8 @@ import psutil
 
 from agent.client import AgentClient, JobInfo, RunPayload, StopResult
 from agent.process_tree import ProcessRef
-from harness.agent import AgentProcess, wait_until
+from harness.agent import AgentProcess
+from harness.processes import wait_until
 
 
 @contextmanager

@@ -12,7 +12,7 @@ import psutil
 
 from agent import procfs
 from agent.process_tree import ProcessRef, ProcessTable
-from harness.agent import wait_until
+from harness.processes import wait_until
 
 
 def test_start_ticks_are_read_past_a_command_name_with_spaces_and_parentheses(tmp_path: Path) -> None:

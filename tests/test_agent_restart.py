@@ -14,7 +14,8 @@ import pytest
 
 from agent.client import AgentClient, AgentUnavailable, JobInfo, RunPayload, StopResult
 from agent.process_tree import ProcessRef
-from harness.agent import AgentProcess, wait_until
+from harness.agent import AgentProcess
+from harness.processes import wait_until
 
 
 class Leftovers:

@@ -11,7 +11,8 @@ import psutil
 
 from agent.client import AgentClient, RunPayload
 from agent.process_tree import ProcessRef
-from harness.agent import AgentProcess, wait_until
+from harness.agent import AgentProcess
+from harness.processes import wait_until
 
 JOBS = 500
 BATCH = 4  # jobs started and stopped concurrently; small, so that the test is about volume, not load

@@ -31,7 +31,7 @@ from harness.airflow import (
     AirflowServer,
     airflow_with_sidecar,
 )
-from harness.processes import alive, process_group
+from harness.processes import alive, process_group, wait_until
 from harness.sidecar import AgentRef, SidecarProcess
 
 pytestmark = pytest.mark.airflow
@@ -110,14 +110,6 @@ def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
                 api.trigger(dag_id, run_id)
             yield Stack(version, airflow, api, agent, sidecar)
 
-
-def wait_until(predicate: Callable[[], bool], *, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"{what}: not within {timeout:.1f} s")
 
 
 def running_job(

@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -28,7 +28,7 @@ import pytest
 
 from harness.agent import AgentProcess
 from harness.airflow import PASSWORD, AirflowAPI, AirflowServer, airflow_with_sidecar
-from harness.processes import alive, process_group
+from harness.processes import alive, process_group, wait_until
 from harness.sidecar import AgentRef, SidecarProcess
 
 pytestmark = pytest.mark.airflow
@@ -174,15 +174,6 @@ def _kill_leftovers(procs: list[psutil.Process]) -> None:
         except psutil.NoSuchProcess:
             pass
 
-
-def wait_until(predicate: Callable[[], object], *, timeout: float, what: str) -> float:
-    """Poll ``predicate`` until it is truthy; the seconds it took."""
-    started = time.monotonic()
-    while not predicate():
-        if time.monotonic() - started > timeout:
-            raise AssertionError(f"{what}: not within {timeout:.1f} s")
-        time.sleep(OBSERVE)
-    return time.monotonic() - started
 
 
 def running_job(stack: Stack, agent_id: str) -> VmJob:

@@ -10,7 +10,6 @@ can fall short.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +20,7 @@ import pytest
 
 from harness.agent import AgentProcess
 from harness.airflow import AIRFLOW_3_1_VERSION, PASSWORD, AirflowAPI, airflow_with_sidecar
-from harness.processes import alive, process_group
+from harness.processes import alive, process_group, wait_until
 from harness.sidecar import AgentRef, SidecarProcess
 
 pytestmark = pytest.mark.airflow
@@ -83,15 +82,6 @@ def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
         with airflow_with_sidecar(sidecar, home=home, dags_folder=DAGS, version=version) as airflow:
             yield Stack(airflow.api(), agent, sidecar)
 
-
-def wait_until(predicate: Callable[[], bool], *, timeout: float, what: str) -> float:
-    """Seconds until ``predicate`` held."""
-    started = time.monotonic()
-    while time.monotonic() - started < timeout:
-        if predicate():
-            return time.monotonic() - started
-        time.sleep(0.05)
-    raise AssertionError(f"{what}: not within {timeout:.1f} s")
 
 
 def test_marked_task_is_seen_behind_hundreds_of_earlier_rows_changed_at_the_same_time(

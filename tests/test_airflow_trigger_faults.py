@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,7 +33,7 @@ from harness.airflow import (
     airflow_with_sidecar,
     ensure_venv,
 )
-from harness.processes import alive, process_group
+from harness.processes import alive, process_group, wait_until
 from harness.sidecar import AgentRef, SidecarProcess
 
 pytestmark = pytest.mark.airflow
@@ -107,14 +107,6 @@ def stack(tmp_path: Path) -> Iterator[Stack]:
             api.trigger(DAG_ID, RUN_ID)
             yield Stack(airflow, api, agent, sidecar)
 
-
-def wait_until(predicate: Callable[[], bool], *, timeout: float, what: str) -> float:
-    started = time.monotonic()
-    while time.monotonic() - started < timeout:
-        if predicate():
-            return time.monotonic() - started
-        time.sleep(0.2)
-    raise AssertionError(f"{what}: not within {timeout:.0f} s")
 
 
 def deferred_jobs(stack: Stack) -> dict[str, tuple[str, list[psutil.Process]]]:
