@@ -19,7 +19,7 @@ from typing import Any
 import httpx
 import pytest
 
-from agentic_airflow.polling import Backoff, JobPoller
+from agentic_airflow.polling import RESUME_SETTLE_SECONDS, Backoff, JobPoller
 from agentic_airflow.sidecar import (
     AnswerKind,
     SidecarEndpoint,
@@ -350,7 +350,8 @@ def test_the_sidecars_own_404_for_the_job_ends_the_wait() -> None:
         "status": "ERROR",
         "error": f"sidecar at {BASE} has no such job ({NOT_FOUND})",
     }
-    assert len(run.sidecar.requests) == 1 and run.clock.sleeps == []
+    # One poll; then only the settling wait before any event (RESUME_SETTLE_SECONDS from the start).
+    assert len(run.sidecar.requests) == 1 and run.clock.sleeps == [RESUME_SETTLE_SECONDS]
     assert run.log.at("error") == [f"job {JOB}: {event['error']}; ending the task"]
 
 
@@ -373,7 +374,8 @@ def test_a_terminal_status_ends_the_wait_with_the_jobs_outcome_and_output() -> N
         "finished_at": "2026-11-24T03:40:00",
         "log_tail": OUTPUT.decode(),
     }
-    assert run.clock.sleeps == [POLL, POLL, POLL]
+    # Three polls apart, then the rest of RESUME_SETTLE_SECONDS before the event.
+    assert run.clock.sleeps == [POLL, POLL, POLL, RESUME_SETTLE_SECONDS - 3 * POLL]
     assert run.log.lines == []
 
     succeeded = Run(Sidecar(job("SUCCEEDED", rc=0)), log_tail_bytes=10).event()
@@ -584,3 +586,11 @@ def test_the_real_sidecars_answers_classify_as_expected(sidecar: SidecarProcess)
     assert kinds[0].kind is AnswerKind.UNAUTHORIZED
     assert kinds[-1].kind is AnswerKind.THROTTLED, kinds[-1]
     assert kinds[-1].retry_after is not None and kinds[-1].retry_after >= 1
+
+
+def test_an_event_waits_out_the_settling_time_only_once_and_only_at_first() -> None:
+    # A job that ended long after the trigger started fires at once: no settling wait at the end.
+    polls = int(RESUME_SETTLE_SECONDS / POLL) + 2
+    run = Run(Sidecar(*[job("RUNNING")] * polls, job("SUCCEEDED", rc=0)))
+    assert run.event()["status"] == "SUCCEEDED"
+    assert run.clock.sleeps == [POLL] * polls
