@@ -36,7 +36,7 @@ from agentic_airflow.sidecar import (
 MAX_BACKOFF_SECONDS = 60.0
 MIN_BACKOFF_SECONDS = 0.5  # retrying a failing sidecar faster than this helps nobody
 REPORT_EVERY_SECONDS = 60.0  # the same kind of trouble is logged at most this often
-RESUME_SETTLE_SECONDS = 8.0  # at least this long from the trigger's start to its event (see run)
+RESUME_SETTLE_SECONDS = 8.0  # at least this long from the trigger's start to a success event (see run)
 MAX_REPORT_KINDS = 32  # kinds of trouble remembered for that, the least recently reported forgotten
 
 
@@ -125,11 +125,11 @@ class JobPoller:
         started = self._clock()
         event = await self._wait()
         # Airflow 3 (through 3.3 at least) fails a resumed task when the executor's late report of the
-        # deferring process's exit arrives after the resumed try started (apache/airflow#72716). An
-        # event fired at once (a job that ends within seconds) makes that likely: give the scheduler
-        # time to take the old report first.
+        # deferring process's exit arrives after the resumed try started (apache/airflow#72716). A
+        # success fired at once (a job that ends within seconds) makes that likely: give the scheduler
+        # time to take the old report first. A failure fails the task either way: no wait.
         settle = RESUME_SETTLE_SECONDS - (self._clock() - started)
-        if settle > 0:
+        if event.get("status") == "SUCCEEDED" and settle > 0:
             await self._sleep(settle)
         return event
 

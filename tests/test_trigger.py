@@ -350,8 +350,7 @@ def test_the_sidecars_own_404_for_the_job_ends_the_wait() -> None:
         "status": "ERROR",
         "error": f"sidecar at {BASE} has no such job ({NOT_FOUND})",
     }
-    # One poll; then only the settling wait before any event (RESUME_SETTLE_SECONDS from the start).
-    assert len(run.sidecar.requests) == 1 and run.clock.sleeps == [RESUME_SETTLE_SECONDS]
+    assert len(run.sidecar.requests) == 1 and run.clock.sleeps == []
     assert run.log.at("error") == [f"job {JOB}: {event['error']}; ending the task"]
 
 
@@ -374,12 +373,14 @@ def test_a_terminal_status_ends_the_wait_with_the_jobs_outcome_and_output() -> N
         "finished_at": "2026-11-24T03:40:00",
         "log_tail": OUTPUT.decode(),
     }
-    # Three polls apart, then the rest of RESUME_SETTLE_SECONDS before the event.
-    assert run.clock.sleeps == [POLL, POLL, POLL, RESUME_SETTLE_SECONDS - 3 * POLL]
+    assert run.clock.sleeps == [POLL, POLL, POLL]  # a failure is reported at once
     assert run.log.lines == []
 
-    succeeded = Run(Sidecar(job("SUCCEEDED", rc=0)), log_tail_bytes=10).event()
+    # A success within seconds of the start waits out the rest of RESUME_SETTLE_SECONDS.
+    quick = Run(Sidecar(job("SUCCEEDED", rc=0)), log_tail_bytes=10)
+    succeeded = quick.event()
     assert succeeded["log_tail"] == "" and succeeded["rc"] == 0
+    assert quick.clock.sleeps == [RESUME_SETTLE_SECONDS]
 
 
 @pytest.mark.parametrize(
