@@ -19,53 +19,43 @@ class AgentPool:
         self, entries: Sequence[AgentEntry], tokens: Mapping[str, str], *, timeout: float, stop_timeout: float
     ) -> None:
         self._entries = {e.id: e for e in entries}
-        self._session: aiohttp.ClientSession | None = None
         self._tokens = tokens
         self._timeout = timeout
         self._stop_timeout = stop_timeout
-        self._clients: dict[str, AgentClient] = {}
-        self._probe_session: aiohttp.ClientSession | None = None
-        self._probers: dict[str, AgentClient] = {}
+        self._sessions: dict[str, aiohttp.ClientSession] = {}  # "jobs" and "health" pools
+        self._clients: dict[tuple[str, str], AgentClient] = {}
         self._next = 0
         self.avoid: Callable[[str], bool] = lambda agent_id: False  # set by the fleet's liveness
 
     def ids(self) -> list[str]:
         return sorted(self._entries)
 
+    def client(self, agent_id: str) -> AgentClient:
+        """The agent's client for jobs: one connection pool for all agents; per-request timeouts
+        come from each client."""
+        return self._pooled("jobs", agent_id)
+
     def prober(self, agent_id: str) -> AgentClient:
         """A client for health checks, on connections of its own: requests queued for a busy
         agent's shared pool must not make a healthy agent look silent."""
+        return self._pooled("health", agent_id)
+
+    def _pooled(self, pool: str, agent_id: str) -> AgentClient:
         if agent_id not in self._entries:
             raise NoAgent(f"unknown agent {agent_id!r}")
-        if agent_id not in self._probers:
-            if self._probe_session is None:
-                self._probe_session = aiohttp.ClientSession()
+        if (pool, agent_id) not in self._clients:
+            if pool not in self._sessions:
+                self._sessions[pool] = aiohttp.ClientSession()
             entry = self._entries[agent_id]
-            self._probers[agent_id] = AgentClient(
+            self._clients[pool, agent_id] = AgentClient(
                 entry.url,
                 self._tokens[agent_id],
-                session=self._probe_session,
-                timeout=self._timeout,
-                ca_file=entry.ca_file or None,
-            )
-        return self._probers[agent_id]
-
-    def client(self, agent_id: str) -> AgentClient:
-        if agent_id not in self._entries:
-            raise NoAgent(f"unknown agent {agent_id!r}")
-        if agent_id not in self._clients:
-            if self._session is None:
-                # One connection pool for all agents; per-request timeouts come from each client.
-                self._session = aiohttp.ClientSession()
-            self._clients[agent_id] = AgentClient(
-                self._entries[agent_id].url,
-                self._tokens[agent_id],
-                session=self._session,
+                session=self._sessions[pool],
                 timeout=self._timeout,
                 stop_timeout=self._stop_timeout,
-                ca_file=self._entries[agent_id].ca_file or None,
+                ca_file=entry.ca_file or None,
             )
-        return self._clients[agent_id]
+        return self._clients[pool, agent_id]
 
     def route(self, *, agent_id: str | None, labels: Iterable[str]) -> str:
         """The agent for a new job: the named one, or round-robin among those carrying all labels."""
@@ -83,9 +73,7 @@ class AgentPool:
         return matching[self._next % len(matching)]
 
     async def close(self) -> None:
-        for session in (self._session, self._probe_session):
-            if session is not None:
-                await session.close()
-        self._session = self._probe_session = None
+        for session in self._sessions.values():
+            await session.close()
+        self._sessions.clear()
         self._clients.clear()
-        self._probers.clear()

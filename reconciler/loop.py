@@ -172,10 +172,7 @@ class Reconciler:
 
     async def _bookkeeping(self, jobs: Sequence[JobRecord]) -> None:
         answering = [
-            job
-            for job in jobs
-            if job.status is not JobStatus.STOPPING
-            and (self._fleet is None or self._fleet.state(job.agent_id) is AgentState.LIVE)
+            job for job in jobs if job.status is not JobStatus.STOPPING and self.answering(job.agent_id)
         ]
         await self.sync_from_agents(self._next_to_sync(answering))
 
