@@ -17,6 +17,8 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY agent/ agent/
+COPY agent_api/ agent_api/
+COPY servicekit/ servicekit/
 COPY reconciler/ reconciler/
 COPY router_db/ router_db/
 COPY agentic_airflow/ agentic_airflow/

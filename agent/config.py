@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from agent.tls import server_context
+from servicekit.tls import server_context
 
 ENV_PREFIX = "AGENTIC_AGENT_"
 DEFAULT_TOKEN_ENV = "AGENTIC_AGENT_TOKEN"

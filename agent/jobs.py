@@ -45,7 +45,9 @@ import agent
 from agent import procfs
 from agent.config import ENV_PREFIX, AgentConfig
 from agent.process_tree import ProcessRef, ProcessTable
-from agent.protocol import (
+from agent.state import STATE_FORMAT, ExitRecord, JobDir, JobRecord, LeaderRecord, StateError
+from agent.termination import terminate_tree
+from agent_api.protocol import (
     JOB_ID_PATTERN,
     JobInfo,
     JobStatus,
@@ -55,8 +57,6 @@ from agent.protocol import (
     StopAction,
     StopResult,
 )
-from agent.state import STATE_FORMAT, ExitRecord, JobDir, JobRecord, LeaderRecord, StateError
-from agent.termination import terminate_tree
 
 log = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ Routes (JSON in and out unless noted):
 Auth: ``Authorization: Bearer <token>`` or ``X-Agent-Token: <token>``; any of the configured tokens
 is accepted (rotation), and every one of them is compared, each in constant time.
 TLS: with ``tls_cert_file`` and ``tls_key_file`` configured, the same API is served over HTTPS only.
-Job ids: ``^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$`` (see :mod:`agent.protocol`).
+Job ids: ``^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$`` (see :mod:`agent_api.protocol`).
 Every failure is a JSON ``{"error": "..."}`` naming the problem: 400 bad input (NUL or a lone
 surrogate in any string or key of a body included), 401 auth, 404 unknown job or route, 405 a method
 the route lacks (``Allow`` lists those it has), 409 duplicate job, 413 body larger than
@@ -45,14 +45,14 @@ from aiohttp import web
 
 from agent.config import AgentConfig
 from agent.jobs import JobManager, JobRejected
-from agent.protocol import (
+from agent_api.protocol import (
     JobStatus,
     ProtocolError,
     parse_run_request,
     parse_stop_request,
-    text_problem,
     validate_job_id,
 )
+from servicekit.text import text_problem
 
 log = logging.getLogger(__name__)
 

@@ -40,7 +40,7 @@ from agent.jobfiles import (
     write_json_atomic,
 )
 from agent.process_tree import ProcessRef
-from agent.protocol import JobInfo, JobStatus, format_time, parse_time
+from agent_api.protocol import JobInfo, JobStatus, format_time, parse_time
 
 _T = TypeVar("_T")
 

@@ -6,7 +6,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import aiohttp
 
-from agent.client import AgentClient
+from agent_api.client import AgentClient
 from reconciler.config import AgentEntry
 
 

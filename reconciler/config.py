@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar, get_args, get_origin, get_type_hints
 
-from agent.tls import server_context
+from servicekit.tls import server_context
 
 ENV_PREFIX = "AGENTIC_RECONCILER_"
 API_VERSIONS = ("auto", "v2", "v1")

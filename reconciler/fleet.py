@@ -25,7 +25,7 @@ from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
-from agent.client import AgentError, JobInfo
+from agent_api.client import AgentError, JobInfo
 from reconciler.agents import AgentPool
 from reconciler.config import FleetConfig
 from reconciler.metrics import Metrics

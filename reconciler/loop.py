@@ -19,7 +19,7 @@ from typing import TypeVar
 
 from sqlalchemy.exc import SQLAlchemyError
 
-from agent.client import AgentClient, AgentError, JobNotFound
+from agent_api.client import AgentClient, AgentError, JobNotFound
 from reconciler.agents import AgentPool
 from reconciler.airflow import AirflowError, TaskInstance, TaskInstanceReader
 from reconciler.config import PollConfig

@@ -25,8 +25,7 @@ from typing import Any
 
 from aiohttp import web
 
-from agent.client import AgentError, AgentRejected, AgentUnavailable, JobNotFound
-from agent.protocol import text_problem
+from agent_api.client import AgentError, AgentRejected, AgentUnavailable, JobNotFound
 from reconciler.agents import AgentPool, NoAgent
 from reconciler.airflow import AirflowError
 from reconciler.loop import Reconciler, refresh_from_agent
@@ -34,6 +33,7 @@ from reconciler.metrics import Metrics
 from reconciler.ratelimit import RateLimiter
 from reconciler.stops import StopDispatcher
 from router_db import JobRecord, JobStatus, NewJob, RouterDB, StaleTransition, TaskInstanceKey
+from servicekit.text import text_problem
 
 log = logging.getLogger("reconciler.server")
 

@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential_jitter
 
-from agent.client import AgentRejected, AgentUnavailable, JobNotFound, StopResult
+from agent_api.client import AgentRejected, AgentUnavailable, JobNotFound, StopResult
 from reconciler.agents import AgentPool
 from reconciler.config import StopConfig
 from reconciler.decision import Stop

@@ -12,7 +12,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from agent.client import (
+from agent_api.client import (
     AgentClient,
     AgentError,
     AgentRejected,

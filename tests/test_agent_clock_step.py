@@ -31,8 +31,8 @@ from typing import Any, NamedTuple
 
 import pytest
 
-from agent.client import AgentClient, JobInfo, RunPayload, StopResult
 from agent.process_tree import ProcessRef
+from agent_api.client import AgentClient, JobInfo, RunPayload, StopResult
 from harness.agent import REPO_ROOT, AgentProcess
 from harness.processes import wait_until
 

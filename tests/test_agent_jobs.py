@@ -14,8 +14,8 @@ from typing import TypeVar
 import psutil
 import pytest
 
-from agent.client import AgentClient, AgentRejected, JobInfo, RunPayload
 from agent.process_tree import ProcessRef
+from agent_api.client import AgentClient, AgentRejected, JobInfo, RunPayload
 from harness.agent import AgentProcess
 from harness.processes import wait_until
 

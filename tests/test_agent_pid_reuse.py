@@ -20,8 +20,8 @@ from typing import Any
 
 import psutil
 
-from agent.client import AgentClient, JobInfo, RunPayload, StopResult
 from agent.process_tree import ProcessRef
+from agent_api.client import AgentClient, JobInfo, RunPayload, StopResult
 from harness.agent import AgentProcess
 from harness.processes import wait_until
 

@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 from hypothesis import given
 from hypothesis import strategies as st
 
-from agent.protocol import (
+from agent_api.protocol import (
     JOB_ID_PATTERN,
     JobInfo,
     JobStatus,

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.client import AgentClient, AgentUnavailable, JobInfo, RunPayload, StopResult
 from agent.process_tree import ProcessRef
+from agent_api.client import AgentClient, AgentUnavailable, JobInfo, RunPayload, StopResult
 from harness.agent import AgentProcess
 from harness.processes import wait_until
 

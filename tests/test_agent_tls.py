@@ -10,7 +10,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from agent.client import AgentClient, AgentUnavailable, JobNotFound, RunPayload
+from agent_api.client import AgentClient, AgentUnavailable, JobNotFound, RunPayload
 from harness.agent import AgentProcess
 from tests.certs import CertificateAuthority, make_ca
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from agent.client import AgentClient, AgentRejected, JobNotFound
+from agent_api.client import AgentClient, AgentRejected, JobNotFound
 from harness.agent import AgentProcess
 
 OLD = "old-token-aaaa1111"

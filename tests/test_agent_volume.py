@@ -9,8 +9,8 @@ from pathlib import Path
 
 import psutil
 
-from agent.client import AgentClient, RunPayload
 from agent.process_tree import ProcessRef
+from agent_api.client import AgentClient, RunPayload
 from harness.agent import AgentProcess
 from harness.processes import wait_until
 

@@ -240,8 +240,8 @@ def test_an_agent_is_lost_only_by_a_check_sent_after_the_whole_silence() -> None
 
 
 def test_an_orphan_is_a_running_job_the_router_db_has_ended(db: RouterDB) -> None:
-    from agent.protocol import JobInfo
-    from agent.protocol import JobStatus as AgentJobStatus
+    from agent_api.protocol import JobInfo
+    from agent_api.protocol import JobStatus as AgentJobStatus
 
     ended, _ = db.submit(NewJob(TaskInstanceKey("d", "ended", "r"), "agent-a", "x"))
     db.finish(ended.job_id, status=JobStatus.FAILED, rc=None, reason="lost", source="test")

@@ -17,7 +17,7 @@ import pytest
 from aiohttp import web
 from sqlalchemy import update
 
-from agent.client import AgentClient, AgentRejected
+from agent_api.client import AgentClient, AgentRejected
 from harness.agent import AgentProcess
 from harness.processes import alive, process_group
 from harness.served import ServedApp

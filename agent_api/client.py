@@ -34,7 +34,7 @@ from typing import Any, TypeVar
 
 import aiohttp
 
-from agent.protocol import (
+from agent_api.protocol import (
     JobInfo,
     LogChunk,
     ProtocolError,
