@@ -19,6 +19,7 @@ COPY pyproject.toml README.md ./
 COPY agent/ agent/
 COPY agent_api/ agent_api/
 COPY servicekit/ servicekit/
+COPY sidecar_api/ sidecar_api/
 COPY reconciler/ reconciler/
 COPY router_db/ router_db/
 COPY agentic_airflow/ agentic_airflow/

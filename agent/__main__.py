@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import sys
 from pathlib import Path
 
 from agent.config import ConfigError, load_config
 from agent.server import serve
+from servicekit import logs
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,9 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"agentic-agent: config error: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    logs.setup("INFO", access_log=True)
     try:
         asyncio.run(serve(config))
     except ConfigError as exc:  # a TLS file that changed between loading the config and serving

@@ -12,7 +12,7 @@ import os
 
 STATE_FILE = "state.json"
 LOG_FILE = "output.log"
-LEADER_FILE = "leader.json"
+SHELL_FILE = "leader.json"  # the job's shell; the name older agents use, so a new one adopts their jobs
 EXIT_FILE = "exit.json"
 SUPERVISOR_LOG_FILE = "supervisor.log"
 

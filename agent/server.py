@@ -9,7 +9,8 @@ Routes (JSON in and out unless noted):
   agent's environment (minus the agent's own ``AGENTIC_AGENT_*`` variables and token); ``run_as``
   needs an agent running as root; ``timeout_seconds`` stops the job (SIGTERM, grace, SIGKILL) with a
   reason saying so.
-  A job that could not be started is answered with 201 and status ``FAILED``, ``reason`` says why.
+  A ``cwd`` that does not exist or a ``run_as`` that cannot be used is refused (400); a job whose
+  supervisor could not be started is answered with 201 and status ``FAILED``, ``reason`` says why.
 - ``GET /jobs?status=S`` (``status`` repeatable, optional) -> ``{"jobs": [job, ...]}`` in job-id order.
 - ``GET /jobs/{job_id}`` -> the job.
 - ``GET /jobs/{job_id}/log?offset=N&limit=M`` -> the log's bytes from ``offset`` (``text/plain``), with
@@ -19,10 +20,12 @@ Routes (JSON in and out unless noted):
 - ``POST /stop/{job_id}`` ``{"force": false, "reason": "..."}`` (body optional) -> once the tree is gone,
   ``{"ok", "message", "status", "rc", "action", "signal", "reason"}``. A stop of a job the agent
   has never seen leaves a tombstone (a FAILED job of that id): a ``/run`` arriving later is refused.
-- ``GET /health`` -> ``{"status": "ok", "agent_id", "jobs_running"}``; the only route without a token.
+- ``GET /healthz`` (and ``/health``, its older name) -> ``{"status": "ok", "agent_id", "jobs_running"}``;
+  ``GET /readyz`` -> the same with ``"ready"``, or 503 ``"not ready"`` with ``problems`` (home not
+  writable). These three need no token.
 
-Auth: ``Authorization: Bearer <token>`` or ``X-Agent-Token: <token>``; any of the configured tokens
-is accepted (rotation), and every one of them is compared, each in constant time.
+Auth, errors and bodies follow :mod:`servicekit.http`, as the sidecar does: ``Authorization: Bearer
+<token>`` or ``X-Agent-Token: <token>``; any configured token is accepted (rotation).
 TLS: with ``tls_cert_file`` and ``tls_key_file`` configured, the same API is served over HTTPS only.
 Job ids: ``^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$`` (see :mod:`agent_api.protocol`).
 Every failure is a JSON ``{"error": "..."}`` naming the problem: 400 bad input (NUL or a lone
@@ -35,125 +38,51 @@ token: it is only read from headers, never logged.
 from __future__ import annotations
 
 import asyncio
-import hmac
-import json
 import logging
-import signal
-from collections.abc import Awaitable, Callable
+import tempfile
+from pathlib import Path
 
 from aiohttp import web
 
 from agent.config import AgentConfig
 from agent.jobs import JobManager, JobRejected
 from agent_api.protocol import (
-    JobStatus,
+    AgentJobStatus,
     ProtocolError,
     parse_run_request,
     parse_stop_request,
     validate_job_id,
 )
-from servicekit.text import text_problem
+from servicekit.http import HttpError, json_errors, query_int, read_json, token_auth
+from servicekit.serve import serving, shutdown_requested
 
 log = logging.getLogger(__name__)
 
-ACCESS_LOG_FORMAT = '%a "%r" %s %b %Tfs'  # no headers: they carry the token
 _CONFIG: web.AppKey[AgentConfig] = web.AppKey("config", AgentConfig)
-_TOKENS: web.AppKey[tuple[bytes, ...]] = web.AppKey("tokens", tuple)
 _JOBS: web.AppKey[JobManager] = web.AppKey("jobs", JobManager)
-_Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+OPEN_PATHS = ("/healthz", "/readyz", "/health")
+STOP_ANSWER_SLACK_SECONDS = 15.0  # beyond grace_seconds: waiting for the exit record, answering
+READY_CHECK_TIMEOUT_SECONDS = 2.0  # a home on a hung disk is "not ready", not a hung probe
 
 
-def error_response(status: int, message: str) -> web.Response:
-    return web.json_response({"error": message}, status=status)
+def _known(exc: Exception) -> HttpError | None:
+    if isinstance(exc, JobRejected):
+        return HttpError(exc.status, exc.message)
+    if isinstance(exc, ProtocolError):
+        return HttpError(400, str(exc))
+    return None
 
 
-@web.middleware
-async def _errors(request: web.Request, handler: _Handler) -> web.StreamResponse:
-    """Turn every failure into a JSON error; the server never dies on a request."""
-    try:
-        return await handler(request)
-    except JobRejected as exc:
-        return error_response(exc.status, exc.message)
-    except ProtocolError as exc:
-        return error_response(400, str(exc))
-    except web.HTTPException as exc:
-        if exc.status < 400:
-            raise
-        if exc.status != 405:
-            return error_response(exc.status, exc.reason)
-        allow = exc.headers.get("Allow", "")
-        response = error_response(
-            405, f"method {request.method} not allowed on {request.path}; allowed: {allow}"
-        )
-        response.headers["Allow"] = allow
-        return response
-    except Exception:
-        log.exception("unhandled error in %s %s", request.method, request.path)
-        return error_response(500, "internal error in the agent (logged)")
-
-
-@web.middleware
-async def _auth(request: web.Request, handler: _Handler) -> web.StreamResponse:
-    if request.path == "/health":
-        return await handler(request)
-    # aiohttp decodes non-UTF-8 header bytes as surrogate escapes: encode them back, never fail on them.
-    presented = _presented_token(request).encode("utf-8", "surrogateescape")
-    accepted = False
-    for token in request.app[_TOKENS]:  # no early exit: the time taken does not tell which one matched
-        accepted |= hmac.compare_digest(presented, token)
-    if not accepted:
-        return error_response(401, "missing or invalid token (Authorization: Bearer or X-Agent-Token)")
-    return await handler(request)
-
-
-def _presented_token(request: web.Request) -> str:
-    header = request.headers.get("Authorization", "")
-    scheme, _, value = header.partition(" ")
-    if scheme.lower() == "bearer" and value.strip():
-        return value.strip()
-    return request.headers.get("X-Agent-Token", "").strip()
-
-
-async def _read_json(request: web.Request, *, allow_empty: bool = False) -> object:
-    limit = request.app[_CONFIG].max_body_bytes
-    too_large = JobRejected(413, f"request body is larger than max_body_bytes={limit}")
-    if request.content_length is not None and request.content_length > limit:
-        raise too_large
-    body = bytearray()
-    async for chunk in request.content.iter_any():
-        body += chunk
-        if len(body) > limit:
-            raise too_large
-    if not body.strip():
-        if allow_empty:
-            return {}
-        raise ProtocolError("request body is empty; expected a JSON object")
-    try:
-        value = json.loads(body)
-    except (ValueError, RecursionError):
-        raise ProtocolError("request body is not valid JSON") from None
-    problem = text_problem(value)
-    if problem is not None:
-        raise ProtocolError(problem)
-    return value
+async def _body(request: web.Request, *, allow_empty: bool = False) -> object:
+    return await read_json(request, limit=request.app[_CONFIG].max_body_bytes, allow_empty=allow_empty)
 
 
 def _job_id(request: web.Request) -> str:
     return validate_job_id(request.match_info["job_id"])
 
 
-def _query_int(request: web.Request, name: str) -> int | None:
-    """A non-negative integer of at most 18 digits (below 2**63: every file offset), or None if absent."""
-    raw = request.query.get(name)
-    if raw is None or raw == "":
-        return None
-    if not (raw.isascii() and raw.isdigit()) or len(raw) > 18:
-        raise ProtocolError(f"{name} must be a non-negative integer of at most 18 digits")
-    return int(raw)
-
-
 async def _run(request: web.Request) -> web.Response:
-    run_request = parse_run_request(await _read_json(request))
+    run_request = parse_run_request(await _body(request))
     info = await request.app[_JOBS].run(run_request)
     return web.json_response(info.to_json(), status=201)
 
@@ -162,9 +91,9 @@ async def _list(request: web.Request) -> web.Response:
     """``GET /jobs?status=RUNNING&status=QUEUED``: the sidecar's orphan sweep, one request per agent."""
     wanted = request.query.getall("status", [])
     try:
-        statuses = frozenset(JobStatus(value) for value in wanted) if wanted else None
+        statuses = frozenset(AgentJobStatus(value) for value in wanted) if wanted else None
     except ValueError:
-        raise ProtocolError(f"status must be one of {', '.join(s.value for s in JobStatus)}") from None
+        raise ProtocolError(f"status must be one of {', '.join(s.value for s in AgentJobStatus)}") from None
     return web.json_response({"jobs": [info.to_json() for info in request.app[_JOBS].list(statuses)]})
 
 
@@ -174,8 +103,8 @@ async def _get(request: web.Request) -> web.Response:
 
 async def _log(request: web.Request) -> web.Response:
     job_id = _job_id(request)
-    offset = _query_int(request, "offset") or 0
-    limit = _query_int(request, "limit")
+    offset = query_int(request, "offset") or 0
+    limit = query_int(request, "limit")
     chunk = await request.app[_JOBS].read_log(job_id, offset=offset, limit=limit)
     return web.Response(
         body=chunk.data,
@@ -186,12 +115,13 @@ async def _log(request: web.Request) -> web.Response:
 
 async def _stop(request: web.Request) -> web.Response:
     job_id = _job_id(request)
-    stop_request = parse_stop_request(await _read_json(request, allow_empty=True))
+    stop_request = parse_stop_request(await _body(request, allow_empty=True))
     result = await request.app[_JOBS].stop(job_id, force=stop_request.force, reason=stop_request.reason)
     return web.json_response(result.to_json())
 
 
 async def _health(request: web.Request) -> web.Response:
+    """Liveness (``/healthz``, and ``/health`` for probes deployed before it): the process answers."""
     return web.json_response(
         {
             "status": "ok",
@@ -201,18 +131,48 @@ async def _health(request: web.Request) -> web.Response:
     )
 
 
+async def _ready(request: web.Request) -> web.Response:
+    """Readiness: the agent can take a job, i.e. write to its home (a full or read-only disk cannot)."""
+    config = request.app[_CONFIG]
+    problems = []
+    try:
+        await asyncio.wait_for(asyncio.to_thread(_write_probe, config.home), READY_CHECK_TIMEOUT_SECONDS)
+    except TimeoutError:
+        problems.append(f"home {config.home} did not answer a write within {READY_CHECK_TIMEOUT_SECONDS} s")
+    except OSError as exc:
+        problems.append(f"home {config.home} is not writable: {exc.strerror or exc}")
+    answer: dict[str, object] = {
+        "status": "not ready" if problems else "ready",
+        "agent_id": config.id,
+        "jobs_running": request.app[_JOBS].running_count(),
+    }
+    if problems:
+        answer["problems"] = problems
+    return web.json_response(answer, status=503 if problems else 200)
+
+
+def _write_probe(home: Path) -> None:
+    with tempfile.TemporaryFile(dir=home):
+        pass
+
+
 def create_app(config: AgentConfig, jobs: JobManager) -> web.Application:
-    # client_max_size is not our limit (bodies are read by _read_json); keep aiohttp's out of the way
-    app = web.Application(middlewares=[_errors, _auth], client_max_size=config.max_body_bytes + 1)
+    middlewares = [
+        json_errors(service="agent", known=_known),
+        token_auth(config.tokens, open_paths=OPEN_PATHS, extra_header="X-Agent-Token"),
+    ]
+    # client_max_size is not our limit (read_json applies max_body_bytes); keep aiohttp's out of the way
+    app = web.Application(middlewares=middlewares, client_max_size=config.max_body_bytes + 1)
     app[_CONFIG] = config
-    app[_TOKENS] = tuple(token.encode() for token in config.tokens)
     app[_JOBS] = jobs
     app.router.add_post("/run", _run)
     app.router.add_get("/jobs", _list)
     app.router.add_get("/jobs/{job_id}", _get)
     app.router.add_get("/jobs/{job_id}/log", _log)
     app.router.add_post("/stop/{job_id}", _stop)
+    app.router.add_get("/healthz", _health)
     app.router.add_get("/health", _health)
+    app.router.add_get("/readyz", _ready)
     return app
 
 
@@ -220,20 +180,17 @@ async def serve(config: AgentConfig) -> None:
     """Adopt existing jobs, then listen until SIGTERM or SIGINT; running jobs are left running."""
     ssl_context = config.server_ssl_context()  # before adoption: a bad file fails fast
     jobs = JobManager(config)
-    await jobs.load()  # before listening: /health answers only once adoption is done
+    await jobs.load()  # before listening: /healthz answers only once adoption is done
     jobs.start_monitor()
-    runner = web.AppRunner(create_app(config, jobs), access_log_format=ACCESS_LOG_FORMAT)
-    await runner.setup()
+    stopping = shutdown_requested()
     try:
-        site = web.TCPSite(runner, config.host, config.port, ssl_context=ssl_context)
-        await site.start()
-        log.info("agent %s listening on %s://%s:%d", config.id, config.scheme, config.host, config.port)
-        stopping = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stopping.set)
-        await stopping.wait()
-        log.info("shutting down; running jobs keep running and are adopted on restart")
+        # A stop under way (SIGTERM, grace_seconds, SIGKILL, the exit record) finishes before the
+        # listener closes: the sidecar hears its outcome instead of a dropped connection.
+        grace = config.grace_seconds + STOP_ANSWER_SLACK_SECONDS
+        app = create_app(config, jobs)
+        async with serving(app, host=config.host, port=config.port, ssl_context=ssl_context, grace=grace):
+            log.info("agent %s listening on %s://%s:%d", config.id, config.scheme, config.host, config.port)
+            await stopping.wait()
+            log.info("shutting down; running jobs keep running and are adopted on restart")
     finally:
-        await runner.cleanup()
         await jobs.close()

@@ -2,11 +2,11 @@
 
 Layout of ``<home>/jobs/<job_id>/``:
 
-- ``state.json`` — the agent's record (:class:`JobRecord`), replaced atomically (temp file + fsync +
+- ``state.json`` — the agent's record (:class:`StoredJob`), replaced atomically (temp file + fsync +
   ``os.replace``), so a crash leaves either the old or the new version, never a torn one;
 - ``output.log`` — stdout and stderr of the job, plus one line from the agent when it stops the job;
 - ``leader.json`` — ``{"pid", "start_ticks", "started_at"}`` of the job's shell, written by the
-  supervisor (:class:`LeaderRecord`);
+  supervisor (:class:`ShellRecord`; the file keeps the name older agents gave it);
 - ``exit.json`` — ``{"rc", "finished_at"}``, written by the supervisor when the shell is reaped;
 - ``supervisor.log`` — the supervisor's own diagnostics.
 
@@ -33,14 +33,14 @@ from typing import Any, TypeVar
 
 from agent.jobfiles import (
     EXIT_FILE,
-    LEADER_FILE,
     LOG_FILE,
+    SHELL_FILE,
     STATE_FILE,
     SUPERVISOR_LOG_FILE,
     write_json_atomic,
 )
 from agent.process_tree import ProcessRef
-from agent_api.protocol import JobInfo, JobStatus, format_time, parse_time
+from agent_api.protocol import AgentJobStatus, JobInfo, format_time, parse_time
 
 _T = TypeVar("_T")
 
@@ -67,14 +67,14 @@ class ExitRecord:
 
 
 @dataclass(frozen=True)
-class LeaderRecord:
+class ShellRecord:
     """The job's shell as its supervisor announces it (its answer to the agent and ``leader.json``)."""
 
     ref: ProcessRef
     started_at: datetime
 
     @classmethod
-    def from_json(cls, value: object) -> LeaderRecord:
+    def from_json(cls, value: object) -> ShellRecord:
         """Raises ValueError (or KeyError, TypeError) on anything but a well-formed announcement."""
         if not isinstance(value, dict):
             raise TypeError(f"not a JSON object: {value!r}")
@@ -85,16 +85,16 @@ class LeaderRecord:
 
 
 @dataclass(frozen=True)
-class JobRecord:
+class StoredJob:
     """What the agent knows about one job; ``state.json`` holds exactly this."""
 
     job_id: str
-    status: JobStatus
+    status: AgentJobStatus
     # the boot the start ticks below count from; they mean nothing after a reboot
     boot_id: str | None = None
     pid: int | None = None
     pgid: int | None = None
-    start_ticks: int | None = None  # of the leader; the PID is trusted only together with it
+    start_ticks: int | None = None  # of the shell; the PID is trusted only together with it
     rc: int | None = None
     started_at: datetime | None = None
     finished_at: datetime | None = None
@@ -109,7 +109,7 @@ class JobRecord:
     state_format: int = STATE_FORMAT
 
     @property
-    def leader(self) -> ProcessRef | None:
+    def shell(self) -> ProcessRef | None:
         if self.pid is None or self.start_ticks is None:
             return None
         return ProcessRef(self.pid, self.start_ticks)
@@ -145,7 +145,7 @@ class JobRecord:
         }
 
     @classmethod
-    def from_json(cls, value: object) -> JobRecord:
+    def from_json(cls, value: object) -> StoredJob:
         if not isinstance(value, dict):
             raise StateError("state is not a JSON object")
         try:
@@ -154,7 +154,7 @@ class JobRecord:
                 raise ValueError(f"state format {version!r} is not one this agent reads (1, {STATE_FORMAT})")
             record = cls(
                 job_id=str(value["job_id"]),
-                status=JobStatus(value["status"]),
+                status=AgentJobStatus(value["status"]),
                 pid=_opt(value.get("pid"), int),
                 pgid=_opt(value.get("pgid"), int),
                 rc=_opt(value.get("rc"), int),
@@ -206,8 +206,8 @@ class JobDir:
         return self.path / LOG_FILE
 
     @property
-    def leader_path(self) -> Path:
-        return self.path / LEADER_FILE
+    def shell_path(self) -> Path:
+        return self.path / SHELL_FILE
 
     @property
     def exit_path(self) -> Path:
@@ -217,21 +217,21 @@ class JobDir:
     def supervisor_log_path(self) -> Path:
         return self.path / SUPERVISOR_LOG_FILE
 
-    def read_state(self) -> JobRecord | None:
+    def read_state(self) -> StoredJob | None:
         value = _read_json(self.state_path)
-        return JobRecord.from_json(value) if value is not None else None
+        return StoredJob.from_json(value) if value is not None else None
 
-    def write_state(self, record: JobRecord, *, durable: bool = True) -> None:
+    def write_state(self, record: StoredJob, *, durable: bool = True) -> None:
         write_json_atomic(self.state_path, record.to_json(), durable=durable)
 
-    def read_leader(self) -> LeaderRecord | None:
-        value = _read_json(self.leader_path)
+    def read_shell(self) -> ShellRecord | None:
+        value = _read_json(self.shell_path)
         if value is None:
             return None
         try:
-            return LeaderRecord.from_json(value)
+            return ShellRecord.from_json(value)
         except (KeyError, TypeError, ValueError) as exc:
-            raise StateError(f"{self.leader_path}: {exc}") from None
+            raise StateError(f"{self.shell_path}: {exc}") from None
 
     def read_exit(self) -> ExitRecord | None:
         value = _read_json(self.exit_path)

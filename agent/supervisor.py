@@ -42,7 +42,7 @@ import subprocess
 import sys
 from datetime import UTC, datetime
 
-from agent.jobfiles import EXIT_FILE, LEADER_FILE, LOG_FILE, write_json_atomic
+from agent.jobfiles import EXIT_FILE, LOG_FILE, SHELL_FILE, write_json_atomic
 from agent.procfs import read_stat
 
 TYPE_CHECKING = False  # not typing.TYPE_CHECKING: importing typing costs ~2 ms; mypy knows this idiom
@@ -63,21 +63,21 @@ def main(argv: list[str]) -> int:
     try:
         spec = json.loads(sys.stdin.buffer.read())
         started_at = datetime.now(UTC).isoformat()
-        leader = _start(spec, job_dir)
+        shell = _start(spec, job_dir)
     except Exception as exc:
         _report({"error": f"{type(exc).__name__}: {exc}"})
         return 1
-    stat = read_stat(leader.pid)  # our unreaped child: the PID cannot have been reused
+    stat = read_stat(shell.pid)  # our unreaped child: the PID cannot have been reused
     if stat is None:  # only if /proc is unreadable; an unidentifiable job must not run on
-        leader.kill()
-        leader.wait()
-        _report({"error": f"cannot read /proc/{leader.pid}/stat of the job's shell"})
+        shell.kill()
+        shell.wait()
+        _report({"error": f"cannot read /proc/{shell.pid}/stat of the job's shell"})
         return 1
-    announcement = {"pid": leader.pid, "start_ticks": stat.start_ticks, "started_at": started_at}
-    write_json_atomic(os.path.join(job_dir, LEADER_FILE), announcement)
+    announcement = {"pid": shell.pid, "start_ticks": stat.start_ticks, "started_at": started_at}
+    write_json_atomic(os.path.join(job_dir, SHELL_FILE), announcement)
     _report(announcement)
-    rc = _reap_until_no_children(leader.pid, job_dir)
-    leader.returncode = rc  # we reaped it ourselves; keep Popen from warning about a live child
+    rc = _reap_until_no_children(shell.pid, job_dir)
+    shell.returncode = rc  # we reaped it ourselves; keep Popen from warning about a live child
     return 0
 
 
@@ -104,7 +104,7 @@ def _start(spec: dict[str, Any], job_dir: str) -> subprocess.Popen[bytes]:
         )
 
 
-def _reap_until_no_children(leader_pid: int, job_dir: str) -> int | None:
+def _reap_until_no_children(shell_pid: int, job_dir: str) -> int | None:
     """Reap every child (the shell and adopted orphans); write exit.json when the shell is reaped."""
     rc: int | None = None
     while True:
@@ -112,7 +112,7 @@ def _reap_until_no_children(leader_pid: int, job_dir: str) -> int | None:
             pid, status = os.wait()
         except ChildProcessError:
             return rc
-        if pid == leader_pid:
+        if pid == shell_pid:
             rc = os.waitstatus_to_exitcode(status)
             finished_at = datetime.now(UTC).isoformat()
             write_json_atomic(os.path.join(job_dir, EXIT_FILE), {"rc": rc, "finished_at": finished_at})

@@ -28,8 +28,8 @@ class ProtocolError(ValueError):
     """A request or answer does not have the documented shape; the message names the field."""
 
 
-class JobStatus(StrEnum):
-    """Job statuses; the same words as in the router DB (which adds ``STOPPING`` for stop intents)."""
+class AgentJobStatus(StrEnum):
+    """A job's status on its agent: the words of the router DB's ``JobStatus``, less its ``STOPPING``."""
 
     QUEUED = "QUEUED"  # accepted, process not started yet
     RUNNING = "RUNNING"
@@ -38,7 +38,7 @@ class JobStatus(StrEnum):
 
     @property
     def finished(self) -> bool:
-        return self in (JobStatus.SUCCEEDED, JobStatus.FAILED)
+        return self in (AgentJobStatus.SUCCEEDED, AgentJobStatus.FAILED)
 
 
 class StopAction(StrEnum):
@@ -179,7 +179,7 @@ class JobInfo:
     """What ``GET /jobs/{job_id}`` and ``POST /run`` answer."""
 
     job_id: str
-    status: JobStatus
+    status: AgentJobStatus
     pid: int | None
     rc: int | None
     started_at: datetime | None
@@ -202,7 +202,7 @@ class JobInfo:
         obj = _object(value, "job")
         return cls(
             job_id=validate_job_id(_required(obj, "job_id")),
-            status=_enum(JobStatus, _required(obj, "status"), "status"),
+            status=_enum(AgentJobStatus, _required(obj, "status"), "status"),
             pid=_optional_int(obj, "pid"),
             rc=_optional_int(obj, "rc"),
             started_at=parse_time(_required(obj, "started_at"), "started_at"),
@@ -217,7 +217,7 @@ class StopResult:
 
     ok: bool
     message: str
-    status: JobStatus
+    status: AgentJobStatus
     rc: int | None
     action: StopAction
     signal: str | None  # "SIGTERM" or "SIGKILL"; None when nothing was sent
@@ -249,7 +249,7 @@ class StopResult:
         return cls(
             ok=ok,
             message=message,
-            status=_enum(JobStatus, _required(obj, "status"), "status"),
+            status=_enum(AgentJobStatus, _required(obj, "status"), "status"),
             rc=_optional_int(obj, "rc"),
             action=_enum(StopAction, _required(obj, "action"), "action"),
             signal=signal,

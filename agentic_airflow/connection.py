@@ -6,7 +6,7 @@ from typing import Any
 
 from airflow.exceptions import AirflowNotFoundException
 
-from agentic_airflow.sidecar import SidecarEndpoint, SidecarError
+from agentic_airflow.sidecar_client import SidecarEndpoint, SidecarError
 
 try:  # Airflow 3
     from airflow.sdk import BaseHook

@@ -7,8 +7,9 @@ from typing import Any
 
 from agentic_airflow.connection import get_endpoint
 from agentic_airflow.polling import submit_patiently
-from agentic_airflow.sidecar import TERMINAL, logical_date_identity
+from agentic_airflow.sidecar_client import logical_date_identity
 from agentic_airflow.triggers import AgenticJobTrigger
+from sidecar_api.protocol import TERMINAL, JobStatus
 
 try:  # Airflow 3
     from airflow.sdk import BaseOperator
@@ -105,7 +106,7 @@ class AgenticRunOperator(BaseOperator):
 
     def execute_complete(self, context: Any, event: dict[str, Any]) -> str:
         job_id, status = event.get("job_id"), event.get("status")
-        if status == "SUCCEEDED":
+        if status == JobStatus.SUCCEEDED:
             self.log.info("job %s succeeded", job_id)
             return str(job_id)
         if status == "ERROR":

@@ -2,7 +2,8 @@
 
 A task must not fail because the path to the sidecar hiccups: the job keeps running on its VM, and a
 failed task would make the reconciler stop it. So only two answers end the wait: the job's terminal
-status, and the sidecar's own "job not found" (see :func:`agentic_airflow.sidecar.classify_job_answer`).
+status, and the sidecar's own "job not found" (see
+:func:`agentic_airflow.sidecar_client.classify_job_answer`).
 Everything else (no connection, timeouts, 5xx, 429, 401/403, answers that are not the sidecar's, a
 connection that cannot be resolved, a CA file that cannot be loaded) is logged and retried with capped
 exponential backoff and jitter, so a fleet of triggers does not hammer a sidecar that is coming back.
@@ -21,7 +22,7 @@ from typing import Any, Protocol
 
 import httpx
 
-from agentic_airflow.sidecar import (
+from agentic_airflow.sidecar_client import (
     AnswerKind,
     JobAnswer,
     SidecarEndpoint,
@@ -32,6 +33,7 @@ from agentic_airflow.sidecar import (
     log_tail,
     submit_job,
 )
+from sidecar_api.protocol import JobStatus
 
 MAX_BACKOFF_SECONDS = 60.0
 MIN_BACKOFF_SECONDS = 0.5  # retrying a failing sidecar faster than this helps nobody
@@ -129,7 +131,7 @@ class JobPoller:
         # success fired at once (a job that ends within seconds) makes that likely: give the scheduler
         # time to take the old report first. A failure fails the task either way: no wait.
         settle = RESUME_SETTLE_SECONDS - (self._clock() - started)
-        if event.get("status") == "SUCCEEDED" and settle > 0:
+        if event.get("status") == JobStatus.SUCCEEDED and settle > 0:
             await self._sleep(settle)
         return event
 
@@ -271,7 +273,7 @@ class JobPoller:
         job = answer.job or {}
         tail = (
             ""
-            if job.get("status") == "SUCCEEDED"
+            if job.get("status") == JobStatus.SUCCEEDED
             else await log_tail(client, self.job_id, self._log_tail_bytes)
         )
         return {**summary(job), "log_tail": tail}

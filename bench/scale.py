@@ -34,7 +34,7 @@ from harness.processes import free_port
 from reconciler.agents import AgentPool
 from reconciler.airflow import AirflowClient
 from reconciler.config import AgentEntry, PollConfig, StopConfig
-from reconciler.loop import Reconciler
+from reconciler.loop import ReconcileLoop
 from reconciler.metrics import Metrics
 from reconciler.stops import StopDispatcher
 from router_db import NewJob, RouterDB, TaskInstanceKey
@@ -92,7 +92,11 @@ def seed_router_db(path: str, jobs: int) -> None:
     db = RouterDB(f"sqlite:///{path}")
     db.import_running(
         [
-            NewJob(TaskInstanceKey(d, t, r, m, 1), f"agent-{i % AGENTS}", "sleep 3600")
+            NewJob(
+                TaskInstanceKey(dag_id=d, task_id=t, run_id=r, map_index=m, try_number=1),
+                f"agent-{i % AGENTS}",
+                "sleep 3600",
+            )
             for i, (d, r, t, m) in enumerate(layout(jobs))
         ],
         source="bench",
@@ -133,7 +137,7 @@ async def run_case(jobs: int, strategy: str, flips: int, burst: int, latency: fl
         full_resync_seconds=3600.0,  # steady state: no full resync inside the measured cycles
         overlap_seconds=OVERLAP,
     )
-    loop = Reconciler(
+    loop = ReconcileLoop(
         db=db, airflow=airflow, agents=agents, dispatcher=dispatcher, metrics=metrics, poll=poll
     )
     control = aiohttp.ClientSession(base)

@@ -84,6 +84,19 @@ def ensure_venv(version: str = AIRFLOW_VERSION) -> Path:
     return venv
 
 
+def ensure_postgres_drivers(venv: Path) -> None:
+    """PostgreSQL drivers in an Airflow 3 venv, for a metadata database on PostgreSQL (idempotent).
+
+    Airflow's sync engine uses psycopg2, and it derives an asyncpg URL for its async engine, so both
+    must be importable even where only the sync engine serves requests.
+    """
+    with _venv_lock(venv):
+        marker = venv / ".postgres-drivers"
+        if not marker.exists():
+            _run([str(venv / "bin/pip"), "install", "-q", "psycopg2-binary>=2.9,<3", "asyncpg>=0.29"])
+            marker.touch()
+
+
 def install_project(venv: Path) -> None:
     """Install this checkout into the Airflow venv (no dependencies: the operator needs only httpx)."""
     with _venv_lock(venv):
@@ -237,6 +250,49 @@ class AirflowServer:
 
     def api(self) -> AirflowAPI:
         return AirflowAPI(self.url, version=self.version)
+
+    def migrate(self) -> None:
+        """``airflow db migrate`` on this server's metadata database, starting nothing."""
+        _run([str(self.venv_path / "bin/airflow"), "db", "migrate"], self.env())
+
+    def start_api_server(self, *, timeout: float = 90.0) -> None:
+        """Only Airflow 3's api-server, on a metadata database migrated already: an Airflow that
+        answers reads while no scheduler or triggerer changes the data under it. ``stop()`` stops it."""
+        if major(self.version) != 3:
+            raise ValueError(f"start_api_server needs Airflow 3, not {self.version}")
+        argv = [str(self.venv_path / "bin/airflow"), "api-server", "-H", "127.0.0.1", "-p", str(self.port)]
+        log_path = self.home / "logs-harness" / "api-server.log"
+        self.procs["api-server"] = start([*argv, "-w", "1"], log_path=log_path, env=self.env())
+        wait_http_ok(f"{self.url}/api/v2/monitor/health", timeout=timeout, proc=self.procs["api-server"])
+
+
+def postgres_url(database: str | None = None, *, drivername: str = "postgresql") -> str:
+    """``POSTGRES_ADMIN_URL`` for ``database`` (default: the admin database) and ``drivername``;
+    the default ``postgresql`` is a libpq URL, as psycopg takes it."""
+    url = make_url(POSTGRES_ADMIN_URL).set(drivername=drivername)
+    if database is not None:
+        url = url.set(database=database)
+    return url.render_as_string(hide_password=False)
+
+
+def create_database(name: str) -> None:
+    """Create database ``name`` on the PostgreSQL server; the caller drops it (``drop_database``)."""
+    _admin_sql(f'CREATE DATABASE "{name}"')
+
+
+def drop_database(name: str) -> None:
+    """Drop database ``name`` if it exists, closing its connections."""
+    _drop_database(name)
+
+
+def database_exists(name: str) -> bool:
+    engine = create_engine(POSTGRES_ADMIN_URL)
+    try:
+        with engine.connect() as conn:
+            found = conn.execute(text("SELECT 1 FROM pg_database WHERE datname = :name"), {"name": name})
+            return found.first() is not None
+    finally:
+        engine.dispose()
 
 
 def _create_database() -> str:

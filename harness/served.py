@@ -9,6 +9,7 @@ from typing import Any
 
 from aiohttp import web
 
+from bench.standins import AirflowStandIn, recorded_task_instance
 from harness.processes import free_port
 
 
@@ -42,3 +43,17 @@ class ServedApp:
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=10)
         self._loop.close()
+
+
+class ServedAirflow(ServedApp):
+    """The Airflow stand-in of ``bench.standins`` (REST API v2, recorded answers) on a loopback port,
+    served by its own event loop in a thread."""
+
+    def __init__(self) -> None:
+        self.standin = AirflowStandIn(recorded_task_instance())
+        super().__init__(self.standin.app())
+
+    def mark(self, key: tuple[str, str, str, int], state: str) -> None:
+        """A person marks the task instance ``key`` (dag_id, run_id, task_id, map_index): new state,
+        updated now."""
+        self.call_soon(self.standin.flip, [key], state)

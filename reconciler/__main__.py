@@ -7,11 +7,11 @@ import asyncio
 import json
 import sys
 
-from reconciler import logs
 from reconciler.config import ConfigError, ReconcilerConfig, Secrets, load_config, load_secrets
 from reconciler.leadership import holder_id
 from reconciler.service import build, serve
 from router_db import RouterDB, schema
+from servicekit import logs
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -78,7 +78,7 @@ async def _once(config: ReconcilerConfig, secrets: Secrets, *, dry_run: bool) ->
             print(f"refusing to act: replica {leader} leads; use --dry-run to look", file=sys.stderr)
             return 3
         try:
-            report = await parts.reconciler.cycle(dry_run=dry_run)
+            report = await parts.loop.cycle(dry_run=dry_run)
             if not dry_run:
                 await parts.dispatcher.drain(60.0)
         finally:

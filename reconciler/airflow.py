@@ -93,7 +93,7 @@ def _identity(raw: dict[str, Any]) -> str | None:
 
 def logical_date_identity(moment: datetime) -> str:
     """How a run's logical date identifies its task instances on Airflow 2; the operator sends the same
-    text (``agentic_airflow.sidecar.ti_identity``)."""
+    text (``agentic_airflow.sidecar_client.ti_identity``)."""
     return "logical_date:" + moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
@@ -123,7 +123,7 @@ class TaskInstanceReader(Protocol):
     ) -> AsyncIterator[list[TaskInstance]]: ...
 
     async def get_task_instance(
-        self, dag_id: str, run_id: str, task_id: str, map_index: int
+        self, *, dag_id: str, run_id: str, task_id: str, map_index: int
     ) -> TaskInstance | None: ...
 
     async def ping(self) -> None: ...
@@ -300,7 +300,7 @@ class AirflowClient:
                 return
 
     async def get_task_instance(
-        self, dag_id: str, run_id: str, task_id: str, map_index: int
+        self, *, dag_id: str, run_id: str, task_id: str, map_index: int
     ) -> TaskInstance | None:
         """One task instance read directly; ``None`` when Airflow says it does not exist."""
         version = await self.api_version()

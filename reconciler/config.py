@@ -2,79 +2,78 @@
 
 Override any scalar key with ``AGENTIC_RECONCILER_<SECTION>_<KEY>`` (e.g. ``AGENTIC_RECONCILER_HTTP_PORT``).
 Secrets are never read from the TOML: it names the environment variable (``*_env``) or the file
-(``*_file``) that holds each one.
+(``*_file``) that holds each one. Each key's bounds sit beside its default
+(:func:`servicekit.config.setting`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import ssl
-import tomllib
-import types
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar, get_args, get_origin, get_type_hints
+from typing import Any
 
+from servicekit.config import ConfigError, build, check_tables, read_toml, setting, table
+from servicekit.credentials import read_secret, read_tokens
 from servicekit.tls import server_context
+
+__all__ = ["ConfigError", "ReconcilerConfig", "Secrets", "load_config", "load_secrets", "parse_config"]
 
 ENV_PREFIX = "AGENTIC_RECONCILER_"
 API_VERSIONS = ("auto", "v2", "v1")
 STRATEGIES = ("incremental", "batch", "naive")
 
 
-class ConfigError(Exception):
-    """A configuration problem; the message names the key and the problem, never a secret."""
-
-
 @dataclass(frozen=True)
 class AirflowConfig:
-    base_url: str = "http://127.0.0.1:8080"
-    api_version: str = "auto"
+    base_url: str = setting("http://127.0.0.1:8080", nonempty=True)
+    api_version: str = setting("auto", one_of=API_VERSIONS)
     username: str = "admin"
     password_env: str = "AIRFLOW_PASSWORD"
     password_file: str = ""
-    timeout_seconds: float = 10.0
+    timeout_seconds: float = setting(10.0, gt=0)
 
 
 @dataclass(frozen=True)
 class RouterDBConfig:
-    url: str = "sqlite:///reconciler.db"
+    url: str = setting("sqlite:///reconciler.db", nonempty=True)
 
 
 @dataclass(frozen=True)
 class PollConfig:
-    interval_seconds: float = 1.0
-    strategy: str = "incremental"
-    full_resync_seconds: float = 30.0
-    overlap_seconds: float = 10.0
-    agent_sync_per_cycle: int = 50
-    max_concurrent_reads: int = 8
+    interval_seconds: float = setting(1.0, gt=0)
+    strategy: str = setting("incremental", one_of=STRATEGIES)
+    full_resync_seconds: float = setting(30.0, gt=0)
+    overlap_seconds: float = setting(10.0, ge=0)
+    agent_sync_per_cycle: int = setting(50, ge=0)
+    max_concurrent_reads: int = setting(8, ge=1)
 
 
 @dataclass(frozen=True)
 class StopConfig:
-    attempts: int = 5
-    backoff_initial_seconds: float = 0.2
-    backoff_max_seconds: float = 5.0
-    timeout_seconds: float = 60.0
-    concurrency: int = 32
-    per_agent_concurrency: int = 8
-    force_after_seconds: float = 120.0
+    attempts: int = setting(5, ge=1)
+    backoff_initial_seconds: float = setting(0.2, ge=0)
+    backoff_max_seconds: float = setting(5.0, ge=0)
+    timeout_seconds: float = setting(60.0, gt=0)
+    concurrency: int = setting(32, ge=1)
+    per_agent_concurrency: int = setting(8, ge=1)
+    force_after_seconds: float = setting(120.0, gt=0)
 
 
 @dataclass(frozen=True)
 class HttpConfig:
-    host: str = "127.0.0.1"
-    port: int = 8790
+    host: str = setting("127.0.0.1", nonempty=True)
+    port: int = setting(8790, ge=0, le=65535)
     token_env: str = "AGENTIC_SIDECAR_TOKEN"  # may hold several tokens (rotation), like token_file
     token_file: str = ""
     tls_cert_file: str = ""  # PEM certificate chain; with tls_key_file, the API is served over HTTPS
     tls_key_file: str = ""  # PEM private key, unencrypted
-    rate_limit_per_second: float = 0.0  # per client (token, or address if none); 0 disables
-    rate_limit_burst: int = 0  # bucket size; 0 means max(1, rate_limit_per_second)
+    rate_limit_per_second: float = setting(0.0, ge=0)  # per client (token, or address if none); 0 disables
+    rate_limit_burst: int = setting(0, ge=0)  # bucket size; 0 means max(1, rate_limit_per_second)
+    max_body_bytes: int = setting(1024 * 1024, ge=1024, le=1024 * 1024 * 1024)
 
     @property
     def scheme(self) -> str:
@@ -95,16 +94,22 @@ class HttpConfig:
 
 @dataclass(frozen=True)
 class LeaderConfig:
-    lease_seconds: float = 15.0
-    lease_name: str = "reconciler"
+    lease_seconds: float = setting(15.0, ge=1)
+    lease_name: str = setting("reconciler", nonempty=True)
 
 
 @dataclass(frozen=True)
 class FleetConfig:
-    lost_after_seconds: float = 120.0  # no answer for this long: the agent is lost, its jobs end FAILED
-    check_interval_seconds: float = 5.0  # how often each agent's /health is asked
-    check_timeout_seconds: float = 10.0  # one health check's limit (a slow answer is still an answer)
-    orphan_sweep_seconds: float = 60.0  # how often each agent's running jobs are compared with the DB
+    lost_after_seconds: float = setting(
+        120.0, gt=0
+    )  # no answer for this long: the agent is lost, its jobs end FAILED
+    check_interval_seconds: float = setting(5.0, gt=0)  # how often each agent's /health is asked
+    check_timeout_seconds: float = setting(
+        10.0, gt=0
+    )  # one health check's limit (a slow answer is still an answer)
+    orphan_sweep_seconds: float = setting(
+        60.0, gt=0
+    )  # how often each agent's running jobs are compared with the DB
 
 
 @dataclass(frozen=True)
@@ -131,38 +136,35 @@ class ReconcilerConfig:
 
 @dataclass(frozen=True)
 class Secrets:
-    airflow_password: str
-    http_token: str
-    agent_tokens: Mapping[str, str]
+    airflow_password: str = field(repr=False)
+    http_tokens: tuple[str, ...] = field(repr=False)  # every token a client may present (rotation)
+    agent_tokens: Mapping[str, str] = field(repr=False)
 
 
 def load_config(path: Path | str, env: Mapping[str, str] | None = None) -> ReconcilerConfig:
-    env = os.environ if env is None else env
-    try:
-        raw = tomllib.loads(Path(path).read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
-    return parse_config(raw, env)
+    return parse_config(read_toml(path), os.environ if env is None else env, where=str(path))
 
 
-def parse_config(raw: Mapping[str, Any], env: Mapping[str, str]) -> ReconcilerConfig:
-    unknown = set(raw) - {f.name for f in dataclasses.fields(ReconcilerConfig)}
-    if unknown:
-        raise ConfigError(f"unknown section [{sorted(unknown)[0]}]")
+def parse_config(
+    raw: Mapping[str, Any], env: Mapping[str, str], *, where: str = "config"
+) -> ReconcilerConfig:
+    names = [f.name for f in dataclasses.fields(ReconcilerConfig)]
+    check_tables(raw, names, where)
     sections: dict[str, Any] = {}
-    for f in dataclasses.fields(ReconcilerConfig):
-        if f.name == "agents":
-            continue
-        section = raw.get(f.name, {})
-        if not isinstance(section, dict):
-            raise ConfigError(f"[{f.name}] must be a table")
-        sections[f.name] = _build(_section_type(f.name), section, f"[{f.name}]", env, env_prefix=f.name)
+    for name, section_type in _SECTIONS.items():
+        sections[name] = build(
+            section_type,
+            table(raw, name),
+            where=f"[{name}]",
+            env=env,
+            env_prefix=f"{ENV_PREFIX}{name}_",
+        )
     agents_raw = raw.get("agents", [])
-    if not isinstance(agents_raw, list):
+    if not isinstance(agents_raw, list) or not all(isinstance(entry, dict) for entry in agents_raw):
         raise ConfigError("[[agents]] must be an array of tables")
-    agents = [_build(AgentEntry, entry, f"[[agents]] #{i + 1}", env) for i, entry in enumerate(agents_raw)]
+    agents = [
+        build(AgentEntry, entry, where=f"[[agents]] #{i + 1}", env=env) for i, entry in enumerate(agents_raw)
+    ]
     ids = [a.id for a in agents]
     if len(ids) != len(set(ids)):
         raise ConfigError("[[agents]] ids must be unique")
@@ -174,68 +176,34 @@ def parse_config(raw: Mapping[str, Any], env: Mapping[str, str]) -> ReconcilerCo
 def load_secrets(config: ReconcilerConfig, env: Mapping[str, str] | None = None) -> Secrets:
     env = os.environ if env is None else env
     return Secrets(
-        airflow_password=_secret(
-            "[airflow] password", config.airflow.password_env, config.airflow.password_file, env
+        airflow_password=read_secret(
+            "[airflow] password",
+            env_name=config.airflow.password_env,
+            file=config.airflow.password_file,
+            env=env,
+            file_key="password_file",
         ),
-        http_token=_secret("[http] token", config.http.token_env, config.http.token_file, env),
+        http_tokens=read_tokens(
+            "[http] token", env_name=config.http.token_env, file=config.http.token_file, env=env
+        ),
         agent_tokens={
-            a.id: _secret(f"agent {a.id!r} token", a.token_env, a.token_file, env) for a in config.agents
+            a.id: read_secret(f"agent {a.id!r} token", env_name=a.token_env, file=a.token_file, env=env)
+            for a in config.agents
         },
     )
 
 
-def _secret(what: str, env_name: str, file_name: str, env: Mapping[str, str]) -> str:
-    if file_name:
-        try:
-            value = Path(file_name).read_text(encoding="utf-8").strip()
-        except OSError as exc:
-            raise ConfigError(f"{what}: cannot read file {file_name}: {exc.strerror}") from None
-    else:
-        value = env.get(env_name, "")
-    if not value:
-        source = f"file {file_name}" if file_name else f"environment variable {env_name}"
-        raise ConfigError(f"{what}: {source} is empty or unset")
-    return value
-
-
 def _validate(config: ReconcilerConfig) -> None:
+    """What no single key's bounds can say: relations between keys, and files that must exist."""
     checks = [
-        (
-            config.airflow.api_version in API_VERSIONS,
-            f"[airflow] api_version: one of {', '.join(API_VERSIONS)}",
-        ),
-        (config.poll.strategy in STRATEGIES, f"[poll] strategy: one of {', '.join(STRATEGIES)}"),
-        (config.poll.full_resync_seconds > 0, "[poll] full_resync_seconds: must be > 0"),
-        (config.poll.overlap_seconds >= 0, "[poll] overlap_seconds: must be >= 0"),
-        (config.stop.per_agent_concurrency >= 1, "[stop] per_agent_concurrency: must be >= 1"),
-        (config.stop.force_after_seconds > 0, "[stop] force_after_seconds: must be > 0"),
         (
             config.airflow.base_url.startswith(("http://", "https://")),
             "[airflow] base_url: must be http(s)://",
         ),
-        (config.airflow.timeout_seconds > 0, "[airflow] timeout_seconds: must be > 0"),
-        (config.poll.interval_seconds > 0, "[poll] interval_seconds: must be > 0"),
-        (config.poll.agent_sync_per_cycle >= 0, "[poll] agent_sync_per_cycle: must be >= 0"),
-        (config.poll.max_concurrent_reads >= 1, "[poll] max_concurrent_reads: must be >= 1"),
-        (config.stop.attempts >= 1, "[stop] attempts: must be >= 1"),
-        (config.stop.concurrency >= 1, "[stop] concurrency: must be >= 1"),
-        (config.stop.timeout_seconds > 0, "[stop] timeout_seconds: must be > 0"),
-        (0 <= config.http.port <= 65535, "[http] port: must be 0-65535"),
         (
-            math.isfinite(config.http.rate_limit_per_second) and config.http.rate_limit_per_second >= 0,
-            "[http] rate_limit_per_second: must be >= 0 (0 disables rate limiting)",
-        ),
-        (config.http.rate_limit_burst >= 0, "[http] rate_limit_burst: must be >= 0"),
-        (bool(config.router_db.url), "[router_db] url: must not be empty"),
-        (config.leader.lease_seconds >= 1, "[leader] lease_seconds: must be >= 1"),
-        (bool(config.leader.lease_name), "[leader] lease_name: must not be empty"),
-        (config.fleet.lost_after_seconds > 0, "[fleet] lost_after_seconds: must be > 0"),
-        (config.fleet.check_interval_seconds > 0, "[fleet] check_interval_seconds: must be > 0"),
-        (
-            0 < config.fleet.check_timeout_seconds <= config.fleet.lost_after_seconds,
+            config.fleet.check_timeout_seconds <= config.fleet.lost_after_seconds,
             "[fleet] check_timeout_seconds: must be > 0 and at most lost_after_seconds",
         ),
-        (config.fleet.orphan_sweep_seconds > 0, "[fleet] orphan_sweep_seconds: must be > 0"),
     ]
     for a in config.agents:
         checks.append(
@@ -250,63 +218,12 @@ def _validate(config: ReconcilerConfig) -> None:
     config.http.server_ssl_context()  # a missing or bad TLS file fails now, naming its key
 
 
-T = TypeVar("T")
-
-
-def _section_type(name: str) -> type[Any]:
-    return get_type_hints(ReconcilerConfig)[name]  # type: ignore[no-any-return]
-
-
-def _build(
-    cls: type[T], values: Mapping[str, Any], where: str, env: Mapping[str, str], env_prefix: str | None = None
-) -> T:
-    hints = get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-    unknown = set(values) - names
-    if unknown:
-        raise ConfigError(f"{where} {sorted(unknown)[0]}: unknown key")
-    kwargs: dict[str, Any] = {}
-    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
-        value = values.get(f.name, dataclasses.MISSING)
-        if env_prefix is not None:
-            env_name = f"{ENV_PREFIX}{env_prefix}_{f.name}".upper()
-            if env_name in env:
-                value = _from_env(env[env_name], hints[f.name], f"{env_name}")
-        if value is dataclasses.MISSING:
-            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                raise ConfigError(f"{where} {f.name}: required")
-            continue
-        kwargs[f.name] = _check_type(value, hints[f.name], f"{where} {f.name}")
-    return cls(**kwargs)
-
-
-def _check_type(value: Any, expected: Any, where: str) -> Any:
-    if expected is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if expected in (str, int, float, bool):
-        if type(value) is not expected:
-            raise ConfigError(f"{where}: expected {expected.__name__}, got {type(value).__name__}")
-        return value
-    if get_origin(expected) is list:
-        (item,) = get_args(expected)
-        if not isinstance(value, list) or not all(isinstance(v, item) for v in value):
-            raise ConfigError(f"{where}: expected a list of {item.__name__}")
-        return value
-    raise ConfigError(f"{where}: unsupported type")  # pragma: no cover - a bug in the dataclasses
-
-
-def _from_env(text: str, expected: Any, where: str) -> Any:
-    try:
-        if expected is int:
-            return int(text)
-        if expected is float:
-            return float(text)
-        if expected is bool:
-            if text.lower() not in ("true", "false", "1", "0"):
-                raise ValueError(text)
-            return text.lower() in ("true", "1")
-    except ValueError:
-        raise ConfigError(f"{where}: cannot read {text!r} as {expected.__name__}") from None
-    if isinstance(expected, types.GenericAlias):
-        raise ConfigError(f"{where}: lists cannot be set from the environment")
-    return text
+_SECTIONS: dict[str, type[Any]] = {
+    "airflow": AirflowConfig,
+    "router_db": RouterDBConfig,
+    "poll": PollConfig,
+    "stop": StopConfig,
+    "http": HttpConfig,
+    "leader": LeaderConfig,
+    "fleet": FleetConfig,
+}

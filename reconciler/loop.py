@@ -19,23 +19,20 @@ from typing import TypeVar
 
 from sqlalchemy.exc import SQLAlchemyError
 
-from agent_api.client import AgentClient, AgentError, JobNotFound
 from reconciler.agents import AgentPool
 from reconciler.airflow import AirflowError, TaskInstance, TaskInstanceReader
 from reconciler.config import PollConfig
 from reconciler.decision import Absent, Decision, Keep, Observation, Observed, Stop, Unknown, decide
 from reconciler.fleet import AgentState, Fleet
-from reconciler.logs import job_fields
+from reconciler.job_service import refresh_from_agent
+from reconciler.logfields import job_fields
 from reconciler.metrics import Metrics
 from reconciler.stops import StopDispatcher
-from router_db import JobRecord, JobStatus, RouterDB, StaleTransition
+from router_db import JobRecord, JobStatus, RouterDB
 
 log = logging.getLogger("reconciler.loop")
 
 AGENT_READ_CONCURRENCY = 16  # status reads of the rolling agent sweep in flight at once
-# A queued job its agent does not know is given up only this long after submission: well past the
-# sidecar's own /run request (10 s), which may still be on its way.
-START_GRACE_SECONDS = 60.0
 T = TypeVar("T")
 
 
@@ -62,7 +59,7 @@ def ti_key(job: JobRecord) -> tuple[str, str, str, int]:
     return (job.key.dag_id, job.key.run_id, job.key.task_id, job.key.map_index)
 
 
-class Reconciler:
+class ReconcileLoop:
     def __init__(
         self,
         *,
@@ -184,8 +181,7 @@ class Reconciler:
         suspects = [
             job
             for job in live
-            if job.job_id in observations
-            and isinstance(judge(job, observations[job.job_id]), Stop)
+            if job.job_id in observations and isinstance(judge(job, observations[job.job_id]), Stop)
         ]
         verdicts = await _bounded(self._poll.max_concurrent_reads, [self._confirm(job) for job in suspects])
         report.stops = [(job, verdict) for job, verdict in zip(suspects, verdicts, strict=True) if verdict]
@@ -298,7 +294,9 @@ class Reconciler:
         key = job.key
         try:
             return observe(
-                await self._airflow.get_task_instance(key.dag_id, key.run_id, key.task_id, key.map_index)
+                await self._airflow.get_task_instance(
+                    dag_id=key.dag_id, run_id=key.run_id, task_id=key.task_id, map_index=key.map_index
+                )
             )
         except AirflowError as exc:
             return Unknown(str(exc))
@@ -307,7 +305,9 @@ class Reconciler:
         """Re-read the one task instance; the stop stands only if the fresh answer says stop too."""
         key = job.key
         try:
-            ti = await self._airflow.get_task_instance(key.dag_id, key.run_id, key.task_id, key.map_index)
+            ti = await self._airflow.get_task_instance(
+                dag_id=key.dag_id, run_id=key.run_id, task_id=key.task_id, map_index=key.map_index
+            )
             verdict = judge(job, observe(ti))
         except AirflowError as exc:
             ti, verdict = None, judge(job, Unknown(str(exc)))
@@ -327,7 +327,9 @@ class Reconciler:
         Raises :class:`AirflowError` when Airflow cannot answer, so the caller can say so.
         """
         key = job.key
-        ti = await self._airflow.get_task_instance(key.dag_id, key.run_id, key.task_id, key.map_index)
+        ti = await self._airflow.get_task_instance(
+            dag_id=key.dag_id, run_id=key.run_id, task_id=key.task_id, map_index=key.map_index
+        )
         verdict = judge(job, observe(ti))
         if isinstance(verdict, Keep):
             return None
@@ -340,66 +342,6 @@ class Reconciler:
         await _bounded(
             AGENT_READ_CONCURRENCY, [refresh_from_agent(self._db, self._agents, job) for job in jobs]
         )
-
-
-async def refresh_from_agent(
-    db: RouterDB, agents: AgentPool, job: JobRecord, *, timeout: float = 5.0
-) -> JobRecord:
-    """Ask the job's agent about a queued or running job and record what it reports.
-
-    Used by the loop (periodically) and by the sidecar's ``GET /jobs/{id}`` (so the operator's
-    trigger learns of an exit at once). An unreachable agent leaves the record as it is.
-    """
-    if job.status not in (JobStatus.QUEUED, JobStatus.RUNNING):
-        return job
-    client = agents.client(job.agent_id)
-    try:
-        info = await asyncio.wait_for(client.get(job.job_id), timeout)
-    except JobNotFound:
-        if job.status is not JobStatus.QUEUED:
-            return job
-        return await _never_started(db, client, job, timeout)
-    except (AgentError, TimeoutError):
-        return job
-    if info.status in ("SUCCEEDED", "FAILED"):
-        return await _record(
-            db, job, JobStatus(info.status), info.rc, info.reason or f"exited with rc {info.rc}"
-        )
-    if info.status == "RUNNING" and job.status is JobStatus.QUEUED:
-        try:
-            return await asyncio.to_thread(db.mark_running, job.job_id, source="agent")
-        except StaleTransition:
-            pass
-    return job
-
-
-async def _never_started(db: RouterDB, client: AgentClient, job: JobRecord, timeout: float) -> JobRecord:
-    """A queued job its agent does not know. Its ``/run`` may still be on the way: only once that
-    request's time is long past is the job given up, and by a stop, which leaves a tombstone on the
-    agent so that a ``/run`` arriving even later is refused rather than started untracked."""
-    if (datetime.now(UTC) - job.created_at).total_seconds() < START_GRACE_SECONDS:
-        return job
-    try:
-        result = await asyncio.wait_for(client.stop(job.job_id, reason="never started"), timeout)
-    except JobNotFound:  # an agent without tombstones
-        pass
-    except (AgentError, TimeoutError):
-        return job
-    else:
-        if result.action != "already_finished":  # it started after all, late, and was stopped now
-            return await _record(db, job, JobStatus.FAILED, result.rc, "started too late; stopped")
-    return await _record(db, job, JobStatus.FAILED, None, "agent never started the job")
-
-
-async def _record(db: RouterDB, job: JobRecord, status: JobStatus, rc: int | None, reason: str) -> JobRecord:
-    try:
-        done = await asyncio.to_thread(
-            db.finish, job.job_id, status=status, rc=rc, reason=reason, source="agent"
-        )
-    except StaleTransition:
-        return await asyncio.to_thread(db.get, job.job_id) or job
-    log.info("job ended on agent: %s", reason, extra=job_fields(job, action="record_exit"))
-    return done
 
 
 async def _bounded(limit: int, calls: Sequence[Awaitable[T]]) -> list[T]:

@@ -2,24 +2,22 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import signal
 from dataclasses import dataclass
-
-from aiohttp import web
 
 from reconciler.agents import AgentPool
 from reconciler.airflow import AirflowClient
 from reconciler.config import ReconcilerConfig, Secrets
 from reconciler.fleet import AgentState, Fleet
+from reconciler.job_service import JobService
 from reconciler.leadership import Leadership
-from reconciler.loop import Reconciler
+from reconciler.loop import ReconcileLoop
 from reconciler.metrics import Metrics
-from reconciler.ratelimit import RateLimiter
 from reconciler.server import SidecarAPI
 from reconciler.stops import StopDispatcher
 from router_db import RouterDB
+from servicekit.ratelimit import RateLimiter
+from servicekit.serve import serving, shutdown_requested
 
 log = logging.getLogger("reconciler")
 
@@ -34,7 +32,7 @@ class Parts:
     agents: AgentPool
     metrics: Metrics
     dispatcher: StopDispatcher
-    reconciler: Reconciler
+    loop: ReconcileLoop
     fleet: Fleet
 
     async def close(self) -> None:
@@ -66,7 +64,7 @@ def build(config: ReconcilerConfig, secrets: Secrets, *, create_schema: bool = T
     dispatcher = StopDispatcher(db, agents, metrics, config.stop)
     fleet = Fleet(db=db, agents=agents, metrics=metrics, config=config.fleet)
     agents.avoid = lambda agent_id: fleet.state(agent_id) is AgentState.LOST
-    reconciler = Reconciler(
+    loop = ReconcileLoop(
         db=db,
         airflow=airflow,
         agents=agents,
@@ -75,7 +73,7 @@ def build(config: ReconcilerConfig, secrets: Secrets, *, create_schema: bool = T
         poll=config.poll,
         fleet=fleet,
     )
-    return Parts(db, airflow, agents, metrics, dispatcher, reconciler, fleet)
+    return Parts(db, airflow, agents, metrics, dispatcher, loop, fleet)
 
 
 async def serve(config: ReconcilerConfig, secrets: Secrets) -> None:
@@ -84,13 +82,13 @@ async def serve(config: ReconcilerConfig, secrets: Secrets) -> None:
     # Every replica serves the API; only the lease holder runs the loop (which resumes pending stops).
     leadership = Leadership(db=parts.db, metrics=parts.metrics, config=config.leader)
     api = SidecarAPI(
+        jobs=JobService(db=parts.db, agents=parts.agents, loop=parts.loop, dispatcher=parts.dispatcher),
         db=parts.db,
-        agents=parts.agents,
         metrics=parts.metrics,
-        reconciler=parts.reconciler,
-        dispatcher=parts.dispatcher,
-        token=secrets.http_token,
+        loop=parts.loop,
+        tokens=secrets.http_tokens,
         ready_after=max(10.0, 5 * config.poll.interval_seconds),
+        max_body_bytes=config.http.max_body_bytes,
         rate_limiter=(
             RateLimiter(rate=config.http.rate_limit_per_second, burst=config.http.rate_limit_burst)
             if config.http.rate_limit_per_second > 0
@@ -98,22 +96,16 @@ async def serve(config: ReconcilerConfig, secrets: Secrets) -> None:
         ),
         is_leader=lambda: leadership.is_leader,
     )
-    runner = web.AppRunner(api.app(), access_log=None)
-    await runner.setup()
-    ssl_context = config.http.server_ssl_context()
-    site = web.TCPSite(runner, config.http.host, config.http.port, ssl_context=ssl_context)
-    await site.start()
-    log.info("sidecar listening on %s://%s:%d", config.http.scheme, config.http.host, config.http.port)
-
-    stopping = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stopping.set)
+    stopping = shutdown_requested()
+    http = config.http
     try:
-        await leadership.run(stopping, parts.reconciler.run)
+        async with serving(api.app(), host=http.host, port=http.port, ssl_context=http.server_ssl_context()):
+            log.info("sidecar listening on %s://%s:%d", http.scheme, http.host, http.port)
+            try:
+                await leadership.run(stopping, parts.loop.run)
+            finally:
+                log.info("shutting down: finishing %d stop(s) under way", parts.dispatcher.inflight)
+                await parts.dispatcher.drain(SHUTDOWN_GRACE_SECONDS)
+                await leadership.release()
     finally:
-        log.info("shutting down: finishing %d stop(s) under way", parts.dispatcher.inflight)
-        await parts.dispatcher.drain(SHUTDOWN_GRACE_SECONDS)
-        await leadership.release()
-        await runner.cleanup()
         await parts.close()

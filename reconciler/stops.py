@@ -17,8 +17,9 @@ from agent_api.client import AgentRejected, AgentUnavailable, JobNotFound, StopR
 from reconciler.agents import AgentPool
 from reconciler.config import StopConfig
 from reconciler.decision import Stop
-from reconciler.logs import job_fields
+from reconciler.logfields import job_fields
 from reconciler.metrics import Metrics
+from reconciler.outcome import RetryForced, after_stop
 from router_db import JobRecord, JobStatus, RouterDB, Transition
 
 log = logging.getLogger("reconciler.stops")
@@ -87,15 +88,9 @@ class StopDispatcher:
         )
         async with agent_slots, self._slots:
             try:
-                result = await self._call_agent(job)
+                result: StopResult | None = await self._call_agent(job)
             except JobNotFound:
-                self._force.discard(job.job_id)
-                self._metrics.stop_requests.labels("unknown_job").inc()
-                log.warning("agent has no record of the job; recording it as ended", extra=fields)
-                await self._finish(
-                    job, JobStatus.FAILED, None, f"{job.reason}; agent has no record of the job"
-                )
-                return
+                result = None
             except AgentRejected as exc:
                 self._metrics.stop_requests.labels("rejected").inc()
                 log.error("agent refused the stop: %s", exc, extra={**fields, "error": str(exc)})
@@ -104,24 +99,27 @@ class StopDispatcher:
                 self._metrics.stop_requests.labels("retry").inc()
                 log.warning("agent unreachable; stop resumes next cycle", extra={**fields, "error": str(exc)})
                 return
-        if not result.ok:
+        outcome = after_stop(
+            intent=job.stop_status,
+            reason=job.reason,
+            ok=result.ok if result else None,
+            action=result.action if result else None,
+            rc=result.rc if result else None,
+        )
+        self._metrics.stop_requests.labels(outcome.kind).inc()
+        if isinstance(outcome, RetryForced):
             # Processes survived SIGKILL (uninterruptible sleep, a frozen cgroup): not stopped. The
             # job stays STOPPING and the next cycle tries again, with force.
             self._force.add(job.job_id)
-            self._metrics.stop_requests.labels("survived").inc()
-            log.error("stop incomplete, retried next cycle: %s", result.message, extra=fields)
+            message = result.message if result else ""
+            log.error("stop incomplete, retried next cycle: %s", message, extra=fields)
             return
         self._force.discard(job.job_id)
-        # The status chosen at intent stands whatever the process did meanwhile (a retried stop whose
-        # first answer was lost finds the job ended by that first stop); rc keeps the process truth.
-        status = job.stop_status or JobStatus.FAILED
-        if result.action == "already_finished":
-            self._metrics.stop_requests.labels("already_finished").inc()
-            await self._finish(job, status, result.rc, f"{job.reason}; job had already ended on the agent")
-        else:
-            self._metrics.stop_requests.labels("stopped").inc()
-            await self._finish(job, status, result.rc, job.reason)
-        log.info("job stopped (rc=%s, %s)", result.rc, result.action, extra=fields)
+        if result is None:
+            log.warning("agent has no record of the job; recording it as ended", extra=fields)
+        await self._finish(job, outcome.status, outcome.rc, outcome.reason)
+        if result is not None:
+            log.info("job stopped (rc=%s, %s)", result.rc, result.action, extra=fields)
 
     async def _call_agent(self, job: JobRecord) -> StopResult:
         client = self._agents.client(job.agent_id)

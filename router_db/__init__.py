@@ -3,20 +3,12 @@
 Everything that reads or writes jobs goes through :class:`RouterDB`; there is no SQL elsewhere.
 """
 
-from router_db.models import ACTIVE_STATUSES, TERMINAL_STATUSES, JobStatus
-from router_db.store import (
-    EventRecord,
-    JobRecord,
-    NewJob,
-    RouterDB,
-    StaleTransition,
-    TaskInstanceKey,
-    Transition,
-)
+from router_db.records import EventRecord, JobRecord, NewJob, TaskInstanceKey
+from router_db.store import RouterDB
+from router_db.transitions import StaleTransition, Transition
+from sidecar_api.protocol import JobStatus
 
 __all__ = [
-    "ACTIVE_STATUSES",
-    "TERMINAL_STATUSES",
     "EventRecord",
     "JobRecord",
     "JobStatus",

@@ -1,159 +1,33 @@
-"""Queries and status transitions of the router database.
+"""Queries and status transitions of the router database: :class:`RouterDB`.
 
 Transitions are compare-and-set updates (``WHERE status = <expected>``): the sidecar API, the poll
-loop and other replicas may race on one job, and exactly one of them wins each transition.
+loop and other replicas may race on one job, and exactly one of them wins each transition. The value
+types are in :mod:`router_db.records`, the transition rules in :mod:`router_db.transitions`, the
+engine in :mod:`router_db.engine` and the leases in :mod:`router_db.leases`.
 """
 
 from __future__ import annotations
 
-import sys
 import uuid
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, Engine, create_engine, delete, event, func, insert, select, update
+from sqlalchemy import Engine, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import sessionmaker
 
-from router_db.models import ACTIVE_STATUSES, TERMINAL_STATUSES, Job, JobEvent, JobStatus, Lease
+from router_db.engine import make_engine
+from router_db.leases import Leases
+from router_db.models import Job, JobEvent
+from router_db.records import EventRecord, JobRecord, NewJob, TaskInstanceKey
 from router_db.schema import upgrade
-
-# Which status may follow which. Terminal statuses are final.
-_ALLOWED: dict[JobStatus, frozenset[JobStatus]] = {
-    JobStatus.QUEUED: frozenset({JobStatus.RUNNING, JobStatus.STOPPING, *TERMINAL_STATUSES}),
-    JobStatus.RUNNING: frozenset({JobStatus.STOPPING, *TERMINAL_STATUSES}),
-    JobStatus.STOPPING: TERMINAL_STATUSES,
-    JobStatus.SUCCEEDED: frozenset(),
-    JobStatus.FAILED: frozenset(),
-}
-
-
-class StaleTransition(Exception):
-    """The job was not in a status from which the transition is allowed (someone else moved it)."""
-
-
-@dataclass(frozen=True, slots=True)
-class TaskInstanceKey:
-    dag_id: str
-    task_id: str
-    run_id: str
-    map_index: int = -1
-    try_number: int = 1
-
-
-@dataclass(frozen=True, slots=True)
-class NewJob:
-    key: TaskInstanceKey
-    agent_id: str
-    command: str
-    ti_identity: str = ""  # see Job.ti_identity
-
-
-@dataclass(frozen=True, slots=True)
-class JobRecord:
-    job_id: str
-    key: TaskInstanceKey
-    agent_id: str
-    command: str
-    status: JobStatus
-    rc: int | None
-    reason: str | None
-    stop_status: JobStatus | None
-    created_at: datetime
-    updated_at: datetime
-    stop_requested_at: datetime | None
-    finished_at: datetime | None
-    ti_identity: str = ""
-
-    @property
-    def active(self) -> bool:
-        return self.status in ACTIVE_STATUSES
-
-    def to_json(self) -> dict[str, Any]:
-        def iso(value: datetime | None) -> str | None:
-            return value.isoformat() if value is not None else None
-
-        return {
-            "job_id": self.job_id,
-            "dag_id": self.key.dag_id,
-            "task_id": self.key.task_id,
-            "run_id": self.key.run_id,
-            "map_index": self.key.map_index,
-            "try_number": self.key.try_number,
-            "ti_identity": self.ti_identity,
-            "agent_id": self.agent_id,
-            "status": str(self.status),
-            "rc": self.rc,
-            "reason": self.reason,
-            "created_at": iso(self.created_at),
-            "updated_at": iso(self.updated_at),
-            "stop_requested_at": iso(self.stop_requested_at),
-            "finished_at": iso(self.finished_at),
-        }
-
-
-@dataclass(frozen=True, slots=True)
-class EventRecord:
-    job_id: str
-    at: datetime
-    old_status: JobStatus | None
-    new_status: JobStatus
-    source: str
-    reason: str | None
+from router_db.transitions import StaleTransition, Transition, allowed
+from sidecar_api.protocol import ACTIVE, JobStatus
 
 
 def _now() -> datetime:
     return datetime.now(UTC)
-
-
-def _record(row: Any) -> JobRecord:
-    """A record from an ORM object or a Core row of the jobs table.
-
-    DAG, task, run and agent ids and commands repeat across thousands of jobs: interning them keeps
-    one copy each, which is most of an active job's memory in the reconciler's view.
-    """
-    return JobRecord(
-        job_id=row.job_id,
-        key=TaskInstanceKey(
-            sys.intern(row.dag_id),
-            sys.intern(row.task_id),
-            sys.intern(row.run_id),
-            row.map_index,
-            row.try_number,
-        ),
-        agent_id=sys.intern(row.agent_id),
-        command=sys.intern(row.command),
-        status=JobStatus(row.status),
-        rc=row.rc,
-        reason=row.reason,
-        stop_status=JobStatus(row.stop_status) if row.stop_status else None,
-        created_at=row.created_at,
-        updated_at=row.updated_at,
-        stop_requested_at=row.stop_requested_at,
-        finished_at=row.finished_at,
-        ti_identity=row.ti_identity,
-    )
-
-
-def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
-    cursor = dbapi_connection.cursor()
-    # WAL lets the API read while the loop writes; busy_timeout waits for a lock instead of failing.
-    cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute("PRAGMA busy_timeout=10000")
-    cursor.execute("PRAGMA foreign_keys=ON")
-    cursor.close()
-
-
-def make_engine(url: str) -> Engine:
-    """An engine for ``url``: SQLite (one machine) or PostgreSQL (``postgresql+psycopg://``)."""
-    if url.startswith("postgresql://"):
-        url = "postgresql+psycopg://" + url.removeprefix("postgresql://")
-    engine = create_engine(url, pool_pre_ping=True)
-    if engine.dialect.name == "sqlite":
-        event.listen(engine, "connect", _sqlite_pragmas)
-    return engine
 
 
 class RouterDB:
@@ -162,6 +36,7 @@ class RouterDB:
     def __init__(self, url_or_engine: str | Engine) -> None:
         self.engine = make_engine(url_or_engine) if isinstance(url_or_engine, str) else url_or_engine
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self._leases = Leases(self.engine, self._sessions)
 
     def create_schema(self) -> None:
         """Create the schema, or migrate an existing one to this version's (idempotent)."""
@@ -179,7 +54,7 @@ class RouterDB:
     def get(self, job_id: str) -> JobRecord | None:
         with self._sessions() as session:
             row = session.get(Job, job_id)
-            return _record(row) if row is not None else None
+            return JobRecord.from_row(row) if row is not None else None
 
     def get_many(self, job_ids: Sequence[str]) -> dict[str, JobRecord]:
         """The jobs of these ids that exist, by id."""
@@ -187,7 +62,7 @@ class RouterDB:
         with self._sessions() as session:
             for chunk in _chunks(job_ids):
                 query = select(Job.__table__).where(Job.job_id.in_(chunk))
-                found.update((row.job_id, _record(row)) for row in session.execute(query))
+                found.update((row.job_id, JobRecord.from_row(row)) for row in session.execute(query))
         return found
 
     def find(self, key: TaskInstanceKey, ti_identity: str = "") -> JobRecord | None:
@@ -195,9 +70,9 @@ class RouterDB:
         with self._sessions() as session:
             query = select(Job).where(*_key_filter(key), Job.ti_identity == ti_identity)
             row = session.scalars(query).one_or_none()
-            return _record(row) if row is not None else None
+            return JobRecord.from_row(row) if row is not None else None
 
-    def find_latest(self, dag_id: str, task_id: str, run_id: str, map_index: int = -1) -> JobRecord | None:
+    def find_latest(self, *, dag_id: str, task_id: str, run_id: str, map_index: int = -1) -> JobRecord | None:
         """The newest try's job of a task instance."""
         with self._sessions() as session:
             row = session.scalars(
@@ -211,7 +86,7 @@ class RouterDB:
                 .order_by(Job.try_number.desc(), Job.created_at.desc())  # a re-created run's is newer
                 .limit(1)
             ).one_or_none()
-            return _record(row) if row is not None else None
+            return JobRecord.from_row(row) if row is not None else None
 
     def search(
         self,
@@ -229,86 +104,45 @@ class RouterDB:
         if statuses is not None:
             query = query.where(Job.status.in_([str(s) for s in statuses]))
         with self._sessions() as session:
-            return [_record(row) for row in session.scalars(query)]
+            return [JobRecord.from_row(row) for row in session.scalars(query)]
 
     def active(self, *, agent_id: str | None = None) -> list[JobRecord]:
         """Every job the router still considers active (queued, running, or stopping), or those
         of one agent."""
         query = (
             select(Job.__table__)
-            .where(Job.status.in_([str(s) for s in ACTIVE_STATUSES]))
+            .where(Job.status.in_([str(s) for s in ACTIVE]))
             .execution_options(yield_per=2000)  # stream rows: no buffer of every row at once
         )
         if agent_id is not None:
             query = query.where(Job.agent_id == agent_id)
         with self._sessions() as session:  # Core rows: no identity map for tens of thousands of jobs
-            return [_record(row) for row in session.execute(query)]
+            return [JobRecord.from_row(row) for row in session.execute(query)]
 
     def changed_since(self, moment: datetime) -> list[JobRecord]:
         """Jobs of any status updated at or after ``moment``: keeps an in-memory view current."""
         query = select(Job.__table__).where(Job.updated_at >= moment)
         with self._sessions() as session:
-            return [_record(row) for row in session.execute(query)]
+            return [JobRecord.from_row(row) for row in session.execute(query)]
 
     def events(self, job_id: str) -> list[EventRecord]:
         with self._sessions() as session:
             rows = session.scalars(select(JobEvent).where(JobEvent.job_id == job_id).order_by(JobEvent.id))
-            return [
-                EventRecord(
-                    job_id=row.job_id,
-                    at=row.at,
-                    old_status=JobStatus(row.old_status) if row.old_status else None,
-                    new_status=JobStatus(row.new_status),
-                    source=row.source,
-                    reason=row.reason,
-                )
-                for row in rows
-            ]
+            return [EventRecord.from_row(row) for row in rows]
 
-    # --- leases (one leader among replicas) --------------------------------------------------------
+    # --- leases (one holder among replicas, see router_db.leases) ----------------------------------
 
     def acquire_lease(self, name: str, holder: str, ttl_seconds: float) -> bool:
-        """Take or renew lease ``name`` for ``ttl_seconds`` of the database's clock; True if held now.
-
-        A compare-and-set: the UPDATE matches only a lease that is expired or already ours, and the
-        INSERT of a missing lease loses to any concurrent one on the primary key. Two replicas racing
-        therefore never both win, and a renewal after expiry succeeds only if nobody took over.
-        """
-        now, until = self._db_now(), self._db_now(ttl_seconds)
-        with self._sessions() as session, session.begin():
-            taken = session.execute(
-                update(Lease)
-                .where(Lease.name == name, (Lease.holder == holder) | (Lease.expires_at <= now))
-                .values(holder=holder, expires_at=until)
-                .execution_options(synchronize_session=False)
-            )
-            if taken.rowcount == 1:  # type: ignore[attr-defined]
-                return True
-        try:
-            with self._sessions() as session, session.begin():
-                session.execute(insert(Lease).values(name=name, holder=holder, expires_at=until))
-        except IntegrityError:
-            return False  # the lease exists and is someone else's, or another replica inserted first
-        return True
+        """Take or renew lease ``name`` for ``ttl_seconds`` of the database's clock; True if held now."""
+        return self._leases.acquire(name, holder, ttl_seconds)
 
     def release_lease(self, name: str, holder: str) -> bool:
         """Give lease ``name`` up if ``holder`` has it, so a standby takes over at once."""
-        with self._sessions() as session, session.begin():
-            gone = session.execute(delete(Lease).where(Lease.name == name, Lease.holder == holder))
-            return gone.rowcount == 1  # type: ignore[attr-defined,no-any-return]
+        return self._leases.release(name, holder)
 
     def lease_holder(self, name: str) -> str | None:
         """Who holds lease ``name`` now by the database's clock; None when it is free or expired."""
-        query = select(Lease.holder).where(Lease.name == name, Lease.expires_at > self._db_now())
-        with self._sessions() as session:
-            return session.scalars(query).one_or_none()
-
-    def _db_now(self, plus_seconds: float = 0.0) -> ColumnElement[Any]:
-        """The database's current time (plus an offset), as a SQL expression of its own clock."""
-        if self.engine.dialect.name == "sqlite":
-            # Same text format as stored datetimes (to the millisecond), so comparisons order correctly.
-            return func.strftime("%Y-%m-%d %H:%M:%f", "now", f"{plus_seconds:+.3f} seconds")
-        return func.now() + timedelta(seconds=plus_seconds)
+        return self._leases.holder(name)
 
     # --- writes ----------------------------------------------------------------------------------
 
@@ -343,7 +177,7 @@ class RouterDB:
             if existing is None:  # the conflict was something else
                 raise
             return existing, False
-        return _record(row), True
+        return JobRecord.from_row(row), True
 
     def import_running(self, jobs: Sequence[NewJob], *, source: str) -> list[str]:
         """Record many jobs already running on their agents, in one transaction (migrations,
@@ -409,7 +243,7 @@ class RouterDB:
                 current.update((job_id, status) for job_id, status in statuses)
             for t in transitions:
                 old = current.get(t.job_id)
-                if old is None or t.new not in _ALLOWED[JobStatus(old)]:
+                if old is None or not allowed(JobStatus(old), t.new):
                     continue
                 result = session.execute(
                     update(Job)
@@ -425,7 +259,7 @@ class RouterDB:
             rows: dict[str, JobRecord] = {}
             for chunk in _chunks(applied):
                 rows.update(
-                    (r.job_id, _record(r))
+                    (r.job_id, JobRecord.from_row(r))
                     for r in session.execute(select(Job.__table__).where(Job.job_id.in_(chunk)))
                 )
         done = set(applied)
@@ -439,41 +273,6 @@ class RouterDB:
         if current is None:
             raise KeyError(transition.job_id)
         raise StaleTransition(f"job {transition.job_id} is {current.status}; cannot become {transition.new}")
-
-
-@dataclass(frozen=True, slots=True)
-class Transition:
-    """One status change: to RUNNING, to STOPPING with the status to record once stopped, or final."""
-
-    job_id: str
-    new: JobStatus
-    reason: str | None
-    stop_status: JobStatus | None = None
-    rc: int | None = None
-
-    @classmethod
-    def running(cls, job_id: str) -> Transition:
-        return cls(job_id, JobStatus.RUNNING, "started on agent")
-
-    @classmethod
-    def stop(cls, job_id: str, stop_status: JobStatus, reason: str) -> Transition:
-        if stop_status not in TERMINAL_STATUSES:
-            raise ValueError(f"stop_status must be terminal, not {stop_status}")
-        return cls(job_id, JobStatus.STOPPING, reason, stop_status=stop_status)
-
-    @classmethod
-    def finish(cls, job_id: str, status: JobStatus, rc: int | None, reason: str | None) -> Transition:
-        if status not in TERMINAL_STATUSES:
-            raise ValueError(f"finish needs a terminal status, not {status}")
-        return cls(job_id, status, reason, rc=rc)
-
-    def values(self, now: datetime) -> dict[str, Any]:
-        """Columns set besides status, reason and updated_at."""
-        if self.new is JobStatus.STOPPING:
-            return {"stop_status": str(self.stop_status), "stop_requested_at": now}
-        if self.new in TERMINAL_STATUSES:
-            return {"rc": self.rc, "finished_at": now}
-        return {}
 
 
 def _chunks(ids: Sequence[str], size: int = 500) -> list[Sequence[str]]:

@@ -110,6 +110,7 @@ def test_wrong_token_raises_agent_rejected_without_showing_either_token(agent: A
     with_client(agent.url, scenario, token=wrong)
 
 
+@pytest.mark.fast
 def test_nothing_listening_raises_agent_unavailable_without_the_token() -> None:
     url = f"http://127.0.0.1:{free_port()}"
 
@@ -123,6 +124,7 @@ def test_nothing_listening_raises_agent_unavailable_without_the_token() -> None:
     with_client(url, scenario)
 
 
+@pytest.mark.fast
 def test_invalid_job_ids_are_refused_before_any_request() -> None:
     async def scenario(client: AgentClient) -> None:
         for bad in ("../etc", "", "a/b", "x" * 129):
@@ -189,6 +191,7 @@ async def slow(request: web.Request) -> web.Response:
         (slow, "no answer"),
     ],
 )
+@pytest.mark.fast
 def test_unusable_answers_raise_agent_unavailable(handler: Handler, expected: str) -> None:
     for call in (
         lambda c: c.get("job-1"),
@@ -201,6 +204,7 @@ def test_unusable_answers_raise_agent_unavailable(handler: Handler, expected: st
         assert TOKEN not in str(error)
 
 
+@pytest.mark.fast
 def test_log_answer_without_size_headers_is_agent_unavailable() -> None:
     async def bare_log(request: web.Request) -> web.Response:
         return web.Response(body=b"data")
@@ -209,6 +213,7 @@ def test_log_answer_without_size_headers_is_agent_unavailable() -> None:
     assert isinstance(error, AgentUnavailable) and "X-Log-Size" in str(error)
 
 
+@pytest.mark.fast
 def test_a_session_passed_in_stays_open() -> None:
     async def main() -> bool:
         async with aiohttp.ClientSession() as session:

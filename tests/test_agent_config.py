@@ -25,6 +25,7 @@ def write(tmp_path: Path, body: str) -> Path:
     return path
 
 
+@pytest.mark.fast
 def test_the_example_config_loads_and_states_the_defaults() -> None:
     config = load_config(EXAMPLE, environ={"AGENTIC_AGENT_TOKEN": TOKEN})
     assert config == AgentConfig(
@@ -32,6 +33,7 @@ def test_the_example_config_loads_and_states_the_defaults() -> None:
     )
 
 
+@pytest.mark.fast
 def test_every_key_is_documented_in_the_example() -> None:
     text = EXAMPLE.read_text()
     for field in dataclasses.fields(AgentConfig):
@@ -39,6 +41,7 @@ def test_every_key_is_documented_in_the_example() -> None:
             assert f"{field.name} =" in text, field.name
 
 
+@pytest.mark.fast
 def test_file_values_and_environment_overrides(tmp_path: Path) -> None:
     path = write(tmp_path, '[agent]\nid = "vm-7"\nport = 9000\ngrace_seconds = 3\nhome = "/srv/agent"\n')
     env = {"AGENTIC_AGENT_TOKEN": TOKEN, "AGENTIC_AGENT_PORT": "9100", "AGENTIC_AGENT_GRACE_SECONDS": "2.5"}
@@ -51,6 +54,7 @@ def test_file_values_and_environment_overrides(tmp_path: Path) -> None:
     )
 
 
+@pytest.mark.fast
 def test_token_comes_from_the_named_env_var_or_a_file(tmp_path: Path) -> None:
     path = write(tmp_path, '[agent]\ntoken_env = "MY_AGENT_SECRET"\n')
     assert load_config(path, environ={"MY_AGENT_SECRET": TOKEN}).tokens == (TOKEN,)
@@ -61,6 +65,7 @@ def test_token_comes_from_the_named_env_var_or_a_file(tmp_path: Path) -> None:
     assert TOKEN not in repr(load_config(path, environ={}))
 
 
+@pytest.mark.fast
 def test_several_tokens_are_accepted_for_rotation(tmp_path: Path) -> None:
     env_value = " old-token, new-token\tspare-token\nold-token "
     config = load_config(write(tmp_path, "[agent]\n"), environ={"AGENTIC_AGENT_TOKEN": env_value})
@@ -92,6 +97,7 @@ def test_several_tokens_are_accepted_for_rotation(tmp_path: Path) -> None:
         ("[agent\n", {}, "TOML"),
     ],
 )
+@pytest.mark.fast
 def test_bad_values_name_the_key_and_never_the_token(
     tmp_path: Path, body: str, env: dict[str, str], names: str
 ) -> None:
@@ -101,6 +107,7 @@ def test_bad_values_name_the_key_and_never_the_token(
     assert TOKEN not in str(caught.value)
 
 
+@pytest.mark.fast
 def test_a_missing_token_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="AGENTIC_AGENT_TOKEN"):
         load_config(write(tmp_path, "[agent]\n"), environ={})
@@ -133,6 +140,7 @@ def tls_config(tmp_path: Path, cert: Path | None, key: Path | None) -> Path:
     return write(tmp_path, "\n".join(lines) + "\n")
 
 
+@pytest.mark.fast
 def test_tls_files_are_loaded_with_the_config(tmp_path: Path) -> None:
     server = make_ca(tmp_path / "ca", "CA").issue(tmp_path / "server", hosts=["127.0.0.1"])
     config = load_config(tls_config(tmp_path, server.cert_file, server.key_file), environ={ENV: TOKEN})
@@ -146,6 +154,7 @@ def test_tls_files_are_loaded_with_the_config(tmp_path: Path) -> None:
     assert (plain.scheme, plain.server_ssl_context()) == ("http", None)
 
 
+@pytest.mark.fast
 def test_bad_tls_files_are_config_errors_naming_the_key(tmp_path: Path) -> None:
     ca = make_ca(tmp_path / "ca", "CA")
     server = ca.issue(tmp_path / "server", hosts=["127.0.0.1"])

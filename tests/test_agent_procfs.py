@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import psutil
+import pytest
 
 from agent import procfs
 from agent.process_tree import ProcessRef, ProcessTable
@@ -77,6 +78,7 @@ def test_running_for_counts_from_the_start_on_the_boot_clock() -> None:
         child.wait()
 
 
+@pytest.mark.fast
 def test_the_tree_walk_follows_children_and_skips_one_older_than_the_process_holding_its_parents_pid() -> (
     None
 ):

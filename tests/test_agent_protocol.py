@@ -5,19 +5,22 @@ from __future__ import annotations
 import json
 from datetime import UTC, datetime
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from agent_api.protocol import (
     JOB_ID_PATTERN,
+    AgentJobStatus,
     JobInfo,
-    JobStatus,
     ProtocolError,
     StopAction,
     StopResult,
     parse_run_request,
     parse_stop_request,
 )
+
+pytestmark = pytest.mark.fast
 
 job_ids = st.from_regex(JOB_ID_PATTERN, fullmatch=True)
 times = st.none() | st.datetimes(timezones=st.just(UTC))
@@ -30,10 +33,10 @@ json_values = st.recursive(
 )
 
 
-@given(job_ids, st.sampled_from(JobStatus), st.none() | st.integers(1, 2**22), rcs, times, times, texts)
+@given(job_ids, st.sampled_from(AgentJobStatus), st.none() | st.integers(1, 2**22), rcs, times, times, texts)
 def test_job_info_round_trips_through_json(
     job_id: str,
-    status: JobStatus,
+    status: AgentJobStatus,
     pid: int | None,
     rc: int | None,
     started: datetime | None,
@@ -44,9 +47,9 @@ def test_job_info_round_trips_through_json(
     assert JobInfo.from_json(json.loads(json.dumps(info.to_json()))) == info
 
 
-@given(st.booleans(), st.text(), st.sampled_from(JobStatus), rcs, st.sampled_from(StopAction), texts)
+@given(st.booleans(), st.text(), st.sampled_from(AgentJobStatus), rcs, st.sampled_from(StopAction), texts)
 def test_stop_result_round_trips_through_json(
-    ok: bool, message: str, status: JobStatus, rc: int | None, action: StopAction, reason: str | None
+    ok: bool, message: str, status: AgentJobStatus, rc: int | None, action: StopAction, reason: str | None
 ) -> None:
     result = StopResult(ok, message, status, rc, action, "SIGTERM", reason)
     assert StopResult.from_json(json.loads(json.dumps(result.to_json()))) == result

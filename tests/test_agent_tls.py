@@ -93,6 +93,7 @@ def test_one_shared_session_serves_clients_with_different_trust(
     asyncio.run(main())
 
 
+@pytest.mark.fast
 def test_an_unloadable_ca_file_is_a_value_error(tmp_path: Path) -> None:
     garbage = tmp_path / "garbage.pem"
     garbage.write_text("not a certificate\n")

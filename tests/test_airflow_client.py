@@ -37,6 +37,8 @@ VERSIONS = ["3.3.2", "3.1.8", "2.11.2"]
 MANY = 150  # task instances of tests/cassettes/dags/recorded_many.py: more than one v2 list page
 SINCE = datetime(2000, 1, 1, tzinfo=UTC)  # fixed, so replayed requests match the recorded ones
 REPLAY_URL = "http://127.0.0.1:9"  # nothing listens: replay never touches the network
+# Replaying starts nothing; recording starts a real Airflow of each version.
+pytestmark = pytest.mark.airflow if RECORDING else pytest.mark.fast
 
 
 def _scrub_request(request: Any) -> Any:
@@ -129,10 +131,18 @@ def test_reads_list_and_direct_answers(airflow: tuple[str, str]) -> None:
                     "batch": await reader.list_task_instances(
                         dag_ids=["recorded"], run_ids=["rec"], task_ids=["sleeper", "mapped"]
                     ),
-                    "sleeper": await reader.get_task_instance("recorded", "rec", "sleeper", -1),
-                    "mapped_1": await reader.get_task_instance("recorded", "rec", "mapped", 1),
-                    "absent_run": await reader.get_task_instance("recorded", "no_such_run", "sleeper", -1),
-                    "absent_task": await reader.get_task_instance("recorded", "rec", "no_such_task", -1),
+                    "sleeper": await reader.get_task_instance(
+                        dag_id="recorded", run_id="rec", task_id="sleeper", map_index=-1
+                    ),
+                    "mapped_1": await reader.get_task_instance(
+                        dag_id="recorded", run_id="rec", task_id="mapped", map_index=1
+                    ),
+                    "absent_run": await reader.get_task_instance(
+                        dag_id="recorded", run_id="no_such_run", task_id="sleeper", map_index=-1
+                    ),
+                    "absent_task": await reader.get_task_instance(
+                        dag_id="recorded", run_id="rec", task_id="no_such_task", map_index=-1
+                    ),
                 }
         finally:
             await reader.close()
@@ -156,7 +166,9 @@ def test_mapped_task_read_without_its_index_is_an_error_not_absent(airflow: tupl
         reader = client(url)
         try:
             with cassette(version, "mapped_without_index"):
-                await reader.get_task_instance("recorded", "rec", "mapped", -1)
+                await reader.get_task_instance(
+                    dag_id="recorded", run_id="rec", task_id="mapped", map_index=-1
+                )
         finally:
             await reader.close()
 
@@ -177,7 +189,9 @@ def test_marked_failed_reads_as_failed_with_an_end_date(airflow: tuple[str, str]
         reader = client(url)
         try:
             with cassette(version, "marked_failed"):
-                return await reader.get_task_instance("recorded", "rec", "sleeper", -1)
+                return await reader.get_task_instance(
+                    dag_id="recorded", run_id="rec", task_id="sleeper", map_index=-1
+                )
         finally:
             await reader.close()
 

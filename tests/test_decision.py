@@ -7,6 +7,8 @@ import pytest
 from reconciler.decision import Absent, Divergence, Keep, Observed, Stop, Unknown, decide
 from router_db import JobStatus
 
+pytestmark = pytest.mark.fast
+
 JOB_TRY = 2
 
 
@@ -106,7 +108,7 @@ def test_identities_of_two_kinds_say_nothing() -> None:
 def test_the_operator_and_the_reconciler_write_airflow_2_identities_alike() -> None:
     from datetime import UTC, datetime, timedelta, timezone
 
-    from agentic_airflow.sidecar import logical_date_identity as operator_side
+    from agentic_airflow.sidecar_client import logical_date_identity as operator_side
     from reconciler.airflow import logical_date_identity as reconciler_side
 
     for moment in (

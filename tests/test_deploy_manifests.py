@@ -65,6 +65,7 @@ def reconciler_toml() -> dict[str, Any]:
 # ----------------------------------------------------------------------------------- Kubernetes
 
 
+@pytest.mark.fast
 def test_kubernetes_manifests_match_the_kubernetes_schemas() -> None:
     for name, docs in k8s_documents().items():
         assert docs, f"{name} is empty"
@@ -75,12 +76,14 @@ def test_kubernetes_manifests_match_the_kubernetes_schemas() -> None:
                 pytest.fail(f"{name}: {doc['kind']} {doc['metadata']['name']}: {exc.message} at {exc.path}")
 
 
+@pytest.mark.fast
 def test_kustomization_applies_everything_but_the_example_secret() -> None:
     kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text(encoding="utf-8"))
     expected = {name for name in k8s_documents() if not name.endswith(".example.yaml")}
     assert set(kustomization["resources"]) == expected
 
 
+@pytest.mark.fast
 def test_every_container_has_resources_probes_and_runs_as_non_root() -> None:
     spec = pod_template()["spec"]
     for c in spec.get("initContainers", []) + spec["containers"]:
@@ -96,6 +99,7 @@ def test_every_container_has_resources_probes_and_runs_as_non_root() -> None:
         assert security["capabilities"]["drop"] == ["ALL"], where
 
 
+@pytest.mark.fast
 def test_the_sidecar_probes_health_and_readiness_on_its_own_port() -> None:
     sidecar = container("reconciler")
     (port,) = sidecar["ports"]
@@ -117,6 +121,7 @@ def test_the_sidecar_probes_health_and_readiness_on_its_own_port() -> None:
     assert ":" not in config.router_db.url.split("//", 1)[1].split("@")[0], "no password in the URL"
 
 
+@pytest.mark.fast
 def test_prometheus_scrapes_the_sidecar_port() -> None:
     annotations = pod_template()["metadata"]["annotations"]
     (port,) = container("reconciler")["ports"]
@@ -125,6 +130,7 @@ def test_prometheus_scrapes_the_sidecar_port() -> None:
     assert annotations["prometheus.io/path"] == "/metrics"
 
 
+@pytest.mark.fast
 def test_the_secret_gives_the_sidecar_every_secret_its_config_names() -> None:
     config = parse_config(reconciler_toml(), {})
     secret = k8s_resource("Secret", "agentic-reconciler-secrets")
@@ -139,6 +145,7 @@ def test_the_secret_gives_the_sidecar_every_secret_its_config_names() -> None:
     assert "PGPASSWORD" in env, "the router DB password reaches libpq through PGPASSWORD"
 
 
+@pytest.mark.fast
 def test_the_service_reaches_the_sidecar() -> None:
     service = k8s_resource("Service", "agentic-reconciler")
     labels = pod_template()["metadata"]["labels"]
@@ -168,6 +175,7 @@ def test_compose_file_matches_the_compose_specification() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+@pytest.mark.fast
 def test_compose_runs_airflow_3_the_sidecar_two_agents_and_postgres() -> None:
     services = compose()["services"]
     assert services["postgres"]["image"].startswith("postgres:")
@@ -185,6 +193,7 @@ def test_compose_runs_airflow_3_the_sidecar_two_agents_and_postgres() -> None:
             assert published.startswith("127.0.0.1:"), f"{name} publishes {published} beyond loopback"
 
 
+@pytest.mark.fast
 def test_compose_configs_load_with_the_secrets_compose_mounts(tmp_path: Path) -> None:
     services = compose()["services"]
     config = parse_config(tomllib.loads((COMPOSE / "reconciler.toml").read_text(encoding="utf-8")), {})
@@ -211,6 +220,7 @@ def test_compose_configs_load_with_the_secrets_compose_mounts(tmp_path: Path) ->
         assert configured["token_file"] == f"/run/secrets/{services[name]['secrets'][0]}"
 
 
+@pytest.mark.fast
 def test_compose_secrets_come_from_the_environment_file_only() -> None:
     text = (COMPOSE / "docker-compose.yaml").read_text(encoding="utf-8")
     example = dict(
@@ -234,6 +244,7 @@ def unit() -> configparser.ConfigParser:
     return parser
 
 
+@pytest.mark.fast
 def test_restarting_the_agent_leaves_its_jobs_running() -> None:
     service = unit()["Service"]
     assert service["KillMode"] == "process", "the default would kill every job with the agent"
@@ -253,6 +264,7 @@ def test_systemd_accepts_the_unit(tmp_path: Path) -> None:
     assert result.returncode == 0 and not result.stderr.strip(), result.stderr
 
 
+@pytest.mark.fast
 def test_the_vm_agent_config_loads_with_tls_and_a_token_file(tmp_path: Path) -> None:
     ca = make_ca(tmp_path / "ca", "Test CA")
     server = ca.issue(tmp_path / "server", hosts=["vm-01.example.internal"])

@@ -80,6 +80,7 @@ def panel_expressions() -> list[str]:
     return [t["expr"] for p in dashboard()["panels"] for t in p.get("targets", [])]
 
 
+@pytest.mark.fast
 def test_the_metric_name_reader_understands_promql() -> None:
     expr = 'sum without (code) (rate(x_total{code!~"2..|y_total"}[5m])) / on(a) group_left(b) z > bool 1'
     assert metric_names(expr) == {"x_total", "z"}
@@ -93,6 +94,7 @@ def test_promtool_accepts_the_rules() -> None:
     run_promtool("check", "rules", str(ALERTS), cwd=ALERTS.parent)
 
 
+@pytest.mark.fast
 def test_alerts_use_only_metrics_the_reconciler_exports() -> None:
     known = set().union(*exported().values())
     for rule in rules():
@@ -100,6 +102,7 @@ def test_alerts_use_only_metrics_the_reconciler_exports() -> None:
         assert not unknown, f"{rule['alert']} reads {unknown}, which the reconciler does not export"
 
 
+@pytest.mark.fast
 def test_alerts_cover_the_failures_operators_must_hear_about() -> None:
     expressions = {rule["alert"]: rule["expr"] for rule in rules()}
     assert any("absent(reconciler_leader)" in e for e in expressions.values()), "reconciler down"
@@ -284,6 +287,7 @@ def test_each_alert_fires_when_it_should_and_a_healthy_sidecar_raises_none(tmp_p
 # --------------------------------------------------------------------------------------- dashboard
 
 
+@pytest.mark.fast
 def test_the_dashboard_shows_every_exported_metric() -> None:
     shown = set().union(*(metric_names(e) for e in panel_expressions()))
     for family, names in exported().items():
@@ -292,6 +296,7 @@ def test_the_dashboard_shows_every_exported_metric() -> None:
     assert shown <= known, f"the dashboard reads metrics nobody exports: {shown - known}"
 
 
+@pytest.mark.fast
 def test_the_dashboard_is_a_well_formed_grafana_dashboard() -> None:
     board = dashboard()
     assert board["uid"] and board["title"] and isinstance(board["schemaVersion"], int)

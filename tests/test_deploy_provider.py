@@ -16,7 +16,7 @@ import jsonschema
 import pytest
 
 from agentic_airflow.provider import get_provider_info
-from agentic_airflow.sidecar import SidecarEndpoint
+from agentic_airflow.sidecar_client import SidecarEndpoint
 from harness.airflow import ensure_venv
 
 ROOT = Path(__file__).resolve().parent.parent

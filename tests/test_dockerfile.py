@@ -143,6 +143,7 @@ def test_hadolint_finds_nothing() -> None:
     assert result.returncode == 0 and not result.stdout.strip(), result.stdout + result.stderr
 
 
+@pytest.mark.fast
 def test_the_image_is_multi_stage_and_pinned() -> None:
     stages = [i for i in instructions() if i.keyword == "FROM"]
     assert [s.stage for s in stages] == ["build", "runtime"]
@@ -155,6 +156,7 @@ def test_the_image_is_multi_stage_and_pinned() -> None:
     assert not [c for c in in_stage("runtime", "COPY") if c.split()[0] in ("pyproject.toml", "agent/")]
 
 
+@pytest.mark.fast
 def test_the_image_runs_as_a_numeric_non_root_user() -> None:
     users = in_stage("runtime", "USER")
     assert users, "the runtime stage must set USER"
@@ -164,6 +166,7 @@ def test_the_image_runs_as_a_numeric_non_root_user() -> None:
     assert "10001" in uid
 
 
+@pytest.mark.fast
 def test_the_healthcheck_runs_the_script_the_image_installs() -> None:
     (check,) = in_stage("runtime", "HEALTHCHECK")
     options, _, command = check.partition(" CMD ")
@@ -175,6 +178,7 @@ def test_the_healthcheck_runs_the_script_the_image_installs() -> None:
     assert "AGENTIC_HEALTH_URL=http://127.0.0.1:8790/healthz" in env
 
 
+@pytest.mark.fast
 def test_the_default_command_is_the_sidecar_under_tini() -> None:
     assert exec_form(in_stage("runtime", "ENTRYPOINT")[-1]) == ["tini", "--"]
     command = exec_form(in_stage("runtime", "CMD")[-1])
@@ -182,6 +186,7 @@ def test_the_default_command_is_the_sidecar_under_tini() -> None:
     assert set(in_stage("runtime", "EXPOSE")[-1].split()) == {"8790", "8791"}
 
 
+@pytest.mark.fast
 def test_no_secret_is_built_into_the_image() -> None:
     for i in instructions():
         if i.keyword in ("ENV", "ARG"):
@@ -195,6 +200,7 @@ def test_no_secret_is_built_into_the_image() -> None:
     assert not [p for p in sent if p.startswith(("tests/", ".venv/", ".git/", "harness/", "build/"))]
 
 
+@pytest.mark.fast
 def test_the_build_context_holds_exactly_what_the_dockerfile_copies() -> None:
     sources = []
     for args in (i.args for i in instructions() if i.keyword == "COPY"):

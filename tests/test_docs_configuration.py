@@ -11,8 +11,7 @@ from pathlib import Path
 import pytest
 
 from agent import config as agent_config
-from reconciler import config as reconciler_config
-from reconciler.docs import (
+from harness.config_reference import (
     CONFIG_DIR,
     FALLBACK_DOCS,
     REGENERATE,
@@ -25,6 +24,7 @@ from reconciler.docs import (
     reconciler_keys,
     render,
 )
+from reconciler import config as reconciler_config
 
 ROOT = Path(__file__).resolve().parent.parent
 REFERENCE = ROOT / "docs" / "configuration.md"
@@ -37,20 +37,29 @@ def known(keys: list[Key]) -> dict[str, set[str]]:
     return tables
 
 
+@pytest.mark.fast
 def test_the_reference_is_up_to_date() -> None:
     assert REFERENCE.read_text(encoding="utf-8") == render(), f"stale: run `{REGENERATE}`"
 
 
 def test_the_documented_command_prints_the_reference() -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "reconciler.docs"], cwd=ROOT, capture_output=True, text=True, check=False
+        [sys.executable, "-m", "harness.config_reference"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout == REFERENCE.read_text(encoding="utf-8")
 
 
+@pytest.mark.fast
 def test_the_reference_documents_exactly_the_keys_the_services_accept() -> None:
-    assert {k.name for k in agent_keys()} == set(agent_config._KEYS)
+    with pytest.raises(agent_config.ConfigError, match="unknown key; known: ") as refused:
+        _agent_refuses_bogus()
+    accepted = str(refused.value).split("known: ", 1)[1].split(", ")
+    assert {k.name for k in agent_keys()} == set(accepted)
     sections = {f.name for f in dataclasses.fields(reconciler_config.ReconcilerConfig)}
     assert {k.table for k in reconciler_keys()} == sections
     text = REFERENCE.read_text(encoding="utf-8")
@@ -60,6 +69,7 @@ def test_the_reference_documents_exactly_the_keys_the_services_accept() -> None:
             assert f"`{key.env}`" in text
 
 
+@pytest.mark.fast
 def test_the_example_files_show_the_codes_defaults() -> None:
     example = tomllib.loads((CONFIG_DIR / "reconciler.toml").read_text(encoding="utf-8"))
     defaults = reconciler_config.ReconcilerConfig()
@@ -70,12 +80,14 @@ def test_the_example_files_show_the_codes_defaults() -> None:
         for key, value in values.items():
             assert value == getattr(default, key), f"config/reconciler.toml [{section}] {key}"
     agent_example = tomllib.loads((CONFIG_DIR / "agent.toml").read_text(encoding="utf-8"))["agent"]
-    code = {name: default for name, (_, default) in agent_config._KEYS.items()}
+    code = {f.name: f.default for f in dataclasses.fields(agent_config.AgentConfig)}
+    code["home"] = agent_config.DEFAULT_HOME  # computed defaults: the home directory, the host name
     for key, value in agent_example.items():
         expected = str(code[key]) if isinstance(code[key], Path) else code[key]
         assert value == expected, f"config/agent.toml {key}"
 
 
+@pytest.mark.fast
 def test_every_key_has_a_comment_in_the_example_files() -> None:
     rkeys, akeys = reconciler_keys(), agent_keys()
     rc = read_comments(CONFIG_DIR / "reconciler.toml", known(rkeys))
@@ -90,11 +102,13 @@ def test_every_key_has_a_comment_in_the_example_files() -> None:
     assert set(FALLBACK_DOCS) <= {("agents", k.name) for k in rkeys if k.table == "agents"}
 
 
+@pytest.mark.fast
 def test_a_key_nobody_described_stops_the_generator() -> None:
     with pytest.raises(DocsError, match=r"\[poll\] interval_seconds"):
         documented([k for k in reconciler_keys() if k.table == "poll"], Comments())
 
 
+@pytest.mark.fast
 def test_comments_attach_to_the_key_below_and_run_on_to_its_neighbour(tmp_path: Path) -> None:
     example = tmp_path / "x.toml"
     example.write_text(
@@ -106,3 +120,13 @@ def test_comments_attach_to_the_key_below_and_run_on_to_its_neighbour(tmp_path: 
     assert found.keys[("agent", "host")] == ["Said of host.", "  indented detail"]
     assert found.keys[("agent", "port")] == found.keys[("agent", "host")]
     assert found.keys[("agent", "id")] == ["Said of id."]
+
+
+def _agent_refuses_bogus() -> None:
+    """Load an agent config holding one key no version has: the error lists the keys it accepts."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "agent.toml"
+        path.write_text("[agent]\nno_such_key = 1\n", encoding="utf-8")
+        agent_config.load_config(path, environ={"AGENTIC_AGENT_TOKEN": "t"})

@@ -15,9 +15,13 @@ import re
 from functools import cache
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.fast
+
 ROOT = Path(__file__).resolve().parent.parent
 GUIDE = ROOT / "docs" / "troubleshooting.md"
-PACKAGES = ("agent", "reconciler", "router_db", "agentic_airflow")
+PACKAGES = ("servicekit", "agent_api", "sidecar_api", "agent", "reconciler", "router_db", "agentic_airflow")
 AGENT_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (INFO|WARNING|ERROR) ([\w.]+): (.*)$")
 EXCEPTION_LINE = re.compile(r"^([A-Z]\w+(?:Error|Exception)): (.*)$")
 

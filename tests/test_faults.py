@@ -15,26 +15,13 @@ import httpx
 import psutil
 import pytest
 
-from bench.standins import AirflowStandIn, recorded_task_instance
 from harness.agent import AgentProcess
-from harness.served import ServedApp
+from harness.served import ServedAirflow
 from harness.sidecar import AgentRef, SidecarProcess
 from router_db import JobRecord, JobStatus, RouterDB
 
 AGENT_DOWN_SECONDS = 60.0  # the outage the issue names; backoff caps at 5 s
 KEY = ("d", "r", "t", -1)  # (dag_id, run_id, task_id, map_index) of the one task instance
-
-
-class ServedAirflow(ServedApp):
-    """The Airflow stand-in on a loopback port, served by its own event loop in a thread."""
-
-    def __init__(self) -> None:
-        self.standin = AirflowStandIn(recorded_task_instance())
-        super().__init__(self.standin.app())
-
-    def mark(self, state: str) -> None:
-        """A person marks the task instance: new state, updated now."""
-        self.call_soon(self.standin.flip, [KEY], state)
 
 
 @pytest.fixture
@@ -128,7 +115,7 @@ def test_sidecar_sigkilled_between_stop_intent_and_agent_call_finishes_the_stop_
         # The window made deterministic: the agent is unreachable, so the intent is recorded and
         # every agent call fails until the sidecar dies. The job itself keeps running.
         agent.kill()
-        airflow.mark("failed")
+        airflow.mark(KEY, "failed")
         wait_until("STOPPING", lambda: status(db, job_id) is JobStatus.STOPPING, timeout=15)
         wait_until("a failed agent call", lambda: stop_retries(sidecar) >= 1, timeout=15)
         assert sidecar.proc is not None
@@ -166,7 +153,7 @@ def test_a_stop_pending_while_the_agent_is_down_is_retried_and_completes_once_wh
         job_id = submit(sidecar)
         pid = agent_pid(agent, job_id)
         agent.kill()
-        airflow.mark("failed")
+        airflow.mark(KEY, "failed")
         wait_until("STOPPING", lambda: status(db, job_id) is JobStatus.STOPPING, timeout=15)
         time.sleep(AGENT_DOWN_SECONDS)
         retries = stop_retries(sidecar)

@@ -25,7 +25,7 @@ from reconciler.agents import AgentPool
 from reconciler.airflow import TaskInstance
 from reconciler.config import AgentEntry, PollConfig, StopConfig
 from reconciler.decision import Divergence, Stop
-from reconciler.loop import Reconciler
+from reconciler.loop import ReconcileLoop
 from reconciler.metrics import Metrics
 from reconciler.stops import StopDispatcher
 from router_db import JobRecord, JobStatus, NewJob, RouterDB, TaskInstanceKey
@@ -33,9 +33,14 @@ from router_db import JobRecord, JobStatus, NewJob, RouterDB, TaskInstanceKey
 FAILED = Stop(Divergence.TI_FAILED, JobStatus.FAILED, "task instance is failed")
 
 
-
 def running_job(db: RouterDB, task_id: str, agent_id: str) -> JobRecord:
-    job, _ = db.submit(NewJob(TaskInstanceKey("d", task_id, "r", -1, 1), agent_id, "sleep 60"))
+    job, _ = db.submit(
+        NewJob(
+            TaskInstanceKey(dag_id="d", task_id=task_id, run_id="r", map_index=-1, try_number=1),
+            agent_id,
+            "sleep 60",
+        )
+    )
     return db.mark_running(job.job_id, source="test")
 
 
@@ -141,7 +146,9 @@ class FailedAirflow:
     async def task_instance_pages(self, **_: Any) -> AsyncIterator[list[TaskInstance]]:
         yield list(self._tis)
 
-    async def get_task_instance(self, dag_id: str, run_id: str, task_id: str, map_index: int) -> TaskInstance:
+    async def get_task_instance(
+        self, *, dag_id: str, run_id: str, task_id: str, map_index: int
+    ) -> TaskInstance:
         return next(ti for ti in self._tis if ti.key == (dag_id, run_id, task_id, map_index))
 
     async def ping(self) -> None:
@@ -165,7 +172,7 @@ def hold_write_lock(path: Path, seconds: float, held: threading.Event) -> thread
     return thread
 
 
-def loop_on(db: RouterDB, jobs: list[JobRecord]) -> tuple[Reconciler, StopDispatcher, AgentPool]:
+def loop_on(db: RouterDB, jobs: list[JobRecord]) -> tuple[ReconcileLoop, StopDispatcher, AgentPool]:
     pool = AgentPool(
         [AgentEntry(id="agent-1", url=f"http://127.0.0.1:{free_port()}")],  # unreachable: stops stay STOPPING
         {"agent-1": "t"},
@@ -174,7 +181,7 @@ def loop_on(db: RouterDB, jobs: list[JobRecord]) -> tuple[Reconciler, StopDispat
     )
     metrics = Metrics()
     dispatcher = StopDispatcher(db, pool, metrics, StopConfig(attempts=1))
-    loop = Reconciler(
+    loop = ReconcileLoop(
         db=db,
         airflow=FailedAirflow(jobs),
         agents=pool,
@@ -190,6 +197,7 @@ def loop_on(db: RouterDB, jobs: list[JobRecord]) -> tuple[Reconciler, StopDispat
     [(10_000, 2.0, "ok"), (300, 2.0, "db_error")],
     ids=["waits-for-the-lock", "reports-db-error"],
 )
+@pytest.mark.fast
 def test_a_locked_sqlite_router_db_makes_the_cycle_wait_or_report_db_error_and_it_recovers(
     tmp_path: Path, busy_timeout_ms: int, lock_seconds: float, first_result: str
 ) -> None:

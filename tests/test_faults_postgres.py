@@ -24,9 +24,9 @@ from sqlalchemy import create_engine, text
 
 from harness.agent import AgentProcess
 from harness.processes import free_port
+from harness.served import ServedAirflow
 from harness.sidecar import AgentRef, SidecarProcess
 from router_db import JobStatus, RouterDB
-from tests.test_faults import ServedAirflow
 
 
 def postgres_bindir() -> Path | None:

@@ -18,21 +18,20 @@ import pytest
 
 from harness.agent import AgentProcess
 from harness.processes import alive, free_port, process_group
+from harness.scripted import ScriptedAirflow, ti
+from harness.served import ServedAirflow
 from harness.sidecar import AgentRef, SidecarProcess
 from reconciler.agents import AgentPool
 from reconciler.config import AgentEntry, FleetConfig, PollConfig, StopConfig
 from reconciler.fleet import AgentState, Fleet, agent_state, orphans, partitioned
-from reconciler.loop import Reconciler
+from reconciler.loop import ReconcileLoop
 from reconciler.metrics import Metrics
 from reconciler.stops import StopDispatcher
 from router_db import JobRecord, JobStatus, NewJob, RouterDB, TaskInstanceKey
-from tests.test_faults import ServedAirflow
-from tests.test_loop import ScriptedAirflow, ti
 
 FLEET = FleetConfig(
     lost_after_seconds=2.0, check_interval_seconds=0.2, check_timeout_seconds=1.0, orphan_sweep_seconds=30.0
 )
-
 
 
 @pytest.fixture
@@ -65,7 +64,7 @@ class Sidecar:
         self.metrics = Metrics()
         self.fleet = Fleet(db=db, agents=pool, metrics=self.metrics, config=fleet)
         pool.avoid = lambda agent_id: self.fleet.state(agent_id) is AgentState.LOST
-        self.loop = Reconciler(
+        self.loop = ReconcileLoop(
             db=db,
             airflow=airflow,
             agents=pool,
@@ -95,7 +94,9 @@ class Sidecar:
 
 
 async def start_job(db: RouterDB, pool: AgentPool, agent: AgentProcess, task_id: str) -> JobRecord:
-    job, _ = db.submit(NewJob(TaskInstanceKey("d", task_id, "r"), agent.agent_id, "sleep 120"))
+    job, _ = db.submit(
+        NewJob(TaskInstanceKey(dag_id="d", task_id=task_id, run_id="r"), agent.agent_id, "sleep 120")
+    )
     await pool.client(agent.agent_id).run(job.job_id, {"command": "sleep 120"})
     return db.mark_running(job.job_id, source="test")
 
@@ -209,7 +210,9 @@ def test_exits_are_recorded_while_airflow_is_unreachable(db: RouterDB, tmp_path:
 
         async def scenario() -> None:
             try:
-                job, _ = db.submit(NewJob(TaskInstanceKey("d", "t", "r"), "agent-a", "exit 3"))
+                job, _ = db.submit(
+                    NewJob(TaskInstanceKey(dag_id="d", task_id="t", run_id="r"), "agent-a", "exit 3")
+                )
                 await pool.client("agent-a").run(job.job_id, {"command": "exit 3"})
                 db.mark_running(job.job_id, source="test")
                 airflow = ScriptedAirflow(fail_lists=True, fail_direct=True)
@@ -225,6 +228,7 @@ def test_exits_are_recorded_while_airflow_is_unreachable(db: RouterDB, tmp_path:
     assert record.rc == 3
 
 
+@pytest.mark.fast
 def test_an_agent_is_lost_only_by_a_check_sent_after_the_whole_silence() -> None:
     # The sidecar itself was paused for 200 s: the check in flight then "fails", but it was sent long
     # before; only a check sent lost_after seconds after the last answer may declare the agent lost.
@@ -239,13 +243,13 @@ def test_an_agent_is_lost_only_by_a_check_sent_after_the_whole_silence() -> None
     )
 
 
+@pytest.mark.fast
 def test_an_orphan_is_a_running_job_the_router_db_has_ended(db: RouterDB) -> None:
-    from agent_api.protocol import JobInfo
-    from agent_api.protocol import JobStatus as AgentJobStatus
+    from agent_api.protocol import AgentJobStatus, JobInfo
 
-    ended, _ = db.submit(NewJob(TaskInstanceKey("d", "ended", "r"), "agent-a", "x"))
+    ended, _ = db.submit(NewJob(TaskInstanceKey(dag_id="d", task_id="ended", run_id="r"), "agent-a", "x"))
     db.finish(ended.job_id, status=JobStatus.FAILED, rc=None, reason="lost", source="test")
-    active, _ = db.submit(NewJob(TaskInstanceKey("d", "active", "r"), "agent-a", "x"))
+    active, _ = db.submit(NewJob(TaskInstanceKey(dag_id="d", task_id="active", run_id="r"), "agent-a", "x"))
 
     def info(job_id: str) -> JobInfo:
         return JobInfo(job_id, AgentJobStatus.RUNNING, 1, None, None, None, None)
@@ -301,11 +305,12 @@ def test_the_sidecar_answers_at_once_for_a_lost_agent_and_gives_it_no_new_work(t
             airflow.stop()
 
 
+@pytest.mark.fast
 def test_most_agents_failing_at_once_is_taken_for_the_sidecars_own_outage(db: RouterDB) -> None:
     # Three agents nobody can reach (the sidecar's DNS or network policy broke): nobody is lost.
     entries = [AgentEntry(f"agent-{i}", f"http://127.0.0.1:{free_port()}") for i in range(3)]
     pool = AgentPool(entries, {e.id: "t" for e in entries}, timeout=1, stop_timeout=1)
-    job, _ = db.submit(NewJob(TaskInstanceKey("d", "t", "r"), "agent-0", "sleep 1"))
+    job, _ = db.submit(NewJob(TaskInstanceKey(dag_id="d", task_id="t", run_id="r"), "agent-0", "sleep 1"))
 
     async def scenario() -> dict[str, AgentState]:
         try:

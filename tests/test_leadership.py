@@ -7,6 +7,8 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
+
 from reconciler.config import LeaderConfig
 from reconciler.leadership import Leadership, holder_id
 from reconciler.metrics import Metrics
@@ -57,6 +59,7 @@ def test_a_released_lease_is_free_at_once_and_only_its_holder_can_release(router
     assert router_db.acquire_lease("l", "b", 60)
 
 
+@pytest.mark.fast
 def test_holder_ids_name_the_host_and_process_and_differ() -> None:
     first, second = holder_id(), holder_id()
     assert first != second and first.count(":") == 2
@@ -85,6 +88,7 @@ class CountingTerm:
             self.running -= 1
 
 
+@pytest.mark.fast
 def test_graceful_shutdown_hands_the_lease_to_a_standby_at_once(db: RouterDB) -> None:
     async def scenario() -> float:
         config = LeaderConfig(lease_seconds=30)  # far longer than the handover may take
@@ -112,6 +116,7 @@ def test_graceful_shutdown_hands_the_lease_to_a_standby_at_once(db: RouterDB) ->
     assert asyncio.run(scenario()) < 2.0
 
 
+@pytest.mark.fast
 def test_a_leader_whose_lease_was_taken_stops_its_loop_at_once(db: RouterDB) -> None:
     async def scenario() -> None:
         metrics = Metrics()
@@ -136,6 +141,7 @@ def test_a_leader_whose_lease_was_taken_stops_its_loop_at_once(db: RouterDB) -> 
     asyncio.run(scenario())
 
 
+@pytest.mark.fast
 def test_a_leader_that_cannot_reach_the_router_db_stops_its_loop_before_the_lease_expires(
     db: RouterDB,
 ) -> None:

@@ -30,14 +30,13 @@ import pytest
 from aiohttp import web
 from sqlalchemy import func, select
 
-from harness.served import ServedApp
+from harness.served import ServedAirflow, ServedApp
 from harness.sidecar import AgentRef, SidecarProcess
 from router_db import RouterDB
 from router_db.models import Job
-from tests.test_faults import ServedAirflow
 
 RATE = float(os.environ.get("AGENTIC_LOAD_RATE", "120"))  # submissions per second
-SECONDS = 30.0
+SECONDS = float(os.environ.get("AGENTIC_LOAD_SECONDS", "30"))  # shorter for a quick local look
 TOTAL = int(RATE * SECONDS)
 
 

@@ -10,21 +10,22 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TypeVar
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from harness.agent import AgentProcess
 from harness.processes import free_port
+from harness.scripted import ScriptedAirflow, ti
 from reconciler.agents import AgentPool
-from reconciler.airflow import AirflowError, TaskInstance
+from reconciler.airflow import TaskInstance
 from reconciler.config import AgentEntry, PollConfig, StopConfig
-from reconciler.loop import Reconciler
+from reconciler.loop import ReconcileLoop
 from reconciler.metrics import Metrics
 from reconciler.stops import StopDispatcher
 from router_db import JobRecord, JobStatus, NewJob, RouterDB, TaskInstanceKey
@@ -32,72 +33,26 @@ from router_db import JobRecord, JobStatus, NewJob, RouterDB, TaskInstanceKey
 T = TypeVar("T")
 
 
-@dataclass
-class ScriptedAirflow:
-    """Answers from a script: ``truth`` for direct reads, ``listed`` for list reads, or errors."""
-
-    truth: dict[tuple[str, str, str, int], TaskInstance | None] = field(default_factory=dict)
-    listed: list[TaskInstance] | None = None  # None: list reads return the truth
-    fail_lists: bool = False
-    fail_batch: bool = False  # only the full read's batch endpoint fails (a 403, a proxy's 413)
-    fail_direct: bool = False
-    calls: list[str] = field(default_factory=list)
-    since: list[datetime] = field(default_factory=list)
-
-    async def changed_since(self, since: datetime) -> list[TaskInstance]:
-        self.calls.append("changed_since")
-        self.since.append(since)
-        return self._list()
-
-    async def task_instance_pages(
-        self, *, dag_ids: Iterable[str], run_ids: Iterable[str], task_ids: Iterable[str]
-    ) -> AsyncIterator[list[TaskInstance]]:
-        self.calls.append("batch")
-        if self.fail_batch:
-            raise AirflowError("HTTP 403")
-        yield self._list()
-
-    async def get_task_instance(
-        self, dag_id: str, run_id: str, task_id: str, map_index: int
-    ) -> TaskInstance | None:
-        self.calls.append("direct")
-        if self.fail_direct:
-            raise AirflowError("HTTP 503")
-        return self.truth.get((dag_id, run_id, task_id, map_index))
-
-    async def ping(self) -> None:
-        self.calls.append("ping")
-        if self.fail_lists:
-            raise AirflowError("connection refused")
-
-    def _list(self) -> list[TaskInstance]:
-        if self.fail_lists:
-            raise AirflowError("HTTP 500")
-        if self.listed is not None:
-            return list(self.listed)
-        return [ti for ti in self.truth.values() if ti is not None]
-
-
-def ti(job: JobRecord, state: str | None, try_number: int | None = None) -> TaskInstance:
-    k = job.key
-    return TaskInstance(k.dag_id, k.run_id, k.task_id, k.map_index, state, try_number or k.try_number, None)
-
-
-
 def running_job(
     db: RouterDB, task_id: str = "t", try_number: int = 1, agent_id: str = "agent-1"
 ) -> JobRecord:
-    job, _ = db.submit(NewJob(TaskInstanceKey("d", task_id, "r", -1, try_number), agent_id, "sleep 60"))
+    job, _ = db.submit(
+        NewJob(
+            TaskInstanceKey(dag_id="d", task_id=task_id, run_id="r", map_index=-1, try_number=try_number),
+            agent_id,
+            "sleep 60",
+        )
+    )
     return db.mark_running(job.job_id, source="test")
 
 
 def make_loop(
     db: RouterDB, airflow: ScriptedAirflow, agents: AgentPool, **poll: float | str
-) -> tuple[Reconciler, StopDispatcher]:
+) -> tuple[ReconcileLoop, StopDispatcher]:
     metrics = Metrics()
     dispatcher = StopDispatcher(db, agents, metrics, StopConfig(attempts=1, backoff_initial_seconds=0.01))
     config = PollConfig(**{"full_resync_seconds": 3600.0, "agent_sync_per_cycle": 0, **poll})  # type: ignore[arg-type]
-    return Reconciler(
+    return ReconcileLoop(
         db=db, airflow=airflow, agents=agents, dispatcher=dispatcher, metrics=metrics, poll=config
     ), dispatcher
 
@@ -120,6 +75,7 @@ def run(scenario: Callable[[AgentPool], Awaitable[T]]) -> T:
     return asyncio.run(main())
 
 
+@pytest.mark.fast
 def test_first_cycle_reads_everything_then_only_what_changed(db: RouterDB) -> None:
     job = running_job(db)
     airflow = ScriptedAirflow(truth={("d", "r", "t", -1): ti(job, "deferred")})
@@ -139,6 +95,7 @@ def test_first_cycle_reads_everything_then_only_what_changed(db: RouterDB) -> No
     assert db.get(job.job_id).status is JobStatus.RUNNING  # type: ignore[union-attr]
 
 
+@pytest.mark.fast
 def test_failed_incremental_read_does_not_advance_the_watermark(db: RouterDB) -> None:
     job = running_job(db)
     airflow = ScriptedAirflow(truth={("d", "r", "t", -1): ti(job, "deferred")})
@@ -157,6 +114,7 @@ def test_failed_incremental_read_does_not_advance_the_watermark(db: RouterDB) ->
     run(scenario)
 
 
+@pytest.mark.fast
 def test_full_resync_runs_again_after_its_interval(db: RouterDB) -> None:
     job = running_job(db)
     airflow = ScriptedAirflow(truth={("d", "r", "t", -1): ti(job, "deferred")})
@@ -172,6 +130,7 @@ def test_full_resync_runs_again_after_its_interval(db: RouterDB) -> None:
     assert airflow.calls.count("batch") == 2
 
 
+@pytest.mark.fast
 def test_the_full_read_checks_every_job_of_a_task_instance(db: RouterDB) -> None:
     # Two live jobs of one task instance: the old try's job must go, whichever the read meets first.
     old = running_job(db, "t", try_number=1)
@@ -190,6 +149,7 @@ def test_the_full_read_checks_every_job_of_a_task_instance(db: RouterDB) -> None
     assert run(scenario) == {old.job_id, gone_old.job_id, gone_new.job_id}
 
 
+@pytest.mark.fast
 def test_a_failing_full_read_backs_off_and_incremental_reads_go_on(db: RouterDB) -> None:
     job = running_job(db)
     airflow = ScriptedAirflow(truth={("d", "r", "t", -1): ti(job, "deferred")})
@@ -215,6 +175,7 @@ def test_a_failing_full_read_backs_off_and_incremental_reads_go_on(db: RouterDB)
     run(scenario)
 
 
+@pytest.mark.fast
 def test_a_full_read_failing_from_the_start_does_not_block_incremental_reads(db: RouterDB) -> None:
     job = running_job(db)
     airflow = ScriptedAirflow(truth={("d", "r", "t", -1): ti(job, "deferred")}, fail_batch=True)
@@ -229,11 +190,26 @@ def test_a_full_read_failing_from_the_start_does_not_block_incremental_reads(db:
     run(scenario)
 
 
+@pytest.mark.fast
 def test_a_job_of_a_deleted_run_is_stopped_when_the_run_is_created_again(db: RouterDB) -> None:
     # The run was deleted and triggered again with the same run_id: same key, same try, another task
     # instance. The old job must go; the new run's job (its own identity) stays.
-    old, _ = db.submit(NewJob(TaskInstanceKey("d", "t", "r", -1, 1), "agent-1", "sleep 60", "ti-old"))
-    new, _ = db.submit(NewJob(TaskInstanceKey("d", "t", "r", -1, 1), "agent-1", "sleep 60", "ti-new"))
+    old, _ = db.submit(
+        NewJob(
+            TaskInstanceKey(dag_id="d", task_id="t", run_id="r", map_index=-1, try_number=1),
+            "agent-1",
+            "sleep 60",
+            "ti-old",
+        )
+    )
+    new, _ = db.submit(
+        NewJob(
+            TaskInstanceKey(dag_id="d", task_id="t", run_id="r", map_index=-1, try_number=1),
+            "agent-1",
+            "sleep 60",
+            "ti-new",
+        )
+    )
     for job in (old, new):
         db.mark_running(job.job_id, source="test")
     now_running = TaskInstance("d", "r", "t", -1, "deferred", 1, None, "ti-new")
@@ -249,6 +225,7 @@ def test_a_job_of_a_deleted_run_is_stopped_when_the_run_is_created_again(db: Rou
     assert run(scenario) == [(old.job_id, "ti_replaced")] * 2
 
 
+@pytest.mark.fast
 def test_absent_in_a_full_read_stops_only_once_a_direct_read_confirms(db: RouterDB) -> None:
     deleted = running_job(db, "deleted")
     lagging = running_job(db, "lagging")
@@ -267,6 +244,7 @@ def test_absent_in_a_full_read_stops_only_once_a_direct_read_confirms(db: Router
     assert airflow.calls.count("direct") == 2
 
 
+@pytest.mark.fast
 def test_a_task_missing_from_an_incremental_read_is_left_alone(db: RouterDB) -> None:
     job = running_job(db)
     airflow = ScriptedAirflow(truth={("d", "r", "t", -1): ti(job, "deferred")})
@@ -283,6 +261,7 @@ def test_a_task_missing_from_an_incremental_read_is_left_alone(db: RouterDB) -> 
     assert "direct" not in airflow.calls
 
 
+@pytest.mark.fast
 def test_dry_run_decides_but_changes_nothing(db: RouterDB) -> None:
     job = running_job(db)
     airflow = ScriptedAirflow(truth={("d", "r", "t", -1): ti(job, "failed")})
@@ -298,7 +277,9 @@ def test_dry_run_decides_but_changes_nothing(db: RouterDB) -> None:
 
 def test_a_restarted_reconciler_finishes_a_stop_left_pending(db: RouterDB, tmp_path: Path) -> None:
     with AgentProcess(tmp_path / "agent", agent_id="agent-1", token="t0ken") as agent:
-        job, _ = db.submit(NewJob(TaskInstanceKey("d", "t", "r"), "agent-1", "sleep 60"))
+        job, _ = db.submit(
+            NewJob(TaskInstanceKey(dag_id="d", task_id="t", run_id="r"), "agent-1", "sleep 60")
+        )
         pool = AgentPool([AgentEntry("agent-1", agent.url)], {"agent-1": "t0ken"}, timeout=5, stop_timeout=30)
 
         async def scenario() -> None:
@@ -356,6 +337,7 @@ LIST_ANSWER = st.one_of(
     own_state=st.sampled_from(["running", "deferred"]),
     script=st.lists(st.tuples(LIST_ANSWER, st.booleans(), st.booleans()), min_size=1, max_size=8),
 )
+@pytest.mark.fast
 def test_no_sequence_of_observations_stops_a_job_whose_task_runs_on_its_own_try(
     db: RouterDB, own_state: str, script: list[tuple[object, bool, bool]]
 ) -> None:
@@ -420,7 +402,9 @@ def test_a_stop_pending_past_its_deadline_is_sent_with_force(db: RouterDB, tmp_p
     # can end it quickly.
     with AgentProcess(tmp_path / "agent", agent_id="agent-1", token="t0ken", grace_seconds=60) as agent:
         pool = AgentPool([AgentEntry("agent-1", agent.url)], {"agent-1": "t0ken"}, timeout=5, stop_timeout=90)
-        job, _ = db.submit(NewJob(TaskInstanceKey("d", "t", "r"), "agent-1", "trap '' TERM; sleep 60"))
+        job, _ = db.submit(
+            NewJob(TaskInstanceKey(dag_id="d", task_id="t", run_id="r"), "agent-1", "trap '' TERM; sleep 60")
+        )
 
         async def scenario() -> float:
             try:

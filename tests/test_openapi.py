@@ -9,6 +9,7 @@ so the test can choose what Airflow says without starting one.
 
 from __future__ import annotations
 
+import ast
 import json
 import re
 import threading
@@ -32,7 +33,8 @@ from harness.agent import AgentProcess
 from harness.processes import free_port
 from harness.sidecar import AgentRef, SidecarProcess
 
-DOCS = Path(__file__).resolve().parent.parent / "docs"
+ROOT = Path(__file__).resolve().parent.parent
+DOCS = ROOT / "docs"
 HTTP_METHODS = {"get", "put", "post", "delete", "options", "head", "patch", "trace"}
 INTERVAL = 0.3
 # Documented answers no test can provoke without a bug in the server.
@@ -48,9 +50,9 @@ def pointer(*parts: str) -> str:
 # Keywords a schema object may use here (JSON Schema 2020-12 plus OpenAPI's annotations); anything
 # else is most likely YAML gone wrong (an unquoted comma in a flow mapping makes a key of it).
 SCHEMA_KEYWORDS = {
-    "$ref", "type", "enum", "const", "properties", "required", "additionalProperties", "items",
-    "minItems", "minimum", "maximum", "exclusiveMinimum", "minLength", "maxLength", "pattern", "format",
-    "oneOf", "not", "default", "description",
+    "$ref", "type", "enum", "const", "properties", "required", "additionalProperties", "propertyNames",
+    "items", "minItems", "minimum", "maximum", "exclusiveMinimum", "minLength", "maxLength", "pattern",
+    "format", "oneOf", "anyOf", "not", "default", "description",
 }  # fmt: skip
 
 
@@ -59,12 +61,12 @@ def schemas_in(node: Any) -> Iterator[dict[str, Any]]:
     if isinstance(node, dict):
         for key, value in node.items():
             if key == "schema" or (
-                key in ("items", "not", "additionalProperties") and isinstance(value, dict)
+                key in ("items", "not", "additionalProperties", "propertyNames") and isinstance(value, dict)
             ):
                 yield value
             elif key in ("properties",) or (key == "schemas" and isinstance(value, dict)):
                 yield from (v for v in value.values() if isinstance(v, dict))
-            elif key == "oneOf":
+            elif key in ("oneOf", "anyOf"):
                 yield from value
             yield from schemas_in(value)
     elif isinstance(node, list):
@@ -181,6 +183,7 @@ class Spec:
             jsonschema.validate(value, header["schema"])
 
 
+@pytest.mark.fast
 def test_the_documents_are_valid_openapi_3_1() -> None:
     for name in ("openapi-agent.yaml", "openapi-sidecar.yaml"):
         doc = yaml.safe_load((DOCS / name).read_text(encoding="utf-8"))
@@ -190,6 +193,71 @@ def test_the_documents_are_valid_openapi_3_1() -> None:
             assert set(schema) <= SCHEMA_KEYWORDS, f"{name}: unexpected keys {set(schema) - SCHEMA_KEYWORDS}"
 
 
+def registered_routes(package: str) -> set[tuple[str, str]]:
+    """(method, path) of every route ``package``'s source registers with aiohttp, as
+    ``<app>.router.add_<method>("<path>", ...)`` or ``<app>.router.add_route("<METHOD>", "<path>", ...)``."""
+    routes: set[tuple[str, str]] = set()
+    for source in sorted((ROOT / package).rglob("*.py")):
+        for node in ast.walk(ast.parse(source.read_text(encoding="utf-8"))):
+            if not (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and isinstance(node.func.value, ast.Attribute)
+                and node.func.value.attr == "router"
+            ):
+                continue
+            literals = [arg.value for arg in node.args if isinstance(arg, ast.Constant)]
+            if node.func.attr == "add_route" and len(literals) >= 2:
+                routes.add((str(literals[0]).lower(), str(literals[1])))
+            elif node.func.attr.removeprefix("add_") in HTTP_METHODS and literals:
+                routes.add((node.func.attr.removeprefix("add_"), str(literals[0])))
+    return routes
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize(
+    ("document", "package"), [("openapi-agent.yaml", "agent"), ("openapi-sidecar.yaml", "reconciler")]
+)
+def test_every_route_a_service_registers_is_documented_and_every_documented_one_is_served(
+    document: str, package: str
+) -> None:
+    doc = yaml.safe_load((DOCS / document).read_text(encoding="utf-8"))
+    documented = {(m, route) for route, item in doc["paths"].items() for m in item if m in HTTP_METHODS}
+    registered = registered_routes(package)
+    assert registered, f"no route found in {package}/: registered differently than this test reads?"
+    assert registered <= documented, f"{document} lacks {sorted(registered - documented)}"
+
+    def served(method: str, route: str) -> bool:
+        """A literal path is also served by a template it matches (GET /jobs/update_status is the job
+        lookup of GET /jobs/{job_id})."""
+        return any(
+            m == method and (r == route or re.fullmatch(re.sub(r"\{[^}]+\}", "[^/{}]+", r), route))
+            for m, r in registered
+        )
+
+    unserved = sorted(op for op in documented if not served(*op))
+    assert not unserved, f"{document} documents what {package}/ does not serve: {unserved}"
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize("name", ["openapi-agent.yaml", "openapi-sidecar.yaml"])
+def test_every_request_example_matches_its_schema(name: str) -> None:
+    """Examples are what a reader copies, and what Schemathesis sends first (tests/test_api_contract.py)."""
+    spec = Spec(DOCS / name)
+    examples = 0
+    for route, item in spec.doc["paths"].items():
+        for method, operation in item.items():
+            for media, body in operation.get("requestBody", {}).get("content", {}).items():
+                schema = pointer("paths", route, method, "requestBody", "content", media, "schema")
+                for example_name, example in body.get("examples", {}).items():
+                    spec.validate(
+                        schema, example["value"], f"{method.upper()} {route} example {example_name}"
+                    )
+                    examples += 1
+    assert examples, f"{name} has no request example"
+
+
+@pytest.mark.fast
 def test_date_times_are_really_checked() -> None:
     """Without rfc3339-validator installed, format: date-time would silently accept anything."""
     checker = jsonschema.Draft202012Validator.FORMAT_CHECKER
@@ -212,11 +280,22 @@ def test_agent_answers_match_the_documented_api(agent: AgentProcess) -> None:
         httpx.Client(base_url=agent.url, headers=auth, timeout=30) as api,
         httpx.Client(base_url=agent.url, timeout=30) as anonymous,
     ):
-        spec.check(anonymous.get("/health"), 200)
+        for path in ("/healthz", "/health", "/readyz"):
+            spec.check(anonymous.get(path), 200)
+        moved = agent.home.with_name(agent.home.name + "-moved")
+        agent.home.rename(moved)  # no job yet: nothing else looks at the home meanwhile
+        try:
+            assert spec.check(anonymous.get("/readyz"), 503).json()["problems"]
+        finally:
+            moved.rename(agent.home)
         run = {"job_id": "doc-long", "payload": {"command": "sleep 30", "env": {"A": "1"}, "cwd": "/"}}
         spec.check(api.post("/run", json=run), 201)
         spec.check(api.post("/run", json=run), 409)
         spec.check(api.post("/run", json={**run, "job_id": "doc-x", "extra": 1}), 400)
+        for payload in ({"cwd": "/no/such/dir"}, {"run_as": "no-such-user"}, {"env": {"A=B": "1"}}):
+            refused = {"job_id": "doc-refused", "payload": {"command": "true", **payload}}
+            spec.check(api.post("/run", json=refused), 400)
+        spec.check(api.get("/jobs/doc-refused"), 404)  # a refused job is not recorded
         spec.check(anonymous.post("/run", json=run), 401)
         huge = {"job_id": "doc-huge", "payload": {"command": "x" * (1024 * 1024 + 1)}}
         spec.check(api.post("/run", json=huge), 413)
@@ -224,6 +303,8 @@ def test_agent_answers_match_the_documented_api(agent: AgentProcess) -> None:
 
         with httpx.Client(base_url=agent.url, headers={"X-Agent-Token": agent.token}) as other_scheme:
             spec.check(other_scheme.get("/jobs/doc-long"), 200)
+        with httpx.Client(base_url=agent.url, headers={"Authorization": f"bEaReR {agent.token}"}) as cased:
+            spec.check(cased.get("/jobs/doc-long"), 200)
         spec.check(api.get("/jobs/.hidden"), 400)
         spec.check(api.get("/jobs/doc-nope"), 404)
         spec.check(anonymous.get("/jobs/doc-long"), 401)
@@ -246,6 +327,7 @@ def test_agent_answers_match_the_documented_api(agent: AgentProcess) -> None:
         spec.check(anonymous.get("/jobs/doc-echo/log"), 401)
 
         spec.check(api.post("/stop/doc-long", json={"reason": "a\u0000b"}), 400)
+        spec.check(api.post("/stop/doc-long", json={"reason": "x" * (1024 * 1024 + 1)}), 413)
         stopped = spec.check(api.post("/stop/doc-long", json={"force": False, "reason": "docs"}), 200)
         assert stopped.json()["action"] == "terminated"
         again = spec.check(api.post("/stop/doc-long"), 200)
@@ -259,6 +341,7 @@ def test_agent_answers_match_the_documented_api(agent: AgentProcess) -> None:
         for method, path in (
             ("PUT", "/run"), ("DELETE", "/jobs"), ("DELETE", "/jobs/doc-long"),
             ("PATCH", "/jobs/doc-echo/log"), ("GET", "/stop/doc-long"), ("POST", "/health"),
+            ("POST", "/healthz"), ("DELETE", "/readyz"),
         ):  # fmt: skip
             spec.check_not_allowed(api.request(method, path))
     assert spec.documented() - UNPROVOKABLE <= spec.seen, spec.documented() - UNPROVOKABLE - spec.seen
@@ -407,6 +490,16 @@ def test_sidecar_answers_match_the_documented_api(agent: AgentProcess, tmp_path:
         assert "env.A" in nul.json()["error"]
         spec.check(anonymous.post("/jobs", json=submission("long")), 401)
         spec.check(api.post("/jobs", json=submission("huge", command="x" * (2 * 1024 * 1024))), 413)
+        spec.check(api.post("/jobs", json=submission("long-cmd", command="x" * (64 * 1024 + 1))), 400)
+        spec.check(api.post("/jobs", json=submission("mapped", map_index=2**31)), 400)
+        spec.check(api.post("/jobs", json=submission("nowhere", agent_id="agent-9")), 400)
+        spec.check(api.post("/jobs", json=submission("nowhere", labels=["gpu"])), 400)
+        refused = spec.check(api.post("/jobs", json=submission("refused", cwd="/no/such/dir")), 201).json()
+        assert (refused["status"], refused["reason"].startswith("agent refused")) == ("FAILED", True)
+        with httpx.Client(
+            base_url=sidecar.url, headers={"Authorization": f"bEaReR {sidecar.token}"}
+        ) as cased:
+            spec.check(cased.get(f"/jobs/{long_job}"), 200)
 
         spec.check(api.get("/jobs", params={"dag_id": "docs", "status": "RUNNING"}), 200)
         spec.check(api.get("/jobs", params={"status": "BOGUS"}), 400)
@@ -433,6 +526,9 @@ def test_sidecar_answers_match_the_documented_api(agent: AgentProcess, tmp_path:
         update = "/jobs/update_status"
         spec.check(anonymous.post(update, json={"job_id": long_job, "status": "failed"}), 401)
         spec.check(api.post(update, json={"status": "failed"}), 400)
+        spec.check(api.post(update, json={"job_id": long_job, "status": "x" * (1024 * 1024)}), 413)
+        spec.check(api.get(update), 404)  # the job lookup, for the id "update_status"
+        spec.check(anonymous.get(update), 401)
         spec.check(api.post(update, json={"job_id": "no-such-job", "status": "failed"}), 404)
         kept = spec.check(api.post("/jobs", json=submission("kept")), 201).json()["job_id"]
         spec.check(api.post(update, json={"job_id": kept, "status": "failed"}), 409)
@@ -486,7 +582,7 @@ def test_sidecar_answers_match_the_documented_api(agent: AgentProcess, tmp_path:
         spec.check(api.get("/jobs"), 429)
         spec.check(api.post("/jobs", json=submission("limited")), 429)
         spec.check(api.post("/jobs/update_status", json={"job_id": "x", "status": "failed"}), 429)
-        for path in ("/jobs/x", "/jobs/x/log", "/jobs/x/events"):
+        for path in ("/jobs/x", "/jobs/x/log", "/jobs/x/events", "/jobs/update_status"):
             spec.check(api.get(path), 429)
     assert spec.documented() - UNPROVOKABLE <= spec.seen, spec.documented() - UNPROVOKABLE - spec.seen
     assert "MethodNotAllowed" in spec.seen_responses

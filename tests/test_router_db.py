@@ -8,7 +8,7 @@ import pytest
 
 from router_db import JobStatus, NewJob, RouterDB, StaleTransition, TaskInstanceKey
 
-KEY = TaskInstanceKey("etl", "extract", "manual__1", -1, 1)
+KEY = TaskInstanceKey(dag_id="etl", task_id="extract", run_id="manual__1", map_index=-1, try_number=1)
 
 
 def _submit(db: RouterDB, key: TaskInstanceKey = KEY) -> str:
@@ -34,10 +34,16 @@ def test_second_submit_of_the_same_try_returns_the_existing_job(router_db: Route
 
 def test_each_try_and_map_index_is_its_own_job(router_db: RouterDB) -> None:
     first = _submit(router_db)
-    second = _submit(router_db, TaskInstanceKey("etl", "extract", "manual__1", -1, 2))
-    mapped = _submit(router_db, TaskInstanceKey("etl", "extract", "manual__1", 3, 1))
+    second = _submit(
+        router_db,
+        TaskInstanceKey(dag_id="etl", task_id="extract", run_id="manual__1", map_index=-1, try_number=2),
+    )
+    mapped = _submit(
+        router_db,
+        TaskInstanceKey(dag_id="etl", task_id="extract", run_id="manual__1", map_index=3, try_number=1),
+    )
     assert len({first, second, mapped}) == 3
-    latest = router_db.find_latest("etl", "extract", "manual__1")
+    latest = router_db.find_latest(dag_id="etl", task_id="extract", run_id="manual__1")
     assert latest is not None and latest.job_id == second
 
 
@@ -76,10 +82,10 @@ def test_final_status_cannot_change_and_the_refusal_changes_nothing(router_db: R
 
 
 def test_active_lists_queued_running_and_stopping_only(router_db: RouterDB) -> None:
-    queued = _submit(router_db, TaskInstanceKey("d", "a", "r"))
-    running = _submit(router_db, TaskInstanceKey("d", "b", "r"))
-    stopping = _submit(router_db, TaskInstanceKey("d", "c", "r"))
-    done = _submit(router_db, TaskInstanceKey("d", "e", "r"))
+    queued = _submit(router_db, TaskInstanceKey(dag_id="d", task_id="a", run_id="r"))
+    running = _submit(router_db, TaskInstanceKey(dag_id="d", task_id="b", run_id="r"))
+    stopping = _submit(router_db, TaskInstanceKey(dag_id="d", task_id="c", run_id="r"))
+    done = _submit(router_db, TaskInstanceKey(dag_id="d", task_id="e", run_id="r"))
     router_db.mark_running(running, source="t")
     router_db.request_stop(stopping, stop_status=JobStatus.FAILED, reason="x", source="t")
     router_db.finish(done, status=JobStatus.FAILED, rc=1, reason="x", source="t")
@@ -114,7 +120,10 @@ def test_naive_datetimes_are_refused(router_db: RouterDB) -> None:
 
 
 def test_import_running_records_many_jobs_with_their_audit_rows(router_db: RouterDB) -> None:
-    new = [NewJob(TaskInstanceKey("d", f"t{i}", "r"), "agent-1", "sleep 1") for i in range(500)]
+    new = [
+        NewJob(TaskInstanceKey(dag_id="d", task_id=f"t{i}", run_id="r"), "agent-1", "sleep 1")
+        for i in range(500)
+    ]
     ids = router_db.import_running(new, source="import")
     assert len(set(ids)) == 500
     active = router_db.active()

@@ -68,9 +68,13 @@ def test_an_old_router_db_is_upgraded_in_place_and_keeps_its_jobs(url: str, stam
         # The audit trail survives the table rebuild (SQLite would cascade the drop into it).
         assert [e.new_status for e in db.events("old-job")] == [JobStatus.QUEUED, JobStatus.RUNNING]
         # The old job answers for its key as before; a task instance of another identity gets its own.
-        again, created = db.submit(NewJob(TaskInstanceKey("d", "t", "r"), "agent-1", "sleep 1"))
+        again, created = db.submit(
+            NewJob(TaskInstanceKey(dag_id="d", task_id="t", run_id="r"), "agent-1", "sleep 1")
+        )
         assert (again.job_id, created) == ("old-job", False)
-        new, created = db.submit(NewJob(TaskInstanceKey("d", "t", "r"), "agent-1", "sleep 1", "ti-2"))
+        new, created = db.submit(
+            NewJob(TaskInstanceKey(dag_id="d", task_id="t", run_id="r"), "agent-1", "sleep 1", "ti-2")
+        )
         assert created and new.job_id != "old-job"
     finally:
         db.dispose()

@@ -12,7 +12,7 @@ import pytest
 
 from harness.processes import free_port
 from harness.sidecar import SidecarProcess
-from reconciler.ratelimit import RateLimiter
+from servicekit.ratelimit import RateLimiter
 
 
 def sidecar(workdir: Path, **kwargs: object) -> SidecarProcess:
@@ -77,6 +77,7 @@ def test_a_client_over_its_rate_gets_429_with_retry_after_then_is_served_again(t
         assert time.monotonic() - started < 10
 
 
+@pytest.mark.fast
 def test_the_bucket_refills_at_the_configured_rate() -> None:
     now = [100.0]
     limiter = RateLimiter(rate=0.5, burst=2, clock=lambda: now[0])
@@ -92,6 +93,7 @@ def test_the_bucket_refills_at_the_configured_rate() -> None:
 
 
 @pytest.mark.parametrize(("key", "value"), [("rate_limit_per_second", -1.0), ("rate_limit_burst", -1)])
+@pytest.mark.fast
 def test_negative_rate_settings_are_refused(key: str, value: float) -> None:
     from reconciler.config import ConfigError, parse_config
 

@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
-from agentic_airflow.sidecar import SidecarEndpoint, SidecarError, get_job, submit_job
+from agentic_airflow.sidecar_client import SidecarEndpoint, SidecarError, get_job, submit_job
 from harness.agent import AgentProcess
 from harness.processes import free_port
 from harness.sidecar import AgentRef, SidecarProcess
@@ -146,6 +146,7 @@ def test_plain_http_to_the_https_sidecar_is_refused(stand: tuple[AgentProcess, S
     ],
     ids=["key-missing", "cert-missing", "cert-unreadable", "key-unreadable", "cert-not-pem", "key-not-a-key"],
 )
+@pytest.mark.fast
 def test_bad_tls_settings_are_a_config_error_naming_the_key(
     pki: Pki, tmp_path: Path, http: dict[str, str], key: str
 ) -> None:

@@ -23,7 +23,7 @@ from harness.processes import alive, process_group
 from harness.served import ServedApp
 from reconciler.agents import AgentPool
 from reconciler.config import AgentEntry, StopConfig
-from reconciler.loop import refresh_from_agent
+from reconciler.job_service import refresh_from_agent
 from reconciler.metrics import Metrics
 from reconciler.stops import StopDispatcher
 from router_db import JobStatus, NewJob, RouterDB, TaskInstanceKey
@@ -85,7 +85,7 @@ def test_the_agent_lists_its_jobs_by_status(agent: AgentProcess) -> None:
 def test_a_queued_job_unknown_to_its_agent_is_given_up_only_after_the_start_grace(
     db: RouterDB, agent: AgentProcess
 ) -> None:
-    job, _ = db.submit(NewJob(TaskInstanceKey("d", "t", "r"), "agent-1", "sleep 60"))
+    job, _ = db.submit(NewJob(TaskInstanceKey(dag_id="d", task_id="t", run_id="r"), "agent-1", "sleep 60"))
 
     async def scenario() -> None:
         pool = pool_for(agent.url)
@@ -112,7 +112,7 @@ def test_a_queued_job_unknown_to_its_agent_is_given_up_only_after_the_start_grac
 def test_a_retried_stop_keeps_the_status_chosen_at_intent(db: RouterDB, agent: AgentProcess) -> None:
     # The task was marked success; the first stop killed the job but its answer was lost. The retry
     # finds the job ended (FAILED, by SIGTERM): the router DB records Airflow's verdict, rc the truth.
-    job, _ = db.submit(NewJob(TaskInstanceKey("d", "t", "r"), "agent-1", "sleep 60"))
+    job, _ = db.submit(NewJob(TaskInstanceKey(dag_id="d", task_id="t", run_id="r"), "agent-1", "sleep 60"))
 
     async def scenario() -> None:
         pool = pool_for(agent.url)
@@ -136,6 +136,7 @@ def test_a_retried_stop_keeps_the_status_chosen_at_intent(db: RouterDB, agent: A
     assert done is not None and done.status is JobStatus.SUCCEEDED and done.rc == -15
 
 
+@pytest.mark.fast
 def test_a_stop_whose_processes_survive_stays_stopping_and_is_retried_with_force(db: RouterDB) -> None:
     calls: list[dict[str, Any]] = []
 
@@ -158,7 +159,7 @@ def test_a_stop_whose_processes_survive_stays_stopping_and_is_retried_with_force
     app.router.add_post("/stop/{job_id}", stop)
     served = ServedApp(app)
     served.start()
-    job, _ = db.submit(NewJob(TaskInstanceKey("d", "t", "r"), "agent-1", "sleep 60"))
+    job, _ = db.submit(NewJob(TaskInstanceKey(dag_id="d", task_id="t", run_id="r"), "agent-1", "sleep 60"))
     db.mark_running(job.job_id, source="submit")
     stopping = db.request_stop(
         job.job_id, stop_status=JobStatus.FAILED, reason="task instance is failed", source="t"

@@ -15,9 +15,11 @@ import pytest
 from aiohttp import web
 
 from agentic_airflow.polling import Backoff, submit_patiently
-from agentic_airflow.sidecar import SidecarEndpoint, SidecarError
+from agentic_airflow.sidecar_client import SidecarEndpoint, SidecarError
 from harness.processes import free_port
 from harness.served import ServedApp
+
+pytestmark = pytest.mark.fast
 
 ACCEPTED = {"job_id": "j1", "agent_id": "agent-1", "status": "RUNNING", "created": True}
 

@@ -20,7 +20,7 @@ import httpx
 import pytest
 
 from agentic_airflow.polling import RESUME_SETTLE_SECONDS, Backoff, JobPoller
-from agentic_airflow.sidecar import (
+from agentic_airflow.sidecar_client import (
     AnswerKind,
     SidecarEndpoint,
     SidecarError,
@@ -89,12 +89,14 @@ def classify(
         (302, b"", "text/html", AnswerKind.UNUSABLE),
     ],
 )
+@pytest.mark.fast
 def test_answers_are_classified(status: int, body: bytes, content_type: str, kind: AnswerKind) -> None:
     answer = classify(status, body, content_type=content_type)
     assert answer.kind is kind, answer
     assert answer.final == (kind is AnswerKind.NO_SUCH_JOB or (answer.job or {}).get("status") == "FAILED")
 
 
+@pytest.mark.fast
 def test_only_terminal_statuses_and_the_sidecars_404_are_final() -> None:
     for status, final in (
         ("QUEUED", False),
@@ -125,12 +127,14 @@ def test_only_terminal_statuses_and_the_sidecars_404_are_final() -> None:
         ("inf", None),
     ],
 )
+@pytest.mark.fast
 def test_retry_after_reads_seconds_and_http_dates(header: str, seconds: float | None) -> None:
     assert retry_after_seconds(header, now=NOW) == seconds
     if seconds is not None:
         assert classify(429, retry=header).retry_after == seconds
 
 
+@pytest.mark.fast
 def test_backoff_doubles_from_the_poll_interval_to_its_cap_with_jitter() -> None:
     backoff = Backoff(1.0, 60.0, random.Random(1))
     ceilings = [2.0, 4.0, 8.0, 16.0, 32.0, 60.0, 60.0, 60.0]
@@ -264,6 +268,7 @@ class Run:
         return asyncio.run(asyncio.wait_for(self.poller.run(), timeout=10))
 
 
+@pytest.mark.fast
 def test_a_rate_limited_poll_waits_what_retry_after_asks_and_continues() -> None:
     run = Run(
         Sidecar(
@@ -284,6 +289,7 @@ def test_a_rate_limited_poll_waits_what_retry_after_asks_and_continues() -> None
     ]
 
 
+@pytest.mark.fast
 def test_retry_after_as_an_http_date_is_honoured_and_a_huge_one_capped() -> None:
     soon = format_datetime(datetime.now(UTC) + timedelta(seconds=40), usegmt=True)
     run = Run(
@@ -299,6 +305,7 @@ def test_retry_after_as_an_http_date_is_honoured_and_a_huge_one_capped() -> None
 
 
 @pytest.mark.parametrize("code", [401, 403])
+@pytest.mark.fast
 def test_a_refused_token_rereads_the_connection_and_retries_with_the_rotated_one(code: int) -> None:
     rotated = "the-rotated-token"
 
@@ -333,6 +340,7 @@ def test_a_refused_token_rereads_the_connection_and_retries_with_the_rotated_one
     ],
     ids=["html", "empty", "detail", "route", "other-job"],
 )
+@pytest.mark.fast
 def test_a_404_that_is_not_the_sidecars_answer_about_the_job_is_retried(answer: httpx.Response) -> None:
     run = Run(Sidecar(answer, answer, job("RUNNING"), job("FAILED", rc=1, reason="exit 1")))
     event = run.event()
@@ -342,6 +350,7 @@ def test_a_404_that_is_not_the_sidecars_answer_about_the_job_is_retried(answer: 
     assert "unusable answer" in warning and "HTTP 404" in warning
 
 
+@pytest.mark.fast
 def test_the_sidecars_own_404_for_the_job_ends_the_wait() -> None:
     run = Run(Sidecar(error(404, NOT_FOUND), job("SUCCEEDED")))
     event = run.event()
@@ -354,6 +363,7 @@ def test_the_sidecars_own_404_for_the_job_ends_the_wait() -> None:
     assert run.log.at("error") == [f"job {JOB}: {event['error']}; ending the task"]
 
 
+@pytest.mark.fast
 def test_a_terminal_status_ends_the_wait_with_the_jobs_outcome_and_output() -> None:
     run = Run(
         Sidecar(
@@ -412,6 +422,7 @@ def test_a_terminal_status_ends_the_wait_with_the_jobs_outcome_and_output() -> N
         "redirect",
     ],
 )
+@pytest.mark.fast
 def test_transient_trouble_is_logged_and_retried(answer: httpx.Response | Exception, logged: str) -> None:
     run = Run(Sidecar(answer, answer, answer, job("RUNNING"), job("SUCCEEDED")))
     assert run.event()["status"] == "SUCCEEDED"
@@ -424,6 +435,7 @@ def test_transient_trouble_is_logged_and_retried(answer: httpx.Response | Except
         assert run.clock.sleeps[0] >= 3.0  # Retry-After on a 503 is honoured too
 
 
+@pytest.mark.fast
 def test_an_unresolvable_connection_or_unloadable_ca_is_retried_and_the_token_never_logged() -> None:
     connection = Connection(
         SidecarError(f"the connection {CONN} is not defined"),
@@ -443,6 +455,7 @@ def test_an_unresolvable_connection_or_unloadable_ca_is_retried_and_the_token_ne
     assert TOKEN not in run.log.text
 
 
+@pytest.mark.fast
 def test_backoff_grows_over_consecutive_failures_and_restarts_after_an_answer() -> None:
     down = httpx.ConnectError("Connection refused")
     run = Run(Sidecar(*[down] * 7, job("RUNNING"), down, job("SUCCEEDED")))
@@ -454,6 +467,7 @@ def test_backoff_grows_over_consecutive_failures_and_restarts_after_an_answer() 
     assert POLL <= sleeps[8] <= 2 * POLL, sleeps
 
 
+@pytest.mark.fast
 def test_repeated_identical_trouble_is_logged_once_a_minute_and_each_new_kind_at_once() -> None:
     throttled = error(429, "rate limit exceeded; retry in 1 s", **{"Retry-After": "1"})
     refused = error(401, "missing or wrong token (Authorization: Bearer <token>)")
@@ -470,6 +484,7 @@ def test_repeated_identical_trouble_is_logged_once_a_minute_and_each_new_kind_at
     assert run.log.at("info") == [f"job {JOB}: sidecar at {BASE} answers again; failed polls: 156 over 156 s"]
 
 
+@pytest.mark.fast
 def test_a_sidecar_throttling_every_other_poll_does_not_fill_the_log() -> None:
     throttled = error(429, "rate limit exceeded; retry in 1 s", **{"Retry-After": "1"})
     # Each 429 then an answer: 2 s a pair, 80 s in all, with max_backoff 1.
@@ -481,6 +496,7 @@ def test_a_sidecar_throttling_every_other_poll_does_not_fill_the_log() -> None:
     assert len(run.log.at("info")) == 2  # the end of each reported streak, not of the held-back ones
 
 
+@pytest.mark.fast
 def test_get_job_returns_the_record_and_raises_on_anything_else() -> None:
     async def fetch(answer: httpx.Response) -> dict[str, Any]:
         async with httpx.AsyncClient(base_url=BASE, transport=httpx.MockTransport(Sidecar(answer))) as client:
@@ -589,6 +605,7 @@ def test_the_real_sidecars_answers_classify_as_expected(sidecar: SidecarProcess)
     assert kinds[-1].retry_after is not None and kinds[-1].retry_after >= 1
 
 
+@pytest.mark.fast
 def test_an_event_waits_out_the_settling_time_only_once_and_only_at_first() -> None:
     # A job that ended long after the trigger started fires at once: no settling wait at the end.
     polls = int(RESUME_SETTLE_SECONDS / POLL) + 2

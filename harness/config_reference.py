@@ -1,4 +1,4 @@
-"""The configuration reference, generated: ``python -m reconciler.docs > docs/configuration.md``.
+"""The configuration reference, generated: ``python -m harness.config_reference > docs/configuration.md``.
 
 Keys, types, defaults and environment variables come from the typed configuration
 (:mod:`reconciler.config`, :class:`agent.config.AgentConfig`); the prose comes from the comments above
@@ -24,9 +24,10 @@ from typing import Any, get_args, get_type_hints
 
 from agent import config as agent_config
 from reconciler import config as reconciler_config
+from servicekit.config import Bounds
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "config"
-REGENERATE = "python -m reconciler.docs > docs/configuration.md"
+REGENERATE = "python -m harness.config_reference > docs/configuration.md"
 
 # Keys the example files show without a comment of their own (the [[agents]] tables).
 FALLBACK_DOCS = {
@@ -57,6 +58,7 @@ class Key:
     default: str  # rendered as TOML, or a phrase ("required", "the host name", "unset")
     env: str | None  # the environment variable that overrides it, if any
     doc: list[str]  # comment lines, "# " removed, indentation kept
+    allowed: str = ""  # the bounds the loader applies ("> 0", "1-65535", "one of ..."), if any
 
 
 @dataclass
@@ -121,7 +123,7 @@ def reconciler_keys() -> list[Key]:
             env = None
             if section.name != "agents" and not isinstance(kind, types.GenericAlias):
                 env = f"{reconciler_config.ENV_PREFIX}{section.name}_{f.name}".upper()
-            keys.append(Key(section.name, f.name, _type_name(kind), _default(f), env, []))
+            keys.append(Key(section.name, f.name, _type_name(kind), _default(f), env, [], _allowed(f)))
     return keys
 
 
@@ -137,6 +139,7 @@ def agent_keys() -> list[Key]:
             special.get(f.name) or _default(f),
             agent_config.ENV_PREFIX + f.name.upper(),
             [],
+            _allowed(f),
         )
         for f in dataclasses.fields(agent_config.AgentConfig)
         if f.name != "tokens"  # read from token_env / token_file, never from the file
@@ -173,6 +176,31 @@ def _default(f: dataclasses.Field[Any]) -> str:
     if f.default_factory is not dataclasses.MISSING:
         return _toml(f.default_factory())
     return PHRASES[0]
+
+
+def _allowed(f: dataclasses.Field[Any]) -> str:
+    """The bounds declared beside the key's default (:func:`servicekit.config.setting`), in words."""
+    bounds: Bounds | None = f.metadata.get("bounds")
+    if bounds is None:
+        return ""
+    parts = []
+    if bounds.ge is not None and bounds.le is not None:
+        parts.append(f"{_num(bounds.ge)} to {_num(bounds.le)}")
+    elif bounds.ge is not None:
+        parts.append(f">= {_num(bounds.ge)}")
+    elif bounds.le is not None:
+        parts.append(f"<= {_num(bounds.le)}")
+    if bounds.gt is not None:
+        parts.append(f"> {_num(bounds.gt)}")
+    if bounds.one_of:
+        parts.append("one of " + ", ".join(f"`{v}`" for v in bounds.one_of))
+    if bounds.nonempty:
+        parts.append("not empty")
+    return "; ".join(parts)
+
+
+def _num(value: float) -> str:
+    return f"{int(value):,}" if float(value).is_integer() else str(value)
 
 
 def _toml(value: Any) -> str:
@@ -221,12 +249,13 @@ def _tables(keys: Sequence[Key], comments: Comments) -> list[str]:
     for table in dict.fromkeys(k.table for k in keys):
         header = "[[agents]]" if table == "agents" else f"[{table}]"
         out += [f"### `{header}`", "", *_prose(comments.tables.get(table, []))]
-        out += ["| key | type | default | environment variable |", "|---|---|---|---|"]
+        out += ["| key | type | default | allowed | environment variable |", "|---|---|---|---|---|"]
         rows = [k for k in keys if k.table == table]
         for k in rows:
             env = f"`{k.env}`" if k.env else "—"
             default = k.default if k.default in PHRASES else f"`{k.default}`"
-            out.append(f"| [`{k.name}`](#{table}-{k.name}) | {k.type} | {default} | {env} |")
+            allowed = k.allowed or "—"
+            out.append(f"| [`{k.name}`](#{table}-{k.name}) | {k.type} | {default} | {allowed} | {env} |")
         out.append("")
         for k in rows:
             out += [f'<a id="{table}-{k.name}"></a>**`{k.name}`**', "", *_prose(k.doc)]

@@ -1,4 +1,4 @@
-"""Per-client token buckets for the sidecar's API.
+"""Per-client token buckets for an HTTP API (the sidecar limits its router API with them).
 
 A client is whatever the caller says it is (the server passes the matched token's index, or the
 remote address when no valid token was sent). Each client has a bucket of ``burst`` tokens refilled at

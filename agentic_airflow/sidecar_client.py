@@ -1,6 +1,7 @@
 """The operator's and trigger's client of the sidecar's router API (httpx: Airflow ships it).
 
-No Airflow import here, so it is usable and testable on its own.
+No Airflow import here, so it is usable and testable on its own; the answers' words come from
+:mod:`sidecar_api.protocol`, the module the sidecar answers with.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from typing import Any
 
 import httpx
 
-TERMINAL = frozenset({"SUCCEEDED", "FAILED"})
+from sidecar_api.protocol import TERMINAL, job_not_found
+
 MAX_ERROR_CHARS = 300  # of an answer's error text quoted in a log line
 
 
@@ -183,7 +185,7 @@ def classify_job_answer(
             return JobAnswer(AnswerKind.UNUSABLE, "HTTP 200 describing another job")
         return JobAnswer(AnswerKind.JOB, f"job status {parsed['status']}", job=parsed)
     if status_code == 404:
-        if content_type.lower().startswith("application/json") and error == f"job not found: {job_id}":
+        if content_type.lower().startswith("application/json") and error == job_not_found(job_id):
             return JobAnswer(AnswerKind.NO_SUCH_JOB, error)
         return JobAnswer(
             AnswerKind.UNUSABLE, "HTTP 404 without the sidecar's job-not-found answer (a proxy's page?)"

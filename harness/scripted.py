@@ -1,0 +1,63 @@
+"""Airflow's answers from a script, for the poll loop run in-process: no server, no network."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from reconciler.airflow import AirflowError, TaskInstance
+from router_db import JobRecord
+
+
+@dataclass
+class ScriptedAirflow:
+    """Answers from a script: ``truth`` for direct reads, ``listed`` for list reads, or errors."""
+
+    truth: dict[tuple[str, str, str, int], TaskInstance | None] = field(default_factory=dict)
+    listed: list[TaskInstance] | None = None  # None: list reads return the truth
+    fail_lists: bool = False
+    fail_batch: bool = False  # only the full read's batch endpoint fails (a 403, a proxy's 413)
+    fail_direct: bool = False
+    calls: list[str] = field(default_factory=list)
+    since: list[datetime] = field(default_factory=list)
+
+    async def changed_since(self, since: datetime) -> list[TaskInstance]:
+        self.calls.append("changed_since")
+        self.since.append(since)
+        return self._list()
+
+    async def task_instance_pages(
+        self, *, dag_ids: Iterable[str], run_ids: Iterable[str], task_ids: Iterable[str]
+    ) -> AsyncIterator[list[TaskInstance]]:
+        self.calls.append("batch")
+        if self.fail_batch:
+            raise AirflowError("HTTP 403")
+        yield self._list()
+
+    async def get_task_instance(
+        self, *, dag_id: str, run_id: str, task_id: str, map_index: int
+    ) -> TaskInstance | None:
+        self.calls.append("direct")
+        if self.fail_direct:
+            raise AirflowError("HTTP 503")
+        return self.truth.get((dag_id, run_id, task_id, map_index))
+
+    async def ping(self) -> None:
+        self.calls.append("ping")
+        if self.fail_lists:
+            raise AirflowError("connection refused")
+
+    def _list(self) -> list[TaskInstance]:
+        if self.fail_lists:
+            raise AirflowError("HTTP 500")
+        if self.listed is not None:
+            return list(self.listed)
+        return [ti for ti in self.truth.values() if ti is not None]
+
+
+def ti(job: JobRecord, state: str | None, try_number: int | None = None) -> TaskInstance:
+    """The task instance of ``job`` as Airflow would answer it: in ``state``, on ``try_number``
+    (default: the job's own try)."""
+    k = job.key
+    return TaskInstance(k.dag_id, k.run_id, k.task_id, k.map_index, state, try_number or k.try_number, None)

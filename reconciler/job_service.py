@@ -1,0 +1,264 @@
+"""What the router API does, apart from HTTP: submit a job, refresh it from its agent, take a pushed
+state change, read a job, its events and its log. The HTTP layer (:mod:`reconciler.server`) parses and
+answers; the loop calls :func:`refresh_from_agent` for its rolling sweep.
+
+What an agent's answer means for the router DB is decided in :mod:`reconciler.outcome`; this module
+asks and records.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+from agent_api.client import AgentClient, AgentError, AgentRejected, AgentUnavailable, JobNotFound, LogChunk
+from reconciler.agents import AgentPool, NoAgent
+from reconciler.airflow import AirflowError
+from reconciler.fleet import AgentState
+from reconciler.logfields import job_fields
+from reconciler.outcome import Finish, GiveUp, MarkRunning, after_never_started_stop, after_status
+from reconciler.stops import StopDispatcher
+from router_db import EventRecord, JobRecord, JobStatus, NewJob, RouterDB, StaleTransition, TaskInstanceKey
+from sidecar_api.protocol import SubmitRequest, UpdateRequest, job_not_found
+
+if TYPE_CHECKING:
+    from reconciler.loop import ReconcileLoop
+
+log = logging.getLogger(__name__)
+
+UPDATE_WAIT_SECONDS = 15.0  # update_status answers with the stop's outcome if the agent is this quick
+LOST_AGENT_RETRY_AFTER = 15  # seconds: a submission to a lost agent is answered 503 with this
+
+
+class Refused(Exception):
+    """The request cannot be served as asked: ``status`` and the message say why (and ``retry_after``
+    when asking again later may work)."""
+
+    def __init__(self, status: int, message: str, *, retry_after: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.retry_after = retry_after
+
+
+class NoSuchJob(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class Submitted:
+    job: JobRecord
+    created: bool  # False: the same try was submitted before; this is its job
+
+
+@dataclass(frozen=True)
+class Update:
+    """What ``update_status`` did: ``action`` (none, already_final, stop_pending, kept, stopped,
+    stop_requested), the job before and after, and the HTTP status that says so."""
+
+    code: int
+    ok: bool
+    message: str
+    action: str
+    job: JobRecord | None
+    previous: JobStatus | None = None
+
+
+class JobService:
+    def __init__(
+        self, *, db: RouterDB, agents: AgentPool, loop: ReconcileLoop, dispatcher: StopDispatcher
+    ) -> None:
+        self._db = db
+        self._agents = agents
+        self._loop = loop
+        self._dispatcher = dispatcher
+
+    async def submit(self, request: SubmitRequest) -> Submitted:
+        """Record the try's job and start it on an agent; a resubmission of the same try returns its
+        job unchanged (idempotent). Refused (400) when no agent matches, (503) when the agent is lost."""
+        key = TaskInstanceKey(
+            dag_id=request.dag_id,
+            task_id=request.task_id,
+            run_id=request.run_id,
+            map_index=request.map_index,
+            try_number=request.try_number,
+        )
+        try:
+            agent_id = self._agents.route(agent_id=request.agent_id, labels=request.labels)
+        except NoAgent as exc:
+            raise Refused(400, str(exc)) from None
+        if self._loop.agent_states().get(agent_id) == AgentState.LOST and (
+            await asyncio.to_thread(self._db.find, key, request.ti_identity) is None
+        ):
+            # No new work for a lost agent (routing by labels already avoids it): the operator
+            # retries, and the job starts once the agent answers again.
+            raise Refused(
+                503,
+                f"agent {agent_id} is lost: it does not answer its health checks",
+                retry_after=LOST_AGENT_RETRY_AFTER,
+            )
+        new = NewJob(key, agent_id, request.command, request.ti_identity)
+        job, created = await asyncio.to_thread(self._db.submit, new)
+        if created:
+            job = await self._start_on_agent(job, request.payload)
+        return Submitted(job, created)
+
+    async def _start_on_agent(self, job: JobRecord, payload: dict[str, Any]) -> JobRecord:
+        try:
+            await self._agents.client(job.agent_id).run(job.job_id, payload)
+        except AgentRejected as exc:
+            return await asyncio.to_thread(
+                self._db.finish,
+                job.job_id,
+                status=JobStatus.FAILED,
+                rc=None,
+                reason=f"agent refused the job: {exc}",
+                source="submit",
+            )
+        except AgentUnavailable:
+            # The agent may or may not have started it: stay QUEUED; the loop asks the agent later
+            # and records RUNNING or FAILED, and stops it like any job if Airflow says so.
+            log.warning("agent unreachable at submit; job stays QUEUED", extra={"job_id": job.job_id})
+            return job
+        try:
+            return await asyncio.to_thread(self._db.mark_running, job.job_id, source="submit")
+        except StaleTransition:
+            return await asyncio.to_thread(self._db.get, job.job_id) or job
+
+    async def update_status(self, request: UpdateRequest) -> Update:
+        """The push path: someone reports a task's new state. The job is checked exactly as the poll
+        loop would: Airflow is read directly, and the job stops only if Airflow confirms it."""
+        if request.job_id is not None:
+            job = await asyncio.to_thread(self._db.get, request.job_id)
+        else:
+            job = await asyncio.to_thread(
+                self._db.find_latest,
+                dag_id=request.dag_id,
+                task_id=request.task_id,
+                run_id=request.run_id,
+                map_index=request.map_index,
+            )
+        if job is None:
+            return Update(404, False, "Job not found with provided identifiers", "none", None)
+        if not job.active:
+            return Update(200, True, f"job already ended {job.status}", "already_final", job)
+        if job.status is JobStatus.STOPPING:
+            return Update(200, True, "stop already under way", "stop_pending", job)
+        try:
+            stop = await self._loop.check(job, source="api")
+        except AirflowError as exc:
+            return Update(503, False, f"cannot confirm with Airflow ({exc}); nothing stopped", "none", job)
+        if stop is None:
+            message = "Airflow still wants this task instance to run; job not stopped"
+            return Update(409, False, message, "kept", job)
+        await self._dispatcher.wait(job.job_id, UPDATE_WAIT_SECONDS)
+        after = await asyncio.to_thread(self._db.get, job.job_id) or job
+        if after.status is JobStatus.STOPPING:
+            message = f"{stop.reason}; Agent communication failed or is slow, the stop is retried every cycle"
+            return Update(202, True, message, "stop_requested", after, previous=job.status)
+        return Update(200, True, stop.reason, "stopped", after, previous=job.status)
+
+    async def job(self, job_id: str) -> JobRecord:
+        """The job, refreshed from its agent when it is active there. An agent that does not answer
+        its health checks is not asked: the trigger polling this job must hear at once that the router
+        DB ended it, not after a timeout."""
+        job = await self.recorded(job_id)
+        if self._loop.answering(job.agent_id):
+            job = await refresh_from_agent(self._db, self._agents, job)
+        return job
+
+    async def recorded(self, job_id: str) -> JobRecord:
+        job = await asyncio.to_thread(self._db.get, job_id)
+        if job is None:
+            raise NoSuchJob(job_not_found(job_id))
+        return job
+
+    async def search(
+        self, *, dag_id: str | None, run_id: str | None, statuses: Sequence[JobStatus] | None, limit: int
+    ) -> list[JobRecord]:
+        return await asyncio.to_thread(
+            self._db.search, dag_id=dag_id, run_id=run_id, statuses=statuses, limit=limit
+        )
+
+    async def events(self, job_id: str) -> tuple[JobRecord, list[EventRecord]]:
+        job = await self.recorded(job_id)
+        return job, await asyncio.to_thread(self._db.events, job.job_id)
+
+    async def log(self, job: JobRecord, *, offset: int, limit: int | None) -> LogChunk:
+        """The job's output from its agent; Refused (502) when the agent does not answer, (404) when
+        it keeps no log of the job."""
+        if not self._loop.answering(job.agent_id):
+            state = self._loop.agent_states().get(job.agent_id, "unknown")
+            raise Refused(502, f"agent {job.agent_id} is {state}: it does not answer its health checks")
+        try:
+            return await self._agents.client(job.agent_id).log(job.job_id, offset=offset, limit=limit)
+        except JobNotFound:
+            raise Refused(404, f"agent {job.agent_id} has no log for job {job.job_id}") from None
+        except AgentError as exc:
+            raise Refused(502, f"agent {job.agent_id} communication failed: {exc}") from None
+
+
+async def refresh_from_agent(
+    db: RouterDB, agents: AgentPool, job: JobRecord, *, timeout: float = 5.0
+) -> JobRecord:
+    """Ask the job's agent about a queued or running job and record what it reports.
+
+    Used by the loop (its rolling sweep) and by ``GET /jobs/{id}`` (so the operator's trigger learns
+    of an exit at once). An unreachable agent leaves the record as it is.
+    """
+    if job.status not in (JobStatus.QUEUED, JobStatus.RUNNING):
+        return job
+    client = agents.client(job.agent_id)
+    try:
+        info = await asyncio.wait_for(client.get(job.job_id), timeout)
+    except JobNotFound:
+        info = None
+    except (AgentError, TimeoutError):
+        return job
+    outcome = after_status(
+        job.status,
+        info.status if info else None,
+        rc=info.rc if info else None,
+        reason=info.reason if info else None,
+        queued_for=(datetime.now(UTC) - job.created_at).total_seconds(),
+    )
+    if isinstance(outcome, Finish):
+        return await _record(db, job, outcome)
+    if isinstance(outcome, MarkRunning):
+        try:
+            return await asyncio.to_thread(db.mark_running, job.job_id, source="agent")
+        except StaleTransition:
+            return job
+    if isinstance(outcome, GiveUp):
+        return await _give_up(db, client, job, timeout)
+    return job
+
+
+async def _give_up(db: RouterDB, client: AgentClient, job: JobRecord, timeout: float) -> JobRecord:
+    """A queued job its agent never started is given up by a stop, which leaves a tombstone on the
+    agent so that a ``/run`` arriving even later is refused rather than started untracked."""
+    try:
+        result = await asyncio.wait_for(client.stop(job.job_id, reason="never started"), timeout)
+    except JobNotFound:  # an agent without tombstones
+        result = None
+    except (AgentError, TimeoutError):
+        return job
+    return await _record(
+        db,
+        job,
+        after_never_started_stop(action=result.action if result else None, rc=result.rc if result else None),
+    )
+
+
+async def _record(db: RouterDB, job: JobRecord, finish: Finish) -> JobRecord:
+    try:
+        done = await asyncio.to_thread(
+            db.finish, job.job_id, status=finish.status, rc=finish.rc, reason=finish.reason, source="agent"
+        )
+    except StaleTransition:
+        return await asyncio.to_thread(db.get, job.job_id) or job
+    log.info("job ended on agent: %s", finish.reason, extra=job_fields(job, action="record_exit"))
+    return done

@@ -1,0 +1,66 @@
+"""Named leases in the router DB: one holder at a time among the sidecar's replicas.
+
+A lease expires by the database's own clock, so replicas whose clocks disagree still agree on who holds it.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy import ColumnElement, Engine, delete, func, insert, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+
+from router_db.models import Lease
+
+
+class Leases:
+    """Take, renew, give up and look up leases; each call is one short transaction."""
+
+    def __init__(self, engine: Engine, sessions: sessionmaker[Session]) -> None:
+        self._engine = engine
+        self._sessions = sessions
+
+    def acquire(self, name: str, holder: str, ttl_seconds: float) -> bool:
+        """Take or renew lease ``name`` for ``ttl_seconds`` of the database's clock; True if held now.
+
+        A compare-and-set: the UPDATE matches only a lease that is expired or already ours, and the
+        INSERT of a missing lease loses to any concurrent one on the primary key. Two replicas racing
+        therefore never both win, and a renewal after expiry succeeds only if nobody took over.
+        """
+        now, until = self._db_now(), self._db_now(ttl_seconds)
+        with self._sessions() as session, session.begin():
+            taken = session.execute(
+                update(Lease)
+                .where(Lease.name == name, (Lease.holder == holder) | (Lease.expires_at <= now))
+                .values(holder=holder, expires_at=until)
+                .execution_options(synchronize_session=False)
+            )
+            if taken.rowcount == 1:  # type: ignore[attr-defined]
+                return True
+        try:
+            with self._sessions() as session, session.begin():
+                session.execute(insert(Lease).values(name=name, holder=holder, expires_at=until))
+        except IntegrityError:
+            return False  # the lease exists and is someone else's, or another replica inserted first
+        return True
+
+    def release(self, name: str, holder: str) -> bool:
+        """Give lease ``name`` up if ``holder`` has it, so a standby takes over at once."""
+        with self._sessions() as session, session.begin():
+            gone = session.execute(delete(Lease).where(Lease.name == name, Lease.holder == holder))
+            return gone.rowcount == 1  # type: ignore[attr-defined,no-any-return]
+
+    def holder(self, name: str) -> str | None:
+        """Who holds lease ``name`` now by the database's clock; None when it is free or expired."""
+        query = select(Lease.holder).where(Lease.name == name, Lease.expires_at > self._db_now())
+        with self._sessions() as session:
+            return session.scalars(query).one_or_none()
+
+    def _db_now(self, plus_seconds: float = 0.0) -> ColumnElement[Any]:
+        """The database's current time (plus an offset), as a SQL expression of its own clock."""
+        if self._engine.dialect.name == "sqlite":
+            # Same text format as stored datetimes (to the millisecond), so comparisons order correctly.
+            return func.strftime("%Y-%m-%d %H:%M:%f", "now", f"{plus_seconds:+.3f} seconds")
+        return func.now() + timedelta(seconds=plus_seconds)

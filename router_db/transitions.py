@@ -1,0 +1,66 @@
+"""Which job status may follow which, and the status changes callers ask the router DB for.
+
+:class:`router_db.store.RouterDB` applies a :class:`Transition` as a compare-and-set on the job's current
+status; a transition that :func:`allowed` refuses, or that another writer overtook, is not applied.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sidecar_api.protocol import TERMINAL, JobStatus
+
+# Which status may follow which. Terminal statuses are final.
+_ALLOWED: dict[JobStatus, frozenset[JobStatus]] = {
+    JobStatus.QUEUED: frozenset({JobStatus.RUNNING, JobStatus.STOPPING, *TERMINAL}),
+    JobStatus.RUNNING: frozenset({JobStatus.STOPPING, *TERMINAL}),
+    JobStatus.STOPPING: TERMINAL,
+    JobStatus.SUCCEEDED: frozenset(),
+    JobStatus.FAILED: frozenset(),
+}
+
+
+def allowed(old: JobStatus, new: JobStatus) -> bool:
+    """True if a job in status ``old`` may move to ``new``."""
+    return new in _ALLOWED[old]
+
+
+class StaleTransition(Exception):
+    """The job was not in a status from which the transition is allowed (someone else moved it)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Transition:
+    """One status change: to RUNNING, to STOPPING with the status to record once stopped, or final."""
+
+    job_id: str
+    new: JobStatus
+    reason: str | None
+    stop_status: JobStatus | None = None
+    rc: int | None = None
+
+    @classmethod
+    def running(cls, job_id: str) -> Transition:
+        return cls(job_id, JobStatus.RUNNING, "started on agent")
+
+    @classmethod
+    def stop(cls, job_id: str, stop_status: JobStatus, reason: str) -> Transition:
+        if stop_status not in TERMINAL:
+            raise ValueError(f"stop_status must be terminal, not {stop_status}")
+        return cls(job_id, JobStatus.STOPPING, reason, stop_status=stop_status)
+
+    @classmethod
+    def finish(cls, job_id: str, status: JobStatus, rc: int | None, reason: str | None) -> Transition:
+        if status not in TERMINAL:
+            raise ValueError(f"finish needs a terminal status, not {status}")
+        return cls(job_id, status, reason, rc=rc)
+
+    def values(self, now: datetime) -> dict[str, Any]:
+        """Columns set besides status, reason and updated_at."""
+        if self.new is JobStatus.STOPPING:
+            return {"stop_status": str(self.stop_status), "stop_requested_at": now}
+        if self.new in TERMINAL:
+            return {"rc": self.rc, "finished_at": now}
+        return {}

@@ -1,0 +1,1 @@
+"""The sidecar's router API as both sides speak it (:mod:`sidecar_api.protocol`); standard library only."""
