@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -75,6 +75,7 @@ class JobService:
         self._agents = agents
         self._loop = loop
         self._dispatcher = dispatcher
+        self._background: set[asyncio.Task[None]] = set()
 
     async def submit(self, request: SubmitRequest) -> Submitted:
         """Record the try's job and start it on an agent; a resubmission of the same try returns its
@@ -103,8 +104,36 @@ class JobService:
         new = NewJob(key, agent_id, request.command, request.ti_identity)
         job, created = await asyncio.to_thread(self._db.submit, new)
         if created:
+            self._later(self._stop_superseded(job))
             job = await self._start_on_agent(job, request.payload)
         return Submitted(job, created)
+
+    async def _stop_superseded(self, new: JobRecord) -> None:
+        """A new try of a task instance (or the first try of a re-created run's) means the jobs of the
+        older ones must stop: no need to wait for a poll to notice. Each is confirmed by a direct read
+        of the task instance, as every stop is, so a late or replayed submission stops nothing."""
+        key = new.key
+        older = await asyncio.to_thread(
+            self._db.active_tries,
+            dag_id=key.dag_id,
+            task_id=key.task_id,
+            run_id=key.run_id,
+            map_index=key.map_index,
+        )
+        for job in older:
+            if job.job_id == new.job_id or job.status is JobStatus.STOPPING:
+                continue
+            if job.key.try_number < key.try_number or job.ti_identity != new.ti_identity:
+                try:
+                    await self._loop.check(job, source="submit")
+                except AirflowError as exc:  # the poll loop will see it: only the shortcut is lost
+                    log.warning("cannot confirm an older try now: %s", exc, extra=job_fields(job))
+
+    def _later(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run ``work`` beside the request, which answers without waiting for it."""
+        task = asyncio.create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def _start_on_agent(self, job: JobRecord, payload: dict[str, Any]) -> JobRecord:
         try:

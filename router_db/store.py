@@ -88,6 +88,20 @@ class RouterDB:
             ).one_or_none()
             return JobRecord.from_row(row) if row is not None else None
 
+    def active_tries(self, *, dag_id: str, task_id: str, run_id: str, map_index: int = -1) -> list[JobRecord]:
+        """Every active job of a task instance, whatever its try (a cleared task's older tries)."""
+        with self._sessions() as session:
+            rows = session.scalars(
+                select(Job).where(
+                    Job.dag_id == dag_id,
+                    Job.task_id == task_id,
+                    Job.run_id == run_id,
+                    Job.map_index == map_index,
+                    Job.status.in_([str(s) for s in ACTIVE]),
+                )
+            ).all()
+            return [JobRecord.from_row(row) for row in rows]
+
     def search(
         self,
         *,
