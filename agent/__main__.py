@@ -36,6 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         print(f"agentic-agent: cannot run: {exc}", file=sys.stderr)
         return 1
+    except asyncio.CancelledError:
+        print("agentic-agent: stopped at once by a second signal", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         pass
     return 0

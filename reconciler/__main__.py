@@ -49,7 +49,11 @@ def main(argv: list[str] | None = None) -> int:
         return _db(config, args.action)
     if args.command == "once":
         return asyncio.run(_once(config, secrets, dry_run=args.dry_run))
-    asyncio.run(serve(config, secrets))
+    try:
+        asyncio.run(serve(config, secrets))
+    except asyncio.CancelledError:
+        print("stopped at once by a second signal; pending stops resume at the next start", file=sys.stderr)
+        return 1
     return 0
 
 

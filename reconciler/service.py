@@ -105,7 +105,9 @@ async def serve(config: ReconcilerConfig, secrets: Secrets) -> None:
                 await leadership.run(stopping, parts.loop.run)
             finally:
                 log.info("shutting down: finishing %d stop(s) under way", parts.dispatcher.inflight)
-                await parts.dispatcher.drain(SHUTDOWN_GRACE_SECONDS)
-                await leadership.release()
+                try:
+                    await parts.dispatcher.drain(SHUTDOWN_GRACE_SECONDS)  # a second signal cuts it short
+                finally:
+                    await leadership.release()  # a standby takes over at once either way
     finally:
         await parts.close()

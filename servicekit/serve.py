@@ -4,7 +4,8 @@
     async with serving(app, host=..., port=..., ssl_context=...):
         await stopping.wait()          # or: run the service's own loop until ``stopping`` is set
 
-Leaving the block stops accepting connections and gives requests in flight ``grace`` seconds.
+Leaving the block stops accepting connections and gives requests in flight ``grace`` seconds; a
+second signal cuts every wait short (the main task is cancelled).
 """
 
 from __future__ import annotations
@@ -22,11 +23,21 @@ ACCESS_LOG_FORMAT = '%a "%r" %s %b %Tfs'
 
 
 def shutdown_requested() -> asyncio.Event:
-    """An event set by SIGTERM or SIGINT (call inside the running loop)."""
+    """An event set by SIGTERM or SIGINT (call inside the running loop, from the main task).
+
+    A second signal cancels the main task: the person who sends it does not want to wait for the
+    work under way (stops in flight resume after the restart, from the router DB)."""
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
+    main = asyncio.current_task()
+
+    def on_signal() -> None:
+        if stopping.is_set() and main is not None:
+            main.cancel("a second signal: shutting down at once")
+        stopping.set()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stopping.set)
+        loop.add_signal_handler(sig, on_signal)
     return stopping
 
 

@@ -66,3 +66,51 @@ def test_sigterm_lets_a_stop_under_way_finish_and_logs_are_json(tmp_path: Path) 
     assert stopped and stopped[0]["job_id"] == job_id and stopped[0]["agent_id"] == "agent-1"
     assert any("shutting down" in line["msg"] for line in lines)
     assert all(set(line) >= {"ts", "level", "logger", "msg"} for line in lines)
+
+
+def test_a_second_sigterm_stops_the_sidecar_at_once_and_the_stop_resumes_after_restart(
+    tmp_path: Path,
+) -> None:
+    """The first SIGTERM waits for the stop under way (here: an agent grace of 20 s); a person who sends
+    another does not want to wait. The stop stays STOPPING in the router DB and finishes after a start."""
+    with AgentProcess(tmp_path / "agent", agent_id="agent-1", token="a-token", grace_seconds=20.0) as agent:
+        sidecar = SidecarProcess(
+            workdir=tmp_path / "sidecar",
+            airflow_url=f"http://127.0.0.1:{free_port()}",
+            airflow_password="unused",
+            agents=[AgentRef("agent-1", agent.url, agent.token, labels=["default"])],
+            interval_seconds=0.2,
+        )
+        sidecar.start()
+        try:
+            with sidecar.client() as client:
+                body = {"command": "trap '' TERM; sleep 120", "agent_id": "agent-1"}
+                body |= {"dag_id": "d", "task_id": "t", "run_id": "r", "try_number": 1}
+                job_id = client.post("/jobs", json=body).json()["job_id"]
+            db = RouterDB(f"sqlite:///{sidecar.workdir / 'router.db'}")
+            db.request_stop(
+                job_id, stop_status=JobStatus.FAILED, reason="task instance is failed", source="test"
+            )
+            time.sleep(1.0)  # the stop now waits on the agent's 20 s grace period
+            assert sidecar.proc is not None
+            sidecar.proc.send_signal(signal.SIGTERM)
+            time.sleep(1.0)
+            assert sidecar.proc.poll() is None, "the first SIGTERM waits for the stop under way"
+            second = time.monotonic()
+            sidecar.proc.send_signal(signal.SIGTERM)
+            assert sidecar.proc.wait(timeout=15) == 1
+            took = time.monotonic() - second
+            assert took < 5.0, f"the sidecar took {took:.1f} s to exit after the second SIGTERM"
+            assert db.get(job_id).status is JobStatus.STOPPING  # type: ignore[union-attr]
+            assert "second signal" in sidecar.log_path.read_text()
+        finally:
+            sidecar.stop()
+        sidecar.start()  # the stop resumes: SIGKILL after the agent's grace, then FAILED
+        try:
+            deadline = time.monotonic() + 60
+            while db.get(job_id).status is JobStatus.STOPPING and time.monotonic() < deadline:  # type: ignore[union-attr]
+                time.sleep(0.2)
+            assert db.get(job_id).status is JobStatus.FAILED  # type: ignore[union-attr]
+        finally:
+            sidecar.stop()
+            db.dispose()
