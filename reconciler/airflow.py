@@ -18,7 +18,7 @@ import json
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, NamedTuple, Protocol
 from urllib.parse import quote
 
 import aiohttp
@@ -48,8 +48,18 @@ class TaskInstance:
     identity: str | None = None
 
     @property
-    def key(self) -> tuple[str, str, str, int]:
-        return (self.dag_id, self.run_id, self.task_id, self.map_index)
+    def key(self) -> TaskInstancePath:
+        return TaskInstancePath(self.dag_id, self.run_id, self.task_id, self.map_index)
+
+
+class TaskInstancePath(NamedTuple):
+    """A task instance as Airflow's URLs name it (``/dags/{dag}/dagRuns/{run}/taskInstances/{task}``):
+    the lookup key of reads. The router DB's :class:`router_db.TaskInstanceKey` adds the try."""
+
+    dag_id: str
+    run_id: str
+    task_id: str
+    map_index: int
 
 
 def parse_task_instance(raw: Any) -> TaskInstance:

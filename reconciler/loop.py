@@ -20,7 +20,7 @@ from typing import TypeVar
 from sqlalchemy.exc import SQLAlchemyError
 
 from reconciler.agents import AgentPool
-from reconciler.airflow import AirflowError, TaskInstance, TaskInstanceReader
+from reconciler.airflow import AirflowError, TaskInstance, TaskInstancePath, TaskInstanceReader
 from reconciler.config import PollConfig
 from reconciler.decision import Absent, Decision, Keep, Observation, Observed, Stop, Unknown, decide
 from reconciler.fleet import AgentState, Fleet
@@ -55,8 +55,11 @@ def judge(job: JobRecord, observation: Observation) -> Decision:
     return decide(job.key.try_number, observation, job_identity=job.ti_identity)
 
 
-def ti_key(job: JobRecord) -> tuple[str, str, str, int]:
-    return (job.key.dag_id, job.key.run_id, job.key.task_id, job.key.map_index)
+def ti_key(job: JobRecord) -> TaskInstancePath:
+    key = job.key
+    return TaskInstancePath(
+        dag_id=key.dag_id, run_id=key.run_id, task_id=key.task_id, map_index=key.map_index
+    )
 
 
 class ReconcileLoop:
@@ -257,7 +260,7 @@ class ReconcileLoop:
         # Several jobs may share a task-instance key (two tries, or a run deleted and created again):
         # each is checked. Page by page, keeping only what could stop a job: a full read of 100k task
         # instances must not hold them all at once.
-        unseen: dict[tuple[str, str, str, int], list[JobRecord]] = {}
+        unseen: dict[TaskInstancePath, list[JobRecord]] = {}
         for job in live:
             unseen.setdefault(ti_key(job), []).append(job)
         found: dict[str, Observation] = {}
