@@ -31,6 +31,7 @@ from agentic_airflow.sidecar_client import (
     describe_failure,
     fetch_job_answer,
     log_tail,
+    parse_object,
     submit_job,
 )
 from sidecar_api.protocol import JobStatus
@@ -282,6 +283,69 @@ class JobPoller:
         error = f"sidecar at {endpoint.base_url} has no such job ({answer.detail})"
         self._log.error("job %s: %s; ending the task", self.job_id, error)
         return {"job_id": self.job_id, "status": "ERROR", "error": error}
+
+
+KILL_REPORT_SECONDS = 25.0  # within Airflow's [triggerer] on_kill_timeout (30 s by default)
+
+
+async def report_kill(
+    *,
+    job_id: str,
+    conn_id: str,
+    resolve: Callable[[str], Awaitable[SidecarEndpoint]],
+    log: Log,
+    deadline: float = KILL_REPORT_SECONDS,
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    clock: Callable[[], float] = time.monotonic,
+    transport: httpx.AsyncBaseTransport | None = None,
+) -> dict[str, Any] | None:
+    """Tell the sidecar that Airflow killed the trigger waiting on ``job_id`` (a person marked the task
+    failed or success, or cleared it), so that the job stops now rather than at the sidecar's next
+    poll. The sidecar stops it only once its own direct read of the task instance confirms that
+    Airflow no longer wants it: a report that is wrong or late stops nothing.
+
+    Transient failures are retried until ``deadline``; never raises (the poll remains the safety net).
+    Returns the sidecar's answer, or None when none came."""
+    started = clock()
+    delay = 0.5
+    body = {"job_id": job_id, "status": "killed", "reason": "Airflow killed the task's trigger"}
+    while True:
+        try:
+            endpoint = await resolve(conn_id)
+            verify = await asyncio.to_thread(endpoint.verify)
+            timeout = max(1.0, deadline - (clock() - started))
+            async with httpx.AsyncClient(
+                base_url=endpoint.base_url,
+                headers=endpoint.headers,
+                timeout=timeout,
+                verify=verify,
+                transport=transport,
+            ) as client:
+                response = await client.post("/jobs/update_status", json=body)
+            code = response.status_code
+            answer = parse_object(response.content) or {}
+            if code < 500 and code not in (401, 403, 429) and "action" in answer:
+                log.info(
+                    "job %s: told the sidecar that Airflow killed this task: %s (%s)",
+                    job_id,
+                    answer.get("action"),
+                    answer.get("message"),
+                )
+                return answer
+            detail = f"HTTP {code}"
+        except httpx.HTTPError as exc:
+            detail = type(exc).__name__
+        except Exception as exc:  # a connection that cannot be read: its type only, never its text
+            detail = str(exc) if isinstance(exc, SidecarError) else type(exc).__name__
+        if clock() - started + delay > deadline:
+            log.warning(
+                "job %s: could not tell the sidecar that Airflow killed this task (%s); its poll will see it",
+                job_id,
+                detail,
+            )
+            return None
+        await sleep(delay)
+        delay = min(delay * 2, 5.0)
 
 
 def summary(job: dict[str, Any]) -> dict[str, Any]:

@@ -117,7 +117,7 @@ def submit_job(
             raise SidecarError(message) from None
         raise TransientSubmitError(message) from None
     code = response.status_code
-    parsed = _parse_object(response.content)
+    parsed = parse_object(response.content)
     error = _error_text(parsed)
     # Only the sidecar's own JSON refusal of this request is final; any other failure says something
     # about the path to it (a restart, a proxy's page, a rate limit, a token rotation).
@@ -174,7 +174,7 @@ def classify_job_answer(
     ``{"error": "job not found: <job_id>"}`` are facts about the job; every other answer says
     something about the path to the sidecar (a restart, a proxy, a rate limit, a rotation) and is
     worth waiting out, because the job may well be running meanwhile."""
-    parsed = _parse_object(body)
+    parsed = parse_object(body)
     error = _error_text(parsed)
     if status_code == 200:
         if parsed is None:
@@ -270,7 +270,7 @@ def describe_failure(endpoint: SidecarEndpoint, exc: httpx.HTTPError) -> str:
     return f"sidecar at {endpoint.base_url} unreachable: {type(exc).__name__}"
 
 
-def _parse_object(body: bytes) -> dict[str, Any] | None:
+def parse_object(body: bytes) -> dict[str, Any] | None:
     try:
         parsed = json.loads(body)
     except (ValueError, RecursionError):  # ValueError covers bad JSON and bad UTF-8 alike

@@ -2,7 +2,8 @@
 
 The waiting itself is :class:`agentic_airflow.polling.JobPoller` (no Airflow there): only the job's
 terminal status, or the sidecar's own answer that it has no such job, ends the task; every transient
-answer is logged to the task's log and retried with backoff.
+answer is logged to the task's log and retried with backoff. On Airflow 3.3+, a person's action on the
+deferred task (mark failed or success, clear) reaches the sidecar at once through :meth:`on_kill`.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Any
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
 from agentic_airflow.connection import aget_endpoint
-from agentic_airflow.polling import JobPoller
+from agentic_airflow.polling import JobPoller, report_kill
 
 
 class AgenticJobTrigger(BaseTrigger):
@@ -48,3 +49,10 @@ class AgenticJobTrigger(BaseTrigger):
             log_tail_bytes=self.log_tail_bytes,
         )
         yield TriggerEvent(await poller.run())
+
+    async def on_kill(self) -> None:
+        """Airflow 3.3+ calls this when a person marks the deferred task failed or success, or clears
+        it (never on a triggerer's shutdown or a trigger's move to another triggerer): the sidecar
+        hears of it now and stops the job once its own read of Airflow confirms. Older Airflows never
+        call it; their tasks' jobs are stopped by the sidecar's poll alone."""
+        await report_kill(job_id=self.job_id, conn_id=self.conn_id, resolve=aget_endpoint, log=self.log)
