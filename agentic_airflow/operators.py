@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from agentic_airflow.connection import get_endpoint
@@ -16,6 +17,8 @@ try:  # Airflow 3
 except ImportError:  # Airflow 2
     from airflow.models import BaseOperator
 from airflow.exceptions import AirflowException
+
+DEFERRAL_SLACK_SECONDS = 60.0
 
 
 def ti_identity(ti: Any, context: Any) -> str:
@@ -67,8 +70,20 @@ class AgenticRunOperator(BaseOperator):
         self.poll_interval = poll_interval
         self.log_tail_bytes = log_tail_bytes
 
+    def _time_left(self, ti: Any) -> float | None:
+        """Seconds left of ``execution_timeout`` (Airflow does not enforce it while a task is deferred:
+        the job and the deferral carry it), or None without one."""
+        if self.execution_timeout is None:
+            return None
+        started = getattr(ti, "start_date", None)
+        elapsed = (datetime.now(UTC) - started).total_seconds() if started is not None else 0.0
+        allowed: float = self.execution_timeout.total_seconds()
+        return max(1.0, allowed - max(0.0, elapsed))
+
     def execute(self, context: Any) -> None:
         ti = context["ti"]
+        left = self._time_left(ti)
+        timeouts = [t for t in (self.timeout_seconds, left) if t is not None]
         job = submit_patiently(
             lambda: get_endpoint(self.conn_id),
             {
@@ -78,7 +93,8 @@ class AgenticRunOperator(BaseOperator):
                 "env": self.env,
                 "cwd": self.cwd,
                 "run_as": self.run_as,
-                "timeout_seconds": self.timeout_seconds,
+                # The agent stops the job when execution_timeout runs out, as a worker would.
+                "timeout_seconds": min(timeouts) if timeouts else None,
                 "dag_id": ti.dag_id,
                 "task_id": ti.task_id,
                 "run_id": ti.run_id,
@@ -102,6 +118,10 @@ class AgenticRunOperator(BaseOperator):
         self.defer(
             trigger=AgenticJobTrigger(job["job_id"], self.conn_id, self.poll_interval, self.log_tail_bytes),
             method_name="execute_complete",
+            # Past it Airflow fails the task even if the job's agent never answers again (a lost VM):
+            # the sidecar then stops the job as for any failed task. A minute's slack lets the
+            # agent's own timeout report first, with its reason.
+            timeout=timedelta(seconds=left + DEFERRAL_SLACK_SECONDS) if left is not None else None,
         )
 
     def execute_complete(self, context: Any, event: dict[str, Any]) -> str:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -102,3 +103,16 @@ def test_a_person_acting_on_a_deferred_task_stops_its_job_through_the_trigger(
     told = {"api", "submit"} if task_id == "cleared" else {"api"}
     assert len(stopping) == 1 and stopping[0]["source"] in told, stopping
     assert time.monotonic() - acted < SLOW_POLL / 10
+
+
+def test_execution_timeout_holds_while_the_task_is_deferred(stack: Stack) -> None:
+    """Airflow does not enforce ``execution_timeout`` on a deferred task: the job carries it (the agent
+    stops it when it runs out) and the deferral too (Airflow fails the task if its agent is lost)."""
+    ti = stack.api.wait_for_state(DAG_ID, RUN_ID, "timed_out", {"failed"}, timeout=60)
+    job = stack.job_of("timed_out")
+    assert job["status"] == "FAILED" and "timeout" in str(job["reason"]), job
+    started = datetime.fromisoformat(ti["start_date"].replace("Z", "+00:00"))
+    ended = datetime.fromisoformat(ti["end_date"].replace("Z", "+00:00"))
+    took = (ended - started).total_seconds()
+    print(f"timed_out: task failed {took:.1f} s after it started (execution_timeout 8 s)")
+    assert 8.0 <= took < 8.0 + 15.0
