@@ -24,7 +24,7 @@ COPY reconciler/ reconciler/
 COPY router_db/ router_db/
 COPY agentic_airflow/ agentic_airflow/
 RUN python -m venv /opt/agentic \
-    && /opt/agentic/bin/pip install --no-cache-dir . \
+    && /opt/agentic/bin/pip install --no-cache-dir ".[agent,sidecar]" \
     && /opt/agentic/bin/pip check
 
 # ---- runtime: the venv, tini as PID 1 (reaps the agent's orphaned job processes), a non-root user

@@ -11,9 +11,13 @@ import asyncio
 import sys
 from pathlib import Path
 
-from agent.config import ConfigError, load_config
-from agent.server import serve
-from servicekit import logs
+from servicekit.extras import require
+
+require("agent", "aiohttp", command="agentic-agent")  # before the imports that need it
+
+from agent.config import ConfigError, load_config  # noqa: E402
+from agent.server import serve  # noqa: E402
+from servicekit import logs  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -98,7 +98,8 @@ def ensure_postgres_drivers(venv: Path) -> None:
 
 
 def install_project(venv: Path) -> None:
-    """Install this checkout into the Airflow venv (no dependencies: the operator needs only httpx)."""
+    """Install this checkout into the Airflow venv (its dependencies are none: the operator needs only
+    httpx, which Airflow ships; ``--no-deps`` keeps ``--force-reinstall`` from reinstalling Airflow's)."""
     with _venv_lock(venv):
         _run([str(venv / "bin/pip"), "install", "-q", "--no-deps", "--force-reinstall", str(REPO_ROOT)])
 

@@ -7,11 +7,16 @@ import asyncio
 import json
 import sys
 
-from reconciler.config import ConfigError, ReconcilerConfig, Secrets, load_config, load_secrets
-from reconciler.leadership import holder_id
-from reconciler.service import build, serve
-from router_db import RouterDB, schema
-from servicekit import logs
+from servicekit.extras import require
+
+SIDECAR_MODULES = ("aiohttp", "tenacity", "sqlalchemy", "alembic", "psycopg", "prometheus_client")
+require("sidecar", *SIDECAR_MODULES, command="agentic-reconciler")  # before the imports that need them
+
+from reconciler.config import ConfigError, ReconcilerConfig, Secrets, load_config, load_secrets  # noqa: E402
+from reconciler.leadership import holder_id  # noqa: E402
+from reconciler.service import build, serve  # noqa: E402
+from router_db import RouterDB, schema  # noqa: E402
+from servicekit import logs  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
