@@ -19,6 +19,7 @@ except ImportError:  # Airflow 2
 from airflow.exceptions import AirflowException
 
 DEFERRAL_SLACK_SECONDS = 60.0
+JOB_ID_XCOM_KEY = "agentic_job_id"  # the job's id in the sidecar; the return value (XCom) holds it too
 
 
 def ti_identity(ti: Any, context: Any) -> str:
@@ -105,6 +106,8 @@ class AgenticRunOperator(BaseOperator):
             conn_id=self.conn_id,
             log=self.log,
         )
+        # Before deferring: whoever looks at the task (UI, API, a later task) finds its job at once.
+        ti.xcom_push(key=JOB_ID_XCOM_KEY, value=job["job_id"])
         self.log.info(
             "job %s on agent %s: %s%s",
             job["job_id"],

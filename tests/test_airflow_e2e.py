@@ -111,7 +111,6 @@ def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
             yield Stack(version, airflow, api, agent, sidecar)
 
 
-
 def running_job(
     stack: Stack, dag_id: str, run_id: str, task_id: str, *, try_number: int | None = None
 ) -> tuple[dict[str, Any], list[psutil.Process]]:
@@ -237,3 +236,17 @@ def test_exit_code_decides_the_airflow_task_state(stack: Stack) -> None:
     jobs = {job["task_id"]: job for job in stack.jobs(dag_id, run_id)}
     assert (jobs["exit_zero"]["status"], jobs["exit_zero"]["rc"]) == ("SUCCEEDED", 0)
     assert (jobs["exit_three"]["status"], jobs["exit_three"]["rc"]) == ("FAILED", 3)
+
+
+def test_the_job_id_is_in_xcom_as_soon_as_the_task_defers(stack: Stack) -> None:
+    """``agentic_job_id``: pushed before deferring, so the UI, the API and later tasks find the job."""
+    dag_id, run_id = "e2e_exit_codes", "exit_codes"
+    stack.api.wait_for_state(dag_id, run_id, "exit_zero", {"success", "failed"}, timeout=60)
+    jobs = {job["task_id"]: job for job in stack.jobs(dag_id, run_id)}
+    for task_id in ("exit_zero", "exit_three"):
+        response = stack.api.http.get(
+            f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}/xcomEntries/agentic_job_id"
+        )
+        response.raise_for_status()
+        value = response.json()["value"]
+        assert str(value).strip('"') == jobs[task_id]["job_id"], (task_id, value)
