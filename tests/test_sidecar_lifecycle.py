@@ -71,9 +71,9 @@ def test_sigterm_lets_a_stop_under_way_finish_and_logs_are_json(tmp_path: Path) 
 def test_a_second_sigterm_stops_the_sidecar_at_once_and_the_stop_resumes_after_restart(
     tmp_path: Path,
 ) -> None:
-    """The first SIGTERM waits for the stop under way (here: an agent grace of 20 s); a person who sends
+    """The first SIGTERM waits for the stop under way (here: an agent grace of 8 s); a person who sends
     another does not want to wait. The stop stays STOPPING in the router DB and finishes after a start."""
-    with AgentProcess(tmp_path / "agent", agent_id="agent-1", token="a-token", grace_seconds=20.0) as agent:
+    with AgentProcess(tmp_path / "agent", agent_id="agent-1", token="a-token", grace_seconds=8.0) as agent:
         sidecar = SidecarProcess(
             workdir=tmp_path / "sidecar",
             airflow_url=f"http://127.0.0.1:{free_port()}",
@@ -91,7 +91,7 @@ def test_a_second_sigterm_stops_the_sidecar_at_once_and_the_stop_resumes_after_r
             db.request_stop(
                 job_id, stop_status=JobStatus.FAILED, reason="task instance is failed", source="test"
             )
-            time.sleep(1.0)  # the stop now waits on the agent's 20 s grace period
+            time.sleep(1.0)  # the stop now waits on the agent's 8 s grace period
             assert sidecar.proc is not None
             sidecar.proc.send_signal(signal.SIGTERM)
             time.sleep(1.0)
