@@ -7,6 +7,9 @@ Layout (defaults): 200 daily DAGs x 100 tasks x 51 runs = 1,020,000 task instanc
 - The latest run of every DAG is running: tasks 0..49 are ``deferred`` (the reconciler's jobs:
   10,000 TIs, each with its own trigger row, updated about half an hour to a day ago), task 50 is
   ``running`` (an ordinary task whose heartbeats keep bumping ``updated_at``), the rest succeeded.
+  Optionally (``waiting_per_dag``, ``pending_per_dag``, 0 by default) the tasks after 50 are
+  ``scheduled`` (even DAGs) or ``queued`` (odd DAGs), and the last ones have no state yet (not yet run):
+  the transient rows every live Airflow has.
 - Every DAG has its own schedule offset (7 minutes apart), so run ids differ between DAGs.
 
 Ids are UUID7 like Airflow's (time-ordered by creation), rows reference a dag_version, a scheduler
@@ -30,6 +33,10 @@ class Layout:
     tasks: int = 100
     runs: int = 51
     deferred_per_dag: int = 50  # tasks 0..deferred_per_dag-1 of the latest run are deferred
+    # In the latest run, after the running task: this many scheduled (even DAGs) or queued (odd DAGs),
+    # and the last ``pending_per_dag`` tasks not run yet (state NULL). 0 keeps the layout of 2026-11-24.
+    waiting_per_dag: int = 0
+    pending_per_dag: int = 0
 
     @property
     def task_instances(self) -> int:
@@ -58,6 +65,8 @@ $$
 def fill_statements(layout: Layout) -> list[tuple[str, str]]:
     """(label, SQL) in order. Only integers from ``layout`` are formatted into the SQL."""
     d, t, r, a = layout.dags, layout.tasks, layout.runs, layout.deferred_per_dag
+    w, p = layout.waiting_per_dag, layout.pending_per_dag
+    assert a + 1 + w + p <= t, "deferred, running, waiting and pending tasks must fit in a run"
     executor_config = pickle.dumps({}).hex()  # what Airflow stores for an empty executor_config
     return [
         ("session", "SET session_replication_role = replica"),
@@ -139,15 +148,23 @@ def fill_statements(layout: Layout) -> list[tuple[str, str]]:
                                        queued_by_job_id, last_heartbeat_at, pid, executor, executor_config,
                                        updated_at, span_status, trigger_id, next_method, dag_version_id)
             SELECT pg_temp.uuid7(s.ra + s.t * interval '1 millisecond'), s.task_id, s.dag_id, s.run_id, -1,
-                   s.started, s.ended, extract(epoch FROM s.ended - s.started), s.state, 1, 0,
-                   'worker-' || (s.t % 4), 'airflow', 'default_pool', 1, 'default', 1,
+                   s.started, s.ended, extract(epoch FROM s.ended - s.started), s.state,
+                   CASE WHEN s.state IS NULL THEN 0 ELSE 1 END, 0,
+                   CASE WHEN s.started IS NULL THEN '' ELSE 'worker-' || (s.t % 4) END,
+                   'airflow', 'default_pool', 1, 'default', 1,
                    CASE WHEN s.t < {a} THEN 'AgenticOperator' ELSE 'BashOperator' END,
-                   s.started - interval '2 seconds', s.started - interval '3 seconds', 1,
+                   CASE WHEN s.state = 'queued' THEN now() - interval '20 seconds'
+                        ELSE s.started - interval '2 seconds' END,
+                   CASE WHEN s.state IN ('scheduled', 'queued') THEN now() - interval '30 seconds'
+                        ELSE s.started - interval '3 seconds' END,
+                   CASE WHEN s.state IS NULL OR s.state = 'scheduled' THEN NULL ELSE 1 END,
                    CASE WHEN s.state = 'running' THEN now() END,
                    CASE WHEN s.state = 'running' THEN 4000 + s.dag_no END,
                    'LocalExecutor', '\\x{executor_config}'::bytea,
                    CASE WHEN s.state = 'running' THEN now()
                         WHEN s.state = 'deferred' THEN s.started + interval '3 seconds'
+                        WHEN s.state IN ('scheduled', 'queued') THEN now() - interval '20 seconds'
+                        WHEN s.state IS NULL THEN s.ra
                         ELSE s.ended + interval '1 second' END,
                    'not_started',
                    CASE WHEN s.state = 'deferred' THEN s.dag_no * {a} + s.t + 1 END,
@@ -155,8 +172,10 @@ def fill_statements(layout: Layout) -> list[tuple[str, str]]:
                    s.version_id
             FROM (
                 SELECT q.*,
-                       q.ra + interval '10 seconds' + interval '2 seconds' * q.t AS started,
-                       CASE WHEN q.state IN ('deferred', 'running') THEN NULL
+                       CASE WHEN q.state IS NULL OR q.state IN ('scheduled', 'queued') THEN NULL
+                            ELSE q.ra + interval '10 seconds' + interval '2 seconds' * q.t END AS started,
+                       CASE WHEN q.state IS NULL OR q.state IN ('deferred', 'running', 'scheduled', 'queued')
+                            THEN NULL
                             ELSE q.ra + interval '40 seconds' + interval '2 seconds' * q.t
                                  + interval '1 second' * (q.t % 60) END AS ended
                 FROM (
@@ -165,6 +184,10 @@ def fill_statements(layout: Layout) -> list[tuple[str, str]]:
                            format('task_%s', lpad(k::text, 3, '0')) AS task_id,
                            CASE WHEN dr.state = 'running' AND k < {a} THEN 'deferred'
                                 WHEN dr.state = 'running' AND k = {a} THEN 'running'
+                                WHEN dr.state = 'running' AND k <= {a + w} THEN
+                                    CASE WHEN substr(dr.dag_id, 5)::int % 2 = 0 THEN 'scheduled'
+                                         ELSE 'queued' END
+                                WHEN dr.state = 'running' AND k >= {t - p} THEN NULL
                                 WHEN dr.state = 'running' THEN 'success'
                                 ELSE coalesce((ARRAY['failed', 'upstream_failed', 'skipped'])[
                                          abs(hashtext(dr.run_id || dr.dag_id || k)) % 200 + 1], 'success')

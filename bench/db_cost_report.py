@@ -327,12 +327,12 @@ def render(run: Run, cases: dict[str, Case]) -> str:
     return "\n".join(out)
 
 
-def write_results(section: str, results: Path = RESULTS) -> None:
-    """Replace this benchmark's section of ``results`` (from its heading to the next), or append it."""
+def write_results(section: str, results: Path = RESULTS, heading: str = HEADING) -> None:
+    """Replace the section of ``results`` under ``heading`` (up to the next), or append it."""
     text = results.read_text() if results.exists() else "# Benchmark results\n"
     lines = text.split("\n")
     try:
-        start_at = lines.index(HEADING)
+        start_at = lines.index(heading)
     except ValueError:
         results.write_text(text.rstrip("\n") + "\n\n" + section.rstrip("\n") + "\n")
         return

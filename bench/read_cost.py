@@ -16,6 +16,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from typing import Protocol
 
 import psycopg
 
@@ -32,6 +33,12 @@ INDEX = "bench_ti_updated_at"  # the index Airflow does not ship, added for the 
 READ_TIMEOUT = 600.0
 
 Key = tuple[str, str, str, int]
+
+
+class Counting(Protocol):
+    """A client that counts the HTTP requests it sends."""
+
+    requests: int
 
 
 def say(msg: str) -> None:
@@ -100,7 +107,7 @@ async def measure(
     case: Case,
     read: Callable[[], Awaitable[int]],
     repeats: int,
-    client: AirflowClient,
+    client: Counting,
     log: ServerLog | None,
     db: str,
     before: Callable[[], None] = lambda: None,

@@ -1,0 +1,197 @@
+"""What each candidate read costs a real api-server and its PostgreSQL, beside today's reads.
+
+The candidates (bench.candidate_bodies) are POSTed to Airflow's batch endpoint as they are; today's
+reads (incremental, batch) go through the reconciler's own client as bench.read_cost sends them.
+Every read's statements come from PostgreSQL's log and its ``task_instance`` statements are re-run
+under ``EXPLAIN (ANALYZE, BUFFERS)`` (bench.explain).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import statistics
+import time
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+import aiohttp
+import psycopg
+
+from bench.airflow_db_fill import Layout
+from bench.candidate_bodies import Scope, deferred_count, one_dag, transient_rows
+from bench.explain import is_ti_read
+from bench.metadata_db import connect, ti_indexes, touch
+from bench.pg_capture import ServerLog
+from bench.read_cost import READ_TIMEOUT, Case, Reads, measure, say
+from harness.airflow import PASSWORD, USERNAME
+from reconciler.airflow import AirflowClient
+from reconciler.config import PollConfig
+
+BATCH = "/api/v2/dags/~/dagRuns/~/taskInstances/list"
+
+
+class BatchEndpoint:
+    """Airflow 3's batch endpoint, logged in as ``reconciler.airflow.AirflowClient`` logs in (v2's JWT
+    from ``POST /auth/token``, fetched again once on a 401)."""
+
+    def __init__(self, url: str, *, username: str = USERNAME, password: str = PASSWORD) -> None:
+        self._url = url.rstrip("/")
+        self._login = {"username": username, "password": password}
+        self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=READ_TIMEOUT))
+        self._token: str | None = None
+        self.requests = 0  # HTTP requests sent to the batch endpoint (logins not counted)
+
+    async def close(self) -> None:
+        await self._session.close()
+
+    async def post(self, body: dict[str, Any]) -> tuple[int, int]:
+        """(rows returned, ``total_entries``) of one request."""
+        for _ in (1, 2):
+            if self._token is None:
+                async with self._session.post(self._url + "/auth/token", json=self._login) as resp:
+                    resp.raise_for_status()
+                    self._token = str((await resp.json())["access_token"])
+            self.requests += 1
+            headers = {"Authorization": f"Bearer {self._token}", "Accept": "application/json"}
+            async with self._session.post(self._url + BATCH, json=body, headers=headers) as resp:
+                raw = await resp.read()
+                if resp.status == 401:
+                    self._token = None
+                    continue
+                if resp.status != 200:
+                    raise RuntimeError(f"POST {BATCH}: HTTP {resp.status}: {raw[:300]!r}")
+            page = json.loads(raw)
+            return len(page["task_instances"]), int(page["total_entries"])
+        raise RuntimeError(f"POST {BATCH}: still unauthorized after a fresh token")
+
+
+@dataclass
+class Candidate(Case):
+    """A measured read with the ``total_entries`` Airflow answered, and the requests one read makes."""
+
+    totals: list[int] = field(default_factory=list)
+    audit_rows: float = 0.0  # rows Airflow wrote to its audit table ``log`` per read
+    audit_bytes: float = 0.0  # their size per read (``pg_column_size`` of the rows)
+
+    @property
+    def per_read(self) -> int:
+        return int(self.requests[0]) if self.requests else 1
+
+    @property
+    def ti_sql_ms(self) -> float:
+        """Median SQL time of the read's statements on ``task_instance``; the rest is per-request overhead."""
+        return statistics.median(sum(s.ms for s in run if is_ti_read(s)) for run in self.runs)
+
+
+# name -> what it is; the order of the tables
+READS = {
+    "R1 transient rows": "tracked keys, `state` in (null, scheduled, queued, running, up_for_retry, "
+    "up_for_reschedule, restarting), `order_by` id, `page_limit` 1000",
+    "R2 deferred count": "tracked keys, `state` = deferred, `page_limit` 0 (count only)",
+    "R3 one DAG": "one DAG's tracked keys, every state, `order_by` id, `page_limit` 1000",
+    "R3 all DAGs": "R3 for every tracked DAG, one after another (a whole full check)",
+    "incremental (today)": "`updated_at_gte` = now - 11 s, cursor pages of 100 (the reconciler's client)",
+    "batch (today)": "every tracked key, pages of 1000 (the reconciler's client; today's full resync)",
+}
+
+
+@dataclass
+class Scoped:
+    """One tracked-jobs scope measured on one database."""
+
+    scope: Scope
+    cases: dict[str, Candidate]
+    loadavg: tuple[float, float]  # 1-minute load average when its reads began and ended
+
+
+def last_audit(conn: psycopg.Connection) -> int:
+    """The newest row of Airflow's audit table ``log`` (every POST to the API writes one, body included)."""
+    row = conn.execute("SELECT coalesce(max(id), 0) FROM log").fetchone()
+    return int(row[0]) if row else 0
+
+
+def audit_since(conn: psycopg.Connection, after: int) -> tuple[int, int]:
+    """(rows, bytes) the API wrote to ``log`` since row ``after``."""
+    row = conn.execute(
+        "SELECT count(*), coalesce(sum(pg_column_size(log.*)), 0) FROM log WHERE id > %s", (after,)
+    ).fetchone()
+    return (int(row[0]), int(row[1])) if row else (0, 0)
+
+
+async def measure_scope(
+    url: str,
+    db: str,
+    log: ServerLog,
+    layout: Layout,
+    poll: PollConfig,
+    scope: Scope,
+    repeats: int,
+    heavy_repeats: int,
+) -> Scoped:
+    """Every read for ``scope``, statements captured, then EXPLAIN ANALYZE of each read's first run."""
+    began = os.getloadavg()[0]
+    conn = connect(db)
+    heartbeat = touch(conn, layout)  # the running TIs heartbeat before every read, as in bench.read_cost
+    endpoint = BatchEndpoint(url)
+    client = AirflowClient(url, api_version="v2", username=USERNAME, password=PASSWORD, timeout=READ_TIMEOUT)
+    lag = timedelta(seconds=poll.interval_seconds + poll.overlap_seconds)
+    reads = Reads(client, scope.keys, lag, iter([]), poll.max_concurrent_reads)
+    cases = {name: Candidate(name, what) for name, what in READS.items()}
+    dags = itertools.cycle(scope.dags)
+
+    async def r1() -> int:
+        rows, total = await endpoint.post(transient_rows(scope))
+        cases["R1 transient rows"].totals.append(total)
+        return rows
+
+    async def r2() -> int:
+        rows, total = await endpoint.post(deferred_count(scope))
+        cases["R2 deferred count"].totals.append(total)
+        return rows
+
+    async def r3_one() -> int:
+        rows, total = await endpoint.post(one_dag(scope, next(dags)))
+        cases["R3 one DAG"].totals.append(total)
+        return rows
+
+    async def r3_all() -> int:
+        found = 0
+        for dag_id in scope.dags:
+            found += (await endpoint.post(one_dag(scope, dag_id)))[0]
+        return found
+
+    try:
+        heartbeat()
+        for warm in (r1, r2, r3_one, reads.incremental):  # pools, imports, tokens
+            await warm()
+        c = cases
+        for name, read, n, sender in (
+            ("R1 transient rows", r1, repeats, endpoint),
+            ("R2 deferred count", r2, repeats, endpoint),
+            ("R3 one DAG", r3_one, repeats, endpoint),
+            ("R3 all DAGs", r3_all, heavy_repeats, endpoint),
+            ("incremental (today)", reads.incremental, min(repeats, 5), client),
+            ("batch (today)", reads.batch, heavy_repeats, client),
+        ):
+            say(f"  {scope.name}: {name} x{n}")
+            started, audited = time.monotonic(), last_audit(conn)
+            await measure(c[name], read, n, sender, log, db, heartbeat)
+            rows, size = audit_since(conn, audited)
+            c[name].audit_rows, c[name].audit_bytes = rows / n, size / n
+            say(f"    {time.monotonic() - started:.1f} s")
+        c["R1 transient rows"].totals = c["R1 transient rows"].totals[1:]  # drop the warm-up's
+        c["R2 deferred count"].totals = c["R2 deferred count"].totals[1:]
+        c["R3 one DAG"].totals = c["R3 one DAG"].totals[1:]
+        indexes = {name for name, _ in ti_indexes(conn)}
+        say(f"  {scope.name}: EXPLAIN ANALYZE")
+        heartbeat()
+        for case in c.values():
+            case.explain(conn, indexes)
+        return Scoped(scope, cases, (began, os.getloadavg()[0]))
+    finally:
+        await endpoint.close()
+        await client.close()
+        conn.close()
