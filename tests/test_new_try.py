@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from harness.agent import AgentProcess
@@ -56,7 +58,9 @@ def retry_in_airflow(airflow: ServedAirflow, try_number: int) -> None:
     airflow.call_soon(change)
 
 
-def test_submitting_try_2_stops_try_1_at_once(tmp_path: Path, airflow: ServedAirflow) -> None:
+@contextmanager
+def slow_polling_sidecar(tmp_path: Path, airflow: ServedAirflow) -> Iterator[httpx.Client]:
+    """A real agent and a sidecar that reads Airflow once a minute; a client of the sidecar."""
     with (
         AgentProcess(home=tmp_path / "agent", agent_id="agent-1", grace_seconds=2.0) as agent,
         SidecarProcess(
@@ -70,6 +74,11 @@ def test_submitting_try_2_stops_try_1_at_once(tmp_path: Path, airflow: ServedAir
         ) as sidecar,
         sidecar.client() as client,
     ):
+        yield client
+
+
+def test_submitting_try_2_stops_try_1_at_once(tmp_path: Path, airflow: ServedAirflow) -> None:
+    with slow_polling_sidecar(tmp_path, airflow) as client:
         first = client.post("/jobs", json=body(1)).json()
         assert first["status"] == "RUNNING", first
         retry_in_airflow(airflow, 2)
@@ -93,19 +102,7 @@ def test_submitting_try_2_stops_try_1_at_once(tmp_path: Path, airflow: ServedAir
 def test_a_replayed_older_submission_stops_nothing(tmp_path: Path, airflow: ServedAirflow) -> None:
     """Try 1 submitted again while Airflow still runs try 1 (a retried request): the direct read
     confirms that try 1 is current, and its job keeps running."""
-    with (
-        AgentProcess(home=tmp_path / "agent", agent_id="agent-1", grace_seconds=2.0) as agent,
-        SidecarProcess(
-            workdir=tmp_path / "sidecar",
-            airflow_url=airflow.url,
-            airflow_password="unused",
-            agents=[AgentRef("agent-1", agent.url, agent.token, labels=["default"])],
-            api_version="v2",
-            interval_seconds=SLOW_POLL,
-            full_resync_seconds=SLOW_POLL,
-        ) as sidecar,
-        sidecar.client() as client,
-    ):
+    with slow_polling_sidecar(tmp_path, airflow) as client:
         first = client.post("/jobs", json=body(1, ti_identity="")).json()
         # The same try under another identity would be a re-created run; Airflow says it is not.
         again = client.post("/jobs", json=body(1, ti_identity="0199aaaa")).json()

@@ -16,16 +16,21 @@ from harness.sidecar import AgentRef, SidecarProcess
 from router_db import JobStatus, RouterDB
 
 
+def beside(agent: AgentProcess, tmp_path: Path) -> SidecarProcess:
+    """A sidecar for ``agent`` whose Airflow is unreachable: only pending stops act."""
+    return SidecarProcess(
+        workdir=tmp_path / "sidecar",
+        airflow_url=f"http://127.0.0.1:{free_port()}",
+        airflow_password="unused",
+        agents=[AgentRef("agent-1", agent.url, agent.token, labels=["default"])],
+        interval_seconds=0.2,
+    )
+
+
 def test_sigterm_lets_a_stop_under_way_finish_and_logs_are_json(tmp_path: Path) -> None:
     # grace 3 s and a job that ignores SIGTERM: the agent answers the stop only after SIGKILL.
     with AgentProcess(tmp_path / "agent", agent_id="agent-1", token="a-token", grace_seconds=3.0) as agent:
-        sidecar = SidecarProcess(
-            workdir=tmp_path / "sidecar",
-            airflow_url=f"http://127.0.0.1:{free_port()}",  # unreachable: only the pending stop acts
-            airflow_password="unused",
-            agents=[AgentRef("agent-1", agent.url, agent.token, labels=["default"])],
-            interval_seconds=0.2,
-        )
+        sidecar = beside(agent, tmp_path)
         sidecar.start()
         try:
             with sidecar.client() as client:
@@ -74,13 +79,7 @@ def test_a_second_sigterm_stops_the_sidecar_at_once_and_the_stop_resumes_after_r
     """The first SIGTERM waits for the stop under way (here: an agent grace of 8 s); a person who sends
     another does not want to wait. The stop stays STOPPING in the router DB and finishes after a start."""
     with AgentProcess(tmp_path / "agent", agent_id="agent-1", token="a-token", grace_seconds=8.0) as agent:
-        sidecar = SidecarProcess(
-            workdir=tmp_path / "sidecar",
-            airflow_url=f"http://127.0.0.1:{free_port()}",
-            airflow_password="unused",
-            agents=[AgentRef("agent-1", agent.url, agent.token, labels=["default"])],
-            interval_seconds=0.2,
-        )
+        sidecar = beside(agent, tmp_path)
         sidecar.start()
         try:
             with sidecar.client() as client:

@@ -30,6 +30,7 @@ from agentic_airflow.sidecar_client import (
 )
 from harness.agent import AgentProcess
 from harness.processes import free_port
+from harness.recording_log import RecordingLog
 from harness.sidecar import AgentRef, SidecarProcess
 
 JOB = "4f2a9c0e8b6d4e51a0c3f7d9e2b1a6c8"
@@ -209,25 +210,7 @@ class Connection:
         return outcome
 
 
-class Log:
-    def __init__(self) -> None:
-        self.lines: list[tuple[str, str]] = []
-
-    def info(self, msg: str, *args: Any) -> None:
-        self.lines.append(("info", msg % args))
-
-    def warning(self, msg: str, *args: Any) -> None:
-        self.lines.append(("warning", msg % args))
-
-    def error(self, msg: str, *args: Any) -> None:
-        self.lines.append(("error", msg % args))
-
-    def at(self, level: str) -> list[str]:
-        return [line for lvl, line in self.lines if lvl == level]
-
-    @property
-    def text(self) -> str:
-        return "\n".join(line for _, line in self.lines)
+Log = RecordingLog
 
 
 class Clock:

@@ -15,25 +15,12 @@ import pytest
 
 from agentic_airflow.polling import report_kill
 from agentic_airflow.sidecar_client import SidecarEndpoint, SidecarError
+from harness.recording_log import RecordingLog
 
 pytestmark = pytest.mark.fast
 
 JOB = "4f2a9c0e8b6d4e51a0c3f7d9e2b1a6c8"
 TOKEN = "the-connection-token"
-
-
-class Log:
-    def __init__(self) -> None:
-        self.lines: list[tuple[str, str]] = []
-
-    def info(self, msg: str, *args: object) -> None:
-        self.lines.append(("info", msg % args))
-
-    def warning(self, msg: str, *args: object) -> None:
-        self.lines.append(("warning", msg % args))
-
-    def error(self, msg: str, *args: object) -> None:
-        self.lines.append(("error", msg % args))
 
 
 class Clock:
@@ -53,7 +40,7 @@ async def endpoint(conn_id: str) -> SidecarEndpoint:
 
 def run(
     answers: list[Any], resolve: Any = endpoint
-) -> tuple[dict[str, Any] | None, list[dict[str, Any]], Log]:
+) -> tuple[dict[str, Any] | None, list[dict[str, Any]], RecordingLog]:
     sent: list[dict[str, Any]] = []
     script = list(answers)
 
@@ -66,7 +53,7 @@ def run(
             raise answer
         return answer
 
-    log, clock = Log(), Clock()
+    log, clock = RecordingLog(), Clock()
     result = asyncio.run(
         report_kill(
             job_id=JOB,
