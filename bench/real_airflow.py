@@ -1,6 +1,7 @@
 """Real-Airflow latency: "mark failed" to remote process gone, beside Airflow's own local kill.
 
-    python -m bench.real_airflow              # 50 deferred remote jobs, 20 marked failed (~3 min)
+    python -m bench.real_airflow                      # 50 deferred remote jobs, 20 marked failed (~3 min)
+    python -m bench.real_airflow --poll-interval 5    # the same with a slow poll: on_kill's share shows
 
 A real Airflow 3.3.2, two real agents and the sidecar with its default poll settings. 50
 ``AgenticRunOperator`` tasks defer on jobs (process trees) spread over the agents; 20 of them are
@@ -52,7 +53,7 @@ def summary(values: list[float]) -> dict[str, float]:
     }
 
 
-def run(base: Path, marked: int, seed: int) -> dict[str, object]:
+def run(base: Path, marked: int, seed: int, poll_interval: float) -> dict[str, object]:
     rng = random.Random(seed)
     agents = [
         AgentProcess(
@@ -67,6 +68,7 @@ def run(base: Path, marked: int, seed: int) -> dict[str, object]:
         airflow_url="",
         airflow_password=PASSWORD,
         agents=[AgentRef(a.agent_id, a.url, a.token, labels=["default"]) for a in agents],
+        interval_seconds=poll_interval,
     )
     airflow = AirflowServer(
         home=base / "airflow",
@@ -123,6 +125,14 @@ def run(base: Path, marked: int, seed: int) -> dict[str, object]:
             wait_gone(tree)
             local.append(time.monotonic() - started)
         untouched = [t for t in remote if alive(trees[t])]
+        # Who stopped each marked job: the trigger's on_kill (the push endpoint, "api") or the poll.
+        sources: dict[str, int] = {}
+        with sidecar.client() as client:
+            for task_id in remote:
+                events = client.get(f"/jobs/{jobs[task_id]['job_id']}/events").json()["events"]
+                for event in events:
+                    if event["new_status"] == "STOPPING":
+                        sources[event["source"]] = sources.get(event["source"], 0) + 1
         return {
             "remote_mark_failed_to_gone": summary(latencies),
             "airflow_local_kill": summary(local),
@@ -130,6 +140,7 @@ def run(base: Path, marked: int, seed: int) -> dict[str, object]:
             "remote_all_s": [round(v, 3) for v in latencies],
             "remote_jobs_left_running": len(untouched),
             "poll_interval_s": sidecar.interval_seconds,
+            "stopped_by": sources,
         }
     finally:
         sidecar.stop()
@@ -149,9 +160,10 @@ def main() -> int:
     )
     parser.add_argument("--marked", type=int, default=20)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--poll-interval", type=float, default=1.0, help="the sidecar's [poll] interval")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-real-") as base:
-        print(json.dumps(run(Path(base), args.marked, args.seed), indent=1))
+        print(json.dumps(run(Path(base), args.marked, args.seed, args.poll_interval), indent=1))
     return 0
 
 
