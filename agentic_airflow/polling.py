@@ -173,17 +173,7 @@ class JobPoller:
                 await session[1].aclose()
 
     async def _client(self, endpoint: SidecarEndpoint) -> httpx.AsyncClient:
-        # Loading a CA bundle takes tens of milliseconds, more under load: off the triggerer's event
-        # loop, which every other trigger shares. A CA file that cannot be loaded raises SidecarError.
-        verify = await asyncio.to_thread(endpoint.verify)
-        return await asyncio.to_thread(
-            httpx.AsyncClient,
-            base_url=endpoint.base_url,
-            headers=endpoint.headers,
-            timeout=self._request_timeout,
-            verify=verify,
-            transport=self._transport,
-        )
+        return await open_client(endpoint, timeout=self._request_timeout, transport=self._transport)
 
     async def _cannot_resolve(self, exc: Exception) -> None:
         # SidecarError texts are ours and never carry the token; other exceptions might quote a
@@ -285,6 +275,23 @@ class JobPoller:
         return {"job_id": self.job_id, "status": "ERROR", "error": error}
 
 
+async def open_client(
+    endpoint: SidecarEndpoint, *, timeout: float, transport: httpx.AsyncBaseTransport | None = None
+) -> httpx.AsyncClient:
+    """An httpx client for the sidecar, built off the event loop: loading a CA bundle takes tens of
+    milliseconds, more under load, and the triggerer's loop is every trigger's. A CA file that cannot
+    be loaded raises SidecarError."""
+    verify = await asyncio.to_thread(endpoint.verify)
+    return await asyncio.to_thread(
+        httpx.AsyncClient,
+        base_url=endpoint.base_url,
+        headers=endpoint.headers,
+        timeout=timeout,
+        verify=verify,
+        transport=transport,
+    )
+
+
 KILL_REPORT_SECONDS = 25.0  # within Airflow's [triggerer] on_kill_timeout (30 s by default)
 
 
@@ -312,15 +319,8 @@ async def report_kill(
     while True:
         try:
             endpoint = await resolve(conn_id)
-            verify = await asyncio.to_thread(endpoint.verify)
             timeout = max(1.0, deadline - (clock() - started))
-            async with httpx.AsyncClient(
-                base_url=endpoint.base_url,
-                headers=endpoint.headers,
-                timeout=timeout,
-                verify=verify,
-                transport=transport,
-            ) as client:
+            async with await open_client(endpoint, timeout=timeout, transport=transport) as client:
                 response = await client.post("/jobs/update_status", json=body)
             code = response.status_code
             answer = parse_object(response.content) or {}
