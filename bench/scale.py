@@ -245,7 +245,7 @@ def main() -> int:
         "--quick", action="store_true", help="1k and 10k jobs, fewer flips, naive at 1k only (< 2 min)"
     )
     parser.add_argument("--jobs", type=int, nargs="*", help="active-job counts (default 1000 10000 100000)")
-    parser.add_argument("--strategies", nargs="*", default=["incremental", "batch", "naive"])
+    parser.add_argument("--strategies", nargs="*", default=["targeted", "incremental", "batch", "naive"])
     parser.add_argument(
         "--latency", type=float, default=0.005, help="stand-in Airflow latency per request (s)"
     )

@@ -132,14 +132,16 @@ class AirflowStandIn:
     async def batch(self, request: web.Request) -> web.Response:
         body = await request.json()
         dags, runs, tasks = (set(body.get(k) or []) for k in ("dag_ids", "dag_run_ids", "task_ids"))
+        states = set(body["state"]) if body.get("state") is not None else None  # null: no state
         matched = [
             r
             for r in self.by_seq
             if (not dags or r.dag_id in dags)
             and (not runs or r.run_id in runs)
             and (not tasks or r.task_id in tasks)
+            and (states is None or r.state in states)
         ]
-        offset, limit = int(body.get("page_offset", 0)), int(body.get("page_limit", 100))
+        offset, limit = int(body.get("page_offset", 0)), int(body.get("page_limit", 100))  # 0: count only
         page = matched[offset : offset + limit]
         return await self._answer(
             {"task_instances": [self.render(r) for r in page], "total_entries": len(matched)}

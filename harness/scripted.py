@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -28,12 +28,31 @@ class ScriptedAirflow:
         return self._list()
 
     async def task_instance_pages(
-        self, *, dag_ids: Iterable[str], run_ids: Iterable[str], task_ids: Iterable[str]
+        self,
+        *,
+        dag_ids: Iterable[str],
+        run_ids: Iterable[str],
+        task_ids: Iterable[str],
+        states: Sequence[str | None] | None = None,
     ) -> AsyncIterator[list[TaskInstance]]:
-        self.calls.append("batch")
+        self.calls.append("batch" if states is None else "batch:" + ",".join(map(str, states)))
         if self.fail_batch:
-            raise AirflowError("HTTP 403")
-        yield self._list()
+            raise AirflowError("HTTP 403", status=403)
+        yield self._matching(dag_ids, run_ids, task_ids, states)
+
+    async def count_task_instances(
+        self,
+        *,
+        dag_ids: Iterable[str],
+        run_ids: Iterable[str],
+        task_ids: Iterable[str],
+        states: Sequence[str | None],
+    ) -> int:
+        """As Airflow counts: every task instance in the ids' cross product, in one of ``states``."""
+        self.calls.append("count:" + ",".join(map(str, states)))
+        if self.fail_batch:
+            raise AirflowError("HTTP 403", status=403)
+        return len(self._matching(dag_ids, run_ids, task_ids, states))
 
     async def get_task_instance(
         self, *, dag_id: str, run_id: str, task_id: str, map_index: int
@@ -47,6 +66,24 @@ class ScriptedAirflow:
         self.calls.append("ping")
         if self.fail_lists:
             raise AirflowError("connection refused")
+
+    def _matching(
+        self,
+        dag_ids: Iterable[str],
+        run_ids: Iterable[str],
+        task_ids: Iterable[str],
+        states: Sequence[str | None] | None,
+    ) -> list[TaskInstance]:
+        """The batch endpoint's filter over the list: ids by cross product, then the states."""
+        dags, runs, tasks = set(dag_ids), set(run_ids), set(task_ids)
+        return [
+            t
+            for t in self._list()
+            if t.dag_id in dags
+            and t.run_id in runs
+            and t.task_id in tasks
+            and (states is None or t.state in states)
+        ]
 
     def _list(self) -> list[TaskInstance]:
         if self.fail_lists:

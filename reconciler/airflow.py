@@ -4,7 +4,9 @@ Three reads, all parsed strictly:
 
 - :meth:`AirflowClient.changed_since`: every task instance updated since a time (the cheap,
   incremental read of a steady-state cycle; keyset paging where v2 has it, offset paging otherwise);
-- :meth:`AirflowClient.list_task_instances`: the batch endpoint, by DAG runs (the full resync);
+- :meth:`AirflowClient.task_instance_pages` and :meth:`AirflowClient.count_task_instances`: the
+  batch endpoint, by DAG, run and task ids and optionally by state (the targeted reads and the
+  full resync);
 - :meth:`AirflowClient.get_task_instance`: one task instance (the confirmation before a stop).
 
 Anything the client cannot vouch for raises :class:`AirflowError`, which the loop turns into an
@@ -15,7 +17,7 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal, NamedTuple, Protocol
@@ -31,7 +33,17 @@ MAX_STEP_BACKS = 20  # offset paging by id: a read that keeps finding rows moved
 
 
 class AirflowError(Exception):
-    """Airflow gave no usable answer. Messages never carry credentials."""
+    """Airflow gave no usable answer. Messages never carry credentials; ``status`` is the HTTP code
+    when Airflow (or a proxy) answered with one."""
+
+    def __init__(self, message: str, *, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+# Answers that refuse a request itself rather than say Airflow is unwell: Airflow 2's batch endpoint
+# answers 403 to a whole request naming one DAG the user may not read, a proxy 413 to a large body.
+REFUSALS = frozenset({400, 403, 404, 405, 413, 422})
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,8 +141,22 @@ class TaskInstanceReader(Protocol):
     async def changed_since(self, since: datetime) -> list[TaskInstance]: ...
 
     def task_instance_pages(
-        self, *, dag_ids: Iterable[str], run_ids: Iterable[str], task_ids: Iterable[str]
+        self,
+        *,
+        dag_ids: Iterable[str],
+        run_ids: Iterable[str],
+        task_ids: Iterable[str],
+        states: Sequence[str | None] | None = None,
     ) -> AsyncIterator[list[TaskInstance]]: ...
+
+    async def count_task_instances(
+        self,
+        *,
+        dag_ids: Iterable[str],
+        run_ids: Iterable[str],
+        task_ids: Iterable[str],
+        states: Sequence[str | None],
+    ) -> int: ...
 
     async def get_task_instance(
         self, *, dag_id: str, run_id: str, task_id: str, map_index: int
@@ -284,16 +310,17 @@ class AirflowClient:
         return [ti async for page in pages for ti in page]
 
     async def task_instance_pages(
-        self, *, dag_ids: Iterable[str], run_ids: Iterable[str], task_ids: Iterable[str]
+        self,
+        *,
+        dag_ids: Iterable[str],
+        run_ids: Iterable[str],
+        task_ids: Iterable[str],
+        states: Sequence[str | None] | None = None,
     ) -> AsyncIterator[list[TaskInstance]]:
-        """The batch endpoint's answer, one page at a time."""
+        """The batch endpoint's answer (task instances in any of these DAGs, runs and tasks, and in
+        one of ``states`` if given; ``None`` is no state), one page at a time."""
         version = await self.api_version()
-        body: dict[str, Any] = {
-            "dag_ids": sorted(set(dag_ids)),
-            "dag_run_ids": sorted(set(run_ids)),
-            "task_ids": sorted(set(task_ids)),
-            "page_limit": BATCH_PAGE,
-        }
+        body = _batch_filter(version, dag_ids, run_ids, task_ids, states) | {"page_limit": BATCH_PAGE}
         if version == "v2":
             body["order_by"] = "id"  # v1 refuses unknown fields; its default order is stable enough
         offset = 0
@@ -308,6 +335,24 @@ class AirflowClient:
             offset += len(items)
             if not items or offset >= total:
                 return
+
+    async def count_task_instances(
+        self,
+        *,
+        dag_ids: Iterable[str],
+        run_ids: Iterable[str],
+        task_ids: Iterable[str],
+        states: Sequence[str | None],
+    ) -> int:
+        """How many task instances the batch endpoint would return, without their rows: v2 takes a
+        page of none, v1 a page of one (its smallest)."""
+        version = await self.api_version()
+        body = _batch_filter(version, dag_ids, run_ids, task_ids, states)
+        body["page_limit"] = 0 if version == "v2" else 1
+        page = await self._request(
+            "POST", f"/api/{version}/dags/~/dagRuns/~/taskInstances/list", json_body=body
+        )
+        return _collection(page)[1]
 
     async def get_task_instance(
         self, *, dag_id: str, run_id: str, task_id: str, map_index: int
@@ -345,9 +390,9 @@ class AirflowClient:
                     if "is mapped" in str(payload["detail"]):
                         raise AirflowError("task instance is mapped but the job has no map_index")
                     return None
-                raise AirflowError(f"{method} {path}: 404 without Airflow's JSON body")
+                raise AirflowError(f"{method} {path}: 404 without Airflow's JSON body", status=404)
             if status != 200:
-                raise AirflowError(f"{method} {path}: HTTP {status}")
+                raise AirflowError(f"{method} {path}: HTTP {status}", status=status)
             if payload is _UNPARSEABLE or not isinstance(payload, dict):
                 raise AirflowError(f"{method} {path}: answer is not a JSON object")
             return payload
@@ -399,6 +444,24 @@ class AirflowClient:
 
 
 _UNPARSEABLE: Any = object()
+
+
+def _batch_filter(
+    version: ApiVersion,
+    dag_ids: Iterable[str],
+    run_ids: Iterable[str],
+    task_ids: Iterable[str],
+    states: Sequence[str | None] | None,
+) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "dag_ids": sorted(set(dag_ids)),
+        "dag_run_ids": sorted(set(run_ids)),
+        "task_ids": sorted(set(task_ids)),
+    }
+    if states is not None:
+        # "No state" is null in v2 and "none" in v1 (Airflow 2 maps that word to NULL).
+        body["state"] = [s if s is not None or version == "v2" else "none" for s in states]
+    return body
 
 
 def _seg(value: str) -> str:

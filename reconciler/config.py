@@ -24,7 +24,7 @@ __all__ = ["ConfigError", "ReconcilerConfig", "Secrets", "load_config", "load_se
 
 ENV_PREFIX = "AGENTIC_RECONCILER_"
 API_VERSIONS = ("auto", "v2", "v1")
-STRATEGIES = ("incremental", "batch", "naive")
+STRATEGIES = ("targeted", "incremental", "batch", "naive")
 
 
 @dataclass(frozen=True)
@@ -45,8 +45,8 @@ class RouterDBConfig:
 @dataclass(frozen=True)
 class PollConfig:
     interval_seconds: float = setting(1.0, gt=0)
-    strategy: str = setting("incremental", one_of=STRATEGIES)
-    full_resync_seconds: float = setting(30.0, gt=0)
+    strategy: str = setting("targeted", one_of=STRATEGIES)
+    full_resync_seconds: float = setting(300.0, gt=0)
     overlap_seconds: float = setting(10.0, ge=0)
     agent_sync_per_cycle: int = setting(50, ge=0)
     max_concurrent_reads: int = setting(8, ge=1)

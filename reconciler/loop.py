@@ -1,9 +1,11 @@
 """The poll loop: read task-instance states, decide, confirm, and hand stops to the dispatcher.
 
-A steady-state cycle asks Airflow only for task instances updated since its previous read; every
-``full_resync_seconds`` it reads all active jobs' task instances through the batch endpoint, which
-also finds deleted runs. Each would-be stop is re-read directly before it is acted on. Airflow
-errors keep every job: uncertainty never stops one.
+How a cycle reads Airflow is ``[poll] strategy``: ``targeted`` (the default, :mod:`reconciler.targeted`)
+reads only the active jobs' task instances that left ``deferred``; ``incremental`` asks for every
+task instance updated since the previous read, with a full batch read every ``full_resync_seconds``;
+``batch`` makes that full read every cycle; ``naive`` reads each job's task instance directly. Each
+would-be stop is re-read directly before it is acted on. Airflow errors keep every job: uncertainty
+never stops one.
 """
 
 from __future__ import annotations
@@ -20,14 +22,15 @@ from typing import TypeVar
 from sqlalchemy.exc import SQLAlchemyError
 
 from reconciler.agents import AgentPool
-from reconciler.airflow import AirflowError, TaskInstance, TaskInstancePath, TaskInstanceReader
+from reconciler.airflow import REFUSALS, AirflowError, TaskInstancePath, TaskInstanceReader
 from reconciler.config import PollConfig
-from reconciler.decision import Absent, Decision, Keep, Observation, Observed, Stop, Unknown, decide
+from reconciler.decision import Absent, Keep, Observation, Stop, Unknown
 from reconciler.fleet import AgentState, Fleet
 from reconciler.job_service import refresh_from_agent
 from reconciler.logfields import job_fields
 from reconciler.metrics import Metrics
 from reconciler.stops import StopDispatcher
+from reconciler.targeted import TargetedRead, judge, observe, ti_key
 from router_db import JobRecord, JobStatus, RouterDB
 
 log = logging.getLogger("reconciler.loop")
@@ -39,27 +42,11 @@ T = TypeVar("T")
 @dataclass
 class CycleReport:
     result: str = "ok"
-    read: str = ""  # "incremental", "full" or "naive"
+    read: str = ""  # "targeted" (+locate, +check), "incremental", "full" or "naive"
     active: int = 0
     candidates: int = 0  # jobs whose observation this cycle would stop them, before confirmation
     stops: list[tuple[JobRecord, Stop]] = field(default_factory=list)
     unconfirmed: int = 0
-
-
-def observe(ti: TaskInstance | None) -> Observation:
-    return Absent() if ti is None else Observed(ti.state, ti.try_number, ti.identity)
-
-
-def judge(job: JobRecord, observation: Observation) -> Decision:
-    """The decision table for this job (its try and its task instance's identity)."""
-    return decide(job.key.try_number, observation, job_identity=job.ti_identity)
-
-
-def ti_key(job: JobRecord) -> TaskInstancePath:
-    key = job.key
-    return TaskInstancePath(
-        dag_id=key.dag_id, run_id=key.run_id, task_id=key.task_id, map_index=key.map_index
-    )
 
 
 class ReconcileLoop:
@@ -86,10 +73,18 @@ class ReconcileLoop:
         # reload tens of thousands of jobs; a full resync does.
         self._jobs: dict[str, JobRecord] = {}
         self._jobs_read: datetime | None = None
-        self._next_full = float("-inf")  # monotonic time the next full read is due
+        self._next_full = float("-inf")  # monotonic time the next full read (targeted: job reload) is due
+        self._next_full_attempt = float("-inf")  # targeted: when to try again a read Airflow refused
         self._full_failures = 0  # consecutive failed full reads (they back off, incrementals go on)
         self.full_read_error: str | None = None  # why the last full read failed, while it keeps failing
         self._sync_cursor = ""  # job id up to which the rolling agent sweep has got
+        self._ended: list[JobRecord] = []  # jobs that left the active set since the previous cycle
+        self.targeted = TargetedRead(
+            airflow,
+            full_check_seconds=poll.full_resync_seconds,
+            concurrency=poll.max_concurrent_reads,
+            on_request=lambda read: metrics.targeted_reads.labels(read).inc(),
+        )
         self.last_success: float | None = None  # monotonic time of the last successful cycle
 
     def agent_states(self) -> dict[str, str]:
@@ -146,9 +141,17 @@ class ReconcileLoop:
         return report
 
     async def _cycle(self, dry_run: bool) -> CycleReport:
-        full = (
-            self._poll.strategy == "batch" or self._watermark is None or time.monotonic() >= self._next_full
-        )
+        if self._poll.strategy == "targeted":
+            # The targeted read has no full read of its own: "full" reloads the job view.
+            full = time.monotonic() >= self._next_full
+            if full:
+                self._next_full = time.monotonic() + self._poll.full_resync_seconds
+        else:
+            full = (
+                self._poll.strategy == "batch"
+                or self._watermark is None
+                or time.monotonic() >= self._next_full
+            )
         jobs = await self._active_jobs(reload=full)
         self._metrics.active_jobs.set(len(jobs))
         self._metrics.stopping_jobs.set(sum(job.status is JobStatus.STOPPING for job in jobs))
@@ -203,15 +206,17 @@ class ReconcileLoop:
     async def _active_jobs(self, *, reload: bool) -> list[JobRecord]:
         read_started = datetime.now(UTC)
         if reload or self._jobs_read is None:
+            previous = self._jobs
             self._jobs = {job.job_id: job for job in await asyncio.to_thread(self._db.active)}
+            self._ended.extend(job for job_id, job in previous.items() if job_id not in self._jobs)
         else:
             # The overlap also covers writers on other hosts whose clocks run behind ours.
             since = self._jobs_read - timedelta(seconds=self._poll.overlap_seconds)
             for job in await asyncio.to_thread(self._db.changed_since, since):
                 if job.active:
                     self._jobs[job.job_id] = job
-                else:
-                    self._jobs.pop(job.job_id, None)
+                elif self._jobs.pop(job.job_id, None) is not None:
+                    self._ended.append(job)
         self._jobs_read = read_started
         return list(self._jobs.values())
 
@@ -220,6 +225,28 @@ class ReconcileLoop:
     ) -> dict[str, Observation]:
         """Observations of the live jobs this cycle can see; a job left out is unchanged."""
         read_started = datetime.now(UTC)
+        if self._poll.strategy == "targeted":
+            self.targeted.ended(self._ended)
+            self._ended.clear()
+            if time.monotonic() >= self._next_full_attempt:
+                try:
+                    found, report.read = await self.targeted.read(live)
+                except AirflowError as exc:
+                    if exc.status not in REFUSALS or self._watermark is None:
+                        self._watermark = self._watermark or read_started
+                        raise  # Airflow unwell: keep every job, try again next cycle
+                    self._full_read_failed(exc)
+                else:
+                    self._read_works_again()
+                    self._watermark = read_started
+                    return found
+            # The batch endpoint refuses these reads: read what changed, as "incremental" does.
+            report.read = "incremental (targeted read refused)"
+            since = (self._watermark or read_started) - timedelta(seconds=self._poll.overlap_seconds)
+            changed = {ti.key: ti for ti in await self._airflow.changed_since(since)}
+            self._watermark = read_started
+            return {job.job_id: observe(changed[ti_key(job)]) for job in live if ti_key(job) in changed}
+        self._ended.clear()
         if self._poll.strategy == "naive":
             report.read = "naive"
             tis = await _bounded(self._poll.max_concurrent_reads, [self._direct(job) for job in live])
@@ -237,10 +264,7 @@ class ReconcileLoop:
                     raise
                 report.read = "incremental (full read failing)"
             else:
-                if self.full_read_error is not None:
-                    log.info("full read of task instances works again", extra={"action": "full_read"})
-                self._full_failures, self.full_read_error = 0, None
-                self._metrics.full_resync_failing.set(0)
+                self._read_works_again()
                 self._next_full = time.monotonic() + self._poll.full_resync_seconds
                 self._watermark = read_started
                 return found
@@ -276,17 +300,27 @@ class ReconcileLoop:
         found.update((job.job_id, Absent()) for jobs in unseen.values() for job in jobs)
         return found
 
+    def _read_works_again(self) -> None:
+        if self.full_read_error is not None:
+            log.info("full read of task instances works again", extra={"action": "full_read"})
+        self._full_failures, self.full_read_error = 0, None
+        self._metrics.full_resync_failing.set(0)
+
     def _full_read_failed(self, exc: AirflowError) -> None:
-        """Back off the full read (one poll interval, doubling up to full_resync_seconds); the
-        incremental reads go on every cycle meanwhile."""
+        """Back off the full (or targeted) read: one poll interval, doubling up to
+        full_resync_seconds; the incremental reads go on every cycle meanwhile."""
         self._full_failures += 1
         backoff = self._poll.interval_seconds * 2.0 ** min(self._full_failures - 1, 20)
         delay = min(self._poll.full_resync_seconds, backoff)
-        self._next_full = time.monotonic() + delay
+        if self._poll.strategy == "targeted":
+            self._next_full_attempt = time.monotonic() + delay
+        else:
+            self._next_full = time.monotonic() + delay
         self.full_read_error = str(exc)
         self._metrics.full_resync_failing.set(1)
         log.error(
-            "full read of task instances failed (%d in a row, next in %.0f s); incremental reads go on: %s",
+            "%s of task instances failed (%d in a row, next in %.0f s); incremental reads go on: %s",
+            "targeted read" if self._poll.strategy == "targeted" else "full read",
             self._full_failures,
             delay,
             exc,

@@ -42,6 +42,12 @@ class Metrics:
             ["code"],
             registry=r,
         )
+        self.targeted_reads = Counter(
+            "reconciler_targeted_reads",
+            "Requests of the targeted read by purpose (in_flight, deferred_count, locate_count, rows).",
+            ["read"],
+            registry=r,
+        )
         self.active_jobs = Gauge("reconciler_active_jobs", "Jobs the router DB considers active.", registry=r)
         self.stopping_jobs = Gauge(
             "reconciler_stopping_jobs",

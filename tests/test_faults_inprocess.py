@@ -146,6 +146,9 @@ class FailedAirflow:
     async def task_instance_pages(self, **_: Any) -> AsyncIterator[list[TaskInstance]]:
         yield list(self._tis)
 
+    async def count_task_instances(self, **_: Any) -> int:
+        return 0  # none deferred
+
     async def get_task_instance(
         self, *, dag_id: str, run_id: str, task_id: str, map_index: int
     ) -> TaskInstance:

@@ -51,7 +51,9 @@ def make_loop(
 ) -> tuple[ReconcileLoop, StopDispatcher]:
     metrics = Metrics()
     dispatcher = StopDispatcher(db, agents, metrics, StopConfig(attempts=1, backoff_initial_seconds=0.01))
-    config = PollConfig(**{"full_resync_seconds": 3600.0, "agent_sync_per_cycle": 0, **poll})  # type: ignore[arg-type]
+    # These tests pin the incremental strategy's reads; tests/test_targeted.py covers the default.
+    settings = {"strategy": "incremental", "full_resync_seconds": 3600.0, "agent_sync_per_cycle": 0, **poll}
+    config = PollConfig(**settings)  # type: ignore[arg-type]
     return ReconcileLoop(
         db=db, airflow=airflow, agents=agents, dispatcher=dispatcher, metrics=metrics, poll=config
     ), dispatcher
