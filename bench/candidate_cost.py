@@ -1,7 +1,9 @@
 """What each candidate read costs a real api-server and its PostgreSQL, beside today's reads.
 
 The candidates (bench.candidate_bodies) are POSTed to Airflow's batch endpoint as they are; today's
-reads (incremental, batch) go through the reconciler's own client as bench.read_cost sends them.
+reads (incremental, batch) go through the reconciler's own client as bench.read_cost sends them, and
+so do the default strategy's (``reconciler.targeted.TargetedRead``: a steady cycle, a chunk of its
+rolling full check).
 Every read's statements come from PostgreSQL's log and its ``task_instance`` statements are re-run
 under ``EXPLAIN (ANALYZE, BUFFERS)`` (bench.explain).
 """
@@ -13,8 +15,9 @@ import json
 import os
 import statistics
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import aiohttp
@@ -27,8 +30,10 @@ from bench.metadata_db import connect, ti_indexes, touch
 from bench.pg_capture import ServerLog
 from bench.read_cost import READ_TIMEOUT, Case, Reads, measure, say
 from harness.airflow import PASSWORD, USERNAME
-from reconciler.airflow import AirflowClient
+from reconciler.airflow import AirflowClient, TaskInstancePath
 from reconciler.config import PollConfig
+from reconciler.targeted import CHECK_KEYS, TargetedRead, Watched, filters, ti_key
+from router_db import JobRecord, JobStatus, TaskInstanceKey
 
 BATCH = "/api/v2/dags/~/dagRuns/~/taskInstances/list"
 
@@ -93,6 +98,12 @@ READS = {
     "R2 deferred count": "tracked keys, `state` = deferred, `page_limit` 0 (count only)",
     "R3 one DAG": "one DAG's tracked keys, every state, `order_by` id, `page_limit` 1000",
     "R3 all DAGs": "R3 for every tracked DAG, one after another (a whole full check)",
+    "targeted cycle (default)": "one steady cycle of the default strategy, `TargetedRead.read` of the "
+    "tracked jobs through the reconciler's client: R1's rows (pages of 1000) and R2's count, sent at once "
+    "(TIs returned: the observations it hands the loop, none when all tracked TIs are deferred)",
+    "check chunk (default)": f"one request of the default's rolling full check: the tracked keys of "
+    f"consecutive runs (by DAG id, run id) up to >= {CHECK_KEYS:,} keys, every state, `order_by` id, "
+    "pages of 1000 (the reconciler's client)",
     "incremental (today)": "`updated_at_gte` = now - 11 s, cursor pages of 100 (the reconciler's client)",
     "batch (today)": "every tracked key, pages of 1000 (the reconciler's client; today's full resync)",
 }
@@ -105,6 +116,42 @@ class Scoped:
     scope: Scope
     cases: dict[str, Candidate]
     loadavg: tuple[float, float]  # 1-minute load average when its reads began and ended
+
+
+def jobs_of(scope: Scope) -> list[JobRecord]:
+    """The tracked keys as the sidecar's live jobs (running, try 1, no identity)."""
+    now = datetime.now(UTC)
+    return [
+        JobRecord(
+            job_id=f"bench-{i}",
+            key=TaskInstanceKey(dag_id=d, task_id=t, run_id=r, map_index=m, try_number=1),
+            agent_id="bench",
+            command="true",
+            status=JobStatus.RUNNING,
+            rc=None,
+            reason=None,
+            stop_status=None,
+            created_at=now,
+            updated_at=now,
+            stop_requested_at=None,
+            finished_at=None,
+        )
+        for i, (d, r, t, m) in enumerate(scope.keys)
+    ]
+
+
+def check_chunks(live: Sequence[JobRecord]) -> list[list[TaskInstancePath]]:
+    """The requests of one round of the rolling full check, grouped as ``TargetedRead._check`` groups
+    them: whole runs in (dag_id, run_id) order, a group closed once it holds >= CHECK_KEYS keys."""
+    watched = Watched()
+    for job in live:
+        watched.add(ti_key(job), job)
+    chunks: list[list[TaskInstancePath]] = [[]]
+    for run in sorted(watched.by_run):
+        if len(chunks[-1]) >= CHECK_KEYS:
+            chunks.append([])
+        chunks[-1] += watched.keys([run])
+    return chunks
 
 
 def last_audit(conn: psycopg.Connection) -> int:
@@ -141,6 +188,11 @@ async def measure_scope(
     reads = Reads(client, scope.keys, lag, iter([]), poll.max_concurrent_reads)
     cases = {name: Candidate(name, what) for name, what in READS.items()}
     dags = itertools.cycle(scope.dags)
+    live = jobs_of(scope)
+    chunks = itertools.cycle(check_chunks(live))
+    targeted = TargetedRead(
+        client, full_check_seconds=poll.full_resync_seconds, concurrency=poll.max_concurrent_reads
+    )
 
     async def r1() -> int:
         rows, total = await endpoint.post(transient_rows(scope))
@@ -163,16 +215,32 @@ async def measure_scope(
             found += (await endpoint.post(one_dag(scope, dag_id)))[0]
         return found
 
+    async def cycle() -> int:
+        found, read = await targeted.read(live)
+        if found or read != "targeted":  # every tracked TI is deferred: a steady cycle finds nothing
+            raise RuntimeError(f"not a steady targeted cycle: {read}, {len(found)} observations")
+        return len(found)
+
+    async def chunk() -> int:
+        pages = client.task_instance_pages(**filters(next(chunks)), states=None)
+        return sum([len(page) async for page in pages])
+
     try:
         heartbeat()
-        for warm in (r1, r2, r3_one, reads.incremental):  # pools, imports, tokens
+        for warm in (r1, r2, r3_one, reads.incremental, chunk):  # pools, imports, tokens
             await warm()
+        found, _ = await targeted.read(live)  # the first read also sends a chunk of the full check
+        if found:
+            raise RuntimeError(f"the first targeted read observed {len(found)} diverging jobs")
+        targeted._next_check = float("inf")  # measured reads: steady cycles only (R1 + R2)
         c = cases
         for name, read, n, sender in (
             ("R1 transient rows", r1, repeats, endpoint),
             ("R2 deferred count", r2, repeats, endpoint),
             ("R3 one DAG", r3_one, repeats, endpoint),
             ("R3 all DAGs", r3_all, heavy_repeats, endpoint),
+            ("targeted cycle (default)", cycle, repeats, client),
+            ("check chunk (default)", chunk, repeats, client),
             ("incremental (today)", reads.incremental, min(repeats, 5), client),
             ("batch (today)", reads.batch, heavy_repeats, client),
         ):

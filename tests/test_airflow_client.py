@@ -30,6 +30,7 @@ import yaml
 from aiohttp import web
 
 from reconciler.airflow import AirflowClient, AirflowError, TaskInstance
+from reconciler.targeted import DEFERRED_STATES, IN_FLIGHT_STATES
 
 CASSETTES = Path(__file__).parent / "cassettes"
 RECORDING = os.environ.get("AGENTIC_RECORD_CASSETTES") == "1"
@@ -109,8 +110,12 @@ def airflow(
 
 
 @contextmanager
-def cassette(version: str, name: str) -> Iterator[Any]:
-    with RECORDER.use_cassette(str(CASSETTES / f"airflow-{version}" / f"{name}.yaml")) as recorded:
+def cassette(version: str, name: str, *, match_body: bool = False) -> Iterator[Any]:
+    """A cassette of one version; ``match_body`` for POSTs told apart only by their bodies."""
+    matching = {"match_on": ["method", "path", "query", "body"]} if match_body else {}
+    with RECORDER.use_cassette(
+        str(CASSETTES / f"airflow-{version}" / f"{name}.yaml"), **matching
+    ) as recorded:
         yield recorded
 
 
@@ -157,6 +162,55 @@ def test_reads_list_and_direct_answers(airflow: tuple[str, str]) -> None:
     assert seen["sleeper"].state == "running" and seen["sleeper"].end_date is None
     assert seen["mapped_1"].map_index == 1
     assert seen["absent_run"] is None and seen["absent_task"] is None
+
+
+def test_targeted_reads_filter_by_state_and_count_without_rows(airflow: tuple[str, str]) -> None:
+    """The default read's two requests, as each Airflow answers them: rows in the in-flight states
+    (no state included: null on v2, "none" on v1) and a count of the deferred ones."""
+    version, url = airflow
+    if RECORDING:
+        from harness.airflow import AirflowAPI
+
+        AirflowAPI(url, version=version).wait_for_state(
+            "recorded", "rec", "parked", {"deferred"}, timeout=120
+        )
+    ids = {
+        "dag_ids": ["recorded"],
+        "run_ids": ["rec"],
+        "task_ids": ["sleeper", "mapped", "waiting", "parked"],
+    }
+
+    async def scenario() -> tuple[list[TaskInstance], list[int]]:
+        reader = client(url)
+        try:
+            with cassette(version, "targeted", match_body=True) as recorded:
+                in_flight = [
+                    ti
+                    async for page in reader.task_instance_pages(**ids, states=IN_FLIGHT_STATES)
+                    for ti in page
+                ]
+                counts = [
+                    await reader.count_task_instances(**ids, states=states)
+                    for states in (DEFERRED_STATES, [None], ["running"], ["failed", "success"])
+                ]
+                bodies = [
+                    r.body if isinstance(r.body, dict) else json.loads(r.body)
+                    for r in recorded.requests
+                    if r.path.endswith("/list")
+                ]
+        finally:
+            await reader.close()
+        assert [b.get("page_limit") for b in bodies] == [1000] + [0 if version.startswith("3.") else 1] * 4
+        return in_flight, counts
+
+    in_flight, counts = asyncio.run(scenario())
+    assert {(t.task_id, t.map_index, t.state) for t in in_flight} == {
+        ("sleeper", -1, "running"),
+        ("mapped", 0, "running"),
+        ("mapped", 1, "running"),
+        ("waiting", -1, None),
+    }
+    assert counts == [1, 1, 3, 0]  # deferred, no state, running, finished
 
 
 def test_mapped_task_read_without_its_index_is_an_error_not_absent(airflow: tuple[str, str]) -> None:
