@@ -1,13 +1,14 @@
 """Real-Airflow latency: "mark failed" to remote process gone, beside Airflow's own local kill.
 
-    python -m bench.real_airflow                      # 50 deferred remote jobs, 20 marked failed (~3 min)
+    python -m bench.real_airflow                      # 50 deferred remote jobs: 20 marked failed, 10 cleared
     python -m bench.real_airflow --poll-interval 5    # the same with a slow poll: on_kill's share shows
 
 A real Airflow 3.3.2, two real agents and the sidecar with its default poll settings. 50
 ``AgenticRunOperator`` tasks defer on jobs (process trees) spread over the agents; 20 of them are
-marked failed through the REST API at random moments, and each time the benchmark measures when
-the job's whole process group is gone. For the anchor, ten ``BashOperator`` tasks run locally
-in the same Airflow and are marked failed too: Airflow itself kills those.
+marked failed through the REST API at random moments, then 10 others are cleared the same way, and
+each time the benchmark measures when the job's whole process group is gone. For the anchor, ten
+``BashOperator`` tasks run locally in the same Airflow and are marked failed too: Airflow itself
+kills those.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ def summary(values: list[float]) -> dict[str, float]:
     }
 
 
-def run(base: Path, marked: int, seed: int, poll_interval: float) -> dict[str, object]:
+def run(base: Path, marked: int, cleared: int, seed: int, poll_interval: float) -> dict[str, object]:
     rng = random.Random(seed)
     agents = [
         AgentProcess(
@@ -100,14 +101,18 @@ def run(base: Path, marked: int, seed: int, poll_interval: float) -> dict[str, o
             )
             trees[task_id] = process_group(info.json()["pid"])
 
-        latencies = []
-        for task_id in rng.sample(remote, marked):
+        latencies, clears = [], []
+        chosen = rng.sample(remote, marked + cleared)
+        for n, task_id in enumerate(chosen):
             time.sleep(rng.uniform(0.2, 1.5))  # random moments relative to the poll cycle
             tree = trees[task_id]
             started = time.monotonic()
-            api.mark(DAG_ID, "bench", task_id, "failed")
+            if n < marked:
+                api.mark(DAG_ID, "bench", task_id, "failed")
+            else:
+                api.clear(DAG_ID, "bench", task_id)  # its old try's job must stop; a new try starts
             wait_gone(tree)
-            latencies.append(time.monotonic() - started)
+            (latencies if n < marked else clears).append(time.monotonic() - started)
 
         local = []
         for i in range(10):
@@ -124,7 +129,7 @@ def run(base: Path, marked: int, seed: int, poll_interval: float) -> dict[str, o
             api.mark(DAG_ID, "bench", task_id, "failed")
             wait_gone(tree)
             local.append(time.monotonic() - started)
-        untouched = [t for t in remote if alive(trees[t])]
+        untouched = [t for t in remote if t not in chosen and alive(trees[t])]
         # Who stopped each marked job: the trigger's on_kill (the push endpoint, "api") or the poll.
         sources: dict[str, int] = {}
         with sidecar.client() as client:
@@ -135,10 +140,13 @@ def run(base: Path, marked: int, seed: int, poll_interval: float) -> dict[str, o
                         sources[event["source"]] = sources.get(event["source"], 0) + 1
         return {
             "remote_mark_failed_to_gone": summary(latencies),
+            "remote_clear_to_gone": summary(clears) if clears else {},
+            "remote_clear_all_s": [round(v, 3) for v in clears],
             "airflow_local_kill": summary(local),
             "airflow_local_kill_all_s": [round(v, 3) for v in local],
             "remote_all_s": [round(v, 3) for v in latencies],
             "remote_jobs_left_running": len(untouched),
+            "remote_jobs_never_touched": len(remote) - len(chosen),
             "poll_interval_s": sidecar.interval_seconds,
             "stopped_by": sources,
         }
@@ -159,11 +167,12 @@ def main() -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--marked", type=int, default=20)
+    parser.add_argument("--cleared", type=int, default=10)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--poll-interval", type=float, default=1.0, help="the sidecar's [poll] interval")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-real-") as base:
-        print(json.dumps(run(Path(base), args.marked, args.seed, args.poll_interval), indent=1))
+        print(json.dumps(run(Path(base), args.marked, args.cleared, args.seed, args.poll_interval), indent=1))
     return 0
 
 

@@ -10,10 +10,12 @@ serve, so finished history is never read):
 
 Every watched task instance not in flight should be deferred. A count below that number means some
 left ``deferred`` for a finished state (marked failed or success, skipped) or vanished (run deleted);
-the read then *locates* them: counts over smaller groups of runs, down to groups small enough to read
-row by row. The count errs only one way: task instances the ids' cross product also matches (a task
-not watched in a watched run) can hide a drop, never fake one. So a rolling *full check* reads every
-watched run's rows once per ``full_resync_seconds``, a few hundred rows at a time.
+the read then *locates* them: it counts smaller groups of runs at once, down to groups of a few runs
+(or while the drop is so dense that most runs hold part of it), and reads the finished task
+instances of the groups that fell short, and every row of a group where some vanished. The count
+errs only one way: task instances the ids' cross product also matches (a task not watched in a
+watched run) can hide a drop, never fake one. So a rolling *full check* reads every watched run's
+rows once per ``full_resync_seconds``, a thousand task instances per request.
 
 A job that ended on its own (the command exited) leaves its task instance deferred until the trigger
 hears of the end. Where the live jobs' id lists still match that task instance (another map index of
@@ -27,8 +29,8 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import Awaitable, Callable, Collection, Iterable, Sequence
-from dataclasses import dataclass, field
+from collections import Counter
+from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, Sequence
 from typing import TypeVar
 
 from reconciler.airflow import TaskInstance, TaskInstancePath, TaskInstanceReader
@@ -45,8 +47,9 @@ IN_FLIGHT_STATES: tuple[str | None, ...] = (
     "restarting",
 )
 DEFERRED_STATES: tuple[str | None, ...] = ("deferred",)
+FINISHED_STATES: tuple[str | None, ...] = ("success", "failed", "upstream_failed", "skipped", "removed")
 FANOUT = 8  # a located group is split into this many, counted at once
-LEAF_KEYS = 200  # a group with this few task instances is read row by row instead of split
+LEAF_KEYS = 200  # a group with this few task instances is read (its finished rows), not split
 CHECK_KEYS = 1000  # task instances per request of the rolling full check (one batch page)
 DRAIN_SECONDS = 60.0  # how long a job that ended on its own stays watched for its deferred TI
 
@@ -80,24 +83,75 @@ def split(items: Sequence[T], parts: int) -> list[Sequence[T]]:
     return [items[i : i + size] for i in range(0, len(items), size)]
 
 
-@dataclass
 class Watched:
-    """One cycle's watched task instances, by run: the live jobs' and the draining ones'."""
+    """The watched task instances by key and by run, kept across cycles and updated by the jobs that
+    come and go (a cycle of 100,000 jobs must not rebuild it), plus this cycle's draining keys."""
 
-    jobs: dict[TaskInstancePath, list[JobRecord]] = field(default_factory=dict)
-    by_run: dict[Run, set[TaskInstancePath]] = field(default_factory=dict)
+    def __init__(self) -> None:
+        self.by_id: dict[str, JobRecord] = {}
+        self.jobs: dict[TaskInstancePath, list[JobRecord]] = {}
+        self.by_run: dict[Run, set[TaskInstancePath]] = {}
+        self.draining: dict[Run, set[TaskInstancePath]] = {}
+        # How many watched keys use each DAG, run and task id: the id lists of the whole set.
+        self._ids: tuple[Counter[str], Counter[str], Counter[str]] = (Counter(), Counter(), Counter())
 
-    def add(self, key: TaskInstancePath, job: JobRecord | None = None) -> None:
-        jobs = self.jobs.setdefault(key, [])
-        if job is not None:
-            jobs.append(job)
-        self.by_run.setdefault(run_of(key), set()).add(key)
+    def update(self, live: Sequence[JobRecord]) -> None:
+        current = {job.job_id: job for job in live}
+        for job_id in self.by_id.keys() - current.keys():
+            self._remove(self.by_id.pop(job_id))
+        for job_id in current.keys() - self.by_id.keys():
+            self.by_id[job_id] = current[job_id]
+            self._add(current[job_id])
+
+    def _add(self, job: JobRecord) -> None:
+        key = ti_key(job)
+        jobs = self.jobs.get(key)
+        if jobs is None:
+            self.jobs[key] = jobs = []
+            self.by_run.setdefault(run_of(key), set()).add(key)
+            for count, name in zip(self._ids, (key.dag_id, key.run_id, key.task_id), strict=True):
+                count[name] += 1
+        jobs.append(job)
+
+    def _remove(self, job: JobRecord) -> None:
+        key = ti_key(job)
+        jobs = self.jobs[key]
+        jobs.remove(job)
+        if jobs:
+            return
+        del self.jobs[key]
+        run = self.by_run[run_of(key)]
+        run.discard(key)
+        if not run:
+            del self.by_run[run_of(key)]
+        for count, name in zip(self._ids, (key.dag_id, key.run_id, key.task_id), strict=True):
+            count[name] -= 1
+            if not count[name]:
+                del count[name]
+
+    def covers(self, key: TaskInstancePath) -> bool:
+        """Whether the whole set's id lists match ``key``."""
+        dags, runs, tasks = self._ids
+        return key.dag_id in dags and key.run_id in runs and key.task_id in tasks
+
+    def filters(self) -> dict[str, Collection[str]]:
+        dags, runs, tasks = self._ids
+        return {"dag_ids": dags.keys(), "run_ids": runs.keys(), "task_ids": tasks.keys()}
+
+    def watches(self, key: TaskInstancePath) -> bool:
+        return key in self.jobs or key in self.draining.get(run_of(key), ())
+
+    def size(self) -> int:
+        return len(self.jobs) + sum(map(len, self.draining.values()))
 
     def keys(self, runs: Iterable[Run]) -> list[TaskInstancePath]:
-        return [key for run in runs for key in self.by_run[run]]
+        return [key for run in runs for keys in (self.by_run, self.draining) for key in keys.get(run, ())]
+
+    def runs(self) -> set[Run]:
+        return self.by_run.keys() | self.draining.keys()
 
 
-def filters(keys: Collection[TaskInstancePath]) -> dict[str, set[str]]:
+def filters(keys: Collection[TaskInstancePath]) -> dict[str, Collection[str]]:
     """The batch endpoint's id lists that match ``keys`` (and whatever else their cross product does)."""
     return {
         "dag_ids": {k.dag_id for k in keys},
@@ -107,7 +161,8 @@ def filters(keys: Collection[TaskInstancePath]) -> dict[str, set[str]]:
 
 
 class TargetedRead:
-    """The targeted read's state across cycles: draining task instances and the rolling full check."""
+    """The targeted read's state across cycles: the watched index, draining task instances and the
+    rolling full check."""
 
     def __init__(
         self,
@@ -123,8 +178,9 @@ class TargetedRead:
         self._full_check_seconds = full_check_seconds
         self._concurrency = concurrency
         self._clock = clock
+        self._watched = Watched()
         self._draining: dict[TaskInstancePath, float] = {}  # key -> when it stops being watched
-        self._deferred: set[str] = set()  # live jobs whose task instance the last read took as deferred
+        self._in_flight: set[TaskInstancePath] = set()  # what the last read found in flight
         self._round: list[Run] = []  # runs the current round of the full check has yet to read
         self._next_check = float("-inf")
         self.requests: dict[str, int] = {"in_flight": 0, "deferred_count": 0, "locate_count": 0, "rows": 0}
@@ -133,45 +189,43 @@ class TargetedRead:
         """Jobs that left the active set. One that ended on its own while its task instance was
         deferred keeps that task instance watched until Airflow moves it on (or DRAIN_SECONDS)."""
         for job in jobs:
-            if job.job_id in self._deferred and job.stop_requested_at is None:
-                self._draining[ti_key(job)] = self._clock() + DRAIN_SECONDS
-            self._deferred.discard(job.job_id)
+            key = ti_key(job)
+            taken_as_deferred = job.job_id in self._watched.by_id and key not in self._in_flight
+            if taken_as_deferred and job.stop_requested_at is None:
+                self._draining[key] = self._clock() + DRAIN_SECONDS
 
     async def read(self, live: Sequence[JobRecord]) -> tuple[dict[str, Observation], str]:
         """Observations of the live jobs that this cycle's reads say may diverge, and which reads ran."""
         now = self._clock()
+        watched = self._watched
+        watched.update(live)
         self._draining = {key: until for key, until in self._draining.items() if until > now}
-        watched = Watched()
-        for job in live:
-            watched.add(ti_key(job), job)
-        ids = filters(watched.jobs)
+        watched.draining = {}
         for key in self._draining:
             # Only a draining task instance the live jobs' id lists match is in the count.
-            if (
-                key.dag_id in ids["dag_ids"]
-                and key.run_id in ids["run_ids"]
-                and key.task_id in ids["task_ids"]
-            ):
-                watched.add(key)
+            if key not in watched.jobs and watched.covers(key):
+                watched.draining.setdefault(run_of(key), set()).add(key)
         if not watched.jobs:
             await self._airflow.ping()  # nothing to read, but readiness must mean "Airflow answers"
             return {}, "targeted"
-        every = list(watched.jobs)
+        ids = watched.filters()
         in_flight, deferred = await asyncio.gather(
-            self._rows(every, IN_FLIGHT_STATES, kind="in_flight"),
-            self._count(every, DEFERRED_STATES, kind="deferred_count"),
+            self._rows(ids, watched.watches, IN_FLIGHT_STATES, kind="in_flight"),
+            self._counted(ids, DEFERRED_STATES, kind="deferred_count"),
         )
+        self._in_flight = set(in_flight)
         found: dict[str, Observation] = {}
-        self._observe(watched, in_flight, found, absent_means_gone=False)
-        expected = [key for key in every if key not in in_flight]
-        self._deferred = {job.job_id for key in expected for job in watched.jobs[key]}
+        self._observe(watched, in_flight, found)
         read = "targeted"
-        if deferred < len(expected):
+        deficit = watched.size() - len(in_flight) - deferred
+        if deficit > 0:
             read += "+locate"
-            by_run: dict[Run, list[TaskInstancePath]] = {}
-            for key in expected:
-                by_run.setdefault(run_of(key), []).append(key)
-            await self._locate(watched, sorted(by_run), by_run, found)
+            expected: dict[Run, list[TaskInstancePath]] = {}
+            for run in watched.runs():
+                keys = [key for key in watched.keys([run]) if key not in in_flight]
+                if keys:
+                    expected[run] = keys
+            await self._locate(watched, sorted(expected), expected, deficit, found)
         due = self._due(watched, now)
         if due:
             read += "+check"
@@ -183,51 +237,70 @@ class TargetedRead:
         watched: Watched,
         runs: Sequence[Run],
         expected: dict[Run, list[TaskInstancePath]],
+        deficit: int,
         found: dict[str, Observation],
     ) -> None:
-        """Find which of ``runs`` hold a watched task instance no longer deferred."""
+        """Find which of ``runs`` (whose count fell ``deficit`` short) hold watched task instances no
+        longer deferred: split them and count each part until the parts are small, or the drop so
+        dense that most runs hold one; then read the finished task instances there."""
         keys = [key for run in runs for key in expected[run]]
-        if len(keys) <= LEAF_KEYS or len(runs) == 1:
-            await self._check(watched, runs, found)
+        if len(keys) <= LEAF_KEYS or len(runs) == 1 or deficit * FANOUT >= len(runs):
+            await self._finished(watched, runs, keys, deficit, found)
             return
         groups = split(runs, FANOUT)
+        parts = [[k for run in g for k in expected[run]] for g in groups]
         counts = await self._bounded(
-            [
-                self._count([k for run in g for k in expected[run]], DEFERRED_STATES, kind="locate_count")
-                for g in groups
-            ]
+            [self._counted(filters(part), DEFERRED_STATES, kind="locate_count") for part in parts]
         )
-        short = [g for g, n in zip(groups, counts, strict=True) if n < sum(len(expected[r]) for r in g)]
-        await asyncio.gather(*(self._locate(watched, g, expected, found) for g in short))
+        await asyncio.gather(
+            *(
+                self._locate(watched, g, expected, len(part) - n, found)
+                for g, part, n in zip(groups, parts, counts, strict=True)
+                if n < len(part)
+            )
+        )
+
+    async def _finished(
+        self,
+        watched: Watched,
+        runs: Sequence[Run],
+        keys: Collection[TaskInstancePath],
+        deficit: int,
+        found: dict[str, Observation],
+    ) -> None:
+        """The finished ones among ``keys``: marked failed or success, skipped. If they do not make up
+        the deficit, some vanished (a deleted run): every row of these runs is read."""
+        wanted = set(keys)
+        rows = await self._rows(filters(wanted), wanted.__contains__, FINISHED_STATES, kind="rows")
+        self._observe(watched, rows, found)
+        if len(rows) < deficit:
+            await self._check(watched, runs, found)
 
     async def _check(self, watched: Watched, runs: Sequence[Run], found: dict[str, Observation]) -> None:
-        """Read the rows of every watched task instance in ``runs`` (any state), a page at a time."""
-        groups: list[Sequence[Run]] = []
-        group: list[Run] = []
-        size = 0
+        """Read the rows of every watched task instance in ``runs`` (any state), about CHECK_KEYS a
+        request; a watched key Airflow does not return is absent."""
+        groups: list[list[TaskInstancePath]] = []
+        group: list[TaskInstancePath] = []
         for run in runs:
-            group.append(run)
-            size += len(watched.by_run[run])
-            if size >= CHECK_KEYS:
+            group.extend(watched.keys([run]))
+            if len(group) >= CHECK_KEYS:
                 groups.append(group)
-                group, size = [], 0
+                group = []
         if group:
             groups.append(group)
-        answers = await self._bounded([self._rows(watched.keys(g), None, kind="rows") for g in groups])
-        for answer in answers:
-            self._observe(watched, answer, found, absent_means_gone=True)
+        answers = await self._bounded(
+            [self._rows(filters(g), set(g).__contains__, None, kind="rows") for g in groups]
+        )
+        for group, answer in zip(groups, answers, strict=True):
+            self._observe(watched, {key: answer.get(key) for key in group}, found)
 
     def _observe(
         self,
         watched: Watched,
-        rows: dict[TaskInstancePath, TaskInstance | None],
+        rows: Mapping[TaskInstancePath, TaskInstance | None],
         found: dict[str, Observation],
-        *,
-        absent_means_gone: bool,
     ) -> None:
         for key, ti in rows.items():
-            if ti is None and not absent_means_gone:
-                continue
             if ti is None or ti.state != "deferred":
                 self._draining.pop(key, None)  # Airflow moved it on: no longer expected deferred
             for job in watched.jobs.get(key, ()):
@@ -254,28 +327,30 @@ class TargetedRead:
         return due
 
     async def _rows(
-        self, keys: Collection[TaskInstancePath], states: Sequence[str | None] | None, *, kind: str
-    ) -> dict[TaskInstancePath, TaskInstance | None]:
-        """The task instances of ``keys`` that the batch endpoint returns; with ``states`` None, every
-        key not returned maps to None (absent)."""
-        wanted = set(keys)
-        rows: dict[TaskInstancePath, TaskInstance | None] = (
-            {} if states is not None else dict.fromkeys(wanted)
-        )
+        self,
+        ids: dict[str, Collection[str]],
+        wanted: Callable[[TaskInstancePath], bool],
+        states: Sequence[str | None] | None,
+        *,
+        kind: str,
+    ) -> dict[TaskInstancePath, TaskInstance]:
+        """The task instances the batch endpoint returns for these id lists and states, of the keys
+        ``wanted`` (the lists' cross product may match others)."""
+        rows: dict[TaskInstancePath, TaskInstance] = {}
         self.requests[kind] += 1
         self._on_request(kind)
-        async for page in self._airflow.task_instance_pages(**filters(wanted), states=states):
+        async for page in self._airflow.task_instance_pages(**ids, states=states):
             for ti in page:
-                if ti.key in wanted:
+                if wanted(ti.key):
                     rows[ti.key] = ti
         return rows
 
-    async def _count(
-        self, keys: Collection[TaskInstancePath], states: Sequence[str | None], *, kind: str
+    async def _counted(
+        self, ids: dict[str, Collection[str]], states: Sequence[str | None], *, kind: str
     ) -> int:
         self.requests[kind] += 1
         self._on_request(kind)
-        return await self._airflow.count_task_instances(**filters(keys), states=states)
+        return await self._airflow.count_task_instances(**ids, states=states)
 
     async def _bounded(self, calls: Sequence[Awaitable[T]]) -> list[T]:
         gate = asyncio.Semaphore(self._concurrency)

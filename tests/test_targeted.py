@@ -250,6 +250,47 @@ def test_locating_among_many_runs_reads_the_rows_of_few(db: RouterDB) -> None:
 
 
 @pytest.mark.fast
+def test_a_dense_burst_is_read_in_one_request_without_counting_groups(db: RouterDB) -> None:
+    jobs = [job_at(db, run_id=f"run{i // 10:03d}", task_id=f"t{i % 10}") for i in range(2000)]
+    airflow = deferred(*jobs)
+    marked = jobs[::7]  # 286 jobs in every run of 200: most runs hold part of the drop
+
+    async def scenario(pool: AgentPool) -> dict[str, int]:
+        loop = make_loop(db, airflow, pool)
+        await loop.cycle()
+        for job in marked:
+            airflow.truth[key(job)] = ti(job, "success")
+        before = dict(loop.targeted.requests)
+        report = await loop.cycle()
+        assert sorted(j.job_id for j, _ in report.stops) == sorted(j.job_id for j in marked)
+        return {k: n - before[k] for k, n in loop.targeted.requests.items()}
+
+    assert run(scenario) == {"in_flight": 1, "deferred_count": 1, "locate_count": 0, "rows": 1}
+
+
+@pytest.mark.fast
+def test_a_deleted_run_among_many_is_found_by_reading_its_group_row_by_row(db: RouterDB) -> None:
+    """Finished rows cannot show a vanished run: when they do not make up the drop, every row of the
+    group is read, and the watched keys Airflow does not return are absent."""
+    jobs = [job_at(db, run_id=f"run{i // 10:03d}", task_id=f"t{i % 10}") for i in range(2000)]
+    airflow = deferred(*jobs)
+    gone = [j for j in jobs if j.key.run_id == "run123"]
+
+    async def scenario(pool: AgentPool) -> None:
+        loop = make_loop(db, airflow, pool)
+        await loop.cycle()
+        for job in gone:
+            airflow.truth[key(job)] = None
+        report = await loop.cycle()
+        assert sorted((j.job_id, stop.kind) for j, stop in report.stops) == sorted(
+            (j.job_id, "ti_absent") for j in gone
+        )
+
+    run(scenario)
+    assert sum(status(db, j) is JobStatus.RUNNING for j in jobs) == 1990
+
+
+@pytest.mark.fast
 def test_airflow_errors_keep_every_job(db: RouterDB) -> None:
     job = job_at(db)
     airflow = deferred(job)
