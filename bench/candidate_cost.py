@@ -32,7 +32,7 @@ from bench.read_cost import READ_TIMEOUT, Case, Reads, measure, say
 from harness.airflow import PASSWORD, USERNAME
 from reconciler.airflow import AirflowClient, TaskInstancePath
 from reconciler.config import PollConfig
-from reconciler.targeted import CHECK_KEYS, TargetedRead, Watched, filters, ti_key
+from reconciler.targeted import CHECK_KEYS, TargetedRead, Watched, filters
 from router_db import JobRecord, JobStatus, TaskInstanceKey
 
 BATCH = "/api/v2/dags/~/dagRuns/~/taskInstances/list"
@@ -144,8 +144,7 @@ def check_chunks(live: Sequence[JobRecord]) -> list[list[TaskInstancePath]]:
     """The requests of one round of the rolling full check, grouped as ``TargetedRead._check`` groups
     them: whole runs in (dag_id, run_id) order, a group closed once it holds >= CHECK_KEYS keys."""
     watched = Watched()
-    for job in live:
-        watched.add(ti_key(job), job)
+    watched.update(live)
     chunks: list[list[TaskInstancePath]] = [[]]
     for run in sorted(watched.by_run):
         if len(chunks[-1]) >= CHECK_KEYS:

@@ -170,7 +170,16 @@ def main() -> int:
     parser.add_argument("--cleared", type=int, default=10)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--poll-interval", type=float, default=1.0, help="the sidecar's [poll] interval")
+    parser.add_argument("--workdir", help="keep Airflow's, the agents' and the sidecar's files here")
     args = parser.parse_args()
+    if args.workdir:
+        Path(args.workdir).mkdir(parents=True, exist_ok=False)
+        print(
+            json.dumps(
+                run(Path(args.workdir), args.marked, args.cleared, args.seed, args.poll_interval), indent=1
+            )
+        )
+        return 0
     with tempfile.TemporaryDirectory(prefix="bench-real-") as base:
         print(json.dumps(run(Path(base), args.marked, args.cleared, args.seed, args.poll_interval), indent=1))
     return 0

@@ -4,9 +4,12 @@ The venv lives under ``$AGENTIC_CACHE`` (default ``~/.cache/agentic-airflow``), 
 and is created on first use (about 20 s); the project is reinstalled into it on every start so DAGs
 import the code of this checkout.
 
-Airflow 3 (3.1 and 3.3 alike) runs on SQLite (its LocalExecutor works there). Airflow 2 would be
-held to the SequentialExecutor on SQLite, so it gets a database of its own on the PostgreSQL server
-(``$AGENTIC_TEST_POSTGRES``, an admin URL, default the local server), dropped again on stop.
+Every version gets a metadata database of its own on the PostgreSQL server (``$AGENTIC_TEST_POSTGRES``,
+an admin URL, default the local server), dropped again on stop: Airflow 2 would be held to the
+SequentialExecutor on SQLite, and Airflow 3's LocalExecutor on SQLite fails its own components with
+"database is locked" once a few writers meet (the triggerer was seen to exit on it), which production
+Airflows, on PostgreSQL or MySQL, never see. ``extra_env`` naming ``AIRFLOW__DATABASE__SQL_ALCHEMY_CONN``
+brings a database of the caller's instead.
 """
 
 from __future__ import annotations
@@ -75,12 +78,14 @@ def ensure_venv(version: str = AIRFLOW_VERSION) -> Path:
             _run([str(venv / "bin/pip"), "install", "-q", "-U", "pip"])
             _run([str(venv / "bin/pip"), "install", "-q", f"apache-airflow=={version}"])
             done.touch()
-        # Airflow 2 runs on PostgreSQL here (see the module docstring); its SQLAlchemy 1.4 needs psycopg2.
-        # A separate marker, so venvs cached before this requirement get the driver too.
+        # Airflow runs on PostgreSQL here (see the module docstring); Airflow 2's SQLAlchemy 1.4 needs
+        # psycopg2. A separate marker, so venvs cached before this requirement get the driver too.
         driver = venv / ".psycopg2"
         if major(version) == 2 and not driver.exists():
             _run([str(venv / "bin/pip"), "install", "-q", "psycopg2-binary>=2.9,<3"])
             driver.touch()
+    if major(version) == 3:
+        ensure_postgres_drivers(venv)
     return venv
 
 
@@ -116,8 +121,8 @@ def _run(argv: list[str], env: Mapping[str, str] | None = None) -> None:
 class AirflowServer:
     """A whole Airflow on 127.0.0.1, started as separate processes.
 
-    Airflow 3: api-server, scheduler, dag-processor and triggerer, metadata on SQLite.
-    Airflow 2: webserver, scheduler and triggerer, metadata in a fresh PostgreSQL database.
+    Airflow 3: api-server, scheduler, dag-processor and triggerer. Airflow 2: webserver, scheduler
+    and triggerer. Metadata in a fresh PostgreSQL database.
     ``venv`` defaults to the cached venv of ``version``.
     """
 
@@ -128,7 +133,7 @@ class AirflowServer:
     venv: Path | None = None
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     version: str = AIRFLOW_VERSION
-    database: str = ""  # Airflow 2's PostgreSQL database while it exists
+    database: str = ""  # the PostgreSQL metadata database this server created, while it exists
 
     def __post_init__(self) -> None:
         if major(self.version) not in (2, 3):
@@ -163,6 +168,10 @@ class AirflowServer:
             }
         )
         env.update(self._env_airflow3() if major(self.version) == 3 else self._env_airflow2())
+        if self.database:
+            driver = "postgresql+psycopg2"  # Airflow's sync engine; Airflow 3 derives asyncpg from it
+            url = make_url(POSTGRES_ADMIN_URL).set(drivername=driver, database=self.database)
+            env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"] = url.render_as_string(hide_password=False)
         env.update(self.extra_env)
         return env
 
@@ -186,11 +195,9 @@ class AirflowServer:
         }
 
     def _env_airflow2(self) -> dict[str, str]:
-        if not self.database:
+        if not self.database and "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN" not in self.extra_env:
             raise RuntimeError("Airflow 2's database is not created yet (call start())")
-        db_url = make_url(POSTGRES_ADMIN_URL).set(drivername="postgresql+psycopg2", database=self.database)
         return {
-            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": db_url.render_as_string(hide_password=False),
             "AIRFLOW__DATABASE__LOAD_DEFAULT_CONNECTIONS": "False",
             "AIRFLOW__API__AUTH_BACKENDS": (
                 "airflow.providers.fab.auth_manager.api.auth.backend.basic_auth,"
@@ -211,7 +218,7 @@ class AirflowServer:
         install_project(venv)
         airflow = str(venv / "bin/airflow")
         logs = self.home / "logs-harness"
-        if major(self.version) == 2:
+        if "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN" not in self.extra_env and not self.database:
             self.database = _create_database()
         env = self.env()
         _run([airflow, "db", "migrate"], env)
@@ -373,11 +380,16 @@ class AirflowAPI:
         )
 
     def mark(self, dag_id: str, run_id: str, task_id: str, state: str) -> None:
-        """Exactly what the UI's "mark failed/success" does."""
+        """Exactly what the UI's "mark failed/success" does; clicked again after a 5xx, as a person
+        would (Airflow 3 on SQLite answers 500 when its database is locked by another writer)."""
         body: dict[str, Any] = {"new_state": state}
         if self.api_version == "v1":
             body["dry_run"] = False  # v1 only reports what it would change unless told otherwise
-        response = self.http.patch(f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}", json=body)
+        for attempt in range(5):
+            response = self.http.patch(f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}", json=body)
+            if response.status_code < 500 or attempt == 4:
+                break
+            time.sleep(0.1)
         response.raise_for_status()
 
     def clear(self, dag_id: str, run_id: str, task_id: str) -> list[dict[str, Any]]:

@@ -40,7 +40,8 @@ class SidecarProcess:
     interval_seconds: float = 1.0
     # Written only when set; otherwise the reconciler's defaults apply.
     api_version: str | None = None  # [airflow] api_version: "v2" (Airflow 3), "v1" (Airflow 2), "auto"
-    full_resync_seconds: float | None = None  # [poll] full_resync_seconds: how soon deleted runs are seen
+    full_resync_seconds: float | None = None  # [poll] full_resync_seconds: the full read's period
+    strategy: str | None = None  # [poll] strategy: "targeted" (the default), "incremental", ...
     lease_seconds: float | None = None  # [leader] lease_seconds: how soon a standby takes over
     port: int = field(default_factory=free_port)
     token: str = field(default_factory=lambda: secrets.token_urlsafe(24))
@@ -79,6 +80,7 @@ class SidecarProcess:
             f'url = "{db_url}"',
             "[poll]",
             f"interval_seconds = {self.interval_seconds}",
+            *([f'strategy = "{self.strategy}"'] if self.strategy is not None else []),
             *(
                 [f"full_resync_seconds = {self.full_resync_seconds}"]
                 if self.full_resync_seconds is not None

@@ -74,6 +74,7 @@ def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
             airflow_password=PASSWORD,
             agents=[AgentRef("agent-1", agent.url, agent.token, labels=["default"])],
             interval_seconds=POLL_INTERVAL,
+            strategy="incremental",  # what this test is about; the default targeted read ignores the burst
             full_resync_seconds=FULL_RESYNC,
         )
         # No parallelism or max_active_tasks to raise: the scheduler sets EmptyOperator tasks to
