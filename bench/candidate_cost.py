@@ -32,7 +32,7 @@ from bench.read_cost import READ_TIMEOUT, Case, Reads, measure, say
 from harness.airflow import PASSWORD, USERNAME
 from reconciler.airflow import AirflowClient, TaskInstancePath
 from reconciler.config import PollConfig
-from reconciler.targeted import CHECK_KEYS, TargetedRead, Watched, filters
+from reconciler.targeted import CHECK_KEYS, TargetedRead, Watched, id_lists
 from router_db import JobRecord, JobStatus, TaskInstanceKey
 
 BATCH = "/api/v2/dags/~/dagRuns/~/taskInstances/list"
@@ -221,7 +221,7 @@ async def measure_scope(
         return len(found)
 
     async def chunk() -> int:
-        pages = client.task_instance_pages(**filters(next(chunks)), states=None)
+        pages = client.task_instance_pages(**id_lists(next(chunks)), states=None)
         return sum([len(page) async for page in pages])
 
     try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -19,8 +20,12 @@ class ScriptedAirflow:
     fail_lists: bool = False
     fail_batch: bool = False  # only the full read's batch endpoint fails (a 403, a proxy's 413)
     fail_direct: bool = False
+    fail_states: set[str | None] = field(default_factory=set)  # list reads asking these states fail
+    latency: float = 0.0  # seconds each list read takes, so that reads overlap as real ones do
     calls: list[str] = field(default_factory=list)
     since: list[datetime] = field(default_factory=list)
+    in_flight: int = 0
+    peak_in_flight: int = 0  # most list reads in flight at once
 
     async def changed_since(self, since: datetime) -> list[TaskInstance]:
         self.calls.append("changed_since")
@@ -38,6 +43,7 @@ class ScriptedAirflow:
         self.calls.append("batch" if states is None else "batch:" + ",".join(map(str, states)))
         if self.fail_batch:
             raise AirflowError("HTTP 403", status=403)
+        await self._take_time(states)
         yield self._matching(dag_ids, run_ids, task_ids, states)
 
     async def count_task_instances(
@@ -52,7 +58,18 @@ class ScriptedAirflow:
         self.calls.append("count:" + ",".join(map(str, states)))
         if self.fail_batch:
             raise AirflowError("HTTP 403", status=403)
+        await self._take_time(states)
         return len(self._matching(dag_ids, run_ids, task_ids, states))
+
+    async def _take_time(self, states: Sequence[str | None] | None) -> None:
+        self.in_flight += 1
+        self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
+        try:
+            await asyncio.sleep(self.latency)
+        finally:
+            self.in_flight -= 1
+        if states is not None and self.fail_states.intersection(states):
+            raise AirflowError("HTTP 500", status=500)
 
     async def get_task_instance(
         self, *, dag_id: str, run_id: str, task_id: str, map_index: int

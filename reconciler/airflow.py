@@ -15,6 +15,7 @@ Anything the client cannot vouch for raises :class:`AirflowError`, which the loo
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
@@ -194,10 +195,12 @@ class AirflowClient:
         self._on_response = on_response  # metrics hook: called with the HTTP code or "error"
         self._session: aiohttp.ClientSession | None = None
         self._token: str | None = None
+        self._login: tuple[asyncio.AbstractEventLoop, asyncio.Lock] | None = None
         # Whether v2's list endpoint pages by keyset cursor (Airflow 3.0 and 3.1 do not). Assumed
         # until an answer says otherwise; every answer is checked, so an upgrade or a downgrade of
         # Airflow is noticed by the next read.
         self._keyset_paging = True
+        self._count_page = 0  # page_limit of a count on v2: 0 (no rows) until Airflow refuses it
         self.requests = 0  # requests sent, for the benchmark's cost figures
 
     async def close(self) -> None:
@@ -345,13 +348,19 @@ class AirflowClient:
         states: Sequence[str | None],
     ) -> int:
         """How many task instances the batch endpoint would return, without their rows: v2 takes a
-        page of none, v1 a page of one (its smallest)."""
+        page of none (Airflow 3.1 and 3.3 do; one that answers 422 gets pages of one from then on),
+        v1 a page of one (its smallest)."""
         version = await self.api_version()
         body = _batch_filter(version, dag_ids, run_ids, task_ids, states)
-        body["page_limit"] = 0 if version == "v2" else 1
-        page = await self._request(
-            "POST", f"/api/{version}/dags/~/dagRuns/~/taskInstances/list", json_body=body
-        )
+        path = f"/api/{version}/dags/~/dagRuns/~/taskInstances/list"
+        if version == "v2" and self._count_page == 0:
+            try:
+                return _collection(await self._request("POST", path, json_body={**body, "page_limit": 0}))[1]
+            except AirflowError as exc:
+                if exc.status != 422:
+                    raise
+                self._count_page = 1  # an Airflow that wants a page of at least one row
+        page = await self._request("POST", path, json_body={**body, "page_limit": 1})
         return _collection(page)[1]
 
     async def get_task_instance(
@@ -380,9 +389,13 @@ class AirflowClient:
         absent_ok: bool = False,
     ) -> Any:
         for attempt in (1, 2):
-            status, payload = await self._send(method, path, json_body, await self._auth(), params)
+            auth = await self._auth()
+            status, payload = await self._send(method, path, json_body, auth, params)
             if status == 401 and attempt == 1 and self._version == "v2":
-                self._token = None  # expired or rotated JWT secret: log in again, once
+                # Expired or rotated JWT secret: log in again, once, unless a request that met the
+                # same 401 at the same time already did (then its fresh token is used).
+                if auth["Authorization"] == f"Bearer {self._token}":
+                    self._token = None
                 continue
             if status == 404 and absent_ok:
                 # A 404 means "absent" only as Airflow's own JSON answer, not a proxy's page.
@@ -403,8 +416,16 @@ class AirflowClient:
             pair = base64.b64encode(f"{self._username}:{self._password}".encode()).decode()
             return {"Authorization": f"Basic {pair}"}
         if self._token is None:
-            self._token = await self._fetch_token()
+            async with self._login_lock():  # requests in flight at once share one login
+                if self._token is None:
+                    self._token = await self._fetch_token()
         return {"Authorization": f"Bearer {self._token}"}
+
+    def _login_lock(self) -> asyncio.Lock:
+        loop = asyncio.get_running_loop()
+        if self._login is None or self._login[0] is not loop:
+            self._login = (loop, asyncio.Lock())
+        return self._login[1]
 
     async def _fetch_token(self) -> str:
         status, payload = await self._send(

@@ -100,6 +100,11 @@ class ReconcileLoop:
         return list(self._jobs.values())
 
     async def run(self, stopping: asyncio.Event) -> None:
+        # A new term starts from scratch: what an earlier term read is stale (another replica led
+        # meanwhile), so the first cycle reloads the jobs and reads everything again.
+        self._watermark, self._jobs_read = None, None
+        self._next_full = self._next_full_attempt = float("-inf")
+        self.targeted.restart()
         self._metrics.leader.set(1)
         # Agent liveness runs beside the cycles, on its own clock; a new term counts from now.
         fleet = asyncio.create_task(self._fleet.run(stopping)) if self._fleet is not None else None
@@ -208,7 +213,10 @@ class ReconcileLoop:
         if reload or self._jobs_read is None:
             previous = self._jobs
             self._jobs = {job.job_id: job for job in await asyncio.to_thread(self._db.active)}
-            self._ended.extend(job for job_id, job in previous.items() if job_id not in self._jobs)
+            gone = [job_id for job_id in previous if job_id not in self._jobs]
+            if gone:  # their records as they ended (stopped or not), not as they were
+                fresh = await asyncio.to_thread(self._db.get_many, gone)
+                self._ended.extend(fresh.get(job_id, previous[job_id]) for job_id in gone)
         else:
             # The overlap also covers writers on other hosts whose clocks run behind ours.
             since = self._jobs_read - timedelta(seconds=self._poll.overlap_seconds)
@@ -232,20 +240,21 @@ class ReconcileLoop:
                 try:
                     found, report.read = await self.targeted.read(live)
                 except AirflowError as exc:
-                    if exc.status not in REFUSALS or self._watermark is None:
+                    if exc.status not in REFUSALS:
                         self._watermark = self._watermark or read_started
                         raise  # Airflow unwell: keep every job, try again next cycle
                     self._full_read_failed(exc)
+                    if self._watermark is None:
+                        # Nothing read yet: what changed from here on is read while Airflow refuses.
+                        self._watermark = read_started
+                        raise
                 else:
                     self._read_works_again()
                     self._watermark = read_started
                     return found
             # The batch endpoint refuses these reads: read what changed, as "incremental" does.
             report.read = "incremental (targeted read refused)"
-            since = (self._watermark or read_started) - timedelta(seconds=self._poll.overlap_seconds)
-            changed = {ti.key: ti for ti in await self._airflow.changed_since(since)}
-            self._watermark = read_started
-            return {job.job_id: observe(changed[ti_key(job)]) for job in live if ti_key(job) in changed}
+            return await self._changed(live, read_started)
         self._ended.clear()
         if self._poll.strategy == "naive":
             report.read = "naive"
@@ -270,7 +279,11 @@ class ReconcileLoop:
                 return found
         else:
             report.read = "incremental"
-        since = self._watermark - timedelta(seconds=self._poll.overlap_seconds)
+        return await self._changed(live, read_started)
+
+    async def _changed(self, live: Sequence[JobRecord], read_started: datetime) -> dict[str, Observation]:
+        """The live jobs' task instances updated since the previous read (less the overlap)."""
+        since = (self._watermark or read_started) - timedelta(seconds=self._poll.overlap_seconds)
         changed = {ti.key: ti for ti in await self._airflow.changed_since(since)}
         self._watermark = read_started
         return {job.job_id: observe(changed[ti_key(job)]) for job in live if ti_key(job) in changed}

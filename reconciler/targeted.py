@@ -27,13 +27,14 @@ still confirmed by a direct read in the loop.
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from typing import TypeVar
 
-from reconciler.airflow import TaskInstance, TaskInstancePath, TaskInstanceReader
+from reconciler.airflow import AirflowError, TaskInstance, TaskInstancePath, TaskInstanceReader
 from reconciler.decision import Absent, Decision, Observation, Observed, Stop, decide
 from router_db import JobRecord
 
@@ -54,6 +55,7 @@ CHECK_KEYS = 1000  # task instances per request of the rolling full check (one b
 DRAIN_SECONDS = 60.0  # how long a job that ended on its own stays watched for its deferred TI
 
 Run = tuple[str, str]  # (dag_id, run_id)
+log = logging.getLogger("reconciler.targeted")
 T = TypeVar("T")
 
 
@@ -85,13 +87,15 @@ def split(items: Sequence[T], parts: int) -> list[Sequence[T]]:
 
 class Watched:
     """The watched task instances by key and by run, kept across cycles and updated by the jobs that
-    come and go (a cycle of 100,000 jobs must not rebuild it), plus this cycle's draining keys."""
+    come and go (a cycle of 100,000 jobs must not rebuild it), plus this cycle's lingering keys."""
 
     def __init__(self) -> None:
         self.by_id: dict[str, JobRecord] = {}
         self.jobs: dict[TaskInstancePath, list[JobRecord]] = {}
         self.by_run: dict[Run, set[TaskInstancePath]] = {}
-        self.draining: dict[Run, set[TaskInstancePath]] = {}
+        # Task instances of jobs that ended on their own, still deferred as far as we know, that the
+        # id lists match: counted as deferred this cycle.
+        self.lingering: dict[Run, set[TaskInstancePath]] = {}
         # How many watched keys use each DAG, run and task id: the id lists of the whole set.
         self._ids: tuple[Counter[str], Counter[str], Counter[str]] = (Counter(), Counter(), Counter())
 
@@ -134,24 +138,27 @@ class Watched:
         dags, runs, tasks = self._ids
         return key.dag_id in dags and key.run_id in runs and key.task_id in tasks
 
-    def filters(self) -> dict[str, Collection[str]]:
+    def id_lists(self) -> IdLists:
         dags, runs, tasks = self._ids
         return {"dag_ids": dags.keys(), "run_ids": runs.keys(), "task_ids": tasks.keys()}
 
     def watches(self, key: TaskInstancePath) -> bool:
-        return key in self.jobs or key in self.draining.get(run_of(key), ())
+        return key in self.jobs or key in self.lingering.get(run_of(key), ())
 
     def size(self) -> int:
-        return len(self.jobs) + sum(map(len, self.draining.values()))
+        return len(self.jobs) + sum(map(len, self.lingering.values()))
 
     def keys(self, runs: Iterable[Run]) -> list[TaskInstancePath]:
-        return [key for run in runs for keys in (self.by_run, self.draining) for key in keys.get(run, ())]
+        return [key for run in runs for keys in (self.by_run, self.lingering) for key in keys.get(run, ())]
 
     def runs(self) -> set[Run]:
-        return self.by_run.keys() | self.draining.keys()
+        return self.by_run.keys() | self.lingering.keys()
 
 
-def filters(keys: Collection[TaskInstancePath]) -> dict[str, Collection[str]]:
+IdLists = dict[str, Collection[str]]
+
+
+def id_lists(keys: Collection[TaskInstancePath]) -> IdLists:
     """The batch endpoint's id lists that match ``keys`` (and whatever else their cross product does)."""
     return {
         "dag_ids": {k.dag_id for k in keys},
@@ -160,9 +167,21 @@ def filters(keys: Collection[TaskInstancePath]) -> dict[str, Collection[str]]:
     }
 
 
+def expected_within(expected: Mapping[Run, list[TaskInstancePath]], ids: IdLists) -> int:
+    """How many of ``expected`` the id lists' cross product matches: a group's count takes in the
+    task instances of other groups whose DAG, run and task ids it shares (DAGs on one schedule have
+    the same run ids), so those are expected in it too."""
+    tasks = ids["task_ids"]
+    return sum(
+        sum(key.task_id in tasks for key in expected.get((dag_id, run_id), ()))
+        for dag_id in ids["dag_ids"]
+        for run_id in ids["run_ids"]
+    )
+
+
 class TargetedRead:
-    """The targeted read's state across cycles: the watched index, draining task instances and the
-    rolling full check."""
+    """The targeted read's state across cycles: the watched index, the task instances of jobs that
+    ended on their own, and the rolling full check."""
 
     def __init__(
         self,
@@ -176,45 +195,57 @@ class TargetedRead:
         self._airflow = airflow
         self._on_request = on_request  # metrics hook: called with the purpose of each request
         self._full_check_seconds = full_check_seconds
-        self._concurrency = concurrency
+        self._concurrency = concurrency  # requests in flight at once, whatever the read
+        self._gate: tuple[asyncio.AbstractEventLoop, asyncio.Semaphore] | None = None
         self._clock = clock
+        self.requests: dict[str, int] = {"in_flight": 0, "deferred_count": 0, "locate_count": 0, "rows": 0}
+        self.restart()
+
+    def restart(self) -> None:
+        """Forget what earlier reads learnt (a new leadership term): the next read checks every run."""
         self._watched = Watched()
-        self._draining: dict[TaskInstancePath, float] = {}  # key -> when it stops being watched
+        self._ended_deferred: dict[TaskInstancePath, float] = {}  # key -> when to stop counting it
         self._in_flight: set[TaskInstancePath] = set()  # what the last read found in flight
         self._round: list[Run] = []  # runs the current round of the full check has yet to read
+        self._round_seen: set[Run] = set()  # every run the current round took in
+        self._whole_round = True  # the first read checks every run at once
         self._next_check = float("-inf")
-        self.requests: dict[str, int] = {"in_flight": 0, "deferred_count": 0, "locate_count": 0, "rows": 0}
 
     def ended(self, jobs: Iterable[JobRecord]) -> None:
         """Jobs that left the active set. One that ended on its own while its task instance was
-        deferred keeps that task instance watched until Airflow moves it on (or DRAIN_SECONDS)."""
+        deferred keeps that task instance counted until Airflow moves it on (or DRAIN_SECONDS)."""
         for job in jobs:
             key = ti_key(job)
             taken_as_deferred = job.job_id in self._watched.by_id and key not in self._in_flight
             if taken_as_deferred and job.stop_requested_at is None:
-                self._draining[key] = self._clock() + DRAIN_SECONDS
+                self._ended_deferred[key] = self._clock() + DRAIN_SECONDS
 
     async def read(self, live: Sequence[JobRecord]) -> tuple[dict[str, Observation], str]:
-        """Observations of the live jobs that this cycle's reads say may diverge, and which reads ran."""
+        """Observations of the live jobs that this cycle's reads say may diverge, and which reads ran.
+
+        The in-flight read and the count raise :class:`AirflowError`; a locating or checking read that
+        fails is logged and tried again next cycle, and what the other reads found still counts.
+        """
         now = self._clock()
         watched = self._watched
         watched.update(live)
-        self._draining = {key: until for key, until in self._draining.items() if until > now}
-        watched.draining = {}
-        for key in self._draining:
-            # Only a draining task instance the live jobs' id lists match is in the count.
+        self._ended_deferred = {k: until for k, until in self._ended_deferred.items() if until > now}
+        watched.lingering = {}
+        for key in self._ended_deferred:
+            # Only a task instance the live jobs' id lists match is in the count.
             if key not in watched.jobs and watched.covers(key):
-                watched.draining.setdefault(run_of(key), set()).add(key)
+                watched.lingering.setdefault(run_of(key), set()).add(key)
         if not watched.jobs:
             await self._airflow.ping()  # nothing to read, but readiness must mean "Airflow answers"
             return {}, "targeted"
-        ids = watched.filters()
+        ids = watched.id_lists()
         in_flight, deferred = await asyncio.gather(
             self._rows(ids, watched.watches, IN_FLIGHT_STATES, kind="in_flight"),
             self._counted(ids, DEFERRED_STATES, kind="deferred_count"),
         )
         self._in_flight = set(in_flight)
         found: dict[str, Observation] = {}
+        failed: list[AirflowError] = []
         self._observe(watched, in_flight, found)
         read = "targeted"
         deficit = watched.size() - len(in_flight) - deferred
@@ -225,11 +256,19 @@ class TargetedRead:
                 keys = [key for key in watched.keys([run]) if key not in in_flight]
                 if keys:
                     expected[run] = keys
-            await self._locate(watched, sorted(expected), expected, deficit, found)
+            await self._locate(watched, sorted(expected), expected, deficit, found, failed)
         due = self._due(watched, now)
         if due:
             read += "+check"
-            await self._check(watched, due, found)
+            await self._check(watched, due, found, failed, requeue=True)
+        if failed:
+            read += f" ({len(failed)} failed)"
+            log.warning(
+                "%d targeted reads failed, tried again next cycle: %s",
+                len(failed),
+                failed[0],
+                extra={"action": "targeted_read", "error": str(failed[0])},
+            )
         return found, read
 
     async def _locate(
@@ -239,24 +278,30 @@ class TargetedRead:
         expected: dict[Run, list[TaskInstancePath]],
         deficit: int,
         found: dict[str, Observation],
+        failed: list[AirflowError],
     ) -> None:
         """Find which of ``runs`` (whose count fell ``deficit`` short) hold watched task instances no
         longer deferred: split them and count each part until the parts are small, or the drop so
         dense that most runs hold one; then read the finished task instances there."""
         keys = [key for run in runs for key in expected[run]]
         if len(keys) <= LEAF_KEYS or len(runs) == 1 or deficit * FANOUT >= len(runs):
-            await self._finished(watched, runs, keys, deficit, found)
+            await self._finished(watched, runs, keys, deficit, found, failed)
             return
         groups = split(runs, FANOUT)
-        parts = [[k for run in g for k in expected[run]] for g in groups]
-        counts = await self._bounded(
-            [self._counted(filters(part), DEFERRED_STATES, kind="locate_count") for part in parts]
-        )
+        lists = [id_lists([key for run in group for key in expected[run]]) for group in groups]
+        try:
+            counts = await asyncio.gather(
+                *(self._counted(ids, DEFERRED_STATES, kind="locate_count") for ids in lists)
+            )
+        except AirflowError as exc:
+            failed.append(exc)
+            return
+        short = [expected_within(expected, ids) - n for ids, n in zip(lists, counts, strict=True)]
         await asyncio.gather(
             *(
-                self._locate(watched, g, expected, len(part) - n, found)
-                for g, part, n in zip(groups, parts, counts, strict=True)
-                if n < len(part)
+                self._locate(watched, group, expected, lacking, found, failed)
+                for group, lacking in zip(groups, short, strict=True)
+                if lacking > 0
             )
         )
 
@@ -267,32 +312,50 @@ class TargetedRead:
         keys: Collection[TaskInstancePath],
         deficit: int,
         found: dict[str, Observation],
+        failed: list[AirflowError],
     ) -> None:
-        """The finished ones among ``keys``: marked failed or success, skipped. If they do not make up
-        the deficit, some vanished (a deleted run): every row of these runs is read."""
-        wanted = set(keys)
-        rows = await self._rows(filters(wanted), wanted.__contains__, FINISHED_STATES, kind="rows")
+        """The finished task instances the group's id lists match (marked failed or success,
+        skipped). If they do not make up the deficit, some vanished (a deleted run): every row of
+        these runs is read then."""
+        try:
+            rows = await self._rows(id_lists(keys), watched.watches, FINISHED_STATES, kind="rows")
+        except AirflowError as exc:
+            failed.append(exc)
+            return
         self._observe(watched, rows, found)
         if len(rows) < deficit:
-            await self._check(watched, runs, found)
+            await self._check(watched, runs, found, failed)
 
-    async def _check(self, watched: Watched, runs: Sequence[Run], found: dict[str, Observation]) -> None:
-        """Read the rows of every watched task instance in ``runs`` (any state), about CHECK_KEYS a
-        request; a watched key Airflow does not return is absent."""
-        groups: list[list[TaskInstancePath]] = []
-        group: list[TaskInstancePath] = []
+    async def _check(
+        self,
+        watched: Watched,
+        runs: Sequence[Run],
+        found: dict[str, Observation],
+        failed: list[AirflowError],
+        *,
+        requeue: bool = False,
+    ) -> None:
+        """Read every watched task instance of ``runs`` (any state), about CHECK_KEYS a request; a
+        watched key Airflow does not return is absent. With ``requeue``, the runs of a request that
+        fails go back into the full check's round."""
+        groups: list[tuple[list[Run], list[TaskInstancePath]]] = [([], [])]
         for run in runs:
-            group.extend(watched.keys([run]))
-            if len(group) >= CHECK_KEYS:
-                groups.append(group)
-                group = []
-        if group:
-            groups.append(group)
-        answers = await self._bounded(
-            [self._rows(filters(g), set(g).__contains__, None, kind="rows") for g in groups]
-        )
-        for group, answer in zip(groups, answers, strict=True):
-            self._observe(watched, {key: answer.get(key) for key in group}, found)
+            if len(groups[-1][1]) >= CHECK_KEYS:
+                groups.append(([], []))
+            groups[-1][0].append(run)
+            groups[-1][1].extend(watched.keys([run]))
+
+        async def one(group: list[Run], keys: list[TaskInstancePath]) -> None:
+            try:
+                answer = await self._rows(id_lists(keys), set(keys).__contains__, None, kind="rows")
+            except AirflowError as exc:
+                failed.append(exc)
+                if requeue:
+                    self._round.extend(group)
+                return
+            self._observe(watched, {key: answer.get(key) for key in keys}, found)
+
+        await asyncio.gather(*(one(group, keys) for group, keys in groups if keys))
 
     def _observe(
         self,
@@ -302,19 +365,30 @@ class TargetedRead:
     ) -> None:
         for key, ti in rows.items():
             if ti is None or ti.state != "deferred":
-                self._draining.pop(key, None)  # Airflow moved it on: no longer expected deferred
+                self._ended_deferred.pop(key, None)  # Airflow moved it on: no longer counted
             for job in watched.jobs.get(key, ()):
                 observation = observe(ti)
                 if isinstance(judge(job, observation), Stop):
                     found[job.job_id] = observation
 
     def _due(self, watched: Watched, now: float) -> list[Run]:
-        """The runs the rolling full check reads this cycle: about CHECK_KEYS task instances, often
-        enough that every watched run is read once per ``full_check_seconds``."""
+        """The runs the rolling full check reads this cycle: every run on a first read, then about
+        CHECK_KEYS task instances at a time, often enough that each run is read once per
+        ``full_check_seconds`` (runs that appear meanwhile join the current round)."""
+        if self._whole_round:
+            self._whole_round, self._round = False, []
+            self._round_seen = set(watched.by_run)
+            self._next_check = now + self._full_check_seconds
+            return sorted(watched.by_run)
         if now < self._next_check:
             return []
         if not self._round:
             self._round = sorted(watched.by_run, reverse=True)  # popped from the end: in order
+            self._round_seen = set(self._round)
+        else:
+            joined = watched.by_run.keys() - self._round_seen
+            self._round.extend(sorted(joined, reverse=True))
+            self._round_seen |= joined
         due: list[Run] = []
         size = 0
         while self._round and size < CHECK_KEYS:
@@ -326,9 +400,16 @@ class TargetedRead:
         self._next_check = now + self._full_check_seconds / requests
         return due
 
+    def _slot(self) -> asyncio.Semaphore:
+        """The semaphore that bounds this read's requests in flight (one per event loop)."""
+        loop = asyncio.get_running_loop()
+        if self._gate is None or self._gate[0] is not loop:
+            self._gate = (loop, asyncio.Semaphore(self._concurrency))
+        return self._gate[1]
+
     async def _rows(
         self,
-        ids: dict[str, Collection[str]],
+        ids: IdLists,
         wanted: Callable[[TaskInstancePath], bool],
         states: Sequence[str | None] | None,
         *,
@@ -337,26 +418,17 @@ class TargetedRead:
         """The task instances the batch endpoint returns for these id lists and states, of the keys
         ``wanted`` (the lists' cross product may match others)."""
         rows: dict[TaskInstancePath, TaskInstance] = {}
-        self.requests[kind] += 1
-        self._on_request(kind)
-        async for page in self._airflow.task_instance_pages(**ids, states=states):
-            for ti in page:
-                if wanted(ti.key):
-                    rows[ti.key] = ti
+        async with self._slot():
+            self.requests[kind] += 1
+            self._on_request(kind)
+            async for page in self._airflow.task_instance_pages(**ids, states=states):
+                for ti in page:
+                    if wanted(ti.key):
+                        rows[ti.key] = ti
         return rows
 
-    async def _counted(
-        self, ids: dict[str, Collection[str]], states: Sequence[str | None], *, kind: str
-    ) -> int:
-        self.requests[kind] += 1
-        self._on_request(kind)
-        return await self._airflow.count_task_instances(**ids, states=states)
-
-    async def _bounded(self, calls: Sequence[Awaitable[T]]) -> list[T]:
-        gate = asyncio.Semaphore(self._concurrency)
-
-        async def one(call: Awaitable[T]) -> T:
-            async with gate:
-                return await call
-
-        return list(await asyncio.gather(*(one(c) for c in calls)))
+    async def _counted(self, ids: IdLists, states: Sequence[str | None], *, kind: str) -> int:
+        async with self._slot():
+            self.requests[kind] += 1
+            self._on_request(kind)
+            return await self._airflow.count_task_instances(**ids, states=states)

@@ -316,7 +316,8 @@ def test_expired_token_is_renewed_once_and_a_refused_login_is_an_error_not_a_sto
     ok = rig.cycles("ok")
     rig.hold(1.5)
     assert rig.airflow.logins == logins + 1  # re-authenticated exactly once, then carried on
-    assert rig.counter("airflow_requests", "code", "401") == http401 + 1
+    # One 401 for each request in flight when the token expired: the targeted read sends two at once.
+    assert http401 + 1 <= rig.counter("airflow_requests", "code", "401") <= http401 + 2
     assert rig.cycles("ok") >= ok + 3 and rig.cycles("airflow_error") == errors
     assert rig.readyz() == 200
 

@@ -37,6 +37,14 @@ def job_at(
     return db.mark_running(job.job_id, source="test")
 
 
+def many_jobs(db: RouterDB, keys: list[tuple[str, str, str]]) -> list[JobRecord]:
+    """Running jobs at (dag, run, task) ``keys``, imported in one transaction, in that order."""
+    new = [NewJob(TaskInstanceKey(dag_id=d, run_id=r, task_id=t), "agent-1", "sleep 60") for d, r, t in keys]
+    ids = db.import_running(new, source="test")
+    records = db.get_many(ids)
+    return [records[job_id] for job_id in ids]
+
+
 def key(job: JobRecord) -> tuple[str, str, str, int]:
     k = job.key
     return (k.dag_id, k.run_id, k.task_id, k.map_index)
@@ -46,14 +54,17 @@ def deferred(*jobs: JobRecord) -> ScriptedAirflow:
     return ScriptedAirflow(truth={key(j): ti(j, "deferred") for j in jobs})
 
 
-def make_loop(db: RouterDB, airflow: ScriptedAirflow, pool: AgentPool, **poll: float) -> ReconcileLoop:
+def make_loop(
+    db: RouterDB, airflow: ScriptedAirflow, pool: AgentPool, **poll: float
+) -> tuple[ReconcileLoop, StopDispatcher]:
     metrics = Metrics()
     dispatcher = StopDispatcher(db, pool, metrics, StopConfig(attempts=1, backoff_initial_seconds=0.01))
     config = PollConfig(**{"full_resync_seconds": 3600.0, "agent_sync_per_cycle": 0, **poll})  # type: ignore[arg-type]
     assert config.strategy == "targeted"  # the default
-    return ReconcileLoop(
+    loop = ReconcileLoop(
         db=db, airflow=airflow, agents=pool, dispatcher=dispatcher, metrics=metrics, poll=config
     )
+    return loop, dispatcher
 
 
 def run(scenario: Callable[[AgentPool], Awaitable[T]]) -> T:
@@ -79,7 +90,7 @@ def test_a_steady_cycle_is_two_requests_and_no_rows(db: RouterDB) -> None:
     airflow = deferred(*jobs)
 
     async def scenario(pool: AgentPool) -> list[str]:
-        loop = make_loop(db, airflow, pool)
+        loop, _ = make_loop(db, airflow, pool)
         first = await loop.cycle()  # the rolling full check starts with the first cycle
         assert first.read == "targeted+check"
         airflow.calls.clear()
@@ -100,7 +111,7 @@ def test_a_task_marked_finished_is_located_by_the_count_and_stopped(db: RouterDB
     marked = jobs[17]
 
     async def scenario(pool: AgentPool) -> str:
-        loop = make_loop(db, airflow, pool)
+        loop, _ = make_loop(db, airflow, pool)
         await loop.cycle()
         airflow.truth[key(marked)] = ti(marked, state)
         airflow.calls.clear()
@@ -122,7 +133,7 @@ def test_a_cleared_task_shows_in_flight_and_is_stopped_without_locating(
     airflow = deferred(*jobs)
 
     async def scenario(pool: AgentPool) -> str:
-        loop = make_loop(db, airflow, pool)
+        loop, _ = make_loop(db, airflow, pool)
         await loop.cycle()
         airflow.truth[key(jobs[2])] = ti(jobs[2], state)
         report = await loop.cycle()
@@ -138,7 +149,7 @@ def test_a_deleted_run_is_located_and_stopped(db: RouterDB) -> None:
     airflow = deferred(kept, gone)
 
     async def scenario(pool: AgentPool) -> None:
-        loop = make_loop(db, airflow, pool)
+        loop, _ = make_loop(db, airflow, pool)
         await loop.cycle()
         airflow.truth[key(gone)] = None
         report = await loop.cycle()
@@ -158,7 +169,7 @@ def test_a_job_that_ended_on_its_own_is_not_taken_for_a_divergence(db: RouterDB,
     airflow = deferred(done, other)
 
     async def scenario(pool: AgentPool) -> tuple[list[str], list[str]]:
-        loop = make_loop(db, airflow, pool)
+        loop, _ = make_loop(db, airflow, pool)
         await loop.cycle()
         await loop.cycle()
         db.finish(done.job_id, status=JobStatus.SUCCEEDED, rc=0, reason=None, source="agent")
@@ -187,7 +198,7 @@ def test_a_job_ending_on_its_own_does_not_hide_a_marked_one(db: RouterDB) -> Non
     airflow = deferred(done, marked, other)
 
     async def scenario(pool: AgentPool) -> None:
-        loop = make_loop(db, airflow, pool)
+        loop, _ = make_loop(db, airflow, pool)
         await loop.cycle()
         await loop.cycle()
         db.finish(done.job_id, status=JobStatus.SUCCEEDED, rc=0, reason=None, source="agent")
@@ -211,7 +222,7 @@ def test_a_drop_hidden_by_an_unwatched_task_is_found_by_the_rolling_full_check(d
     airflow.truth[("d", "a", "t2", -1)] = stranger
 
     async def scenario(pool: AgentPool) -> None:
-        loop = make_loop(db, airflow, pool, full_resync_seconds=0.5)
+        loop, _ = make_loop(db, airflow, pool, full_resync_seconds=0.5)
         await loop.cycle()
         airflow.truth[key(watched)] = ti(watched, "failed")
         airflow.truth[("d", "a", "t2", -1)] = TaskInstance("d", "a", "t2", -1, "deferred", 1, None)
@@ -228,12 +239,12 @@ def test_a_drop_hidden_by_an_unwatched_task_is_found_by_the_rolling_full_check(d
 
 @pytest.mark.fast
 def test_locating_among_many_runs_reads_the_rows_of_few(db: RouterDB) -> None:
-    jobs = [job_at(db, run_id=f"run{i // 10:03d}", task_id=f"t{i % 10}") for i in range(2000)]
+    jobs = many_jobs(db, [("d", f"run{i // 10:03d}", f"t{i % 10}") for i in range(2000)])
     airflow = deferred(*jobs)
     marked = [jobs[5], jobs[1234], jobs[1999]]
 
     async def scenario(pool: AgentPool) -> dict[str, int]:
-        loop = make_loop(db, airflow, pool)
+        loop, _ = make_loop(db, airflow, pool)
         await loop.cycle()
         for job in marked:
             airflow.truth[key(job)] = ti(job, "failed")
@@ -251,18 +262,19 @@ def test_locating_among_many_runs_reads_the_rows_of_few(db: RouterDB) -> None:
 
 @pytest.mark.fast
 def test_a_dense_burst_is_read_in_one_request_without_counting_groups(db: RouterDB) -> None:
-    jobs = [job_at(db, run_id=f"run{i // 10:03d}", task_id=f"t{i % 10}") for i in range(2000)]
+    jobs = many_jobs(db, [("d", f"run{i // 10:03d}", f"t{i % 10}") for i in range(2000)])
     airflow = deferred(*jobs)
     marked = jobs[::7]  # 286 jobs in every run of 200: most runs hold part of the drop
 
     async def scenario(pool: AgentPool) -> dict[str, int]:
-        loop = make_loop(db, airflow, pool)
+        loop, dispatcher = make_loop(db, airflow, pool)
         await loop.cycle()
         for job in marked:
             airflow.truth[key(job)] = ti(job, "success")
         before = dict(loop.targeted.requests)
         report = await loop.cycle()
         assert sorted(j.job_id for j, _ in report.stops) == sorted(j.job_id for j in marked)
+        await dispatcher.drain(10)  # the stops under way, before the agent pool closes
         return {k: n - before[k] for k, n in loop.targeted.requests.items()}
 
     assert run(scenario) == {"in_flight": 1, "deferred_count": 1, "locate_count": 0, "rows": 1}
@@ -272,12 +284,12 @@ def test_a_dense_burst_is_read_in_one_request_without_counting_groups(db: Router
 def test_a_deleted_run_among_many_is_found_by_reading_its_group_row_by_row(db: RouterDB) -> None:
     """Finished rows cannot show a vanished run: when they do not make up the drop, every row of the
     group is read, and the watched keys Airflow does not return are absent."""
-    jobs = [job_at(db, run_id=f"run{i // 10:03d}", task_id=f"t{i % 10}") for i in range(2000)]
+    jobs = many_jobs(db, [("d", f"run{i // 10:03d}", f"t{i % 10}") for i in range(2000)])
     airflow = deferred(*jobs)
     gone = [j for j in jobs if j.key.run_id == "run123"]
 
     async def scenario(pool: AgentPool) -> None:
-        loop = make_loop(db, airflow, pool)
+        loop, _ = make_loop(db, airflow, pool)
         await loop.cycle()
         for job in gone:
             airflow.truth[key(job)] = None
@@ -296,7 +308,7 @@ def test_airflow_errors_keep_every_job(db: RouterDB) -> None:
     airflow = deferred(job)
 
     async def scenario(pool: AgentPool) -> None:
-        loop = make_loop(db, airflow, pool)
+        loop, _ = make_loop(db, airflow, pool)
         await loop.cycle()
         airflow.truth[key(job)] = ti(job, "failed")
         airflow.fail_lists = True  # every list read answers 500
@@ -318,7 +330,7 @@ def test_a_refused_batch_read_falls_back_to_incremental_reads_and_comes_back(db:
     airflow = deferred(marked, other)
 
     async def scenario(pool: AgentPool) -> list[str]:
-        loop = make_loop(db, airflow, pool, interval_seconds=0.1)
+        loop, _ = make_loop(db, airflow, pool, interval_seconds=0.1)
         await loop.cycle()
         airflow.fail_batch = True
         airflow.truth[key(marked)] = ti(marked, "failed")
@@ -342,7 +354,7 @@ def test_no_jobs_means_a_ping_only(db: RouterDB) -> None:
     airflow = ScriptedAirflow()
 
     async def scenario(pool: AgentPool) -> list[str]:
-        loop = make_loop(db, airflow, pool)
+        loop, _ = make_loop(db, airflow, pool)
         await loop.cycle()
         return airflow.calls
 
@@ -355,3 +367,96 @@ def test_split_keeps_order_and_covers_everything() -> None:
     parts = split(items, 8)
     assert [x for part in parts for x in part] == items
     assert len(parts) <= 8 and max(map(len, parts)) - min(map(len, parts)) <= 2
+
+
+@pytest.mark.fast
+def test_a_drop_in_dags_that_share_run_ids_is_located_in_the_next_cycle(db: RouterDB) -> None:
+    """Two DAGs on one schedule have the same run ids: a group of A's runs with a few of B's counts
+    B's deferred task instances of A's run ids too. Those are expected there, so the group's own
+    drop still shows."""
+    jobs = many_jobs(
+        db,
+        [
+            (dag, f"scheduled__{n:03d}", task)
+            for dag in ("a", "b")
+            for n in range(150)
+            for task in ("t0", "t1")
+        ],
+    )
+    airflow = deferred(*jobs)
+    marked = next(
+        j for j in jobs if (j.key.dag_id, j.key.run_id, j.key.task_id) == ("b", "scheduled__000", "t0")
+    )
+
+    async def scenario(pool: AgentPool) -> None:
+        loop, _ = make_loop(db, airflow, pool)
+        await loop.cycle()
+        airflow.truth[key(marked)] = ti(marked, "failed")
+        report = await loop.cycle()
+        assert report.read == "targeted+locate"
+        assert [j.job_id for j, _ in report.stops] == [marked.job_id]
+
+    run(scenario)
+
+
+@pytest.mark.fast
+def test_requests_in_flight_never_exceed_max_concurrent_reads(db: RouterDB) -> None:
+    jobs = many_jobs(db, [("d", f"run{i // 2:04d}", f"t{i % 2}") for i in range(6000)])
+    airflow = deferred(*jobs)
+    airflow.latency = 0.002
+    marked = jobs[::97]
+
+    async def scenario(pool: AgentPool) -> None:
+        loop, dispatcher = make_loop(db, airflow, pool, max_concurrent_reads=3)
+        await loop.cycle()
+        for job in marked:
+            airflow.truth[key(job)] = ti(job, "failed")
+        report = await loop.cycle()
+        assert sorted(j.job_id for j, _ in report.stops) == sorted(j.job_id for j in marked)
+        await dispatcher.drain(10)  # the stops under way, before the agent pool closes
+
+    run(scenario)
+    assert 1 < airflow.peak_in_flight <= 3
+
+
+@pytest.mark.fast
+def test_a_failing_locate_keeps_what_the_other_reads_found_and_is_tried_again(db: RouterDB) -> None:
+    marked, cleared, other = (job_at(db, task_id=t) for t in ("marked", "cleared", "other"))
+    airflow = deferred(marked, cleared, other)
+
+    async def scenario(pool: AgentPool) -> None:
+        loop, _ = make_loop(db, airflow, pool)
+        await loop.cycle()
+        airflow.truth[key(marked)] = ti(marked, "failed")
+        airflow.truth[key(cleared)] = ti(cleared, None)
+        airflow.fail_states = {"success"}  # every read of finished rows answers 500
+        report = await loop.cycle()
+        assert report.result == "ok" and report.read == "targeted+locate (1 failed)"
+        assert [j.job_id for j, _ in report.stops] == [cleared.job_id]  # seen in flight
+        airflow.fail_states = set()
+        report = await loop.cycle()
+        assert [j.job_id for j, _ in report.stops] == [marked.job_id]
+
+    run(scenario)
+    assert status(db, other) is JobStatus.RUNNING
+
+
+@pytest.mark.fast
+def test_the_first_cycle_checks_every_run_so_a_hidden_drop_from_before_is_found_at_once(
+    db: RouterDB,
+) -> None:
+    """What happened while no sidecar led (it was down, or another replica was) and the count cannot
+    see is found by the first cycle of a term: it reads every run's rows."""
+    watched, partner = job_at(db, run_id="a", task_id="t1"), job_at(db, run_id="b", task_id="t2")
+    others = many_jobs(db, [("d", f"r{i:04d}", "t1") for i in range(2500)])
+    airflow = deferred(watched, partner, *others)
+    airflow.truth[key(watched)] = ti(watched, "failed")
+    airflow.truth[("d", "a", "t2", -1)] = TaskInstance("d", "a", "t2", -1, "deferred", 1, None)
+
+    async def scenario(pool: AgentPool) -> int:
+        loop, _ = make_loop(db, airflow, pool)
+        report = await loop.cycle()
+        assert [j.job_id for j, _ in report.stops] == [watched.job_id]
+        return loop.targeted.requests["rows"]
+
+    assert run(scenario) == 3  # 2,502 task instances, a thousand a request
