@@ -151,9 +151,12 @@ async def run_case(jobs: int, strategy: str, flips: int, burst: int, latency: fl
         job_ids = sorted(key_of)
         result["first_cycle_s"] = round(time.perf_counter() - first_started, 3)
 
-        # Steady state: the jobs were imported moments ago; let them age out of the overlap window.
+        # Steady state: the jobs were imported moments ago; let them age out of the overlap window,
+        # and let the targeted read's first round of its full check (two requests a cycle) end.
         await asyncio.sleep(OVERLAP + 0.5)
         await loop.cycle()
+        while strategy == "targeted" and not loop.targeted.first_round_done:
+            await loop.cycle()
         before = await _stats(control)
         cpu0, wall0 = time.process_time(), time.perf_counter()
         cycles = 5 if strategy != "naive" or jobs <= 10_000 else 1
@@ -171,6 +174,11 @@ async def run_case(jobs: int, strategy: str, flips: int, burst: int, latency: fl
 
         stopping = asyncio.Event()
         runner = asyncio.create_task(loop.run(stopping))
+        # A new term starts the targeted read's full check over: flips come once its first round ends.
+        for _ in range(3000 if strategy == "targeted" else 0):
+            await asyncio.sleep(0.1)
+            if loop.targeted.first_round_done:
+                break
         rng = random.Random(7)
         chosen = rng.sample(job_ids, flips + burst)
         latencies = []

@@ -102,7 +102,7 @@ class ReconcileLoop:
     async def run(self, stopping: asyncio.Event) -> None:
         # A new term starts from scratch: what an earlier term read is stale (another replica led
         # meanwhile), so the first cycle reloads the jobs and reads everything again.
-        self._watermark, self._jobs_read = None, None
+        self._watermark, self._jobs_read, self._jobs = None, None, {}
         self._next_full = self._next_full_attempt = float("-inf")
         self.targeted.restart()
         self._metrics.leader.set(1)

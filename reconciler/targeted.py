@@ -52,6 +52,9 @@ FINISHED_STATES: tuple[str | None, ...] = ("success", "failed", "upstream_failed
 FANOUT = 8  # a located group is split into this many, counted at once
 LEAF_KEYS = 200  # a group with this few task instances is read (its finished rows), not split
 CHECK_KEYS = 1000  # task instances per request of the rolling full check (one batch page)
+# Such requests in flight at once: a thousand rows cost Airflow's API server ~0.65 s to serialize
+# (bench/RESULTS.md), and a whole round on a term's first cycle must not take all its workers.
+CHECK_PAGES = 2
 DRAIN_SECONDS = 60.0  # how long a job that ended on its own stays watched for its deferred TI
 
 Run = tuple[str, str]  # (dag_id, run_id)
@@ -202,14 +205,20 @@ class TargetedRead:
         self.restart()
 
     def restart(self) -> None:
-        """Forget what earlier reads learnt (a new leadership term): the next read checks every run."""
+        """Forget what earlier reads learnt (a new leadership term): the full check starts over, at
+        full speed for its first round."""
         self._watched = Watched()
         self._ended_deferred: dict[TaskInstancePath, float] = {}  # key -> when to stop counting it
         self._in_flight: set[TaskInstancePath] = set()  # what the last read found in flight
         self._round: list[Run] = []  # runs the current round of the full check has yet to read
         self._round_seen: set[Run] = set()  # every run the current round took in
-        self._whole_round = True  # the first read checks every run at once
+        self._first_round = True  # a term's first round of the full check goes at full speed
         self._next_check = float("-inf")
+
+    @property
+    def first_round_done(self) -> bool:
+        """Whether the full check's first round of this term has read every run."""
+        return not self._first_round
 
     def ended(self, jobs: Iterable[JobRecord]) -> None:
         """Jobs that left the active set. One that ended on its own while its task instance was
@@ -345,9 +354,12 @@ class TargetedRead:
             groups[-1][0].append(run)
             groups[-1][1].extend(watched.keys([run]))
 
+        pages = asyncio.Semaphore(CHECK_PAGES)
+
         async def one(group: list[Run], keys: list[TaskInstancePath]) -> None:
             try:
-                answer = await self._rows(id_lists(keys), set(keys).__contains__, None, kind="rows")
+                async with pages:
+                    answer = await self._rows(id_lists(keys), set(keys).__contains__, None, kind="rows")
             except AirflowError as exc:
                 failed.append(exc)
                 if requeue:
@@ -372,17 +384,19 @@ class TargetedRead:
                     found[job.job_id] = observation
 
     def _due(self, watched: Watched, now: float) -> list[Run]:
-        """The runs the rolling full check reads this cycle: every run on a first read, then about
-        CHECK_KEYS task instances at a time, often enough that each run is read once per
-        ``full_check_seconds`` (runs that appear meanwhile join the current round)."""
-        if self._whole_round:
-            self._whole_round, self._round = False, []
-            self._round_seen = set(watched.by_run)
-            self._next_check = now + self._full_check_seconds
-            return sorted(watched.by_run)
-        if now < self._next_check:
+        """The runs the rolling full check reads this cycle: about CHECK_KEYS task instances at a
+        time, often enough that each run is read once per ``full_check_seconds`` (runs that appear
+        meanwhile join the current round). A term's first round reads CHECK_PAGES times as much every
+        cycle, so what happened while no replica watched is found within seconds, without holding up
+        any cycle's own reads."""
+        requests = max(1, math.ceil(len(watched.jobs) / CHECK_KEYS))
+        if not self._first_round and now < self._next_check:
             return []
         if not self._round:
+            if self._first_round and self._round_seen:  # the term's first round is done
+                self._first_round = False
+                self._next_check = now + self._full_check_seconds / requests
+                return []
             self._round = sorted(watched.by_run, reverse=True)  # popped from the end: in order
             self._round_seen = set(self._round)
         else:
@@ -390,14 +404,14 @@ class TargetedRead:
             self._round.extend(sorted(joined, reverse=True))
             self._round_seen |= joined
         due: list[Run] = []
-        size = 0
-        while self._round and size < CHECK_KEYS:
+        size, budget = 0, CHECK_KEYS * (CHECK_PAGES if self._first_round else 1)
+        while self._round and size < budget:
             run = self._round.pop()
             if run in watched.by_run:
                 due.append(run)
                 size += len(watched.by_run[run])
-        requests = max(1, math.ceil(len(watched.jobs) / CHECK_KEYS))
-        self._next_check = now + self._full_check_seconds / requests
+        if not self._first_round:
+            self._next_check = now + self._full_check_seconds / requests
         return due
 
     def _slot(self) -> asyncio.Semaphore:
