@@ -15,18 +15,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from reconciler.targeted import IN_FLIGHT_STATES
+
 Key = tuple[str, str, str, int]  # dag_id, run_id, task_id, map_index
 
-# Airflow 3.3's states a tracked job can pass through before it ends (``None``: not run yet).
-TRANSIENT: list[str | None] = [
-    None,
-    "scheduled",
-    "queued",
-    "running",
-    "up_for_retry",
-    "up_for_reschedule",
-    "restarting",
-]
+# Airflow 3.3's states a tracked job can pass through before it ends (``None``: not run yet): the
+# targeted read's in-flight states.
+TRANSIENT: list[str | None] = list(IN_FLIGHT_STATES)
 PAGE = 1000  # rows per page of R1 and R3
 
 

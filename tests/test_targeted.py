@@ -8,7 +8,6 @@ covered by the end-to-end tests on Airflow 3.3.2, 3.1.8 and 2.11.2 (tests/test_a
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 import pytest
@@ -22,7 +21,7 @@ from reconciler.metrics import Metrics
 from reconciler.stops import StopDispatcher
 from reconciler.targeted import split
 from router_db import JobRecord, JobStatus, NewJob, RouterDB, TaskInstanceKey
-from tests.test_loop import unreachable_agents
+from tests.test_loop import run
 
 T = TypeVar("T")
 IN_FLIGHT = "batch:None,scheduled,queued,running,up_for_retry,up_for_reschedule,restarting"
@@ -65,17 +64,6 @@ def make_loop(
         db=db, airflow=airflow, agents=pool, dispatcher=dispatcher, metrics=metrics, poll=config
     )
     return loop, dispatcher
-
-
-def run(scenario: Callable[[AgentPool], Awaitable[T]]) -> T:
-    async def main() -> T:
-        pool = unreachable_agents()
-        try:
-            return await scenario(pool)
-        finally:
-            await pool.close()
-
-    return asyncio.run(main())
 
 
 def status(db: RouterDB, job: JobRecord) -> JobStatus:
