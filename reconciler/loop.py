@@ -239,6 +239,7 @@ class ReconcileLoop:
             if time.monotonic() >= self._next_full_attempt:
                 try:
                     found, report.read = await self.targeted.read(live)
+                    self._metrics.targeted_surplus.set(self.targeted.surplus)
                 except AirflowError as exc:
                     if exc.status not in REFUSALS:
                         self._watermark = self._watermark or read_started

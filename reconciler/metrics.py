@@ -48,6 +48,13 @@ class Metrics:
             ["read"],
             registry=r,
         )
+        self.targeted_surplus = Gauge(
+            "reconciler_targeted_count_surplus",
+            "Deferred task instances the targeted read counted beyond those it watches (tasks its id lists "
+            "also match, finished jobs' task instances still deferred): while above 0, as many drops can "
+            "wait for the rolling full check.",
+            registry=r,
+        )
         self.active_jobs = Gauge("reconciler_active_jobs", "Jobs the router DB considers active.", registry=r)
         self.stopping_jobs = Gauge(
             "reconciler_stopping_jobs",

@@ -202,6 +202,7 @@ class TargetedRead:
         self._gate: tuple[asyncio.AbstractEventLoop, asyncio.Semaphore] | None = None
         self._clock = clock
         self.requests: dict[str, int] = {"in_flight": 0, "deferred_count": 0, "locate_count": 0, "rows": 0}
+        self.surplus = 0  # deferred task instances the last count found beyond the watched ones
         self.restart()
 
     def restart(self) -> None:
@@ -258,6 +259,7 @@ class TargetedRead:
         self._observe(watched, in_flight, found)
         read = "targeted"
         deficit = watched.size() - len(in_flight) - deferred
+        self.surplus = max(0, -deficit)
         if deficit > 0:
             read += "+locate"
             expected: dict[Run, list[TaskInstancePath]] = {}

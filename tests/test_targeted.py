@@ -54,9 +54,9 @@ def deferred(*jobs: JobRecord) -> ScriptedAirflow:
 
 
 def make_loop(
-    db: RouterDB, airflow: ScriptedAirflow, pool: AgentPool, **poll: float
+    db: RouterDB, airflow: ScriptedAirflow, pool: AgentPool, metrics: Metrics | None = None, **poll: float
 ) -> tuple[ReconcileLoop, StopDispatcher]:
-    metrics = Metrics()
+    metrics = metrics or Metrics()
     dispatcher = StopDispatcher(db, pool, metrics, StopConfig(attempts=1, backoff_initial_seconds=0.01))
     config = PollConfig(**{"full_resync_seconds": 3600.0, "agent_sync_per_cycle": 0, **poll})  # type: ignore[arg-type]
     assert config.strategy == "targeted"  # the default
@@ -453,3 +453,29 @@ def test_a_terms_first_cycles_check_every_run_so_a_hidden_drop_from_before_is_fo
 
     # 2,502 task instances, a thousand a request: two requests, one, then the round is done.
     assert run(scenario) == [2, 3, 3, 3]
+
+
+@pytest.mark.fast
+def test_deferred_task_instances_beyond_the_watched_ones_are_exported_as_a_surplus(db: RouterDB) -> None:
+    """An unwatched deferred task instance the id lists match can cover a drop until the full check:
+    the count's surplus says how many, so the person on call can see the count is blind to as many."""
+    one, two = job_at(db, run_id="a", task_id="t1"), job_at(db, run_id="b", task_id="t2")
+    airflow = deferred(one, two)
+
+    metrics = Metrics()
+
+    def surplus() -> str:
+        line = next(
+            x for x in metrics.render().decode().splitlines() if x.startswith("reconciler_targeted_count_")
+        )
+        return line.split()[-1]
+
+    async def scenario(pool: AgentPool) -> list[str]:
+        loop, _ = make_loop(db, airflow, pool, metrics=metrics)
+        await loop.cycle()
+        seen = [surplus()]
+        airflow.truth[("d", "a", "t2", -1)] = TaskInstance("d", "a", "t2", -1, "deferred", 1, None)
+        await loop.cycle()
+        return [*seen, surplus()]
+
+    assert run(scenario) == ["0.0", "1.0"]
