@@ -214,7 +214,7 @@ class ReconcileLoop:
             previous = self._jobs
             self._jobs = {job.job_id: job for job in await asyncio.to_thread(self._db.active)}
             gone = [job_id for job_id in previous if job_id not in self._jobs]
-            if gone:  # their records as they ended (stopped or not), not as they were
+            if gone and self._poll.strategy == "targeted":  # their records as they ended, for its bookkeeping
                 fresh = await asyncio.to_thread(self._db.get_many, gone)
                 self._ended.extend(fresh.get(job_id, previous[job_id]) for job_id in gone)
         else:
@@ -223,7 +223,7 @@ class ReconcileLoop:
             for job in await asyncio.to_thread(self._db.changed_since, since):
                 if job.active:
                     self._jobs[job.job_id] = job
-                elif self._jobs.pop(job.job_id, None) is not None:
+                elif self._jobs.pop(job.job_id, None) is not None and self._poll.strategy == "targeted":
                     self._ended.append(job)
         self._jobs_read = read_started
         return list(self._jobs.values())
@@ -256,7 +256,6 @@ class ReconcileLoop:
             # The batch endpoint refuses these reads: read what changed, as "incremental" does.
             report.read = "incremental (targeted read refused)"
             return await self._changed(live, read_started)
-        self._ended.clear()
         if self._poll.strategy == "naive":
             report.read = "naive"
             tis = await _bounded(self._poll.max_concurrent_reads, [self._direct(job) for job in live])
