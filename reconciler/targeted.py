@@ -246,6 +246,7 @@ class TargetedRead:
             if key not in watched.jobs and watched.covers(key):
                 watched.lingering.setdefault(run_of(key), set()).add(key)
         if not watched.jobs:
+            self.surplus = 0
             await self._airflow.ping()  # nothing to read, but readiness must mean "Airflow answers"
             return {}, "targeted"
         ids = watched.id_lists()
