@@ -17,6 +17,9 @@ Routes (JSON in and out unless noted):
   headers ``X-Log-Size`` (whole log) and ``X-Next-Offset`` (where to continue: ``offset`` plus the
   bytes returned). ``offset`` and ``limit`` have at most 18 digits. From at or past the end of the log
   the answer is no bytes and ``X-Next-Offset`` = ``offset``: a client paging by it waits where it is.
+  ``cursor=1``: the reader is the task's log, which has shown everything before ``offset``; the job
+  keeps that mark across restarts and the bytes start at the later of ``offset`` and the mark
+  (``X-Next-Offset`` minus the bytes returned).
 - ``POST /stop/{job_id}`` ``{"force": false, "reason": "..."}`` (body optional) -> once the tree is gone,
   ``{"ok", "message", "status", "rc", "action", "signal", "reason"}``. A stop of a job the agent
   has never seen leaves a tombstone (a FAILED job of that id): a ``/run`` arriving later is refused.
@@ -53,7 +56,7 @@ from agent_api.protocol import (
     parse_stop_request,
     validate_job_id,
 )
-from servicekit.http import HttpError, json_errors, query_int, read_json, token_auth
+from servicekit.http import HttpError, json_errors, query_flag, query_int, read_json, token_auth
 from servicekit.serve import serving, shutdown_requested
 
 log = logging.getLogger(__name__)
@@ -105,7 +108,8 @@ async def _log(request: web.Request) -> web.Response:
     job_id = _job_id(request)
     offset = query_int(request, "offset") or 0
     limit = query_int(request, "limit")
-    chunk = await request.app[_JOBS].read_log(job_id, offset=offset, limit=limit)
+    cursor = query_flag(request, "cursor")
+    chunk = await request.app[_JOBS].read_log(job_id, offset=offset, limit=limit, cursor=cursor)
     return web.Response(
         body=chunk.data,
         content_type="text/plain",

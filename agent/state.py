@@ -34,6 +34,7 @@ from typing import Any, TypeVar
 from agent.jobfiles import (
     EXIT_FILE,
     LOG_FILE,
+    LOG_MARK_FILE,
     SHELL_FILE,
     STATE_FILE,
     SUPERVISOR_LOG_FILE,
@@ -248,6 +249,22 @@ class JobDir:
     def append_log(self, text: str) -> None:
         with self.log_path.open("ab") as log:
             log.write(text.encode("utf-8", "replace"))
+
+    def read_log_mark(self) -> int:
+        """How far the output has been taken into the task's log (0 when never, or unreadable)."""
+        try:
+            value = int(self.log_mark_path.read_text(encoding="ascii"))
+        except (OSError, ValueError):
+            return 0
+        return max(0, value)
+
+    def write_log_mark(self, offset: int) -> None:
+        # Not fsynced: a mark lost with the VM's power only repeats a few lines in the task's log.
+        write_json_atomic(self.log_mark_path, offset, durable=False)
+
+    @property
+    def log_mark_path(self) -> Path:
+        return self.path / LOG_MARK_FILE
 
     def read_log(self, offset: int, limit: int) -> tuple[bytes, int]:
         """Up to ``limit`` bytes from ``offset``, and the log's size."""

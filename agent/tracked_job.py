@@ -29,6 +29,7 @@ class TrackedJob:
     record: StoredJob
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     timeout_fired: bool = False
+    log_mark: int | None = None  # JobDir's log mark, once read (see JobService.read_log's cursor)
 
     def save(self, record: StoredJob, *, durable: bool = True) -> None:
         self.dir.write_state(record, durable=durable)

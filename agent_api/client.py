@@ -144,11 +144,16 @@ class AgentClient:
             raise AgentUnavailable(f"{where}: answer lacks a jobs list")
         return [_parse(JobInfo.from_json, item, where) for item in items]
 
-    async def log(self, job_id: str, offset: int = 0, limit: int | None = None) -> LogChunk:
+    async def log(
+        self, job_id: str, offset: int = 0, limit: int | None = None, *, cursor: bool = False
+    ) -> LogChunk:
+        """The job's output from ``offset``; ``cursor``: as the task's log (see the agent's API)."""
         if offset < 0 or (limit is not None and limit < 0):
             raise ValueError("offset and limit must not be negative")
         path = f"/jobs/{validate_job_id(job_id)}/log"
         params = {"offset": str(offset)} | ({"limit": str(limit)} if limit is not None else {})
+        if cursor:
+            params["cursor"] = "1"
         body, headers = await self._request("GET", path, params=params)
         where = f"GET {self.base_url}{path}"
         try:

@@ -14,6 +14,7 @@ No Airflow import: the trigger hands in how to resolve its connection and where 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import time
 from collections.abc import Awaitable, Callable
@@ -41,6 +42,9 @@ MIN_BACKOFF_SECONDS = 0.5  # retrying a failing sidecar faster than this helps n
 REPORT_EVERY_SECONDS = 60.0  # the same kind of trouble is logged at most this often
 RESUME_SETTLE_SECONDS = 8.0  # at least this long from the trigger's start to a success event (see run)
 MAX_REPORT_KINDS = 32  # kinds of trouble remembered for that, the least recently reported forgotten
+OUTPUT_CHUNK_BYTES = 64 * 1024  # of the job's output shown in the task's log per poll, at most
+OUTPUT_BEHIND_CHUNKS = 4  # further behind than this many chunks, the task's log skips to the newest
+OUTPUT_ACK_SECONDS = 1.0  # a cancelled trigger's last word on how far it showed the output
 
 
 class Log(Protocol):
@@ -98,6 +102,8 @@ class JobPoller:
         log: Log,
         poll_interval: float = 2.0,
         log_tail_bytes: int = 4000,
+        log_offset: int | None = 0,
+        output_chunk_bytes: int = OUTPUT_CHUNK_BYTES,
         max_backoff: float = MAX_BACKOFF_SECONDS,
         request_timeout: float = 10.0,
         report_every: float = REPORT_EVERY_SECONDS,
@@ -112,6 +118,11 @@ class JobPoller:
         self._log = log
         self._poll_interval = poll_interval
         self._log_tail_bytes = log_tail_bytes
+        # Where the task's log has got to in the job's output; None: it does not show the output.
+        self.log_offset = log_offset
+        self._told_offset = log_offset  # the offset the sidecar last heard (the agent's mark)
+        self._output_chunk = max(1, output_chunk_bytes)
+        self._skipped_to: int | None = None  # the output was skipped up to here (mid-line, likely)
         self._request_timeout = request_timeout
         self._report_every = report_every
         self._sleep = sleep
@@ -158,6 +169,8 @@ class JobPoller:
                     continue
                 if answer.kind is AnswerKind.JOB:
                     self._answered(endpoint)
+                    if self.log_offset is not None:
+                        await self._show_output(client, final=answer.final)
                     if answer.final:
                         return await self._ended(client, answer)
                     await self._sleep(self._poll_interval)
@@ -168,9 +181,67 @@ class JobPoller:
                         session = None  # read the connection again: the token may have been rotated
                         await client.aclose()
                     await self._refused(endpoint, answer)
+        except asyncio.CancelledError:
+            # A triggerer shutting down: tell the job how far its output was shown, so the trigger that
+            # takes over starts there instead of repeating it. Bounded: a shutdown must not wait on us.
+            if session is not None and self.log_offset is not None and self.log_offset != self._told_offset:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(self._read_output(session[1], 1), OUTPUT_ACK_SECONDS)
+            raise
         finally:
             if session is not None:
                 await session[1].aclose()
+
+    async def _read_output(self, client: httpx.AsyncClient, limit: int) -> httpx.Response:
+        params: dict[str, int | str] = {"offset": self.log_offset or 0, "limit": limit, "cursor": "true"}
+        return await client.get(f"/jobs/{self.job_id}/log", params=params)
+
+    async def _show_output(self, client: httpx.AsyncClient, *, final: bool) -> None:
+        """Append the job's new output to the task's log: whole lines, one chunk a poll (up to
+        ``OUTPUT_BEHIND_CHUNKS`` + 1 once the job ended, to show its last words).
+
+        Best effort: a failed read shows nothing this time (the poll goes on, the next read catches
+        up). The read carries ``cursor``, so the job's agent keeps the offset: a trigger started again
+        (another triggerer) goes on where this one stopped, whatever offset it was deferred with.
+        """
+        for _ in range(OUTPUT_BEHIND_CHUNKS + 1 if final else 1):
+            if not await self._show_chunk(client, final=final):
+                return
+
+    async def _show_chunk(self, client: httpx.AsyncClient, *, final: bool) -> bool:
+        """One read of the output; True when more is waiting."""
+        asked = self.log_offset or 0
+        try:
+            response = await self._read_output(client, self._output_chunk)
+            size, end = int(response.headers["X-Log-Size"]), int(response.headers["X-Next-Offset"])
+        except (httpx.HTTPError, KeyError, ValueError):
+            return False
+        if response.status_code != 200:
+            return False
+        self._told_offset = asked
+        data = response.content
+        start = end - len(data)  # past ``asked`` when an earlier trigger showed those bytes
+        if start == self._skipped_to and b"\n" in data:  # past a skip: from the next whole line
+            cut = data.index(b"\n") + 1
+            start, data = start + cut, data[cut:]
+        self._skipped_to = None
+        shown = output_to_show(data, full_chunk=len(data) >= self._output_chunk, final=final)
+        for line in shown.decode("utf-8", errors="replace").splitlines():
+            self._log.info("%s", line)
+        self.log_offset = start + len(shown)
+        if size - self.log_offset > OUTPUT_BEHIND_CHUNKS * self._output_chunk:
+            # A job writing faster than the task's log may show: skip to its newest output (the whole
+            # output stays with the agent) rather than fall ever further behind.
+            skip_to = size - self._output_chunk
+            self._log.warning(
+                "job %s: %d bytes of output not shown here; the whole output: GET /jobs/%s/log?offset=%d",
+                self.job_id,
+                skip_to - self.log_offset,
+                self.job_id,
+                self.log_offset,
+            )
+            self.log_offset = self._skipped_to = skip_to
+        return bool(shown) and self.log_offset < size
 
     async def _client(self, endpoint: SidecarEndpoint) -> httpx.AsyncClient:
         return await open_client(endpoint, timeout=self._request_timeout, transport=self._transport)
@@ -273,6 +344,17 @@ class JobPoller:
         error = f"sidecar at {endpoint.base_url} has no such job ({answer.detail})"
         self._log.error("job %s: %s; ending the task", self.job_id, error)
         return {"job_id": self.job_id, "status": "ERROR", "error": error}
+
+
+def output_to_show(data: bytes, *, full_chunk: bool, final: bool) -> bytes:
+    """The part of ``data`` to show now: up to its last newline (the rest waits for its line to end);
+    all of it once the job ended, or when a whole chunk holds no newline (one very long line)."""
+    if final:
+        return data
+    cut = data.rfind(b"\n")
+    if cut < 0:
+        return data if full_chunk else b""
+    return data[: cut + 1]
 
 
 async def open_client(

@@ -1,4 +1,5 @@
-"""The trigger an :class:`AgenticRunOperator` defers on: polls the sidecar until the job ends.
+"""The trigger an :class:`AgenticRunOperator` defers on: polls the sidecar until the job ends, and
+appends the job's new output to the task's log while it runs.
 
 The waiting itself is :class:`agentic_airflow.polling.JobPoller` (no Airflow there): only the job's
 terminal status, or the sidecar's own answer that it has no such job, ends the task; every transient
@@ -14,18 +15,31 @@ from typing import Any
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
 from agentic_airflow.connection import aget_endpoint
-from agentic_airflow.polling import JobPoller, report_kill
+from agentic_airflow.polling import OUTPUT_CHUNK_BYTES, JobPoller, report_kill
 
 
 class AgenticJobTrigger(BaseTrigger):
+    """``log_offset``: where the task's log has got to in the job's output (None: do not show the
+    output). It is serialized with the trigger; the job's agent also keeps it, so a trigger that
+    another triggerer starts again from the deferral's offset neither repeats nor loses output."""
+
     def __init__(
-        self, job_id: str, conn_id: str, poll_interval: float = 2.0, log_tail_bytes: int = 4000
+        self,
+        job_id: str,
+        conn_id: str,
+        poll_interval: float = 2.0,
+        log_tail_bytes: int = 4000,
+        log_offset: int | None = 0,
+        output_chunk_bytes: int = OUTPUT_CHUNK_BYTES,
     ) -> None:
         super().__init__()
         self.job_id = job_id
         self.conn_id = conn_id
         self.poll_interval = poll_interval
         self.log_tail_bytes = log_tail_bytes
+        self.log_offset = log_offset
+        self.output_chunk_bytes = output_chunk_bytes
+        self._poller: JobPoller | None = None
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         # Only ids go into Airflow's trigger table; the token is resolved from the connection.
@@ -36,19 +50,23 @@ class AgenticJobTrigger(BaseTrigger):
                 "conn_id": self.conn_id,
                 "poll_interval": self.poll_interval,
                 "log_tail_bytes": self.log_tail_bytes,
+                "log_offset": self._poller.log_offset if self._poller is not None else self.log_offset,
+                "output_chunk_bytes": self.output_chunk_bytes,
             },
         )
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
-        poller = JobPoller(
+        self._poller = JobPoller(
             job_id=self.job_id,
             conn_id=self.conn_id,
             resolve=aget_endpoint,
             log=self.log,
             poll_interval=self.poll_interval,
             log_tail_bytes=self.log_tail_bytes,
+            log_offset=self.log_offset,
+            output_chunk_bytes=self.output_chunk_bytes,
         )
-        yield TriggerEvent(await poller.run())
+        yield TriggerEvent(await self._poller.run())
 
     async def on_kill(self) -> None:
         """Airflow 3.3+ calls this when a person marks the deferred task failed or success, or clears

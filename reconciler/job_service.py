@@ -216,14 +216,16 @@ class JobService:
         job = await self.recorded(job_id)
         return job, await asyncio.to_thread(self._db.events, job.job_id)
 
-    async def log(self, job: JobRecord, *, offset: int, limit: int | None) -> LogChunk:
-        """The job's output from its agent; Refused (502) when the agent does not answer, (404) when
-        it keeps no log of the job."""
+    async def log(self, job: JobRecord, *, offset: int, limit: int | None, cursor: bool = False) -> LogChunk:
+        """The job's output from its agent (``cursor``: read as the task's log, see the agent's API);
+        Refused (502) when the agent does not answer, (404) when it keeps no log of the job."""
         if not self._loop.answering(job.agent_id):
             state = self._loop.agent_states().get(job.agent_id, "unknown")
             raise Refused(502, f"agent {job.agent_id} is {state}: it does not answer its health checks")
         try:
-            return await self._agents.client(job.agent_id).log(job.job_id, offset=offset, limit=limit)
+            return await self._agents.client(job.agent_id).log(
+                job.job_id, offset=offset, limit=limit, cursor=cursor
+            )
         except JobNotFound:
             raise Refused(404, f"agent {job.agent_id} has no log for job {job.job_id}") from None
         except AgentError as exc:

@@ -26,6 +26,7 @@ from servicekit.http import (
     BadRequest,
     HttpError,
     json_errors,
+    query_flag,
     query_int,
     query_text,
     read_json,
@@ -162,7 +163,8 @@ class SidecarAPI:
         job = await self._jobs.recorded(_job_id(request))  # an unknown job is a 404 whatever the query
         offset = query_int(request, "offset", low=0, high=MAX_INT) or 0
         limit = query_int(request, "limit", low=1, high=MAX_INT)
-        chunk = await self._jobs.log(job, offset=offset, limit=limit)
+        cursor = query_flag(request, "cursor")
+        chunk = await self._jobs.log(job, offset=offset, limit=limit, cursor=cursor)
         return web.Response(
             body=chunk.data,
             content_type="text/plain",

@@ -182,6 +182,16 @@ def query_text(request: web.Request, name: str) -> str | None:
     return values[0]
 
 
+def query_flag(request: web.Request, name: str) -> bool:
+    """A yes/no query parameter: ``1``/``true`` or ``0``/``false``; False when absent."""
+    raw = query_text(request, name)
+    if raw is None:
+        return False
+    if raw.lower() not in ("1", "true", "0", "false"):
+        raise BadRequest(f"{name} must be 1, true, 0 or false")
+    return raw.lower() in ("1", "true")
+
+
 def query_int(request: web.Request, name: str, *, low: int = 0, high: int | None = None) -> int | None:
     """A decimal integer query parameter in ``[low, high]`` (at most 18 digits), or None when absent."""
     raw = query_text(request, name)

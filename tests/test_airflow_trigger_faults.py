@@ -234,6 +234,10 @@ json.dumps(kwargs)
 again = AgenticJobTrigger(**kwargs)
 assert again.serialize() == (path, kwargs), again.serialize()
 assert AgenticJobTrigger("j1", "agentic_run_default").serialize()[0] == path
+quiet = AgenticJobTrigger("j1", "agentic_run_default", log_offset=None, output_chunk_bytes=10)
+assert AgenticJobTrigger(**quiet.serialize()[1]).serialize() == quiet.serialize()
+# A trigger serialized before the output was shown (no such keys) still loads, showing it from 0.
+assert AgenticJobTrigger(**{"job_id": "j1", "conn_id": "c"}).serialize()[1]["log_offset"] == 0
 
 
 async def first_event():
@@ -264,4 +268,7 @@ def test_trigger_round_trips_and_outlasts_transient_answers_inside_airflow(
     answer = json.loads(result.stdout.strip().splitlines()[-1])
     assert answer["path"] == "agentic_airflow.triggers.AgenticJobTrigger"
     assert answer["event"]["status"] == "SUCCEEDED" and answer["event"]["job_id"] == "j1"
-    assert answer["seen"] == ["/jobs/j1"] * 4
+    polls = [path for path in answer["seen"] if not path.startswith("/jobs/j1/log?")]
+    assert polls == ["/jobs/j1"] * 4
+    # The ended job's last output is read once, as the task's log (the stand-in has none to give).
+    assert [p for p in answer["seen"] if p not in polls] == ["/jobs/j1/log?offset=0&limit=65536&cursor=true"]
