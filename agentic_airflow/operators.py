@@ -7,6 +7,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from agentic_airflow.connection import get_endpoint
+from agentic_airflow.links import AgenticJobLink
 from agentic_airflow.polling import submit_patiently
 from agentic_airflow.sidecar_client import logical_date_identity
 from agentic_airflow.triggers import AgenticJobTrigger
@@ -39,10 +40,14 @@ class AgenticRunOperator(BaseOperator):
     The job is submitted with the task instance's key (dag, task, run, map index, try), so the
     reconciler can stop it when the task is marked failed or success, cleared, or its run deleted.
     The task defers while the job runs: it takes no worker slot, and ends with the job's outcome.
+    While it runs, the job's output is appended to the task's log (``stream_output``); a failed
+    job's last ``log_tail_bytes`` of output are in the task's error as well.
     """
 
-    template_fields: Sequence[str] = ("command", "env", "cwd")
+    # conn_id too: a serialized task (what Airflow 2's webserver builds the job link from) keeps it.
+    template_fields: Sequence[str] = ("command", "env", "cwd", "conn_id")
     ui_color = "#d6e9f8"
+    operator_extra_links = (AgenticJobLink(),)
 
     def __init__(
         self,
@@ -57,6 +62,7 @@ class AgenticRunOperator(BaseOperator):
         timeout_seconds: float | None = None,
         poll_interval: float = 5.0,
         log_tail_bytes: int = 4000,
+        stream_output: bool = True,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -70,6 +76,7 @@ class AgenticRunOperator(BaseOperator):
         self.timeout_seconds = timeout_seconds
         self.poll_interval = poll_interval
         self.log_tail_bytes = log_tail_bytes
+        self.stream_output = stream_output
 
     def _time_left(self, ti: Any) -> float | None:
         """Seconds left of ``execution_timeout`` (Airflow does not enforce it while a task is deferred:
@@ -119,7 +126,14 @@ class AgenticRunOperator(BaseOperator):
             self.execute_complete(context, {**job, "log_tail": ""})
             return
         self.defer(
-            trigger=AgenticJobTrigger(job["job_id"], self.conn_id, self.poll_interval, self.log_tail_bytes),
+            trigger=AgenticJobTrigger(
+                job["job_id"],
+                self.conn_id,
+                self.poll_interval,
+                self.log_tail_bytes,
+                # The job's output joins the task's log as it comes (one more request a poll).
+                log_offset=0 if self.stream_output else None,
+            ),
             method_name="execute_complete",
             # Past it Airflow fails the task even if the job's agent never answers again (a lost VM):
             # the sidecar then stops the job as for any failed task. A minute's slack lets the

@@ -1,4 +1,5 @@
-"""The operator's and trigger's client of the sidecar's router API (httpx: Airflow ships it).
+"""The provider's client of the sidecar's router API (httpx: Airflow ships it): the operator's, the
+trigger's, the hook's and the optional callbacks'.
 
 No Airflow import here, so it is usable and testable on its own; the answers' words come from
 :mod:`sidecar_api.protocol`, the module the sidecar answers with.
@@ -17,7 +18,7 @@ from typing import Any
 
 import httpx
 
-from sidecar_api.protocol import TERMINAL, job_not_found
+from sidecar_api.protocol import TERMINAL, WireError, job_not_found, parse_update, validate_name
 
 MAX_ERROR_CHARS = 300  # of an answer's error text quoted in a log line
 
@@ -51,23 +52,17 @@ class SidecarEndpoint:
         password: str | None,
         extra: dict[str, Any],
     ) -> SidecarEndpoint:
-        """Read an Airflow connection: ``http://:TOKEN@host:port`` or JSON with ``host``, ``port``,
-        ``password``; ``extra.base_url`` overrides the address; ``extra.ca_file`` is the CA bundle that
-        verifies an https sidecar (default: the system's trust store)."""
-        base = extra.get("base_url")
-        if not base:
-            if not host:
-                raise SidecarError("the sidecar connection has no host")
-            scheme = "https" if conn_type == "https" else "http"
-            base = host if "://" in host else f"{scheme}://{host}"
-            if port:
-                base = f"{base}:{port}"
+        """Read an Airflow connection: ``agentic-run://:TOKEN@host:port`` (or ``http://``, ``https://``)
+        or JSON with ``host``, ``port``, ``password``; the address is :func:`sidecar_address`'s;
+        ``extra.ca_file`` is the CA bundle that verifies an https sidecar (default: the system's
+        trust store)."""
+        base = sidecar_address(conn_type=conn_type, host=host, port=port, extra=extra)
         if not password:
             raise SidecarError("the sidecar connection has no token (set the connection's password)")
         ca_file = extra.get("ca_file") or ""
         if not isinstance(ca_file, str):
             raise SidecarError("the sidecar connection's extra ca_file must be a path (a string)")
-        return cls(str(base).rstrip("/"), password, ca_file)
+        return cls(base, password, ca_file)
 
     @property
     def headers(self) -> dict[str, str]:
@@ -83,6 +78,46 @@ class SidecarEndpoint:
             raise SidecarError(
                 f"the sidecar connection's extra ca_file {self.ca_file}: cannot load: {reason}"
             ) from None
+
+
+SCHEMES = ("http", "https")
+
+
+def sidecar_address(
+    *, conn_type: str | None, host: str | None, port: int | None, extra: dict[str, Any]
+) -> str:
+    """The sidecar's base URL from a connection, without its token (an extra link needs no more).
+
+    ``extra.base_url`` if set (the older override), else ``host`` with its own scheme if it has one,
+    else ``extra.scheme``, else https for the ``https`` connection type and http for any other
+    (``agentic_run``, ``http``); then ``:port``. Then ``extra.base_path``, for a sidecar served under a
+    path prefix, behind a proxy that routes ``/agentic/...`` to it, say."""
+    base = extra.get("base_url")
+    if not base:
+        if not host:
+            raise SidecarError("the sidecar connection has no host")
+        base = host if "://" in host else f"{_scheme(conn_type, extra)}://{host}"
+        if port:
+            base = f"{base}:{port}"
+    return str(base).rstrip("/") + _base_path(extra)
+
+
+def _scheme(conn_type: str | None, extra: dict[str, Any]) -> str:
+    chosen = extra.get("scheme")
+    if chosen in (None, ""):
+        return "https" if conn_type == "https" else "http"
+    if not isinstance(chosen, str) or chosen.lower() not in SCHEMES:
+        raise SidecarError("the sidecar connection's extra scheme must be http or https")
+    return chosen.lower()
+
+
+def _base_path(extra: dict[str, Any]) -> str:
+    """``extra.base_path`` as ``/a/b`` (slashes around it ignored), or "" when unset."""
+    path = extra.get("base_path") or ""
+    if not isinstance(path, str) or any(c in path for c in "?#:") or any(c.isspace() for c in path):
+        raise SidecarError("the sidecar connection's extra base_path must be a URL path, such as /agentic")
+    path = path.strip("/")
+    return f"/{path}" if path else ""
 
 
 class TransientSubmitError(SidecarError):
@@ -133,6 +168,69 @@ def submit_job(
     if not isinstance(body.get("job_id"), str) or not isinstance(body.get("status"), str):
         raise SidecarError("sidecar answer lacks job_id/status")
     return body
+
+
+UPDATE_TIMEOUT_SECONDS = 20.0  # the sidecar answers once the stop is done, within its 15 s wait
+
+
+def status_update_request(
+    *,
+    status: str,
+    reason: str | None = None,
+    job_id: str | None = None,
+    dag_id: str | None = None,
+    task_id: str | None = None,
+    run_id: str | None = None,
+    map_index: int = -1,
+) -> dict[str, Any]:
+    """The body of ``POST /jobs/update_status``: the job by ``job_id``, else by its task instance
+    (the sidecar takes that task's newest try). Checked by the sidecar's own parser, so a body it
+    would refuse raises :class:`WireError` here, naming the field."""
+    body: dict[str, Any] = {"status": status}
+    if reason is not None:
+        body["reason"] = reason
+    if job_id is not None:
+        body["job_id"] = job_id
+    else:
+        if not (dag_id and task_id and run_id):
+            raise WireError("name the job: job_id, or dag_id, task_id and run_id")
+        for name, value in (("dag_id", dag_id), ("task_id", task_id), ("run_id", run_id)):
+            body[name] = validate_name(name, value)
+        body["map_index"] = map_index
+    parse_update(body)
+    return body
+
+
+def post_status_update(
+    endpoint: SidecarEndpoint,
+    body: dict[str, Any],
+    *,
+    timeout: float = UPDATE_TIMEOUT_SECONDS,
+    transport: httpx.BaseTransport | None = None,
+) -> dict[str, Any]:
+    """``POST /jobs/update_status``, once: the sidecar's answer (``ok``, ``action``, ``message``, the
+    job before and after). The sidecar reads the task instance from Airflow itself and stops the job
+    only if Airflow confirms, so its refusals are answers too: 404 (no such job), 409 (``kept``:
+    Airflow still wants the task), 503 (Airflow could not be read: nothing stopped).
+
+    Raises :class:`SidecarError` when no answer of the sidecar's came: unreachable, the token refused
+    (401/403), rate-limited (429), a body without ``action`` (a proxy's page)."""
+    try:
+        with httpx.Client(
+            base_url=endpoint.base_url,
+            headers=endpoint.headers,
+            timeout=httpx.Timeout(timeout, connect=min(timeout, 5.0)),
+            verify=endpoint.verify(),
+            transport=transport,
+        ) as client:
+            response = client.post("/jobs/update_status", json=body)
+    except httpx.HTTPError as exc:
+        raise SidecarError(describe_failure(endpoint, exc)) from None
+    code, answer = response.status_code, parse_object(response.content)
+    if code in (401, 403, 429) or answer is None or "action" not in answer:
+        error = _error_text(answer)
+        raise SidecarError(f"sidecar at {endpoint.base_url}: HTTP {code}" + (f": {error}" if error else ""))
+    return answer
 
 
 class AnswerKind(enum.Enum):

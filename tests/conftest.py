@@ -17,6 +17,7 @@ from __future__ import annotations
 import _posixsubprocess
 import asyncio
 import os
+import re
 import subprocess
 import uuid
 from collections.abc import Callable, Generator, Iterator
@@ -28,7 +29,6 @@ import psycopg
 import pytest
 from sqlalchemy import create_engine, text
 
-from harness.airflow import AIRFLOW_2_VERSION
 from router_db import RouterDB
 
 POSTGRES_ADMIN_URL = os.environ.get(
@@ -123,8 +123,13 @@ def uses_postgres(item: pytest.Item) -> bool:
     return (
         any(name.startswith("postgres") for name in getattr(item, "fixturenames", ()))
         or "postgresql" in variant
-        or (item.get_closest_marker("airflow") is not None and AIRFLOW_2_VERSION in variant)
+        or (item.get_closest_marker("airflow") is not None and any(map(is_airflow_2, variant)))
     )
+
+
+def is_airflow_2(value: object) -> bool:
+    """A full Airflow 2 version as a test's variant (2.11.2 in CI, 2.10.5 by AGENTIC_AIRFLOW_VERSIONS)."""
+    return isinstance(value, str) and re.fullmatch(r"2\.\d+\.\d+", value) is not None
 
 
 @pytest.hookimpl(tryfirst=True)  # before -m deselects: "not postgres" sees the marks added here

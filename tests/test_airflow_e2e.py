@@ -1,4 +1,6 @@
 """End to end on a real Airflow (3.3.2, 3.1.8 and 2.11.2), a real agent and the sidecar as processes.
+On other versions, outside CI's matrix (2.10.5 is not in it, for time):
+``AGENTIC_AIRFLOW_VERSIONS=2.10.5 ./scripts/test tests/test_airflow_e2e.py`` (comma-separated versions).
 
 One Airflow at a time: the whole stack of one version is torn down before the next one starts.
 Every scenario's DAG run is triggered as soon as the stack is up, so Airflow's own latency (schedule,
@@ -30,6 +32,7 @@ from harness.airflow import (
     AirflowAPI,
     AirflowServer,
     airflow_with_sidecar,
+    selected_versions,
 )
 from harness.processes import alive, process_group, wait_until
 from harness.sidecar import AgentRef, SidecarProcess
@@ -50,6 +53,7 @@ RUNS = [
     ("e2e_delete", "deleted"),
     ("e2e_delete", "kept"),
     ("e2e_exit_codes", "exit_codes"),
+    ("e2e_output", "output"),
 ]
 
 
@@ -89,7 +93,7 @@ class Stack:
 
 @pytest.fixture(
     scope="module",
-    params=[AIRFLOW_VERSION, AIRFLOW_3_1_VERSION, AIRFLOW_2_VERSION],
+    params=selected_versions([AIRFLOW_VERSION, AIRFLOW_3_1_VERSION, AIRFLOW_2_VERSION]),
     ids=lambda v: f"airflow-{v}",
 )
 def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
@@ -252,3 +256,43 @@ def test_the_job_id_is_in_xcom_as_soon_as_the_task_defers(stack: Stack) -> None:
         response.raise_for_status()
         value = response.json()["value"]
         assert str(value).strip('"') == jobs[task_id]["job_id"], (task_id, value)
+    # The "Agentic job" extra link as Airflow's API serves it (v2 wraps the links, v1 does not).
+    links = stack.api.http.get(f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances/exit_zero/links").json()
+    url = f"{stack.sidecar.url}/jobs/{jobs['exit_zero']['job_id']}"
+    assert links.get("extra_links", links) == {"Agentic job": url}, links
+
+
+def test_the_remote_output_appears_in_the_task_log_while_the_task_is_deferred(stack: Stack) -> None:
+    """The trigger appends the job's new output to the task's log, read here as the UI reads it
+    (Airflow's REST API), while the task is still deferred; no line shows twice."""
+    dag_id, run_id, task_id = "e2e_output", "output", "chatty"
+    ti = stack.api.wait_for_state(dag_id, run_id, task_id, {"deferred"})
+    seen: list[str] = []
+
+    def shown() -> bool:
+        log = stack.api.task_log(dag_id, run_id, task_id, ti["try_number"])
+        seen[:] = re.findall(r"remote line (\d+)\b", log)
+        return len(seen) >= 6
+
+    wait_until(shown, timeout=30, what="six remote lines in the task's log")
+    assert stack.api.task_instance(dag_id, run_id, task_id)["state"] == "deferred"
+    numbers = [int(n) for n in seen]
+    assert numbers == list(range(1, len(numbers) + 1)), numbers  # in order, none lost, none repeated
+    stack.api.mark(dag_id, run_id, task_id, "success")  # clean up: the job is stopped
+
+
+def test_the_optional_failure_callback_reaches_the_sidecar_from_inside_airflow(stack: Stack) -> None:
+    """``enable_router_callbacks``: Airflow runs the callback when the task fails on its own (its job
+    exited 3); the sidecar answers that the job has already ended, and the answer is in XCom."""
+    dag_id, run_id = "e2e_exit_codes", "exit_codes"
+    stack.api.wait_for_state(dag_id, run_id, "exit_three", {"failed"}, timeout=60)
+    path = f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances/exit_three/xcomEntries/router_status_notification"
+
+    def answered() -> dict[str, Any] | None:
+        response = stack.api.http.get(path)
+        return response.json() if response.status_code == 200 else None
+
+    wait_until(lambda: answered() is not None, timeout=30, what="the callback's answer in XCom")
+    value = str(answered()["value"])  # type: ignore[index]
+    job_id = {job["task_id"]: job for job in stack.jobs(dag_id, run_id)}["exit_three"]["job_id"]
+    assert "already_final" in value and job_id in value, value

@@ -1,0 +1,135 @@
+"""``AgenticRunHook``: the sidecar as an Airflow connection type, ``agentic_run``, with its form.
+
+The connection: host and port of the sidecar, its token as the password (labelled "Token"), and in
+the extra ``base_path`` (a path prefix behind a proxy), ``ca_file`` (the CA of an https sidecar) and
+``scheme``. The operator and the trigger read the same connection through
+:mod:`agentic_airflow.connection`; connections of type ``http``/``https`` work as well.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from typing import Any
+
+import httpx
+
+from agentic_airflow.connection import DEFAULT_CONN_ID, get_endpoint
+from agentic_airflow.provider import CONN_FIELDS, CONN_TYPE, HOOK_NAME, UI_FIELD_BEHAVIOUR
+from agentic_airflow.sidecar_client import (
+    SidecarEndpoint,
+    SidecarError,
+    classify_job_answer,
+    describe_failure,
+    parse_object,
+)
+
+try:  # Airflow 3
+    from airflow.sdk import BaseHook
+except ImportError:  # Airflow 2
+    from airflow.hooks.base import BaseHook
+
+
+class AgenticRunHook(BaseHook):
+    """The sidecar's router API through an Airflow connection (``agentic_conn_id``)."""
+
+    conn_name_attr = "agentic_conn_id"
+    default_conn_name = DEFAULT_CONN_ID
+    conn_type = CONN_TYPE
+    hook_name = HOOK_NAME
+
+    def __init__(self, agentic_conn_id: str = DEFAULT_CONN_ID, *, timeout: float = 10.0) -> None:
+        super().__init__()
+        self.agentic_conn_id = agentic_conn_id
+        self.timeout = timeout
+
+    @classmethod
+    def get_connection_form_widgets(cls) -> dict[str, Any]:
+        """The extra fields for Airflow 2's form and Airflow 3.0-3.1's (which calls this with stand-ins
+        for these classes); Airflow 3.2+ reads the same declaration from provider info instead."""
+        from flask_appbuilder.fieldwidgets import BS3TextFieldWidget
+        from flask_babel import lazy_gettext
+        from wtforms import StringField
+        from wtforms.validators import Optional, any_of
+
+        widgets: dict[str, Any] = {}
+        for name, field in CONN_FIELDS.items():
+            schema = field["schema"]
+            choices = schema.get("enum")
+            widgets[name] = StringField(
+                lazy_gettext(field["label"]),
+                widget=BS3TextFieldWidget(),
+                description=field["description"],
+                default=schema.get("default"),
+                validators=[Optional(), any_of(choices)] if choices else [Optional()],
+            )
+        return widgets
+
+    @classmethod
+    def get_ui_field_behaviour(cls) -> dict[str, Any]:
+        """Hidden, relabelled and placeholder fields of the form (a copy: Airflow rewrites it)."""
+        return copy.deepcopy(UI_FIELD_BEHAVIOUR)
+
+    def get_endpoint(self) -> SidecarEndpoint:
+        """Address and token, read afresh (a rotated token is seen). :class:`SidecarError` when the
+        connection is missing or incomplete."""
+        return get_endpoint(self.agentic_conn_id)
+
+    @contextmanager
+    def _client(self, endpoint: SidecarEndpoint) -> Iterator[httpx.Client]:
+        with httpx.Client(
+            base_url=endpoint.base_url,
+            headers=endpoint.headers,
+            timeout=self.timeout,
+            verify=endpoint.verify(),
+        ) as client:
+            yield client
+
+    def get_job(self, job_id: str) -> dict[str, Any]:
+        """``GET /jobs/{job_id}``: the job's record. :class:`SidecarError` for any other answer, the
+        sidecar's own "job not found" included, or none."""
+        endpoint = self.get_endpoint()
+        try:
+            with self._client(endpoint) as client:
+                response = client.get(f"/jobs/{job_id}")
+        except httpx.HTTPError as exc:
+            raise SidecarError(describe_failure(endpoint, exc)) from None
+        answer = classify_job_answer(
+            job_id,
+            status_code=response.status_code,
+            content_type=response.headers.get("Content-Type", ""),
+            body=response.content,
+            retry_after=response.headers.get("Retry-After"),
+            now=datetime.now(UTC),
+        )
+        if answer.job is None:
+            raise SidecarError(f"sidecar at {endpoint.base_url}: {answer.detail}")
+        return answer.job
+
+    def test_connection(self) -> tuple[bool, str]:
+        """Airflow's "Test" button: one authenticated, cheap read (the first job of the list), so a
+        wrong token fails the test as it would fail a task. The message never contains the token."""
+        try:
+            endpoint = self.get_endpoint()
+        except SidecarError as exc:
+            return False, str(exc)
+        except Exception as exc:  # a secrets backend's error may quote what it read: its type only
+            return False, f"cannot read the connection {self.agentic_conn_id}: {type(exc).__name__}"
+        try:
+            with self._client(endpoint) as client:
+                response = client.get("/jobs", params={"limit": 1})
+        except SidecarError as exc:  # a CA file that cannot be loaded
+            return False, str(exc)
+        except httpx.HTTPError as exc:
+            return False, describe_failure(endpoint, exc)
+        code, body = response.status_code, parse_object(response.content)
+        where = f"sidecar at {endpoint.base_url}"
+        if code == 200 and body is not None and isinstance(body.get("jobs"), list):
+            return True, f"{where} answered and accepted the token"
+        if code in (401, 403):
+            return False, f"{where} refused the token (HTTP {code})"
+        if code == 429:
+            return False, f"{where} is rate-limiting this client (HTTP 429); try again shortly"
+        return False, f"{where} answered HTTP {code}, not as the sidecar does (wrong host, port, base_path?)"
