@@ -117,18 +117,22 @@ class JobManager:
         """
         job = self._job(job_id)
         size_limit = MAX_LOG_CHUNK if limit is None else min(limit, MAX_LOG_CHUNK)
-        if True:  # cursor ignored
+        if not cursor:
             data, size = await asyncio.to_thread(_read_log_chunk, job.dir, offset, size_limit)
             return LogChunk(data=data, next_offset=offset + len(data), size=size)
-        if job.log_mark is None:
-            job.log_mark = await asyncio.to_thread(job.dir.read_log_mark)
-        start = max(offset, job.log_mark)
-        data, size = await asyncio.to_thread(_read_log_chunk, job.dir, start, size_limit)
-        # Never past the log's end: a wrong offset must not hide output still to come.
-        mark = min(start, size)
-        if mark > job.log_mark:
-            job.log_mark = mark
-            await asyncio.to_thread(job.dir.write_log_mark, mark)
+        async with job.log_mark_lock:  # readers of one job (a trigger and its successor) in turn
+            if job.log_mark is None:
+                job.log_mark = await asyncio.to_thread(job.dir.read_log_mark)
+            start = max(offset, job.log_mark)
+            data, size = await asyncio.to_thread(_read_log_chunk, job.dir, start, size_limit)
+            # Never past the log's end: a wrong offset must not hide output still to come.
+            mark = min(start, size)
+            if mark > job.log_mark:
+                job.log_mark = mark
+                try:
+                    await asyncio.to_thread(job.dir.write_log_mark, mark)
+                except OSError as exc:  # a full disk: the read still answers; the mark lives in memory
+                    log.warning("job %s: cannot save its log mark: %s", job_id, exc.strerror or exc)
         return LogChunk(data=data, next_offset=start + len(data), size=size)
 
     def _job(self, job_id: str) -> TrackedJob:

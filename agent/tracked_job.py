@@ -29,7 +29,8 @@ class TrackedJob:
     record: StoredJob
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     timeout_fired: bool = False
-    log_mark: int | None = None  # JobDir's log mark, once read (see JobService.read_log's cursor)
+    log_mark: int | None = None  # JobDir's log mark, once read (see JobManager.read_log's cursor)
+    log_mark_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     def save(self, record: StoredJob, *, durable: bool = True) -> None:
         self.dir.write_state(record, durable=durable)

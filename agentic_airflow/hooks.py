@@ -25,6 +25,7 @@ from agentic_airflow.sidecar_client import (
     describe_failure,
     parse_object,
 )
+from sidecar_api.protocol import WireError, validate_job_id
 
 try:  # Airflow 3
     from airflow.sdk import BaseHook
@@ -90,6 +91,10 @@ class AgenticRunHook(BaseHook):
     def get_job(self, job_id: str) -> dict[str, Any]:
         """``GET /jobs/{job_id}``: the job's record. :class:`SidecarError` for any other answer, the
         sidecar's own "job not found" included, or none."""
+        try:
+            validate_job_id(job_id)
+        except WireError as exc:
+            raise SidecarError(str(exc)) from None
         endpoint = self.get_endpoint()
         try:
             with self._client(endpoint) as client:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit, urlunsplit
 
 from agentic_airflow.connection import DEFAULT_CONN_ID, get_base_url
 from agentic_airflow.sidecar_client import SidecarError
@@ -26,6 +26,13 @@ log = logging.getLogger(__name__)
 
 
 def job_url(base_url: str, job_id: str) -> str:
+    """The job's URL; any ``user:password@`` in the base URL (an ``extra.base_url`` may carry one) is
+    left out: the link is shown to everyone who sees the task."""
+    parts = urlsplit(base_url)
+    if parts.username is not None or parts.password is not None:
+        host = parts.hostname or ""
+        netloc = (f"[{host}]" if ":" in host else host) + (f":{parts.port}" if parts.port else "")
+        base_url = urlunsplit(parts._replace(netloc=netloc))
     return f"{base_url}/jobs/{quote(job_id, safe='')}"
 
 

@@ -33,6 +33,7 @@ from agentic_airflow.sidecar_client import (
     fetch_job_answer,
     log_tail,
     parse_object,
+    status_update_request,
     submit_job,
 )
 from sidecar_api.protocol import JobStatus
@@ -193,7 +194,8 @@ class JobPoller:
                 await session[1].aclose()
 
     async def _read_output(self, client: httpx.AsyncClient, limit: int) -> httpx.Response:
-        params: dict[str, int | str] = {"offset": self.log_offset or 0, "limit": limit, "cursor": "true"}
+        assert self.log_offset is not None  # only a poller that shows the output reads it
+        params: dict[str, int | str] = {"offset": self.log_offset, "limit": limit, "cursor": "true"}
         return await client.get(f"/jobs/{self.job_id}/log", params=params)
 
     async def _show_output(self, client: httpx.AsyncClient, *, final: bool) -> None:
@@ -210,24 +212,37 @@ class JobPoller:
 
     async def _show_chunk(self, client: httpx.AsyncClient, *, final: bool) -> bool:
         """One read of the output; True when more is waiting."""
-        asked = self.log_offset or 0
+        asked = self.log_offset
+        assert asked is not None
         try:
             response = await self._read_output(client, self._output_chunk)
+            if response.status_code != 200:
+                raise _Unusable(f"HTTP {response.status_code}")
             size, end = int(response.headers["X-Log-Size"]), int(response.headers["X-Next-Offset"])
-        except (httpx.HTTPError, KeyError, ValueError):
-            return False
-        if response.status_code != 200:
+            data = response.content
+            start = end - len(data)  # past ``asked`` when an earlier trigger showed those bytes
+            if not asked <= start <= end <= size:
+                raise _Unusable(f"offsets that do not add up: {start}-{end} of {size}")
+        except (httpx.HTTPError, KeyError, ValueError, _Unusable) as exc:
+            detail = str(exc) if isinstance(exc, _Unusable) else type(exc).__name__
+            self._report(
+                f"output:{detail}",
+                "warning",
+                "job %s: cannot read the job's output (%s); the task's log shows it once a read works%s",
+                self.job_id,
+                detail,
+            )
             return False
         self._told_offset = asked
-        data = response.content
-        start = end - len(data)  # past ``asked`` when an earlier trigger showed those bytes
         if start == self._skipped_to and b"\n" in data:  # past a skip: from the next whole line
             cut = data.index(b"\n") + 1
             start, data = start + cut, data[cut:]
         self._skipped_to = None
         shown = output_to_show(data, full_chunk=len(data) >= self._output_chunk, final=final)
-        for line in shown.decode("utf-8", errors="replace").splitlines():
-            self._log.info("%s", line)
+        if shown:
+            # One record a read, not one a line: a chunk of short lines must not hold up the
+            # triggerer's event loop, which every trigger shares.
+            self._log.info("%s", shown.decode("utf-8", errors="replace").rstrip("\n"))
         self.log_offset = start + len(shown)
         if size - self.log_offset > OUTPUT_BEHIND_CHUNKS * self._output_chunk:
             # A job writing faster than the task's log may show: skip to its newest output (the whole
@@ -299,24 +314,30 @@ class JobPoller:
     ) -> None:
         """Log ``message`` (the job id, ``fields``, the delay, a note of lines held back) unless the
         same ``kind`` of trouble was reported less than ``report_every`` ago; then wait."""
-        now = self._clock()
         if self._failing_since is None:
-            self._failing_since = now
+            self._failing_since = self._clock()
         delay = self._backoff.next_delay(at_least=at_least)
+        if self._report(kind, level, message, self.job_id, *fields, delay):
+            self._streak_reported = True
+        await self._sleep(delay)
+
+    def _report(self, kind: str, level: str, message: str, *args: object) -> bool:
+        """Log ``message`` with ``args`` and a note of lines held back, unless the same ``kind`` of
+        trouble was reported less than ``report_every`` ago; True when it was logged."""
+        now = self._clock()
         report = self._reports.get(kind)
         if report is not None and now - report.at < self._report_every:
             report.held_back += 1
-        else:
-            held_back = report.held_back if report is not None else 0
-            note = f" ({held_back} more like this since the last report)" if held_back else ""
-            write = self._log.error if level == "error" else self._log.warning
-            write(message, self.job_id, *fields, delay, note)
-            self._reports.pop(kind, None)
-            self._reports[kind] = _Report(now)
-            if len(self._reports) > MAX_REPORT_KINDS:  # texts that vary (request ids) must not pile up
-                del self._reports[next(iter(self._reports))]
-            self._streak_reported = True
-        await self._sleep(delay)
+            return False
+        held_back = report.held_back if report is not None else 0
+        note = f" ({held_back} more like this since the last report)" if held_back else ""
+        write = self._log.error if level == "error" else self._log.warning
+        write(message, *args, note)
+        self._reports.pop(kind, None)
+        self._reports[kind] = _Report(now)
+        if len(self._reports) > MAX_REPORT_KINDS:  # texts that vary (request ids) must not pile up
+            del self._reports[next(iter(self._reports))]
+        return True
 
     def _answered(self, endpoint: SidecarEndpoint) -> None:
         if self._failing_since is not None and self._streak_reported:
@@ -346,15 +367,34 @@ class JobPoller:
         return {"job_id": self.job_id, "status": "ERROR", "error": error}
 
 
+class _Unusable(Exception):
+    """An answer to an output read that shows nothing (its text is ours)."""
+
+
 def output_to_show(data: bytes, *, full_chunk: bool, final: bool) -> bytes:
     """The part of ``data`` to show now: up to its last newline (the rest waits for its line to end);
-    all of it once the job ended, or when a whole chunk holds no newline (one very long line)."""
+    all of it once the job ended; a whole chunk with no newline (one very long line) up to its last
+    complete UTF-8 character, so no character is split between two reads."""
     if final:
         return data
     cut = data.rfind(b"\n")
-    if cut < 0:
-        return data if full_chunk else b""
-    return data[: cut + 1]
+    if cut >= 0:
+        return data[: cut + 1]
+    return data[: _complete_utf8(data)] if full_chunk else b""
+
+
+def _complete_utf8(data: bytes) -> int:
+    """The length of ``data`` without a UTF-8 sequence cut short at its end."""
+    for back in range(1, min(4, len(data)) + 1):
+        byte = data[-back]
+        if byte < 0x80:
+            return len(data)  # ASCII: nothing is cut
+        if byte >= 0xF8:
+            break  # no UTF-8 lead byte
+        if byte >= 0xC0:  # the lead byte of the last sequence: complete when all its bytes are here
+            needed = 2 if byte < 0xE0 else 3 if byte < 0xF0 else 4
+            return len(data) if back >= needed else len(data) - back
+    return len(data)  # not UTF-8 at all: shown as it is (decoded with replacement characters)
 
 
 async def open_client(
@@ -397,7 +437,7 @@ async def report_kill(
     Returns the sidecar's answer, or None when none came."""
     started = clock()
     delay = 0.5
-    body = {"job_id": job_id, "status": "killed", "reason": "Airflow killed the task's trigger"}
+    body = status_update_request(status="killed", reason="Airflow killed the task's trigger", job_id=job_id)
     while True:
         try:
             endpoint = await resolve(conn_id)

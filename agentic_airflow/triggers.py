@@ -19,9 +19,10 @@ from agentic_airflow.polling import OUTPUT_CHUNK_BYTES, JobPoller, report_kill
 
 
 class AgenticJobTrigger(BaseTrigger):
-    """``log_offset``: where the task's log has got to in the job's output (None: do not show the
-    output). It is serialized with the trigger; the job's agent also keeps it, so a trigger that
-    another triggerer starts again from the deferral's offset neither repeats nor loses output."""
+    """``log_offset``: where the task's log starts showing the job's output (None: it does not).
+    Airflow never writes a running trigger back to its table, so a trigger started again (another
+    triggerer) gets the deferral's offset; the job's agent keeps how far the last one got (the read's
+    ``cursor``), and the output goes on from there, neither repeated nor lost."""
 
     def __init__(
         self,

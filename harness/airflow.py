@@ -75,7 +75,7 @@ def cache_dir() -> Path:
 
 
 @contextmanager
-def _venv_lock(venv: Path) -> Iterator[None]:
+def venv_lock(venv: Path) -> Iterator[None]:
     """Serialise installs into one cached venv between concurrent test runs."""
     venv.parent.mkdir(parents=True, exist_ok=True)
     with open(venv.parent / f".{venv.name}.lock", "w") as lock:
@@ -86,7 +86,7 @@ def _venv_lock(venv: Path) -> Iterator[None]:
 def ensure_venv(version: str = AIRFLOW_VERSION) -> Path:
     """The cached Airflow venv for ``version``, created when missing; concurrent callers wait."""
     venv = cache_dir() / f"airflow-{version}"
-    with _venv_lock(venv):
+    with venv_lock(venv):
         done = venv / ".complete"
         if not done.exists():
             print(f"installing Airflow {version} into {venv} (once per machine, ~20 s)", file=sys.stderr)
@@ -111,7 +111,7 @@ def ensure_postgres_drivers(venv: Path) -> None:
     Airflow's sync engine uses psycopg2, and it derives an asyncpg URL for its async engine, so both
     must be importable even where only the sync engine serves requests.
     """
-    with _venv_lock(venv):
+    with venv_lock(venv):
         marker = venv / ".postgres-drivers"
         if not marker.exists():
             _run([str(venv / "bin/pip"), "install", "-q", "psycopg2-binary>=2.9,<3", "asyncpg>=0.29"])
@@ -121,7 +121,7 @@ def ensure_postgres_drivers(venv: Path) -> None:
 def install_project(venv: Path) -> None:
     """Install this checkout into the Airflow venv (its dependencies are none: the operator needs only
     httpx, which Airflow ships; ``--no-deps`` keeps ``--force-reinstall`` from reinstalling Airflow's)."""
-    with _venv_lock(venv):
+    with venv_lock(venv):
         _run([str(venv / "bin/pip"), "install", "-q", "--no-deps", "--force-reinstall", str(REPO_ROOT)])
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.airflow import AIRFLOW_2_VERSION, AIRFLOW_VERSION, _venv_lock, ensure_venv, selected_versions
+from harness.airflow import AIRFLOW_2_VERSION, AIRFLOW_VERSION, ensure_venv, selected_versions, venv_lock
 from servicekit.extras import require
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -70,7 +70,7 @@ def test_a_plain_install_into_airflow_adds_only_this_package(version: str, tmp_p
     env = {name: value for name, value in os.environ.items() if not name.startswith("AIRFLOW")}
     env |= {"AIRFLOW_HOME": str(tmp_path / "airflow-home"), "AIRFLOW__CORE__LOAD_EXAMPLES": "False"}
     # The harness reinstalls this checkout into the same venv at every Airflow start: one install at a time.
-    with _venv_lock(venv):
+    with venv_lock(venv):
         succeeds([pip, "uninstall", "--quiet", "--yes", "agentic-airflow"])  # a first install, from here
         if project["dependencies"]:
             # What a real install pulled in would stay in the venv every Airflow test runs from (SQLAlchemy 2
@@ -79,7 +79,9 @@ def test_a_plain_install_into_airflow_adds_only_this_package(version: str, tmp_p
             assert set(resolved) == {"agentic-airflow"}, f"would change Airflow {version}: {resolved}"
         installed = installs(pip, str(ROOT))
         assert installed == {"agentic-airflow": project["version"]}, f"changed Airflow {version}: {installed}"
-        assert "No broken requirements" in succeeds([pip, "check"])
+        # Only this package's requirements: Airflow's own, installed without constraints, are not ours.
+        check = subprocess.run([str(pip), "check"], capture_output=True, text=True, check=False, timeout=120)
+        assert "agentic-airflow" not in check.stdout.lower(), check.stdout
         succeeds([airflow, "db", "migrate"], env)
         providers = json.loads(succeeds([airflow, "providers", "list", "--output", "json"], env))
     listed = {provider["package_name"]: provider["version"] for provider in providers}

@@ -274,6 +274,7 @@ found["xcom_failing"] = link_for(op, side_effect=RuntimeError("postgresql://user
 restored = Serialization.from_dict(Serialization.to_dict(dag)).get_task("run")
 found["restored_links"] = list(restored.extra_links)
 found["serialized_task"] = link_for(restored, return_value=JOB)  # what Airflow 2's webserver hands in
+found["no_userinfo"] = links.job_url("https://user:pw@proxy.example:8443/agentic", JOB)
 emit(found)
 """
 
@@ -295,6 +296,7 @@ def test_the_link_points_at_the_job_in_the_operators_sidecar_and_never_raises(
     assert found["restored_links"] == ["Agentic job"]  # Airflow 2 restores it only as a registered link
     # The serialized task keeps its conn_id (a template field): its own sidecar, not the default's.
     assert found["serialized_task"] == found["link"]
+    assert found["no_userinfo"] == f"https://proxy.example:8443/agentic/jobs/{job}"  # no credentials shown
 
 
 # --- against a real sidecar ----------------------------------------------------------------------------

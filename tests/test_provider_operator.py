@@ -36,7 +36,8 @@ submitted = []
 
 class Sidecar(BaseHTTPRequestHandler):
     def do_POST(self):
-        submitted.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        submitted.append({**body, "authorization": self.headers["Authorization"]})
         raw = json.dumps({"job_id": JOB, "agent_id": "vm-01", "status": "RUNNING", "created": True}).encode()
         self.send_response(201)
         self.send_header("Content-Type", "application/json")
@@ -108,6 +109,7 @@ def test_execute_submits_and_defers_and_the_event_decides_the_outcome(version: s
     key = (first["dag_id"], first["task_id"], first["run_id"], first["try_number"])
     assert key == ("d", "t", "manual__1", 2)
     assert (first["labels"], first["ti_identity"], first["timeout_seconds"]) == (["gpu"], "0190a3b4-ti", None)
+    assert first["authorization"] == "Bearer tok"  # the connection's password is the token
     assert 595 <= found["submitted"][1]["timeout_seconds"] <= 600
     assert found["pushed"] == {"agentic_job_id": job}  # before deferring
 

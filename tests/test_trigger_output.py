@@ -45,6 +45,11 @@ CONN = "agentic_run_default"
         (b"a very long line", True, False, b"a very long line"),  # a whole chunk without a newline
         (b"one\ntw", True, False, b"one\n"),
         (b"", False, False, b""),
+        # A long line cut inside a character: the character waits for the next read, whole.
+        ("ab€".encode()[:-1], True, False, b"ab"),
+        ("ab€".encode(), True, False, "ab€".encode()),
+        ("a😀".encode()[:-2], True, False, b"a"),
+        (b"\xff\xfe", True, False, b"\xff\xfe"),  # not UTF-8: shown as it is
     ],
 )
 def test_whole_lines_are_shown_and_a_partial_one_waits(
@@ -107,7 +112,8 @@ def poller(sidecar: Sidecar, log: RecordingLog, **options: Any) -> JobPoller:
 
 
 def shown_lines(log: RecordingLog) -> list[str]:
-    return [line for line in log.at("info") if not line.startswith("job ")]
+    """The output lines in the log (one record per read, lines within it)."""
+    return [line for record in log.at("info") if not record.startswith("job ") for line in record.split("\n")]
 
 
 @pytest.mark.fast
@@ -166,13 +172,39 @@ def test_output_beyond_what_a_poll_may_show_is_skipped_with_a_note() -> None:
 
 
 @pytest.mark.fast
-def test_a_failing_log_read_shows_nothing_this_time_and_the_poll_goes_on() -> None:
-    sidecar = Sidecar(("RUNNING", b"a\n"), ("RUNNING", b"a\nb\n"), ("FAILED", b"a\nb\n"), fail_log_reads=1)
+def test_a_failing_log_read_is_reported_once_and_the_poll_goes_on() -> None:
+    sidecar = Sidecar(
+        ("RUNNING", b"a\n"),
+        ("RUNNING", b"a\n"),
+        ("RUNNING", b"a\nb\n"),
+        ("FAILED", b"a\nb\n"),
+        fail_log_reads=2,
+    )
     log = RecordingLog()
     event = asyncio.run(poller(sidecar, log).run())
     assert event["status"] == "FAILED"
-    assert shown_lines(log)[:2] == ["a", "b"]
-    assert not log.at("warning") and not log.at("error")
+    assert shown_lines(log)[:2] == ["a", "b"]  # caught up once reads work again
+    (warning,) = log.at("warning")  # two failures, one line
+    assert warning == (
+        f"job {JOB}: cannot read the job's output (HTTP 502); the task's log shows it once a read works"
+    )
+
+
+@pytest.mark.fast
+def test_an_answer_whose_offsets_do_not_add_up_shows_nothing() -> None:
+    class Lying(Sidecar):
+        def __call__(self, request: httpx.Request) -> httpx.Response:
+            answer = super().__call__(request)
+            if request.url.path.endswith("/log"):
+                answer.headers["X-Next-Offset"] = "-5"
+            return answer
+
+    sidecar = Lying(("RUNNING", b"a\n"), ("FAILED", b"a\n"))
+    log = RecordingLog()
+    the_poller = poller(sidecar, log)
+    assert asyncio.run(the_poller.run())["status"] == "FAILED"
+    assert shown_lines(log) == [] and the_poller.log_offset == 0
+    assert "cannot read the job's output" in log.at("warning")[0]
 
 
 @pytest.mark.fast
