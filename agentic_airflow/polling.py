@@ -164,6 +164,10 @@ class JobPoller:
                     answer = await fetch_job_answer(client, self.job_id)
                 except httpx.HTTPError as exc:
                     detail = describe_failure(endpoint, exc)
+                    # Read the connection again before the next try: the sidecar may have moved
+                    # (a new address, https instead of http) since the task deferred.
+                    session = None
+                    await client.aclose()
                     await self._retry(
                         f"unreachable:{detail}", "job %s: %s; the job runs on, retrying in %.1f s%s", detail
                     )
@@ -178,8 +182,10 @@ class JobPoller:
                 elif answer.kind is AnswerKind.NO_SUCH_JOB:
                     return self._gone(endpoint, answer)
                 else:
-                    if answer.kind is AnswerKind.UNAUTHORIZED:
-                        session = None  # read the connection again: the token may have been rotated
+                    if answer.kind is not AnswerKind.THROTTLED:
+                        # Read the connection again: a rotated token, or a sidecar that moved (what
+                        # answers at the old address may be a proxy's page or another service).
+                        session = None
                         await client.aclose()
                     await self._refused(endpoint, answer)
         except asyncio.CancelledError:

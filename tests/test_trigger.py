@@ -244,7 +244,7 @@ class Run:
             clock=self.clock,
             rng=random.Random(3),
             transport=httpx.MockTransport(sidecar),
-            **options,
+            **({"log_offset": None} | options),  # the output in the task's log: tests/test_trigger_output.py
         )
 
     def event(self) -> dict[str, Any]:
@@ -595,3 +595,26 @@ def test_an_event_waits_out_the_settling_time_only_once_and_only_at_first() -> N
     run = Run(Sidecar(*[job("RUNNING")] * polls, job("SUCCEEDED", rc=0)))
     assert run.event()["status"] == "SUCCEEDED"
     assert run.clock.sleeps == [POLL] * polls
+
+
+@pytest.mark.fast
+def test_a_sidecar_that_moved_is_found_by_reading_the_connection_again() -> None:
+    """The sidecar went from http to https (or to another host) after the task deferred: the old
+    address refuses connections, and the next try reads the connection again instead of retrying
+    the old address for ever."""
+    moved = SidecarEndpoint("https://sidecar.test:8790", TOKEN)
+
+    class Moved(Sidecar):
+        old_tries = 0
+
+        def __call__(self, request: httpx.Request) -> httpx.Response:
+            if request.url.scheme == "http":
+                self.old_tries += 1
+                assert self.old_tries < 5, "still trying the old address"
+                raise httpx.ConnectError("connection refused", request=request)
+            return super().__call__(request)
+
+    run = Run(Moved(job("SUCCEEDED", rc=0)), Connection(SidecarEndpoint(BASE, TOKEN), moved))
+    assert run.event()["status"] == "SUCCEEDED"
+    assert run.connection.calls == 2
+    assert [r.url.scheme for r in run.sidecar.requests] == ["https"]
