@@ -22,7 +22,8 @@ pytestmark = pytest.mark.fast
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = sorted([ROOT / "README.md", *(ROOT / "docs").glob("*.md")])
 AIRFLOW_TABLES = {"core", "api", "api_auth", "triggerer", "scheduler", "logging", "webserver", "database"}
-PROSE_KEY = re.compile(r"`\[([a-z_]+)\] ([a-z_]+)")  # `[poll] interval_seconds` (a value may follow)
+# `[poll] interval_seconds`, maybe with "= value" (not "[agent] token: ...", the start of a log line)
+PROSE_KEY = re.compile(r"`\[([a-z_]+)\] ([a-z_]+)(?=[`\s=])")
 TOML_BLOCK = re.compile(r"```toml\n(.*?)```", re.S)
 COMMAND = re.compile(r"python -m (reconciler|agent)((?: +[^\s`#|;&)]+)*)")
 OURS: dict[str, set[str]] = {}
