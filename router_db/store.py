@@ -11,9 +11,9 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import Engine, insert, select, update
+from sqlalchemy import CursorResult, Engine, delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import sessionmaker
 
@@ -23,7 +23,7 @@ from router_db.models import Job, JobEvent
 from router_db.records import EventRecord, JobRecord, NewJob, TaskInstanceKey
 from router_db.schema import upgrade
 from router_db.transitions import StaleTransition, Transition, allowed
-from sidecar_api.protocol import ACTIVE, JobStatus
+from sidecar_api.protocol import ACTIVE, TERMINAL, JobStatus
 
 
 def _now() -> datetime:
@@ -143,6 +143,34 @@ class RouterDB:
         with self._sessions() as session:
             rows = session.scalars(select(JobEvent).where(JobEvent.job_id == job_id).order_by(JobEvent.id))
             return [EventRecord.from_row(row) for row in rows]
+
+    # --- retention ------------------------------------------------------------------------------
+
+    def prune_finished(self, before: datetime, *, batch: int = 500, dry_run: bool = False) -> int:
+        """Delete jobs that ended before ``before`` (their last change: ``updated_at``), with their
+        audit rows, ``batch`` jobs a transaction so no lock is held for long; active jobs are never
+        touched, however old. The number of jobs deleted (that would be, with ``dry_run``)."""
+        if before.tzinfo is None:
+            raise ValueError("prune_finished needs a UTC-aware moment")
+        finished = [str(s) for s in TERMINAL]
+        old = (Job.updated_at < before, Job.status.in_(finished))
+        if dry_run:
+            with self._sessions() as session:
+                return int(session.scalar(select(func.count()).select_from(Job).where(*old)) or 0)
+        deleted = 0
+        while True:
+            with self._sessions.begin() as session:
+                # Oldest first, along ix_jobs_updated_at: each batch reads only the rows it deletes.
+                oldest = select(Job.job_id).where(*old).order_by(Job.updated_at).limit(batch)
+                ids = list(session.scalars(oldest))
+                if not ids:
+                    return deleted
+                session.execute(delete(JobEvent).where(JobEvent.job_id.in_(ids)))
+                # The status again: a job is never deleted unless it has ended.
+                gone = delete(Job).where(Job.job_id.in_(ids), Job.status.in_(finished))
+                deleted += cast(CursorResult[Any], session.execute(gone)).rowcount
+            if len(ids) < batch:
+                return deleted
 
     # --- leases (one holder among replicas, see router_db.leases) ----------------------------------
 
