@@ -1,4 +1,4 @@
-"""``python -m reconciler run|once|check-config|db upgrade --config reconciler.toml``."""
+"""``python -m reconciler run|once|check-config|db upgrade|current|prune --config reconciler.toml``."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import sys
+from datetime import UTC, datetime
 
 from servicekit.extras import require
 
@@ -14,6 +15,7 @@ require("sidecar", *SIDECAR_MODULES, command="agentic-reconciler")  # before the
 
 from reconciler.config import ConfigError, ReconcilerConfig, Secrets, load_config, load_secrets  # noqa: E402
 from reconciler.leadership import holder_id  # noqa: E402
+from reconciler.retention import parse_age  # noqa: E402
 from reconciler.service import build, serve  # noqa: E402
 from router_db import RouterDB, schema  # noqa: E402
 from servicekit import logs  # noqa: E402
@@ -34,8 +36,12 @@ def main(argv: list[str] | None = None) -> int:
         cmd.add_argument("--log-level", default="INFO")
         if name == "once":
             cmd.add_argument("--dry-run", action="store_true", help="decide but change nothing")
-    db = sub.add_parser("db", help="router DB schema: upgrade it, or show its revision")
-    db.add_argument("action", choices=["upgrade", "current"])
+    db = sub.add_parser(
+        "db", help="router DB: upgrade its schema, show its revision, or prune jobs that ended long ago"
+    )
+    db.add_argument("action", choices=["upgrade", "current", "prune"])
+    db.add_argument("--older-than", help="prune: jobs that ended longer ago than this, e.g. 30d, 12h")
+    db.add_argument("--dry-run", action="store_true", help="prune: count, delete nothing")
     db.add_argument("--config", default="config/reconciler.toml", help="TOML file (default: %(default)s)")
     db.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
@@ -50,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
         backend = config.router_db.url.split(":", 1)[0]
         print(f"{args.config}: ok ({len(config.agents)} agent(s), router DB {backend})")
         return 0
+    if args.command == "db" and args.action == "prune":
+        return _prune(config, args.older_than, dry_run=args.dry_run)
     if args.command == "db":
         return _db(config, args.action)
     if args.command == "once":
@@ -59,6 +67,26 @@ def main(argv: list[str] | None = None) -> int:
     except asyncio.CancelledError:
         print("stopped at once by a second signal; pending stops resume at the next start", file=sys.stderr)
         return 1
+    return 0
+
+
+def _prune(config: ReconcilerConfig, older_than: str | None, *, dry_run: bool) -> int:
+    """Delete jobs that ended before now - ``older_than``, with their audit rows (2: a bad age)."""
+    try:
+        if older_than is None:
+            raise ValueError("db prune needs --older-than, e.g. --older-than 30d")
+        before = datetime.now(UTC) - parse_age(older_than)
+    except ValueError as exc:
+        print(f"db prune: {exc}", file=sys.stderr)
+        return 2
+    db = RouterDB(config.router_db.url)
+    try:
+        count = db.prune_finished(before, dry_run=dry_run)
+    finally:
+        db.dispose()
+    verb = "would delete" if dry_run else "deleted"
+    moment = before.isoformat(timespec="seconds")
+    print(f"{verb} {count} job(s) that ended before {moment}, with their audit rows")
     return 0
 
 

@@ -3,13 +3,19 @@ on SQLite and on real PostgreSQL."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 from sqlalchemy import func, select, update
 
+from reconciler.retention import parse_age
 from router_db import JobStatus, NewJob, RouterDB, TaskInstanceKey
 from router_db.models import Job, JobEvent
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def submit(db: RouterDB, n: int, *, status: JobStatus, age_days: float) -> list[str]:
@@ -57,3 +63,48 @@ def test_old_finished_jobs_go_with_their_events_and_nothing_else(router_db: Rout
 def test_a_moment_without_a_time_zone_is_refused(router_db: RouterDB) -> None:
     with pytest.raises(ValueError, match="UTC-aware"):
         router_db.prune_finished(datetime(2026, 1, 1))
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize(("text", "seconds"), [("30d", 30 * 86400), ("12h", 43200), ("90m", 5400), ("7s", 7)])
+def test_ages_read_as_people_write_them(text: str, seconds: int) -> None:
+    assert parse_age(text) == timedelta(seconds=seconds)
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize("text", ["", "30", "d", "0d", "-1d", "1w", "1.5d", "30 days", "9999999999d"])
+def test_other_ages_are_refused_with_the_forms_accepted(text: str) -> None:
+    with pytest.raises(ValueError, match="such as 30d"):
+        parse_age(text)
+
+
+def prune_command(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    config = tmp_path / "reconciler.toml"
+    config.write_text(f'[router_db]\nurl = "sqlite:///{tmp_path / "router.db"}"\n')
+    env = {"AIRFLOW_PASSWORD": "x", "AGENTIC_SIDECAR_TOKEN": "y", "PATH": "/usr/bin:/bin"}
+    return subprocess.run(
+        [sys.executable, "-m", "reconciler", "db", "prune", *args, "--config", str(config)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_the_prune_command_counts_then_deletes(tmp_path: Path) -> None:
+    db = RouterDB(f"sqlite:///{tmp_path / 'router.db'}")
+    db.create_schema()
+    old = submit(db, 3, status=JobStatus.FAILED, age_days=45)
+    running = submit(db, 1, status=JobStatus.RUNNING, age_days=45)
+    looked = prune_command(tmp_path, "--older-than", "30d", "--dry-run")
+    assert looked.returncode == 0 and looked.stdout.startswith("would delete 3 job(s)"), looked.stderr
+    assert all(db.get(job_id) for job_id in old)
+    done = prune_command(tmp_path, "--older-than", "30d")
+    assert done.returncode == 0 and done.stdout.startswith("deleted 3 job(s)"), done.stderr
+    assert not any(db.get(job_id) for job_id in old) and db.get(running[0]) is not None
+    refused = prune_command(tmp_path, "--older-than", "a month")
+    assert refused.returncode == 2 and "such as 30d" in refused.stderr
+    assert prune_command(tmp_path).returncode == 2  # no age: nothing is guessed
+    db.dispose()
