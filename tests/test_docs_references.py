@@ -31,9 +31,11 @@ for key in [*reconciler_keys(), *agent_keys()]:
     OURS.setdefault(key.table, set()).add(key.name)
 
 VALUED = {"--config": "x.toml", "--log-level": "INFO"}  # flags and a value each; others take none
-SUBCOMMANDS = {"run": set(VALUED), "check-config": set(VALUED), "db": set(VALUED)}
+SUBCOMMANDS = {"run": set(VALUED), "check-config": set(VALUED)}
 SUBCOMMANDS["once"] = SUBCOMMANDS["run"] | {"--dry-run"}
-DB_ACTIONS = {"upgrade", "current"}
+SUBCOMMANDS["db"] = SUBCOMMANDS["run"] | {"--dry-run", "--older-than"}
+VALUED["--older-than"] = "30d"
+DB_ACTIONS = {"upgrade", "current", "prune"}
 AGENT_FLAGS = {"--config"}
 
 
