@@ -8,8 +8,10 @@ Tokens are secrets and never come from the TOML: they are read from the environm
 ``token_env`` (default ``AGENTIC_AGENT_TOKEN``) or, if ``token_file`` is set, from that file. Either may
 hold several tokens, separated by commas, spaces or newlines (so a token cannot contain those); a
 request carrying any of them is accepted. That is how a token is rotated without a moment in which
-clients are refused: add the new token next to the old one and restart the agent (running jobs are
-adopted), move the clients to the new token, then remove the old one and restart again.
+clients are refused: add the new token next to the old one, move the clients to the new token, then
+remove the old one. A ``token_file`` is followed while the agent runs (looked at every second, read
+again at once on SIGHUP), so each step needs no restart; the environment cannot change under a
+running process, so tokens from ``token_env`` need a restart at each step (running jobs are adopted).
 
 TLS: with ``tls_cert_file`` and ``tls_key_file`` (PEM; both or neither) the agent serves HTTPS only.
 Both files are loaded when the configuration is, so a missing, unreadable or mismatched file is a

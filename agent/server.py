@@ -23,12 +23,15 @@ Routes (JSON in and out unless noted):
 - ``POST /stop/{job_id}`` ``{"force": false, "reason": "..."}`` (body optional) -> once the tree is gone,
   ``{"ok", "message", "status", "rc", "action", "signal", "reason"}``. A stop of a job the agent
   has never seen leaves a tombstone (a FAILED job of that id): a ``/run`` arriving later is refused.
-- ``GET /healthz`` (and ``/health``, its older name) -> ``{"status": "ok", "agent_id", "jobs_running"}``;
+- ``GET /healthz`` (and ``/health``, its older name) -> ``{"status": "ok", "agent_id", "jobs_running"}``
+  (the sidecar checks ``agent_id`` against the id it has configured for this URL);
   ``GET /readyz`` -> the same with ``"ready"``, or 503 ``"not ready"`` with ``problems`` (home not
   writable). These three need no token.
 
 Auth, errors and bodies follow :mod:`servicekit.http`, as the sidecar does: ``Authorization: Bearer
-<token>`` or ``X-Agent-Token: <token>``; any configured token is accepted (rotation).
+<token>`` or ``X-Agent-Token: <token>``; any configured token is accepted (rotation). Tokens from a
+``token_file`` follow the file while the agent runs (looked at every second, read again on SIGHUP):
+rotating them needs no restart.
 TLS: with ``tls_cert_file`` and ``tls_key_file`` configured, the same API is served over HTTPS only.
 Job ids: ``^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$`` (see :mod:`agent_api.protocol`).
 Every failure is a JSON ``{"error": "..."}`` naming the problem: 400 bad input (NUL or a lone
@@ -56,6 +59,7 @@ from agent_api.protocol import (
     parse_stop_request,
     validate_job_id,
 )
+from servicekit.credentials import Secret, follow, token_list
 from servicekit.http import HttpError, json_errors, query_flag, query_int, read_json, token_auth
 from servicekit.serve import serving, shutdown_requested
 
@@ -160,10 +164,13 @@ def _write_probe(home: Path) -> None:
         pass
 
 
-def create_app(config: AgentConfig, jobs: JobManager) -> web.Application:
+def create_app(
+    config: AgentConfig, jobs: JobManager, *, tokens: Secret[tuple[str, ...]] | None = None
+) -> web.Application:
+    """The API; ``tokens``: the accepted tokens as they change (default: ``config.tokens``, fixed)."""
     middlewares = [
         json_errors(service="agent", known=_known),
-        token_auth(config.tokens, open_paths=OPEN_PATHS, extra_header="X-Agent-Token"),
+        token_auth(tokens or config.tokens, open_paths=OPEN_PATHS, extra_header="X-Agent-Token"),
     ]
     # client_max_size is not our limit (read_json applies max_body_bytes); keep aiohttp's out of the way
     app = web.Application(middlewares=middlewares, client_max_size=config.max_body_bytes + 1)
@@ -183,18 +190,23 @@ def create_app(config: AgentConfig, jobs: JobManager) -> web.Application:
 async def serve(config: AgentConfig) -> None:
     """Adopt existing jobs, then listen until SIGTERM or SIGINT; running jobs are left running."""
     ssl_context = config.server_ssl_context()  # before adoption: a bad file fails fast
+    # No identity yet: the first look reads the file, so a change since the config was loaded counts.
+    tokens = Secret(config.tokens, what="[agent] token", file=config.token_file, parse=token_list)
     jobs = JobManager(config)
     await jobs.load()  # before listening: /healthz answers only once adoption is done
     jobs.start_monitor()
     stopping = shutdown_requested()
+    watcher = asyncio.create_task(follow([tokens]))
     try:
         # A stop under way (SIGTERM, grace_seconds, SIGKILL, the exit record) finishes before the
         # listener closes: the sidecar hears its outcome instead of a dropped connection.
         grace = config.grace_seconds + STOP_ANSWER_SLACK_SECONDS
-        app = create_app(config, jobs)
+        app = create_app(config, jobs, tokens=tokens)
         async with serving(app, host=config.host, port=config.port, ssl_context=ssl_context, grace=grace):
             log.info("agent %s listening on %s://%s:%d", config.id, config.scheme, config.host, config.port)
             await stopping.wait()
             log.info("shutting down; running jobs keep running and are adopted on restart")
     finally:
+        watcher.cancel()
+        await asyncio.gather(watcher, return_exceptions=True)
         await jobs.close()

@@ -3,6 +3,8 @@
 HTTPS: pass ``tls_cert_file`` and ``tls_key_file``, and ``ca_file`` (the CA that signed the
 certificate) so that the harness and :meth:`SidecarProcess.client` can verify it. Tokens: the
 sidecar accepts ``accepted_tokens`` (default: just ``token``); ``token`` is what ``client()`` sends.
+With ``token_file`` (``[http] token_file``) it reads the tokens it accepts from that file instead, and
+an :class:`AgentRef` with a ``token_file`` makes it read the token it sends that agent from the file.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ class AgentRef:
     token: str
     labels: Sequence[str] = ()
     ca_file: Path | None = None  # [[agents]] ca_file, for an agent served over https
+    token_file: Path | None = None  # [[agents]] token_file: read instead of ``token``
 
 
 @dataclass
@@ -46,6 +49,7 @@ class SidecarProcess:
     port: int = field(default_factory=free_port)
     token: str = field(default_factory=lambda: secrets.token_urlsafe(24))
     accepted_tokens: Sequence[str] | None = None  # what the sidecar accepts; default [token]
+    token_file: Path | None = None  # [http] token_file: the tokens accepted, instead of accepted_tokens
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None
     ca_file: Path | None = None  # verifies the sidecar's certificate (harness and client())
@@ -89,6 +93,7 @@ class SidecarProcess:
             "[http]",
             f"port = {self.port}",
             'token_env = "HARNESS_SIDECAR_TOKEN"',
+            *([f'token_file = "{self.token_file}"'] if self.token_file is not None else []),
             *(
                 [f'tls_cert_file = "{self.tls_cert_file}"', f'tls_key_file = "{self.tls_key_file}"']
                 if self.tls_cert_file is not None
@@ -110,6 +115,7 @@ class SidecarProcess:
                 f'token_env = "HARNESS_AGENT_TOKEN_{agent.id.upper().replace("-", "_")}"',
                 f"labels = [{labels}]",
                 *([f'ca_file = "{agent.ca_file}"'] if agent.ca_file is not None else []),
+                *([f'token_file = "{agent.token_file}"'] if agent.token_file is not None else []),
             ]
         if self.lease_seconds is not None:
             lines += ["[leader]", f"lease_seconds = {self.lease_seconds}"]
@@ -140,10 +146,11 @@ class SidecarProcess:
             stop_tree(self.proc, grace=35)
             self.proc = None
 
-    def client(self) -> httpx.Client:
+    def client(self, token: str | None = None) -> httpx.Client:
+        """A client of the sidecar's API sending ``token`` (default: ``self.token``)."""
         return httpx.Client(
             base_url=self.url,
-            headers={"Authorization": f"Bearer {self.token}"},
+            headers={"Authorization": f"Bearer {token or self.token}"},
             timeout=30,
             verify=self.ssl_context() or True,
         )

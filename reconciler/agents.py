@@ -1,4 +1,9 @@
-"""The configured agents: one :class:`AgentClient` each, and routing of new jobs to them."""
+"""The configured agents: one :class:`AgentClient` each, and routing of new jobs to them.
+
+The token sent to an agent is asked of its :class:`Secret` at each call: a token file rotated while
+the sidecar runs applies to the next call. Nothing at all is sent to an agent while ``refuse`` says
+why not (another agent answers at its URL): a stop or a job meant for one agent never reaches another.
+"""
 
 from __future__ import annotations
 
@@ -6,56 +11,85 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import aiohttp
 
-from agent_api.client import AgentClient
+from agent_api.client import AgentClient, AgentUnavailable
 from reconciler.config import AgentEntry
+from servicekit.credentials import Secret
 
 
 class NoAgent(LookupError):
     """No configured agent matches the requested route."""
 
 
+class WrongAgent(AgentUnavailable):
+    """Another agent answers at the agent's URL: nothing is sent there until the right one answers.
+    Retryable like any unavailable agent: a stop stays pending, a job is not started."""
+
+
 class AgentPool:
     def __init__(
-        self, entries: Sequence[AgentEntry], tokens: Mapping[str, str], *, timeout: float, stop_timeout: float
+        self,
+        entries: Sequence[AgentEntry],
+        tokens: Mapping[str, str | Secret[str]],
+        *,
+        timeout: float,
+        stop_timeout: float,
     ) -> None:
         self._entries = {e.id: e for e in entries}
-        self._tokens = tokens
+        self._tokens = {agent_id: t if isinstance(t, Secret) else Secret(t) for agent_id, t in tokens.items()}
         self._timeout = timeout
         self._stop_timeout = stop_timeout
         self._sessions: dict[str, aiohttp.ClientSession] = {}  # "jobs" and "health" pools
-        self._clients: dict[tuple[str, str], AgentClient] = {}
+        self._clients: dict[tuple[str, str], tuple[str, AgentClient]] = {}  # with the token it sends
         self._next = 0
         self.avoid: Callable[[str], bool] = lambda agent_id: False  # set by the fleet's liveness
+        # Why nothing may be sent to the agent now, or None (set by the fleet's identity check).
+        self.refuse: Callable[[str], str | None] = lambda agent_id: None
 
     def ids(self) -> list[str]:
         return sorted(self._entries)
 
+    def url(self, agent_id: str) -> str:
+        return self._entries[agent_id].url
+
     def client(self, agent_id: str) -> AgentClient:
         """The agent's client for jobs: one connection pool for all agents; per-request timeouts
-        come from each client."""
+        come from each client. Raises :class:`WrongAgent` while another agent answers at its URL."""
+        refusal = self.refuse(agent_id) if agent_id in self._entries else None
+        if refusal is not None:
+            raise WrongAgent(refusal)
         return self._pooled("jobs", agent_id)
 
     def prober(self, agent_id: str) -> AgentClient:
         """A client for health checks, on connections of its own: requests queued for a busy
-        agent's shared pool must not make a healthy agent look silent."""
+        agent's shared pool must not make a healthy agent look silent. Never refused: the health
+        check is how the right agent is found at the URL again."""
         return self._pooled("health", agent_id)
 
     def _pooled(self, pool: str, agent_id: str) -> AgentClient:
         if agent_id not in self._entries:
             raise NoAgent(f"unknown agent {agent_id!r}")
-        if (pool, agent_id) not in self._clients:
-            if pool not in self._sessions:
-                self._sessions[pool] = aiohttp.ClientSession()
-            entry = self._entries[agent_id]
-            self._clients[pool, agent_id] = AgentClient(
+        token = self._tokens[agent_id].current()
+        cached = self._clients.get((pool, agent_id))
+        if cached is not None and cached[0] == token:
+            return cached[1]
+        # First use, or the token changed (its file was rotated): a client sending the new one, on
+        # the same connections.
+        if pool not in self._sessions:
+            self._sessions[pool] = aiohttp.ClientSession()
+        entry = self._entries[agent_id]
+        try:
+            client = AgentClient(
                 entry.url,
-                self._tokens[agent_id],
+                token,
                 session=self._sessions[pool],
                 timeout=self._timeout,
                 stop_timeout=self._stop_timeout,
                 ca_file=entry.ca_file or None,
             )
-        return self._clients[pool, agent_id]
+        except ValueError as exc:  # the CA bundle went missing since the start: retry later
+            raise AgentUnavailable(f"agent {agent_id}: {exc}") from None
+        self._clients[pool, agent_id] = (token, client)
+        return client
 
     def route(self, *, agent_id: str | None, labels: Iterable[str]) -> str:
         """The agent for a new job: the named one, or round-robin among those carrying all labels."""
@@ -67,7 +101,7 @@ class AgentPool:
         matching = sorted(e.id for e in self._entries.values() if wanted <= set(e.labels))
         if not matching:
             raise NoAgent(f"no agent has labels {sorted(wanted)}")
-        # Lost agents get no new work while another one can take it.
+        # Lost agents, and URLs where another agent answers, get no new work while another one can take it.
         matching = [a for a in matching if not self.avoid(a)] or matching
         self._next += 1
         return matching[self._next % len(matching)]

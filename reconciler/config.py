@@ -3,7 +3,8 @@
 Override any scalar key with ``AGENTIC_RECONCILER_<SECTION>_<KEY>`` (e.g. ``AGENTIC_RECONCILER_HTTP_PORT``).
 Secrets are never read from the TOML: it names the environment variable (``*_env``) or the file
 (``*_file``) that holds each one. Each key's bounds sit beside its default
-(:func:`servicekit.config.setting`).
+(:func:`servicekit.config.setting`). Tokens read from files (``[http] token_file``, ``[[agents]]
+token_file``) follow their files while the sidecar runs (:func:`servicekit.credentials.follow`).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from servicekit.config import ConfigError, build, check_tables, read_toml, setting, table
-from servicekit.credentials import read_secret, read_tokens
+from servicekit.credentials import Secret, load_secret, load_tokens, read_secret
 from servicekit.tls import server_context
 
 __all__ = ["ConfigError", "ReconcilerConfig", "Secrets", "load_config", "load_secrets", "parse_config"]
@@ -137,8 +138,8 @@ class ReconcilerConfig:
 @dataclass(frozen=True)
 class Secrets:
     airflow_password: str = field(repr=False)
-    http_tokens: tuple[str, ...] = field(repr=False)  # every token a client may present (rotation)
-    agent_tokens: Mapping[str, str] = field(repr=False)
+    http_tokens: Secret[tuple[str, ...]]  # every token a client may present (rotation); never in a repr
+    agent_tokens: Mapping[str, Secret[str]]  # the token sent to each agent, by agent id
 
 
 def load_config(path: Path | str, env: Mapping[str, str] | None = None) -> ReconcilerConfig:
@@ -183,11 +184,11 @@ def load_secrets(config: ReconcilerConfig, env: Mapping[str, str] | None = None)
             env=env,
             file_key="password_file",
         ),
-        http_tokens=read_tokens(
+        http_tokens=load_tokens(
             "[http] token", env_name=config.http.token_env, file=config.http.token_file, env=env
         ),
         agent_tokens={
-            a.id: read_secret(f"agent {a.id!r} token", env_name=a.token_env, file=a.token_file, env=env)
+            a.id: load_secret(f"agent {a.id!r} token", env_name=a.token_env, file=a.token_file, env=env)
             for a in config.agents
         },
     )

@@ -11,6 +11,12 @@ When a lost agent answers again, and every ``orphan_sweep_seconds`` for every ag
 queued and running jobs are compared with the router DB: one the router DB has ended is an orphan,
 and is stopped. When most agents fail at once, the fault is likely the sidecar's own network: no agent
 is declared lost until most answer again.
+
+Each health answer names the agent (``agent_id``). One naming another agent (an address reused by a
+new VM, a DNS name moved, a copied configuration) is no answer from the configured agent: the state
+is ``wrong_identity``, nothing is sent to that URL (:class:`~reconciler.agents.WrongAgent`), and the
+silence of the configured agent counts on as it would for a failed check, so its jobs end by the
+same lost rule, never sooner.
 """
 
 from __future__ import annotations
@@ -40,15 +46,33 @@ class AgentState(StrEnum):
     LIVE = "live"  # its last health check answered
     SUSPECT = "suspect"  # its last health check failed; not lost yet
     LOST = "lost"  # silent for lost_after_seconds; its jobs were ended
+    WRONG_IDENTITY = "wrong_identity"  # another agent answered at its URL; not lost yet
 
 
 def agent_state(
-    *, last_contact: float, last_check_ok: bool, failed_check_started: float | None, lost_after: float
+    *,
+    last_contact: float,
+    last_check_ok: bool,
+    failed_check_started: float | None,
+    lost_after: float,
+    wrong_identity: bool = False,
 ) -> AgentState:
-    """The agent's state from the times of its last answer and of its latest failed check (monotonic)."""
+    """The agent's state from the times of its last answer and of its latest failed check (monotonic);
+    ``wrong_identity``: the last agent to answer at its URL was another one."""
     if failed_check_started is not None and failed_check_started - last_contact >= lost_after:
         return AgentState.LOST
+    if wrong_identity:
+        return AgentState.WRONG_IDENTITY
     return AgentState.LIVE if last_check_ok else AgentState.SUSPECT
+
+
+def identity_problem(answer: dict[str, Any], *, expected: str, url: str) -> str | None:
+    """Why a health answer is not from the agent ``expected`` (None when it is)."""
+    reported = answer.get("agent_id")
+    if reported == expected:
+        return None
+    said = f"says it is {reported!r}" if isinstance(reported, str) else "gives no agent_id"
+    return f"the agent at {url} {said[:200]}, not {expected!r}"
 
 
 def partitioned(*, failing: int, total: int) -> bool:
@@ -88,6 +112,7 @@ class _Agent:
     last_check_ok: bool = True
     failed_check_started: float | None = None
     last_error: str = ""
+    wrong_identity: str = ""  # why the last agent to answer at its URL was not this one; "": it was
     state: AgentState = AgentState.LIVE
     lost_at: datetime | None = None  # when it was declared lost: jobs submitted later are not its past
     next_check: float = 0.0
@@ -128,6 +153,7 @@ class Fleet:
             agent.last_contact = now
             agent.failed_check_started = None
             agent.last_check_ok, agent.state, agent.lost_at = True, AgentState.LIVE, None
+            agent.wrong_identity = ""  # checked again at once by a term's first tick
             agent.next_sweep = min(agent.next_sweep, now + self._config.orphan_sweep_seconds)
         self._holding = False
         self._publish()
@@ -142,6 +168,13 @@ class Fleet:
 
     def states(self) -> dict[str, AgentState]:
         return {agent_id: agent.state for agent_id, agent in self._agents.items()}
+
+    def refusal(self, agent_id: str) -> str | None:
+        """Why nothing may be sent to the agent now: another agent answered at its URL (lost or not)."""
+        agent = self._agents.get(agent_id)
+        if agent is None or not agent.wrong_identity:
+            return None
+        return f"agent {agent_id}: {agent.wrong_identity}; nothing is sent there"
 
     async def run(self, stopping: asyncio.Event) -> None:
         """Tick until ``stopping`` is set, on its own clock: neither a slow Airflow read nor a slow
@@ -228,6 +261,7 @@ class Fleet:
             last_check_ok=agent.last_check_ok,
             failed_check_started=agent.failed_check_started,
             lost_after=self._config.lost_after_seconds,
+            wrong_identity=bool(agent.wrong_identity),
         )
 
     def _update_state(self, agent: _Agent, state: AgentState) -> None:
@@ -237,10 +271,22 @@ class Fleet:
         if state is AgentState.LOST:
             agent.lost_at = datetime.now(UTC)
             log.error("%s; its jobs end FAILED", self._lost_reason(agent), extra=fields)
+        elif state is AgentState.WRONG_IDENTITY:
+            log.error(
+                "agent %s: %s; nothing is sent there, and its jobs end FAILED if %s does not answer "
+                "there within lost_after_seconds=%s",
+                agent.id,
+                agent.wrong_identity,
+                agent.id,
+                f"{self._config.lost_after_seconds:g}",
+                extra={**fields, "url": self._pool.url(agent.id)},
+            )
         elif agent.state is AgentState.LOST:
             log.warning("agent %s answers again; sweeping it for orphans", agent.id, extra=fields)
             # Due in this very tick: its jobs were ended while it kept running them.
             agent.next_sweep = float("-inf")
+        elif agent.state is AgentState.WRONG_IDENTITY and state is AgentState.LIVE:
+            log.warning("agent %s answers as itself again", agent.id, extra=fields)
         agent.state = state
 
     def _lost_reason(self, agent: _Agent) -> str:
@@ -262,7 +308,9 @@ class Fleet:
         agent.checking = True
         started = self._clock()
         try:
-            await asyncio.wait_for(self._pool.prober(agent.id).health(), self._config.check_timeout_seconds)
+            answer = await asyncio.wait_for(
+                self._pool.prober(agent.id).health(), self._config.check_timeout_seconds
+            )
         except (AgentError, TimeoutError) as exc:
             agent.last_check_ok = False
             agent.failed_check_started = started
@@ -272,11 +320,18 @@ class Fleet:
                 else (f"no answer to /health within {self._config.check_timeout_seconds:g} s")
             )
         else:
-            agent.last_contact = self._clock()
-            agent.last_contact_at = datetime.now(UTC)
-            agent.last_check_ok = True
-            agent.failed_check_started = None
-            agent.last_error = ""
+            problem = identity_problem(answer, expected=agent.id, url=self._pool.url(agent.id))
+            if problem is not None:
+                # Another agent's answer is no contact with this one: counted as a failed check.
+                agent.wrong_identity = agent.last_error = problem
+                agent.last_check_ok = False
+                agent.failed_check_started = started
+            else:
+                agent.last_contact = self._clock()
+                agent.last_contact_at = datetime.now(UTC)
+                agent.last_check_ok = True
+                agent.failed_check_started = None
+                agent.last_error = agent.wrong_identity = ""
         finally:
             agent.checking = False
             agent.next_check = started + self._config.check_interval_seconds

@@ -79,7 +79,8 @@ class JobService:
 
     async def submit(self, request: SubmitRequest) -> Submitted:
         """Record the try's job and start it on an agent; a resubmission of the same try returns its
-        job unchanged (idempotent). Refused (400) when no agent matches, (503) when the agent is lost."""
+        job unchanged (idempotent). Refused (400) when no agent matches, (503) when the agent is lost
+        or another agent answers at its URL."""
         key = TaskInstanceKey(
             dag_id=request.dag_id,
             task_id=request.task_id,
@@ -91,14 +92,16 @@ class JobService:
             agent_id = self._agents.route(agent_id=request.agent_id, labels=request.labels)
         except NoAgent as exc:
             raise Refused(400, str(exc)) from None
-        if self._loop.agent_states().get(agent_id) == AgentState.LOST and (
+        refusal = self._agents.refuse(agent_id)
+        lost = self._loop.agent_states().get(agent_id) == AgentState.LOST
+        if (lost or refusal is not None) and (
             await asyncio.to_thread(self._db.find, key, request.ti_identity) is None
         ):
-            # No new work for a lost agent (routing by labels already avoids it): the operator
-            # retries, and the job starts once the agent answers again.
+            # No new work for a lost agent, nor for another one at its URL (routing by labels already
+            # avoids both): the operator retries, and the job starts once the agent answers again.
             raise Refused(
                 503,
-                f"agent {agent_id} is lost: it does not answer its health checks",
+                refusal or f"agent {agent_id} is lost: it does not answer its health checks",
                 retry_after=LOST_AGENT_RETRY_AFTER,
             )
         new = NewJob(key, agent_id, request.command, request.ti_identity)
@@ -221,7 +224,8 @@ class JobService:
         Refused (502) when the agent does not answer, (404) when it keeps no log of the job."""
         if not self._loop.answering(job.agent_id):
             state = self._loop.agent_states().get(job.agent_id, "unknown")
-            raise Refused(502, f"agent {job.agent_id} is {state}: it does not answer its health checks")
+            why = f"agent {job.agent_id} is {state}: it does not answer its health checks"
+            raise Refused(502, self._agents.refuse(job.agent_id) or why)
         try:
             return await self._agents.client(job.agent_id).log(
                 job.job_id, offset=offset, limit=limit, cursor=cursor
@@ -242,8 +246,8 @@ async def refresh_from_agent(
     """
     if job.status not in (JobStatus.QUEUED, JobStatus.RUNNING):
         return job
-    client = agents.client(job.agent_id)
     try:
+        client = agents.client(job.agent_id)  # refused while another agent answers at its URL
         info = await asyncio.wait_for(client.get(job.job_id), timeout)
     except JobNotFound:
         info = None

@@ -65,7 +65,10 @@ class Metrics:
             "reconciler_last_success_timestamp_seconds", "Unix time of the last successful cycle.", registry=r
         )
         self.agents = Gauge(
-            "reconciler_agents", "Configured agents by state (live, suspect, lost).", ["state"], registry=r
+            "reconciler_agents",
+            "Configured agents by state (live, suspect, lost, wrong_identity: another agent answers there).",
+            ["state"],
+            registry=r,
         )
         self.lost_jobs = Counter(
             "reconciler_lost_agent_jobs", "Jobs ended FAILED because their agent was lost.", registry=r

@@ -54,4 +54,7 @@ def assess(
     lost = [agent for agent, state in agent_states.items() if state == AgentState.LOST]
     if leader and lost:
         warnings.append(f"agents lost: {', '.join(lost)}")
+    wrong = [agent for agent, state in agent_states.items() if state == AgentState.WRONG_IDENTITY]
+    if leader and wrong:
+        warnings.append(f"agents whose URL another agent answers (nothing is sent there): {', '.join(wrong)}")
     return Readiness(role, problems, warnings)

@@ -3,7 +3,8 @@
 Requests are parsed with :mod:`sidecar_api.protocol`, carried out by :class:`JobService`, and answered
 in the shapes that module defines. Auth, JSON errors and body limits are :mod:`servicekit.http`'s, the
 same as the agent's: a token on everything but ``/metrics``, ``/healthz`` and ``/readyz`` (any of the
-configured tokens: rotation), with a per-client rate limit when configured (429 with ``Retry-After``).
+configured tokens: rotation; those of a token file as the file is now), with a per-client rate limit
+when configured (429 with ``Retry-After``).
 Bad input gets a 4xx JSON ``{"error": ...}`` naming the problem and changes nothing. Text no router DB
 can store (NUL: PostgreSQL refuses it where SQLite keeps it; a lone surrogate) is refused wherever it
 is, in any body string or key and in query parameters, before any field is looked at.
@@ -22,6 +23,7 @@ from reconciler.loop import ReconcileLoop
 from reconciler.metrics import Metrics
 from reconciler.readiness import assess
 from router_db import RouterDB
+from servicekit.credentials import Secret
 from servicekit.http import (
     BadRequest,
     HttpError,
@@ -70,7 +72,7 @@ class SidecarAPI:
         db: RouterDB,
         metrics: Metrics,
         loop: ReconcileLoop,
-        tokens: Sequence[str],
+        tokens: Sequence[str] | Secret[tuple[str, ...]],
         ready_after: float,
         max_body_bytes: int = 1024 * 1024,
         rate_limiter: RateLimiter | None = None,
@@ -80,7 +82,7 @@ class SidecarAPI:
         self._db = db
         self._metrics = metrics
         self._loop = loop
-        self._tokens = tuple(tokens)
+        self._tokens = tokens if isinstance(tokens, Secret) else Secret(tuple(tokens))
         self._limiter = rate_limiter
         self._is_leader = is_leader
         self._max_body_bytes = max_body_bytes
@@ -161,8 +163,9 @@ class SidecarAPI:
 
     async def job_log(self, request: web.Request) -> web.Response:
         job = await self._jobs.recorded(_job_id(request))  # an unknown job is a 404 whatever the query
-        offset = query_int(request, "offset", low=0, high=MAX_INT) or 0
-        limit = query_int(request, "limit", low=1, high=MAX_INT)
+        # As many digits as the agent takes: a log may outgrow any 32-bit offset.
+        offset = query_int(request, "offset", low=0) or 0
+        limit = query_int(request, "limit", low=1)
         cursor = query_flag(request, "cursor")
         chunk = await self._jobs.log(job, offset=offset, limit=limit, cursor=cursor)
         return web.Response(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass
 
@@ -16,6 +17,7 @@ from reconciler.metrics import Metrics
 from reconciler.server import SidecarAPI
 from reconciler.stops import StopDispatcher
 from router_db import RouterDB
+from servicekit.credentials import follow
 from servicekit.ratelimit import RateLimiter
 from servicekit.serve import serving, shutdown_requested
 
@@ -63,7 +65,8 @@ def build(config: ReconcilerConfig, secrets: Secrets, *, create_schema: bool = T
     )
     dispatcher = StopDispatcher(db, agents, metrics, config.stop)
     fleet = Fleet(db=db, agents=agents, metrics=metrics, config=config.fleet)
-    agents.avoid = lambda agent_id: fleet.state(agent_id) is AgentState.LOST
+    agents.avoid = lambda agent_id: fleet.state(agent_id) in (AgentState.LOST, AgentState.WRONG_IDENTITY)
+    agents.refuse = fleet.refusal
     loop = ReconcileLoop(
         db=db,
         airflow=airflow,
@@ -97,6 +100,8 @@ async def serve(config: ReconcilerConfig, secrets: Secrets) -> None:
         is_leader=lambda: leadership.is_leader,
     )
     stopping = shutdown_requested()
+    # Every replica, standby too, serves the API with the tokens as their files say now.
+    watcher = asyncio.create_task(follow([secrets.http_tokens, *secrets.agent_tokens.values()]))
     http = config.http
     try:
         async with serving(api.app(), host=http.host, port=http.port, ssl_context=http.server_ssl_context()):
@@ -110,4 +115,6 @@ async def serve(config: ReconcilerConfig, secrets: Secrets) -> None:
                 finally:
                     await leadership.release()  # a standby takes over at once either way
     finally:
+        watcher.cancel()
+        await asyncio.gather(watcher, return_exceptions=True)
         await parts.close()

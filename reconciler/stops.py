@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential_jitter
 
 from agent_api.client import AgentRejected, AgentUnavailable, JobNotFound, StopResult
-from reconciler.agents import AgentPool
+from reconciler.agents import AgentPool, WrongAgent
 from reconciler.config import StopConfig
 from reconciler.decision import Stop
 from reconciler.logfields import job_fields
@@ -94,6 +94,9 @@ class StopDispatcher:
             except AgentRejected as exc:
                 self._metrics.stop_requests.labels("rejected").inc()
                 log.error("agent refused the stop: %s", exc, extra={**fields, "error": str(exc)})
+                return
+            except WrongAgent:  # nothing was sent; the fleet logged the mismatch once, not per stop
+                self._metrics.stop_requests.labels("retry").inc()
                 return
             except AgentUnavailable as exc:
                 self._metrics.stop_requests.labels("retry").inc()

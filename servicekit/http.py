@@ -4,8 +4,10 @@ So that the same bad request gets the same answer from the agent and from the si
 
 - **Auth**: ``Authorization: Bearer <token>`` (the scheme in any case), or a service's extra header
   (the agent's ``X-Agent-Token``). Any configured token is accepted (rotation); every one is compared,
-  each in constant time, so the time taken does not tell which matched. Open paths (health, metrics)
-  need none. A rate limiter, when given, counts every request, unauthenticated ones by address.
+  each in constant time, so the time taken does not tell which matched. The tokens are asked of their
+  :class:`~servicekit.credentials.Secret` at each request: a token file rotated while the service
+  runs applies to the next request. Open paths (health, metrics) need none. A rate limiter, when
+  given, counts every request, unauthenticated ones by address.
 - **Errors**: every failure is ``{"error": "..."}`` with the status: 400 bad input, 401, 404, 405 (with
   ``Allow`` and the allowed methods named), 413 past the body limit, 429 (``Retry-After``), 500 for a
   bug (logged with its traceback, answered without one). A service maps its own exceptions to a status
@@ -25,6 +27,7 @@ from collections.abc import Callable, Iterable, Mapping
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
+from servicekit.credentials import Secret
 from servicekit.ratelimit import RateLimiter
 from servicekit.text import text_problem
 
@@ -84,16 +87,26 @@ def json_errors(
 
 
 def token_auth(
-    tokens: Iterable[str],
+    tokens: Iterable[str] | Secret[tuple[str, ...]],
     *,
     open_paths: Iterable[str],
     extra_header: str | None = None,
     limiter: RateLimiter | None = None,
 ) -> Middleware:
-    """Accept a request carrying any of ``tokens``; ``open_paths`` need none."""
-    accepted = tuple(_digest(token.encode()) for token in tokens)
-    if not accepted:
+    """Accept a request carrying any of ``tokens`` (as they are at that request); ``open_paths``
+    need none."""
+    source = tokens if isinstance(tokens, Secret) else Secret(tuple(tokens))
+    if not source.current():
         raise ValueError("a service needs at least one token")
+    # The digests of the token tuple seen last: computed again only when the Secret holds a new one.
+    known: list[tuple[tuple[str, ...], tuple[bytes, ...]]] = [((), ())]
+
+    def accepted() -> tuple[bytes, ...]:
+        current = source.current()
+        if current is not known[0][0]:
+            known[0] = (current, tuple(_digest(token.encode()) for token in current))
+        return known[0][1]
+
     free = frozenset(open_paths)
     how = "Authorization: Bearer <token>" + (f" or {extra_header}" if extra_header else "")
 
@@ -107,7 +120,7 @@ def token_auth(
         # length either; no early exit, so it does not tell which one matched.
         given = _digest(presented)
         matched = -1
-        for index, token in enumerate(accepted):
+        for index, token in enumerate(accepted()):
             if hmac.compare_digest(given, token):
                 matched = index
         if limiter is not None:

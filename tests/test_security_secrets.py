@@ -89,6 +89,8 @@ def test_no_secret_appears_in_any_file_the_run_produced(
     with (
         RefusingAirflow() as airflow,
         AgentProcess(home=tmp_path / "agent", agent_id="agent-1", token=agent_token) as agent,
+        # An agent of its own: the sidecar sends nothing to a URL where another agent answers.
+        AgentProcess(home=tmp_path / "other", agent_id="agent-wrong", token=agent_token) as other,
         SidecarProcess(
             workdir=tmp_path / "sidecar",
             airflow_url=airflow.url,
@@ -96,7 +98,7 @@ def test_no_secret_appears_in_any_file_the_run_produced(
             api_version="v2",
             agents=[
                 AgentRef("agent-1", agent.url, agent_token, labels=["good"]),
-                AgentRef("agent-wrong", agent.url, wrong_agent_token, labels=["wrong"]),
+                AgentRef("agent-wrong", other.url, wrong_agent_token, labels=["wrong"]),
             ],
             interval_seconds=0.2,
             token=sidecar_token,
