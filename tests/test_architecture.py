@@ -23,6 +23,7 @@ FIRST_PARTY = {
     "router_db",
     "reconciler",
     "agentic_airflow",
+    "agentic_cli",
     "harness",
     "bench",
     "tests",
@@ -37,6 +38,7 @@ MAY_IMPORT: dict[str, set[str]] = {
     "router_db": {"sidecar_api"},  # stores the router API's status words
     "reconciler": {"servicekit", "agent_api", "sidecar_api", "router_db"},  # the sidecar
     "agentic_airflow": {"sidecar_api"},  # runs inside Airflow
+    "agentic_cli": set(),  # on people's machines: the sidecar's HTTP API only
 }
 
 # What code running inside Airflow may import beyond the standard library: what Airflow ships.

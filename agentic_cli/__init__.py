@@ -1,0 +1,1 @@
+"""``agentic``: the sidecar's API for people on call (tables) and scripts (``--json``)."""

@@ -1,0 +1,76 @@
+"""Tables and timelines for people: plain text, fixed columns, nothing a terminal could misread."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+JOB_COLUMNS = (
+    ("JOB", "job_id"),
+    ("STATUS", "status"),
+    ("DAG", "dag_id"),
+    ("TASK", "task_id"),
+    ("RUN", "run_id"),
+    ("TRY", "try_number"),
+    ("AGENT", "agent_id"),
+    ("RC", "rc"),
+    ("UPDATED", "updated_at"),
+)
+
+
+def clean(value: object) -> str:
+    """A value on one line: control characters (a terminal's escape sequences) shown, not obeyed."""
+    text = "" if value is None else str(value)
+    return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in text)
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    cells = [[clean(c) for c in row] for row in rows]
+    widths = [max([len(h), *(len(row[i]) for row in cells)]) for i, h in enumerate(headers)]
+    lines = [headers, *cells]
+    return "".join(
+        "  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip() + "\n" for line in lines
+    )
+
+
+def jobs_table(jobs: Sequence[Mapping[str, Any]]) -> str:
+    if not jobs:
+        return "no jobs\n"
+    return table([h for h, _ in JOB_COLUMNS], [[job.get(k) for _, k in JOB_COLUMNS] for job in jobs])
+
+
+def job_details(job: Mapping[str, Any]) -> str:
+    fields = (
+        ("job", "job_id"),
+        ("status", "status"),
+        ("rc", "rc"),
+        ("reason", "reason"),
+        ("agent", "agent_id"),
+        ("dag", "dag_id"),
+        ("task", "task_id"),
+        ("run", "run_id"),
+        ("map index", "map_index"),
+        ("try", "try_number"),
+        ("created", "created_at"),
+        ("stop requested", "stop_requested_at"),
+        ("finished", "finished_at"),
+    )
+    width = max(len(label) for label, _ in fields)
+    return "".join(
+        f"{label.ljust(width)}  {clean(job.get(key))}\n" for label, key in fields if job.get(key) is not None
+    )
+
+
+def timeline(events: Sequence[Mapping[str, Any]]) -> str:
+    """The audit trail in time order: when, the change, who made it, why."""
+    ordered = sorted(events, key=lambda e: str(e.get("at", "")))
+    rows = [
+        [
+            e.get("at"),
+            f"{e.get('old_status') or '-'} -> {e.get('new_status')}",
+            e.get("source"),
+            e.get("reason"),
+        ]
+        for e in ordered
+    ]
+    return table(["AT", "CHANGE", "BY", "REASON"], rows) if rows else "no events\n"

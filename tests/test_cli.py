@@ -1,0 +1,112 @@
+"""``agentic``, the CLI for people on call, against a real sidecar and agent: tables, ``--json``, the
+job's output, and exit codes scripts can trust."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from agentic_cli.__main__ import main
+from agentic_cli.render import clean, jobs_table
+from harness.agent import AgentProcess
+from harness.processes import free_port, wait_until
+from harness.sidecar import AgentRef, SidecarProcess
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def sidecar(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SidecarProcess]:
+    base = tmp_path_factory.mktemp("cli")
+    with (
+        AgentProcess(home=base / "agent", agent_id="agent-1") as agent,
+        SidecarProcess(
+            workdir=base / "sidecar",
+            airflow_url=f"http://127.0.0.1:{free_port()}",  # nothing listens: the loop stops nothing
+            airflow_password="unused",
+            agents=[AgentRef("agent-1", agent.url, agent.token, labels=["default"])],
+        ) as proc,
+    ):
+        yield proc
+
+
+def submit(sidecar: SidecarProcess, command: str, task_id: str) -> str:
+    body = {"command": command, "labels": ["default"], "dag_id": "cli", "task_id": task_id,
+            "run_id": "manual__1", "map_index": -1, "try_number": 1}  # fmt: skip
+    with sidecar.client() as client:
+        answer = client.post("/jobs", json=body)
+    assert answer.status_code == 201, answer.text
+    return str(answer.json()["job_id"])
+
+
+def run(sidecar: SidecarProcess, *args: str, monkeypatch: pytest.MonkeyPatch) -> tuple[int, str]:
+    monkeypatch.setenv("AGENTIC_SIDECAR_URL", sidecar.url)
+    monkeypatch.setenv("AGENTIC_TOKEN", sidecar.token)
+    out = io.StringIO()
+    code = main(list(args), out=out)
+    return code, out.getvalue()
+
+
+def test_jobs_list_and_show_as_tables_and_json(
+    sidecar: SidecarProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    job_id = submit(sidecar, "echo listed", "listed")
+    code, table = run(sidecar, "jobs", "list", "--dag", "cli", monkeypatch=monkeypatch)
+    assert code == 0 and table.splitlines()[0].split()[:3] == ["JOB", "STATUS", "DAG"]
+    assert job_id in table
+    code, text = run(sidecar, "--json", "jobs", "list", "--dag", "cli", monkeypatch=monkeypatch)
+    assert code == 0 and job_id in [j["job_id"] for j in json.loads(text)]
+
+    wait_until(lambda: run(sidecar, "--json", "jobs", "show", job_id, monkeypatch=monkeypatch)[1].count(
+        '"SUCCEEDED"') > 0, timeout=20, what="the job recorded as ended")  # fmt: skip
+    code, shown = run(sidecar, "jobs", "show", job_id, monkeypatch=monkeypatch)
+    assert code == 0 and shown.splitlines()[0].split() == ["job", job_id]
+    changes = [line.split()[1:4] for line in shown.splitlines() if " -> " in line]
+    assert changes[0] == ["-", "->", "QUEUED"] and changes[-1][-1] == "SUCCEEDED"  # in time order
+
+
+def test_jobs_log_prints_the_output_and_follows_it_to_the_end(
+    sidecar: SidecarProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    job_id = submit(sidecar, "for i in 1 2 3; do echo line $i; sleep 0.3; done", "chatty")
+    code, followed = run(sidecar, "jobs", "log", job_id, "--follow", monkeypatch=monkeypatch)
+    assert code == 0 and followed == "line 1\nline 2\nline 3\n"
+    code, tail = run(sidecar, "jobs", "log", job_id, "--tail", "7", monkeypatch=monkeypatch)
+    assert code == 0 and tail == "line 3\n"
+
+
+def test_exit_codes_scripts_can_trust(sidecar: SidecarProcess, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert run(sidecar, "jobs", "show", "0" * 32, monkeypatch=monkeypatch)[0] == 3  # no such job
+    monkeypatch.setenv("AGENTIC_TOKEN", "wrong")
+    assert main(["jobs", "list"], out=io.StringIO()) == 1  # refused
+    monkeypatch.delenv("AGENTIC_TOKEN")
+    assert main(["jobs", "list"], out=io.StringIO()) == 2  # no token
+    monkeypatch.setenv("AGENTIC_TOKEN", "x")
+    assert main(["--url", f"http://127.0.0.1:{free_port()}", "jobs", "list"], out=io.StringIO()) == 4
+
+
+def test_the_console_script_runs_and_never_prints_the_token(sidecar: SidecarProcess, tmp_path: Path) -> None:
+    token_file = tmp_path / "token"
+    token_file.write_text(sidecar.token + "\n")
+    started = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-m", "agentic_cli", "--url", sidecar.url, "--token-file", str(token_file),
+         "jobs", "list"],
+        cwd=ROOT, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert sidecar.token not in done.stdout + done.stderr and time.monotonic() - started < 30
+
+
+@pytest.mark.fast
+def test_values_cannot_steer_the_terminal() -> None:
+    assert clean("evil\x1b[2Jname\n") == "evil\\x1b[2Jname\\n"
+    table = jobs_table([{"job_id": "j1", "status": "RUNNING", "dag_id": "d\x07"}])
+    assert "\x07" not in table and "d\\x07" in table
