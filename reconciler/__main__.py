@@ -13,6 +13,7 @@ from servicekit.extras import require
 SIDECAR_MODULES = ("aiohttp", "tenacity", "sqlalchemy", "alembic", "psycopg", "prometheus_client")
 require("sidecar", *SIDECAR_MODULES, command="agentic-reconciler")  # before the imports that need them
 
+from reconciler.checks import connections  # noqa: E402
 from reconciler.config import ConfigError, ReconcilerConfig, Secrets, load_config, load_secrets  # noqa: E402
 from reconciler.leadership import holder_id  # noqa: E402
 from reconciler.retention import parse_age  # noqa: E402
@@ -36,6 +37,10 @@ def main(argv: list[str] | None = None) -> int:
         cmd.add_argument("--log-level", default="INFO")
         if name == "once":
             cmd.add_argument("--dry-run", action="store_true", help="decide but change nothing")
+        if name == "check-config":
+            cmd.add_argument(
+                "--connect", action="store_true", help="also reach Airflow, the router DB and every agent"
+            )
     db = sub.add_parser(
         "db", help="router DB: upgrade its schema, show its revision, or prune jobs that ended long ago"
     )
@@ -55,7 +60,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "check-config":
         backend = config.router_db.url.split(":", 1)[0]
         print(f"{args.config}: ok ({len(config.agents)} agent(s), router DB {backend})")
-        return 0
+        if not args.connect:
+            return 0
+        checks = asyncio.run(connections(config, secrets))
+        for check in checks:
+            print(check.line())
+        return 0 if all(check.ok for check in checks) else 1
     if args.command == "db" and args.action == "prune":
         return _prune(config, args.older_than, dry_run=args.dry_run)
     if args.command == "db":

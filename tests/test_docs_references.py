@@ -31,7 +31,7 @@ for key in [*reconciler_keys(), *agent_keys()]:
     OURS.setdefault(key.table, set()).add(key.name)
 
 VALUED = {"--config": "x.toml", "--log-level": "INFO"}  # flags and a value each; others take none
-SUBCOMMANDS = {"run": set(VALUED), "check-config": set(VALUED)}
+SUBCOMMANDS = {"run": set(VALUED), "check-config": set(VALUED) | {"--connect"}}
 SUBCOMMANDS["once"] = SUBCOMMANDS["run"] | {"--dry-run"}
 SUBCOMMANDS["db"] = SUBCOMMANDS["run"] | {"--dry-run", "--older-than"}
 VALUED["--older-than"] = "30d"
