@@ -1,7 +1,7 @@
-"""deploy/: the Kubernetes example, the docker-compose example and the systemd unit, checked offline.
+"""deploy/: the Kubernetes example, the docker-compose example and the systemd units, checked offline.
 
 Kubernetes manifests are validated against Kubernetes' own schemas (strict: unknown fields fail), the
-compose file against the Compose specification, the unit with ``systemd-analyze verify``; every
+compose file against the Compose specification, the units with ``systemd-analyze verify``; every
 configuration file they carry goes through the project's real config loaders, with the secrets the
 manifests provide (and nothing else).
 """
@@ -131,8 +131,8 @@ def test_prometheus_scrapes_the_sidecar_port() -> None:
 
 
 @pytest.mark.fast
-def test_the_secret_gives_the_sidecar_every_secret_its_config_names() -> None:
-    config = parse_config(reconciler_toml(), {})
+def test_the_secret_gives_the_sidecar_every_secret_its_config_names(tmp_path: Path) -> None:
+    raw = reconciler_toml()
     secret = k8s_resource("Secret", "agentic-reconciler-secrets")
     assert set(secret["stringData"].values()) == {"REPLACE_ME"}, "the example Secret holds no real value"
     env: dict[str, str] = {}
@@ -140,8 +140,23 @@ def test_the_secret_gives_the_sidecar_every_secret_its_config_names() -> None:
         ref = var["valueFrom"]["secretKeyRef"]
         assert ref["name"] == "agentic-reconciler-secrets" and ref["key"] in secret["stringData"], var
         env[var["name"]] = f"value-of-{ref['key']}"
-    secrets = load_secrets(config, env)  # raises ConfigError naming the first one missing
-    assert set(secrets.agent_tokens) == {a.id for a in config.agents}
+    # The tokens come as files (followed while the sidecar runs): the Secret mounted with items.
+    mounts = {m["name"]: m["mountPath"] for m in container("reconciler")["volumeMounts"]}
+    provided: dict[str, str] = {}  # path in the container -> key of the Secret
+    for volume in pod_template()["spec"]["volumes"]:
+        if "secret" in volume:
+            assert volume["secret"]["secretName"] == "agentic-reconciler-secrets"
+            for item in volume["secret"]["items"]:
+                assert item["key"] in secret["stringData"], item
+                provided[f"{mounts[volume['name']]}/{item['path']}"] = item["key"]
+    for table in [raw["http"], *raw["agents"]]:  # each token file named, written where the test can read
+        if "token_file" in table:
+            key = provided[table["token_file"]]  # KeyError: a file the pod does not have
+            (tmp_path / key).write_text(f"value-of-{key}\n")
+            table["token_file"] = str(tmp_path / key)
+    secrets = load_secrets(parse_config(raw, {}), env)  # raises ConfigError naming the first one missing
+    assert set(secrets.agent_tokens) == {a["id"] for a in raw["agents"]}
+    assert secrets.agent_tokens["vm-01"].current() == "value-of-agent-token-vm-01"
     assert "PGPASSWORD" in env, "the router DB password reaches libpq through PGPASSWORD"
 
 
@@ -237,11 +252,25 @@ def test_compose_secrets_come_from_the_environment_file_only() -> None:
 # ---------------------------------------------------------------------------------------- systemd
 
 
-def unit() -> configparser.ConfigParser:
+UNITS = ["agentic-agent.service", "agentic-reconciler.service"]
+
+
+def unit(name: str = "agentic-agent.service") -> configparser.ConfigParser:
     parser = configparser.ConfigParser(interpolation=None, strict=False)
     parser.optionxform = str  # type: ignore[assignment,method-assign]
-    parser.read(SYSTEMD / "agentic-agent.service", encoding="utf-8")
+    parser.read(SYSTEMD / name, encoding="utf-8")
     return parser
+
+
+def install_notes(name: str) -> str:
+    """The unit's comment header: the install commands."""
+    text = (SYSTEMD / name).read_text(encoding="utf-8")
+    return text.split("\n[Unit]", 1)[0]
+
+
+@pytest.mark.fast
+def test_the_units_are_the_ones_shipped() -> None:
+    assert sorted(path.name for path in SYSTEMD.glob("*.service")) == UNITS
 
 
 @pytest.mark.fast
@@ -253,12 +282,13 @@ def test_restarting_the_agent_leaves_its_jobs_running() -> None:
     assert service["User"] != "root"
 
 
-def test_systemd_accepts_the_unit(tmp_path: Path) -> None:
+@pytest.mark.parametrize("name", UNITS)
+def test_systemd_accepts_the_unit(tmp_path: Path, name: str) -> None:
     analyze = shutil.which("systemd-analyze")
     assert analyze, "systemd-analyze is missing: scripts/ensure-tools installs it"
     # The unit names the venv of its install notes; verify it against this machine's Python.
-    text = (SYSTEMD / "agentic-agent.service").read_text(encoding="utf-8")
-    copy = tmp_path / "agentic-agent.service"
+    text = (SYSTEMD / name).read_text(encoding="utf-8")
+    copy = tmp_path / name
     copy.write_text(text.replace("/opt/agentic/bin/python", sys.executable))
     result = subprocess.run([analyze, "verify", str(copy)], capture_output=True, text=True, check=False)
     assert result.returncode == 0 and not result.stderr.strip(), result.stderr
@@ -286,3 +316,78 @@ def test_the_vm_agent_config_loads_with_tls_and_a_token_file(tmp_path: Path) -> 
     assert str(config.home) == "/var/lib/agentic-agent" == "/var/lib/" + unit()["Service"]["StateDirectory"]
     sidecar = parse_config(reconciler_toml(), {})
     assert config.grace_seconds < sidecar.stop.timeout_seconds, "a stop call must outlast the grace period"
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize(
+    ("name", "config"),
+    [("agentic-agent.service", "agent.toml"), ("agentic-reconciler.service", "reconciler.toml")],
+)
+def test_the_install_notes_put_every_file_the_config_names_in_place(name: str, config: str) -> None:
+    """A file the config names but the install notes never make stops the service with exit 2, and
+    RestartPreventExitStatus=2 keeps it down (the agent's TLS files once were such files)."""
+    notes = install_notes(name)
+    assert f"deploy/systemd/{config} " in notes, "the notes install the config"
+
+    def paths(value: object) -> list[str]:
+        if isinstance(value, dict):
+            return [p for v in value.values() for p in paths(v)]
+        if isinstance(value, list):
+            return [p for v in value for p in paths(v)]
+        return [value] if isinstance(value, str) and value.startswith("/etc/") else []
+
+    named = paths(tomllib.loads((SYSTEMD / config).read_text(encoding="utf-8")))
+    assert named, config
+    for path in named:
+        directory, _, file = path.rpartition("/")
+        made = path in notes or (
+            f"{directory}/$f" in notes and re.search(rf"for f in [^;]*\b{file}\b", notes)
+        )
+        assert made, f"{config} names {path}, which the install notes of {name} do not create"
+
+
+@pytest.mark.fast
+def test_the_sidecar_unit_runs_the_sidecar_and_stays_down_on_a_config_error() -> None:
+    service = unit("agentic-reconciler.service")["Service"]
+    assert service["ExecStart"] == (
+        "/opt/agentic/bin/python -m reconciler run --config /etc/agentic-reconciler/reconciler.toml"
+    )
+    assert service["Restart"] == "on-failure" and service["RestartPreventExitStatus"] == "2"
+    assert service["User"] not in ("root", unit()["Service"]["User"]), "agent jobs must not read its secrets"
+    assert service["WorkingDirectory"] == "/var/lib/" + service["StateDirectory"], (
+        "a SQLite router DB lands there"
+    )
+    assert "pip install './agentic-airflow[sidecar]'" in install_notes("agentic-reconciler.service")
+
+
+@pytest.mark.fast
+def test_the_host_sidecar_config_loads_with_tls_and_secret_files(tmp_path: Path) -> None:
+    etc = tmp_path / "etc"
+    ca = make_ca(etc / "tls", "Test CA")  # etc/tls/ca.pem: the CA of the agents' certificates
+    server = ca.issue(etc / "tls", hosts=["sidecar-host"])  # etc/tls/cert.pem, etc/tls/key.pem
+    assert (server.cert_file.name, server.key_file.name) == ("cert.pem", "key.pem")
+    for name, value in {"token": "t1\nt2\n", "airflow-password": "pw\n", "agent-token-vm-01": "a1\n"}.items():
+        (etc / name).write_text(value)
+    # The files the unit's install notes create, moved here.
+    text = (
+        (SYSTEMD / "reconciler.toml").read_text(encoding="utf-8").replace("/etc/agentic-reconciler", str(etc))
+    )
+    config = parse_config(tomllib.loads(text), {})
+    secrets = load_secrets(config, {})
+    assert config.http.scheme == "https" and config.http.host == "0.0.0.0"
+    assert secrets.http_tokens.current() == ("t1", "t2") and secrets.airflow_password == "pw"
+    assert [(a.id, a.url.split(":")[0], a.ca_file) for a in config.agents] == [
+        ("vm-01", "https", str(ca.cert_file))
+    ]
+    assert config.router_db.url.startswith("postgresql+psycopg://")
+    assert ":" not in config.router_db.url.split("//", 1)[1].split("@")[0], "no password in the URL"
+    agent = agent_config.load_config(
+        SYSTEMD / "agent.toml",
+        environ={
+            "AGENTIC_AGENT_TOKEN_FILE": str(etc / "agent-token-vm-01"),
+            "AGENTIC_AGENT_TLS_CERT_FILE": str(server.cert_file),
+            "AGENTIC_AGENT_TLS_KEY_FILE": str(server.key_file),
+        },
+    )
+    assert config.agents[0].url.endswith(f":{agent.port}")
+    assert agent.grace_seconds < config.stop.timeout_seconds, "a stop call must outlast the grace period"
