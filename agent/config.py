@@ -51,6 +51,8 @@ class AgentConfig:
     grace_seconds: float = setting(10.0, ge=0)  # SIGTERM -> SIGKILL
     max_body_bytes: int = setting(1024 * 1024, ge=1024, le=1024 * 1024 * 1024)
     poll_seconds: float = setting(0.5, gt=0)  # how often running jobs are checked (exit, timeout)
+    max_jobs: int = setting(0, ge=0)  # unfinished jobs at once; past it /run is 503 (0: no limit)
+    drain_on_shutdown_seconds: float = setting(0.0, ge=0)  # on SIGTERM: drain, wait for jobs to end
     tls_cert_file: Path | None = setting(None)  # PEM certificate chain; with tls_key_file, serve HTTPS
     tls_key_file: Path | None = setting(None)  # PEM private key, unencrypted (protect it with file modes)
 

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 
 class JobRejected(Exception):
-    """The request cannot be carried out; nothing was changed. ``status`` is the HTTP status."""
+    """The request cannot be carried out; nothing was changed. ``status`` is the HTTP status,
+    ``headers`` go with the answer (``Retry-After`` when the agent is full)."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, *, headers: Mapping[str, str] | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
+        self.headers = dict(headers or {})
 
 
 class UnknownJob(JobRejected):

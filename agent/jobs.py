@@ -12,7 +12,8 @@ The pieces, one module each:
 - :mod:`agent.monitor` checks running jobs every ``poll_seconds`` (exit, descendants, timeout);
 - :mod:`agent.stopping` stops one job's process tree and records how it ended;
 - :mod:`agent.outcome` holds the pure rules that turn an exit or a lost job into a status and reason;
-- :mod:`agent.tracked_job` is one job in memory: its directory, record and lock.
+- :mod:`agent.tracked_job` is one job in memory: its directory, record and lock;
+- :mod:`agent.admission` says whether a new job may start (``max_jobs``, the drain flag).
 
 All mutations of one job (start, stop, finishing) hold that job's asyncio lock, so two stops, or a stop
 and a natural exit, never race.
@@ -27,6 +28,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from agent import adoption, outcome, procfs
+from agent.admission import Admission
 from agent.config import AgentConfig
 from agent.errors import JobRejected, UnknownJob
 from agent.monitor import Monitor
@@ -60,12 +62,14 @@ class JobManager:
         )
         self._tasks: set[asyncio.Task[Any]] = set()
         self._monitor: asyncio.Task[None] | None = None
+        self.admission = Admission(agent_id=config.id, max_jobs=config.max_jobs, home=config.home)
 
     # ------------------------------------------------------------------------------ lifecycle
 
     async def load(self) -> None:
         """Read every job directory; adopt running jobs, finish those that ended meanwhile."""
         self._root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self.admission.load()
         for job in adoption.stored_jobs(self._root, boot_id=self._boot_id):
             self._jobs[job.record.job_id] = job
             if not job.record.status.finished:
@@ -85,6 +89,16 @@ class JobManager:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self._spawner.reap()
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for every job to end; True if none is left running."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while self.running_count():
+            left = deadline - asyncio.get_running_loop().time()
+            if left <= 0:
+                return False
+            await asyncio.sleep(min(self._config.poll_seconds, left))
+        return True
 
     # ------------------------------------------------------------------------------ queries
 
@@ -144,11 +158,17 @@ class JobManager:
     # ------------------------------------------------------------------------------ run
 
     async def run(self, request: RunRequest) -> JobInfo:
-        """Start a job; answers once its process runs (or failed to start)."""
+        """Start a job; answers once its process runs (or failed to start).
+
+        Refused, with nothing written: bad input (400), a known id (409: said before "full" or
+        "draining", so a resent job is not started again elsewhere), a full or draining agent (503).
+        """
         env = self._spawner.job_env(request.payload)  # validates; raises before anything is written
         job_id = request.job_id
         if job_id in self._jobs:
             raise JobRejected(409, f"job {job_id!r} already exists")
+        # No await from this check to the job's registration below: concurrent runs see each other.
+        self.admission.check(self.running_count())
         path = self._root / job_id
         try:
             path.mkdir(mode=0o700)

@@ -11,6 +11,8 @@ Routes (JSON in and out unless noted):
   reason saying so.
   A ``cwd`` that does not exist or a ``run_as`` that cannot be used is refused (400); a job whose
   supervisor could not be started is answered with 201 and status ``FAILED``, ``reason`` says why.
+  503 when the agent takes no new job: draining, or full (``max_jobs`` unfinished jobs already;
+  with ``Retry-After``). Nothing is recorded then: the sidecar may send the job to another agent.
 - ``GET /jobs?status=S`` (``status`` repeatable, optional) -> ``{"jobs": [job, ...]}`` in job-id order.
 - ``GET /jobs/{job_id}`` -> the job.
 - ``GET /jobs/{job_id}/log?offset=N&limit=M`` -> the log's bytes from ``offset`` (``text/plain``), with
@@ -23,10 +25,15 @@ Routes (JSON in and out unless noted):
 - ``POST /stop/{job_id}`` ``{"force": false, "reason": "..."}`` (body optional) -> once the tree is gone,
   ``{"ok", "message", "status", "rc", "action", "signal", "reason"}``. A stop of a job the agent
   has never seen leaves a tombstone (a FAILED job of that id): a ``/run`` arriving later is refused.
-- ``GET /healthz`` (and ``/health``, its older name) -> ``{"status": "ok", "agent_id", "jobs_running"}``
-  (the sidecar checks ``agent_id`` against the id it has configured for this URL);
-  ``GET /readyz`` -> the same with ``"ready"``, or 503 ``"not ready"`` with ``problems`` (home not
-  writable). These three need no token.
+- ``POST /drain``, ``POST /undrain`` (body optional: a JSON object, its keys ignored) -> ``{"agent_id",
+  "draining", "jobs_running"}``: take no new job (kept in the home: a restart stays draining), or take
+  them again. Running jobs are not touched. 503 when the flag cannot be saved or removed (the agent
+  is then draining, and stays so): retry.
+- ``GET /healthz`` (and ``/health``, its older name) -> ``{"status": "ok", "agent_id", "jobs_running",
+  "max_jobs", "draining", "version"}`` (the sidecar checks ``agent_id`` against the id it has
+  configured for this URL); ``GET /readyz`` -> ``{"status": "ready", "agent_id", "jobs_running"}``, or
+  503 ``"draining"`` (the same fields: a drained VM can stop once ``jobs_running`` is 0) or ``"not
+  ready"`` with ``problems`` (home not writable). These three need no token.
 
 Auth, errors and bodies follow :mod:`servicekit.http`, as the sidecar does: ``Authorization: Bearer
 <token>`` or ``X-Agent-Token: <token>``; any configured token is accepted (rotation). Tokens from a
@@ -37,8 +44,8 @@ Job ids: ``^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$`` (see :mod:`agent_api.protocol`).
 Every failure is a JSON ``{"error": "..."}`` naming the problem: 400 bad input (NUL or a lone
 surrogate in any string or key of a body included), 401 auth, 404 unknown job or route, 405 a method
 the route lacks (``Allow`` lists those it has), 409 duplicate job, 413 body larger than
-``max_body_bytes``, 500 a bug (logged). Rejected requests change nothing. Logs never contain the
-token: it is only read from headers, never logged.
+``max_body_bytes``, 500 a bug (logged), 503 no new job now (draining or full). Rejected requests
+change nothing. Logs never contain the token: it is only read from headers, never logged.
 """
 
 from __future__ import annotations
@@ -46,6 +53,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import tempfile
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from aiohttp import web
@@ -54,6 +62,7 @@ from agent.config import AgentConfig
 from agent.jobs import JobManager, JobRejected
 from agent_api.protocol import (
     AgentJobStatus,
+    DrainState,
     ProtocolError,
     parse_run_request,
     parse_stop_request,
@@ -72,9 +81,19 @@ STOP_ANSWER_SLACK_SECONDS = 15.0  # beyond grace_seconds: waiting for the exit r
 READY_CHECK_TIMEOUT_SECONDS = 2.0  # a home on a hung disk is "not ready", not a hung probe
 
 
+def _package_version() -> str:
+    try:
+        return version("agentic-airflow")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        return "0+unknown"
+
+
+VERSION = _package_version()
+
+
 def _known(exc: Exception) -> HttpError | None:
     if isinstance(exc, JobRejected):
-        return HttpError(exc.status, exc.message)
+        return HttpError(exc.status, exc.message, headers=exc.headers)
     if isinstance(exc, ProtocolError):
         return HttpError(400, str(exc))
     return None
@@ -128,20 +147,65 @@ async def _stop(request: web.Request) -> web.Response:
     return web.json_response(result.to_json())
 
 
+async def _drain(request: web.Request) -> web.Response:
+    await _ignored_body(request)
+    jobs, config = request.app[_JOBS], request.app[_CONFIG]
+    try:
+        jobs.admission.drain(by="POST /drain")
+    except OSError as exc:
+        raise HttpError(
+            503,
+            f"agent {config.id} is draining, but cannot save that in {config.home} "
+            f"({exc.strerror or exc}): a restart would undrain it; retry",
+        ) from None
+    return web.json_response(_drain_state(config, jobs).to_json())
+
+
+async def _undrain(request: web.Request) -> web.Response:
+    await _ignored_body(request)
+    jobs, config = request.app[_JOBS], request.app[_CONFIG]
+    try:
+        jobs.admission.undrain()
+    except OSError as exc:
+        problem = exc.strerror or exc
+        raise HttpError(
+            503, f"agent {config.id} stays draining: cannot remove its flag ({problem}); retry"
+        ) from None
+    return web.json_response(_drain_state(config, jobs).to_json())
+
+
+async def _ignored_body(request: web.Request) -> None:
+    """A body is optional and its keys are ignored, but it is read as any other: a body that is not a
+    JSON object is a client's mistake, answered 400 before anything changes."""
+    if not isinstance(await _body(request, allow_empty=True), dict):
+        raise ProtocolError("request body must be a JSON object, or empty")
+
+
+def _drain_state(config: AgentConfig, jobs: JobManager) -> DrainState:
+    return DrainState(agent_id=config.id, draining=jobs.admission.draining, jobs_running=jobs.running_count())
+
+
 async def _health(request: web.Request) -> web.Response:
-    """Liveness (``/healthz``, and ``/health`` for probes deployed before it): the process answers."""
+    """Liveness (``/healthz``, and ``/health`` for probes deployed before it): the process answers.
+    The sidecar also reads the agent's capacity from it (``max_jobs``, ``draining``)."""
+    jobs = request.app[_JOBS]
     return web.json_response(
         {
             "status": "ok",
             "agent_id": request.app[_CONFIG].id,
-            "jobs_running": request.app[_JOBS].running_count(),
+            "jobs_running": jobs.running_count(),
+            "max_jobs": jobs.admission.max_jobs,
+            "draining": jobs.admission.draining,
+            "version": VERSION,
         }
     )
 
 
 async def _ready(request: web.Request) -> web.Response:
-    """Readiness: the agent can take a job, i.e. write to its home (a full or read-only disk cannot)."""
-    config = request.app[_CONFIG]
+    """Readiness: the agent can take a job, i.e. is not draining and can write to its home (a full or
+    read-only disk cannot). Draining is a 503 of its own: it is what an operator waits on (for
+    ``jobs_running`` to reach 0) before stopping the VM."""
+    config, jobs = request.app[_CONFIG], request.app[_JOBS]
     problems = []
     try:
         await asyncio.wait_for(asyncio.to_thread(_write_probe, config.home), READY_CHECK_TIMEOUT_SECONDS)
@@ -149,14 +213,18 @@ async def _ready(request: web.Request) -> web.Response:
         problems.append(f"home {config.home} did not answer a write within {READY_CHECK_TIMEOUT_SECONDS} s")
     except OSError as exc:
         problems.append(f"home {config.home} is not writable: {exc.strerror or exc}")
+    draining = jobs.admission.draining
+    if problems and draining:
+        problems.append("draining: it takes no new job")
+    status = "not ready" if problems else "draining" if draining else "ready"
     answer: dict[str, object] = {
-        "status": "not ready" if problems else "ready",
+        "status": status,
         "agent_id": config.id,
-        "jobs_running": request.app[_JOBS].running_count(),
+        "jobs_running": jobs.running_count(),
     }
     if problems:
         answer["problems"] = problems
-    return web.json_response(answer, status=503 if problems else 200)
+    return web.json_response(answer, status=200 if status == "ready" else 503)
 
 
 def _write_probe(home: Path) -> None:
@@ -181,6 +249,8 @@ def create_app(
     app.router.add_get("/jobs/{job_id}", _get)
     app.router.add_get("/jobs/{job_id}/log", _log)
     app.router.add_post("/stop/{job_id}", _stop)
+    app.router.add_post("/drain", _drain)
+    app.router.add_post("/undrain", _undrain)
     app.router.add_get("/healthz", _health)
     app.router.add_get("/health", _health)
     app.router.add_get("/readyz", _ready)
@@ -188,7 +258,12 @@ def create_app(
 
 
 async def serve(config: AgentConfig) -> None:
-    """Adopt existing jobs, then listen until SIGTERM or SIGINT; running jobs are left running."""
+    """Adopt existing jobs, then listen until SIGTERM or SIGINT; running jobs are left running.
+
+    With ``drain_on_shutdown_seconds`` > 0 a SIGTERM means a planned shutdown: the agent drains (for
+    this run only: restarted, it takes jobs again, unless a drain was asked for through ``/drain``)
+    and, still serving status and stop requests, waits that long for its jobs to end. A second signal
+    cuts the wait short (the main task is cancelled)."""
     ssl_context = config.server_ssl_context()  # before adoption: a bad file fails fast
     # No identity yet: the first look reads the file, so a change since the config was loaded counts.
     tokens = Secret(config.tokens, what="[agent] token", file=config.token_file, parse=token_list)
@@ -205,8 +280,20 @@ async def serve(config: AgentConfig) -> None:
         async with serving(app, host=config.host, port=config.port, ssl_context=ssl_context, grace=grace):
             log.info("agent %s listening on %s://%s:%d", config.id, config.scheme, config.host, config.port)
             await stopping.wait()
+            if config.drain_on_shutdown_seconds > 0:
+                await _drain_for_shutdown(config, jobs)
             log.info("shutting down; running jobs keep running and are adopted on restart")
     finally:
         watcher.cancel()
         await asyncio.gather(watcher, return_exceptions=True)
         await jobs.close()
+
+
+async def _drain_for_shutdown(config: AgentConfig, jobs: JobManager) -> None:
+    jobs.admission.drain(by="SIGTERM", persist=False)
+    running = jobs.running_count()
+    if not running:
+        return
+    log.info("waiting up to %g s for %d running jobs to end", config.drain_on_shutdown_seconds, running)
+    if not await jobs.wait_idle(config.drain_on_shutdown_seconds):
+        log.warning("drain_on_shutdown_seconds over with %d jobs running", jobs.running_count())

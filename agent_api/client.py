@@ -11,6 +11,10 @@ Errors, for callers that retry (with tenacity; the client itself never retries):
 - :class:`AgentRejected` — HTTP 4xx (bad input, auth, duplicate job): retrying will not help.
   ``.status`` is the HTTP status, ``.message`` the server's explanation.
 - :class:`JobNotFound` (an :class:`AgentRejected`) — HTTP 404: the agent does not know the job.
+- :class:`AgentBusy` (an :class:`AgentRejected`) — ``run`` only: HTTP 503 with the agent's own error,
+  the agent is draining or full (``max_jobs``) and recorded nothing. Unlike an unreachable agent, it
+  certainly did not start the job: another agent may take it, or this one after ``.retry_after``
+  seconds (set when full; None when draining). Any other 503 (a proxy's, say) is :class:`AgentUnavailable`.
 
 Answers are parsed strictly into frozen dataclasses; a garbage answer raises :class:`AgentUnavailable`
 and never yields a half-filled object. Job ids are checked before sending (``ValueError``), because an
@@ -35,6 +39,7 @@ from typing import Any, TypeVar
 import aiohttp
 
 from agent_api.protocol import (
+    DrainState,
     JobInfo,
     LogChunk,
     ProtocolError,
@@ -44,10 +49,12 @@ from agent_api.protocol import (
 )
 
 __all__ = [
+    "AgentBusy",
     "AgentClient",
     "AgentError",
     "AgentRejected",
     "AgentUnavailable",
+    "DrainState",
     "JobInfo",
     "JobNotFound",
     "LogChunk",
@@ -67,7 +74,8 @@ class AgentUnavailable(AgentError):
 
 
 class AgentRejected(AgentError):
-    """The agent refused the request (HTTP 4xx); retrying the same request will not help."""
+    """The agent refused the request (HTTP 4xx, or :class:`AgentBusy`); retrying the same request
+    at once will not help (:class:`AgentBusy`: another agent may take the job)."""
 
     def __init__(self, status: int, message: str, *, request: str) -> None:
         super().__init__(f"{request}: HTTP {status}: {message}")
@@ -77,6 +85,15 @@ class AgentRejected(AgentError):
 
 class JobNotFound(AgentRejected):
     """HTTP 404: the agent does not know this job."""
+
+
+class AgentBusy(AgentRejected):
+    """HTTP 503 to ``run``, from the agent itself: it is draining or full, and started nothing.
+    ``retry_after``: the agent's ``Retry-After`` in seconds (when full), else None."""
+
+    def __init__(self, status: int, message: str, *, request: str, retry_after: float | None) -> None:
+        super().__init__(status, message, request=request)
+        self.retry_after = retry_after
 
 
 class AgentClient:
@@ -124,7 +141,7 @@ class AgentClient:
     async def run(self, job_id: str, payload: RunPayload | Mapping[str, Any]) -> JobInfo:
         body_payload = payload.to_json() if isinstance(payload, RunPayload) else dict(payload)
         body = {"job_id": validate_job_id(job_id), "payload": body_payload}
-        answer = await self._json("POST", "/run", body=body)
+        answer = await self._json("POST", "/run", body=body, busy=True)
         return _parse(JobInfo.from_json, answer, f"POST {self.base_url}/run")
 
     async def get(self, job_id: str) -> JobInfo:
@@ -170,17 +187,32 @@ class AgentClient:
         return _parse(StopResult.from_json, answer, f"POST {self.base_url}{path}")
 
     async def health(self) -> dict[str, Any]:
+        """The agent's ``/health`` answer: ``status`` ("ok"), ``agent_id``, ``jobs_running``; and from
+        agents that have them, ``max_jobs`` (0: no limit), ``draining`` and ``version``."""
         answer = await self._json("GET", "/health")
         if not isinstance(answer, dict) or answer.get("status") != "ok":
             raise AgentUnavailable(f"GET {self.base_url}/health: unexpected answer")
         return answer
 
+    async def drain(self) -> DrainState:
+        """The agent takes no new job from now on (and after a restart) until :meth:`undrain`; its
+        running jobs go on. Idempotent; an agent that could not save the flag is AgentUnavailable."""
+        return await self._drain_call("/drain")
+
+    async def undrain(self) -> DrainState:
+        """The agent takes new jobs again. Idempotent."""
+        return await self._drain_call("/undrain")
+
+    async def _drain_call(self, path: str) -> DrainState:
+        answer = await self._json("POST", path, body={})
+        return _parse(DrainState.from_json, answer, f"POST {self.base_url}{path}")
+
     # ------------------------------------------------------------------------------ transport
 
     async def _json(
-        self, method: str, path: str, *, body: object = None, timeout: float | None = None
+        self, method: str, path: str, *, body: object = None, timeout: float | None = None, busy: bool = False
     ) -> object:
-        raw, _ = await self._request(method, path, body=body, timeout=timeout)
+        raw, _ = await self._request(method, path, body=body, timeout=timeout, busy=busy)
         try:
             return json.loads(raw)
         except (ValueError, RecursionError):
@@ -194,8 +226,10 @@ class AgentClient:
         body: object = None,
         params: Mapping[str, str] | Sequence[tuple[str, str]] | None = None,
         timeout: float | None = None,
+        busy: bool = False,
     ) -> tuple[bytes, Mapping[str, str]]:
-        """One HTTP exchange; returns a 2xx answer, raises the documented errors for anything else."""
+        """One HTTP exchange; returns a 2xx answer, raises the documented errors for anything else.
+        ``busy``: a 503 carrying the agent's JSON error is :class:`AgentBusy` (the agent took nothing)."""
         where = f"{method} {self.base_url}{path}"
         seconds = self.timeout if timeout is None else timeout
         try:
@@ -218,6 +252,9 @@ class AgentClient:
         if 200 <= status < 300:
             return raw, headers
         message = self._scrub(_error_message(raw))
+        if busy and status == 503 and _agent_error(raw) is not None:
+            retry_after = _retry_after_seconds(headers.get("Retry-After"))
+            raise AgentBusy(status, message, request=where, retry_after=retry_after)
         if status == 404:
             raise JobNotFound(status, message, request=where)
         if 400 <= status < 500:
@@ -245,14 +282,31 @@ def _verifying_context(ca_file: str | os.PathLike[str] | None) -> ssl.SSLContext
 
 
 def _error_message(raw: bytes) -> str:
+    error = _agent_error(raw)
+    if error is not None:
+        return error[:500]
+    text = raw.decode("utf-8", "replace").strip()
+    return text[:200] or "(empty answer)"
+
+
+def _agent_error(raw: bytes) -> str | None:
+    """The ``error`` of the agent's ``{"error": "..."}`` answer, or None for any other body."""
     try:
         answer = json.loads(raw)
     except (ValueError, RecursionError):
-        answer = None
+        return None
     if isinstance(answer, dict) and isinstance(answer.get("error"), str):
-        return str(answer["error"])[:500]
-    text = raw.decode("utf-8", "replace").strip()
-    return text[:200] or "(empty answer)"
+        return str(answer["error"])
+    return None
+
+
+def _retry_after_seconds(value: str | None) -> float | None:
+    """A ``Retry-After`` given in seconds (the agent's form); None when absent or an HTTP date."""
+    try:
+        seconds = float(value) if value is not None else None
+    except ValueError:
+        return None
+    return seconds if seconds is not None and 0 <= seconds < float("inf") else None
 
 
 def _parse(parser: Callable[[object], _T], answer: object, where: str) -> _T:

@@ -258,6 +258,33 @@ class StopResult:
 
 
 @dataclass(frozen=True)
+class DrainState:
+    """What ``POST /drain`` and ``POST /undrain`` answer: whether the agent takes new jobs, and how
+    many of its jobs are still unfinished (a drained agent's VM can stop once that is 0)."""
+
+    agent_id: str
+    draining: bool
+    jobs_running: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"agent_id": self.agent_id, "draining": self.draining, "jobs_running": self.jobs_running}
+
+    @classmethod
+    def from_json(cls, value: object) -> DrainState:
+        obj = _object(value, "drain state")
+        agent_id = _required(obj, "agent_id")
+        if not isinstance(agent_id, str) or not agent_id:
+            raise ProtocolError("agent_id must be a non-empty string")
+        draining = _required(obj, "draining")
+        if not isinstance(draining, bool):
+            raise ProtocolError("draining must be true or false")
+        jobs_running = _optional_int(obj, "jobs_running")
+        if jobs_running is None or jobs_running < 0:
+            raise ProtocolError("jobs_running must be an integer >= 0")
+        return cls(agent_id=agent_id, draining=draining, jobs_running=jobs_running)
+
+
+@dataclass(frozen=True)
 class LogChunk:
     """Bytes of a job's output from some offset; ``size`` is the whole log's size when read."""
 

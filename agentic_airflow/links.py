@@ -1,9 +1,10 @@
-"""``AgenticJobLink``: the task's "Agentic job" button, pointing at its job in the sidecar.
+"""``AgenticJobLink``: the task's "Agentic job" button, pointing at its job's page in the sidecar.
 
-``{base_url}/jobs/{job_id}``: the job id is the XCom ``agentic_job_id`` the operator pushes before it
-defers, the base URL the operator's connection's. Airflow 3 asks for the link in the worker when the
-task defers and when it ends, and keeps it in XCom; Airflow 2's webserver asks each time it shows it.
-A link never raises: without a job id yet, or a connection to read, it is "".
+``{base_url}/ui/jobs/{job_id}``, which asks a person without a session to log in first: the job id is
+the XCom ``agentic_job_id`` the operator pushes before it defers, the base URL the operator's
+connection's. Airflow 3 asks for the link in the worker when the task defers and when it ends, and
+keeps it in XCom; Airflow 2's webserver asks each time it shows it. A link never raises: without a
+job id yet, or a connection to read, it is "".
 """
 
 from __future__ import annotations
@@ -26,14 +27,14 @@ log = logging.getLogger(__name__)
 
 
 def job_url(base_url: str, job_id: str) -> str:
-    """The job's URL; any ``user:password@`` in the base URL (an ``extra.base_url`` may carry one) is
+    """The job's page; any ``user:password@`` in the base URL (an ``extra.base_url`` may carry one) is
     left out: the link is shown to everyone who sees the task."""
     parts = urlsplit(base_url)
     if parts.username is not None or parts.password is not None:
         host = parts.hostname or ""
         netloc = (f"[{host}]" if ":" in host else host) + (f":{parts.port}" if parts.port else "")
         base_url = urlunsplit(parts._replace(netloc=netloc))
-    return f"{base_url}/jobs/{quote(job_id, safe='')}"
+    return f"{base_url}/ui/jobs/{quote(job_id, safe='')}"
 
 
 class AgenticJobLink(BaseOperatorLink):

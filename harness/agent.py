@@ -11,6 +11,8 @@ Tokens: the agent accepts ``accepted_tokens`` (default: just ``token``), passed 
 with ``token_file`` it reads its tokens from that file instead. ``token`` is what tests send.
 HTTPS: pass ``tls_cert_file`` and ``tls_key_file``, and ``ca_file`` (the CA that signed the
 certificate) so that the harness can tell when the agent is up.
+Capacity and drain: ``max_jobs`` and ``drain_on_shutdown_seconds`` are the agent's keys (default 0,
+as the agent's); ``terminate()`` sends the SIGTERM of a planned shutdown.
 ``command_prefix`` runs the agent under a wrapper that ends by exec'ing it (``unshare ... exec "$@"``),
 so the agent keeps the wrapper's PID and ``kill()`` and ``stop()`` still reach it.
 """
@@ -46,6 +48,8 @@ class AgentProcess:
         grace_seconds: float = 0.5,
         poll_seconds: float = 0.1,
         max_body_bytes: int = 1024 * 1024,
+        max_jobs: int = 0,
+        drain_on_shutdown_seconds: float = 0.0,
         ready_timeout: float = 20.0,
         accepted_tokens: Sequence[str] | None = None,
         token_file: Path | None = None,
@@ -67,6 +71,8 @@ class AgentProcess:
         self.grace_seconds = grace_seconds
         self.poll_seconds = poll_seconds
         self.max_body_bytes = max_body_bytes
+        self.max_jobs = max_jobs
+        self.drain_on_shutdown_seconds = drain_on_shutdown_seconds
         self.ready_timeout = ready_timeout
         self.config_path = home.parent / f"{home.name}-agent.toml"
         self.log_path = home.parent / f"{home.name}-agent.log"
@@ -103,6 +109,8 @@ class AgentProcess:
             f"grace_seconds = {self.grace_seconds}\n"
             f"poll_seconds = {self.poll_seconds}\n"
             f"max_body_bytes = {self.max_body_bytes}\n"
+            f"max_jobs = {self.max_jobs}\n"
+            f"drain_on_shutdown_seconds = {self.drain_on_shutdown_seconds}\n"
             + "".join(
                 f"{key} = {json.dumps(str(path))}\n"
                 for key, path in (

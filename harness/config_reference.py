@@ -36,7 +36,8 @@ FALLBACK_DOCS = {
     ("agents", "token_env"): "Environment variable holding the token this sidecar sends to the agent.",
     ("agents", "token_file"): "File holding that token; when set, it takes precedence over `token_env`.",
     ("agents", "labels"): (
-        "Labels for routing: a job that asks for labels goes round-robin to the agents carrying all of them."
+        "Labels for routing: a job that asks for labels goes to the agent with the most room among those "
+        "carrying all of them."
     ),
 }
 

@@ -5,6 +5,7 @@ certificate) so that the harness and :meth:`SidecarProcess.client` can verify it
 sidecar accepts ``accepted_tokens`` (default: just ``token``); ``token`` is what ``client()`` sends.
 With ``token_file`` (``[http] token_file``) it reads the tokens it accepts from that file instead, and
 an :class:`AgentRef` with a ``token_file`` makes it read the token it sends that agent from the file.
+``viewer_token`` (``[http] viewer_token_env``) logs in to its pages under /ui/ only.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ class SidecarProcess:
     token: str = field(default_factory=lambda: secrets.token_urlsafe(24))
     accepted_tokens: Sequence[str] | None = None  # what the sidecar accepts; default [token]
     token_file: Path | None = None  # [http] token_file: the tokens accepted, instead of accepted_tokens
+    viewer_token: str | None = None  # [http] viewer_token_env's value: logs in to the pages only
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None
     ca_file: Path | None = None  # verifies the sidecar's certificate (harness and client())
@@ -94,6 +96,7 @@ class SidecarProcess:
             f"port = {self.port}",
             'token_env = "HARNESS_SIDECAR_TOKEN"',
             *([f'token_file = "{self.token_file}"'] if self.token_file is not None else []),
+            'viewer_token_env = "HARNESS_VIEWER_TOKEN"',
             *(
                 [f'tls_cert_file = "{self.tls_cert_file}"', f'tls_key_file = "{self.tls_key_file}"']
                 if self.tls_cert_file is not None
@@ -128,6 +131,9 @@ class SidecarProcess:
         env["HARNESS_AIRFLOW_PASSWORD"] = self.airflow_password
         tokens = self.accepted_tokens if self.accepted_tokens is not None else [self.token]
         env["HARNESS_SIDECAR_TOKEN"] = ",".join(tokens)
+        env.pop("HARNESS_VIEWER_TOKEN", None)
+        if self.viewer_token is not None:
+            env["HARNESS_VIEWER_TOKEN"] = self.viewer_token
         for agent in self.agents:
             env[f"HARNESS_AGENT_TOKEN_{agent.id.upper().replace('-', '_')}"] = agent.token
         return env

@@ -13,11 +13,16 @@ import aiohttp
 
 from agent_api.client import AgentClient, AgentUnavailable
 from reconciler.config import AgentEntry
+from reconciler.routing import Candidate, Capacity, choose, no_capacity
 from servicekit.credentials import Secret
 
 
 class NoAgent(LookupError):
     """No configured agent matches the requested route."""
+
+
+class NoCapacity(LookupError):
+    """Every agent the route allows is lost, draining or full; the message names each and why."""
 
 
 class WrongAgent(AgentUnavailable):
@@ -40,16 +45,22 @@ class AgentPool:
         self._stop_timeout = stop_timeout
         self._sessions: dict[str, aiohttp.ClientSession] = {}  # "jobs" and "health" pools
         self._clients: dict[tuple[str, str], tuple[str, AgentClient]] = {}  # with the token it sends
-        self._next = 0
+        self._turn = 0
+        self._picked: dict[str, int] = {}  # agent id -> the turn it was last chosen at
         self.avoid: Callable[[str], bool] = lambda agent_id: False  # set by the fleet's liveness
         # Why nothing may be sent to the agent now, or None (set by the fleet's identity check).
         self.refuse: Callable[[str], str | None] = lambda agent_id: None
+        # Its drain flag and job limit as last heard (set by the fleet's health checks).
+        self.capacity: Callable[[str], Capacity] = lambda agent_id: Capacity()
 
     def ids(self) -> list[str]:
         return sorted(self._entries)
 
     def url(self, agent_id: str) -> str:
         return self._entries[agent_id].url
+
+    def labels(self, agent_id: str) -> list[str]:
+        return list(self._entries[agent_id].labels)
 
     def client(self, agent_id: str) -> AgentClient:
         """The agent's client for jobs: one connection pool for all agents; per-request timeouts
@@ -91,20 +102,63 @@ class AgentPool:
         self._clients[pool, agent_id] = (token, client)
         return client
 
-    def route(self, *, agent_id: str | None, labels: Iterable[str]) -> str:
-        """The agent for a new job: the named one, or round-robin among those carrying all labels."""
+    def eligible(self, *, agent_id: str | None, labels: Iterable[str]) -> list[str]:
+        """The agents a new job may go to: the one named, or those carrying all ``labels``."""
         if agent_id is not None:
             if agent_id not in self._entries:
                 raise NoAgent(f"unknown agent {agent_id!r}")
-            return agent_id
+            return [agent_id]
         wanted = set(labels)
         matching = sorted(e.id for e in self._entries.values() if wanted <= set(e.labels))
         if not matching:
             raise NoAgent(f"no agent has labels {sorted(wanted)}")
-        # Lost agents, and URLs where another agent answers, get no new work while another one can take it.
-        matching = [a for a in matching if not self.avoid(a)] or matching
-        self._next += 1
-        return matching[self._next % len(matching)]
+        return matching
+
+    def limited(self, agent_ids: Iterable[str]) -> bool:
+        """Whether any of these agents reported a job limit: only then do their loads matter."""
+        return any(self.capacity(a).max_jobs for a in agent_ids)
+
+    def route(
+        self,
+        *,
+        agent_id: str | None,
+        labels: Iterable[str],
+        load: Mapping[str, int] | None = None,
+        refused: Mapping[str, str] | None = None,
+    ) -> str:
+        """The agent for a new job (see :mod:`reconciler.routing`): the named one, or the one with the
+        most free slots among those carrying all labels. ``load``: active jobs per agent (the router
+        DB's); ``refused``: agents that refused this very job, and their words.
+
+        Raises :class:`NoAgent` when the route names no configured agent, :class:`NoCapacity` when
+        no eligible agent may take the job. A named agent that is lost or answered by another agent
+        is returned all the same: the caller answers that case itself (503, as before capacities)."""
+        labels = list(labels)
+        candidates = [
+            Candidate(
+                a,
+                blocked=self._blocked(a),
+                capacity=self.capacity(a),
+                active=(load or {}).get(a, 0),
+                last_pick=self._picked.get(a, 0),
+                refused=(refused or {}).get(a),
+            )
+            for a in self.eligible(agent_id=agent_id, labels=labels)
+        ]
+        if agent_id is not None and candidates[0].blocked is not None and candidates[0].refused is None:
+            return agent_id
+        chosen = choose(candidates)
+        if chosen is None:
+            raise NoCapacity(no_capacity(candidates, labels=labels, pinned=agent_id is not None))
+        # Taken now, before any await: concurrent submissions see this agent's turn as used.
+        self._turn += 1
+        self._picked[chosen] = self._turn
+        return chosen
+
+    def _blocked(self, agent_id: str) -> str | None:
+        if self.refuse(agent_id) is not None:
+            return "wrong_identity"
+        return "lost" if self.avoid(agent_id) else None
 
     async def close(self) -> None:
         for session in self._sessions.values():

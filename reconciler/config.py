@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from reconciler.routing import WHEN_FULL
 from servicekit.config import ConfigError, build, check_tables, read_toml, setting, table
 from servicekit.credentials import Secret, load_secret, load_tokens, read_secret
 from servicekit.tls import server_context
@@ -70,6 +71,9 @@ class HttpConfig:
     port: int = setting(8790, ge=0, le=65535)
     token_env: str = "AGENTIC_SIDECAR_TOKEN"  # may hold several tokens (rotation), like token_file
     token_file: str = ""
+    # Optional read-only login to the pages under /ui/ (with any API token); "": API tokens only.
+    viewer_token_env: str = "AGENTIC_VIEWER_TOKEN"
+    viewer_token_file: str = ""
     tls_cert_file: str = ""  # PEM certificate chain; with tls_key_file, the API is served over HTTPS
     tls_key_file: str = ""  # PEM private key, unencrypted
     rate_limit_per_second: float = setting(0.0, ge=0)  # per client (token, or address if none); 0 disables
@@ -111,6 +115,8 @@ class FleetConfig:
     orphan_sweep_seconds: float = setting(
         60.0, gt=0
     )  # how often each agent's running jobs are compared with the DB
+    # No agent the route allows has room: "wait" answers 503 (the operator retries), "refuse" 409.
+    when_full: str = setting("wait", one_of=WHEN_FULL)
 
 
 @dataclass(frozen=True)
@@ -140,6 +146,8 @@ class Secrets:
     airflow_password: str = field(repr=False)
     http_tokens: Secret[tuple[str, ...]]  # every token a client may present (rotation); never in a repr
     agent_tokens: Mapping[str, Secret[str]]  # the token sent to each agent, by agent id
+    # Tokens that log in to the pages only (read-only); None: only the API's tokens log in.
+    viewer_tokens: Secret[tuple[str, ...]] | None = None
 
 
 def load_config(path: Path | str, env: Mapping[str, str] | None = None) -> ReconcilerConfig:
@@ -191,6 +199,21 @@ def load_secrets(config: ReconcilerConfig, env: Mapping[str, str] | None = None)
             a.id: load_secret(f"agent {a.id!r} token", env_name=a.token_env, file=a.token_file, env=env)
             for a in config.agents
         },
+        viewer_tokens=_viewer_tokens(config.http, env),
+    )
+
+
+def _viewer_tokens(http: HttpConfig, env: Mapping[str, str]) -> Secret[tuple[str, ...]] | None:
+    """The pages' viewer tokens, followed like every token file; None when neither their file nor
+    their environment variable is set (optional, unlike the API's tokens)."""
+    if not http.viewer_token_file and not env.get(http.viewer_token_env, "").strip():
+        return None
+    return load_tokens(
+        "[http] viewer token",
+        env_name=http.viewer_token_env,
+        file=http.viewer_token_file,
+        env=env,
+        file_key="viewer_token_file",
     )
 
 

@@ -17,6 +17,12 @@ new VM, a DNS name moved, a copied configuration) is no answer from the configur
 is ``wrong_identity``, nothing is sent to that URL (:class:`~reconciler.agents.WrongAgent`), and the
 silence of the configured agent counts on as it would for a failed check, so its jobs end by the
 same lost rule, never sooner.
+
+Each health answer also says how much work the agent takes (``max_jobs``, ``draining``,
+``jobs_running``, ``version``; an older agent says none of it: no limit, not draining). That is kept
+for routing (:mod:`reconciler.routing`) and ``GET /agents``. A drain asked of the sidecar
+(``POST /agents/{id}/drain``) is its own flag until the agent's answer agrees: it routes around the
+agent at once, even one that cannot be reached, and is sent again while an agent's answers disagree.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Coroutine, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Any
@@ -35,9 +41,13 @@ from agent_api.client import AgentError, JobInfo
 from reconciler.agents import AgentPool
 from reconciler.config import FleetConfig
 from reconciler.metrics import Metrics
+from reconciler.routing import Capacity, label_set
 from router_db import JobRecord, JobStatus, RouterDB, Transition
 
 log = logging.getLogger("reconciler.fleet")
+
+DRAIN_RESEND_SECONDS = 30.0  # a drain flag the agent's answers contradict is sent again this often
+MAX_VERSION_CHARS = 100
 
 
 class AgentState(StrEnum):
@@ -47,6 +57,9 @@ class AgentState(StrEnum):
     SUSPECT = "suspect"  # its last health check failed; not lost yet
     LOST = "lost"  # silent for lost_after_seconds; its jobs were ended
     WRONG_IDENTITY = "wrong_identity"  # another agent answered at its URL; not lost yet
+    # Reported only (GET /agents, the metric): a live or suspect agent taking no new work. Liveness
+    # itself stays live or suspect meanwhile: draining changes nothing of how it is checked.
+    DRAINING = "draining"
 
 
 def agent_state(
@@ -73,6 +86,51 @@ def identity_problem(answer: dict[str, Any], *, expected: str, url: str) -> str 
         return None
     said = f"says it is {reported!r}" if isinstance(reported, str) else "gives no agent_id"
     return f"the agent at {url} {said[:200]}, not {expected!r}"
+
+
+@dataclass(frozen=True)
+class Heard:
+    """What a health answer says of the agent's work; ``None``: it did not say (an older agent)."""
+
+    draining: bool | None = None
+    max_jobs: int | None = None  # 0: no limit
+    jobs_running: int | None = None
+    version: str | None = None
+
+
+def heard(answer: dict[str, Any]) -> Heard:
+    """The work fields of a health (or drain) answer; a field of the wrong type counts as not said."""
+
+    def count(name: str) -> int | None:
+        value = answer.get(name)
+        return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+
+    draining, version = answer.get("draining"), answer.get("version")
+    return Heard(
+        draining=draining if isinstance(draining, bool) else None,
+        max_jobs=count("max_jobs"),
+        jobs_running=count("jobs_running"),
+        version=version[:MAX_VERSION_CHARS] if isinstance(version, str) else None,
+    )
+
+
+@dataclass(frozen=True)
+class AgentReport:
+    """One agent as ``GET /agents`` shows it (the router DB's active jobs are added by the caller)."""
+
+    agent_id: str
+    url: str
+    labels: list[str]
+    state: AgentState  # draining shown as such while live or suspect
+    last_contact_at: datetime | None
+    draining: bool
+    max_jobs: int | None
+    jobs_running: int | None
+    version: str | None
+
+
+class DrainNotDelivered(Exception):
+    """The agent did not take the drain flag (unreachable, or refused it); the sidecar keeps it."""
 
 
 def partitioned(*, failing: int, total: int) -> bool:
@@ -121,6 +179,14 @@ class _Agent:
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
     checking: bool = False
     sweeping: bool = False
+    heard: Heard = Heard()  # the work fields of its last answer
+    drain_wanted: bool | None = None  # asked of the sidecar and not yet confirmed by the agent
+    next_drain_send: float = 0.0
+    sending_drain: bool = False
+
+    @property
+    def draining(self) -> bool:
+        return self.drain_wanted if self.drain_wanted is not None else bool(self.heard.draining)
 
 
 class Fleet:
@@ -140,6 +206,8 @@ class Fleet:
         self._clock = clock
         self._started_at = datetime.now(UTC)
         self._holding = False  # new losses held back: most agents fail at once
+        self._load: dict[str, int] | None = None  # active jobs per agent (router DB), for the gauges
+        self._next_load = 0.0
         now = clock()
         self._agents = {
             agent_id: _Agent(agent_id, last_contact=now, next_sweep=now + config.orphan_sweep_seconds)
@@ -154,13 +222,36 @@ class Fleet:
             agent.failed_check_started = None
             agent.last_check_ok, agent.state, agent.lost_at = True, AgentState.LIVE, None
             agent.wrong_identity = ""  # checked again at once by a term's first tick
+            agent.heard = Heard()  # a standby asks no agent: what it last heard grows stale
             agent.next_sweep = min(agent.next_sweep, now + self._config.orphan_sweep_seconds)
         self._holding = False
+        self._load, self._next_load = None, now
         self._publish()
 
     def _publish(self) -> None:
+        shown = [self._shown(agent) for agent in self._agents.values()]
         for state in AgentState:
-            self._metrics.agents.labels(state.value).set(sum(a.state is state for a in self._agents.values()))
+            self._metrics.agents.labels(state.value).set(sum(s is state for s in shown))
+        self._metrics.agent_capacity.clear()
+        self._metrics.agent_active_jobs.clear()
+        if self._load is None:  # no fresh count (a standby): no gauge rather than a wrong one
+            return
+        capacity: dict[str, float] = {}
+        active: dict[str, int] = {}
+        for agent in self._agents.values():
+            key = label_set(self._pool.labels(agent.id))
+            active[key] = active.get(key, 0) + self._load.get(agent.id, 0)
+            takes_work = agent.state in (AgentState.LIVE, AgentState.SUSPECT) and not agent.draining
+            slots = (agent.heard.max_jobs or float("inf")) if takes_work else 0
+            capacity[key] = capacity.get(key, 0) + slots
+        for key, slots in capacity.items():
+            self._metrics.agent_capacity.labels(key).set(slots)
+            self._metrics.agent_active_jobs.labels(key).set(active[key])
+
+    def _shown(self, agent: _Agent) -> AgentState:
+        if agent.state in (AgentState.LIVE, AgentState.SUSPECT) and agent.draining:
+            return AgentState.DRAINING
+        return agent.state
 
     def state(self, agent_id: str) -> AgentState:
         agent = self._agents.get(agent_id)
@@ -168,6 +259,52 @@ class Fleet:
 
     def states(self) -> dict[str, AgentState]:
         return {agent_id: agent.state for agent_id, agent in self._agents.items()}
+
+    def capacity(self, agent_id: str) -> Capacity:
+        """Its drain flag (the sidecar's own while the agent has not confirmed it) and job limit."""
+        agent = self._agents.get(agent_id)
+        if agent is None:
+            return Capacity()
+        return Capacity(draining=agent.draining, max_jobs=agent.heard.max_jobs)
+
+    def ids(self) -> list[str]:
+        return sorted(self._agents)
+
+    def report(self, agent_id: str) -> AgentReport:
+        """``KeyError`` for an agent not configured."""
+        agent = self._agents[agent_id]
+        return AgentReport(
+            agent_id=agent.id,
+            url=self._pool.url(agent.id),
+            labels=self._pool.labels(agent.id),
+            state=self._shown(agent),
+            last_contact_at=agent.last_contact_at,
+            draining=agent.draining,
+            max_jobs=agent.heard.max_jobs,
+            jobs_running=agent.heard.jobs_running,
+            version=agent.heard.version,
+        )
+
+    async def drain(self, agent_id: str, *, draining: bool) -> AgentReport:
+        """Record the drain flag (it routes at once) and tell the agent, which keeps it across its
+        restarts. Raises :class:`DrainNotDelivered` when the agent did not take it: the flag stays
+        and is sent again once the agent answers its health checks. ``KeyError``: unknown agent."""
+        agent = self._agents[agent_id]
+        agent.drain_wanted = draining
+        self._publish()
+        verb = "drain" if draining else "undrain"
+        fields = {"agent_id": agent_id, "action": f"agent_{verb}"}
+        try:
+            answer = await self._send_drain(agent)
+        except AgentError as exc:
+            log.warning("agent %s did not take the %s: %s", agent_id, verb, exc, extra=fields)
+            raise DrainNotDelivered(
+                f"agent {agent_id} could not be told to {verb}: {exc}; the sidecar "
+                f"{'routes no new job there' if draining else 'routes jobs there again'} meanwhile, "
+                "and tells the agent once it answers"
+            ) from None
+        log.info("agent %s %s", agent_id, "drains" if answer.draining else "takes new jobs", extra=fields)
+        return self.report(agent_id)
 
     def refusal(self, agent_id: str) -> str | None:
         """Why nothing may be sent to the agent now: another agent answered at its URL (lost or not)."""
@@ -218,6 +355,8 @@ class Fleet:
             if hold and verdict is AgentState.LOST and agent.state is not AgentState.LOST:
                 verdict = AgentState.SUSPECT
             self._update_state(agent, verdict)
+            if agent.drain_wanted is not None and self._drain_due(agent, now):
+                self._spawn(agent, self._resend_drain(agent))
             if agent.state is AgentState.LOST and now >= agent.next_end:
                 agent.next_end = now + self._config.check_interval_seconds
                 await self._end_jobs(agent)
@@ -225,6 +364,9 @@ class Fleet:
                 self._spawn(agent, self._check(agent))
             if agent.state is AgentState.LIVE and not agent.sweeping and now >= agent.next_sweep:
                 self._spawn(agent, self._sweep(agent))
+        if now >= self._next_load:
+            self._next_load = now + self._config.check_interval_seconds
+            self._load = await asyncio.to_thread(self._db.active_counts)
         self._publish()
 
     async def _end_jobs(self, agent: _Agent) -> None:
@@ -332,9 +474,50 @@ class Fleet:
                 agent.last_check_ok = True
                 agent.failed_check_started = None
                 agent.last_error = agent.wrong_identity = ""
+                self._learn(agent, heard(answer))
         finally:
             agent.checking = False
             agent.next_check = started + self._config.check_interval_seconds
+
+    def _learn(self, agent: _Agent, news: Heard) -> None:
+        agent.heard = news
+        if agent.drain_wanted is not None and news.draining is agent.drain_wanted:
+            agent.drain_wanted = None  # the agent holds the flag now, and keeps it across restarts
+
+    def _drain_due(self, agent: _Agent, now: float) -> bool:
+        """Send the sidecar's drain flag again: the agent answers, disagrees, and can say (an older
+        agent, which reports no flag, is only routed around)."""
+        return (
+            agent.state is AgentState.LIVE
+            and agent.heard.draining is not None
+            and agent.heard.draining != agent.drain_wanted
+            and not agent.sending_drain
+            and now >= agent.next_drain_send
+        )
+
+    async def _resend_drain(self, agent: _Agent) -> None:
+        try:
+            await self._send_drain(agent)
+        except AgentError as exc:
+            fields = {"agent_id": agent.id}
+            log.warning("agent %s did not take the drain flag again: %s", agent.id, exc, extra=fields)
+
+    async def _send_drain(self, agent: _Agent) -> Heard:
+        """POST /drain or /undrain as the flag wanted now says; what the agent answered."""
+        wanted = bool(agent.drain_wanted)
+        agent.sending_drain = True
+        agent.next_drain_send = self._clock() + DRAIN_RESEND_SECONDS
+        try:
+            client = self._pool.client(agent.id)
+            answer = await (client.drain() if wanted else client.undrain())
+        finally:
+            agent.sending_drain = False
+        if answer.agent_id != agent.id:  # the address now reaches another agent
+            raise AgentError(f"the agent at {self._pool.url(agent.id)} answered as {answer.agent_id[:200]!r}")
+        news = replace(agent.heard, draining=answer.draining, jobs_running=answer.jobs_running)
+        self._learn(agent, news)
+        self._publish()
+        return news
 
     async def _sweep(self, agent: _Agent) -> None:
         agent.sweeping = True

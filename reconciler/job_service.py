@@ -10,16 +10,25 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Coroutine, Sequence
+from collections.abc import Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
-from agent_api.client import AgentClient, AgentError, AgentRejected, AgentUnavailable, JobNotFound, LogChunk
-from reconciler.agents import AgentPool, NoAgent
+from agent_api.client import (
+    AgentBusy,
+    AgentClient,
+    AgentError,
+    AgentRejected,
+    AgentUnavailable,
+    JobNotFound,
+    LogChunk,
+)
+from reconciler.agents import AgentPool, NoAgent, NoCapacity
 from reconciler.airflow import AirflowError
 from reconciler.fleet import AgentState
 from reconciler.logfields import job_fields
+from reconciler.metrics import Metrics
 from reconciler.outcome import Finish, GiveUp, MarkRunning, after_never_started_stop, after_status
 from reconciler.stops import StopDispatcher
 from router_db import EventRecord, JobRecord, JobStatus, NewJob, RouterDB, StaleTransition, TaskInstanceKey
@@ -32,6 +41,7 @@ log = logging.getLogger(__name__)
 
 UPDATE_WAIT_SECONDS = 15.0  # update_status answers with the stop's outcome if the agent is this quick
 LOST_AGENT_RETRY_AFTER = 15  # seconds: a submission to a lost agent is answered 503 with this
+NO_CAPACITY_RETRY_AFTER = 5  # seconds: about how soon the operator's trigger records a job's end
 
 
 class Refused(Exception):
@@ -44,8 +54,16 @@ class Refused(Exception):
         self.retry_after = retry_after
 
 
+class NoRoom(Refused):
+    """No agent the route allows may take the job: 503 or 409, as [fleet] when_full says."""
+
+
 class NoSuchJob(Exception):
     pass
+
+
+class _NotTaken(Exception):
+    """The agent refused the job for want of room and started nothing; the job was forgotten."""
 
 
 @dataclass(frozen=True)
@@ -69,18 +87,32 @@ class Update:
 
 class JobService:
     def __init__(
-        self, *, db: RouterDB, agents: AgentPool, loop: ReconcileLoop, dispatcher: StopDispatcher
+        self,
+        *,
+        db: RouterDB,
+        agents: AgentPool,
+        loop: ReconcileLoop,
+        dispatcher: StopDispatcher,
+        when_full: str = "wait",
+        metrics: Metrics | None = None,
     ) -> None:
         self._db = db
         self._agents = agents
         self._loop = loop
         self._dispatcher = dispatcher
+        self._when_full = when_full  # [fleet] when_full: "wait" (503) or "refuse" (409)
+        self._metrics = metrics
         self._background: set[asyncio.Task[None]] = set()
+        # Counting agents' loads and recording the job chosen by them happen one submission at a
+        # time: two submissions must not both take an agent's last slot.
+        self._placing = asyncio.Lock()
 
     async def submit(self, request: SubmitRequest) -> Submitted:
         """Record the try's job and start it on an agent; a resubmission of the same try returns its
-        job unchanged (idempotent). Refused (400) when no agent matches, (503) when the agent is lost
-        or another agent answers at its URL."""
+        job unchanged (idempotent). Refused (400) when no agent matches; (503) when the agent named is
+        lost or another agent answers at its URL; when no agent the route allows has room (lost,
+        draining or full), (503, the operator retries) or (409, the task fails) as [fleet] when_full
+        says."""
         key = TaskInstanceKey(
             dag_id=request.dag_id,
             task_id=request.task_id,
@@ -88,28 +120,78 @@ class JobService:
             map_index=request.map_index,
             try_number=request.try_number,
         )
+        refused: dict[str, str] = {}  # agents that refused this job at POST /run, in their words
+        superseding = True
+        # An agent that refuses the job (full or draining: the sidecar's view of it was behind)
+        # started nothing. Its job is forgotten rather than ended FAILED: a FAILED job is what the
+        # task's next submission of this try would find (one job per try), so the task would fail
+        # instead of waiting for room. The job is routed again without that agent, until one takes
+        # it or none is left (each agent is tried at most once): then the answer is the no-capacity
+        # one, naming the refusals, and the operator's retry routes afresh.
+        while True:
+            try:
+                job, created = await self._place(request, key, refused)
+            except Refused as exc:
+                existing = await asyncio.to_thread(self._db.find, key, request.ti_identity)
+                if existing is not None:
+                    return Submitted(existing, False)  # this try was submitted before: its job
+                if isinstance(exc, NoRoom) and self._metrics is not None:
+                    self._metrics.no_capacity.inc()
+                raise
+            if not created:
+                return Submitted(job, False)
+            if superseding:
+                superseding = False
+                self._later(self._stop_superseded(job))
+            try:
+                return Submitted(await self._start_on_agent(job, request.payload), True)
+            except _NotTaken as exc:
+                refused[job.agent_id] = str(exc)
+
+    async def _place(
+        self, request: SubmitRequest, key: TaskInstanceKey, refused: Mapping[str, str]
+    ) -> tuple[JobRecord, bool]:
+        """Choose the agent and record the job there (or find this try's job, ``created`` False)."""
         try:
-            agent_id = self._agents.route(agent_id=request.agent_id, labels=request.labels)
+            eligible = self._agents.eligible(agent_id=request.agent_id, labels=request.labels)
         except NoAgent as exc:
             raise Refused(400, str(exc)) from None
+        if not self._agents.limited(eligible):  # no agent has a limit: loads do not matter
+            return await self._record(request, key, refused, load=None)
+        async with self._placing:
+            load = await asyncio.to_thread(self._db.active_counts)
+            return await self._record(request, key, refused, load=load)
+
+    async def _record(
+        self,
+        request: SubmitRequest,
+        key: TaskInstanceKey,
+        refused: Mapping[str, str],
+        *,
+        load: Mapping[str, int] | None,
+    ) -> tuple[JobRecord, bool]:
+        try:
+            agent_id = self._agents.route(
+                agent_id=request.agent_id, labels=request.labels, load=load, refused=refused
+            )
+        except NoCapacity as exc:
+            raise self._no_capacity(str(exc)) from None
         refusal = self._agents.refuse(agent_id)
-        lost = self._loop.agent_states().get(agent_id) == AgentState.LOST
-        if (lost or refusal is not None) and (
-            await asyncio.to_thread(self._db.find, key, request.ti_identity) is None
-        ):
-            # No new work for a lost agent, nor for another one at its URL (routing by labels already
-            # avoids both): the operator retries, and the job starts once the agent answers again.
+        if refusal is not None or self._loop.agent_states().get(agent_id) == AgentState.LOST:
+            # Only an agent named by agent_id gets here so (routing by labels skips both): the
+            # operator retries, and the job starts once the agent answers again.
             raise Refused(
                 503,
                 refusal or f"agent {agent_id} is lost: it does not answer its health checks",
                 retry_after=LOST_AGENT_RETRY_AFTER,
             )
         new = NewJob(key, agent_id, request.command, request.ti_identity)
-        job, created = await asyncio.to_thread(self._db.submit, new)
-        if created:
-            self._later(self._stop_superseded(job))
-            job = await self._start_on_agent(job, request.payload)
-        return Submitted(job, created)
+        return await asyncio.to_thread(self._db.submit, new)
+
+    def _no_capacity(self, message: str) -> NoRoom:
+        if self._when_full == "refuse":
+            return NoRoom(409, message)
+        return NoRoom(503, message, retry_after=NO_CAPACITY_RETRY_AFTER)
 
     async def _stop_superseded(self, new: JobRecord) -> None:
         """A new try of a task instance (or the first try of a re-created run's) means the jobs of the
@@ -141,6 +223,8 @@ class JobService:
     async def _start_on_agent(self, job: JobRecord, payload: dict[str, Any]) -> JobRecord:
         try:
             await self._agents.client(job.agent_id).run(job.job_id, payload)
+        except AgentBusy as exc:  # full or draining, by the agent's own count: it started nothing
+            return await self._not_taken(job, exc.message)
         except AgentRejected as exc:
             return await asyncio.to_thread(
                 self._db.finish,
@@ -159,6 +243,15 @@ class JobService:
             return await asyncio.to_thread(self._db.mark_running, job.job_id, source="submit")
         except StaleTransition:
             return await asyncio.to_thread(self._db.get, job.job_id) or job
+
+    async def _not_taken(self, job: JobRecord, why: str) -> JobRecord:
+        """Forget a job its agent refused for want of room (raises :class:`_NotTaken`); a job that
+        moved meanwhile (the loop or another request got to it) is answered as it is now."""
+        fields = job_fields(job, action="agent_refused_job")
+        if not await asyncio.to_thread(self._db.forget_unstarted, job.job_id, agent_id=job.agent_id):
+            return await asyncio.to_thread(self._db.get, job.job_id) or job
+        log.warning("agent refused the job at submit, started nothing; job forgotten: %s", why, extra=fields)
+        raise _NotTaken(why)
 
     async def update_status(self, request: UpdateRequest) -> Update:
         """The push path: someone reports a task's new state. The job is checked exactly as the poll

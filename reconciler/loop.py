@@ -87,6 +87,11 @@ class ReconcileLoop:
         )
         self.last_success: float | None = None  # monotonic time of the last successful cycle
 
+    @property
+    def fleet(self) -> Fleet | None:
+        """The agents' liveness and capacity as this replica knows them (None: not watched)."""
+        return self._fleet
+
     def agent_states(self) -> dict[str, str]:
         """Each agent's liveness (live, suspect, lost) as this replica's loop sees it."""
         return {} if self._fleet is None else {a: str(s) for a, s in self._fleet.states().items()}

@@ -66,8 +66,28 @@ class Metrics:
         )
         self.agents = Gauge(
             "reconciler_agents",
-            "Configured agents by state (live, suspect, lost, wrong_identity: another agent answers there).",
+            "Configured agents by state (live, suspect, draining: takes no new job, lost, "
+            "wrong_identity: another agent answers there).",
             ["state"],
+            registry=r,
+        )
+        # Per configured label set (an agent's labels, sorted and comma-joined): bounded by the config.
+        self.agent_capacity = Gauge(
+            "reconciler_agent_capacity",
+            "Job slots of the agents carrying this label set that take new jobs (not draining, lost or "
+            "wrong_identity): the sum of their max_jobs, +Inf when one has no limit.",
+            ["labels"],
+            registry=r,
+        )
+        self.agent_active_jobs = Gauge(
+            "reconciler_agent_active_jobs",
+            "Active jobs (router DB) on the agents carrying this label set, draining ones included.",
+            ["labels"],
+            registry=r,
+        )
+        self.no_capacity = Counter(
+            "reconciler_no_capacity",
+            "Submissions refused because no agent the route allows could take the job (503 or 409).",
             registry=r,
         )
         self.lost_jobs = Counter(

@@ -18,9 +18,11 @@ from collections.abc import Callable, Sequence
 
 from aiohttp import web
 
+from reconciler.fleet import AgentReport, DrainNotDelivered, Fleet
 from reconciler.job_service import JobService, NoSuchJob, Refused, Update
 from reconciler.loop import ReconcileLoop
 from reconciler.metrics import Metrics
+from reconciler.pages import PageConfig, add_pages, except_pages
 from reconciler.readiness import assess
 from router_db import RouterDB
 from servicekit.credentials import Secret
@@ -40,6 +42,7 @@ from sidecar_api.protocol import (
     MAX_INT,
     MAX_LIST_LIMIT,
     WireError,
+    agent_json,
     job_json,
     parse_status,
     parse_submit,
@@ -58,6 +61,8 @@ def _known(exc: Exception) -> HttpError | None:
         return BadRequest(str(exc))
     if isinstance(exc, NoSuchJob):
         return HttpError(404, str(exc))
+    if isinstance(exc, DrainNotDelivered):
+        return HttpError(502, str(exc))
     if isinstance(exc, Refused):
         headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after is not None else None
         return HttpError(exc.status, str(exc), headers=headers)
@@ -77,8 +82,11 @@ class SidecarAPI:
         max_body_bytes: int = 1024 * 1024,
         rate_limiter: RateLimiter | None = None,
         is_leader: Callable[[], bool] = lambda: True,
+        fleet: Fleet | None = None,
+        pages: PageConfig | None = None,  # serve the read-only pages under /ui/ too
     ) -> None:
         self._jobs = jobs
+        self._fleet = fleet or loop.fleet
         self._db = db
         self._metrics = metrics
         self._loop = loop
@@ -87,11 +95,13 @@ class SidecarAPI:
         self._is_leader = is_leader
         self._max_body_bytes = max_body_bytes
         self._ready_after = ready_after  # seconds without a successful cycle before /readyz fails
+        self._pages = pages
 
     def app(self) -> web.Application:
         middlewares = [
             json_errors(service="sidecar", known=_known),
-            token_auth(self._tokens, open_paths=OPEN_PATHS, limiter=self._limiter),
+            # The pages check their own login: a session cookie, or the same bearer tokens.
+            except_pages(token_auth(self._tokens, open_paths=OPEN_PATHS, limiter=self._limiter)),
         ]
         # client_max_size is not our limit (read_json applies max_body_bytes); keep aiohttp's out of the way
         app = web.Application(client_max_size=self._max_body_bytes + 1, middlewares=middlewares)
@@ -101,9 +111,22 @@ class SidecarAPI:
         app.router.add_get("/jobs/{job_id}", self.get_job)
         app.router.add_get("/jobs/{job_id}/log", self.job_log)
         app.router.add_get("/jobs/{job_id}/events", self.job_events)
+        app.router.add_get("/agents", self.list_agents)
+        app.router.add_post("/agents/{agent_id}/drain", self.drain_agent)
+        app.router.add_post("/agents/{agent_id}/undrain", self.undrain_agent)
         app.router.add_get("/metrics", self.metrics)
         app.router.add_get("/healthz", self.healthz)
         app.router.add_get("/readyz", self.readyz)
+        if self._pages is not None:
+            add_pages(
+                app,
+                self._pages,
+                jobs=self._jobs,
+                db=self._db,
+                fleet=self._fleet,
+                tokens=self._tokens,
+                limiter=self._limiter,
+            )
         return app
 
     async def submit(self, request: web.Request) -> web.Response:
@@ -174,6 +197,33 @@ class SidecarAPI:
             headers={"X-Log-Size": str(chunk.size), "X-Next-Offset": str(chunk.next_offset)},
         )
 
+    async def list_agents(self, request: web.Request) -> web.Response:
+        """The configured agents in id order: state, capacity and load (see :func:`agent_json`)."""
+        ids = self._fleet.ids() if self._fleet is not None else []
+        load = await asyncio.to_thread(self._db.active_counts) if ids else {}
+        reports = [self._fleet.report(a) for a in ids] if self._fleet is not None else []
+        return web.json_response({"agents": [_agent(report, load) for report in reports]})
+
+    async def drain_agent(self, request: web.Request) -> web.Response:
+        """No new job goes to the agent (its running jobs run on); 502 if the agent did not take the
+        flag, which the sidecar keeps all the same."""
+        return await self._drain(request, draining=True)
+
+    async def undrain_agent(self, request: web.Request) -> web.Response:
+        return await self._drain(request, draining=False)
+
+    async def _drain(self, request: web.Request, *, draining: bool) -> web.Response:
+        # A body is optional, its keys ignored (as the agent's /drain): anything but an object is a
+        # client's mistake, refused before anything changes.
+        if not isinstance(await read_json(request, limit=self._max_body_bytes, allow_empty=True), dict):
+            raise BadRequest("body must be a JSON object, or empty")
+        agent_id = request.match_info["agent_id"]
+        if self._fleet is None or agent_id not in self._fleet.ids():
+            raise HttpError(404, f"unknown agent {agent_id[:128]!r}")
+        report = await self._fleet.drain(agent_id, draining=draining)
+        load = await asyncio.to_thread(self._db.active_counts)
+        return web.json_response(_agent(report, load))
+
     async def metrics(self, request: web.Request) -> web.Response:
         return web.Response(
             body=self._metrics.render(), headers={"Content-Type": "text/plain; version=0.0.4"}
@@ -198,6 +248,21 @@ class SidecarAPI:
             agent_states=self._loop.agent_states(),
         )
         return web.json_response(readiness.to_json(), status=200 if readiness.ready else 503)
+
+
+def _agent(report: AgentReport, load: dict[str, int]) -> dict[str, object]:
+    return agent_json(
+        agent_id=report.agent_id,
+        url=report.url,
+        labels=report.labels,
+        state=str(report.state),
+        last_contact_at=report.last_contact_at,
+        max_jobs=report.max_jobs,
+        active_jobs=load.get(report.agent_id, 0),
+        jobs_running=report.jobs_running,
+        version=report.version,
+        draining=report.draining,
+    )
 
 
 def _job_id(request: web.Request) -> str:

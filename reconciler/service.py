@@ -14,6 +14,7 @@ from reconciler.job_service import JobService
 from reconciler.leadership import Leadership
 from reconciler.loop import ReconcileLoop
 from reconciler.metrics import Metrics
+from reconciler.pages import PageConfig
 from reconciler.server import SidecarAPI
 from reconciler.stops import StopDispatcher
 from router_db import RouterDB
@@ -67,6 +68,7 @@ def build(config: ReconcilerConfig, secrets: Secrets, *, create_schema: bool = T
     fleet = Fleet(db=db, agents=agents, metrics=metrics, config=config.fleet)
     agents.avoid = lambda agent_id: fleet.state(agent_id) in (AgentState.LOST, AgentState.WRONG_IDENTITY)
     agents.refuse = fleet.refusal
+    agents.capacity = fleet.capacity
     loop = ReconcileLoop(
         db=db,
         airflow=airflow,
@@ -85,7 +87,14 @@ async def serve(config: ReconcilerConfig, secrets: Secrets) -> None:
     # Every replica serves the API; only the lease holder runs the loop (which resumes pending stops).
     leadership = Leadership(db=parts.db, metrics=parts.metrics, config=config.leader)
     api = SidecarAPI(
-        jobs=JobService(db=parts.db, agents=parts.agents, loop=parts.loop, dispatcher=parts.dispatcher),
+        jobs=JobService(
+            db=parts.db,
+            agents=parts.agents,
+            loop=parts.loop,
+            dispatcher=parts.dispatcher,
+            when_full=config.fleet.when_full,
+            metrics=parts.metrics,
+        ),
         db=parts.db,
         metrics=parts.metrics,
         loop=parts.loop,
@@ -98,10 +107,17 @@ async def serve(config: ReconcilerConfig, secrets: Secrets) -> None:
             else None
         ),
         is_leader=lambda: leadership.is_leader,
+        pages=PageConfig(
+            airflow_url=config.airflow.base_url,
+            airflow_version=parts.airflow.api_version,
+            viewer_tokens=secrets.viewer_tokens,
+            secure=config.http.scheme == "https",
+        ),
     )
     stopping = shutdown_requested()
     # Every replica, standby too, serves the API with the tokens as their files say now.
-    watcher = asyncio.create_task(follow([secrets.http_tokens, *secrets.agent_tokens.values()]))
+    viewers = [secrets.viewer_tokens] if secrets.viewer_tokens is not None else []
+    watcher = asyncio.create_task(follow([secrets.http_tokens, *viewers, *secrets.agent_tokens.values()]))
     http = config.http
     try:
         async with serving(api.app(), host=http.host, port=http.port, ssl_context=http.server_ssl_context()):

@@ -109,8 +109,12 @@ class RouterDB:
         run_id: str | None = None,
         statuses: Iterable[JobStatus] | None = None,
         limit: int = 1000,
+        newest_first: bool = False,
     ) -> list[JobRecord]:
-        query = select(Job).order_by(Job.created_at, Job.job_id).limit(limit)
+        """Jobs matching every filter given, oldest first (the API's order), or newest first (the
+        pages': the first ``limit`` are then the latest)."""
+        order = (Job.created_at.desc(), Job.job_id.desc()) if newest_first else (Job.created_at, Job.job_id)
+        query = select(Job).order_by(*order).limit(limit)
         if dag_id is not None:
             query = query.where(Job.dag_id == dag_id)
         if run_id is not None:
@@ -132,6 +136,17 @@ class RouterDB:
             query = query.where(Job.agent_id == agent_id)
         with self._sessions() as session:  # Core rows: no identity map for tens of thousands of jobs
             return [JobRecord.from_row(row) for row in session.execute(query)]
+
+    def active_counts(self) -> dict[str, int]:
+        """Active jobs (queued, running or stopping) per agent id, agents without any left out: what
+        each agent carries as far as the router knows, the measure of its free capacity."""
+        query = (
+            select(Job.agent_id, func.count())
+            .where(Job.status.in_([str(s) for s in ACTIVE]))
+            .group_by(Job.agent_id)
+        )
+        with self._sessions() as session:
+            return {agent_id: int(count) for agent_id, count in session.execute(query)}
 
     def changed_since(self, moment: datetime) -> list[JobRecord]:
         """Jobs of any status updated at or after ``moment``: keeps an in-memory view current."""
@@ -220,6 +235,17 @@ class RouterDB:
                 raise
             return existing, False
         return JobRecord.from_row(row), True
+
+    def forget_unstarted(self, job_id: str, *, agent_id: str) -> bool:
+        """Delete a job, with its audit rows, that is still QUEUED on ``agent_id``: one its agent
+        refused to start (full or draining), so that the task's next submission of the same try is
+        routed afresh instead of finding this job. False, deleting nothing, if it has moved since."""
+        unstarted = (Job.job_id == job_id, Job.status == str(JobStatus.QUEUED), Job.agent_id == agent_id)
+        with self._sessions.begin() as session:
+            # One guarded statement: a job that moved meanwhile is left whole. Its audit rows go with
+            # it (ON DELETE CASCADE, which the SQLite engine turns on).
+            gone = cast(CursorResult[Any], session.execute(delete(Job).where(*unstarted)))
+            return gone.rowcount == 1
 
     def import_running(self, jobs: Sequence[NewJob], *, source: str) -> list[str]:
         """Record many jobs already running on their agents, in one transaction (migrations,

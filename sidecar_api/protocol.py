@@ -268,6 +268,37 @@ def update_json(
     }
 
 
+def agent_json(
+    *,
+    agent_id: str,
+    url: str,
+    labels: list[str],
+    state: str,
+    last_contact_at: datetime | None,
+    max_jobs: int | None,
+    active_jobs: int,
+    jobs_running: int | None,
+    version: str | None,
+    draining: bool,
+) -> dict[str, Any]:
+    """One agent of ``GET /agents`` (and the answer to a drain): ``state`` is one of live, suspect,
+    draining, lost, wrong_identity; ``max_jobs``, ``jobs_running`` and ``version`` are the agent's own
+    last answer (null: not said, by an older agent or none yet; ``max_jobs`` 0: no limit);
+    ``active_jobs`` is the router DB's count of its queued, running and stopping jobs."""
+    return {
+        "agent_id": agent_id,
+        "url": url,
+        "labels": labels,
+        "state": state,
+        "last_contact_at": _iso(last_contact_at),
+        "max_jobs": max_jobs,
+        "active_jobs": active_jobs,
+        "jobs_running": jobs_running,
+        "version": version,
+        "draining": draining,
+    }
+
+
 def _iso(value: datetime | None) -> str | None:
     return value.isoformat() if value is not None else None
 

@@ -85,7 +85,16 @@ def test_x_agent_token_header_is_accepted(agent: AgentProcess) -> None:
 def test_health_needs_no_token(agent: AgentProcess) -> None:
     status, answer = request(agent, "GET", "/health", auth=False)
     assert status == 200
-    assert json.loads(answer) == {"status": "ok", "agent_id": "test-agent", "jobs_running": 0}
+    health = json.loads(answer)
+    assert health == {
+        "status": "ok",
+        "agent_id": "test-agent",
+        "jobs_running": 0,
+        "max_jobs": 0,
+        "draining": False,
+        "version": health["version"],
+    }
+    assert health["version"]
 
 
 # ---------------------------------------------------------------------------------------- bad input

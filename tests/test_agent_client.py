@@ -174,7 +174,8 @@ async def not_json(request: web.Request) -> web.Response:
 
 
 async def server_error(request: web.Request) -> web.Response:
-    return web.json_response({"error": f"boom {request.headers.get('Authorization')}"}, status=503)
+    # Not 503: the agent's own 503 to /run is AgentBusy (tests/test_agent_capacity.py).
+    return web.json_response({"error": f"boom {request.headers.get('Authorization')}"}, status=500)
 
 
 async def slow(request: web.Request) -> web.Response:
@@ -187,7 +188,7 @@ async def slow(request: web.Request) -> web.Response:
     [
         (garbage_job, "unexpected answer"),
         (not_json, "not JSON"),
-        (server_error, "HTTP 503"),
+        (server_error, "HTTP 500"),
         (slow, "no answer"),
     ],
 )

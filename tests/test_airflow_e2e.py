@@ -258,7 +258,7 @@ def test_the_job_id_is_in_xcom_as_soon_as_the_task_defers(stack: Stack) -> None:
         assert str(value).strip('"') == jobs[task_id]["job_id"], (task_id, value)
     # The "Agentic job" extra link as Airflow's API serves it (v2 wraps the links, v1 does not).
     links = stack.api.http.get(f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances/exit_zero/links").json()
-    url = f"{stack.sidecar.url}/jobs/{jobs['exit_zero']['job_id']}"
+    url = f"{stack.sidecar.url}/ui/jobs/{jobs['exit_zero']['job_id']}"
     assert links.get("extra_links", links) == {"Agentic job": url}, links
 
 

@@ -277,10 +277,23 @@ def sidecar_cases() -> list[Case]:
     for name in ("status", "dag_id", "run_id"):  # an empty filter is a mistake, not "any"
         path = f"/jobs?{name}="
         cases.append(Case(f"sidecar-query-{name}-empty", "sidecar", "GET", path, expect=400, names=name))
+    # A drain's body is optional, but a JSON object when there is one (the agent's flag stays as it is).
+    # /undrain reads its body as /drain does: a few of the bodies suffice there.
+    for verb, names in (("drain", set(RAW_BODIES) - {"empty"}), ("undrain", {"null", "array", "truncated"})):
+        route = f"/agents/agent-1/{verb}"
+        for name in sorted(names):  # "empty" is no body: a real drain
+            cases.append(
+                Case(f"sidecar-POST{route}-{name}", "sidecar", "POST", route, RAW_BODIES[name], expect=400)
+            )
+        cases.append(
+            Case(f"sidecar-POST{route}-huge", "sidecar", "POST", route, b" " * (MIB + 1), expect=413)
+        )
+    cases.append(Case("sidecar-drain-unknown-agent", "sidecar", "POST", "/agents/agent-9/drain", expect=404))
     methods = [
         ("PUT", "/jobs"), ("DELETE", "/jobs"), ("DELETE", f"/jobs/{JOB}"), ("PATCH", f"/jobs/{JOB}"),
         ("GET", "/jobs/update_status/x"), ("PUT", "/jobs/update_status"), ("POST", f"/jobs/{JOB}/log"),
-        ("POST", "/healthz"), ("POST", "/metrics"), ("DELETE", "/readyz"),
+        ("POST", "/healthz"), ("POST", "/metrics"), ("DELETE", "/readyz"), ("POST", "/agents"),
+        ("DELETE", "/agents/agent-1/drain"), ("PUT", "/agents/agent-1/undrain"),
     ]  # fmt: skip
     for method, path in methods:
         expect = 404 if method == "GET" else 405
@@ -292,6 +305,8 @@ def sidecar_cases() -> list[Case]:
             ("GET", "/jobs", None),
             ("GET", f"/jobs/{JOB}", None),
             ("POST", "/jobs/update_status", _j({"job_id": JOB, "status": "failed"})),
+            ("GET", "/agents", None),
+            ("POST", "/agents/agent-1/drain", b"{}"),
         ):
             cases.append(
                 Case(f"sidecar-token-{name}-{method}{path}", "sidecar", method, path, body, header, 401)
@@ -347,6 +362,16 @@ def agent_cases() -> list[Case]:
     }
     for name, body in stop.items():
         cases.append(Case(f"agent-stop-{name}", "agent", "POST", f"/stop/{JOB}", _j(body), expect=400))
+    # The body is optional, but a JSON object when there is one; /undrain reads it as /drain does.
+    for route, names in (
+        ("/drain", set(RAW_BODIES) - {"empty"}),
+        ("/undrain", {"null", "array", "truncated"}),
+    ):
+        for name in sorted(names):  # "empty" is no body: a real drain
+            cases.append(
+                Case(f"agent-POST{route}-{name}", "agent", "POST", route, RAW_BODIES[name], expect=400)
+            )
+        cases.append(Case(f"agent-POST{route}-huge", "agent", "POST", route, b" " * (MIB + 1), expect=413))
     for name, job_id in BAD_IDS.items():
         cases.append(Case(f"agent-GET-id-{name}", "agent", "GET", f"/jobs/{job_id}"))
         cases.append(Case(f"agent-GET-log-{name}", "agent", "GET", f"/jobs/{job_id}/log"))
@@ -360,7 +385,8 @@ def agent_cases() -> list[Case]:
             cases.append(Case(f"agent-log-{param}-{name}", "agent", "GET", path, expect=400, names=param))
     methods = [
         ("GET", "/run"), ("PUT", "/run"), ("DELETE", f"/jobs/{JOB}"), ("PATCH", f"/jobs/{JOB}/log"),
-        ("GET", f"/stop/{JOB}"), ("DELETE", f"/stop/{JOB}"), ("POST", "/health"),
+        ("GET", f"/stop/{JOB}"), ("DELETE", f"/stop/{JOB}"), ("POST", "/health"), ("GET", "/drain"),
+        ("PUT", "/undrain"),
     ]  # fmt: skip
     for method, path in methods:
         cases.append(Case(f"agent-method-{method}-{path}", "agent", method, path, expect=405))
@@ -371,6 +397,8 @@ def agent_cases() -> list[Case]:
             ("GET", f"/jobs/{JOB}", None),
             ("GET", f"/jobs/{JOB}/log", None),
             ("POST", f"/stop/{JOB}", b"{}"),
+            ("POST", "/drain", b"{}"),
+            ("POST", "/undrain", b"{}"),
         ):
             cases.append(Case(f"agent-token-{name}-{method}{path}", "agent", method, path, body, header, 401))
     return cases
@@ -396,7 +424,8 @@ class Stand:
         job_dirs = sorted(p.name for p in (self.agent.home / "jobs").iterdir())
         with httpx.Client(base_url=self.agent.url, headers=self.agent_auth, timeout=10) as client:
             agent_job = client.get(f"/jobs/{self.job_id}").json()
-        return jobs, events, job_dirs, agent_job["status"], agent_job["pid"]
+            draining = client.get("/healthz").json()["draining"]
+        return jobs, events, job_dirs, agent_job["status"], agent_job["pid"], draining
 
     @property
     def agent_auth(self) -> dict[str, str]:
@@ -498,6 +527,83 @@ def test_text_no_router_db_can_store_is_refused_on_postgresql_too(postgres_stand
     _check_refused(postgres_stand, case)
 
 
+@dataclass(frozen=True)
+class PageCase:
+    """A bad request to the read-only pages under /ui/ (HTML: a 4xx page, or the login form's 303)."""
+
+    id: str
+    method: str
+    path: str
+    body: bytes | None = None
+    headers: tuple[tuple[bytes, bytes], ...] = ()
+
+
+def page_cases() -> list[PageCase]:
+    good = ((b"Authorization", b"Bearer {token}"),)
+    form = ((b"Content-Type", b"application/x-www-form-urlencoded"),)
+    cases = [
+        PageCase(f"page-id-{name}", "GET", f"/ui/jobs/{job_id}", headers=good)
+        for name, job_id in BAD_IDS.items()
+    ]
+    queries = {
+        "status-bogus": "status=BOGUS",
+        "status-twice": "status=FAILED&status=QUEUED",
+        "dag_id-nul": "dag_id=a%00b",
+        "dag_id-overlong": "dag_id=" + "d" * 251,
+    }
+    cases += [
+        PageCase(f"page-query-{name}", "GET", f"/ui/jobs?{q}", headers=good) for name, q in queries.items()
+    ]
+    cases += [
+        PageCase(f"page-login-{name}", "POST", "/ui/login", body, form) for name, body in RAW_BODIES.items()
+    ]
+    cases.append(PageCase("page-login-huge", "POST", "/ui/login", b"token=" + b"x" * MIB, form))
+    for name, header in TOKENS.items():
+        value = header if isinstance(header, bytes) else (header or "").encode()
+        cases.append(PageCase(f"page-token-{name}", "GET", "/ui/jobs", headers=((b"Authorization", value),)))
+    for name, cookie in {
+        "forged": b"agentic_session=forged",
+        "very-long": b"agentic_session=" + b"c" * 8000,
+        "non-ascii": b"agentic_session=\xff\xfe\xc3\xa9",
+        "malformed": b";;=;agentic_session",
+    }.items():
+        cases.append(
+            PageCase(f"page-cookie-{name}", "GET", f"/ui/jobs/{JOB}", headers=((b"Cookie", cookie),))
+        )
+    return cases
+
+
+PAGE_CASES = page_cases()
+
+
+@pytest.mark.parametrize("case", PAGE_CASES, ids=[c.id for c in PAGE_CASES])
+def test_bad_page_requests_get_an_html_4xx_or_the_login_form_and_change_nothing(
+    stand: Stand, case: PageCase
+) -> None:
+    token = stand.sidecar.token
+    before = stand.snapshot()
+    headers = {name: value.replace(b"{token}", token.encode()) for name, value in case.headers}
+    with httpx.Client(timeout=30) as client:
+        request = client.build_request(
+            case.method,
+            stand.sidecar.url + case.path.replace(JOB, stand.job_id),
+            headers=headers,
+            content=case.body,
+        )
+        response = client.send(request)
+    shown = f"{case.method} {case.path[:80]} -> {response.status_code} {response.text[:300]!r}"
+    assert response.status_code == 303 or 400 <= response.status_code < 500, shown
+    if response.status_code == 303:
+        assert response.headers["Location"].startswith("/ui/login"), shown
+    if response.headers.get("content-type", "").startswith("application/json"):  # a path no page serves
+        assert response.status_code == 404 and response.json()["error"], shown
+    else:
+        assert response.headers.get("content-type", "").startswith("text/html"), shown
+    assert token not in response.text, shown
+    assert stand.snapshot() == before, f"{shown}: state changed"
+    assert httpx.get(f"{stand.sidecar.url}/healthz", timeout=10).status_code == 200, f"{shown}: not healthy"
+
+
 def _log(stand: Stand, query: str) -> httpx.Response:
     """The agent's answer to ``GET /jobs/<the running job>/log?<query>``."""
     return _send(stand, Case("log", "agent", "GET", f"/jobs/{JOB}/log?{query}"))
@@ -530,9 +636,9 @@ def test_agent_log_limit_extremes(stand: Stand) -> None:
 
 def test_the_battery_leaves_no_job_behind_but_the_running_one(stand: Stand) -> None:
     """After every case: one job in the router DB, one job directory on the agent, still running."""
-    jobs, _, job_dirs, status, _ = stand.snapshot()
+    jobs, _, job_dirs, status, _, draining = stand.snapshot()
     assert [j[0] for j in jobs] == [stand.job_id] and job_dirs == [stand.job_id], (jobs, job_dirs)
-    assert status == "RUNNING"
+    assert status == "RUNNING" and draining is False
     assert not list(Path(stand.agent.home).glob("jobs/bi-*"))
 
 

@@ -111,6 +111,8 @@ def test_alerts_cover_the_failures_operators_must_hear_about() -> None:
     assert any("reconciler_airflow_requests_total" in e for e in expressions.values())
     assert any('outcome="rejected"' in e for e in expressions.values())
     assert any('outcome="retry"' in e for e in expressions.values()), "the stop backlog"
+    assert any('state="wrong_identity"' in e for e in expressions.values()), "an address reused"
+    assert any("reconciler_no_capacity_total" in e for e in expressions.values()), "no agent with room"
     for rule in rules():
         assert rule["labels"]["severity"] in ("critical", "warning", "info"), rule["alert"]
         assert rule["annotations"]["summary"] and rule["annotations"]["description"], rule["alert"]
@@ -125,6 +127,8 @@ def series(name: str, values: str, **labels: str) -> dict[str, str]:
 HEALTHY = [
     series("reconciler_leader", "1x40"),
     series("reconciler_agents", "0x40", state="lost"),
+    series("reconciler_agents", "0x40", state="wrong_identity"),
+    series("reconciler_no_capacity_total", "0x40"),
     series("reconciler_full_resync_failing", "0x40"),
     series("reconciler_stopping_jobs", "0 2 0 1 0 0 3 0 0x32"),  # stops come and go within a cycle or two
     series("reconciler_last_success_timestamp_seconds", "0+60x40"),
@@ -199,6 +203,20 @@ SCENARIOS: list[tuple[str, list[dict[str, str]], str, int, dict[str, str]]] = [
         [series("reconciler_agents", "0 0 1 1 1 1 1", state="lost")],
         "AgenticAgentLost",
         4,
+        LABELS,
+    ),
+    (
+        "another agent answers at an agent's URL",
+        [series("reconciler_agents", "0 0 1 1 1 1 1", state="wrong_identity")],
+        "AgenticAgentWrongIdentity",
+        4,
+        LABELS,
+    ),
+    (
+        "submissions keep finding every agent full",
+        [series("reconciler_no_capacity_total", "0+3x30")],
+        "AgenticNoCapacity",
+        20,
         LABELS,
     ),
     (

@@ -291,12 +291,12 @@ def test_the_link_points_at_the_job_in_the_operators_sidecar_and_never_raises(
     job = "4f2a9c0e8b6d4e51a0c3f7d9e2b1a6c8"
     assert (found["name"], found["type"]) == ("Agentic job", "AgenticJobLink")
     assert found["asked"]["key"] == "agentic_job_id"
-    assert found["link"] == f"https://proxy.example:443/agentic/jobs/{job}"
+    assert found["link"] == f"https://proxy.example:443/agentic/ui/jobs/{job}"
     assert found["before_submission"] == found["undefined_connection"] == found["xcom_failing"] == ""
     assert found["restored_links"] == ["Agentic job"]  # Airflow 2 restores it only as a registered link
     # The serialized task keeps its conn_id (a template field): its own sidecar, not the default's.
     assert found["serialized_task"] == found["link"]
-    assert found["no_userinfo"] == f"https://proxy.example:8443/agentic/jobs/{job}"  # no credentials shown
+    assert found["no_userinfo"] == f"https://proxy.example:8443/agentic/ui/jobs/{job}"  # no credentials shown
 
 
 # --- against a real sidecar ----------------------------------------------------------------------------
