@@ -36,7 +36,14 @@ __all__ = ["AgentConfig", "ConfigError", "load_config"]
 
 ENV_PREFIX = "AGENTIC_AGENT_"
 DEFAULT_TOKEN_ENV = "AGENTIC_AGENT_TOKEN"
-DEFAULT_HOME = Path("/var/lib/agentic-agent")
+DEFAULT_HOME = Path("/var/lib/agentic-agent")  # as root (the systemd unit's StateDirectory)
+USER_HOME = Path("~/.local/state/agentic-agent")  # as anyone else: a home they can write
+
+
+def default_home() -> Path:
+    """Where job state goes when ``[agent] home`` is not set: /var/lib needs root, so an agent run by
+    another user (a first try, a laptop) keeps its state under its own home directory."""
+    return DEFAULT_HOME if os.geteuid() == 0 else USER_HOME.expanduser()
 
 
 @dataclass(frozen=True)
@@ -84,7 +91,7 @@ def load_config(path: Path | str | None, *, environ: Mapping[str, str] | None = 
         env=env,
         env_prefix=ENV_PREFIX,
         given={"tokens": ()},
-        defaults={"id": socket.gethostname(), "home": DEFAULT_HOME},
+        defaults={"id": socket.gethostname(), "home": default_home()},
     )
     if (settings.tls_cert_file is None) != (settings.tls_key_file is None):
         raise ConfigError("[agent] tls_cert_file, tls_key_file: set both (to serve HTTPS) or neither")
