@@ -130,6 +130,11 @@ class AgentEntry:
 
 
 @dataclass(frozen=True)
+class RetentionConfig:
+    keep_days: float = setting(30.0, ge=0)  # jobs that ended longer ago go, with their audit rows; 0: never
+
+
+@dataclass(frozen=True)
 class ReconcilerConfig:
     airflow: AirflowConfig = field(default_factory=AirflowConfig)
     router_db: RouterDBConfig = field(default_factory=RouterDBConfig)
@@ -139,6 +144,7 @@ class ReconcilerConfig:
     agents: list[AgentEntry] = field(default_factory=list)
     leader: LeaderConfig = field(default_factory=LeaderConfig)
     fleet: FleetConfig = field(default_factory=FleetConfig)
+    retention: RetentionConfig = field(default_factory=RetentionConfig)
 
 
 @dataclass(frozen=True)
@@ -250,4 +256,5 @@ _SECTIONS: dict[str, type[Any]] = {
     "http": HttpConfig,
     "leader": LeaderConfig,
     "fleet": FleetConfig,
+    "retention": RetentionConfig,
 }

@@ -15,6 +15,7 @@ from reconciler.leadership import Leadership
 from reconciler.loop import ReconcileLoop
 from reconciler.metrics import Metrics
 from reconciler.pages import PageConfig
+from reconciler.retention import prune_periodically
 from reconciler.server import SidecarAPI
 from reconciler.stops import StopDispatcher
 from router_db import RouterDB
@@ -81,6 +82,18 @@ def build(config: ReconcilerConfig, secrets: Secrets, *, create_schema: bool = T
     return Parts(db, airflow, agents, metrics, dispatcher, loop, fleet)
 
 
+async def _lead(parts: Parts, config: ReconcilerConfig, term: asyncio.Event) -> None:
+    """What the leader runs for its term: the poll loop, and retention beside it."""
+    pruning = asyncio.create_task(
+        prune_periodically(parts.db, keep_days=config.retention.keep_days, stopping=term)
+    )
+    try:
+        await parts.loop.run(term)
+    finally:
+        pruning.cancel()
+        await asyncio.gather(pruning, return_exceptions=True)
+
+
 async def serve(config: ReconcilerConfig, secrets: Secrets) -> None:
     """Run the loop and the HTTP API until SIGTERM or SIGINT, then finish in-flight stops."""
     parts = build(config, secrets)
@@ -123,7 +136,7 @@ async def serve(config: ReconcilerConfig, secrets: Secrets) -> None:
         async with serving(api.app(), host=http.host, port=http.port, ssl_context=http.server_ssl_context()):
             log.info("sidecar listening on %s://%s:%d", http.scheme, http.host, http.port)
             try:
-                await leadership.run(stopping, parts.loop.run)
+                await leadership.run(stopping, lambda term: _lead(parts, config, term))
             finally:
                 log.info("shutting down: finishing %d stop(s) under way", parts.dispatcher.inflight)
                 try:

@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 from sqlalchemy import func, select, update
 
+from harness.processes import free_port, wait_until
+from harness.sidecar import SidecarProcess
 from reconciler.retention import parse_age
 from router_db import JobStatus, NewJob, RouterDB, TaskInstanceKey
 from router_db.models import Job, JobEvent
@@ -107,4 +109,25 @@ def test_the_prune_command_counts_then_deletes(tmp_path: Path) -> None:
     refused = prune_command(tmp_path, "--older-than", "a month")
     assert refused.returncode == 2 and "such as 30d" in refused.stderr
     assert prune_command(tmp_path).returncode == 2  # no age: nothing is guessed
+    db.dispose()
+
+
+def test_the_leader_prunes_at_the_start_of_its_term_and_keeps_active_jobs(tmp_path: Path) -> None:
+    """The sidecar as deployed: ``[retention] keep_days`` at work, no command needed."""
+    db = RouterDB(f"sqlite:///{tmp_path / 'router.db'}")
+    db.create_schema()
+    old = submit(db, 2, status=JobStatus.SUCCEEDED, age_days=45)
+    running = submit(db, 1, status=JobStatus.RUNNING, age_days=45)
+    recent = submit(db, 1, status=JobStatus.FAILED, age_days=3)
+    sidecar = SidecarProcess(
+        workdir=tmp_path,
+        airflow_url=f"http://127.0.0.1:{free_port()}",  # nothing listens: the loop stops nothing
+        airflow_password="unused",
+        agents=[],
+        extra_config="[retention]\nkeep_days = 30.0\n",
+    )
+    with sidecar:
+        wait_until(lambda: all(db.get(job_id) is None for job_id in old), timeout=20, what="old jobs pruned")
+        assert db.get(running[0]) is not None and db.get(recent[0]) is not None
+        assert "retention: deleted 2 job(s)" in sidecar.log_path.read_text()
     db.dispose()
