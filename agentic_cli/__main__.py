@@ -1,12 +1,14 @@
-"""``agentic jobs list|show|log``: the sidecar's jobs for people on call, ``--json`` for scripts.
+"""``agentic jobs list|show|log|stop`` and ``agentic agents list|drain|undrain``: the sidecar's API
+for people on call, ``--json`` for scripts.
 
-Exit codes: 0 done; 1 the sidecar refused or failed (the token included); 2 bad usage (no URL or
-token); 3 no such job; 4 the sidecar could not be reached.
+Exit codes: 0 done; 1 the sidecar refused or failed (the token included; a stop Airflow does not
+confirm); 2 bad usage (no URL or token); 3 no such job or agent; 4 the sidecar could not be reached.
 """
 
 from __future__ import annotations
 
 import argparse
+import getpass
 import json
 import sys
 import time
@@ -14,7 +16,7 @@ from collections.abc import Callable, Sequence
 from typing import TextIO
 
 from agentic_cli.client import USAGE, CliError, Sidecar, Target, environment
-from agentic_cli.render import job_details, jobs_table, timeline
+from agentic_cli.render import agents_table, job_details, jobs_table, timeline
 
 TERMINAL = ("SUCCEEDED", "FAILED")
 FOLLOW_SECONDS = 1.0
@@ -42,6 +44,19 @@ def parser() -> argparse.ArgumentParser:
     log.add_argument("job_id")
     log.add_argument("--follow", "-f", action="store_true", help="keep printing until the job ends")
     log.add_argument("--tail", type=int, metavar="BYTES", help="only the last BYTES of the output so far")
+    stop = jobs.add_parser(
+        "stop", help="stop a job whose task Airflow no longer wants (the sidecar confirms with Airflow first)"
+    )
+    stop.add_argument("job_id")
+    stop.add_argument("--reason", required=True, help="why, for the job's audit trail")
+    agents = area.add_parser("agents", help="the agents the sidecar routes to")
+    agent_commands = agents.add_subparsers(dest="command", required=True)
+    agent_commands.add_parser("list", help="each agent's state, capacity and jobs")
+    for name, text in (
+        ("drain", "no new job goes there; running ones go on"),
+        ("undrain", "take jobs again"),
+    ):
+        agent_commands.add_parser(name, help=text).add_argument("agent_id")
     return top
 
 
@@ -54,7 +69,7 @@ def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None) -> int
         )
         sidecar = Sidecar(target)
         try:
-            return COMMANDS[args.command](sidecar, args, out)
+            return COMMANDS[args.area, args.command](sidecar, args, out)
         finally:
             sidecar.close()
     except CliError as exc:
@@ -113,15 +128,48 @@ def _more(sidecar: Sidecar, job_id: str, offset: int) -> bool:
     )
 
 
+def _stop(sidecar: Sidecar, args: argparse.Namespace, out: TextIO) -> int:
+    """Through the sidecar's confirmed path: it reads the task instance from Airflow and stops the job
+    only if Airflow no longer wants it (409 otherwise); who asked goes into the audit trail."""
+    reason = f"{args.reason} (asked by {getpass.getuser()} through agentic jobs stop)"
+    answer = sidecar.json(
+        "POST",
+        "/jobs/update_status",
+        json={"job_id": args.job_id, "status": "stop_requested", "reason": reason},
+        ok=(200, 202, 409),
+    )
+    if args.json:
+        out.write(json.dumps(answer, indent=2) + "\n")
+    else:
+        out.write(f"{answer.get('action')}: {answer.get('message')}\n")
+    return 0 if answer.get("action") in ("stopped", "stop_requested", "stop_pending", "already_final") else 1
+
+
+def _agents(sidecar: Sidecar, args: argparse.Namespace, out: TextIO) -> int:
+    agents = sidecar.json("GET", "/agents")["agents"]
+    out.write(json.dumps(agents, indent=2) + "\n" if args.json else agents_table(agents))
+    return 0
+
+
+def _drain(sidecar: Sidecar, args: argparse.Namespace, out: TextIO) -> int:
+    agent = sidecar.json("POST", f"/agents/{args.agent_id}/{args.command}")
+    out.write(json.dumps(agent, indent=2) + "\n" if args.json else agents_table([agent]))
+    return 0
+
+
 def _write(out: TextIO, data: bytes) -> None:
     out.write(data.decode("utf-8", errors="replace"))
     out.flush()
 
 
-COMMANDS: dict[str, Callable[[Sidecar, argparse.Namespace, TextIO], int]] = {
-    "list": _list,
-    "show": _show,
-    "log": _log,
+COMMANDS: dict[tuple[str, str], Callable[[Sidecar, argparse.Namespace, TextIO], int]] = {
+    ("jobs", "list"): _list,
+    ("jobs", "show"): _show,
+    ("jobs", "log"): _log,
+    ("jobs", "stop"): _stop,
+    ("agents", "list"): _agents,
+    ("agents", "drain"): _drain,
+    ("agents", "undrain"): _drain,
 }
 
 

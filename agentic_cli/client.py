@@ -79,8 +79,9 @@ class Sidecar:
     def close(self) -> None:
         self._http.close()
 
-    def json(self, method: str, path: str, **kwargs: Any) -> Any:
-        response = self._send(method, path, **kwargs)
+    def json(self, method: str, path: str, *, ok: tuple[int, ...] = (), **kwargs: Any) -> Any:
+        """The answer's JSON; ``ok``: error codes whose JSON is an answer too (not a CliError)."""
+        response = self._send(method, path, ok=ok, **kwargs)
         try:
             return response.json()
         except ValueError:
@@ -91,14 +92,14 @@ class Sidecar:
     def raw(self, path: str, **kwargs: Any) -> httpx.Response:
         return self._send("GET", path, **kwargs)
 
-    def _send(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+    def _send(self, method: str, path: str, *, ok: tuple[int, ...] = (), **kwargs: Any) -> httpx.Response:
         try:
             response = self._http.request(method, path, **kwargs)
         except httpx.HTTPError as exc:
             raise CliError(
                 f"cannot reach the sidecar at {self.url}: {type(exc).__name__}", UNREACHABLE
             ) from None
-        if response.status_code < 400:
+        if response.status_code < 400 or response.status_code in ok:
             return response
         try:
             error = response.json().get("error")

@@ -74,3 +74,29 @@ def timeline(events: Sequence[Mapping[str, Any]]) -> str:
         for e in ordered
     ]
     return table(["AT", "CHANGE", "BY", "REASON"], rows) if rows else "no events\n"
+
+
+AGENT_COLUMNS = (
+    ("AGENT", "agent_id"),
+    ("STATE", "state"),
+    ("ACTIVE", "active_jobs"),
+    ("MAX", "max_jobs"),
+    ("LABELS", "labels"),
+    ("LAST CONTACT", "last_contact_at"),
+    ("URL", "url"),
+)
+
+
+def agents_table(agents: Sequence[Mapping[str, Any]]) -> str:
+    if not agents:
+        return "no agents\n"
+
+    def cell(agent: Mapping[str, Any], key: str) -> object:
+        value = agent.get(key)
+        if key == "labels" and isinstance(value, list):
+            return ",".join(str(v) for v in value)
+        if key == "max_jobs" and not value:
+            return "-"  # no limit
+        return value
+
+    return table([h for h, _ in AGENT_COLUMNS], [[cell(a, k) for _, k in AGENT_COLUMNS] for a in agents])

@@ -273,7 +273,7 @@ class JobService:
         if job.status is JobStatus.STOPPING:
             return Update(200, True, "stop already under way", "stop_pending", job)
         try:
-            stop = await self._loop.check(job, source="api")
+            stop = await self._loop.check(job, source="api", note=request.reason)
         except AirflowError as exc:
             return Update(503, False, f"cannot confirm with Airflow ({exc}); nothing stopped", "none", job)
         if stop is None:

@@ -11,6 +11,7 @@ never stops one.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import heapq
 import logging
 import time
@@ -33,6 +34,7 @@ from reconciler.stops import StopDispatcher
 from reconciler.targeted import TargetedRead, judge, observe, ti_key
 from router_db import JobRecord, JobStatus, RouterDB
 
+MAX_NOTE_CHARS = 500  # of a caller's words kept in a stop's reason
 log = logging.getLogger("reconciler.loop")
 
 AGENT_READ_CONCURRENCY = 16  # status reads of the rolling agent sweep in flight at once
@@ -376,8 +378,9 @@ class ReconcileLoop:
             )
         return verdict
 
-    async def check(self, job: JobRecord, *, source: str) -> Stop | None:
+    async def check(self, job: JobRecord, *, source: str, note: str | None = None) -> Stop | None:
         """Confirm one job against Airflow now and stop it if it diverges: the push endpoint's path.
+        ``note`` (what the caller said, e.g. who asked) joins the stop's reason in the audit trail.
 
         Raises :class:`AirflowError` when Airflow cannot answer, so the caller can say so.
         """
@@ -389,6 +392,8 @@ class ReconcileLoop:
         if isinstance(verdict, Keep):
             return None
         self._metrics.divergences.labels(verdict.kind).inc()
+        if note:
+            verdict = dataclasses.replace(verdict, reason=f"{verdict.reason}; {note[:MAX_NOTE_CHARS]}")
         await self._dispatcher.stop(job, verdict, source=source)
         return verdict
 

@@ -17,21 +17,32 @@ from agentic_cli.__main__ import main
 from agentic_cli.render import clean, jobs_table
 from harness.agent import AgentProcess
 from harness.processes import free_port, wait_until
+from harness.served import ServedAirflow
 from harness.sidecar import AgentRef, SidecarProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
-def sidecar(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SidecarProcess]:
+def airflow() -> Iterator[ServedAirflow]:
+    served = ServedAirflow()
+    served.start()
+    yield served
+    served.stop()
+
+
+@pytest.fixture(scope="module")
+def sidecar(tmp_path_factory: pytest.TempPathFactory, airflow: ServedAirflow) -> Iterator[SidecarProcess]:
     base = tmp_path_factory.mktemp("cli")
     with (
         AgentProcess(home=base / "agent", agent_id="agent-1") as agent,
         SidecarProcess(
             workdir=base / "sidecar",
-            airflow_url=f"http://127.0.0.1:{free_port()}",  # nothing listens: the loop stops nothing
+            airflow_url=airflow.url,
             airflow_password="unused",
+            api_version="v2",
             agents=[AgentRef("agent-1", agent.url, agent.token, labels=["default"])],
+            interval_seconds=300.0,  # one cycle at start, before any job: only the CLI stops jobs here
         ) as proc,
     ):
         yield proc
@@ -110,3 +121,31 @@ def test_values_cannot_steer_the_terminal() -> None:
     assert clean("evil\x1b[2Jname\n") == "evil\\x1b[2Jname\\n"
     table = jobs_table([{"job_id": "j1", "status": "RUNNING", "dag_id": "d\x07"}])
     assert "\x07" not in table and "d\\x07" in table
+
+
+def test_jobs_stop_goes_through_airflows_confirmation_and_names_who_asked(
+    sidecar: SidecarProcess, airflow: ServedAirflow, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    airflow.call_soon(airflow.standin.add, "cli", "manual__1", "to-stop", -1, "deferred", 1)
+    job_id = submit(sidecar, "sleep 600", "to-stop")
+    code, said = run(sidecar, "jobs", "stop", job_id, "--reason", "runaway", monkeypatch=monkeypatch)
+    assert code == 1 and said.startswith("kept: Airflow still wants this task instance")
+    assert run(sidecar, "--json", "jobs", "show", job_id, monkeypatch=monkeypatch)[1].count('"RUNNING"')
+
+    airflow.mark(("cli", "manual__1", "to-stop", -1), "failed")
+    code, said = run(sidecar, "jobs", "stop", job_id, "--reason", "runaway", monkeypatch=monkeypatch)
+    assert code == 0 and said.split(":")[0] in ("stopped", "stop_requested"), said
+    code, shown = run(sidecar, "jobs", "show", job_id, monkeypatch=monkeypatch)
+    assert "RUNNING -> STOPPING" in shown and "runaway (asked by " in shown
+
+
+def test_agents_list_drain_and_undrain(sidecar: SidecarProcess, monkeypatch: pytest.MonkeyPatch) -> None:
+    wait_until(lambda: "live" in run(sidecar, "agents", "list", monkeypatch=monkeypatch)[1], timeout=20,
+               what="agent-1 live")  # fmt: skip
+    code, table = run(sidecar, "agents", "list", monkeypatch=monkeypatch)
+    assert code == 0 and table.splitlines()[1].split()[:2] == ["agent-1", "live"]
+    code, drained = run(sidecar, "--json", "agents", "drain", "agent-1", monkeypatch=monkeypatch)
+    assert code == 0 and json.loads(drained)["draining"] is True
+    code, undrained = run(sidecar, "--json", "agents", "undrain", "agent-1", monkeypatch=monkeypatch)
+    assert code == 0 and json.loads(undrained)["draining"] is False
+    assert run(sidecar, "agents", "drain", "no-such-agent", monkeypatch=monkeypatch)[0] == 3
