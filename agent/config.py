@@ -60,6 +60,13 @@ class AgentConfig:
     poll_seconds: float = setting(0.5, gt=0)  # how often running jobs are checked (exit, timeout)
     max_jobs: int = setting(0, ge=0)  # unfinished jobs at once; past it /run is 503 (0: no limit)
     drain_on_shutdown_seconds: float = setting(0.0, ge=0)  # on SIGTERM: drain, wait for jobs to end
+    # Finished jobs' directories (agent/retention.py): kept this long after the end once their outcome
+    # was read, until the unread limit otherwise, and within the count and byte budgets (0: no limit).
+    retain_finished_seconds: float = setting(7 * 86400.0, ge=0)
+    retain_unread_seconds: float = setting(30 * 86400.0, ge=0)
+    max_retained_jobs: int = setting(10_000, ge=0)
+    max_retained_bytes: int = setting(10 * 1024**3, ge=0)
+    retention_check_seconds: float = setting(60.0, gt=0)
     tls_cert_file: Path | None = setting(None)  # PEM certificate chain; with tls_key_file, serve HTTPS
     tls_key_file: Path | None = setting(None)  # PEM private key, unencrypted (protect it with file modes)
 

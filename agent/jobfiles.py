@@ -15,6 +15,7 @@ LOG_FILE = "output.log"
 SHELL_FILE = "leader.json"  # the job's shell; the name older agents use, so a new one adopts their jobs
 EXIT_FILE = "exit.json"
 SUPERVISOR_LOG_FILE = "supervisor.log"
+READ_MARKER_FILE = "outcome.read"  # exists once a GET answered the finished job's outcome (retention)
 LOG_MARK_FILE = "log.mark"  # how far the task's log has shown the output (see JobDir.read_log_mark)
 
 

@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import shutil
 from collections.abc import Coroutine
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
@@ -32,6 +34,7 @@ from agent.admission import Admission
 from agent.config import AgentConfig
 from agent.errors import JobRejected, UnknownJob
 from agent.monitor import Monitor
+from agent.retention import Budget, Finished, to_remove
 from agent.spawn import Spawner
 from agent.state import JobDir, StoredJob
 from agent.stopping import stop_job
@@ -43,6 +46,14 @@ __all__ = ["MAX_LOG_CHUNK", "JobManager", "JobRejected", "UnknownJob"]
 log = logging.getLogger(__name__)
 
 MAX_LOG_CHUNK = 4 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Retained:
+    """Finished jobs kept on disk, and their bytes (``/healthz``)."""
+
+    jobs: int
+    bytes: int
 
 
 class JobManager:
@@ -63,6 +74,7 @@ class JobManager:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._monitor: asyncio.Task[None] | None = None
         self.admission = Admission(agent_id=config.id, max_jobs=config.max_jobs, home=config.home)
+        self.retained = Retained(jobs=0, bytes=0)  # as of the last retention check
 
     # ------------------------------------------------------------------------------ lifecycle
 
@@ -81,6 +93,7 @@ class JobManager:
 
     def start_monitor(self) -> None:
         self._monitor = asyncio.create_task(self._checks.run(), name="job-monitor")
+        self._tasks.add(asyncio.create_task(self._retain(), name="job-retention"))
 
     async def close(self) -> None:
         """Stop watching. Running jobs are left alone: they outlive the agent and are adopted later."""
@@ -106,7 +119,65 @@ class JobManager:
         return sum(1 for job in self._jobs.values() if not job.record.status.finished)
 
     def get(self, job_id: str) -> JobInfo:
-        return self._job(job_id).record.info()
+        job = self._job(job_id)
+        info = job.record.info()
+        self._answered_outcome(job)
+        return info
+
+    def _answered_outcome(self, job: TrackedJob) -> None:
+        """Someone (the sidecar) was just told how the job ended: retention may remove it in due time."""
+        if not job.record.status.finished or self._outcome_read(job):
+            return
+        try:
+            job.dir.read_marker_path.touch()
+            job.outcome_read = True
+        except OSError as exc:
+            log.warning("job %s: cannot mark its outcome as read: %s", job.record.job_id, exc.strerror or exc)
+
+    def _outcome_read(self, job: TrackedJob) -> bool:
+        if job.outcome_read is None:
+            job.outcome_read = job.dir.read_marker_path.exists()
+        return job.outcome_read
+
+    # ------------------------------------------------------------------------------ retention
+
+    async def _retain(self) -> None:
+        """Every ``retention_check_seconds``: remove the finished jobs :mod:`agent.retention` picks."""
+        config = self._config
+        budget = Budget(
+            keep_seconds=config.retain_finished_seconds,
+            unread_seconds=config.retain_unread_seconds,
+            max_jobs=config.max_retained_jobs,
+            max_bytes=config.max_retained_bytes,
+        )
+        while True:
+            try:
+                await self._retain_once(budget)
+            except Exception:
+                log.exception("retention check failed; continuing")
+            await asyncio.sleep(config.retention_check_seconds)
+
+    async def _retain_once(self, budget: Budget) -> None:
+        finished = [
+            job for job in self._jobs.values() if job.record.status.finished and job.record.finished_at
+        ]
+        sizes = await asyncio.to_thread(lambda: [job.dir.size() for job in finished])
+        self.retained = Retained(jobs=len(finished), bytes=sum(sizes))
+        candidates = [
+            Finished(job.record.job_id, ended, self._outcome_read(job), size)
+            for job, size in zip(finished, sizes, strict=True)
+            if (ended := job.record.finished_at) is not None
+        ]
+        for job_id in to_remove(candidates, budget, now=datetime.now(UTC)):
+            job = self._jobs.get(job_id)
+            if job is None:
+                continue
+            async with job.lock:
+                if not job.record.status.finished or self._jobs.get(job_id) is not job:
+                    continue
+                del self._jobs[job_id]
+            await asyncio.to_thread(shutil.rmtree, job.dir.path, True)
+            log.info("job %s removed (retention): ended %s", job_id, job.record.finished_at)
 
     def list(self, statuses: frozenset[AgentJobStatus] | None = None) -> list[JobInfo]:
         """Every job this agent knows (optionally of some statuses), in job-id order."""
@@ -204,7 +275,9 @@ class JobManager:
             return self._tombstone(job_id, reason or "stop requested")
         job = self._job(job_id)
         task = self._background(self._stop(job, force=force, reason=reason or "stop requested"))
-        return await asyncio.shield(task)  # a client that hangs up does not leave a half-done stop
+        result = await asyncio.shield(task)  # a client that hangs up does not leave a half-done stop
+        self._answered_outcome(job)  # the answer says how it ended
+        return result
 
     def _tombstone(self, job_id: str, reason: str) -> StopResult:
         path = self._root / job_id
@@ -222,6 +295,7 @@ class JobManager:
         job = TrackedJob(JobDir(path), record)
         job.save(record)
         self._jobs[job_id] = job
+        self._answered_outcome(job)
         log.info("job %s: stop before any run; its id is now refused", job_id)
         return outcome.already_finished(record)
 

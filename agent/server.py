@@ -197,6 +197,9 @@ async def _health(request: web.Request) -> web.Response:
             "max_jobs": jobs.admission.max_jobs,
             "draining": jobs.admission.draining,
             "version": VERSION,
+            # Finished jobs kept on disk and their bytes, as of the last retention check.
+            "jobs_retained": jobs.retained.jobs,
+            "retained_bytes": jobs.retained.bytes,
         }
     )
 

@@ -35,6 +35,7 @@ from agent.jobfiles import (
     EXIT_FILE,
     LOG_FILE,
     LOG_MARK_FILE,
+    READ_MARKER_FILE,
     SHELL_FILE,
     STATE_FILE,
     SUPERVISOR_LOG_FILE,
@@ -265,6 +266,24 @@ class JobDir:
     @property
     def log_mark_path(self) -> Path:
         return self.path / LOG_MARK_FILE
+
+    @property
+    def read_marker_path(self) -> Path:
+        return self.path / READ_MARKER_FILE
+
+    def size(self) -> int:
+        """Bytes of the directory's files (0 for what vanished meanwhile)."""
+        total = 0
+        try:
+            with os.scandir(self.path) as entries:
+                for entry in entries:
+                    try:
+                        total += entry.stat(follow_symlinks=False).st_size
+                    except FileNotFoundError:
+                        pass
+        except FileNotFoundError:
+            return 0
+        return total
 
     def read_log(self, offset: int, limit: int) -> tuple[bytes, int]:
         """Up to ``limit`` bytes from ``offset``, and the log's size."""

@@ -31,6 +31,7 @@ class TrackedJob:
     timeout_fired: bool = False
     log_mark: int | None = None  # JobDir's log mark, once read (see JobManager.read_log's cursor)
     log_mark_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    outcome_read: bool | None = None  # a GET answered its outcome since it ended (None: not looked yet)
 
     def save(self, record: StoredJob, *, durable: bool = True) -> None:
         self.dir.write_state(record, durable=durable)

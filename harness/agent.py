@@ -57,6 +57,7 @@ class AgentProcess:
         tls_key_file: Path | None = None,
         ca_file: Path | None = None,
         command_prefix: Sequence[str] = (),
+        extra_config: str = "",
     ) -> None:
         self.home = home
         self.token = token
@@ -66,6 +67,7 @@ class AgentProcess:
         self.tls_key_file = tls_key_file
         self.ca_file = ca_file
         self.command_prefix = list(command_prefix)
+        self.extra_config = extra_config  # more [agent] keys, as TOML lines
         self.agent_id = agent_id
         self.port = port if port is not None else free_port()
         self.grace_seconds = grace_seconds
@@ -119,7 +121,8 @@ class AgentProcess:
                     ("tls_key_file", self.tls_key_file),
                 )
                 if path is not None
-            ),
+            )
+            + self.extra_config,
             encoding="utf-8",
         )
         env = {key: value for key, value in os.environ.items() if not key.startswith("AGENTIC_AGENT_")}

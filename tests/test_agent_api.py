@@ -93,8 +93,10 @@ def test_health_needs_no_token(agent: AgentProcess) -> None:
         "max_jobs": 0,
         "draining": False,
         "version": health["version"],
+        "jobs_retained": health["jobs_retained"],
+        "retained_bytes": health["retained_bytes"],
     }
-    assert health["version"]
+    assert health["version"] and health["jobs_retained"] >= 0 and health["retained_bytes"] >= 0
 
 
 # ---------------------------------------------------------------------------------------- bad input
