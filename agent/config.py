@@ -60,6 +60,8 @@ class AgentConfig:
     poll_seconds: float = setting(0.5, gt=0)  # how often running jobs are checked (exit, timeout)
     max_jobs: int = setting(0, ge=0)  # unfinished jobs at once; past it /run is 503 (0: no limit)
     drain_on_shutdown_seconds: float = setting(0.0, ge=0)  # on SIGTERM: drain, wait for jobs to end
+    # A job's output.log on disk: past this the middle is dropped (agent/logcap.py); 0: no cap.
+    max_log_bytes: int = setting(100 * 1024**2, ge=0)
     # Finished jobs' directories (agent/retention.py): kept this long after the end once their outcome
     # was read, until the unread limit otherwise, and within the count and byte budgets (0: no limit).
     retain_finished_seconds: float = setting(7 * 86400.0, ge=0)

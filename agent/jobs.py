@@ -70,6 +70,7 @@ class JobManager:
             poll_seconds=config.poll_seconds,
             reap_supervisors=self._spawner.reap,
             stop=self._stop_later,
+            max_log_bytes=config.max_log_bytes,
         )
         self._tasks: set[asyncio.Task[Any]] = set()
         self._monitor: asyncio.Task[None] | None = None
@@ -203,13 +204,13 @@ class JobManager:
         job = self._job(job_id)
         size_limit = MAX_LOG_CHUNK if limit is None else min(limit, MAX_LOG_CHUNK)
         if not cursor:
-            data, size = await asyncio.to_thread(_read_log_chunk, job.dir, offset, size_limit)
-            return LogChunk(data=data, next_offset=offset + len(data), size=size)
+            return await self._chunk(job, offset, size_limit)
         async with job.log_mark_lock:  # readers of one job (a trigger and its successor) in turn
             if job.log_mark is None:
                 job.log_mark = await asyncio.to_thread(job.dir.read_log_mark)
             start = max(offset, job.log_mark)
-            data, size = await asyncio.to_thread(_read_log_chunk, job.dir, start, size_limit)
+            chunk = await self._chunk(job, start, size_limit)
+            size = chunk.size
             # Never past the log's end: a wrong offset must not hide output still to come.
             mark = min(start, size)
             if mark > job.log_mark:
@@ -218,6 +219,21 @@ class JobManager:
                     await asyncio.to_thread(job.dir.write_log_mark, mark)
                 except OSError as exc:  # a full disk: the read still answers; the mark lives in memory
                     log.warning("job %s: cannot save its log mark: %s", job_id, exc.strerror or exc)
+        return chunk
+
+    async def _chunk(self, job: TrackedJob, start: int, limit: int) -> LogChunk:
+        """The output from ``start``; the range the cap dropped (agent/logcap.py) reads as one line
+        saying so, and the next read continues after it (``next_offset``)."""
+        dropped = job.dropped()
+        if dropped is not None and dropped.start <= start < dropped.end:
+            size = (await asyncio.to_thread(_read_log_chunk, job.dir, start, 0))[1]
+            note = dropped.note(self._config.max_log_bytes)
+            # Only if it fits before the range's end: the answer's bytes must start at or after ``start``.
+            fits = len(note) <= min(limit, dropped.end - start)
+            return LogChunk(data=note if fits else b"", next_offset=dropped.end, size=size)
+        if dropped is not None and start < dropped.start:
+            limit = min(limit, dropped.start - start)  # up to the hole: its zeros are never sent
+        data, size = await asyncio.to_thread(_read_log_chunk, job.dir, start, limit)
         return LogChunk(data=data, next_offset=start + len(data), size=size)
 
     def _job(self, job_id: str) -> TrackedJob:

@@ -15,6 +15,7 @@ import logging
 from collections.abc import Callable, Mapping
 from dataclasses import replace
 
+from agent import logcap
 from agent.process_tree import ProcessRef, ProcessTable
 from agent.tracked_job import TrackedJob
 from agent_api.protocol import AgentJobStatus
@@ -32,8 +33,11 @@ class Monitor:
         poll_seconds: float,
         reap_supervisors: Callable[[], None],
         stop: Callable[[TrackedJob, str], object],
+        max_log_bytes: int = 0,
     ) -> None:
         self._jobs = jobs
+        self._max_log_bytes = max_log_bytes
+        self._cap_unsupported = False  # warned once: this file system cannot punch holes
         self._poll_seconds = poll_seconds
         self._reap_supervisors = reap_supervisors
         self._stop = stop  # starts a stop without waiting for it; the job's lock is not held then
@@ -75,6 +79,37 @@ class Monitor:
         if tracked != record.descendants:
             job.save(replace(record, descendants=tracked), durable=False)
         self._check_timeout(job)
+        self._cap_output(job)
+
+    def _cap_output(self, job: TrackedJob) -> None:
+        """Keep the job's output under max_log_bytes on disk (agent/logcap.py); never stops the job."""
+        if not self._max_log_bytes or self._cap_unsupported:
+            return
+        try:
+            size = job.dir.log_path.stat().st_size
+        except FileNotFoundError:
+            return
+        dropped = job.dropped()
+        hole = logcap.next_hole(size, self._max_log_bytes, dropped)
+        if hole is None:
+            return
+        try:
+            logcap.punch(job.dir.log_path, hole)
+        except OSError as exc:
+            if logcap.unsupported(exc):
+                self._cap_unsupported = True
+                log.warning("max_log_bytes: this file system cannot drop part of a file; outputs stay whole")
+            else:
+                log.warning("job %s: cannot cap its output: %s", job.record.job_id, exc.strerror or exc)
+            return
+        merged = logcap.Dropped(dropped.start if dropped else hole.start, hole.end)
+        logcap.write_dropped(job.dir.path, merged)
+        job.log_dropped = merged
+        if dropped is None:
+            job.append_log_line(
+                f"[agent] output past max_log_bytes={self._max_log_bytes} is dropped from its middle "
+                f"(from byte {merged.start}); the first and the latest output are kept"
+            )
 
     def _check_timeout(self, job: TrackedJob) -> None:
         record, shell = job.record, job.record.shell

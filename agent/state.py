@@ -272,13 +272,13 @@ class JobDir:
         return self.path / READ_MARKER_FILE
 
     def size(self) -> int:
-        """Bytes of the directory's files (0 for what vanished meanwhile)."""
+        """Bytes the directory's files take on disk (a capped log's dropped middle takes none)."""
         total = 0
         try:
             with os.scandir(self.path) as entries:
                 for entry in entries:
                     try:
-                        total += entry.stat(follow_symlinks=False).st_size
+                        total += entry.stat(follow_symlinks=False).st_blocks * 512  # on disk
                     except FileNotFoundError:
                         pass
         except FileNotFoundError:

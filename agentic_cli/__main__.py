@@ -110,7 +110,9 @@ def _log(sidecar: Sidecar, args: argparse.Namespace, out: TextIO) -> int:
         data = answer.content
         if data:
             _write(out, data)
-            offset = int(answer.headers.get("X-Next-Offset", offset + len(data)))
+        following = int(answer.headers.get("X-Next-Offset", offset + len(data)))
+        if following > offset:  # bytes, or a jump past output the agent dropped (a note says so)
+            offset = following
             continue
         if not args.follow or (
             sidecar.json("GET", f"/jobs/{args.job_id}")["status"] in TERMINAL
