@@ -13,7 +13,6 @@ all have it) keep the whole output, with one warning.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import json
 import os
@@ -27,7 +26,7 @@ FALLOC_FL_PUNCH_HOLE = 0x02
 BLOCK = 4096  # holes are punched in whole blocks: a partial one would only be zeroed, not freed
 DROPPED_FILE = "log.dropped"
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+_libc = ctypes.CDLL(None, use_errno=True)  # the process's own symbols: libc's fallocate, no lookup
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
 
 

@@ -19,6 +19,9 @@ FAILED_STATES = frozenset({"failed", "upstream_failed", "skipped", "removed"})
 CLEARED_STATES = frozenset({None, "restarting", "up_for_retry"})
 
 
+MAX_NOTE_CHARS = 500  # of a caller's words kept in a stop's reason (the push endpoint's ``reason``)
+
+
 class Divergence(StrEnum):
     """Why a job must stop; also the ``kind`` label of ``reconciler_divergences_total``."""
 
@@ -28,6 +31,7 @@ class Divergence(StrEnum):
     NEWER_TRY = "newer_try"
     TI_ABSENT = "ti_absent"
     TI_REPLACED = "ti_replaced"
+    FORCED = "forced"  # not Airflow's word: a person stopped it by hand (agentic jobs stop --force)
 
 
 @dataclass(frozen=True, slots=True)

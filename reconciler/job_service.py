@@ -26,6 +26,7 @@ from agent_api.client import (
 )
 from reconciler.agents import AgentPool, NoAgent, NoCapacity
 from reconciler.airflow import AirflowError
+from reconciler.decision import MAX_NOTE_CHARS, Divergence, Stop
 from reconciler.fleet import AgentState
 from reconciler.logfields import job_fields
 from reconciler.metrics import Metrics
@@ -272,6 +273,13 @@ class JobService:
             return Update(200, True, f"job already ended {job.status}", "already_final", job)
         if job.status is JobStatus.STOPPING:
             return Update(200, True, "stop already under way", "stop_pending", job)
+        if request.force:
+            why = (request.reason or "no reason given")[:MAX_NOTE_CHARS]
+            forced = Stop(
+                Divergence.FORCED, JobStatus.FAILED, f"stopped by hand, without Airflow's confirmation: {why}"
+            )
+            await self._dispatcher.stop(job, forced, source="api")
+            return await self._stopped(job, forced)
         try:
             stop = await self._loop.check(job, source="api", note=request.reason)
         except AirflowError as exc:
@@ -279,6 +287,10 @@ class JobService:
         if stop is None:
             message = "Airflow still wants this task instance to run; job not stopped"
             return Update(409, False, message, "kept", job)
+        return await self._stopped(job, stop)
+
+    async def _stopped(self, job: JobRecord, stop: Stop) -> Update:
+        """The answer once a stop is under way: its outcome if the agent confirms within a while."""
         await self._dispatcher.wait(job.job_id, UPDATE_WAIT_SECONDS)
         after = await asyncio.to_thread(self._db.get, job.job_id) or job
         if after.status is JobStatus.STOPPING:

@@ -25,7 +25,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from reconciler.agents import AgentPool
 from reconciler.airflow import REFUSALS, AirflowError, TaskInstancePath, TaskInstanceReader
 from reconciler.config import PollConfig
-from reconciler.decision import Absent, Keep, Observation, Stop, Unknown
+from reconciler.decision import MAX_NOTE_CHARS, Absent, Keep, Observation, Stop, Unknown
 from reconciler.fleet import AgentState, Fleet
 from reconciler.job_service import refresh_from_agent
 from reconciler.logfields import job_fields
@@ -34,7 +34,6 @@ from reconciler.stops import StopDispatcher
 from reconciler.targeted import TargetedRead, judge, observe, ti_key
 from router_db import JobRecord, JobStatus, RouterDB
 
-MAX_NOTE_CHARS = 500  # of a caller's words kept in a stop's reason
 log = logging.getLogger("reconciler.loop")
 
 AGENT_READ_CONCURRENCY = 16  # status reads of the rolling agent sweep in flight at once

@@ -141,6 +141,7 @@ class UpdateRequest:
     task_id: str = ""
     run_id: str = ""
     map_index: int = -1
+    force: bool = False  # stop without Airflow's confirmation: a person's override, said in the audit
 
 
 def parse_update(body: object) -> UpdateRequest:
@@ -149,11 +150,12 @@ def parse_update(body: object) -> UpdateRequest:
     if not status or len(status) > MAX_STATUS_CHARS:
         raise WireError(f"status must be 1-{MAX_STATUS_CHARS} characters")
     reason = _field(obj, "reason", str, default=None)
+    force = _field(obj, "force", bool, default=False)
     job_id = _field(obj, "job_id", str, default=None)
     if job_id is not None:
         if JOB_ID_PATTERN.fullmatch(job_id) is None:
             raise WireError("job_id must match " + JOB_ID_PATTERN.pattern)
-        return UpdateRequest(status=status, reason=reason, job_id=job_id)
+        return UpdateRequest(status=status, reason=reason, job_id=job_id, force=force)
     dag_id, task_id, run_id = (_field(obj, name, str) for name in ("dag_id", "task_id", "run_id"))
     map_index = _field(obj, "map_index", int, default=-1)
     if not -1 <= map_index <= MAX_INT:
@@ -166,6 +168,7 @@ def parse_update(body: object) -> UpdateRequest:
         task_id=task_id,
         run_id=run_id,
         map_index=map_index,
+        force=force,
     )
 
 

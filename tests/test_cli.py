@@ -149,3 +149,18 @@ def test_agents_list_drain_and_undrain(sidecar: SidecarProcess, monkeypatch: pyt
     code, undrained = run(sidecar, "--json", "agents", "undrain", "agent-1", monkeypatch=monkeypatch)
     assert code == 0 and json.loads(undrained)["draining"] is False
     assert run(sidecar, "agents", "drain", "no-such-agent", monkeypatch=monkeypatch)[0] == 3
+
+
+def test_a_forced_stop_needs_no_confirmation_and_the_audit_trail_says_so(
+    sidecar: SidecarProcess, airflow: ServedAirflow, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    airflow.call_soon(airflow.standin.add, "cli", "manual__1", "forced", -1, "deferred", 1)
+    job_id = submit(sidecar, "sleep 600", "forced")
+    stop = ["jobs", "stop", job_id, "--reason", "disk full", "--force"]
+    code, said = run(sidecar, *stop, monkeypatch=monkeypatch)
+    assert code == 0 and said.split(":")[0] in ("stopped", "stop_requested"), said
+    show = ["--json", "jobs", "show", job_id]
+    wait_until(lambda: '"FAILED"' in run(sidecar, *show, monkeypatch=monkeypatch)[1], timeout=20)
+    shown = run(sidecar, "jobs", "show", job_id, monkeypatch=monkeypatch)[1]
+    assert "stopped by hand, without Airflow's confirmation: disk full (asked by " in shown
+    assert "agentic jobs stop --force" in shown
