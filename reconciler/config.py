@@ -132,6 +132,7 @@ class AgentEntry:
 @dataclass(frozen=True)
 class RetentionConfig:
     keep_days: float = setting(30.0, ge=0)  # jobs that ended longer ago go, with their audit rows; 0: never
+    check_seconds: float = setting(3600.0, gt=0)  # how often the leader looks for them
 
 
 @dataclass(frozen=True)

@@ -85,7 +85,12 @@ def build(config: ReconcilerConfig, secrets: Secrets, *, create_schema: bool = T
 async def _lead(parts: Parts, config: ReconcilerConfig, term: asyncio.Event) -> None:
     """What the leader runs for its term: the poll loop, and retention beside it."""
     pruning = asyncio.create_task(
-        prune_periodically(parts.db, keep_days=config.retention.keep_days, stopping=term)
+        prune_periodically(
+            parts.db,
+            keep_days=config.retention.keep_days,
+            stopping=term,
+            every=config.retention.check_seconds,
+        )
     )
     try:
         await parts.loop.run(term)
