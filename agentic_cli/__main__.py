@@ -10,9 +10,11 @@ from __future__ import annotations
 import argparse
 import getpass
 import json
+import re
 import sys
 import time
 from collections.abc import Callable, Sequence
+from datetime import UTC, datetime, timedelta
 from typing import TextIO
 
 from agentic_cli.client import USAGE, CliError, Sidecar, Target, environment
@@ -33,9 +35,11 @@ def parser() -> argparse.ArgumentParser:
     jobs = area.add_parser("jobs", help="jobs the sidecar knows").add_subparsers(
         dest="command", required=True
     )
-    listing = jobs.add_parser("list", help="jobs, oldest first, matching every filter given")
+    listing = jobs.add_parser("list", help="the latest jobs matching every filter given, newest first")
     listing.add_argument("--dag", help="DAG id")
     listing.add_argument("--run", help="DAG run id")
+    listing.add_argument("--agent", help="agent id")
+    listing.add_argument("--since", help="created since: an ISO-8601 time, or an age such as 90m, 12h, 2d")
     listing.add_argument("--status", choices=["QUEUED", "RUNNING", "STOPPING", "SUCCEEDED", "FAILED"])
     listing.add_argument("--limit", type=int, default=100)
     show = jobs.add_parser("show", help="one job and its audit trail, in time order")
@@ -87,10 +91,40 @@ def main(argv: Sequence[str] | None = None, *, out: TextIO | None = None) -> int
 def _list(sidecar: Sidecar, args: argparse.Namespace, out: TextIO) -> int:
     if args.limit < 1:
         raise CliError("--limit must be 1 or more", USAGE)
-    params = {"dag_id": args.dag, "run_id": args.run, "status": args.status, "limit": args.limit}
+    params = {
+        "dag_id": args.dag,
+        "run_id": args.run,
+        "status": args.status,
+        "agent_id": args.agent,
+        "since": since(args.since) if args.since else None,
+        "limit": args.limit,
+        "newest_first": "true",
+    }
     jobs = sidecar.json("GET", "/jobs", params={k: v for k, v in params.items() if v is not None})["jobs"]
     out.write(json.dumps(jobs, indent=2) + "\n" if args.json else jobs_table(jobs))
     return 0
+
+
+AGE = re.compile(r"(\d{1,9})([smhd])")
+UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def since(text: str) -> str:
+    """``--since``: an age (``90m``, ``12h``, ``2d``) as the ISO time that long ago, or an ISO time
+    (with its UTC offset) as it is; CliError (bad usage) otherwise."""
+    found = AGE.fullmatch(text.strip())
+    if found:
+        ago = timedelta(seconds=int(found.group(1)) * UNIT_SECONDS[found.group(2)])
+        return (datetime.now(UTC) - ago).isoformat(timespec="seconds")
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        moment = None
+    if moment is None or moment.tzinfo is None:
+        raise CliError(
+            f"--since {text!r}: give an age such as 90m, 12h, 2d or a time with its UTC offset", USAGE
+        )
+    return moment.isoformat()
 
 
 def _show(sidecar: Sidecar, args: argparse.Namespace, out: TextIO) -> int:

@@ -314,10 +314,25 @@ class JobService:
         return job
 
     async def search(
-        self, *, dag_id: str | None, run_id: str | None, statuses: Sequence[JobStatus] | None, limit: int
+        self,
+        *,
+        dag_id: str | None,
+        run_id: str | None,
+        statuses: Sequence[JobStatus] | None,
+        limit: int,
+        agent_id: str | None = None,
+        since: datetime | None = None,
+        newest_first: bool = False,
     ) -> list[JobRecord]:
         return await asyncio.to_thread(
-            self._db.search, dag_id=dag_id, run_id=run_id, statuses=statuses, limit=limit
+            self._db.search,
+            dag_id=dag_id,
+            run_id=run_id,
+            statuses=statuses,
+            agent_id=agent_id,
+            since=since,
+            limit=limit,
+            newest_first=newest_first,
         )
 
     async def events(self, job_id: str) -> tuple[JobRecord, list[EventRecord]]:

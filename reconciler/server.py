@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Sequence
+from datetime import datetime
 
 from aiohttp import web
 
@@ -152,8 +153,9 @@ class SidecarAPI:
 
     async def list_jobs(self, request: web.Request) -> web.Response:
         """Jobs matching every filter given; a filter left out matches everything."""
-        dag_id, run_id, status = (query_text(request, name) for name in ("dag_id", "run_id", "status"))
-        for name, value in (("dag_id", dag_id), ("run_id", run_id)):
+        names = ("dag_id", "run_id", "status", "agent_id", "since")
+        dag_id, run_id, status, agent_id, since = (query_text(request, name) for name in names)
+        for name, value in (("dag_id", dag_id), ("run_id", run_id), ("agent_id", agent_id)):
             if value is not None:
                 validate_name(name, value)
         limit = query_int(request, "limit", low=1, high=MAX_INT) or DEFAULT_LIST_LIMIT
@@ -161,7 +163,10 @@ class SidecarAPI:
             dag_id=dag_id,
             run_id=run_id,
             statuses=[parse_status(status)] if status is not None else None,
+            agent_id=agent_id,
+            since=_moment("since", since) if since is not None else None,
             limit=min(limit, MAX_LIST_LIMIT),
+            newest_first=query_flag(request, "newest_first"),
         )
         return web.json_response({"jobs": [job_json(j) for j in jobs]})
 
@@ -263,6 +268,19 @@ def _agent(report: AgentReport, load: dict[str, int]) -> dict[str, object]:
         version=report.version,
         draining=report.draining,
     )
+
+
+def _moment(name: str, text: str) -> datetime:
+    """An ISO-8601 time with its UTC offset (``2026-12-05T12:00:00+00:00`` or ``...Z``)."""
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise BadRequest(
+            f"{name} must be an ISO-8601 time with a UTC offset, e.g. 2026-12-05T12:00:00Z"
+        ) from None
+    if moment.tzinfo is None:
+        raise BadRequest(f"{name} must carry a UTC offset (Z or +00:00)")
+    return moment
 
 
 def _job_id(request: web.Request) -> str:

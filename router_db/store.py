@@ -108,11 +108,13 @@ class RouterDB:
         dag_id: str | None = None,
         run_id: str | None = None,
         statuses: Iterable[JobStatus] | None = None,
+        agent_id: str | None = None,
+        since: datetime | None = None,
         limit: int = 1000,
         newest_first: bool = False,
     ) -> list[JobRecord]:
-        """Jobs matching every filter given, oldest first (the API's order), or newest first (the
-        pages': the first ``limit`` are then the latest)."""
+        """Jobs matching every filter given (``since``: created at or after), oldest first (the API's
+        order), or newest first (the pages': the first ``limit`` are then the latest)."""
         order = (Job.created_at.desc(), Job.job_id.desc()) if newest_first else (Job.created_at, Job.job_id)
         query = select(Job).order_by(*order).limit(limit)
         if dag_id is not None:
@@ -121,6 +123,10 @@ class RouterDB:
             query = query.where(Job.run_id == run_id)
         if statuses is not None:
             query = query.where(Job.status.in_([str(s) for s in statuses]))
+        if agent_id is not None:
+            query = query.where(Job.agent_id == agent_id)
+        if since is not None:
+            query = query.where(Job.created_at >= since)
         with self._sessions() as session:
             return [JobRecord.from_row(row) for row in session.scalars(query)]
 

@@ -164,3 +164,23 @@ def test_a_forced_stop_needs_no_confirmation_and_the_audit_trail_says_so(
     shown = run(sidecar, "jobs", "show", job_id, monkeypatch=monkeypatch)[1]
     assert "stopped by hand, without Airflow's confirmation: disk full (asked by " in shown
     assert "agentic jobs stop --force" in shown
+
+
+def test_jobs_list_filters_by_agent_and_age_newest_first(
+    sidecar: SidecarProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    older = submit(sidecar, "true", "filtered-older")
+    time.sleep(0.05)
+    newer = submit(sidecar, "true", "filtered-newer")
+    code, text = run(
+        sidecar, "--json", "jobs", "list", "--agent", "agent-1", "--since", "10m", monkeypatch=monkeypatch
+    )
+    ids = [job["job_id"] for job in json.loads(text)]
+    assert code == 0 and ids.index(newer) < ids.index(older)  # newest first
+    code, text = run(sidecar, "--json", "jobs", "list", "--agent", "no-such-agent", monkeypatch=monkeypatch)
+    assert code == 0 and json.loads(text) == []
+    code, text = run(
+        sidecar, "--json", "jobs", "list", "--since", "2999-01-01T00:00:00Z", monkeypatch=monkeypatch
+    )
+    assert code == 0 and json.loads(text) == []
+    assert run(sidecar, "jobs", "list", "--since", "yesterday", monkeypatch=monkeypatch)[0] == 2
