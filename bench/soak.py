@@ -20,6 +20,7 @@ import sqlite3
 import statistics
 import tempfile
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +31,7 @@ from harness.served import ServedAirflow
 from harness.sidecar import AgentRef, SidecarProcess
 
 LONG_JOBS = 3
+SUBMITTERS = 4
 WINDOW_SECONDS = 10.0
 
 
@@ -166,13 +168,22 @@ def soak(
         )
         next_window += WINDOW_SECONDS
 
-    for n in range(args.jobs):
-        due = started + n / args.rate
-        if (pause := due - time.monotonic()) > 0:
-            time.sleep(pause)
-        submit(f"t{n}", "true")
-        if time.monotonic() >= next_window:
-            sample(n + 1)
+    # A submission waits for the agent to start the job (tens of ms): a few in flight keep the rate.
+    with ThreadPoolExecutor(max_workers=SUBMITTERS) as pool:
+        pending: list[Future[str]] = []
+        for n in range(args.jobs):
+            due = started + n / args.rate
+            if (pause := due - time.monotonic()) > 0:
+                time.sleep(pause)
+            pending.append(pool.submit(submit, f"t{n}", "true"))
+            if time.monotonic() >= next_window:
+                sample(n + 1)
+            if len(pending) >= 4 * SUBMITTERS:  # bounded backlog; an error surfaces here
+                for done in pending[: 2 * SUBMITTERS]:
+                    done.result()
+                del pending[: 2 * SUBMITTERS]
+        for done in pending:
+            done.result()
     # Two retention periods more: what was submitted last ends and goes too.
     until = time.monotonic() + 2 * args.keep_seconds + WINDOW_SECONDS
     while time.monotonic() < until:

@@ -37,6 +37,7 @@ from reconciler.fleet import AgentReport, Fleet
 from reconciler.job_service import JobService, NoSuchJob, Refused
 from router_db import EventRecord, JobRecord, RouterDB, TaskInstanceKey
 from servicekit.credentials import Secret
+from servicekit.http import read_bounded
 from servicekit.ratelimit import RateLimiter
 from servicekit.text import text_problem
 from sidecar_api.protocol import MAX_NAME_CHARS, JobStatus, WireError, parse_status, validate_job_id
@@ -447,13 +448,7 @@ async def _rendered(
 async def _form(request: web.Request) -> dict[str, str]:
     """A form's fields (the first of each name): bounded, UTF-8, storable text."""
     too_large = _PageError(413, f"The form is larger than {MAX_FORM_BYTES} bytes.")
-    if request.content_length is not None and request.content_length > MAX_FORM_BYTES:
-        raise too_large
-    body = bytearray()
-    async for chunk in request.content.iter_any():
-        body += chunk
-        if len(body) > MAX_FORM_BYTES:
-            raise too_large
+    body = await read_bounded(request, MAX_FORM_BYTES, too_large)
     try:
         pairs = parse_qsl(body.decode("utf-8"), keep_blank_values=True, max_num_fields=20, errors="strict")
     except ValueError:  # not UTF-8, before or after percent-decoding; too many fields

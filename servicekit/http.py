@@ -152,10 +152,9 @@ def _presented(request: web.Request, extra_header: str | None) -> str:
     return request.headers.get(extra_header, "").strip() if extra_header else ""
 
 
-async def read_json(request: web.Request, *, limit: int, allow_empty: bool = False) -> object:
-    """The body as JSON: at most ``limit`` bytes, strict UTF-8, every string and key storable text;
-    an empty body is ``{}`` when ``allow_empty``. The error names the problem (and the field)."""
-    too_large = HttpError(413, f"request body is larger than max_body_bytes={limit}")
+async def read_bounded(request: web.Request, limit: int, too_large: Exception) -> bytes:
+    """The body, refused with ``too_large`` past ``limit`` bytes: by its declared length at once, or
+    as it arrives (a chunked body declares none), never read whole first."""
     if request.content_length is not None and request.content_length > limit:
         raise too_large
     body = bytearray()
@@ -163,6 +162,15 @@ async def read_json(request: web.Request, *, limit: int, allow_empty: bool = Fal
         body += chunk
         if len(body) > limit:
             raise too_large
+    return bytes(body)
+
+
+async def read_json(request: web.Request, *, limit: int, allow_empty: bool = False) -> object:
+    """The body as JSON: at most ``limit`` bytes, strict UTF-8, every string and key storable text;
+    an empty body is ``{}`` when ``allow_empty``. The error names the problem (and the field)."""
+    body = await read_bounded(
+        request, limit, HttpError(413, f"request body is larger than max_body_bytes={limit}")
+    )
     if not body.strip():
         if allow_empty:
             return {}
