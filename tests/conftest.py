@@ -137,11 +137,6 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if uses_postgres(item):
             item.add_marker(pytest.mark.postgres)
-        # With pytest-xdist (scripts/test runs two workers): every real-Airflow test on one worker, one
-        # after the other, as each starts a whole Airflow; every other module whole on a worker of its
-        # own choosing, so its module-scoped services start once. The suite mostly waits on processes.
-        group = "airflow" if item.get_closest_marker("airflow") else item.nodeid.split("::", 1)[0]
-        item.add_marker(pytest.mark.xdist_group(group))
     clashes = [
         item.nodeid
         for item in items
