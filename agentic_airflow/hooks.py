@@ -11,7 +11,6 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import UTC, datetime
 from typing import Any
 
 import httpx
@@ -21,7 +20,7 @@ from agentic_airflow.provider import CONN_FIELDS, CONN_TYPE, HOOK_NAME, UI_FIELD
 from agentic_airflow.sidecar_client import (
     SidecarEndpoint,
     SidecarError,
-    classify_job_answer,
+    classify_response,
     describe_failure,
     parse_object,
 )
@@ -101,14 +100,7 @@ class AgenticRunHook(BaseHook):
                 response = client.get(f"/jobs/{job_id}")
         except httpx.HTTPError as exc:
             raise SidecarError(describe_failure(endpoint, exc)) from None
-        answer = classify_job_answer(
-            job_id,
-            status_code=response.status_code,
-            content_type=response.headers.get("Content-Type", ""),
-            body=response.content,
-            retry_after=response.headers.get("Retry-After"),
-            now=datetime.now(UTC),
-        )
+        answer = classify_response(job_id, response)
         if answer.job is None:
             raise SidecarError(f"sidecar at {endpoint.base_url}: {answer.detail}")
         return answer.job

@@ -319,7 +319,11 @@ def retry_after_seconds(value: str | None, *, now: datetime) -> float | None:
 
 async def fetch_job_answer(client: httpx.AsyncClient, job_id: str) -> JobAnswer:
     """``GET /jobs/{id}``, classified. Raises httpx errors when no answer came at all."""
-    response = await client.get(f"/jobs/{job_id}")
+    return classify_response(job_id, await client.get(f"/jobs/{job_id}"))
+
+
+def classify_response(job_id: str, response: httpx.Response) -> JobAnswer:
+    """:func:`classify_job_answer` of an answer to ``GET /jobs/{job_id}`` (sync or async client)."""
     return classify_job_answer(
         job_id,
         status_code=response.status_code,
