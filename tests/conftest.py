@@ -20,6 +20,7 @@ import os
 import re
 import subprocess
 import uuid
+from collections import Counter
 from collections.abc import Callable, Generator, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -137,6 +138,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if uses_postgres(item):
             item.add_marker(pytest.mark.postgres)
+    give_unique_ids(items)
     clashes = [
         item.nodeid
         for item in items
@@ -197,3 +199,21 @@ def router_db(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Router
         yield db
     finally:
         db.dispose()
+
+
+def give_unique_ids(items: list[pytest.Item]) -> None:
+    """One node id per test. Schemathesis names each operation's test ``test[GET /jobs]`` but leaves
+    them all one node id, and pytest-xdist schedules by node id: two workers ran one operation of
+    each document and reported nothing of the others. Any other duplicate stops the run."""
+    for item in items:
+        if item.name != item.nodeid.rsplit("::", 1)[-1] and item.parent is not None:
+            unique = f"{item.parent.nodeid}::{item.name}"
+            if hasattr(item, "_id"):  # pytest 9.2 keeps a structured id
+                item._id = type(item._id).parse(unique)
+            else:
+                item._nodeid = unique
+    seen = Counter(item.nodeid for item in items)
+    duplicates = sorted(nodeid for nodeid, count in seen.items() if count > 1)
+    if duplicates:
+        listed = "\n  ".join(duplicates)
+        raise pytest.UsageError(f"tests sharing a node id (a worker would run one of them):\n  {listed}")
