@@ -28,6 +28,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from agent_api.registration import AGENT_ID_PATTERN, LABEL_PATTERN, agent_url_problem
 from servicekit.config import ConfigError, build, check_tables, read_toml, setting, table
 from servicekit.credentials import read_tokens
 from servicekit.tls import server_context
@@ -36,6 +37,10 @@ __all__ = ["AgentConfig", "ConfigError", "load_config"]
 
 ENV_PREFIX = "AGENTIC_AGENT_"
 DEFAULT_TOKEN_ENV = "AGENTIC_AGENT_TOKEN"
+DEFAULT_FLEET_TOKEN_ENV = "AGENTIC_FLEET_TOKEN"
+# The registration settings' short names (a VM's boot script, a container's environment), each below
+# its AGENTIC_AGENT_<KEY> name.
+SHORT_NAMES = {"ROUTER_URL": "router_url", "SELF_URL": "self_url", "AGENT_ID": "id"}
 DEFAULT_HOME = Path("/var/lib/agentic-agent")  # as root (the systemd unit's StateDirectory)
 USER_HOME = Path("~/.local/state/agentic-agent")  # as anyone else: a home they can write
 
@@ -71,10 +76,34 @@ class AgentConfig:
     retention_check_seconds: float = setting(60.0, gt=0)
     tls_cert_file: Path | None = setting(None)  # PEM certificate chain; with tls_key_file, serve HTTPS
     tls_key_file: Path | None = setting(None)  # PEM private key, unencrypted (protect it with file modes)
+    # Registration (agent/registration.py): with router_url set, the agent registers with that sidecar
+    # and heartbeats; the sidecar then needs no [[agents]] entry for it.
+    router_url: str = setting("")
+    self_url: str = setting("")  # how the sidecar reaches this agent; default from host, port, TLS
+    labels: list[str] = setting([])  # what jobs routed by labels may find here (env: comma-separated)
+    heartbeat_seconds: float = setting(10.0, ge=0.5, le=300)
+    router_token_env: str = setting(DEFAULT_FLEET_TOKEN_ENV, nonempty=True)
+    router_token_file: Path | None = setting(None)
+    router_ca_file: Path | None = setting(None)  # PEM CAs for an https:// router_url (default: system's)
+    # The fleet token(s): presented when registering, and accepted from the sidecar like `tokens`.
+    fleet_tokens: tuple[str, ...] = setting((), secret=True)
 
     @property
     def scheme(self) -> str:
         return "https" if self.tls_cert_file is not None else "http"
+
+    @property
+    def registers(self) -> bool:
+        return bool(self.router_url)
+
+    def reachable_url(self) -> str:
+        """Where the sidecar reaches this agent: ``self_url``, or this host at ``port``."""
+        if self.self_url:
+            return self.self_url.rstrip("/")
+        wildcard = self.host in ("0.0.0.0", "::", "")
+        host = socket.getfqdn() if wildcard else self.host
+        host = f"[{host}]" if ":" in host else host
+        return f"{self.scheme}://{host}:{self.port}"
 
     def server_ssl_context(self) -> ssl.SSLContext | None:
         """The TLS context to serve with, or None for plain HTTP; raises ConfigError naming the file."""
@@ -89,6 +118,10 @@ class AgentConfig:
 def load_config(path: Path | str | None, *, environ: Mapping[str, str] | None = None) -> AgentConfig:
     """Read ``[agent]`` from ``path`` (None: defaults only), apply env overrides, load the tokens."""
     env = os.environ if environ is None else environ
+    env = {
+        **{f"{ENV_PREFIX}{key}".upper(): env[short] for short, key in SHORT_NAMES.items() if short in env},
+        **env,
+    }
     document = read_toml(path) if path is not None else {}
     check_tables(document, ["agent"], str(path))
     section = table(document, "agent")
@@ -99,12 +132,49 @@ def load_config(path: Path | str | None, *, environ: Mapping[str, str] | None = 
         where="[agent]",
         env=env,
         env_prefix=ENV_PREFIX,
-        given={"tokens": ()},
+        given={"tokens": (), "fleet_tokens": ()},
         defaults={"id": socket.gethostname(), "home": default_home()},
     )
     if (settings.tls_cert_file is None) != (settings.tls_key_file is None):
         raise ConfigError("[agent] tls_cert_file, tls_key_file: set both (to serve HTTPS) or neither")
-    tokens = read_tokens("[agent] token", env_name=settings.token_env, file=settings.token_file, env=env)
-    config = dataclasses.replace(settings, tokens=tokens)
+    _check_registration(settings)
+    fleet: tuple[str, ...] = ()
+    if settings.registers:
+        fleet = read_tokens(
+            "[agent] router token",
+            env_name=settings.router_token_env,
+            file=settings.router_token_file,
+            env=env,
+            file_key="router_token_file",
+        )
+    # A registered agent may have no token of its own: the sidecar calls it with the fleet's.
+    own_given = settings.token_file is not None or bool(env.get(settings.token_env, "").strip())
+    tokens = (
+        read_tokens("[agent] token", env_name=settings.token_env, file=settings.token_file, env=env)
+        if own_given or not settings.registers
+        else ()
+    )
+    config = dataclasses.replace(settings, tokens=tokens, fleet_tokens=fleet)
     config.server_ssl_context()  # fail now, with the key's name, not on the first connection
     return config
+
+
+def _check_registration(settings: AgentConfig) -> None:
+    """The registration settings make sense together (problems named by key, never a token)."""
+    for key in ("router_url", "self_url"):
+        value = getattr(settings, key)
+        if value and (problem := agent_url_problem(value)) is not None:
+            raise ConfigError(f"[agent] {key}: {problem}")
+    if settings.registers and validate_id_problem(settings.id):
+        raise ConfigError(f"[agent] id: {validate_id_problem(settings.id)} (to register with router_url)")
+    for label in settings.labels:
+        if LABEL_PATTERN.fullmatch(label) is None:
+            raise ConfigError(f"[agent] labels: {label[:100]!r} must match ^{LABEL_PATTERN.pattern}$")
+    if settings.router_ca_file is not None and not settings.router_ca_file.is_file():
+        raise ConfigError(f"[agent] router_ca_file: {settings.router_ca_file}: no such file")
+
+
+def validate_id_problem(agent_id: str) -> str | None:
+    if AGENT_ID_PATTERN.fullmatch(agent_id) is None:
+        return f"{agent_id[:100]!r} must match ^{AGENT_ID_PATTERN.pattern}$"
+    return None

@@ -13,7 +13,8 @@ The pieces, one module each:
 - :mod:`agent.stopping` stops one job's process tree and records how it ended;
 - :mod:`agent.outcome` holds the pure rules that turn an exit or a lost job into a status and reason;
 - :mod:`agent.tracked_job` is one job in memory: its directory, record and lock;
-- :mod:`agent.admission` says whether a new job may start (``max_jobs``, the drain flag).
+- :mod:`agent.admission` says whether a new job may start (``max_jobs``, the drain flag);
+- :mod:`agent.changes` numbers every change of a job's state, for catch-up reads and heartbeats.
 
 All mutations of one job (start, stop, finishing) hold that job's asyncio lock, so two stops, or a stop
 and a natural exit, never race.
@@ -24,13 +25,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import shutil
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 from agent import adoption, outcome, procfs
 from agent.admission import Admission
+from agent.changes import ChangeIndex
 from agent.config import AgentConfig
 from agent.errors import JobRejected, UnknownJob
 from agent.monitor import Monitor
@@ -64,6 +66,7 @@ class JobManager:
         self._root = config.home / "jobs"
         self._boot_id = procfs.boot_id()
         self._jobs: dict[str, TrackedJob] = {}
+        self._changes = ChangeIndex()
         self._spawner = Spawner(token_env=config.token_env)
         self._checks = Monitor(
             self._jobs,
@@ -84,7 +87,7 @@ class JobManager:
         self._root.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.admission.load()
         for job in adoption.stored_jobs(self._root, boot_id=self._boot_id):
-            self._jobs[job.record.job_id] = job
+            self._track(job)
             if not job.record.status.finished:
                 async with job.lock:
                     interrupted_stop = await adoption.adopt(job, boot_id=self._boot_id)
@@ -140,6 +143,53 @@ class JobManager:
             job.outcome_read = job.dir.read_marker_path.exists()
         return job.outcome_read
 
+    # ------------------------------------------------------------------------------ changes
+
+    def changes_since(
+        self, cursor: str | None, *, statuses: frozenset[AgentJobStatus] | None = None
+    ) -> tuple[list[JobInfo], str, bool]:
+        """The jobs whose state changed after ``cursor``, each as it is now, in the order of their last
+        change; the cursor to pass next time; and whether the answer is full.
+
+        ``cursor`` is one an earlier call returned. None or empty, or one of an earlier process of
+        this agent (cursors do not outlive a restart), gets every job the agent knows and ``full``
+        True: a job not listed then is unknown here. ``statuses``: only the changed jobs now of these
+        statuses; the cursor still passes every change. Costs O(changes since ``cursor``).
+        Raises :class:`agent_api.protocol.ProtocolError` for a cursor this agent cannot have given.
+
+        Reading marks nothing: whoever delivers the answer calls :meth:`mark_delivered` once it is
+        delivered (the heartbeat sender, when the sidecar acknowledges the cursor that came with it).
+        """
+        changes = self._changes.since(cursor)
+        jobs = changes.jobs if statuses is None else [j for j in changes.jobs if j.status in statuses]
+        return jobs, changes.cursor, changes.full
+
+    async def wait_for_change(self, cursor: str | None, timeout: float) -> bool:
+        """Return as soon as a job changed after ``cursor`` (at once if one did, or for a cursor that
+        gets a full answer): True; False once ``timeout`` seconds passed without a change. Raises
+        :class:`~agent_api.protocol.ProtocolError` as :meth:`changes_since` does."""
+        return await self._changes.wait(cursor, timeout)
+
+    async def mark_delivered(self, jobs: Iterable[JobInfo]) -> None:
+        """These jobs' states reached their reader: for the finished ones, as a ``GET /jobs/{id}`` of
+        each, retention may remove them once ``retain_finished_seconds`` passed. One file each, the
+        first time only; in a thread, as a full answer may hold thousands."""
+        known = (self._jobs.get(info.job_id) for info in jobs if info.status.finished)
+        unmarked = [job for job in known if job is not None and not job.outcome_read]
+
+        def mark() -> None:
+            for job in unmarked:
+                self._answered_outcome(job)
+
+        if unmarked:
+            await asyncio.to_thread(mark)
+
+    def _track(self, job: TrackedJob) -> None:
+        """From now on the agent knows ``job``, and every record it saves is a change to number."""
+        job.dir.on_state = lambda record: self._changes.note(record.info())
+        self._jobs[job.record.job_id] = job
+        self._changes.note(job.record.info())
+
     # ------------------------------------------------------------------------------ retention
 
     async def _retain(self) -> None:
@@ -177,6 +227,7 @@ class JobManager:
                 if not job.record.status.finished or self._jobs.get(job_id) is not job:
                     continue
                 del self._jobs[job_id]
+                self._changes.forget(job_id)
             await asyncio.to_thread(shutil.rmtree, job.dir.path, True)
             log.info("job %s removed (retention): ended %s", job_id, job.record.finished_at)
 
@@ -268,7 +319,7 @@ class JobManager:
             timeout_seconds=request.payload.timeout_seconds,
         )
         job = TrackedJob(JobDir(path), record)
-        self._jobs[job_id] = job  # before the first await: a concurrent duplicate sees it
+        self._track(job)  # before the first await: a concurrent duplicate sees it
         async with job.lock:
             try:
                 job.save(job.record)
@@ -310,7 +361,7 @@ class JobManager:
         )
         job = TrackedJob(JobDir(path), record)
         job.save(record)
-        self._jobs[job_id] = job
+        self._track(job)
         self._answered_outcome(job)
         log.info("job %s: stop before any run; its id is now refused", job_id)
         return outcome.already_finished(record)

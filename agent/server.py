@@ -14,6 +14,12 @@ Routes (JSON in and out unless noted):
   503 when the agent takes no new job: draining, or full (``max_jobs`` unfinished jobs already;
   with ``Retry-After``). Nothing is recorded then: the sidecar may send the job to another agent.
 - ``GET /jobs?status=S`` (``status`` repeatable, optional) -> ``{"jobs": [job, ...]}`` in job-id order.
+- ``GET /jobs?changed_since=<cursor>`` -> ``{"jobs": [job, ...], "cursor", "full"}``: the catch-up read,
+  every job whose state changed since an earlier answer's ``cursor`` (new jobs included), in the order
+  of their last change; ``cursor`` is what to pass next time. Empty, or a cursor of an earlier agent
+  process (they do not outlive a restart), answers every job with ``full`` true. A cursor this agent
+  cannot have given is 400. With ``status``: only the changed jobs now of those statuses (the cursor
+  still passes every change). Costs O(changes since the cursor) (:mod:`agent.changes`).
 - ``GET /jobs/{job_id}`` -> the job.
 - ``GET /jobs/{job_id}/log?offset=N&limit=M`` -> the log's bytes from ``offset`` (``text/plain``), with
   headers ``X-Log-Size`` (whole log) and ``X-Next-Offset`` (where to continue: ``offset`` plus the
@@ -51,6 +57,7 @@ change nothing. Logs never contain the token: it is only read from headers, neve
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import tempfile
 from importlib.metadata import PackageNotFoundError, version
@@ -60,15 +67,17 @@ from aiohttp import web
 
 from agent.config import AgentConfig
 from agent.jobs import JobManager, JobRejected
+from agent.registration import Registration, Work
 from agent_api.protocol import (
     AgentJobStatus,
     DrainState,
+    JobChanges,
     ProtocolError,
     parse_run_request,
     parse_stop_request,
     validate_job_id,
 )
-from servicekit.credentials import Secret, follow, token_list
+from servicekit.credentials import Secret, View, follow, token_list
 from servicekit.http import HttpError, json_errors, query_flag, query_int, read_json, token_auth
 from servicekit.serve import serving, shutdown_requested
 
@@ -76,9 +85,11 @@ log = logging.getLogger(__name__)
 
 _CONFIG: web.AppKey[AgentConfig] = web.AppKey("config", AgentConfig)
 _JOBS: web.AppKey[JobManager] = web.AppKey("jobs", JobManager)
+_REGISTRATION: web.AppKey[Registration] = web.AppKey("registration", Registration)  # set when it registers
 OPEN_PATHS = ("/healthz", "/readyz", "/health")
 STOP_ANSWER_SLACK_SECONDS = 15.0  # beyond grace_seconds: waiting for the exit record, answering
 READY_CHECK_TIMEOUT_SECONDS = 2.0  # a home on a hung disk is "not ready", not a hung probe
+LAST_HEARTBEAT_SECONDS = 5.0  # at shutdown: the heartbeat saying the agent leaves gets this long
 
 
 def _package_version() -> str:
@@ -114,13 +125,29 @@ async def _run(request: web.Request) -> web.Response:
 
 
 async def _list(request: web.Request) -> web.Response:
-    """``GET /jobs?status=RUNNING&status=QUEUED``: the sidecar's orphan sweep, one request per agent."""
+    """``GET /jobs?status=RUNNING&status=QUEUED``: the sidecar's orphan sweep, one request per agent;
+    ``GET /jobs?changed_since=<cursor>``: its catch-up read, the jobs changed since an earlier answer."""
     wanted = request.query.getall("status", [])
     try:
         statuses = frozenset(AgentJobStatus(value) for value in wanted) if wanted else None
     except ValueError:
         raise ProtocolError(f"status must be one of {', '.join(s.value for s in AgentJobStatus)}") from None
-    return web.json_response({"jobs": [info.to_json() for info in request.app[_JOBS].list(statuses)]})
+    jobs = request.app[_JOBS]
+    if "changed_since" not in request.query:
+        return web.json_response({"jobs": [info.to_json() for info in jobs.list(statuses)]})
+    changed, cursor, full = jobs.changes_since(_changed_since(request), statuses=statuses)
+    await jobs.mark_delivered(changed)  # as GET /jobs/{id} does: the reader now knows how they ended
+    return web.json_response(JobChanges(tuple(changed), cursor, full).to_json())
+
+
+def _changed_since(request: web.Request) -> str | None:
+    """The cursor to answer from; None when empty (every job). Its form is checked by the job manager."""
+    values = request.query.getall("changed_since")
+    if len(values) > 1:
+        raise ProtocolError(
+            f"query parameter changed_since is given {len(values)} times; give it at most once"
+        )
+    return values[0] or None
 
 
 async def _get(request: web.Request) -> web.Response:
@@ -152,6 +179,7 @@ async def _drain(request: web.Request) -> web.Response:
     jobs, config = request.app[_JOBS], request.app[_CONFIG]
     try:
         jobs.admission.drain(by="POST /drain")
+        _heartbeat_now(request.app)
     except OSError as exc:
         raise HttpError(
             503,
@@ -166,6 +194,7 @@ async def _undrain(request: web.Request) -> web.Response:
     jobs, config = request.app[_JOBS], request.app[_CONFIG]
     try:
         jobs.admission.undrain()
+        _heartbeat_now(request.app)
     except OSError as exc:
         problem = exc.strerror or exc
         raise HttpError(
@@ -200,6 +229,12 @@ async def _health(request: web.Request) -> web.Response:
             # Finished jobs kept on disk and their bytes, as of the last retention check.
             "jobs_retained": jobs.retained.jobs,
             "retained_bytes": jobs.retained.bytes,
+            # With router_url: where it registers, and how the last heartbeat went.
+            **(
+                {"registration": registration.status()}
+                if (registration := request.app.get(_REGISTRATION))
+                else {}
+            ),
         }
     )
 
@@ -235,10 +270,21 @@ def _write_probe(home: Path) -> None:
         pass
 
 
+def _heartbeat_now(app: web.Application) -> None:
+    registration = app.get(_REGISTRATION)
+    if registration is not None:  # the sidecar hears of the drain flag now, not at the next heartbeat
+        registration.poke()
+
+
 def create_app(
-    config: AgentConfig, jobs: JobManager, *, tokens: Secret[tuple[str, ...]] | None = None
+    config: AgentConfig,
+    jobs: JobManager,
+    *,
+    tokens: Secret[tuple[str, ...]] | None = None,
+    registration: Registration | None = None,
 ) -> web.Application:
-    """The API; ``tokens``: the accepted tokens as they change (default: ``config.tokens``, fixed)."""
+    """The API; ``tokens``: the accepted tokens as they change (default: ``config.tokens`` and
+    ``config.fleet_tokens``, fixed)."""
     middlewares = [
         json_errors(service="agent", known=_known),
         token_auth(tokens or config.tokens, open_paths=OPEN_PATHS, extra_header="X-Agent-Token"),
@@ -247,6 +293,8 @@ def create_app(
     app = web.Application(middlewares=middlewares, client_max_size=config.max_body_bytes + 1)
     app[_CONFIG] = config
     app[_JOBS] = jobs
+    if registration is not None:
+        app[_REGISTRATION] = registration
     app.router.add_post("/run", _run)
     app.router.add_get("/jobs", _list)
     app.router.add_get("/jobs/{job_id}", _get)
@@ -269,31 +317,62 @@ async def serve(config: AgentConfig) -> None:
     cuts the wait short (the main task is cancelled)."""
     ssl_context = config.server_ssl_context()  # before adoption: a bad file fails fast
     # No identity yet: the first look reads the file, so a change since the config was loaded counts.
-    tokens = Secret(config.tokens, what="[agent] token", file=config.token_file, parse=token_list)
+    own = Secret(config.tokens, what="[agent] token", file=config.token_file, parse=token_list)
+    fleet = Secret(
+        config.fleet_tokens, what="[agent] router token", file=config.router_token_file, parse=token_list
+    )
+    # The sidecar calls a registered agent with the fleet's token: accepted beside the agent's own.
+    tokens = View("[agent] tokens", [own, fleet], lambda a, b: tuple(dict.fromkeys(a + b)))
     jobs = JobManager(config)
     await jobs.load()  # before listening: /healthz answers only once adoption is done
     jobs.start_monitor()
     stopping = shutdown_requested()
-    watcher = asyncio.create_task(follow([tokens]))
+    watcher = asyncio.create_task(follow([own, fleet]))
+    registration = (
+        Registration(config, token=fleet, work=lambda: _work(jobs), version=VERSION, feed=jobs)
+        if config.registers
+        else None
+    )
+    heartbeats: asyncio.Task[None] | None = None
+    leave = asyncio.Event()  # set once the agent stops serving: its last heartbeat says it leaves
     try:
         # A stop under way (SIGTERM, grace_seconds, SIGKILL, the exit record) finishes before the
         # listener closes: the sidecar hears its outcome instead of a dropped connection.
         grace = config.grace_seconds + STOP_ANSWER_SLACK_SECONDS
-        app = create_app(config, jobs, tokens=tokens)
+        app = create_app(config, jobs, tokens=tokens, registration=registration)
         async with serving(app, host=config.host, port=config.port, ssl_context=ssl_context, grace=grace):
             log.info("agent %s listening on %s://%s:%d", config.id, config.scheme, config.host, config.port)
+            if registration is not None:  # listening first: the sidecar calls back at once
+                heartbeats = asyncio.create_task(registration.run(leave))
             await stopping.wait()
             if config.drain_on_shutdown_seconds > 0:
-                await _drain_for_shutdown(config, jobs)
+                await _drain_for_shutdown(config, jobs, registration)
             log.info("shutting down; running jobs keep running and are adopted on restart")
+            if heartbeats is not None:  # the last heartbeat, while its jobs' ends can still be read
+                leave.set()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(heartbeats), LAST_HEARTBEAT_SECONDS)
     finally:
         watcher.cancel()
-        await asyncio.gather(watcher, return_exceptions=True)
+        background = [watcher] if heartbeats is None else [watcher, heartbeats]
+        if heartbeats is not None:
+            heartbeats.cancel()
+        await asyncio.gather(*background, return_exceptions=True)
         await jobs.close()
 
 
-async def _drain_for_shutdown(config: AgentConfig, jobs: JobManager) -> None:
+def _work(jobs: JobManager) -> Work:
+    return Work(
+        max_jobs=jobs.admission.max_jobs, jobs_running=jobs.running_count(), draining=jobs.admission.draining
+    )
+
+
+async def _drain_for_shutdown(
+    config: AgentConfig, jobs: JobManager, registration: Registration | None
+) -> None:
     jobs.admission.drain(by="SIGTERM", persist=False)
+    if registration is not None:
+        registration.poke()
     running = jobs.running_count()
     if not running:
         return

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
@@ -194,10 +195,15 @@ def _opt(value: object, kind: type[_T]) -> _T | None:
 
 
 class JobDir:
-    """The files of one job, read and written as the agent's types."""
+    """The files of one job, read and written as the agent's types.
 
-    def __init__(self, path: Path) -> None:
+    ``on_state`` is told every record once ``state.json`` holds it: every change of a job passes
+    there, so the agent's change index (:mod:`agent.changes`) learns of each one in this one place.
+    """
+
+    def __init__(self, path: Path, *, on_state: Callable[[StoredJob], None] | None = None) -> None:
         self.path = path
+        self.on_state = on_state
 
     @property
     def state_path(self) -> Path:
@@ -225,6 +231,8 @@ class JobDir:
 
     def write_state(self, record: StoredJob, *, durable: bool = True) -> None:
         write_json_atomic(self.state_path, record.to_json(), durable=durable)
+        if self.on_state is not None:
+            self.on_state(record)
 
     def read_shell(self) -> ShellRecord | None:
         value = _read_json(self.shell_path)

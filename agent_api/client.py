@@ -11,6 +11,8 @@ Errors, for callers that retry (with tenacity; the client itself never retries):
 - :class:`AgentRejected` — HTTP 4xx (bad input, auth, duplicate job): retrying will not help.
   ``.status`` is the HTTP status, ``.message`` the server's explanation.
 - :class:`JobNotFound` (an :class:`AgentRejected`) — HTTP 404: the agent does not know the job.
+- :class:`ChangesUnsupported` — ``changed_since`` only: the agent predates change reads; read its jobs
+  one by one instead.
 - :class:`AgentBusy` (an :class:`AgentRejected`) — ``run`` only: HTTP 503 with the agent's own error,
   the agent is draining or full (``max_jobs``) and recorded nothing. Unlike an unreachable agent, it
   certainly did not start the job: another agent may take it, or this one after ``.retry_after``
@@ -40,11 +42,13 @@ import aiohttp
 
 from agent_api.protocol import (
     DrainState,
+    JobChanges,
     JobInfo,
     LogChunk,
     ProtocolError,
     RunPayload,
     StopResult,
+    validate_cursor,
     validate_job_id,
 )
 
@@ -54,6 +58,7 @@ __all__ = [
     "AgentError",
     "AgentRejected",
     "AgentUnavailable",
+    "ChangesUnsupported",
     "DrainState",
     "JobInfo",
     "JobNotFound",
@@ -85,6 +90,11 @@ class AgentRejected(AgentError):
 
 class JobNotFound(AgentRejected):
     """HTTP 404: the agent does not know this job."""
+
+
+class ChangesUnsupported(AgentError):
+    """``GET /jobs?changed_since=`` is answered without a cursor: the agent predates change reads (it
+    ignores the parameter and lists every job). Asking again will not help; read jobs one by one."""
 
 
 class AgentBusy(AgentRejected):
@@ -160,6 +170,30 @@ class AgentClient:
         if not isinstance(items, list):
             raise AgentUnavailable(f"{where}: answer lacks a jobs list")
         return [_parse(JobInfo.from_json, item, where) for item in items]
+
+    async def changed_since(self, cursor: str | None) -> tuple[list[JobInfo], str, bool]:
+        """The jobs whose state changed since ``cursor``, each as it is now, in the order of their last
+        change; the cursor to pass next time; and whether the answer is full.
+
+        ``cursor``: what an earlier answer returned, kept as an opaque string (at most 64 characters of
+        A-Z a-z 0-9 . _ -; ``ValueError`` otherwise, before any request). None asks for every job.
+        ``full`` True (after None, or after the agent restarted: cursors do not outlive it): the jobs
+        are every job the agent knows, and one not listed is unknown to it. A cursor the agent cannot
+        have given is :class:`AgentRejected` (400): ask again with None. An agent that predates change
+        reads raises :class:`ChangesUnsupported`.
+        """
+        if cursor is not None:
+            validate_cursor(cursor)
+        where = f"GET {self.base_url}/jobs?changed_since"
+        raw, _ = await self._request("GET", "/jobs", params={"changed_since": cursor or ""})
+        try:
+            answer = json.loads(raw)
+        except (ValueError, RecursionError):
+            raise AgentUnavailable(f"{where}: answer is not JSON") from None
+        if isinstance(answer, dict) and isinstance(answer.get("jobs"), list) and "cursor" not in answer:
+            raise ChangesUnsupported(f"{where}: the agent answers without a cursor: it predates change reads")
+        changes = _parse(JobChanges.from_json, answer, where)
+        return list(changes.jobs), changes.cursor, changes.full
 
     async def log(
         self, job_id: str, offset: int = 0, limit: int | None = None, *, cursor: bool = False
@@ -238,7 +272,7 @@ class AgentClient:
                 self.base_url + path,
                 json=body,
                 params=params,
-                headers={"Authorization": f"Bearer {self._token}"},
+                headers={"Authorization": f"Bearer {self._token}"} if self._token else None,
                 timeout=aiohttp.ClientTimeout(total=seconds),
                 allow_redirects=False,
                 ssl=self._ssl,

@@ -20,6 +20,9 @@ from enum import StrEnum
 from typing import Any, TypeVar
 
 JOB_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+# A change cursor (``GET /jobs?changed_since=``): opaque to clients, who keep it and pass it back.
+MAX_CURSOR_CHARS = 64
+CURSOR_PATTERN = re.compile(rf"[A-Za-z0-9._-]{{1,{MAX_CURSOR_CHARS}}}")
 MAX_REASON_CHARS = 2000
 _E = TypeVar("_E", bound="StrEnum")
 
@@ -58,6 +61,19 @@ def validate_job_id(value: object) -> str:
         raise ProtocolError(
             f"job_id {shown!r} is invalid: use 1-128 characters from A-Z a-z 0-9 . _ -, "
             "starting with a letter or digit"
+        )
+    return value
+
+
+def validate_cursor(value: object, name: str = "cursor") -> str:
+    """Return ``value`` if it has a change cursor's form, else raise :class:`ProtocolError`."""
+    if not isinstance(value, str):
+        raise ProtocolError(f"{name} must be a string, got {type(value).__name__}")
+    if len(value) > MAX_CURSOR_CHARS:
+        raise ProtocolError(f"{name} is longer than {MAX_CURSOR_CHARS} characters")
+    if CURSOR_PATTERN.fullmatch(value) is None:
+        raise ProtocolError(
+            f"{name} {value!r} is invalid: use 1-{MAX_CURSOR_CHARS} characters from A-Z a-z 0-9 . _ -"
         )
     return value
 
@@ -282,6 +298,36 @@ class DrainState:
         if jobs_running is None or jobs_running < 0:
             raise ProtocolError("jobs_running must be an integer >= 0")
         return cls(agent_id=agent_id, draining=draining, jobs_running=jobs_running)
+
+
+@dataclass(frozen=True)
+class JobChanges:
+    """What ``GET /jobs?changed_since=<cursor>`` answers: the jobs whose state changed since the cursor,
+    each as it is now, in the order of their last change; ``cursor`` to pass next time. ``full``: the
+    cursor was empty or not of this agent process (it restarted), and ``jobs`` is every job it knows:
+    one not listed is unknown to it (never run there, or removed by retention)."""
+
+    jobs: tuple[JobInfo, ...]
+    cursor: str
+    full: bool
+
+    def to_json(self) -> dict[str, Any]:
+        return {"jobs": [job.to_json() for job in self.jobs], "cursor": self.cursor, "full": self.full}
+
+    @classmethod
+    def from_json(cls, value: object) -> JobChanges:
+        obj = _object(value, "changes")
+        jobs = _required(obj, "jobs")
+        if not isinstance(jobs, list):
+            raise ProtocolError("jobs must be a list")
+        full = _required(obj, "full")
+        if not isinstance(full, bool):
+            raise ProtocolError("full must be true or false")
+        return cls(
+            jobs=tuple(JobInfo.from_json(job) for job in jobs),
+            cursor=validate_cursor(_required(obj, "cursor")),
+            full=full,
+        )
 
 
 @dataclass(frozen=True)

@@ -22,9 +22,10 @@ from agentic_airflow.sidecar_client import (
     SidecarError,
     classify_response,
     describe_failure,
+    job_query,
     parse_object,
 )
-from sidecar_api.protocol import WireError, validate_job_id
+from sidecar_api.protocol import MAX_WAIT_SECONDS, WireError, validate_job_id
 
 try:  # Airflow 3
     from airflow.sdk import BaseHook
@@ -87,9 +88,11 @@ class AgenticRunHook(BaseHook):
         ) as client:
             yield client
 
-    def get_job(self, job_id: str) -> dict[str, Any]:
-        """``GET /jobs/{job_id}``: the job's record. :class:`SidecarError` for any other answer, the
-        sidecar's own "job not found" included, or none."""
+    def get_job(self, job_id: str, *, wait: float = 0.0, status: str | None = None) -> dict[str, Any]:
+        """``GET /jobs/{job_id}``: the job's record; with ``wait`` (seconds, at most 60), once its
+        status differs from ``status`` (default: its status now) or it has ended, or when ``wait``
+        has passed (a sidecar that predates ``wait`` answers at once). :class:`SidecarError` for any
+        other answer, the sidecar's own "job not found" included, or none."""
         try:
             validate_job_id(job_id)
         except WireError as exc:
@@ -97,7 +100,11 @@ class AgenticRunHook(BaseHook):
         endpoint = self.get_endpoint()
         try:
             with self._client(endpoint) as client:
-                response = client.get(f"/jobs/{job_id}")
+                response = client.get(
+                    f"/jobs/{job_id}",
+                    params=job_query(wait=wait, status=status),
+                    timeout=self.timeout + min(max(wait, 0.0), MAX_WAIT_SECONDS),
+                )
         except httpx.HTTPError as exc:
             raise SidecarError(describe_failure(endpoint, exc)) from None
         answer = classify_response(job_id, response)

@@ -46,6 +46,16 @@ MAX_REPORT_KINDS = 32  # kinds of trouble remembered for that, the least recentl
 OUTPUT_CHUNK_BYTES = 64 * 1024  # of the job's output shown in the task's log per poll, at most
 OUTPUT_BEHIND_CHUNKS = 4  # further behind than this many chunks, the task's log skips to the newest
 OUTPUT_ACK_SECONDS = 1.0  # a cancelled trigger's last word on how far it showed the output
+LONG_POLL_SECONDS = 30.0  # the longest a poll waits at the sidecar for the job to change
+
+
+def long_poll_seconds(poll_interval: float, *, streams_output: bool) -> float:
+    """How long each ``GET /jobs/{id}`` may wait for the job to change (the sidecar answers at once
+    when it does, so the end is heard at once however long this is). A trigger that shows the job's
+    output reads it after each answer: it waits its poll interval, the pace the task's log grows at.
+    One that shows nothing waits LONG_POLL_SECONDS: one cheap request per half minute. Never above
+    it: proxies commonly cut requests idle for 60 s."""
+    return min(poll_interval, LONG_POLL_SECONDS) if streams_output else LONG_POLL_SECONDS
 
 
 class Log(Protocol):
@@ -125,6 +135,8 @@ class JobPoller:
         self._output_chunk = max(1, output_chunk_bytes)
         self._skipped_to: int | None = None  # the output was skipped up to here (mid-line, likely)
         self._request_timeout = request_timeout
+        self._long_poll = long_poll_seconds(poll_interval, streams_output=log_offset is not None)
+        self._known: str | None = None  # the job's status as last answered: what the long-poll waits on
         self._report_every = report_every
         self._sleep = sleep
         self._clock = clock
@@ -160,8 +172,15 @@ class JobPoller:
                         await self._cannot_resolve(exc)
                         continue
                 endpoint, client = session
+                asked = self._clock()
                 try:
-                    answer = await fetch_job_answer(client, self.job_id)
+                    answer = await fetch_job_answer(
+                        client,
+                        self.job_id,
+                        wait=self._long_poll,
+                        status=self._known,
+                        timeout=self._request_timeout + self._long_poll,
+                    )
                 except httpx.HTTPError as exc:
                     detail = describe_failure(endpoint, exc)
                     # Read the connection again before the next try: the sidecar may have moved
@@ -178,7 +197,11 @@ class JobPoller:
                         await self._show_output(client, final=answer.final)
                     if answer.final:
                         return await self._ended(client, answer)
-                    await self._sleep(self._poll_interval)
+                    self._known = str((answer.job or {}).get("status"))
+                    # At most one poll per poll interval: a long-poll that ran its course has waited
+                    # already; a sidecar that predates ``wait`` answered at once, and so does one
+                    # whose job moved on (QUEUED to RUNNING) but has not ended.
+                    await self._sleep(max(0.0, self._poll_interval - (self._clock() - asked)))
                 elif answer.kind is AnswerKind.NO_SUCH_JOB:
                     return self._gone(endpoint, answer)
                 else:

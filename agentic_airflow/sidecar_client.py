@@ -18,9 +18,18 @@ from typing import Any
 
 import httpx
 
-from sidecar_api.protocol import TERMINAL, WireError, job_not_found, parse_update, validate_name
+from sidecar_api.protocol import (
+    MAX_WAIT_SECONDS,
+    TERMINAL,
+    JobStatus,
+    WireError,
+    job_not_found,
+    parse_update,
+    validate_name,
+)
 
 MAX_ERROR_CHARS = 300  # of an answer's error text quoted in a log line
+ALL_STATUSES = frozenset(s.value for s in JobStatus)
 
 
 def logical_date_identity(moment: datetime) -> str:
@@ -317,9 +326,35 @@ def retry_after_seconds(value: str | None, *, now: datetime) -> float | None:
     return max(0.0, seconds) if math.isfinite(seconds) else None
 
 
-async def fetch_job_answer(client: httpx.AsyncClient, job_id: str) -> JobAnswer:
-    """``GET /jobs/{id}``, classified. Raises httpx errors when no answer came at all."""
-    return classify_response(job_id, await client.get(f"/jobs/{job_id}"))
+def job_query(*, wait: float = 0.0, status: str | None = None) -> dict[str, str]:
+    """The query of ``GET /jobs/{id}``: ``wait`` seconds at most for the job's status to differ from
+    ``status`` (a long-poll; a sidecar that predates it ignores both and answers at once). ``wait``
+    is sent in the sidecar's form (up to 6 decimals, at most MAX_WAIT_SECONDS), never as 1e-07."""
+    seconds = min(max(wait, 0.0), MAX_WAIT_SECONDS)
+    text = f"{seconds:.6f}".rstrip("0").rstrip(".")
+    if text in ("", "0"):
+        return {}
+    query = {"wait": text}
+    if status in ALL_STATUSES:
+        query["status"] = str(status)
+    return query
+
+
+async def fetch_job_answer(
+    client: httpx.AsyncClient,
+    job_id: str,
+    *,
+    wait: float = 0.0,
+    status: str | None = None,
+    timeout: float | None = None,
+) -> JobAnswer:
+    """``GET /jobs/{id}``, classified; with ``wait``, a long-poll (see :func:`job_query`) whose
+    request may take ``timeout`` seconds (default: the client's). Raises httpx errors when no answer
+    came at all."""
+    params = job_query(wait=wait, status=status)
+    if timeout is None:
+        return classify_response(job_id, await client.get(f"/jobs/{job_id}", params=params))
+    return classify_response(job_id, await client.get(f"/jobs/{job_id}", params=params, timeout=timeout))
 
 
 def classify_response(job_id: str, response: httpx.Response) -> JobAnswer:

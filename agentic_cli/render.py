@@ -83,6 +83,7 @@ AGENT_COLUMNS = (
     ("MAX", "max_jobs"),
     ("LABELS", "labels"),
     ("LAST CONTACT", "last_contact_at"),
+    ("HOW", "registered"),  # registered itself, or configured in [[agents]]
     ("URL", "url"),
 )
 
@@ -97,6 +98,8 @@ def agents_table(agents: Sequence[Mapping[str, Any]]) -> str:
             return ",".join(str(v) for v in value)
         if key == "max_jobs" and not value:
             return "-"  # no limit
+        if key == "registered":
+            return "registered" if value else "configured"
         return value
 
     return table([h for h, _ in AGENT_COLUMNS], [[cell(a, k) for _, k in AGENT_COLUMNS] for a in agents])

@@ -28,7 +28,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 
@@ -58,8 +58,10 @@ class AgentProcess:
         ca_file: Path | None = None,
         command_prefix: Sequence[str] = (),
         extra_config: str = "",
+        extra_env: Mapping[str, str] | None = None,
     ) -> None:
         self.home = home
+        self.extra_env = dict(extra_env or {})  # e.g. ROUTER_URL and AGENTIC_FLEET_TOKEN to register
         self.token = token
         self.accepted_tokens = list(accepted_tokens) if accepted_tokens is not None else [token]
         self.token_file = token_file
@@ -128,6 +130,7 @@ class AgentProcess:
         env = {key: value for key, value in os.environ.items() if not key.startswith("AGENTIC_AGENT_")}
         if self.token_file is None:
             env["AGENTIC_AGENT_TOKEN"] = ",".join(self.accepted_tokens)
+        env.update(self.extra_env)
         self._proc = start(
             [*self.command_prefix, sys.executable, "-m", "agent", "--config", str(self.config_path)],
             log_path=self.log_path,

@@ -143,7 +143,7 @@ def agent_keys() -> list[Key]:
             _allowed(f),
         )
         for f in dataclasses.fields(agent_config.AgentConfig)
-        if f.name != "tokens"  # read from token_env / token_file, never from the file
+        if f.repr  # secrets (tokens, fleet_tokens) come from their _env / _file, never from the file
     ]
 
 

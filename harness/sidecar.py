@@ -52,6 +52,7 @@ class SidecarProcess:
     accepted_tokens: Sequence[str] | None = None  # what the sidecar accepts; default [token]
     token_file: Path | None = None  # [http] token_file: the tokens accepted, instead of accepted_tokens
     viewer_token: str | None = None  # [http] viewer_token_env's value: logs in to the pages only
+    fleet_token: str | None = None  # [fleet] registration_token_env's value: agents may register
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None
     ca_file: Path | None = None  # verifies the sidecar's certificate (harness and client())
@@ -132,6 +133,9 @@ class SidecarProcess:
         tokens = self.accepted_tokens if self.accepted_tokens is not None else [self.token]
         env["HARNESS_SIDECAR_TOKEN"] = ",".join(tokens)
         env.pop("HARNESS_VIEWER_TOKEN", None)
+        env.pop("AGENTIC_FLEET_TOKEN", None)
+        if self.fleet_token is not None:
+            env["AGENTIC_FLEET_TOKEN"] = self.fleet_token
         if self.viewer_token is not None:
             env["HARNESS_VIEWER_TOKEN"] = self.viewer_token
         for agent in self.agents:

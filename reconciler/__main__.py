@@ -68,12 +68,16 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if all(check.ok for check in checks) else 1
     if args.command == "db" and args.action == "prune":
         return _prune(config, args.older_than, dry_run=args.dry_run)
-    if args.command == "db":
-        return _db(config, args.action)
-    if args.command == "once":
-        return asyncio.run(_once(config, secrets, dry_run=args.dry_run))
     try:
+        if args.command == "db":
+            return _db(config, args.action)
+        if args.command == "once":
+            return asyncio.run(_once(config, secrets, dry_run=args.dry_run))
         asyncio.run(serve(config, secrets))
+    except schema.SchemaRefused as exc:
+        # Exit 2 like a configuration that does not load: restarting cannot help, an operator must act.
+        print(f"router DB schema error: {exc.line(args.config)}", file=sys.stderr)
+        return 2
     except asyncio.CancelledError:
         print("stopped at once by a second signal; pending stops resume at the next start", file=sys.stderr)
         return 1
@@ -101,7 +105,8 @@ def _prune(config: ReconcilerConfig, older_than: str | None, *, dry_run: bool) -
 
 
 def _db(config: ReconcilerConfig, action: str) -> int:
-    """Migrations also run when the sidecar starts; this runs them alone (e.g. before a rollout)."""
+    """``upgrade``: migrate the router DB (before a rollout: the sidecar migrates at start only with
+    ``[router_db] upgrade_on_start``); ``current``: its revision, changing nothing."""
     db = RouterDB(config.router_db.url)
     try:
         if action == "upgrade":
@@ -113,7 +118,7 @@ def _db(config: ReconcilerConfig, action: str) -> int:
 
 
 async def _once(config: ReconcilerConfig, secrets: Secrets, *, dry_run: bool) -> int:
-    parts = build(config, secrets, create_schema=not dry_run)
+    parts = build(config, secrets, dry_run=dry_run)
     holder = holder_id()
     lease = config.leader.lease_name
     try:

@@ -56,6 +56,26 @@ class AgentPool:
     def ids(self) -> list[str]:
         return sorted(self._entries)
 
+    def put(self, entry: AgentEntry, token: Secret[str]) -> None:
+        """Add or update an agent (a registered one, as its heartbeats say): a new URL, CA or token
+        takes effect at the next call."""
+        old = self._entries.get(entry.id)
+        if old == entry and self._tokens.get(entry.id) is token:
+            return
+        if old is not None and (old.url, old.ca_file) != (entry.url, entry.ca_file):
+            for pool in ("jobs", "health"):
+                self._clients.pop((pool, entry.id), None)
+        self._entries[entry.id] = entry
+        self._tokens[entry.id] = token
+
+    def remove(self, agent_id: str) -> None:
+        """An agent that left (a registered one forgotten): nothing is sent to it any more."""
+        self._entries.pop(agent_id, None)
+        self._tokens.pop(agent_id, None)
+        self._picked.pop(agent_id, None)
+        for pool in ("jobs", "health"):
+            self._clients.pop((pool, agent_id), None)
+
     def url(self, agent_id: str) -> str:
         return self._entries[agent_id].url
 

@@ -31,7 +31,12 @@ class Check:
 async def connections(config: ReconcilerConfig, secrets: Secrets) -> list[Check]:
     """Airflow (an authenticated read), the router DB (a query, its schema revision) and every
     configured agent (its health answer names the id configured, an authenticated read)."""
-    checks = [await _airflow(config, secrets), await asyncio.to_thread(_router_db, config.router_db.url)]
+    checks = [
+        await _airflow(config, secrets),
+        await asyncio.to_thread(
+            _router_db, config.router_db.url, upgrade_on_start=config.router_db.upgrade_on_start
+        ),
+    ]
     for entry in config.agents:
         checks.append(await _agent(entry, secrets.agent_tokens[entry.id].current()))
     return checks
@@ -57,19 +62,25 @@ async def _airflow(config: ReconcilerConfig, secrets: Secrets) -> Check:
         await client.close()
 
 
-def _router_db(url: str) -> Check:
+def _router_db(url: str, *, upgrade_on_start: bool) -> Check:
     what = f"router DB {make_url(url).render_as_string(hide_password=True)}"
     db = RouterDB(url)
     try:
         db.ping()
-        current, head = schema.current(db.engine), schema.head()
-        if current == head:
-            return Check(what, True, f"schema at revision {head}")
-        return Check(what, True, f"schema at revision {current}, this version's is {head}: migrated at start")
+        found, head = schema.state(db.engine), schema.head()
+        verdict = schema.verdict(found, head=head, known=schema.known_revisions())
     except Exception as exc:  # whatever the driver raises; its text may hold the URL: the type only
         return Check(what, False, f"cannot connect or query: {type(exc).__name__}")
     finally:
         db.dispose()
+    if verdict is schema.Verdict.CURRENT:
+        return Check(what, True, f"schema at revision {head}")
+    if verdict is schema.Verdict.EMPTY:
+        return Check(what, True, f"empty: the schema at revision {head} is created at start")
+    refused = schema.SchemaRefused(found, head, verdict)
+    if upgrade_on_start and verdict is not schema.Verdict.NEWER:
+        return Check(what, True, f"{refused}: upgraded at start ([router_db] upgrade_on_start)")
+    return Check(what, False, f"{refused}: the sidecar refuses to start; run python -m reconciler db upgrade")
 
 
 async def _agent(entry: AgentEntry, token: str) -> Check:

@@ -42,6 +42,8 @@ class AirflowConfig:
 @dataclass(frozen=True)
 class RouterDBConfig:
     url: str = setting("sqlite:///reconciler.db", nonempty=True)
+    # Migrate an older router DB at start (one machine); otherwise `db upgrade` first.
+    upgrade_on_start: bool = setting(False)
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,11 @@ class PollConfig:
     overlap_seconds: float = setting(10.0, ge=0)
     agent_sync_per_cycle: int = setting(50, ge=0)
     max_concurrent_reads: int = setting(8, ge=1)
+    # Long-polls (GET /jobs/{id}?wait=) see changes made by other replicas by one read this often.
+    watch_seconds: float = setting(0.5, gt=0, le=10)
+    # The agents' catch-up read (one request per agent) also runs this often between cycles, when the
+    # cycle is longer: exits are recorded at this pace whatever interval_seconds spares Airflow.
+    agent_catch_up_seconds: float = setting(1.0, gt=0)
 
 
 @dataclass(frozen=True)
@@ -117,6 +124,13 @@ class FleetConfig:
     )  # how often each agent's running jobs are compared with the DB
     # No agent the route allows has room: "wait" answers 503 (the operator retries), "refuse" 409.
     when_full: str = setting("wait", one_of=WHEN_FULL)
+    # Agents that register themselves (PUT /agents/{id}) present this fleet token, and the sidecar
+    # calls them with it. Registration is off while neither the variable nor the file is set.
+    registration_token_env: str = setting("AGENTIC_FLEET_TOKEN", nonempty=True)
+    registration_token_file: str = setting("")
+    registration_ca_file: str = setting("")  # PEM CAs for https:// registered agents (default: system's)
+    # A registered agent silent this long, with no active job left, is removed from the router DB.
+    forget_after_seconds: float = setting(86400.0, gt=0)
 
 
 @dataclass(frozen=True)
@@ -155,6 +169,8 @@ class Secrets:
     agent_tokens: Mapping[str, Secret[str]]  # the token sent to each agent, by agent id
     # Tokens that log in to the pages only (read-only); None: only the API's tokens log in.
     viewer_tokens: Secret[tuple[str, ...]] | None = None
+    # Tokens agents register with (the first is sent to registered agents); None: registration off.
+    fleet_tokens: Secret[tuple[str, ...]] | None = None
 
 
 def load_config(path: Path | str, env: Mapping[str, str] | None = None) -> ReconcilerConfig:
@@ -207,6 +223,21 @@ def load_secrets(config: ReconcilerConfig, env: Mapping[str, str] | None = None)
             for a in config.agents
         },
         viewer_tokens=_viewer_tokens(config.http, env),
+        fleet_tokens=_fleet_tokens(config.fleet, env),
+    )
+
+
+def _fleet_tokens(fleet: FleetConfig, env: Mapping[str, str]) -> Secret[tuple[str, ...]] | None:
+    """The fleet tokens registered agents present (several during a rotation; the first is the one
+    sent to them); None when neither their file nor their variable is set: registration is off."""
+    if not fleet.registration_token_file and not env.get(fleet.registration_token_env, "").strip():
+        return None
+    return load_tokens(
+        "[fleet] registration token",
+        env_name=fleet.registration_token_env,
+        file=fleet.registration_token_file,
+        env=env,
+        file_key="registration_token_file",
     )
 
 
@@ -236,6 +267,8 @@ def _validate(config: ReconcilerConfig) -> None:
             "[fleet] check_timeout_seconds: must be > 0 and at most lost_after_seconds",
         ),
     ]
+    ca = config.fleet.registration_ca_file
+    checks.append((not ca or Path(ca).is_file(), "[fleet] registration_ca_file: no such file"))
     for a in config.agents:
         checks.append(
             (a.url.startswith(("http://", "https://")), f"[[agents]] {a.id!r} url: must be http(s)://")

@@ -39,14 +39,21 @@ from typing import Any
 
 from agent_api.client import AgentError, JobInfo
 from reconciler.agents import AgentPool
-from reconciler.config import FleetConfig
+from reconciler.config import AgentEntry, FleetConfig
 from reconciler.metrics import Metrics
 from reconciler.routing import Capacity, label_set
-from router_db import JobRecord, JobStatus, RouterDB, Transition
+from router_db import AgentRecord, JobRecord, JobStatus, RouterDB, Transition
+from servicekit.credentials import Secret
 
 log = logging.getLogger("reconciler.fleet")
 
 DRAIN_RESEND_SECONDS = 30.0  # a drain flag the agent's answers contradict is sent again this often
+REGISTERED_READ_SECONDS = 1.0  # how often every replica reads the registered agents from the router DB
+FORGET_CHECK_SECONDS = 60.0  # how often long-silent registered agents are looked for
+MISSED_HEARTBEATS = 3  # this many heartbeats late: suspect (lost takes lost_after_seconds)
+# A tick this late says the sidecar itself was paused or starved: heartbeats were not heard meanwhile,
+# so silence is counted again from then, as at a start.
+TICK_GAP_SECONDS = 2.0
 MAX_VERSION_CHARS = 100
 
 
@@ -127,6 +134,7 @@ class AgentReport:
     max_jobs: int | None
     jobs_running: int | None
     version: str | None
+    registered: bool = False  # registered itself (PUT /agents/{id}); else configured in [[agents]]
 
 
 class DrainNotDelivered(Exception):
@@ -183,6 +191,10 @@ class _Agent:
     drain_wanted: bool | None = None  # asked of the sidecar and not yet confirmed by the agent
     next_drain_send: float = 0.0
     sending_drain: bool = False
+    # Registered agents: liveness from their heartbeats (router DB), no health checks.
+    registered: bool = False
+    instance: str = ""
+    heartbeat_seconds: float = 10.0
 
     @property
     def draining(self) -> bool:
@@ -198,8 +210,16 @@ class Fleet:
         metrics: Metrics,
         config: FleetConfig,
         clock: Callable[[], float] = time.monotonic,
+        registered_token: Secret[str] | None = None,  # sent to registered agents; None: registration off
     ) -> None:
         self._db = db
+        self._registered_token = registered_token
+        # Told of the jobs it ended (the long-poll's watch wakes the triggers waiting on them).
+        self.changed: Callable[[Iterable[JobRecord]], object] = lambda records: None
+        self._registered_lock = asyncio.Lock()
+        self._next_forget = 0.0
+        self._listening_since = clock()  # heartbeats count from here: a start, a term, a pause
+        self._last_tick = clock()
         self._pool = agents
         self._metrics = metrics
         self._config = config
@@ -217,6 +237,7 @@ class Fleet:
     def reset(self) -> None:
         """Count from now, as at start: after a pause (a standby term) silence says nothing yet."""
         now = self._clock()
+        self._listening_since = self._last_tick = now
         for agent in self._agents.values():
             agent.last_contact = now
             agent.failed_check_started = None
@@ -283,6 +304,7 @@ class Fleet:
             max_jobs=agent.heard.max_jobs,
             jobs_running=agent.heard.jobs_running,
             version=agent.heard.version,
+            registered=agent.registered,
         )
 
     async def drain(self, agent_id: str, *, draining: bool) -> AgentReport:
@@ -335,6 +357,21 @@ class Fleet:
         router DB once per check interval while the agent stays lost, so jobs routed to it by id
         meanwhile end too). The checks and sweeps run in the background."""
         now = self._clock()
+        # From the end of the last tick: its own awaits (a slow router DB) are no pause of the sidecar.
+        if now - self._last_tick > TICK_GAP_SECONDS:
+            log.warning(
+                "the fleet's bookkeeping ran %.0f s late: heartbeats count from now", now - self._last_tick
+            )
+            self._listening_since = now
+        try:
+            await self._tick(now)
+        finally:
+            self._last_tick = self._clock()
+
+    async def _tick(self, now: float) -> None:
+        if self._registered_token is not None and now >= self._next_forget:
+            self._next_forget = now + FORGET_CHECK_SECONDS
+            await self._forget_silent()
         verdicts = {agent.id: self._verdict(agent) for agent in self._agents.values()}
         # Among the agents not lost already: a VM dead for an hour says nothing about a new silence.
         current = [verdicts[a.id] for a in self._agents.values() if a.state is not AgentState.LOST]
@@ -360,7 +397,7 @@ class Fleet:
             if agent.state is AgentState.LOST and now >= agent.next_end:
                 agent.next_end = now + self._config.check_interval_seconds
                 await self._end_jobs(agent)
-            if not agent.checking and now >= agent.next_check:
+            if not agent.registered and not agent.checking and now >= agent.next_check:
                 self._spawn(agent, self._check(agent))
             if agent.state is AgentState.LIVE and not agent.sweeping and now >= agent.next_sweep:
                 self._spawn(agent, self._sweep(agent))
@@ -386,6 +423,7 @@ class Fleet:
         ended = await asyncio.to_thread(
             self._db.apply, [lost_job_transition(job, reason) for job in jobs], source="fleet"
         )
+        self.changed(job for job in ended if job is not None)
         count = sum(job is not None for job in ended)
         self._metrics.lost_jobs.inc(count)
         if count:
@@ -398,6 +436,8 @@ class Fleet:
         await asyncio.gather(*tasks, return_exceptions=True)
 
     def _verdict(self, agent: _Agent) -> AgentState:
+        if agent.registered:
+            return self._heartbeat_verdict(agent)
         return agent_state(
             last_contact=agent.last_contact,
             last_check_ok=agent.last_check_ok,
@@ -405,6 +445,113 @@ class Fleet:
             lost_after=self._config.lost_after_seconds,
             wrong_identity=bool(agent.wrong_identity),
         )
+
+    def _heartbeat_verdict(self, agent: _Agent) -> AgentState:
+        """A registered agent's state from its last heartbeat (wall clock, written by whichever replica
+        heard it). Silence counts only from when this sidecar listened: a start, a term, a pause."""
+        if agent.last_contact_at is None:
+            return AgentState.LIVE
+        silent = max(0.0, (datetime.now(UTC) - agent.last_contact_at).total_seconds())
+        now = self._clock()
+        counted = min(silent, now - self._listening_since)
+        late = silent > MISSED_HEARTBEATS * agent.heartbeat_seconds
+        if late and not agent.last_error:
+            agent.last_error = f"its heartbeats (every {agent.heartbeat_seconds:g} s) stopped"
+        return agent_state(
+            last_contact=now - counted,
+            last_check_ok=not late,
+            failed_check_started=now if late else None,
+            lost_after=self._config.lost_after_seconds,
+        )
+
+    async def follow_registered(self, stopping: asyncio.Event) -> None:
+        """Every replica, leader or standby: keep the registered agents read (a standby routes jobs
+        and answers for them too; a new leader starts with them known)."""
+        while not stopping.is_set():
+            try:
+                await self.load_registered()
+            except Exception as exc:  # the router DB is down: read again next time
+                log.warning("reading the registered agents failed: %s", type(exc).__name__)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stopping.wait(), timeout=REGISTERED_READ_SECONDS)
+
+    async def load_registered(self) -> None:
+        """Bring the registered agents up to date with the router DB: new ones join the pool (sent the
+        fleet token), each one's heartbeat, labels and capacity are taken, forgotten ones leave. One at
+        a time: an older read applied after a newer one would drop an agent just registered."""
+        if self._registered_token is None:
+            return
+        async with self._registered_lock:
+            await self._load_registered()
+
+    async def _load_registered(self) -> None:
+        token = self._registered_token
+        assert token is not None  # load_registered reads nothing when registration is off
+        rows = {row.agent_id: row for row in await asyncio.to_thread(self._db.registered_agents)}
+        now = self._clock()
+        for agent_id, row in rows.items():
+            agent = self._agents.get(agent_id)
+            if agent is not None and not agent.registered:
+                continue  # configured in [[agents]]: the registry refuses it; an older row stays unused
+            self._pool.put(
+                AgentEntry(
+                    id=agent_id,
+                    url=row.url,
+                    labels=list(row.labels),
+                    ca_file=self._config.registration_ca_file,
+                ),
+                token,
+            )
+            if agent is None:
+                agent = _Agent(agent_id, last_contact=now, registered=True, next_sweep=now)
+                self._agents[agent_id] = agent
+                log.info("agent %s joins at %s", agent_id, row.url, extra={"agent_id": agent_id})
+            self._heard_beat(agent, row)
+        for agent_id in [a.id for a in self._agents.values() if a.registered and a.id not in rows]:
+            self._forget(agent_id)
+
+    def _heard_beat(self, agent: _Agent, row: AgentRecord) -> None:
+        if agent.instance and row.instance != agent.instance:
+            log.info(
+                "agent %s restarted (a new instance registered); sweeping it for orphans",
+                agent.id,
+                extra={"agent_id": agent.id, "action": "agent_restarted"},
+            )
+            agent.next_sweep = float("-inf")
+        agent.instance = row.instance
+        if agent.last_contact_at is None or row.last_heartbeat_at > agent.last_contact_at:
+            agent.last_contact_at = row.last_heartbeat_at
+            agent.last_error = ""
+        agent.heartbeat_seconds = max(0.1, row.heartbeat_seconds)
+        self._learn(
+            agent,
+            Heard(
+                draining=row.draining,
+                max_jobs=row.max_jobs,
+                jobs_running=row.jobs_running,
+                version=row.version[:MAX_VERSION_CHARS],
+            ),
+        )
+
+    async def _forget_silent(self) -> None:
+        """Registered agents silent for ``forget_after_seconds`` and without active jobs leave the
+        router DB (an autoscaling group's VMs come and go): the next read drops them here too."""
+        before = datetime.now(UTC) - timedelta(seconds=self._config.forget_after_seconds)
+        for agent_id in await asyncio.to_thread(self._db.forget_agents, silent_before=before):
+            log.info(
+                "agent %s forgotten: silent since before %s, no active job",
+                agent_id,
+                before.isoformat(timespec="seconds"),
+                extra={"agent_id": agent_id, "action": "agent_forgotten"},
+            )
+            self._forget(agent_id)
+
+    def _forget(self, agent_id: str) -> None:
+        agent = self._agents.pop(agent_id, None)
+        if agent is not None:
+            for task in agent.tasks:
+                task.cancel()
+        self._pool.remove(agent_id)
 
     def _update_state(self, agent: _Agent, state: AgentState) -> None:
         if state is agent.state:

@@ -1,9 +1,14 @@
-"""What the router API does, apart from HTTP: submit a job, refresh it from its agent, take a pushed
-state change, read a job, its events and its log. The HTTP layer (:mod:`reconciler.server`) parses and
-answers; the loop calls :func:`refresh_from_agent` for its rolling sweep.
+"""What the router API does, apart from HTTP: submit a job, take a pushed state change, read a job
+(at once, or once it changes: a long-poll), its events and its log, and record what agents report.
+The HTTP layer (:mod:`reconciler.server`) parses and answers.
+
+A job is read from the router DB, never from its agent: the loop's once-a-cycle catch-up and the
+agents' heartbeats record exits (:meth:`JobService.apply_agent_reports`), and a long-poll waiter
+hears of them at once (:mod:`reconciler.watch`). :func:`refresh_from_agent` asks an agent about one
+job: the loop's rolling sweep, for agents without the change feed.
 
 What an agent's answer means for the router DB is decided in :mod:`reconciler.outcome`; this module
-asks and records.
+and :mod:`reconciler.agent_reports` ask and record.
 """
 
 from __future__ import annotations
@@ -17,21 +22,23 @@ from typing import TYPE_CHECKING, Any
 
 from agent_api.client import (
     AgentBusy,
-    AgentClient,
     AgentError,
     AgentRejected,
     AgentUnavailable,
+    JobInfo,
     JobNotFound,
     LogChunk,
 )
+from reconciler.agent_reports import apply_agent_reports, give_up, record_finish
 from reconciler.agents import AgentPool, NoAgent, NoCapacity
 from reconciler.airflow import AirflowError
 from reconciler.decision import MAX_NOTE_CHARS, Divergence, Stop
 from reconciler.fleet import AgentState
 from reconciler.logfields import job_fields
 from reconciler.metrics import Metrics
-from reconciler.outcome import Finish, GiveUp, MarkRunning, after_never_started_stop, after_status
+from reconciler.outcome import Finish, GiveUp, MarkRunning, after_status
 from reconciler.stops import StopDispatcher
+from reconciler.watch import JobWatch
 from router_db import EventRecord, JobRecord, JobStatus, NewJob, RouterDB, StaleTransition, TaskInstanceKey
 from sidecar_api.protocol import SubmitRequest, UpdateRequest, job_not_found
 
@@ -96,8 +103,10 @@ class JobService:
         dispatcher: StopDispatcher,
         when_full: str = "wait",
         metrics: Metrics | None = None,
+        watch: JobWatch | None = None,
     ) -> None:
         self._db = db
+        self._watch = watch or loop.watch  # one per process: the loop's changes wake our waiters
         self._agents = agents
         self._loop = loop
         self._dispatcher = dispatcher
@@ -298,14 +307,28 @@ class JobService:
             return Update(202, True, message, "stop_requested", after, previous=job.status)
         return Update(200, True, stop.reason, "stopped", after, previous=job.status)
 
-    async def job(self, job_id: str) -> JobRecord:
-        """The job, refreshed from its agent when it is active there. An agent that does not answer
-        its health checks is not asked: the trigger polling this job must hear at once that the router
-        DB ended it, not after a timeout."""
+    async def job(self, job_id: str, *, wait: float = 0.0, known: JobStatus | None = None) -> JobRecord:
+        """The job as the router DB records it (its agent is not asked: see the module's docstring).
+
+        With ``wait`` (seconds), a long-poll: the answer comes once the job's status differs from
+        ``known`` (default: its status now), or the job has ended, or ``wait`` has passed (then the job
+        unchanged)."""
         job = await self.recorded(job_id)
-        if self._loop.answering(job.agent_id):
-            job = await refresh_from_agent(self._db, self._agents, job)
-        return job
+        if wait <= 0:
+            return job
+        expected = known or job.status
+        return await self._watch.wait(job, lambda now: now.status is not expected or not now.active, wait)
+
+    async def apply_agent_reports(self, agent_id: str, jobs: Sequence[JobInfo], *, full: bool = False) -> int:
+        """Record what ``agent_id`` reports of ``jobs`` (``full``: every job it knows), as the loop's
+        catch-up does; returns how many jobs changed. See :mod:`reconciler.agent_reports`."""
+        return await apply_agent_reports(
+            self._db, self._agents, self._watch, agent_id, jobs, full=full, now=datetime.now(UTC)
+        )
+
+    def close(self) -> None:
+        """The server shuts down: every long-poll answers now with the job as it is."""
+        self._watch.close()
 
     async def recorded(self, job_id: str) -> JobRecord:
         job = await asyncio.to_thread(self._db.get, job_id)
@@ -359,10 +382,8 @@ class JobService:
 async def refresh_from_agent(
     db: RouterDB, agents: AgentPool, job: JobRecord, *, timeout: float = 5.0
 ) -> JobRecord:
-    """Ask the job's agent about a queued or running job and record what it reports.
-
-    Used by the loop (its rolling sweep) and by ``GET /jobs/{id}`` (so the operator's trigger learns
-    of an exit at once). An unreachable agent leaves the record as it is.
+    """Ask the job's agent about a queued or running job and record what it reports: the loop's
+    rolling sweep of agents without the change feed. An unreachable agent leaves the record as it is.
     """
     if job.status not in (JobStatus.QUEUED, JobStatus.RUNNING):
         return job
@@ -381,39 +402,12 @@ async def refresh_from_agent(
         queued_for=(datetime.now(UTC) - job.created_at).total_seconds(),
     )
     if isinstance(outcome, Finish):
-        return await _record(db, job, outcome)
+        return await record_finish(db, job, outcome)
     if isinstance(outcome, MarkRunning):
         try:
             return await asyncio.to_thread(db.mark_running, job.job_id, source="agent")
         except StaleTransition:
             return job
     if isinstance(outcome, GiveUp):
-        return await _give_up(db, client, job, timeout)
+        return await give_up(db, client, job, timeout)
     return job
-
-
-async def _give_up(db: RouterDB, client: AgentClient, job: JobRecord, timeout: float) -> JobRecord:
-    """A queued job its agent never started is given up by a stop, which leaves a tombstone on the
-    agent so that a ``/run`` arriving even later is refused rather than started untracked."""
-    try:
-        result = await asyncio.wait_for(client.stop(job.job_id, reason="never started"), timeout)
-    except JobNotFound:  # an agent without tombstones
-        result = None
-    except (AgentError, TimeoutError):
-        return job
-    return await _record(
-        db,
-        job,
-        after_never_started_stop(action=result.action if result else None, rc=result.rc if result else None),
-    )
-
-
-async def _record(db: RouterDB, job: JobRecord, finish: Finish) -> JobRecord:
-    try:
-        done = await asyncio.to_thread(
-            db.finish, job.job_id, status=finish.status, rc=finish.rc, reason=finish.reason, source="agent"
-        )
-    except StaleTransition:
-        return await asyncio.to_thread(db.get, job.job_id) or job
-    log.info("job ended on agent: %s", finish.reason, extra=job_fields(job, action="record_exit"))
-    return done

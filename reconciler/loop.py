@@ -6,11 +6,16 @@ task instance updated since the previous read, with a full batch read every ``fu
 ``batch`` makes that full read every cycle; ``naive`` reads each job's task instance directly. Each
 would-be stop is re-read directly before it is acted on. Airflow errors keep every job: uncertainty
 never stops one.
+
+Beside Airflow, each cycle catches up with the agents (:mod:`reconciler.catch_up`): one request per
+agent that has queued or running jobs, recording every exit it reports; an agent without that feed
+gets the rolling sweep of ``agent_sync_per_cycle`` job reads a cycle instead.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import heapq
 import logging
@@ -22,8 +27,11 @@ from typing import TypeVar
 
 from sqlalchemy.exc import SQLAlchemyError
 
+from agent_api.client import JobInfo
+from reconciler.agent_reports import apply_agent_reports
 from reconciler.agents import AgentPool
 from reconciler.airflow import REFUSALS, AirflowError, TaskInstancePath, TaskInstanceReader
+from reconciler.catch_up import CatchUp
 from reconciler.config import PollConfig
 from reconciler.decision import MAX_NOTE_CHARS, Absent, Keep, Observation, Stop, Unknown
 from reconciler.fleet import AgentState, Fleet
@@ -32,6 +40,7 @@ from reconciler.logfields import job_fields
 from reconciler.metrics import Metrics
 from reconciler.stops import StopDispatcher
 from reconciler.targeted import TargetedRead, judge, observe, ti_key
+from reconciler.watch import JobWatch
 from router_db import JobRecord, JobStatus, RouterDB
 
 log = logging.getLogger("reconciler.loop")
@@ -61,9 +70,13 @@ class ReconcileLoop:
         metrics: Metrics,
         poll: PollConfig,
         fleet: Fleet | None = None,
+        watch: JobWatch | None = None,
     ) -> None:
         self._db = db
         self._fleet = fleet
+        # The long-poll waiters of this process: the catch-up's and the sweep's changes wake them.
+        self.watch = watch or JobWatch(db, period=poll.watch_seconds)
+        self.catch_up = CatchUp(agents, self._apply_reports)
         self._airflow = airflow
         self._agents = agents
         self._dispatcher = dispatcher
@@ -111,9 +124,12 @@ class ReconcileLoop:
         self._watermark, self._jobs_read, self._jobs = None, None, {}
         self._next_full = self._next_full_attempt = float("-inf")
         self.targeted.restart()
+        self.catch_up.restart()
         self._metrics.leader.set(1)
         # Agent liveness runs beside the cycles, on its own clock; a new term counts from now.
         fleet = asyncio.create_task(self._fleet.run(stopping)) if self._fleet is not None else None
+        between = self._poll.agent_catch_up_seconds < self._poll.interval_seconds
+        catching = asyncio.create_task(self._catch_up_between_cycles(stopping)) if between else None
         try:
             while not stopping.is_set():
                 started = time.monotonic()
@@ -124,9 +140,10 @@ class ReconcileLoop:
                 except TimeoutError:
                     pass
         finally:
-            if fleet is not None:
-                fleet.cancel()
-                await asyncio.gather(fleet, return_exceptions=True)
+            background = [task for task in (fleet, catching) if task is not None]
+            for task in background:
+                task.cancel()
+            await asyncio.gather(*background, return_exceptions=True)
             self._metrics.leader.set(0)
             self._metrics.full_resync_failing.set(0)  # a standby reads nothing: no stale alert
 
@@ -188,7 +205,29 @@ class ReconcileLoop:
         answering = [
             job for job in jobs if job.status is not JobStatus.STOPPING and self.answering(job.agent_id)
         ]
-        await self.sync_from_agents(self._next_to_sync(answering))
+        # One change-feed request per agent with live jobs; the jobs of agents without the feed are
+        # read one by one, a few a cycle.
+        without_feed = set(await self.catch_up.run(sorted({job.agent_id for job in answering})))
+        await self.sync_from_agents(self._next_to_sync([j for j in answering if j.agent_id in without_feed]))
+
+    async def _catch_up_between_cycles(self, stopping: asyncio.Event) -> None:
+        """The agents' catch-up at its own pace while cycles are further apart (a long interval that
+        spares Airflow must not delay recording the jobs' exits)."""
+        while not stopping.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stopping.wait(), timeout=self._poll.agent_catch_up_seconds)
+            if stopping.is_set():
+                return
+            try:
+                load = await asyncio.to_thread(self._db.active_counts)
+                await self.catch_up.run(sorted(a for a, n in load.items() if n and self.answering(a)))
+            except Exception as exc:  # the router DB is down: the next round, or the cycle, tries again
+                log.warning("catching up with the agents failed: %s", type(exc).__name__)
+
+    async def _apply_reports(self, agent_id: str, jobs: Sequence[JobInfo], full: bool) -> int:
+        return await apply_agent_reports(
+            self._db, self._agents, self.watch, agent_id, jobs, full=full, now=datetime.now(UTC)
+        )
 
     async def _against_airflow(
         self, live: Sequence[JobRecord], report: CycleReport, *, full: bool, dry_run: bool
@@ -398,9 +437,10 @@ class ReconcileLoop:
 
     async def sync_from_agents(self, jobs: Sequence[JobRecord]) -> None:
         """The reverse direction: record jobs that ended on their agent without anyone noticing."""
-        await _bounded(
+        fresh = await _bounded(
             AGENT_READ_CONCURRENCY, [refresh_from_agent(self._db, self._agents, job) for job in jobs]
         )
+        self.watch.notify(after for before, after in zip(jobs, fresh, strict=True) if after is not before)
 
 
 async def _bounded(limit: int, calls: Sequence[Awaitable[T]]) -> list[T]:

@@ -90,6 +90,14 @@ class Metrics:
             "Submissions refused because no agent the route allows could take the job (503 or 409).",
             registry=r,
         )
+        self.heartbeats = Counter(
+            "reconciler_agent_heartbeats",
+            "Registrations and heartbeats of agents (PUT /agents/{id}), by result: accepted, or refused "
+            "(an id held by a live agent elsewhere or configured statically, an address the sidecar "
+            "cannot reach, the wrong agent there).",
+            ["result"],
+            registry=r,
+        )
         self.lost_jobs = Counter(
             "reconciler_lost_agent_jobs", "Jobs ended FAILED because their agent was lost.", registry=r
         )

@@ -18,13 +18,17 @@ from collections.abc import Callable, Sequence
 from datetime import datetime
 
 from aiohttp import web
+from aiohttp.typedefs import Handler, Middleware
 
+from agent_api.protocol import ProtocolError
+from agent_api.registration import parse_heartbeat, validate_agent_id
 from reconciler.fleet import AgentReport, DrainNotDelivered, Fleet
 from reconciler.job_service import JobService, NoSuchJob, Refused, Update
 from reconciler.loop import ReconcileLoop
 from reconciler.metrics import Metrics
 from reconciler.pages import PageConfig, add_pages, except_pages
 from reconciler.readiness import assess
+from reconciler.registry import Registry
 from router_db import RouterDB
 from servicekit.credentials import Secret
 from servicekit.http import (
@@ -48,6 +52,7 @@ from sidecar_api.protocol import (
     parse_status,
     parse_submit,
     parse_update,
+    parse_wait,
     submit_json,
     update_json,
     validate_job_id,
@@ -55,10 +60,11 @@ from sidecar_api.protocol import (
 )
 
 OPEN_PATHS = ("/metrics", "/healthz", "/readyz")
+REGISTRATION_ROUTE = "/agents/{agent_id}"
 
 
 def _known(exc: Exception) -> HttpError | None:
-    if isinstance(exc, WireError):
+    if isinstance(exc, WireError | ProtocolError):  # ProtocolError: an agent's registration
         return BadRequest(str(exc))
     if isinstance(exc, NoSuchJob):
         return HttpError(404, str(exc))
@@ -85,6 +91,8 @@ class SidecarAPI:
         is_leader: Callable[[], bool] = lambda: True,
         fleet: Fleet | None = None,
         pages: PageConfig | None = None,  # serve the read-only pages under /ui/ too
+        registry: Registry | None = None,  # agents may register (PUT /agents/{id}) with these tokens
+        fleet_tokens: Secret[tuple[str, ...]] | None = None,
     ) -> None:
         self._jobs = jobs
         self._fleet = fleet or loop.fleet
@@ -97,12 +105,20 @@ class SidecarAPI:
         self._max_body_bytes = max_body_bytes
         self._ready_after = ready_after  # seconds without a successful cycle before /readyz fails
         self._pages = pages
+        self._registry = registry
+        self._fleet_tokens = fleet_tokens
 
     def app(self) -> web.Application:
         middlewares = [
             json_errors(service="sidecar", known=_known),
             # The pages check their own login: a session cookie, or the same bearer tokens.
-            except_pages(token_auth(self._tokens, open_paths=OPEN_PATHS, limiter=self._limiter)),
+            except_pages(
+                _registration_apart(
+                    token_auth(self._tokens, open_paths=OPEN_PATHS, limiter=self._limiter),
+                    # Agents share the fleet token: one rate-limit bucket would throttle the fleet.
+                    token_auth(self._fleet_tokens, open_paths=()) if self._fleet_tokens is not None else None,
+                )
+            ),
         ]
         # client_max_size is not our limit (read_json applies max_body_bytes); keep aiohttp's out of the way
         app = web.Application(client_max_size=self._max_body_bytes + 1, middlewares=middlewares)
@@ -110,9 +126,11 @@ class SidecarAPI:
         app.router.add_post("/jobs/update_status", self.update_status)
         app.router.add_get("/jobs", self.list_jobs)
         app.router.add_get("/jobs/{job_id}", self.get_job)
+        app.on_shutdown.append(self._end_long_polls)  # before aiohttp waits for requests in flight
         app.router.add_get("/jobs/{job_id}/log", self.job_log)
         app.router.add_get("/jobs/{job_id}/events", self.job_events)
         app.router.add_get("/agents", self.list_agents)
+        app.router.add_put("/agents/{agent_id}", self.register_agent)  # REGISTRATION_ROUTE
         app.router.add_post("/agents/{agent_id}/drain", self.drain_agent)
         app.router.add_post("/agents/{agent_id}/undrain", self.undrain_agent)
         app.router.add_get("/metrics", self.metrics)
@@ -149,7 +167,17 @@ class SidecarAPI:
         return web.json_response(answer, status=done.code)
 
     async def get_job(self, request: web.Request) -> web.Response:
-        return web.json_response(job_json(await self._jobs.job(_job_id(request))))
+        """The job from the router DB; with ``wait`` (seconds), once its status differs from
+        ``status`` (default: its status now) or it has ended, or when ``wait`` has passed."""
+        job_id = _job_id(request)
+        wait = parse_wait(query_text(request, "wait"))
+        status = query_text(request, "status")
+        known = parse_status(status) if status is not None else None
+        job = await self._jobs.job(job_id, wait=wait, known=known)
+        return web.json_response(job_json(job))
+
+    async def _end_long_polls(self, app: web.Application) -> None:
+        self._jobs.close()
 
     async def list_jobs(self, request: web.Request) -> web.Response:
         """Jobs matching every filter given; a filter left out matches everything."""
@@ -202,8 +230,28 @@ class SidecarAPI:
             headers={"X-Log-Size": str(chunk.size), "X-Next-Offset": str(chunk.next_offset)},
         )
 
+    async def register_agent(self, request: web.Request) -> web.Response:
+        """An agent's registration or heartbeat (:mod:`reconciler.registry`)."""
+        agent_id = validate_agent_id(request.match_info["agent_id"])
+        if self._registry is None:
+            raise HttpError(
+                404, "agent registration is off on this sidecar: set [fleet] registration_token_env or _file"
+            )
+        beat = parse_heartbeat(await read_json(request, limit=self._max_body_bytes))
+        record = await self._registry.heartbeat(agent_id, beat)
+        return web.json_response(
+            {
+                "agent_id": record.agent_id,
+                "registered_at": record.registered_at.isoformat(),
+                "lost_after_seconds": self._registry.lost_after_seconds,
+            }
+        )
+
     async def list_agents(self, request: web.Request) -> web.Response:
-        """The configured agents in id order: state, capacity and load (see :func:`agent_json`)."""
+        """The agents in id order, configured and registered: state, capacity and load (see
+        :func:`agent_json`)."""
+        if self._fleet is not None:
+            await self._fleet.load_registered()  # a standby's fleet does not tick: read them now
         ids = self._fleet.ids() if self._fleet is not None else []
         load = await asyncio.to_thread(self._db.active_counts) if ids else {}
         reports = [self._fleet.report(a) for a in ids] if self._fleet is not None else []
@@ -223,6 +271,8 @@ class SidecarAPI:
         if not isinstance(await read_json(request, limit=self._max_body_bytes, allow_empty=True), dict):
             raise BadRequest("body must be a JSON object, or empty")
         agent_id = request.match_info["agent_id"]
+        if self._fleet is not None and agent_id not in self._fleet.ids():
+            await self._fleet.load_registered()
         if self._fleet is None or agent_id not in self._fleet.ids():
             raise HttpError(404, f"unknown agent {agent_id[:128]!r}")
         report = await self._fleet.drain(agent_id, draining=draining)
@@ -255,6 +305,22 @@ class SidecarAPI:
         return web.json_response(readiness.to_json(), status=200 if readiness.ready else 503)
 
 
+def _registration_apart(api: Middleware, fleet: Middleware | None) -> Middleware:
+    """``api`` for every route but an agent's registration, which takes only the fleet's tokens (an
+    operator's token registers no agent, a fleet token submits no job)."""
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        resource = request.match_info.route.resource
+        if request.method == "PUT" and resource is not None and resource.canonical == REGISTRATION_ROUTE:
+            if fleet is None:  # registration is off: its 404 says so, with no token asked first
+                return await handler(request)
+            return await fleet(request, handler)
+        return await api(request, handler)
+
+    return middleware
+
+
 def _agent(report: AgentReport, load: dict[str, int]) -> dict[str, object]:
     return agent_json(
         agent_id=report.agent_id,
@@ -267,6 +333,7 @@ def _agent(report: AgentReport, load: dict[str, int]) -> dict[str, object]:
         jobs_running=report.jobs_running,
         version=report.version,
         draining=report.draining,
+        registered=report.registered,
     )
 
 

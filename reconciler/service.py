@@ -15,11 +15,12 @@ from reconciler.leadership import Leadership
 from reconciler.loop import ReconcileLoop
 from reconciler.metrics import Metrics
 from reconciler.pages import PageConfig
+from reconciler.registry import Registry
 from reconciler.retention import prune_periodically
 from reconciler.server import SidecarAPI
 from reconciler.stops import StopDispatcher
-from router_db import RouterDB
-from servicekit.credentials import follow
+from router_db import RouterDB, schema
+from servicekit.credentials import Secret, View, follow
 from servicekit.ratelimit import RateLimiter
 from servicekit.serve import serving, shutdown_requested
 
@@ -46,10 +47,20 @@ class Parts:
         self.db.dispose()
 
 
-def build(config: ReconcilerConfig, secrets: Secrets, *, create_schema: bool = True) -> Parts:
+def build(config: ReconcilerConfig, secrets: Secrets, *, dry_run: bool = False) -> Parts:
+    """The sidecar's parts, on a router DB at this version's schema: an empty one is created, an older
+    one migrated only with ``[router_db] upgrade_on_start``, any other refused (:class:`SchemaRefused`).
+    ``dry_run``: the schema is checked, never created nor migrated."""
     db = RouterDB(config.router_db.url)
-    if create_schema:
-        db.create_schema()
+    try:
+        schema.prepare_for_start(
+            db.engine,
+            upgrade_on_start=config.router_db.upgrade_on_start and not dry_run,
+            may_create=not dry_run,
+        )
+    except BaseException:
+        db.dispose()
+        raise
     metrics = Metrics()
     airflow = AirflowClient(
         config.airflow.base_url,
@@ -66,7 +77,9 @@ def build(config: ReconcilerConfig, secrets: Secrets, *, create_schema: bool = T
         stop_timeout=config.stop.timeout_seconds,
     )
     dispatcher = StopDispatcher(db, agents, metrics, config.stop)
-    fleet = Fleet(db=db, agents=agents, metrics=metrics, config=config.fleet)
+    fleet = Fleet(
+        db=db, agents=agents, metrics=metrics, config=config.fleet, registered_token=_sent_token(secrets)
+    )
     agents.avoid = lambda agent_id: fleet.state(agent_id) in (AgentState.LOST, AgentState.WRONG_IDENTITY)
     agents.refuse = fleet.refusal
     agents.capacity = fleet.capacity
@@ -79,7 +92,16 @@ def build(config: ReconcilerConfig, secrets: Secrets, *, create_schema: bool = T
         poll=config.poll,
         fleet=fleet,
     )
+    # A stop's outcome, or a lost agent's job ended, wakes the trigger long-polling that job at once.
+    dispatcher.changed = fleet.changed = loop.watch.notify
     return Parts(db, airflow, agents, metrics, dispatcher, loop, fleet)
+
+
+def _sent_token(secrets: Secrets) -> Secret[str] | None:
+    """The fleet token sent to registered agents, as its file says now (the first of its tokens)."""
+    if secrets.fleet_tokens is None:
+        return None
+    return View("[fleet] registration token", [secrets.fleet_tokens], lambda tokens: tokens[0])
 
 
 async def _lead(parts: Parts, config: ReconcilerConfig, term: asyncio.Event) -> None:
@@ -104,15 +126,29 @@ async def serve(config: ReconcilerConfig, secrets: Secrets) -> None:
     parts = build(config, secrets)
     # Every replica serves the API; only the lease holder runs the loop (which resumes pending stops).
     leadership = Leadership(db=parts.db, metrics=parts.metrics, config=config.leader)
-    api = SidecarAPI(
-        jobs=JobService(
+    jobs = JobService(
+        db=parts.db,
+        agents=parts.agents,
+        loop=parts.loop,
+        dispatcher=parts.dispatcher,
+        when_full=config.fleet.when_full,
+        metrics=parts.metrics,
+    )
+    sent = _sent_token(secrets)
+    registry = (
+        Registry(
             db=parts.db,
-            agents=parts.agents,
-            loop=parts.loop,
-            dispatcher=parts.dispatcher,
-            when_full=config.fleet.when_full,
+            token=sent,
+            static_ids=[a.id for a in config.agents],
+            config=config.fleet,
             metrics=parts.metrics,
-        ),
+            record_jobs=jobs.apply_agent_reports,
+        )
+        if sent is not None
+        else None
+    )
+    api = SidecarAPI(
+        jobs=jobs,
         db=parts.db,
         metrics=parts.metrics,
         loop=parts.loop,
@@ -125,6 +161,8 @@ async def serve(config: ReconcilerConfig, secrets: Secrets) -> None:
             else None
         ),
         is_leader=lambda: leadership.is_leader,
+        registry=registry,
+        fleet_tokens=secrets.fleet_tokens,
         pages=PageConfig(
             airflow_url=config.airflow.base_url,
             airflow_version=parts.airflow.api_version,
@@ -133,9 +171,10 @@ async def serve(config: ReconcilerConfig, secrets: Secrets) -> None:
         ),
     )
     stopping = shutdown_requested()
+    registered = asyncio.create_task(parts.fleet.follow_registered(stopping))
     # Every replica, standby too, serves the API with the tokens as their files say now.
-    viewers = [secrets.viewer_tokens] if secrets.viewer_tokens is not None else []
-    watcher = asyncio.create_task(follow([secrets.http_tokens, *viewers, *secrets.agent_tokens.values()]))
+    optional = [t for t in (secrets.viewer_tokens, secrets.fleet_tokens) if t is not None]
+    watcher = asyncio.create_task(follow([secrets.http_tokens, *optional, *secrets.agent_tokens.values()]))
     http = config.http
     try:
         async with serving(api.app(), host=http.host, port=http.port, ssl_context=http.server_ssl_context()):
@@ -150,5 +189,8 @@ async def serve(config: ReconcilerConfig, secrets: Secrets) -> None:
                     await leadership.release()  # a standby takes over at once either way
     finally:
         watcher.cancel()
-        await asyncio.gather(watcher, return_exceptions=True)
+        registered.cancel()
+        await asyncio.gather(watcher, registered, return_exceptions=True)
+        if registry is not None:
+            await registry.close()
         await parts.close()

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from datetime import UTC, datetime
 
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential_jitter
 
 from agent_api.client import AgentRejected, AgentUnavailable, JobNotFound, StopResult
-from reconciler.agents import AgentPool, WrongAgent
+from reconciler.agents import AgentPool, NoAgent, WrongAgent
 from reconciler.config import StopConfig
 from reconciler.decision import Stop
 from reconciler.logfields import job_fields
@@ -39,6 +39,8 @@ class StopDispatcher:
         self._flusher: asyncio.Task[None] | None = None
         # Jobs whose last stop left processes alive after SIGKILL: their next attempt forces at once.
         self._force: set[str] = set()
+        # Told of every record this dispatcher changed (the long-poll's watch wakes its waiters).
+        self.changed: Callable[[Iterable[JobRecord]], object] = lambda records: None
 
     @property
     def inflight(self) -> int:
@@ -55,6 +57,7 @@ class StopDispatcher:
         """Record many stop intents in one transaction, then start their agent calls."""
         transitions = [Transition.stop(job.job_id, stop.final_status, stop.reason) for job, stop in stops]
         recorded = await asyncio.to_thread(self._db.apply, transitions, source=source)
+        self.changed(record for record in recorded if record is not None)
         for (job, stop), stopping in zip(stops, recorded, strict=True):
             if stopping is None:
                 continue  # it ended or another replica moved it meanwhile
@@ -101,6 +104,12 @@ class StopDispatcher:
             except AgentUnavailable as exc:
                 self._metrics.stop_requests.labels("retry").inc()
                 log.warning("agent unreachable; stop resumes next cycle", extra={**fields, "error": str(exc)})
+                return
+            except NoAgent as exc:  # a registered agent this replica has not read yet, or one forgotten
+                self._metrics.stop_requests.labels("retry").inc()
+                log.warning(
+                    "agent unknown here; stop resumes next cycle", extra={**fields, "error": str(exc)}
+                )
                 return
         outcome = after_stop(
             intent=job.stop_status,
@@ -177,5 +186,6 @@ class StopDispatcher:
                 for _, recorded in batch:
                     recorded.set_exception(exc)
                 continue
+            self.changed(result for result in results if result is not None)
             for (_, recorded), result in zip(batch, results, strict=True):
                 recorded.set_result(result)

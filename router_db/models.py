@@ -6,7 +6,9 @@ from datetime import UTC, datetime
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     DateTime,
+    Float,
     ForeignKey,
     Index,
     Integer,
@@ -105,3 +107,23 @@ class Lease(Base):
     name: Mapped[str] = mapped_column(String(64), primary_key=True)
     holder: Mapped[str] = mapped_column(String(255))
     expires_at: Mapped[datetime] = mapped_column(UTCDateTime())
+
+
+class Agent(Base):
+    """An agent that registered itself with the sidecar, as of its latest heartbeat (revision 0003)."""
+
+    __tablename__ = "agents"
+
+    agent_id: Mapped[str] = mapped_column(String(200), primary_key=True)
+    url: Mapped[str] = mapped_column(String(2000))
+    labels: Mapped[str] = mapped_column(Text)  # a JSON list of strings
+    max_jobs: Mapped[int] = mapped_column(Integer)  # 0: no limit
+    jobs_running: Mapped[int] = mapped_column(Integer)
+    version: Mapped[str] = mapped_column(String(100))
+    draining: Mapped[bool] = mapped_column(Boolean)
+    # A random id the agent process picks at each start: the same agent id under another instance is
+    # that agent restarted (or another agent claiming its id).
+    instance: Mapped[str] = mapped_column(String(64))
+    registered_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    last_heartbeat_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    heartbeat_seconds: Mapped[float] = mapped_column(Float)  # how often it says it heartbeats

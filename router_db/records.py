@@ -5,6 +5,7 @@ The job's shape in the sidecar's HTTP answers is :func:`sidecar_api.protocol.job
 
 from __future__ import annotations
 
+import json
 import sys
 from dataclasses import dataclass
 from datetime import datetime
@@ -99,4 +100,108 @@ class EventRecord:
             new_status=JobStatus(row.new_status),
             source=row.source,
             reason=row.reason,
+        )
+
+
+# Column widths of the agents table (router_db.models.Agent): PostgreSQL refuses a longer value, SQLite
+# would keep it, so both are held to them before writing.
+AGENT_ID_CHARS = 200
+AGENT_URL_CHARS = 2000
+AGENT_VERSION_CHARS = 100
+AGENT_INSTANCE_CHARS = 64
+MAX_COUNT = 2**31 - 1  # an Integer column
+MAX_HEARTBEAT_SECONDS = 86400.0
+
+
+@dataclass(frozen=True, slots=True)
+class AgentRecord:
+    """An agent that registered itself, as of its latest heartbeat.
+
+    ``instance`` is a random id the agent process picks at each start: the same id under a new instance
+    is that agent restarted. ``max_jobs`` 0 means no limit. ``heartbeat_seconds`` is how often the agent
+    says it heartbeats: any replica judges its silence by it. Times are UTC-aware.
+    """
+
+    agent_id: str
+    url: str
+    labels: tuple[str, ...]
+    max_jobs: int
+    jobs_running: int
+    version: str
+    draining: bool
+    instance: str
+    registered_at: datetime
+    last_heartbeat_at: datetime
+    heartbeat_seconds: float = 10.0
+
+    def check(self) -> None:
+        """Raise ValueError naming the first field the router DB cannot store as given (never its value:
+        a URL may carry credentials). The HTTP layer answers it with a 400."""
+        texts = {
+            "agent_id": self.agent_id,
+            "url": self.url,
+            "version": self.version,
+            "instance": self.instance,
+        }
+        widths = {
+            "agent_id": AGENT_ID_CHARS,
+            "url": AGENT_URL_CHARS,
+            "version": AGENT_VERSION_CHARS,
+            "instance": AGENT_INSTANCE_CHARS,
+        }
+        for name, value in texts.items():
+            if not isinstance(value, str) or "\x00" in value:
+                raise ValueError(f"agent {name} must be a string without NUL characters")
+            if len(value) > widths[name]:
+                raise ValueError(f"agent {name} is longer than {widths[name]} characters")
+        if not self.agent_id or not self.url or not self.instance:
+            raise ValueError("agent agent_id, url and instance must not be empty")
+        if not all(isinstance(label, str) and "\x00" not in label for label in self.labels):
+            raise ValueError("agent labels must be strings without NUL characters")
+        for name, count in (("max_jobs", self.max_jobs), ("jobs_running", self.jobs_running)):
+            if isinstance(count, bool) or not isinstance(count, int) or not 0 <= count <= MAX_COUNT:
+                raise ValueError(f"agent {name} must be an integer from 0 to {MAX_COUNT}")
+        every = self.heartbeat_seconds
+        if (
+            isinstance(every, bool)
+            or not isinstance(every, int | float)
+            or not 0 < every <= MAX_HEARTBEAT_SECONDS
+        ):
+            raise ValueError(
+                f"agent heartbeat_seconds must be a number above 0, at most {MAX_HEARTBEAT_SECONDS}"
+            )
+        for name, moment in (
+            ("registered_at", self.registered_at),
+            ("last_heartbeat_at", self.last_heartbeat_at),
+        ):
+            if moment.tzinfo is None:
+                raise ValueError(f"agent {name} must be a UTC-aware datetime")
+
+    @classmethod
+    def from_row(cls, row: Any) -> AgentRecord:
+        """A record from a Core row of the agents table."""
+        return cls(
+            agent_id=row.agent_id,
+            url=row.url,
+            labels=tuple(json.loads(row.labels)),
+            max_jobs=row.max_jobs,
+            jobs_running=row.jobs_running,
+            version=row.version,
+            draining=bool(row.draining),
+            instance=row.instance,
+            registered_at=row.registered_at,
+            last_heartbeat_at=row.last_heartbeat_at,
+            heartbeat_seconds=row.heartbeat_seconds,
+        )
+
+
+class AgentConflict(Exception):
+    """Another live agent holds this id: one at another URL, started as another instance, that sent a
+    heartbeat recently. The message names its URL and last heartbeat time."""
+
+    def __init__(self, existing: AgentRecord) -> None:
+        self.existing = existing
+        super().__init__(
+            f"agent id {existing.agent_id!r} is held by a live agent at {existing.url}"
+            f" (last heartbeat {existing.last_heartbeat_at.isoformat(timespec='seconds')})"
         )

@@ -3,7 +3,8 @@
 Transitions are compare-and-set updates (``WHERE status = <expected>``): the sidecar API, the poll
 loop and other replicas may race on one job, and exactly one of them wins each transition. The value
 types are in :mod:`router_db.records`, the transition rules in :mod:`router_db.transitions`, the
-engine in :mod:`router_db.engine` and the leases in :mod:`router_db.leases`.
+engine in :mod:`router_db.engine`, the leases in :mod:`router_db.leases` and the registered agents in
+:mod:`router_db.agents`.
 """
 
 from __future__ import annotations
@@ -17,10 +18,11 @@ from sqlalchemy import CursorResult, Engine, delete, func, insert, select, updat
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import sessionmaker
 
+from router_db.agents import Agents
 from router_db.engine import make_engine
 from router_db.leases import Leases
 from router_db.models import Job, JobEvent
-from router_db.records import EventRecord, JobRecord, NewJob, TaskInstanceKey
+from router_db.records import AgentRecord, EventRecord, JobRecord, NewJob, TaskInstanceKey
 from router_db.schema import upgrade
 from router_db.transitions import StaleTransition, Transition, allowed
 from sidecar_api.protocol import ACTIVE, TERMINAL, JobStatus
@@ -37,9 +39,12 @@ class RouterDB:
         self.engine = make_engine(url_or_engine) if isinstance(url_or_engine, str) else url_or_engine
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         self._leases = Leases(self.engine, self._sessions)
+        self._agents = Agents(self.engine)
 
     def create_schema(self) -> None:
-        """Create the schema, or migrate an existing one to this version's (idempotent)."""
+        """Create the schema, or migrate an existing one to this version's (idempotent): what
+        ``python -m reconciler db upgrade`` does. The sidecar's start uses
+        :func:`router_db.schema.prepare_for_start`, which migrates only when told to."""
         upgrade(self.engine)
 
     def dispose(self) -> None:
@@ -206,6 +211,26 @@ class RouterDB:
     def lease_holder(self, name: str) -> str | None:
         """Who holds lease ``name`` now by the database's clock; None when it is free or expired."""
         return self._leases.holder(name)
+
+    # --- registered agents (see router_db.agents) ---------------------------------------------------
+
+    def heartbeat_agent(self, record: AgentRecord, *, alive_after: datetime) -> AgentRecord:
+        """Register an agent or record its heartbeat; the row as stored. Raises :class:`AgentConflict`,
+        changing nothing, when another agent that heartbeat at or after ``alive_after`` holds the id, and
+        ValueError for a record the router DB cannot store (:meth:`AgentRecord.check`)."""
+        return self._agents.heartbeat(record, alive_after=alive_after)
+
+    def registered_agents(self) -> list[AgentRecord]:
+        """Every registered agent, by agent id."""
+        return self._agents.all()
+
+    def leave_agent(self, agent_id: str, instance: str) -> bool:
+        """The agent process stops for good: its row goes unless it still has an active job."""
+        return self._agents.leave(agent_id, instance)
+
+    def forget_agents(self, *, silent_before: datetime) -> list[str]:
+        """Delete the agents silent since before ``silent_before`` that have no active job; their ids."""
+        return self._agents.forget(silent_before=silent_before)
 
     # --- writes ----------------------------------------------------------------------------------
 

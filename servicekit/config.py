@@ -215,6 +215,8 @@ def from_text(text: str, expected: Any, label: str) -> Any:
             return text.strip().lower() in ("true", "1")
     except ValueError:
         raise ConfigError(f"{label}: must be {_kind(expected)}") from None
+    if get_origin(expected) is list and get_args(expected) == (str,):
+        return [item.strip() for item in text.split(",") if item.strip()]  # "gpu,large"
     if get_origin(expected) is list:
         raise ConfigError(f"{label}: lists cannot be set from the environment")
     return _typed(text, expected, label)

@@ -16,7 +16,7 @@ import logging
 import os
 import re
 import signal
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
@@ -153,6 +153,23 @@ class Secret(Generic[T]):
                 extra={"action": "secret_kept"},
             )
         return False
+
+
+class View(Secret[T]):
+    """A value made from other secrets as they are now (the tokens an agent accepts: its own and its
+    fleet's; the one token sent to registered agents): made again whenever one of them changes."""
+
+    def __init__(self, what: str, parts: Sequence[Secret[Any]], make: Callable[..., T]) -> None:
+        self._parts = tuple(parts)
+        self._make = make
+        self._inputs = tuple(part.current() for part in self._parts)
+        super().__init__(make(*self._inputs), what=what)
+
+    def current(self) -> T:
+        inputs = tuple(part.current() for part in self._parts)
+        if any(new is not old for new, old in zip(inputs, self._inputs, strict=True)):
+            self._inputs, self._value = inputs, self._make(*inputs)
+        return self._value
 
 
 def file_identity(path: Path) -> tuple[int, ...]:

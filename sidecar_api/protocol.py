@@ -9,6 +9,7 @@ field and the bound.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -179,6 +180,21 @@ def parse_status(value: str) -> JobStatus:
         raise WireError(f"unknown status {value!r}; one of {[s.value for s in JobStatus]}") from None
 
 
+MAX_WAIT_SECONDS = 60.0  # GET /jobs/{id}?wait=: the longest long-poll
+_NUMBER = re.compile(r"-?[0-9]{1,20}(\.[0-9]{1,20})?([eE][-+]?[0-9]{1,3})?")  # JSON's number
+
+
+def parse_wait(value: str | None) -> float:
+    """``GET /jobs/{id}``'s ``wait``: seconds, 0 (or absent: answer at once) to
+    :data:`MAX_WAIT_SECONDS`, a number as JSON writes one (``30``, ``2.5``)."""
+    if value is None:
+        return 0.0
+    seconds = float(value) if _NUMBER.fullmatch(value) else math.nan
+    if not 0 <= seconds <= MAX_WAIT_SECONDS:  # NaN fails too
+        raise WireError(f"wait must be a number of seconds from 0 to {MAX_WAIT_SECONDS:g}, e.g. 30 or 2.5")
+    return seconds
+
+
 # ----------------------------------------------------------------------------------------- answers
 
 
@@ -283,11 +299,14 @@ def agent_json(
     jobs_running: int | None,
     version: str | None,
     draining: bool,
+    registered: bool = False,
 ) -> dict[str, Any]:
     """One agent of ``GET /agents`` (and the answer to a drain): ``state`` is one of live, suspect,
     draining, lost, wrong_identity; ``max_jobs``, ``jobs_running`` and ``version`` are the agent's own
     last answer (null: not said, by an older agent or none yet; ``max_jobs`` 0: no limit);
-    ``active_jobs`` is the router DB's count of its queued, running and stopping jobs."""
+    ``active_jobs`` is the router DB's count of its queued, running and stopping jobs; ``registered``:
+    the agent registered itself (``last_contact_at`` is then its last heartbeat), else it is configured
+    in ``[[agents]]``."""
     return {
         "agent_id": agent_id,
         "url": url,
@@ -299,6 +318,7 @@ def agent_json(
         "jobs_running": jobs_running,
         "version": version,
         "draining": draining,
+        "registered": registered,
     }
 
 

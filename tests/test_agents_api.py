@@ -24,6 +24,7 @@ from harness.sidecar import AgentRef, SidecarProcess
 T = TypeVar("T")
 FAST_FLEET = "[fleet]\ncheck_interval_seconds = 0.2\ncheck_timeout_seconds = 1.0\n"
 ENTRY_KEYS = {
+    "registered",
     "agent_id",
     "url",
     "labels",

@@ -175,7 +175,6 @@ def _kill_leftovers(procs: list[psutil.Process]) -> None:
             pass
 
 
-
 def running_job(stack: Stack, agent_id: str) -> VmJob:
     """The deferred task's RUNNING job on ``agent_id``, once its whole process tree has started."""
     task = task_id(agent_id)

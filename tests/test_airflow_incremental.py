@@ -84,7 +84,6 @@ def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
             yield Stack(airflow.api(), agent, sidecar)
 
 
-
 def test_marked_task_is_seen_behind_hundreds_of_earlier_rows_changed_at_the_same_time(
     stack: Stack, record_property: Callable[[str, object], None]
 ) -> None:

@@ -28,6 +28,7 @@ from reconciler.config import AgentEntry
 from reconciler.job_service import NO_CAPACITY_RETRY_AFTER, JobService, NoRoom
 from reconciler.metrics import Metrics
 from reconciler.routing import Candidate, Capacity, choose, free_slots, label_set, no_capacity, unavailable
+from reconciler.watch import JobWatch
 from router_db import JobStatus, NewJob, RouterDB, TaskInstanceKey
 from sidecar_api.protocol import SubmitRequest
 
@@ -177,6 +178,7 @@ def service(db: RouterDB, agents: AgentPool, *, when_full: str, metrics: Metrics
         dispatcher=None,  # type: ignore[arg-type]  # no update_status here
         when_full=when_full,
         metrics=metrics,
+        watch=JobWatch(db),
     )
 
 

@@ -42,13 +42,16 @@ def sidecar(tmp_path_factory: pytest.TempPathFactory, airflow: ServedAirflow) ->
             airflow_password="unused",
             api_version="v2",
             agents=[AgentRef("agent-1", agent.url, agent.token, labels=["default"])],
-            interval_seconds=300.0,  # one cycle at start, before any job: only the CLI stops jobs here
+            # Every job's task instance is one Airflow wants (the stand-in says so): the loop stops
+            # nothing, only the CLI does; its cycles record the jobs' exits (the agent's catch-up read).
+            interval_seconds=1.0,
         ) as proc,
     ):
         yield proc
 
 
-def submit(sidecar: SidecarProcess, command: str, task_id: str) -> str:
+def submit(sidecar: SidecarProcess, command: str, task_id: str, airflow: ServedAirflow) -> str:
+    airflow.call_soon(airflow.standin.add, "cli", "manual__1", task_id, -1, "running", 1)
     body = {"command": command, "labels": ["default"], "dag_id": "cli", "task_id": task_id,
             "run_id": "manual__1", "map_index": -1, "try_number": 1}  # fmt: skip
     with sidecar.client() as client:
@@ -66,9 +69,9 @@ def run(sidecar: SidecarProcess, *args: str, monkeypatch: pytest.MonkeyPatch) ->
 
 
 def test_jobs_list_and_show_as_tables_and_json(
-    sidecar: SidecarProcess, monkeypatch: pytest.MonkeyPatch
+    sidecar: SidecarProcess, airflow: ServedAirflow, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    job_id = submit(sidecar, "echo listed", "listed")
+    job_id = submit(sidecar, "echo listed", "listed", airflow)
     code, table = run(sidecar, "jobs", "list", "--dag", "cli", monkeypatch=monkeypatch)
     assert code == 0 and table.splitlines()[0].split()[:3] == ["JOB", "STATUS", "DAG"]
     assert job_id in table
@@ -84,9 +87,9 @@ def test_jobs_list_and_show_as_tables_and_json(
 
 
 def test_jobs_log_prints_the_output_and_follows_it_to_the_end(
-    sidecar: SidecarProcess, monkeypatch: pytest.MonkeyPatch
+    sidecar: SidecarProcess, airflow: ServedAirflow, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    job_id = submit(sidecar, "for i in 1 2 3; do echo line $i; sleep 0.3; done", "chatty")
+    job_id = submit(sidecar, "for i in 1 2 3; do echo line $i; sleep 0.3; done", "chatty", airflow)
     code, followed = run(sidecar, "jobs", "log", job_id, "--follow", monkeypatch=monkeypatch)
     assert code == 0 and followed == "line 1\nline 2\nline 3\n"
     code, tail = run(sidecar, "jobs", "log", job_id, "--tail", "7", monkeypatch=monkeypatch)
@@ -126,8 +129,7 @@ def test_values_cannot_steer_the_terminal() -> None:
 def test_jobs_stop_goes_through_airflows_confirmation_and_names_who_asked(
     sidecar: SidecarProcess, airflow: ServedAirflow, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    airflow.call_soon(airflow.standin.add, "cli", "manual__1", "to-stop", -1, "deferred", 1)
-    job_id = submit(sidecar, "sleep 600", "to-stop")
+    job_id = submit(sidecar, "sleep 600", "to-stop", airflow)
     code, said = run(sidecar, "jobs", "stop", job_id, "--reason", "runaway", monkeypatch=monkeypatch)
     assert code == 1 and said.startswith("kept: Airflow still wants this task instance")
     assert run(sidecar, "--json", "jobs", "show", job_id, monkeypatch=monkeypatch)[1].count('"RUNNING"')
@@ -154,8 +156,7 @@ def test_agents_list_drain_and_undrain(sidecar: SidecarProcess, monkeypatch: pyt
 def test_a_forced_stop_needs_no_confirmation_and_the_audit_trail_says_so(
     sidecar: SidecarProcess, airflow: ServedAirflow, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    airflow.call_soon(airflow.standin.add, "cli", "manual__1", "forced", -1, "deferred", 1)
-    job_id = submit(sidecar, "sleep 600", "forced")
+    job_id = submit(sidecar, "sleep 600", "forced", airflow)
     stop = ["jobs", "stop", job_id, "--reason", "disk full", "--force"]
     code, said = run(sidecar, *stop, monkeypatch=monkeypatch)
     assert code == 0 and said.split(":")[0] in ("stopped", "stop_requested"), said
@@ -167,11 +168,11 @@ def test_a_forced_stop_needs_no_confirmation_and_the_audit_trail_says_so(
 
 
 def test_jobs_list_filters_by_agent_and_age_newest_first(
-    sidecar: SidecarProcess, monkeypatch: pytest.MonkeyPatch
+    sidecar: SidecarProcess, airflow: ServedAirflow, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    older = submit(sidecar, "true", "filtered-older")
+    older = submit(sidecar, "true", "filtered-older", airflow)
     time.sleep(0.05)
-    newer = submit(sidecar, "true", "filtered-newer")
+    newer = submit(sidecar, "true", "filtered-newer", airflow)
     code, text = run(
         sidecar, "--json", "jobs", "list", "--agent", "agent-1", "--since", "10m", monkeypatch=monkeypatch
     )

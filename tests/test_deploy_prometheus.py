@@ -220,6 +220,13 @@ SCENARIOS: list[tuple[str, list[dict[str, str]], str, int, dict[str, str]]] = [
         LABELS,
     ),
     (
+        "an agent keeps registering under an id another live agent holds",
+        [series("reconciler_agent_heartbeats_total", "0+6x30", result="refused")],
+        "AgenticAgentRegistrationRefused",
+        20,
+        {**LABELS, "result": "refused"},
+    ),
+    (
         "the full read keeps failing",
         [series("reconciler_full_resync_failing", "1x20")],
         "AgenticFullResyncFailing",

@@ -80,7 +80,10 @@ def test_the_example_files_show_the_codes_defaults() -> None:
         for key, value in values.items():
             assert value == getattr(default, key), f"config/reconciler.toml [{section}] {key}"
     agent_example = tomllib.loads((CONFIG_DIR / "agent.toml").read_text(encoding="utf-8"))["agent"]
-    code = {f.name: f.default for f in dataclasses.fields(agent_config.AgentConfig)}
+    code = {
+        f.name: f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
+        for f in dataclasses.fields(agent_config.AgentConfig)
+    }
     code["home"] = agent_config.DEFAULT_HOME  # computed defaults: the home directory, the host name
     for key, value in agent_example.items():
         expected = str(code[key]) if isinstance(code[key], Path) else code[key]

@@ -65,7 +65,6 @@ def test_holder_ids_name_the_host_and_process_and_differ() -> None:
     assert first != second and first.count(":") == 2
 
 
-
 class CountingTerm:
     """A stand-in for the poll loop: counts terms and how many run at once."""
 

@@ -110,8 +110,9 @@ def test_three_replicas_elect_one_leader_a_standby_takes_over_after_sigkill_and_
                 time.sleep(0.25)
             took = time.monotonic() - killed
             assert new_leader is not None, "no standby took over"
-            # The lease expires at most LEASE_SECONDS after the kill; a standby asks every second.
-            assert took <= LEASE_SECONDS + 1.5, took
+            # The lease expires at most LEASE_SECONDS after the kill; a standby asks every second; and
+            # this loop sees it only after a pass of its own requests (slow on a busy machine).
+            assert took <= LEASE_SECONDS + 3.0, took
             time.sleep(1.0)
             assert leaders(standbys) == [new_leader]
 

@@ -47,9 +47,7 @@ def sidecar_app(tmp: Path) -> web.Application:
     config = parse_config({"router_db": {"url": f"sqlite:///{tmp / 'router.db'}"}}, {})
     secrets = load_secrets(config, {"AIRFLOW_PASSWORD": "pw", "AGENTIC_SIDECAR_TOKEN": TOKEN})
     parts = build(config, secrets)
-    jobs = JobService(
-        db=parts.db, agents=parts.agents, loop=parts.loop, dispatcher=parts.dispatcher
-    )
+    jobs = JobService(db=parts.db, agents=parts.agents, loop=parts.loop, dispatcher=parts.dispatcher)
     api = SidecarAPI(
         jobs=jobs,
         db=parts.db,

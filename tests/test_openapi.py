@@ -494,6 +494,9 @@ def wait_until_status(client: httpx.Client, job_id: str, status: str) -> None:
         time.sleep(0.1)
 
 
+FLEET_TOKEN = "docs-fleet-token"
+
+
 def test_sidecar_answers_match_the_documented_api(agent: AgentProcess, tmp_path: Path) -> None:
     spec = Spec(DOCS / "openapi-sidecar.yaml")
     nowhere = f"http://127.0.0.1:{free_port()}"
@@ -510,6 +513,7 @@ def test_sidecar_answers_match_the_documented_api(agent: AgentProcess, tmp_path:
             agents=agents,
             api_version="v2",
             interval_seconds=INTERVAL,
+            fleet_token=FLEET_TOKEN,
         ) as sidecar,
         sidecar.client() as api,
         httpx.Client(base_url=sidecar.url, timeout=30) as anonymous,
@@ -616,6 +620,24 @@ def test_sidecar_answers_match_the_documented_api(agent: AgentProcess, tmp_path:
         assert spec.check(api.post("/agents/agent-1/drain", json={}), 200).json()["state"] == "draining"
         assert spec.check(api.post("/agents/agent-1/undrain"), 200).json()["draining"] is False
 
+        # An agent registers itself (PUT /agents/{id}, the fleet token): one that takes the fleet token
+        # at its URL, and the refusals.
+        with AgentProcess(tmp_path / "registers", agent_id="reg-1", token=FLEET_TOKEN) as joining:
+            beat = {"url": joining.url, "instance": "docs-1", "labels": ["default"], "max_jobs": 2}
+            with sidecar.client(FLEET_TOKEN) as fleet:
+                spec.check(anonymous.put("/agents/reg-1", json=beat), 401)
+                spec.check(api.put("/agents/reg-1", json=beat), 401)  # an operator's token registers nothing
+                spec.check(fleet.put("/agents/reg-1", json={**beat, "url": "ftp://x"}), 400)
+                spec.check(fleet.put("/agents/reg-1", json={**beat, "version": "v" * (1024 * 1024)}), 413)
+                spec.check(fleet.put("/agents/agent-1", json={**beat, "url": agent.url}), 409)
+                wrong = spec.check(fleet.put("/agents/reg-2", json=beat), 422).json()["error"]
+                assert "answers as 'reg-1'" in wrong
+                joined = spec.check(fleet.put("/agents/reg-1", json=beat), 200).json()
+                assert joined["agent_id"] == "reg-1"
+                spec.check(fleet.get("/agents"), 401)  # a fleet token opens registration only
+            listed = spec.check(api.get("/agents"), 200).json()["agents"]
+            assert [(a["agent_id"], a["registered"]) for a in listed][-1] == ("reg-1", True)
+
         # The read-only pages (HTML), with a browser's cookie; scripts' bearer tokens work there too.
         form = {"Content-Type": "application/x-www-form-urlencoded"}
         with httpx.Client(base_url=sidecar.url, timeout=30) as browser:
@@ -663,6 +685,8 @@ def test_sidecar_answers_match_the_documented_api(agent: AgentProcess, tmp_path:
         httpx.Client(base_url=unready.url, timeout=30) as anonymous,
     ):
         spec.check(anonymous.get("/readyz"), 503)
+        off = {"url": "http://127.0.0.1:1", "instance": "x"}
+        assert "registration is off" in spec.check(api.put("/agents/any", json=off), 404).json()["error"]
         spec.check(api.post("/agents/agent-far/drain"), 502)  # the flag stays: no room left
         refused = spec.check(api.post("/jobs", json=submission("no-room", labels=["far"])), 409)
         assert refused.json()["error"] == "no capacity: 1 agent(s) carry labels ['far']: agent-far draining"

@@ -222,12 +222,15 @@ def test_without_streaming_the_log_is_read_only_for_the_failure_tail() -> None:
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[SidecarProcess, AgentProcess]]:
     base = tmp_path_factory.mktemp("output")
-    with AgentProcess(home=base / "agent", agent_id="agent-1") as agent, SidecarProcess(
-        workdir=base / "sidecar",
-        airflow_url=f"http://127.0.0.1:{free_port()}",  # nothing listens: the loop stops nothing
-        airflow_password="unused",
-        agents=[AgentRef("agent-1", agent.url, agent.token, labels=["default"])],
-    ) as sidecar:
+    with (
+        AgentProcess(home=base / "agent", agent_id="agent-1") as agent,
+        SidecarProcess(
+            workdir=base / "sidecar",
+            airflow_url=f"http://127.0.0.1:{free_port()}",  # nothing listens: the loop stops nothing
+            airflow_password="unused",
+            agents=[AgentRef("agent-1", agent.url, agent.token, labels=["default"])],
+        ) as sidecar,
+    ):
         yield sidecar, agent
 
 

@@ -1,0 +1,177 @@
+"""Agent registration as both sides speak it: ``PUT /agents/{agent_id}`` and its answer.
+
+An agent configured with the sidecar's URL registers at start and heartbeats with the same request:
+the URL the sidecar reaches it at, a random ``instance`` id new at each start of the agent process
+(another instance at the same URL is that agent restarted; at another URL while the first still
+heartbeats, it is a second agent claiming the id, and refused), its labels and capacity, and how often
+it heartbeats. Standard library only. Parsing is strict; :class:`~agent_api.protocol.ProtocolError`
+names the field (a 400).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+from agent_api.protocol import CURSOR_PATTERN, JOB_ID_PATTERN, JobInfo, ProtocolError
+
+MAX_INT = 2**31 - 1  # max_jobs, jobs_running: as the router DB's integers
+
+AGENT_ID_PATTERN = JOB_ID_PATTERN  # a host name fits; also a safe path segment and log field
+INSTANCE_PATTERN = re.compile(r"[A-Za-z0-9-]{1,64}")
+LABEL_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/=-]{0,99}")
+MAX_LABELS = 32
+MAX_URL_CHARS = 2000
+MAX_VERSION_CHARS = 100
+MAX_PUSHED_JOBS = 500  # more changes than this in one heartbeat are left to the sidecar's catch-up read
+KNOWN_FIELDS = frozenset(
+    {
+        "url",
+        "instance",
+        "labels",
+        "max_jobs",
+        "jobs_running",
+        "draining",
+        "version",
+        "heartbeat_seconds",
+        "jobs",
+        "cursor",
+        "leaving",
+    }
+)
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    """One agent's registration or heartbeat (the same request)."""
+
+    url: str
+    instance: str
+    labels: tuple[str, ...] = ()
+    max_jobs: int = 0  # 0: no limit
+    jobs_running: int = 0
+    draining: bool = False
+    version: str = ""
+    heartbeat_seconds: float = 10.0  # how often it comes: the sidecar calls it suspect after a few missed
+    # The jobs that changed since the last heartbeat the sidecar accepted (each as it is now), and the
+    # agent's change cursor after them (see the agent's GET /jobs?changed_since=).
+    jobs: tuple[JobInfo, ...] = ()
+    cursor: str | None = None
+    leaving: bool = False  # the agent's last heartbeat before it stops: forget it if it has no job
+    # Entries of ``jobs`` the sidecar could not read (a newer agent's word): skipped, the rest recorded.
+    unreadable_jobs: int = field(default=0, compare=False)
+    extra: dict[str, Any] = field(default_factory=dict, compare=False)  # fields of a newer agent
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "url": self.url,
+            "instance": self.instance,
+            "labels": list(self.labels),
+            "max_jobs": self.max_jobs,
+            "jobs_running": self.jobs_running,
+            "draining": self.draining,
+            "version": self.version,
+            "heartbeat_seconds": self.heartbeat_seconds,
+            "jobs": [job.to_json() for job in self.jobs],
+            "cursor": self.cursor,
+            "leaving": self.leaving,
+        }
+
+
+def validate_agent_id(value: str) -> str:
+    if AGENT_ID_PATTERN.fullmatch(value) is None:
+        raise ProtocolError("agent id must match ^" + AGENT_ID_PATTERN.pattern + "$")
+    return value
+
+
+def agent_url_problem(url: str) -> str | None:
+    """Why ``url`` cannot be an agent's address (None: it can): http(s), a host, no credentials,
+    nothing after the path."""
+    if len(url) > MAX_URL_CHARS:
+        return f"longer than {MAX_URL_CHARS} characters"
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises on a port that is no number or out of range
+    except ValueError as exc:
+        return str(exc)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return "must be http://host:port or https://host:port"
+    if parts.username is not None or parts.password is not None:
+        return "must not carry credentials"
+    if parts.query or parts.fragment:
+        return "must not have a query or fragment"
+    if any(ch.isspace() or ord(ch) < 32 for ch in url):
+        return "must not contain white space or control characters"
+    return None
+
+
+def parse_heartbeat(body: object) -> Heartbeat:
+    """A ``PUT /agents/{agent_id}`` body; unknown fields are kept aside (a newer agent's)."""
+    if not isinstance(body, dict):
+        raise ProtocolError("request body must be a JSON object")
+    url = body.get("url")
+    if not isinstance(url, str) or (problem := agent_url_problem(url)) is not None:
+        raise ProtocolError(f"url: {problem if isinstance(url, str) else 'required, a string'}")
+    instance = body.get("instance")
+    if not isinstance(instance, str) or INSTANCE_PATTERN.fullmatch(instance) is None:
+        raise ProtocolError("instance must match ^" + INSTANCE_PATTERN.pattern + "$")
+    labels = body.get("labels", [])
+    if not isinstance(labels, list) or len(labels) > MAX_LABELS:
+        raise ProtocolError(f"labels must be a list of at most {MAX_LABELS} strings")
+    for label in labels:
+        if not isinstance(label, str) or LABEL_PATTERN.fullmatch(label) is None:
+            raise ProtocolError("each label must match ^" + LABEL_PATTERN.pattern + "$")
+    version = body.get("version", "")
+    if not isinstance(version, str) or len(version) > MAX_VERSION_CHARS:
+        raise ProtocolError(f"version must be a string of at most {MAX_VERSION_CHARS} characters")
+    if any(ord(ch) < 32 for ch in version):
+        raise ProtocolError("version must not contain control characters")
+    draining = body.get("draining", False)
+    if not isinstance(draining, bool):
+        raise ProtocolError("draining must be true or false")
+    every = body.get("heartbeat_seconds", 10.0)
+    if isinstance(every, bool) or not isinstance(every, int | float) or not math.isfinite(every):
+        raise ProtocolError("heartbeat_seconds must be a number")
+    if not 0.1 <= every <= 3600:
+        raise ProtocolError("heartbeat_seconds must be between 0.1 and 3600")
+    jobs = body.get("jobs", [])
+    if not isinstance(jobs, list) or len(jobs) > MAX_PUSHED_JOBS:
+        raise ProtocolError(f"jobs must be a list of at most {MAX_PUSHED_JOBS} jobs")
+    cursor = body.get("cursor")
+    if cursor is not None and (not isinstance(cursor, str) or CURSOR_PATTERN.fullmatch(cursor) is None):
+        raise ProtocolError("cursor must be null or match ^" + CURSOR_PATTERN.pattern + "$")
+    leaving = body.get("leaving", False)
+    if not isinstance(leaving, bool):
+        raise ProtocolError("leaving must be true or false")
+    # One job the sidecar cannot read must not cost the agent its liveness: it is skipped (the
+    # catch-up read will see that job again), and the heartbeat stands.
+    readable = []
+    for job in jobs:
+        with contextlib.suppress(ProtocolError):
+            readable.append(JobInfo.from_json(job))
+    return Heartbeat(
+        jobs=tuple(readable),
+        unreadable_jobs=len(jobs) - len(readable),
+        leaving=leaving,
+        cursor=cursor,
+        url=url.rstrip("/"),
+        instance=instance,
+        labels=tuple(dict.fromkeys(labels)),
+        max_jobs=_count(body, "max_jobs"),
+        jobs_running=_count(body, "jobs_running"),
+        draining=draining,
+        version=version,
+        heartbeat_seconds=float(every),
+        extra={key: value for key, value in body.items() if key not in KNOWN_FIELDS},
+    )
+
+
+def _count(body: dict[str, Any], name: str) -> int:
+    value = body.get(name, 0)
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_INT:
+        raise ProtocolError(f"{name} must be an integer from 0 to {MAX_INT}")
+    return value
