@@ -253,9 +253,7 @@ class StopResult:
     @classmethod
     def from_json(cls, value: object) -> StopResult:
         obj = _object(value, "stop result")
-        ok = _required(obj, "ok")
-        if not isinstance(ok, bool):
-            raise ProtocolError("ok must be true or false")
+        ok = _required_bool(obj, "ok")
         message = _required(obj, "message")
         if not isinstance(message, str):
             raise ProtocolError("message must be a string")
@@ -291,9 +289,7 @@ class DrainState:
         agent_id = _required(obj, "agent_id")
         if not isinstance(agent_id, str) or not agent_id:
             raise ProtocolError("agent_id must be a non-empty string")
-        draining = _required(obj, "draining")
-        if not isinstance(draining, bool):
-            raise ProtocolError("draining must be true or false")
+        draining = _required_bool(obj, "draining")
         jobs_running = _optional_int(obj, "jobs_running")
         if jobs_running is None or jobs_running < 0:
             raise ProtocolError("jobs_running must be an integer >= 0")
@@ -320,9 +316,7 @@ class JobChanges:
         jobs = _required(obj, "jobs")
         if not isinstance(jobs, list):
             raise ProtocolError("jobs must be a list")
-        full = _required(obj, "full")
-        if not isinstance(full, bool):
-            raise ProtocolError("full must be true or false")
+        full = _required_bool(obj, "full")
         return cls(
             jobs=tuple(JobInfo.from_json(job) for job in jobs),
             cursor=validate_cursor(_required(obj, "cursor")),
@@ -377,6 +371,13 @@ def _required(obj: Mapping[str, Any], key: str) -> object:
     if key not in obj:
         raise ProtocolError(f"{key} is missing")
     return obj[key]
+
+
+def _required_bool(obj: Mapping[str, Any], key: str) -> bool:
+    value = _required(obj, key)
+    if not isinstance(value, bool):
+        raise ProtocolError(f"{key} must be true or false")
+    return value
 
 
 def _optional_int(obj: Mapping[str, Any], key: str) -> int | None:

@@ -2,6 +2,7 @@
 
     python -m bench.triggers                      # 1,000, 2,000 and 10,000 deferred tasks (~5 min)
     python -m bench.triggers --tasks 1000 --window 20
+    python -m bench.triggers --push               # the agents register and push exits in heartbeats
 
 Per case: a real sidecar (``python -m reconciler run``, SQLite router DB, 1 s cycle) routing to 20
 stand-in agents that speak the change feed (``GET /jobs?changed_since=``), with Airflow's stand-in
@@ -37,6 +38,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import httpx
 import psutil
 from aiohttp import web
@@ -49,6 +51,7 @@ from harness.sidecar import AgentRef, SidecarProcess
 from router_db import NewJob, RouterDB, TaskInstanceKey
 
 AGENTS = 20
+FLEET_TOKEN = "bench-fleet-token"
 TRIGGERS_PER_PROCESS = 2500
 TASKS_PER_RUN = 50
 
@@ -144,9 +147,53 @@ def serve_standins(tasks: int, port: int, ready: Any) -> None:
         airflow.add(dag_id, run_id, task_id, map_index, "deferred", 1)
     agents = AgentsWithFeed()
 
+    pushing: dict[str, Any] = {}  # --push: the sidecar, its fleet token, a client session
+    background: set[asyncio.Task[None]] = set()
+
+    def spawn(coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        background.add(task)
+        task.add_done_callback(background.discard)
+
     async def exit_job(request: web.Request) -> web.Response:
         body = await request.json()
-        return web.json_response({"at": agents.exit(body["agent"], body["job_id"])})
+        at = agents.exit(body["agent"], body["job_id"])
+        if pushing:  # a registered agent tells the sidecar in a heartbeat, as the job ends
+            change = agents.exited[body["job_id"]]
+            spawn(heartbeat(body["agent"], [change]))
+        return web.json_response({"at": at})
+
+    async def heartbeat(agent: str, jobs: list[dict[str, Any]]) -> None:
+        log = agents.changes.get(agent, [])
+        beat = {
+            "url": f"{pushing['base']}/agent-standin/agents/{agent}",
+            "instance": pushing["instance"],
+            "heartbeat_seconds": 10.0,
+            "jobs": jobs,
+            "cursor": f"{agents.epoch}-{len(log)}",
+        }
+        headers = {"Authorization": f"Bearer {pushing['token']}"}
+        async with pushing["session"].put(
+            f"{pushing['sidecar']}/agents/{agent}", json=beat, headers=headers
+        ) as r:
+            if r.status != 200:
+                print("heartbeat refused:", r.status, await r.text(), file=sys.stderr)
+
+    async def register(request: web.Request) -> web.Response:
+        """--push: the 20 agents register, then heartbeat every 10 s; exits go out at once."""
+        body = await request.json()
+        pushing.update(body, instance=f"i{random.randrange(1 << 30)}", session=aiohttp.ClientSession())
+        for i in range(AGENTS):
+            await heartbeat(f"agent-{i}", [])
+
+        async def beat_forever(agent: str) -> None:
+            while True:
+                await asyncio.sleep(10.0)
+                await heartbeat(agent, [])
+
+        for i in range(AGENTS):
+            spawn(beat_forever(f"agent-{i}"))
+        return web.json_response({"registered": AGENTS})
 
     async def stats(request: web.Request) -> web.Response:
         return web.json_response({"requests": dict(agents.requests), "airflow": airflow.requests})
@@ -154,6 +201,7 @@ def serve_standins(tasks: int, port: int, ready: Any) -> None:
     app = airflow.app()
     app.add_subapp("/agent-standin", agents.app())
     app.router.add_post("/control/exit", exit_job)
+    app.router.add_post("/control/register", register)
     app.router.add_get("/control/stats", stats)
 
     async def main() -> None:
@@ -236,7 +284,9 @@ def _pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def run_case(tasks: int, *, window: float, exits: int, poll_interval: float, stream: bool) -> dict[str, Any]:
+def run_case(
+    tasks: int, *, window: float, exits: int, poll_interval: float, stream: bool, push: bool = False
+) -> dict[str, Any]:
     spawn = multiprocessing.get_context("spawn")
     port = free_port()
     ready = spawn.Event()
@@ -267,17 +317,34 @@ def run_case(tasks: int, *, window: float, exits: int, poll_interval: float, str
         workdir=workdir / "sidecar",
         airflow_url=base,
         airflow_password="stand-in",
-        agents=[AgentRef(f"agent-{i}", f"{base}/agent-standin/agents/agent-{i}", "t") for i in range(AGENTS)],
+        # --push: the agents register themselves (the fleet token) and push exits in heartbeats.
+        agents=[]
+        if push
+        else [AgentRef(f"agent-{i}", f"{base}/agent-standin/agents/agent-{i}", "t") for i in range(AGENTS)],
         api_version="v2",
         db_url=db_url,
         interval_seconds=1.0,
+        fleet_token=FLEET_TOKEN if push else None,
     )
     events: Any = spawn.Queue()
     workers: list[Any] = []
-    result: dict[str, Any] = {"tasks": tasks, "poll_interval": poll_interval, "stream_output": stream}
+    result: dict[str, Any] = {
+        "tasks": tasks,
+        "poll_interval": poll_interval,
+        "stream_output": stream,
+        "agents": "registered, pushing exits" if push else "[[agents]], caught up each cycle",
+    }
     try:
         sidecar.start()
         assert sidecar.proc is not None
+        if push:
+            register = {"sidecar": sidecar.url, "token": FLEET_TOKEN, "base": base}
+            httpx.post(f"{base}/control/register", json=register, timeout=60).raise_for_status()
+            with sidecar.client() as client:
+                deadline = time.monotonic() + 30
+                while len(client.get("/agents").json()["agents"]) < AGENTS:
+                    assert time.monotonic() < deadline, "the agents did not register"
+                    time.sleep(0.2)
         proc = psutil.Process(sidecar.proc.pid)
         for start in range(0, tasks, TRIGGERS_PER_PROCESS):
             started = spawn.Event()
@@ -391,6 +458,9 @@ def main() -> int:
     parser.add_argument("--exits", type=int, default=30, help="jobs made to exit during the window")
     parser.add_argument("--poll-interval", type=float, default=5.0, help="the operator's poll_interval")
     parser.add_argument("--stream-output", action="store_true", help="the triggers read the output too")
+    parser.add_argument(
+        "--push", action="store_true", help="agents register and push exits in heartbeats (else [[agents]])"
+    )
     args = parser.parse_args()
     rows = []
     for tasks in args.tasks:
@@ -402,6 +472,7 @@ def main() -> int:
                 exits=min(args.exits, math.ceil(tasks / 10)),
                 poll_interval=args.poll_interval,
                 stream=args.stream_output,
+                push=args.push,
             )
         )
         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)

@@ -12,8 +12,11 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import psutil
+
+T = TypeVar("T")
 
 
 def free_port() -> int:
@@ -117,6 +120,16 @@ def alive(procs: list[psutil.Process]) -> list[psutil.Process]:
             return False
 
     return [proc for proc in procs if running(proc)]
+
+
+def wait_for(predicate: Callable[[], T], what: str, timeout: float = 15.0, interval: float = 0.1) -> T:
+    """Poll ``predicate`` until it is truthy and return that value; AssertionError naming ``what``
+    after ``timeout`` seconds (for tests)."""
+    deadline = time.monotonic() + timeout
+    while not (value := predicate()):
+        assert time.monotonic() < deadline, f"{what} not within {timeout:g} s"
+        time.sleep(interval)
+    return value
 
 
 def wait_until(

@@ -229,30 +229,35 @@ def load_secrets(config: ReconcilerConfig, env: Mapping[str, str] | None = None)
 
 def _fleet_tokens(fleet: FleetConfig, env: Mapping[str, str]) -> Secret[tuple[str, ...]] | None:
     """The fleet tokens registered agents present (several during a rotation; the first is the one
-    sent to them); None when neither their file nor their variable is set: registration is off."""
-    if not fleet.registration_token_file and not env.get(fleet.registration_token_env, "").strip():
-        return None
-    return load_tokens(
+    sent to them); None: registration is off."""
+    return _optional_tokens(
         "[fleet] registration token",
         env_name=fleet.registration_token_env,
         file=fleet.registration_token_file,
-        env=env,
         file_key="registration_token_file",
+        env=env,
     )
 
 
 def _viewer_tokens(http: HttpConfig, env: Mapping[str, str]) -> Secret[tuple[str, ...]] | None:
-    """The pages' viewer tokens, followed like every token file; None when neither their file nor
-    their environment variable is set (optional, unlike the API's tokens)."""
-    if not http.viewer_token_file and not env.get(http.viewer_token_env, "").strip():
-        return None
-    return load_tokens(
+    """The pages' viewer tokens; None: only the API's tokens log in."""
+    return _optional_tokens(
         "[http] viewer token",
         env_name=http.viewer_token_env,
         file=http.viewer_token_file,
-        env=env,
         file_key="viewer_token_file",
+        env=env,
     )
+
+
+def _optional_tokens(
+    what: str, *, env_name: str, file: str, file_key: str, env: Mapping[str, str]
+) -> Secret[tuple[str, ...]] | None:
+    """Tokens followed like every token file, or None when neither their file nor their environment
+    variable is set (optional, unlike the API's tokens)."""
+    if not file and not env.get(env_name, "").strip():
+        return None
+    return load_tokens(what, env_name=env_name, file=file, env=env, file_key=file_key)
 
 
 def _validate(config: ReconcilerConfig) -> None:

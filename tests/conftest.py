@@ -30,6 +30,7 @@ import psycopg
 import pytest
 from sqlalchemy import create_engine, text
 
+from harness.served import ServedAirflow
 from router_db import RouterDB
 
 POSTGRES_ADMIN_URL = os.environ.get(
@@ -217,3 +218,14 @@ def give_unique_ids(items: list[pytest.Item]) -> None:
     if duplicates:
         listed = "\n  ".join(duplicates)
         raise pytest.UsageError(f"tests sharing a node id (a worker would run one of them):\n  {listed}")
+
+
+@pytest.fixture
+def airflow() -> Iterator[ServedAirflow]:
+    """The Airflow REST stand-in on a loopback port, for one test (a module may define its own)."""
+    served = ServedAirflow()
+    served.start()
+    try:
+        yield served
+    finally:
+        served.stop()

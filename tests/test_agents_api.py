@@ -7,21 +7,17 @@ it); the agent keeps the flag itself.
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Iterator
 from datetime import datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import httpx
-import pytest
 
 from harness.agent import AgentProcess
-from harness.processes import free_port
+from harness.processes import free_port, wait_for
 from harness.served import ServedAirflow
 from harness.sidecar import AgentRef, SidecarProcess
 
-T = TypeVar("T")
 FAST_FLEET = "[fleet]\ncheck_interval_seconds = 0.2\ncheck_timeout_seconds = 1.0\n"
 ENTRY_KEYS = {
     "registered",
@@ -36,24 +32,6 @@ ENTRY_KEYS = {
     "version",
     "draining",
 }
-
-
-def wait_for(predicate: Callable[[], T], what: str, timeout: float = 15.0) -> T:
-    deadline = time.monotonic() + timeout
-    while not (value := predicate()):
-        assert time.monotonic() < deadline, f"{what} not within {timeout:g} s"
-        time.sleep(0.1)
-    return value
-
-
-@pytest.fixture
-def airflow() -> Iterator[ServedAirflow]:
-    served = ServedAirflow()
-    served.start()
-    try:
-        yield served
-    finally:
-        served.stop()
 
 
 def agents(client: httpx.Client) -> dict[str, dict[str, Any]]:

@@ -9,8 +9,7 @@ real sidecar process.
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from harness.agent import AgentProcess
+from harness.processes import wait_for
 from harness.served import ServedAirflow
 from harness.sidecar import AgentRef, SidecarProcess
 from reconciler.agents import AgentPool, NoAgent, NoCapacity
@@ -322,25 +322,7 @@ def test_forgetting_a_refused_job_leaves_a_job_that_moved_alone(router_db: Route
 # ------------------------------------------------------------------------------- real processes
 
 
-@pytest.fixture
-def airflow() -> Iterator[ServedAirflow]:
-    served = ServedAirflow()
-    served.start()
-    try:
-        yield served
-    finally:
-        served.stop()
-
-
 FAST_FLEET = "[fleet]\ncheck_interval_seconds = 0.2\ncheck_timeout_seconds = 1.0\n"
-
-
-def wait_for(predicate: Any, what: str, timeout: float = 15.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while not (value := predicate()):
-        assert time.monotonic() < deadline, f"{what} not within {timeout:g} s"
-        time.sleep(0.1)
-    return value
 
 
 def submit(client: httpx.Client, task_id: str, **route: Any) -> httpx.Response:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import signal
 import time
-from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,7 @@ import pytest
 from agent_api.protocol import ProtocolError
 from agent_api.registration import Heartbeat, parse_heartbeat
 from harness.agent import AgentProcess
-from harness.processes import free_port
+from harness.processes import free_port, wait_for
 from harness.served import ServedAirflow
 from harness.sidecar import AgentRef, SidecarProcess
 
@@ -74,24 +73,6 @@ def test_a_heartbeat_round_trips_and_bad_ones_name_their_field() -> None:
 
 
 # ------------------------------------------------------------------------------- real processes
-
-
-@pytest.fixture
-def airflow() -> Iterator[ServedAirflow]:
-    served = ServedAirflow()
-    served.start()
-    try:
-        yield served
-    finally:
-        served.stop()
-
-
-def wait_for(predicate: Any, what: str, timeout: float = 20.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while not (value := predicate()):
-        assert time.monotonic() < deadline, f"{what} not within {timeout:g} s"
-        time.sleep(0.1)
-    return value
 
 
 def sidecar_for(tmp_path: Path, airflow: ServedAirflow, **kwargs: Any) -> SidecarProcess:
@@ -157,7 +138,7 @@ def test_twenty_agents_register_and_jobs_spread_by_free_capacity_and_drain(
             for n in range(20)
         ]
         client = stack.enter_context(sidecar.client())
-        listed = wait_for(lambda: len(agents(client)) == 20 and agents(client), "20 registered agents")
+        listed = wait_for(lambda: len(agents(client)) == 20 and agents(client), "20 registered agents", 30)
         assert {a["state"] for a in listed.values()} == {"live"}
         assert all(
             a["registered"] and a["labels"] == ["pool"] and a["max_jobs"] == 2 for a in listed.values()
