@@ -142,15 +142,18 @@ def prepare_for_start(engine: Engine, *, upgrade_on_start: bool, may_create: boo
     and goes on. Older or made before migrations: upgraded with ``upgrade_on_start``, refused otherwise.
     A revision this code does not know is always refused.
     """
-    found = state(engine)
     latest = head()
-    judged = verdict(found, head=latest, known=known_revisions())
-    if judged is Verdict.CURRENT:
+    if verdict(state(engine), head=latest, known=known_revisions()) is Verdict.CURRENT:
         return
-    if judged is Verdict.NEWER or not (upgrade_on_start or (judged is Verdict.EMPTY and may_create)):
-        raise SchemaRefused(found, latest, judged)
-    # Judged again under the lock: another replica may have created (or migrated) it meanwhile.
+    # Judged again under the lock: another replica may be creating it right now (SQLite shows its
+    # tables before their revision is written) or have migrated it meanwhile.
     with _sqlite_file_lock(engine):
+        found = state(engine)
+        judged = verdict(found, head=latest, known=known_revisions())
+        if judged is Verdict.CURRENT:
+            return
+        if judged is Verdict.NEWER or not (upgrade_on_start or (judged is Verdict.EMPTY and may_create)):
+            raise SchemaRefused(found, latest, judged)
         _upgrade(engine, only_if_empty=not upgrade_on_start)
 
 
