@@ -24,6 +24,7 @@ from typing import Any, Protocol
 import httpx
 
 from agentic_airflow.sidecar_client import (
+    OUTPUT_READ_SECONDS,
     AnswerKind,
     JobAnswer,
     SidecarEndpoint,
@@ -46,6 +47,7 @@ MAX_REPORT_KINDS = 32  # kinds of trouble remembered for that, the least recentl
 OUTPUT_CHUNK_BYTES = 64 * 1024  # of the job's output shown in the task's log per poll, at most
 OUTPUT_BEHIND_CHUNKS = 4  # further behind than this many chunks, the task's log skips to the newest
 OUTPUT_ACK_SECONDS = 1.0  # a cancelled trigger's last word on how far it showed the output
+OUTPUT_HUNG_SECONDS = 30.0  # after an output read timed out, no other is tried for this long
 LONG_POLL_SECONDS = 30.0  # the longest a poll waits at the sidecar for the job to change
 
 
@@ -132,6 +134,7 @@ class JobPoller:
         # Where the task's log has got to in the job's output; None: it does not show the output.
         self.log_offset = log_offset
         self._told_offset = log_offset  # the offset the sidecar last heard (the agent's mark)
+        self._output_hung_until = float("-inf")  # an output read timed out: none tried until then
         self._output_chunk = max(1, output_chunk_bytes)
         self._skipped_to: int | None = None  # the output was skipped up to here (mid-line, likely)
         self._request_timeout = request_timeout
@@ -225,7 +228,7 @@ class JobPoller:
     async def _read_output(self, client: httpx.AsyncClient, limit: int) -> httpx.Response:
         assert self.log_offset is not None  # only a poller that shows the output reads it
         params: dict[str, int | str] = {"offset": self.log_offset, "limit": limit, "cursor": "true"}
-        return await client.get(f"/jobs/{self.job_id}/log", params=params)
+        return await client.get(f"/jobs/{self.job_id}/log", params=params, timeout=OUTPUT_READ_SECONDS)
 
     async def _show_output(self, client: httpx.AsyncClient, *, final: bool) -> None:
         """Append the job's new output to the task's log: whole lines, one chunk a poll (up to
@@ -235,6 +238,8 @@ class JobPoller:
         up). The read carries ``cursor``, so the job's agent keeps the offset: a trigger started again
         (another triggerer) goes on where this one stopped, whatever offset it was deferred with.
         """
+        if self._clock() < self._output_hung_until:
+            return  # the last read timed out: the agent hangs; the job's end is not held up by it
         for _ in range(OUTPUT_BEHIND_CHUNKS + 1 if final else 1):
             if not await self._show_chunk(client, final=final):
                 return
@@ -253,6 +258,8 @@ class JobPoller:
             if not asked <= start <= end <= size:
                 raise _Unusable(f"offsets that do not add up: {start}-{end} of {size}")
         except (httpx.HTTPError, KeyError, ValueError, _Unusable) as exc:
+            if isinstance(exc, httpx.TimeoutException):
+                self._output_hung_until = self._clock() + OUTPUT_HUNG_SECONDS
             detail = str(exc) if isinstance(exc, _Unusable) else type(exc).__name__
             self._report(
                 f"output:{detail}",
@@ -383,11 +390,12 @@ class JobPoller:
 
     async def _ended(self, client: httpx.AsyncClient, answer: JobAnswer) -> dict[str, Any]:
         job = answer.job or {}
-        tail = (
-            ""
-            if job.get("status") == JobStatus.SUCCEEDED
-            else await log_tail(client, self.job_id, self._log_tail_bytes)
-        )
+        if job.get("status") == JobStatus.SUCCEEDED:
+            tail = ""
+        elif self._clock() < self._output_hung_until:
+            tail = f"(log unavailable: the job's agent did not answer within {OUTPUT_READ_SECONDS:g} s)"
+        else:
+            tail = await log_tail(client, self.job_id, self._log_tail_bytes)
         return {**summary(job), "log_tail": tail}
 
     def _gone(self, endpoint: SidecarEndpoint, answer: JobAnswer) -> dict[str, Any]:

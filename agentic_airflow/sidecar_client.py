@@ -29,6 +29,9 @@ from sidecar_api.protocol import (
 )
 
 MAX_ERROR_CHARS = 300  # of an answer's error text quoted in a log line
+# One read of the job's output, at most: the output is shown at the next poll if it did not come, but
+# a read stuck at a hung agent must not keep the trigger from hearing, or reporting, its job's end.
+OUTPUT_READ_SECONDS = 2.0
 ALL_STATUSES = frozenset(s.value for s in JobStatus)
 
 
@@ -381,11 +384,15 @@ async def get_job(client: httpx.AsyncClient, job_id: str) -> dict[str, Any]:
 async def log_tail(client: httpx.AsyncClient, job_id: str, max_bytes: int) -> str:
     """The last ``max_bytes`` of the job's output, or a note saying why there is none."""
     try:
-        head = await client.get(f"/jobs/{job_id}/log", params={"offset": 0, "limit": 1})
+        head = await client.get(
+            f"/jobs/{job_id}/log", params={"offset": 0, "limit": 1}, timeout=OUTPUT_READ_SECONDS
+        )
         if head.status_code != 200:
             return f"(log unavailable: HTTP {head.status_code})"
         size = int(head.headers.get("X-Log-Size", "0"))
-        tail = await client.get(f"/jobs/{job_id}/log", params={"offset": max(0, size - max_bytes)})
+        tail = await client.get(
+            f"/jobs/{job_id}/log", params={"offset": max(0, size - max_bytes)}, timeout=OUTPUT_READ_SECONDS
+        )
         if tail.status_code != 200:
             return f"(log unavailable: HTTP {tail.status_code})"
         return tail.content.decode("utf-8", errors="replace")

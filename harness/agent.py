@@ -19,6 +19,7 @@ so the agent keeps the wrapper's PID and ``kill()`` and ``stop()`` still reach i
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -28,11 +29,16 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping, Sequence
+import uuid
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
+from typing import TypeVar
 
+from agent_api.client import AgentClient
 from harness.processes import free_port, start, stop_tree
+
+T = TypeVar("T")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -198,3 +204,18 @@ class AgentProcess:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.stop()
+
+
+def with_client(agent: AgentProcess, scenario: Callable[[AgentClient], Awaitable[T]]) -> T:
+    """Run ``scenario`` with a client of ``agent`` (its token) in a fresh event loop."""
+
+    async def main() -> T:
+        async with AgentClient(agent.url, agent.token) as client:
+            return await scenario(client)
+
+    return asyncio.run(main())
+
+
+def new_id() -> str:
+    """A job id no test used before."""
+    return f"job-{uuid.uuid4().hex[:12]}"

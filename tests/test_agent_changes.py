@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TypeVar
 
 import httpx
 import pytest
@@ -24,12 +22,11 @@ from agent.config import load_config
 from agent.jobs import JobManager
 from agent_api.client import AgentClient, AgentUnavailable, ChangesUnsupported, JobInfo, RunPayload
 from agent_api.protocol import AgentJobStatus, ProtocolError
-from harness.agent import AgentProcess
+from harness.agent import AgentProcess, new_id, with_client
 from tests.test_agent_client import against_fake
 from tests.test_agent_restart import leftovers
 from tests.test_openapi import DOCS, Spec
 
-T = TypeVar("T")
 EPOCH = "0123456789abcdef"
 
 
@@ -202,18 +199,6 @@ def test_every_record_the_job_manager_saves_is_a_change_and_wakes_a_waiter(tmp_p
 def agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AgentProcess]:
     with AgentProcess(tmp_path_factory.mktemp("agent-changes") / "home") as proc:
         yield proc
-
-
-def with_client(agent: AgentProcess, scenario: Callable[[AgentClient], Awaitable[T]]) -> T:
-    async def main() -> T:
-        async with AgentClient(agent.url, agent.token) as client:
-            return await scenario(client)
-
-    return asyncio.run(main())
-
-
-def new_id() -> str:
-    return f"job-{uuid.uuid4().hex[:12]}"
 
 
 async def until_changed(

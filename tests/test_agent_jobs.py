@@ -6,20 +6,17 @@ import asyncio
 import os
 import pwd
 import time
-import uuid
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import TypeVar
 
 import psutil
 import pytest
 
 from agent.process_tree import ProcessRef
 from agent_api.client import AgentClient, AgentRejected, JobInfo, RunPayload
-from harness.agent import AgentProcess
+from harness.agent import AgentProcess, new_id, with_client
 from harness.processes import wait_until
 
-T = TypeVar("T")
 GRACE = 0.5
 
 
@@ -34,18 +31,6 @@ def patient_agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AgentPro
     """An agent with a long grace period, to tell an immediate SIGKILL from one after grace."""
     with AgentProcess(tmp_path_factory.mktemp("agent-patient") / "home", grace_seconds=30.0) as proc:
         yield proc
-
-
-def with_client(agent: AgentProcess, scenario: Callable[[AgentClient], Awaitable[T]]) -> T:
-    async def main() -> T:
-        async with AgentClient(agent.url, agent.token) as client:
-            return await scenario(client)
-
-    return asyncio.run(main())
-
-
-def new_id() -> str:
-    return f"job-{uuid.uuid4().hex[:12]}"
 
 
 async def until_finished(client: AgentClient, job_id: str, timeout: float = 10.0) -> JobInfo:

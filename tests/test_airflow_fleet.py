@@ -26,6 +26,7 @@ import httpx
 import psutil
 import pytest
 
+from agentic_airflow.polling import OUTPUT_READ_SECONDS
 from harness.agent import AgentProcess
 from harness.airflow import PASSWORD, AirflowAPI, AirflowServer, airflow_with_sidecar
 from harness.processes import alive, process_group, wait_until
@@ -56,8 +57,10 @@ OBSERVE = 0.1  # the test's own reading cadence
 # Airflow's trigger runner hands fired events to the triggerer's supervisor once a second, which
 # then writes them to the metadata DB: 1 s, plus 1 s for that write, the test's read and two busy cores.
 AIRFLOW_MARGIN = 2.0
-# From the router DB ending a job to its task leaving deferred: the trigger's next poll, then Airflow.
-TRIGGER_SIGHTING = TRIGGER_POLL + AIRFLOW_MARGIN
+# From the router DB ending a job to its task leaving deferred: the trigger's long-poll answers at once,
+# unless the trigger is reading the job's output from an agent that hangs (paused): that read gives up
+# after OUTPUT_READ_SECONDS. Then Airflow.
+TRIGGER_SIGHTING = max(TRIGGER_POLL, OUTPUT_READ_SECONDS) + AIRFLOW_MARGIN
 # A crashed agent refuses connections at once. The fleet ticks on its own clock (every half check
 # interval): the first check sent lost_after_seconds after the last answer fails at once, the next
 # tick ends the job; 2 poll intervals cover those steps with room; the trigger sees it at its next poll.

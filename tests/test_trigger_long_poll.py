@@ -9,6 +9,7 @@ whole path: a real agent, a real sidecar, the trigger's poller.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from datetime import datetime
 from pathlib import Path
@@ -181,3 +182,51 @@ def test_through_a_real_sidecar_the_event_follows_the_recorded_exit_at_once(tmp_
     assert (event["status"], event["rc"], job["status"]) == ("FAILED", 3, "FAILED")
     recorded = datetime.fromisoformat(job["finished_at"]).timestamp()
     assert heard - recorded < 0.5  # the exit recorded by the loop's catch-up, the event at once
+
+
+@pytest.mark.fast
+def test_an_output_read_stuck_at_a_hung_agent_delays_the_jobs_end_by_at_most_its_bound() -> None:
+    """The sidecar forwards output reads to the agent; a paused agent never answers. The trigger gives
+    that read up after OUTPUT_READ_SECONDS and hears of the end at its next long-poll."""
+    from aiohttp import web
+    from aiohttp.test_utils import TestServer
+
+    from agentic_airflow.polling import OUTPUT_READ_SECONDS
+
+    state = {"status": "RUNNING"}
+    ended = asyncio.Event()
+    hung = asyncio.Event()  # never set: the agent behind the sidecar is paused
+
+    async def job(request: web.Request) -> web.Response:
+        if request.query.get("wait") and state["status"] == request.query.get("status"):
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(ended.wait(), float(request.query["wait"]))
+        return web.json_response({"job_id": JOB, "status": state["status"], "rc": None, "reason": "lost"})
+
+    async def log(request: web.Request) -> web.Response:
+        await hung.wait()
+        raise AssertionError("unreachable")
+
+    async def scenario() -> float:
+        app = web.Application()
+        app.router.add_get("/jobs/{job_id}", job)
+        app.router.add_get("/jobs/{job_id}/log", log)
+        server = TestServer(app, host="127.0.0.1")
+        await server.start_server()
+
+        async def resolve(conn_id: str) -> SidecarEndpoint:
+            return SidecarEndpoint(str(server.make_url("")).rstrip("/"), "token")
+
+        poller = JobPoller(job_id=JOB, conn_id="c", resolve=resolve, log=RecordingLog(), poll_interval=0.2)
+        running = asyncio.create_task(poller.run())
+        await asyncio.sleep(0.5)  # the trigger is inside a stuck output read now
+        state["status"], at = "FAILED", time.monotonic()
+        ended.set()
+        event = await asyncio.wait_for(running, 30)
+        heard = time.monotonic() - at
+        assert event["status"] == "FAILED"
+        await server.close()
+        return heard
+
+    heard = asyncio.run(scenario())
+    assert heard <= OUTPUT_READ_SECONDS + 1.0, heard
