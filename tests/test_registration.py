@@ -228,8 +228,11 @@ def test_a_killed_registered_agent_is_lost_and_registers_again_on_restart(
         os.kill(agent.pid, signal.SIGKILL)
         agent.process.wait(timeout=10)
         wait_for(lambda: agents(client)["vm-k"]["state"] == "lost", "lost", timeout=LOST_AFTER + 10)
-        failed = client.get(f"/jobs/{job}").json()
-        assert failed["status"] == "FAILED" and "agent vm-k lost" in failed["reason"]
+        # Its jobs are ended right after the verdict, in the same tick.
+        failed = wait_for(
+            lambda: (j := client.get(f"/jobs/{job}").json())["status"] == "FAILED" and j, "ended"
+        )
+        assert "agent vm-k lost" in failed["reason"]
         assert psutil.pid_exists(pid)  # the job's process outlived its agent
 
         restarted = registering(tmp_path / "vm", sidecar, "vm-k", port=agent.port)
