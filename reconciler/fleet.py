@@ -234,6 +234,11 @@ class Fleet:
             for agent_id in agents.ids()
         }
 
+    @property
+    def registered_token(self) -> Secret[str] | None:
+        """What the sidecar sends registered agents (None: registration is off)."""
+        return self._registered_token
+
     def reset(self) -> None:
         """Count from now, as at start: after a pause (a standby term) silence says nothing yet."""
         now = self._clock()

@@ -134,7 +134,7 @@ async def serve(config: ReconcilerConfig, secrets: Secrets) -> None:
         when_full=config.fleet.when_full,
         metrics=parts.metrics,
     )
-    sent = _sent_token(secrets)
+    sent = parts.fleet.registered_token  # the one the fleet sends: the registry's call-back uses it too
     registry = (
         Registry(
             db=parts.db,
