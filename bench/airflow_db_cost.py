@@ -44,7 +44,6 @@ from harness.airflow import (
     AIRFLOW_VERSION,
     database_exists,
     drop_database,
-    ensure_postgres_drivers,
     ensure_venv,
 )
 from reconciler.config import parse_config
@@ -115,7 +114,6 @@ def main(argv: list[str] | None = None) -> int:
     loadavg = {"start": os.getloadavg()[0]}
     log = ServerLog(Path(args.pg_log) if args.pg_log else server_log_path())
     venv = ensure_venv(AIRFLOW_VERSION)  # waits on the harness's lock while another process installs it
-    ensure_postgres_drivers(venv)
     tmp = Path(tempfile.mkdtemp(prefix="agentic-bench-airflow-"))
     home = tmp / "home"
     timings: dict[str, float] = {}

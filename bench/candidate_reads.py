@@ -46,7 +46,6 @@ from harness.airflow import (
     AIRFLOW_VERSION,
     database_exists,
     drop_database,
-    ensure_postgres_drivers,
     ensure_venv,
 )
 from reconciler.config import PollConfig, parse_config
@@ -156,7 +155,6 @@ def main(argv: list[str] | None = None) -> int:
     loadavg = {"at start": os.getloadavg()[0]}
     log = ServerLog(Path(args.pg_log) if args.pg_log else server_log_path())
     venv = ensure_venv(AIRFLOW_VERSION)
-    ensure_postgres_drivers(venv)
     sizes: list[Size] = []
     for runs in [int(r) for r in args.runs.split(",")][: 1 if args.quick else None]:
         layout = layout_for(runs, args.quick)

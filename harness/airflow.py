@@ -1,9 +1,9 @@
-"""A real Airflow (3.3.2, 3.1.8, 2.11.2 or 2.10.5) on loopback: cached venv, the project installed, all
-started.
+"""A real Airflow (any of harness/locks.py's: 3.3, 3.2, 3.1, 3.0, 2.11, 2.10) on loopback: cached venv,
+the project installed, all started.
 
-The venv lives under ``$AGENTIC_CACHE`` (default ``~/.cache/agentic-airflow``), keyed by version,
-and is created on first use (about 20 s); the project is reinstalled into it on every start so DAGs
-import the code of this checkout.
+The venv lives under ``$AGENTIC_CACHE`` (default ``~/.cache/agentic-airflow``), keyed by version, and is
+installed from the version's lock on first use and whenever the lock changes (about 30 s); the project
+is reinstalled into it on every start so DAGs import the code of this checkout.
 
 Every version gets a metadata database of its own on the PostgreSQL server (``$AGENTIC_TEST_POSTGRES``,
 an admin URL, default the local server), dropped again on stop: Airflow 2 would be held to the
@@ -18,7 +18,6 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import re
 import subprocess
 import sys
 import time
@@ -32,20 +31,24 @@ from typing import Any
 import httpx
 from sqlalchemy import create_engine, make_url, text
 
+from harness.locks import AIRFLOW_PINS, airflow_requirements, digest, pins
 from harness.processes import free_port, start, stop_tree, wait_http_ok
 from harness.sidecar import SidecarProcess
 
+# CI's matrix: the newest Airflow and the two fastest older series (README's compatibility table). The
+# others run by AGENTIC_AIRFLOW_VERSIONS (selected_versions; "all" for every supported one).
 AIRFLOW_VERSION = "3.3.2"
 AIRFLOW_3_1_VERSION = "3.1.8"  # no keyset cursor on the task-instance list: pages by offset only
 AIRFLOW_2_VERSION = "2.11.2"
-# The last 2.10. Installed without constraints, as the others, it needs no pin (its e2e passes as is);
-# not in CI's matrix, for time: AGENTIC_AIRFLOW_VERSIONS (selected_versions) runs tests on it.
-AIRFLOW_2_10_VERSION = "2.10.5"
+SUPPORTED_VERSIONS = tuple(AIRFLOW_PINS)  # each with its lock: 3.3.2, 3.2.2, 3.1.8, 3.0.6, 2.11.2, 2.10.5
 VERSIONS_ENV = "AGENTIC_AIRFLOW_VERSIONS"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 USERNAME = PASSWORD = "admin"  # a throwaway Airflow on loopback, for tests and the demo only
 USERS_CREATE = "users-create"
 JWT_SECRET = "agentic-harness-jwt-secret-" + "x" * 40  # >= 64 bytes, or PyJWT warns on every token
+# An explicit fernet key, as production sets one: connections and variables are stored encrypted, and
+# the e2e tests cover what a newer cryptography does to an older Airflow's fernet (harness/locks.py).
+FERNET_KEY = "YWdlbnRpYy1oYXJuZXNzLWZlcm5ldC1rZXktMzJieXQ="  # urlsafe base64 of 32 bytes
 POSTGRES_ADMIN_URL = os.environ.get(
     "AGENTIC_TEST_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 )
@@ -62,11 +65,16 @@ def api_version(version: str) -> str:
 
 def selected_versions(default: Sequence[str]) -> list[str]:
     """The Airflow versions a test module runs on: ``$AGENTIC_AIRFLOW_VERSIONS`` (comma-separated full
-    versions, e.g. ``2.10.5``) when set, else ``default`` (CI's matrix)."""
+    versions, e.g. ``2.10.5``, or ``all`` for every supported one) when set, else ``default`` (CI's)."""
     chosen = [v.strip() for v in os.environ.get(VERSIONS_ENV, "").split(",") if v.strip()]
+    if chosen == ["all"]:
+        return list(SUPPORTED_VERSIONS)
     for version in chosen:
-        if not re.fullmatch(r"[23]\.\d+\.\d+", version):
-            raise ValueError(f"{VERSIONS_ENV}: {version!r} is not a full Airflow 2 or 3 version like 2.10.5")
+        if version not in SUPPORTED_VERSIONS:
+            raise ValueError(
+                f"{VERSIONS_ENV}: {version!r} is not a supported Airflow ({', '.join(SUPPORTED_VERSIONS)}, "
+                "or all); a new one needs a lock: harness/locks.py"
+            )
     return chosen or list(default)
 
 
@@ -84,38 +92,20 @@ def venv_lock(venv: Path) -> Iterator[None]:
 
 
 def ensure_venv(version: str = AIRFLOW_VERSION) -> Path:
-    """The cached Airflow venv for ``version``, created when missing; concurrent callers wait."""
+    """The cached Airflow venv for ``version``, installed from its lock (``locks/airflow-V.txt``, see
+    harness/locks.py) when missing or when the lock changed; concurrent callers wait."""
+    lock = airflow_requirements(version)
     venv = cache_dir() / f"airflow-{version}"
     with venv_lock(venv):
         done = venv / ".complete"
-        if not done.exists():
-            print(f"installing Airflow {version} into {venv} (once per machine, ~20 s)", file=sys.stderr)
+        if not done.exists() or done.read_text() != digest(lock):
+            print(f"installing Airflow {version} into {venv} from {lock.name} (~30 s)", file=sys.stderr)
             _run([sys.executable, "-m", "venv", "--clear", str(venv)])
-            _run([str(venv / "bin/pip"), "install", "-q", "-U", "pip"])
-            _run([str(venv / "bin/pip"), "install", "-q", f"apache-airflow=={version}"])
-            done.touch()
-        # Airflow runs on PostgreSQL here (see the module docstring); Airflow 2's SQLAlchemy 1.4 needs
-        # psycopg2. A separate marker, so venvs cached before this requirement get the driver too.
-        driver = venv / ".psycopg2"
-        if major(version) == 2 and not driver.exists():
-            _run([str(venv / "bin/pip"), "install", "-q", "psycopg2-binary>=2.9,<3"])
-            driver.touch()
-    if major(version) == 3:
-        ensure_postgres_drivers(venv)
+            pip = str(venv / "bin/pip")
+            _run([pip, "install", "-q", f"pip=={pins(lock)['pip']}"])
+            _run([pip, "install", "-q", "-r", str(lock)])
+            done.write_text(digest(lock))
     return venv
-
-
-def ensure_postgres_drivers(venv: Path) -> None:
-    """PostgreSQL drivers in an Airflow 3 venv, for a metadata database on PostgreSQL (idempotent).
-
-    Airflow's sync engine uses psycopg2, and it derives an asyncpg URL for its async engine, so both
-    must be importable even where only the sync engine serves requests.
-    """
-    with venv_lock(venv):
-        marker = venv / ".postgres-drivers"
-        if not marker.exists():
-            _run([str(venv / "bin/pip"), "install", "-q", "psycopg2-binary>=2.9,<3", "asyncpg>=0.29"])
-            marker.touch()
 
 
 def install_project(venv: Path) -> None:
@@ -125,12 +115,15 @@ def install_project(venv: Path) -> None:
         _run([str(venv / "bin/pip"), "install", "-q", "--no-deps", "--force-reinstall", str(REPO_ROOT)])
 
 
-def _run(argv: list[str], env: Mapping[str, str] | None = None) -> None:
+def _run(argv: list[str], env: Mapping[str, str] | None = None, *, shown: str = "") -> None:
+    """Run ``argv``; a failure raises with its output, naming it ``shown`` (e.g. without a secret)."""
     result = subprocess.run(
         argv, env=dict(env) if env is not None else None, capture_output=True, text=True, check=False
     )
     if result.returncode != 0:
-        raise RuntimeError(f"{' '.join(argv)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+        raise RuntimeError(
+            f"{shown or ' '.join(argv)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+        )
 
 
 @dataclass
@@ -150,6 +143,9 @@ class AirflowServer:
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     version: str = AIRFLOW_VERSION
     database: str = ""  # the PostgreSQL metadata database this server created, while it exists
+    # Connections stored in the metadata DB (``airflow connections add``) before the servers start:
+    # encrypted with FERNET_KEY, as production stores them, unlike AIRFLOW_CONN_* in extra_env.
+    connections: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if major(self.version) not in (2, 3):
@@ -179,6 +175,7 @@ class AirflowServer:
                 "AIRFLOW__CORE__DAGS_FOLDER": str(self.dags_folder),
                 "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
                 "AIRFLOW__CORE__PARALLELISM": "4",  # the default 32 forks 32 idle workers
+                "AIRFLOW__CORE__FERNET_KEY": FERNET_KEY,
                 "AIRFLOW__SCHEDULER__ENABLE_HEALTH_CHECK": "False",
                 "PATH": f"{self.venv_path / 'bin'}:{env.get('PATH', '')}",
             }
@@ -238,6 +235,8 @@ class AirflowServer:
             self.database = _create_database()
         env = self.env()
         _run([airflow, "db", "migrate"], env)
+        for conn_id, uri in self.connections.items():
+            _run([airflow, "connections", "add", conn_id, "--conn-uri", uri], env, shown=f"add {conn_id}")
         if major(self.version) == 3:
             commands = {
                 "api-server": [airflow, "api-server", "-H", "127.0.0.1", "-p", str(self.port), "-w", "1"],
@@ -486,7 +485,7 @@ def airflow_with_sidecar(
         home=home,
         dags_folder=dags_folder,
         version=version,
-        extra_env={f"AIRFLOW_CONN_{conn_id.upper()}": f"http://:{sidecar.token}@127.0.0.1:{sidecar.port}"},
+        connections={conn_id: f"http://:{sidecar.token}@127.0.0.1:{sidecar.port}"},
     )
     sidecar.api_version = airflow.api_version
     try:

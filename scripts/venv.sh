@@ -1,17 +1,24 @@
-# Sourced by the scripts: create or reuse .venv with the project and its dev tools installed.
-# Reinstalls only when pyproject.toml changes.
+# Sourced by the scripts: create or reuse .venv with the project and its dev tools installed, at exactly
+# the versions locks/dev.txt records (scripts/lock refreshes it). Reinstalls when pyproject.toml or the
+# lock changes; concurrent callers wait for one install.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="$root/.venv"
-stamp="$venv/.installed-$(sha256sum "$root/pyproject.toml" | cut -c1-16)"
+lock="$root/locks/dev.txt"
+stamp="$venv/.installed-$(cat "$root/pyproject.toml" "$lock" | sha256sum | cut -c1-16)"
 if [ ! -f "$stamp" ]; then
-    echo "setting up $venv (first run only, about a minute)" >&2
+    exec 9>"$root/.venv.lock"
+    flock 9
+fi
+if [ ! -f "$stamp" ]; then
+    echo "setting up $venv from locks/dev.txt (first run only, about a minute)" >&2
     log="$(mktemp)"
-    if ! { "${PYTHON:-python3.11}" -m venv "$venv" \
-           && "$venv/bin/pip" install -U pip \
-           && "$venv/bin/pip" install -e "$root[dev]"; } >"$log" 2>&1; then
+    if ! { "${PYTHON:-python3.11}" -m venv --clear "$venv" \
+           && "$venv/bin/pip" install -U pip setuptools wheel -c "$lock" \
+           && "$venv/bin/pip" install -c "$lock" -e "$root[dev]" \
+           && (cd "$root" && "$venv/bin/python" -m harness.locks --check); } >"$log" 2>&1; then
         cat "$log" >&2
-        echo "could not set up $venv (full log above)" >&2
+        echo "could not set up $venv (full log above; a lock that no longer covers pyproject.toml: scripts/lock --dev)" >&2
         exit 1
     fi
     rm -f "$log" "$venv"/.installed-*
