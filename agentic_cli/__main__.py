@@ -1,8 +1,12 @@
 """``agentic jobs list|show|log|stop`` and ``agentic agents list|drain|undrain``: the sidecar's API
 for people on call, ``--json`` for scripts.
 
+The options that say where the sidecar is and how to print (``--url``, ``--token-file``, ``--ca-file``,
+``--json``) go before or after the subcommand: ``agentic --json jobs list`` is ``agentic jobs list --json``.
+
 Exit codes: 0 done; 1 the sidecar refused or failed (the token included; a stop Airflow does not
-confirm); 2 bad usage (no URL or token); 3 no such job or agent; 4 the sidecar could not be reached.
+confirm); 2 bad usage (no URL or token); 3 no such job or agent; 4 the sidecar could not be reached
+(its certificate not verified included).
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
-from typing import TextIO
+from typing import Any, TextIO
 
 from agentic_cli.client import USAGE, CliError, Sidecar, Target, environment
 from agentic_cli.render import agents_table, job_details, jobs_table, timeline
@@ -25,31 +29,63 @@ FOLLOW_SECONDS = 1.0
 LOG_CHUNK = 1 << 20
 
 
+def global_options(into: argparse.ArgumentParser, *, defaults: bool) -> argparse.ArgumentParser:
+    """The options every command takes. On each command's parser they have no default
+    (``defaults=False``): one given after the subcommand overrides the same given before it, one not
+    given there leaves the value from before it (or the default) alone."""
+
+    def default(value: object) -> Any:
+        return value if defaults else argparse.SUPPRESS
+
+    into.add_argument(
+        "--url", default=default(None), help="the sidecar's base URL (default: $AGENTIC_SIDECAR_URL)"
+    )
+    into.add_argument(
+        "--token-file",
+        default=default(None),
+        help="file whose first line is the token "
+        "(default: $AGENTIC_TOKEN_FILE, or the token itself in $AGENTIC_TOKEN)",
+    )
+    into.add_argument(
+        "--ca-file",
+        default=default(None),
+        help="CA bundle (PEM) that signed an https sidecar's certificate "
+        "(default: $AGENTIC_CA_FILE, else the system's CAs)",
+    )
+    into.add_argument(
+        "--json", action="store_true", default=default(False), help="print JSON instead of tables"
+    )
+    return into
+
+
 def parser() -> argparse.ArgumentParser:
-    top = argparse.ArgumentParser(prog="agentic", description=__doc__.split("\n\n")[0])
-    top.add_argument("--url", help="the sidecar's base URL (default: $AGENTIC_SIDECAR_URL)")
-    top.add_argument("--token-file", help="file whose first line is the token (default: $AGENTIC_TOKEN)")
-    top.add_argument("--ca-file", help="CA bundle for an https sidecar (default: the system's)")
-    top.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    top = global_options(
+        argparse.ArgumentParser(prog="agentic", description=__doc__.split("\n\n")[0]), defaults=True
+    )
+    shared = global_options(argparse.ArgumentParser(add_help=False), defaults=False)
     area = top.add_subparsers(dest="area", required=True)
     jobs = area.add_parser("jobs", help="jobs the sidecar knows").add_subparsers(
         dest="command", required=True
     )
-    listing = jobs.add_parser("list", help="the latest jobs matching every filter given, newest first")
+    listing = jobs.add_parser(
+        "list", help="the latest jobs matching every filter given, newest first", parents=[shared]
+    )
     listing.add_argument("--dag", help="DAG id")
     listing.add_argument("--run", help="DAG run id")
     listing.add_argument("--agent", help="agent id")
     listing.add_argument("--since", help="created since: an ISO-8601 time, or an age such as 90m, 12h, 2d")
     listing.add_argument("--status", choices=["QUEUED", "RUNNING", "STOPPING", "SUCCEEDED", "FAILED"])
     listing.add_argument("--limit", type=int, default=100)
-    show = jobs.add_parser("show", help="one job and its audit trail, in time order")
+    show = jobs.add_parser("show", help="one job and its audit trail, in time order", parents=[shared])
     show.add_argument("job_id")
-    log = jobs.add_parser("log", help="the job's output, from its agent")
+    log = jobs.add_parser("log", help="the job's output, from its agent", parents=[shared])
     log.add_argument("job_id")
     log.add_argument("--follow", "-f", action="store_true", help="keep printing until the job ends")
     log.add_argument("--tail", type=int, metavar="BYTES", help="only the last BYTES of the output so far")
     stop = jobs.add_parser(
-        "stop", help="stop a job whose task Airflow no longer wants (the sidecar confirms with Airflow first)"
+        "stop",
+        help="stop a job whose task Airflow no longer wants (the sidecar confirms with Airflow first)",
+        parents=[shared],
     )
     stop.add_argument("job_id")
     stop.add_argument("--reason", required=True, help="why, for the job's audit trail")
@@ -60,12 +96,12 @@ def parser() -> argparse.ArgumentParser:
     )
     agents = area.add_parser("agents", help="the agents the sidecar routes to")
     agent_commands = agents.add_subparsers(dest="command", required=True)
-    agent_commands.add_parser("list", help="each agent's state, capacity and jobs")
+    agent_commands.add_parser("list", help="each agent's state, capacity and jobs", parents=[shared])
     for name, text in (
         ("drain", "no new job goes there; running ones go on"),
         ("undrain", "take jobs again"),
     ):
-        agent_commands.add_parser(name, help=text).add_argument("agent_id")
+        agent_commands.add_parser(name, help=text, parents=[shared]).add_argument("agent_id")
     return top
 
 

@@ -20,6 +20,8 @@ TOKEN_FILE_ENV = "AGENTIC_TOKEN_FILE"
 CA_FILE_ENV = "AGENTIC_CA_FILE"
 
 OK, FAILED, USAGE, NOT_FOUND, UNREACHABLE = 0, 1, 2, 3, 4
+# X509_V_ERR_HOSTNAME_MISMATCH, X509_V_ERR_IP_ADDRESS_MISMATCH: the CA is right, the name is not.
+HOSTNAME_MISMATCH = (62, 64)
 
 
 class CliError(Exception):
@@ -68,6 +70,7 @@ class Sidecar:
         except (OSError, ssl.SSLError) as exc:
             raise CliError(f"CA file {target.ca_file}: {exc}", USAGE) from None
         self.url = target.url
+        self._ca_file = target.ca_file
         self._http = httpx.Client(
             base_url=target.url,
             headers={"Authorization": f"Bearer {target.token}", "Accept": "application/json"},
@@ -96,9 +99,7 @@ class Sidecar:
         try:
             response = self._http.request(method, path, **kwargs)
         except httpx.HTTPError as exc:
-            raise CliError(
-                f"cannot reach the sidecar at {self.url}: {type(exc).__name__}", UNREACHABLE
-            ) from None
+            raise CliError(f"cannot reach the sidecar at {self.url}: {self._why(exc)}", UNREACHABLE) from None
         if response.status_code < 400 or response.status_code in ok:
             return response
         try:
@@ -110,6 +111,34 @@ class Sidecar:
             raise CliError(f"the sidecar refused the token ({detail})", FAILED)
         code = NOT_FOUND if response.status_code == 404 else FAILED
         raise CliError(f"{method} {path}: {detail}", code)
+
+    def _why(self, exc: httpx.HTTPError) -> str:
+        """The error's type; for a certificate that did not verify, what to do about it (an https
+        sidecar's certificate from a private CA needs that CA, which only the flag or variable gives)."""
+        failed = _verify_failure(exc)
+        if failed is None:
+            return type(exc).__name__
+        said = f"TLS certificate verify failed ({failed.verify_message or failed.reason})"
+        if failed.verify_code in HOSTNAME_MISMATCH:
+            return f"{said}: its certificate does not name the host in {self.url}; use a name it holds"
+        if self._ca_file:
+            return f"{said} against the CA file {self._ca_file}: pass the CA that signed its certificate"
+        return (
+            f"{said} against the system's CAs: if a private CA signed its certificate, "
+            f"pass --ca-file with that CA's PEM file, or set {CA_FILE_ENV}"
+        )
+
+
+def _verify_failure(exc: BaseException) -> ssl.SSLCertVerificationError | None:
+    """The certificate verification error under an HTTP error (httpx chains the ssl module's)."""
+    seen: BaseException | None = exc
+    for _ in range(10):  # bounded: a chain that leads back to itself must not hang the CLI
+        if seen is None:
+            return None
+        if isinstance(seen, ssl.SSLCertVerificationError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def environment() -> Mapping[str, str]:

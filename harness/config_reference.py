@@ -3,9 +3,10 @@
 Keys, types, defaults and environment variables come from the typed configuration
 (:mod:`reconciler.config`, :class:`agent.config.AgentConfig`); the prose comes from the comments above
 each key in ``config/reconciler.toml`` and ``config/agent.toml``, the files users copy from. So the
-reference cannot drift from the code, and a comment is written once. ``tests/test_docs_configuration.py``
-fails when ``docs/configuration.md`` is stale, when a key has no description, or when an example file
-shows a value other than the code's default.
+reference cannot drift from the code, and a comment is written once. A key naming an environment
+variable or a file (``*_env``, ``*_file``) is described by a comment of its own, which says which of the
+two it names. ``tests/test_docs_configuration.py`` fails when ``docs/configuration.md`` is stale, when a
+key has no description, or when an example file shows a value other than the code's default.
 
 Needs a source checkout (``config/`` is not installed with the package).
 """
@@ -75,7 +76,9 @@ def read_comments(path: Path, known: dict[str, set[str]]) -> Comments:
     """Attach each comment block to the key below it (``# key = ...`` lines count as keys).
 
     A key written right below another key, with no comment or blank line between, shares that key's
-    comment (``password_env`` and ``password_file``); a blank line ends a block.
+    comment (``backoff_initial_seconds`` and ``backoff_max_seconds``); a blank line ends a block. A key
+    naming an environment variable or a file (:func:`names_a_source`) never shares one: read with its
+    ``*_env`` sibling's text, ``password_file`` told readers it was an environment variable.
     """
     found = Comments()
     table: str | None = None
@@ -95,13 +98,19 @@ def read_comments(path: Path, known: dict[str, set[str]]) -> Comments:
                 found.tables[table] = pending
             pending, previous = [], None
         elif table is not None and name is not None:
-            doc = pending or (found.keys.get(previous, []) if previous else [])
+            shared = found.keys.get(previous, []) if previous and not names_a_source(name) else []
+            doc = pending or shared
             found.keys.setdefault((table, name), doc)
             pending, previous = [], (table, name)
         elif line.startswith("#"):
             pending.append(re.sub(r"^# ?", "", line))
             previous = None
     return found
+
+
+def names_a_source(key: str) -> bool:
+    """A key whose value names where something is read from: an environment variable or a file."""
+    return key.endswith(("_env", "_file"))
 
 
 def _key_name(line: str, known: set[str]) -> str | None:
@@ -158,6 +167,11 @@ def _doc(comments: Comments, table: str, name: str) -> list[str]:
         doc = [FALLBACK_DOCS[(table, name)]]
     if not doc:
         raise DocsError(f"[{table}] {name}: no comment in config/ and no fallback description")
+    text = " ".join(doc).lower()
+    if name.endswith("_env") and "environment variable" not in text:
+        raise DocsError(f"[{table}] {name}: its comment must say it names an environment variable")
+    if name.endswith("_file") and re.search(r"\bfile\b", text) is None:
+        raise DocsError(f"[{table}] {name}: its comment must say it names a file")
     return doc
 
 
@@ -234,8 +248,39 @@ def render() -> str:
         "",
         *_prose(ac.intro),
         *_tables(documented(akeys, ac), ac),
+        *_agreements(),
     ]
     return "\n".join(out).rstrip() + "\n"
+
+
+def _agreements() -> list[str]:
+    """The rules between keys (:mod:`servicekit.agreement`), from the lists the services check."""
+    out = [
+        "## Settings that must agree",
+        "",
+        "Some promises rest on two keys at once: one key's value can make another's promise false. The",
+        "sidecar and the agent check their own rules whenever they load their configuration (`run`,",
+        "`check-config`): a configuration that breaks any refuses to start, exit code 2, with one line per",
+        "broken rule naming both keys. Pairs that span the two services cannot be checked by either",
+        "process (an agent's settings stay on its VM): keep them when configuring both.",
+        "",
+    ]
+    groups = [
+        ("Sidecar (checked at start)", reconciler_config.AGREEMENTS),
+        ("Agent (checked at start)", agent_config.AGREEMENTS),
+        ("Across the sidecar and its agents (not checked by either)", reconciler_config.ACROSS_SERVICES),
+    ]
+    for title, rules in groups:
+        out += [f"### {title}", "", "| rule | why |", "|---|---|"]
+        out += [f"| {_keys_in_code(rule.rule, rule.keys)} | {rule.why} |" for rule in rules]
+        out.append("")
+    return out
+
+
+def _keys_in_code(text: str, keys: Sequence[str]) -> str:
+    for key in keys:
+        text = text.replace(key, f"`{key}`")
+    return text
 
 
 def _known(keys: Sequence[Key]) -> dict[str, set[str]]:

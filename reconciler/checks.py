@@ -1,21 +1,27 @@
 """``python -m reconciler check-config --connect``: reach everything the sidecar needs, with the
 configured credentials, before a rollout finds out. Each check names what it reached, never a secret.
+
+Agents come from two places, as the sidecar's fleet has them: ``[[agents]]`` (with their tokens) and
+the router DB's ``agents`` table (those that registered themselves, called with the fleet token and
+``[fleet] registration_ca_file``). When the registered ones cannot be read or called, a line says so.
 """
 
 from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 from sqlalchemy import make_url
 
 from agent_api.client import AgentClient, AgentError, AgentRejected, JobNotFound
 from reconciler.airflow import AirflowClient, AirflowError
-from reconciler.config import AgentEntry, ReconcilerConfig, Secrets
-from router_db import RouterDB, schema
+from reconciler.config import ReconcilerConfig, Secrets
+from router_db import AgentRecord, RouterDB, schema
 
 TIMEOUT_SECONDS = 10.0
 NO_SUCH_JOB = "0" * 32  # asked of each agent: "not found" proves the token was accepted
+NAMED_AT_MOST = 5  # agent ids a summary line names
 
 
 @dataclass(frozen=True)
@@ -29,16 +35,24 @@ class Check:
 
 
 async def connections(config: ReconcilerConfig, secrets: Secrets) -> list[Check]:
-    """Airflow (an authenticated read), the router DB (a query, its schema revision) and every
-    configured agent (its health answer names the id configured, an authenticated read)."""
-    checks = [
-        await _airflow(config, secrets),
-        await asyncio.to_thread(
-            _router_db, config.router_db.url, upgrade_on_start=config.router_db.upgrade_on_start
-        ),
-    ]
+    """Airflow (an authenticated read), the router DB (a query, its schema revision), every
+    configured agent and every registered one (its health answer names its id, an authenticated read)."""
+    router_db, verdict = await asyncio.to_thread(
+        _router_db, config.router_db.url, upgrade_on_start=config.router_db.upgrade_on_start
+    )
+    checks = [await _airflow(config, secrets), router_db]
     for entry in config.agents:
-        checks.append(await _agent(entry, secrets.agent_tokens[entry.id].current()))
+        checks.append(
+            await _agent(
+                f"agent {entry.id} at {entry.url}",
+                entry.id,
+                entry.url,
+                secrets.agent_tokens[entry.id].current(),
+                ca_file=entry.ca_file,
+                whose="this sidecar's",
+            )
+        )
+    checks += await _registered(config, secrets, verdict)
     return checks
 
 
@@ -62,7 +76,8 @@ async def _airflow(config: ReconcilerConfig, secrets: Secrets) -> Check:
         await client.close()
 
 
-def _router_db(url: str, *, upgrade_on_start: bool) -> Check:
+def _router_db(url: str, *, upgrade_on_start: bool) -> tuple[Check, schema.Verdict | None]:
+    """The router DB's check, and its schema's verdict (None: it could not be read)."""
     what = f"router DB {make_url(url).render_as_string(hide_password=True)}"
     db = RouterDB(url)
     try:
@@ -70,35 +85,112 @@ def _router_db(url: str, *, upgrade_on_start: bool) -> Check:
         found, head = schema.state(db.engine), schema.head()
         verdict = schema.verdict(found, head=head, known=schema.known_revisions())
     except Exception as exc:  # whatever the driver raises; its text may hold the URL: the type only
-        return Check(what, False, f"cannot connect or query: {type(exc).__name__}")
+        return Check(what, False, f"cannot connect or query: {type(exc).__name__}"), None
     finally:
         db.dispose()
     if verdict is schema.Verdict.CURRENT:
-        return Check(what, True, f"schema at revision {head}")
+        return Check(what, True, f"schema at revision {head}"), verdict
     if verdict is schema.Verdict.EMPTY:
-        return Check(what, True, f"empty: the schema at revision {head} is created at start")
+        return Check(what, True, f"empty: the schema at revision {head} is created at start"), verdict
     refused = schema.SchemaRefused(found, head, verdict)
     if upgrade_on_start and verdict is not schema.Verdict.NEWER:
-        return Check(what, True, f"{refused}: upgraded at start ([router_db] upgrade_on_start)")
-    return Check(what, False, f"{refused}: the sidecar refuses to start; run python -m reconciler db upgrade")
+        return Check(what, True, f"{refused}: upgraded at start ([router_db] upgrade_on_start)"), verdict
+    return (
+        Check(what, False, f"{refused}: the sidecar refuses to start; run python -m reconciler db upgrade"),
+        verdict,
+    )
 
 
-async def _agent(entry: AgentEntry, token: str) -> Check:
-    what = f"agent {entry.id} at {entry.url}"
+def _registered_agents(url: str) -> list[AgentRecord]:
+    db = RouterDB(url)
     try:
-        client = AgentClient(entry.url, token, timeout=TIMEOUT_SECONDS, ca_file=entry.ca_file or None)
+        return db.registered_agents()
+    finally:
+        db.dispose()
+
+
+async def _registered(
+    config: ReconcilerConfig, secrets: Secrets, verdict: schema.Verdict | None
+) -> list[Check]:
+    """Each registered agent as the sidecar calls it; one line instead when they cannot be tried."""
+    what = "registered agents"
+    if verdict is None:
+        return [Check(what, False, "not checked: the router DB, where they are kept, cannot be read")]
+    if verdict is schema.Verdict.EMPTY:
+        return [Check(what, True, "none: the router DB is empty")] if secrets.fleet_tokens else []
+    try:
+        rows = await asyncio.to_thread(_registered_agents, config.router_db.url)
+    except Exception as exc:  # e.g. a schema older than the agents table; the type only, as above
+        return [
+            Check(
+                what,
+                False,
+                f"not checked: the router DB's agents table cannot be read ({type(exc).__name__})",
+            )
+        ]
+    # An id also in [[agents]] is the configured agent's (the sidecar leaves such a row unused).
+    configured = {entry.id for entry in config.agents}
+    rows = [row for row in rows if row.agent_id not in configured]
+    tokens = secrets.fleet_tokens
+    if tokens is None:
+        if not rows:
+            return []  # registration is off and nobody registered: nothing to say
+        ids = ", ".join(row.agent_id for row in rows[:NAMED_AT_MOST]) + (
+            ", ..." if len(rows) > NAMED_AT_MOST else ""
+        )
+        fleet = config.fleet
+        return [
+            Check(
+                what,
+                False,
+                f"{len(rows)} in the router DB ({ids}), not checked: this sidecar has no fleet token, "
+                f"so it does not call them (set {fleet.registration_token_env} "
+                "or [fleet] registration_token_file)",
+            )
+        ]
+    if not rows:
+        return [Check(what, True, "none in the router DB")]
+    token = tokens.current()[0]  # the one the sidecar sends them
+
+    async def tried(row: AgentRecord) -> Check:
+        check = await _agent(
+            f"registered agent {row.agent_id} at {row.url}",
+            row.agent_id,
+            row.url,
+            token,
+            ca_file=config.fleet.registration_ca_file,
+            whose="the fleet",
+        )
+        if check.ok:
+            return check
+        # A VM gone since: its last heartbeat tells that apart from a wrong token or CA.
+        ago = (datetime.now(UTC) - row.last_heartbeat_at).total_seconds()
+        heard = row.last_heartbeat_at.isoformat(timespec="seconds")
+        return Check(check.what, False, f"{check.detail}; last heartbeat {heard}, {ago:.0f} s ago")
+
+    # All at once: an autoscaled fleet may hold many, and each silent one waits out the timeout.
+    return list(await asyncio.gather(*(tried(row) for row in rows)))
+
+
+async def _agent(what: str, agent_id: str, url: str, token: str, *, ca_file: str, whose: str) -> Check:
+    """``whose`` token it is, for the line: ``this sidecar's`` or ``the fleet``."""
+    try:
+        # Who answers is asked without the token, as the sidecar's registry does: an address that is
+        # not that agent's must not receive it.
+        anonymous = AgentClient(url, "", timeout=TIMEOUT_SECONDS, ca_file=ca_file or None)
+        client = AgentClient(url, token, timeout=TIMEOUT_SECONDS, ca_file=ca_file or None)
     except ValueError as exc:  # a CA file that cannot be loaded
         return Check(what, False, str(exc))
-    async with client:
+    async with anonymous, client:
         try:
-            reported = (await client.health()).get("agent_id")
-            if reported != entry.id:
+            reported = (await anonymous.health()).get("agent_id")
+            if reported != agent_id:
                 return Check(what, False, f"the agent there calls itself {reported!r}")
             await client.get(NO_SUCH_JOB)
         except JobNotFound:
-            return Check(what, True, "answers, and takes this sidecar's token")
+            return Check(what, True, f"answers, and takes {whose} token")
         except AgentRejected as exc:
-            return Check(what, False, f"refused this sidecar's token ({exc})")
+            return Check(what, False, f"refused {whose} token ({exc})")
         except AgentError as exc:
             return Check(what, False, str(exc))
     return Check(what, False, f"knows a job {NO_SUCH_JOB}: is this an agent?")

@@ -71,7 +71,8 @@ class Metrics:
             ["state"],
             registry=r,
         )
-        # Per configured label set (an agent's labels, sorted and comma-joined): bounded by the config.
+        # Per label set (an agent's labels, sorted and comma-joined; [[agents]] or a registered agent's
+        # heartbeat): no more series than agents.
         self.agent_capacity = Gauge(
             "reconciler_agent_capacity",
             "Job slots of the agents carrying this label set that take new jobs (not draining, lost or "

@@ -1,13 +1,15 @@
 """End to end on a real Airflow (3.3.2, 3.1.8 and 2.11.2), a real agent and the sidecar as processes.
-On other versions, outside CI's matrix (2.10.5 is not in it, for time):
-``AGENTIC_AIRFLOW_VERSIONS=2.10.5 ./scripts/test tests/test_airflow_e2e.py`` (comma-separated versions).
+On the other supported versions (3.2.2, 3.0.6, 2.10.5: outside CI's matrix, for time):
+``AGENTIC_AIRFLOW_VERSIONS=all ./scripts/test -m airflow tests/test_airflow_e2e.py`` (or comma-separated
+versions). Each Airflow's venv comes from its lock (harness/locks.py).
 
 One Airflow at a time: the whole stack of one version is torn down before the next one starts.
 Every scenario's DAG run is triggered as soon as the stack is up, so Airflow's own latency (schedule,
 start a worker, defer) is paid once, in parallel, rather than once per test.
 
-The Airflow venvs are cached under ``~/.cache/agentic-airflow`` (created on first use, ~20 s each);
-Airflow 2 gets a fresh database on the PostgreSQL server at 127.0.0.1:5432.
+The Airflow venvs are cached under ``~/.cache/agentic-airflow`` (created on first use, ~30 s each); every
+Airflow gets a fresh database on the PostgreSQL server at 127.0.0.1:5432, a fernet key, and the sidecar's
+connection stored encrypted in it.
 """
 
 from __future__ import annotations

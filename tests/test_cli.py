@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import subprocess
 import sys
 import time
@@ -13,12 +14,13 @@ from pathlib import Path
 
 import pytest
 
-from agentic_cli.__main__ import main
+from agentic_cli.__main__ import main, parser
 from agentic_cli.render import clean, jobs_table
 from harness.agent import AgentProcess
 from harness.processes import free_port, wait_until
 from harness.served import ServedAirflow
 from harness.sidecar import AgentRef, SidecarProcess
+from tests.certs import make_ca
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -185,3 +187,84 @@ def test_jobs_list_filters_by_agent_and_age_newest_first(
     )
     assert code == 0 and json.loads(text) == []
     assert run(sidecar, "jobs", "list", "--since", "yesterday", monkeypatch=monkeypatch)[0] == 2
+
+
+@pytest.mark.fast
+def test_global_options_parse_before_or_after_the_subcommand() -> None:
+    """``agentic jobs list --json`` as people type it, ``agentic --json jobs list`` as before."""
+    given = ("--json", "--ca-file", "ca.pem", "--url", "https://s", "--token-file", "t")
+    for argv in (
+        [*given, "jobs", "list"],
+        ["jobs", "list", *given],
+        [*given[:3], "jobs", "list", *given[3:]],
+        ["agents", "drain", *given[:1], "vm-1", *given[1:]],  # between its arguments too
+    ):
+        args = parser().parse_args(argv)
+        seen = (args.json, args.ca_file, args.url, args.token_file)
+        assert seen == (True, "ca.pem", "https://s", "t"), argv
+    plain = parser().parse_args(["jobs", "show", "j1"])
+    assert (plain.json, plain.ca_file, plain.url, plain.token_file) == (False, None, None, None)
+    # The one nearest the end wins, as for any repeated option.
+    assert parser().parse_args(["--url", "http://a", "jobs", "list", "--url", "http://b"]).url == "http://b"
+
+
+def test_global_options_after_the_subcommand_reach_the_sidecar(
+    sidecar: SidecarProcess, airflow: ServedAirflow, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    job_id = submit(sidecar, "echo placed", "placed", airflow)
+    for argv in (["--json", "jobs", "list", "--dag", "cli"], ["jobs", "list", "--dag", "cli", "--json"]):
+        code, text = run(sidecar, *argv, monkeypatch=monkeypatch)
+        assert code == 0 and job_id in [j["job_id"] for j in json.loads(text)], argv
+    code, text = run(sidecar, "jobs", "show", job_id, "--json", monkeypatch=monkeypatch)
+    assert code == 0 and json.loads(text)["job"]["job_id"] == job_id
+    code, text = run(sidecar, "agents", "list", "--json", monkeypatch=monkeypatch)
+    assert code == 0 and "agent-1" in [a["agent_id"] for a in json.loads(text)]
+    # --url and --token-file after the subcommand take over from the environment, as before it.
+    token_file = tmp_path / "token"
+    token_file.write_text(sidecar.token + "\n")
+    monkeypatch.setenv("AGENTIC_SIDECAR_URL", f"http://127.0.0.1:{free_port()}")
+    monkeypatch.setenv("AGENTIC_TOKEN", "wrong")
+    out = io.StringIO()
+    argv = ["jobs", "list", "--dag", "cli", "--url", sidecar.url, "--token-file", str(token_file), "--json"]
+    assert main(argv, out=out) == 0 and job_id in [j["job_id"] for j in json.loads(out.getvalue())]
+
+
+def test_an_https_sidecar_signed_by_a_private_ca_asks_for_ca_file(tmp_path: Path) -> None:
+    """Without the CA the CLI says the certificate did not verify and how to pass the CA: one line,
+    no traceback, no token; with it (flag after the subcommand, or its variable) the same call works."""
+    ca = make_ca(tmp_path / "ca", "Private CA")
+    other = make_ca(tmp_path / "other", "Other CA")
+    server = ca.issue(tmp_path / "server", hosts=["127.0.0.1"])
+    with SidecarProcess(
+        workdir=tmp_path / "sidecar", airflow_url=f"http://127.0.0.1:{free_port()}",
+        airflow_password="unused", agents=[], tls_cert_file=server.cert_file,
+        tls_key_file=server.key_file, ca_file=ca.cert_file,
+    ) as sidecar:  # fmt: skip
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("AGENTIC_", "SSL_CERT_"))}
+        env.update(AGENTIC_SIDECAR_URL=sidecar.url, AGENTIC_TOKEN=sidecar.token)
+
+        def cli(*args: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run(
+                [sys.executable, "-m", "agentic_cli", *args],
+                cwd=ROOT, env=env, capture_output=True, text=True, timeout=60, check=False,
+            )  # fmt: skip
+
+        done = cli("jobs", "list")
+        said = done.stderr
+        assert done.returncode == 4 and done.stdout == "", said
+        assert "certificate verify failed" in said and "--ca-file" in said and "AGENTIC_CA_FILE" in said
+        assert "Traceback" not in said and len(said.splitlines()) == 1, said
+        assert sidecar.token not in said
+
+        wrong = cli("jobs", "list", "--ca-file", str(other.cert_file))
+        assert wrong.returncode == 4 and "certificate verify failed" in wrong.stderr
+        assert str(other.cert_file) in wrong.stderr and "Traceback" not in wrong.stderr
+
+        by_name = sidecar.url.replace("127.0.0.1", "localhost")  # a name the certificate does not hold
+        mismatch = cli("jobs", "list", "--ca-file", str(ca.cert_file), "--url", by_name)
+        assert mismatch.returncode == 4 and "certificate does not name the host" in mismatch.stderr
+
+        assert cli("jobs", "list", "--ca-file", str(ca.cert_file)).returncode == 0
+        env["AGENTIC_CA_FILE"] = str(ca.cert_file)
+        listed = cli("agents", "list", "--json")
+        assert listed.returncode == 0 and json.loads(listed.stdout) == [], listed.stderr

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import subprocess
 import sys
 import tomllib
@@ -123,6 +124,62 @@ def test_comments_attach_to_the_key_below_and_run_on_to_its_neighbour(tmp_path: 
     assert found.keys[("agent", "host")] == ["Said of host.", "  indented detail"]
     assert found.keys[("agent", "port")] == found.keys[("agent", "host")]
     assert found.keys[("agent", "id")] == ["Said of id."]
+
+
+def described() -> dict[tuple[str, str], str]:
+    """Every key's description as the reference prints it, by (table, key)."""
+    rkeys, akeys = reconciler_keys(), agent_keys()
+    keys = documented(rkeys, read_comments(CONFIG_DIR / "reconciler.toml", known(rkeys)))
+    keys += documented(akeys, read_comments(CONFIG_DIR / "agent.toml", known(akeys)))
+    return {(k.table, k.name): " ".join(k.doc) for k in keys}
+
+
+@pytest.mark.fast
+def test_each_env_and_file_key_is_described_from_its_own_key() -> None:
+    """A `_file` key says it names a file, an `_env` key that it names an environment variable, and no
+    `_file` key repeats its `_env` sibling's description (or any other key's)."""
+    docs = described()
+    pairs = 0
+    for (table, name), doc in docs.items():
+        where = f"[{table}] {name}"
+        if name.endswith("_env"):
+            assert "environment variable" in doc.lower(), (
+                f"{where}: does not say it names an environment variable"
+            )
+        if not name.endswith("_file"):
+            continue
+        assert re.search(r"\bfile\b", doc, re.IGNORECASE), f"{where}: does not say it names a file"
+        sibling = docs.get((table, name.removesuffix("_file") + "_env"))
+        if sibling is not None:
+            pairs += 1
+            assert doc != sibling, f"{where}: repeats the description of {name.removesuffix('_file')}_env"
+        same = [other for other, text in docs.items() if text == doc and other != (table, name)]
+        assert not same, f"{where}: the same description as {same}"
+    assert pairs >= 7, pairs  # password, [http] token and viewer token, fleet (both sides), agents' tokens
+
+
+@pytest.mark.fast
+def test_a_file_key_never_borrows_its_env_siblings_comment(tmp_path: Path) -> None:
+    example = tmp_path / "x.toml"
+    example.write_text(
+        "[airflow]\n# Environment variable holding it.\npassword_env = 'P'\npassword_file = ''\n"
+    )
+    found = read_comments(example, {"airflow": {"password_env", "password_file"}})
+    assert found.keys[("airflow", "password_env")] == ["Environment variable holding it."]
+    assert not found.keys[("airflow", "password_file")]
+    keys = [k for k in reconciler_keys() if k.table == "airflow" and k.name.startswith("password_")]
+    with pytest.raises(DocsError, match=r"\[airflow\] password_file"):
+        documented(keys, found)
+
+
+@pytest.mark.fast
+def test_the_fleet_token_keys_give_the_rotation_order() -> None:
+    """The fleet token is presented both ways: its keys on both sides give the four steps in order."""
+    docs = described()
+    order = "sidecar old,new; agents new,old; sidecar new; agents new"
+    for key in [("fleet", "registration_token_env"), ("agent", "router_token_env")]:
+        assert order in docs[key], f"[{key[0]}] {key[1]}: no rotation order"
+        assert "troubleshooting.md#rotating-the-fleet-token" in docs[key]
 
 
 def _agent_refuses_bogus() -> None:

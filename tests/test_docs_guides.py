@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from agent_api.registration import MAX_LABELS
 from reconciler.metrics import Metrics
 
 pytestmark = pytest.mark.fast
@@ -69,3 +70,19 @@ def test_the_deployment_guide_shows_the_airflow_side() -> None:
     assert "airflow providers list" in text
     for example in ("deploy/kubernetes", "deploy/compose", "deploy/systemd/agentic-agent.service"):
         assert example in text and (ROOT / example).exists(), example
+
+
+def test_the_capacity_gauges_label_sets_are_said_to_come_from_heartbeats_too() -> None:
+    """Registered agents' heartbeats carry their labels: the label sets are not the configuration's
+    alone, and what bounds them (one set per agent, MAX_LABELS labels each, silent agents forgotten)
+    is said."""
+    rows = [
+        line
+        for line in (DOCS / "monitoring.md").read_text(encoding="utf-8").splitlines()
+        if line.startswith("| `reconciler_agent_capacity` |")
+    ]
+    assert len(rows) == 1
+    row = rows[0]
+    assert "never from requests" not in row
+    assert "heartbeat" in row and "[[agents]]" in row
+    assert f"{MAX_LABELS} labels" in row and "forget_after_seconds" in row

@@ -1,7 +1,7 @@
 """What installing this project pulls in: nothing into Airflow, only aiohttp onto a VM.
 
-Into the harness's real Airflow 3.3.2 and 2.11.2 venvs (other versions by ``AGENTIC_AIRFLOW_VERSIONS``,
-e.g. ``2.10.5``), a plain ``pip install <checkout>`` (dependencies included, as a deployment tool runs
+Into the harness's real Airflow 3.3.2 and 2.11.2 venvs (others by ``AGENTIC_AIRFLOW_VERSIONS``, e.g.
+``2.10.5`` or ``all``), a plain ``pip install <checkout>`` (dependencies included, as a deployment tool runs
 it) installs this package and nothing else (Airflow 2 needs SQLAlchemy 1.4: the sidecar's SQLAlchemy 2
 must never come along), and Airflow still migrates its database and lists this package as a provider.
 ``pip install --dry-run --report`` resolves exactly as an install would and says what it would
@@ -83,7 +83,9 @@ def test_a_plain_install_into_airflow_adds_only_this_package(version: str, tmp_p
         check = subprocess.run([str(pip), "check"], capture_output=True, text=True, check=False, timeout=120)
         assert "agentic-airflow" not in check.stdout.lower(), check.stdout
         succeeds([airflow, "db", "migrate"], env)
-        providers = json.loads(succeeds([airflow, "providers", "list", "--output", "json"], env))
+        listed_out = succeeds([airflow, "providers", "list", "--output", "json"], env)
+    # Airflow 3.0 logs its plugin set-up to stdout before the JSON: the JSON is the last line.
+    providers = json.loads(listed_out.strip().splitlines()[-1])
     listed = {provider["package_name"]: provider["version"] for provider in providers}
     assert listed.get("agentic-airflow") == project["version"], listed
 
