@@ -75,7 +75,7 @@ class AgenticRunHook(BaseHook):
 
     def get_endpoint(self) -> SidecarEndpoint:
         """Address and token, read afresh (a rotated token is seen). :class:`SidecarError` when the
-        connection is missing or incomplete."""
+        connection is not defined, cannot be loaded (naming Airflow's error) or is incomplete."""
         return get_endpoint(self.agentic_conn_id)
 
     @contextmanager

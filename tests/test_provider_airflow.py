@@ -3,7 +3,8 @@
 No Airflow server starts: each test runs a short script in a cached venv (harness.airflow.ensure_venv)
 with this checkout installed into a directory put first on its path, and reads back what it printed.
 What is checked: the connection type ``agentic_run`` with its form (3.2+ read it from provider info,
-3.0-3.1 and 2 from the hook), connections in every documented form, the "Agentic job" link, and,
+3.0-3.1 and 2 from the hook), connections in every documented form, connections Airflow cannot load
+(named with Airflow's error, not as missing), the "Agentic job" link, and,
 against a real sidecar (its Airflow the stand-in of ``bench.standins``, which says what each task
 instance's state is), the hook's calls and the optional callbacks with their XCom audit trail.
 
@@ -13,6 +14,7 @@ here); tests/test_airflow_e2e.py reads the link from a real Airflow's REST API.
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 import subprocess
@@ -58,6 +60,15 @@ PRELUDE = """
 import json
 def emit(value):
     print("RESULT " + json.dumps(value, default=str))
+
+def metadata_db():
+    # Airflow 2 reads connections from its metadata DB after the environment, as a worker does: give
+    # it one that holds none (without it, that read fails, and a connection is not "not defined").
+    import airflow
+    if airflow.__version__.startswith("2."):
+        from airflow import settings
+        from airflow.models.connection import Connection
+        Connection.__table__.create(settings.engine, checkfirst=True)
 """
 
 
@@ -180,6 +191,7 @@ import os
 from agentic_airflow.hooks import AgenticRunHook
 from agentic_airflow.sidecar_client import SidecarError
 
+metadata_db()
 found = {}
 prefix = "AIRFLOW_CONN_"
 for conn_id in sorted(k.removeprefix(prefix).lower() for k in os.environ if k.startswith(prefix)):
@@ -231,6 +243,159 @@ def test_airflow_reads_every_documented_connection_form(venv: Venv, site: Path, 
     (http,) = by_type.pop("http")  # the older form keeps working
     assert (http["base_url"], http["ca_file"]) == ("http://sidecar-host:8790", "")
     assert not by_type
+
+
+# --- a connection Airflow cannot load -------------------------------------------------------------------
+
+UNLOADABLE = """
+import asyncio
+import os
+from functools import partial
+from types import SimpleNamespace
+
+from agentic_airflow import operators
+from agentic_airflow.connection import aget_endpoint
+from agentic_airflow.hooks import AgenticRunHook
+from agentic_airflow.operators import AgenticRunOperator
+from agentic_airflow.polling import submit_patiently
+from agentic_airflow.sidecar_client import SidecarError
+from agentic_airflow.triggers import AgenticJobTrigger
+
+if os.environ.get("CRYPTOGRAPHY_51"):
+    # cryptography 51's MultiFernet, a Rust class: Airflow before 3.2 cannot set its `is_encrypted`
+    # on it, so with a fernet key set every connection with a password fails to load.
+    import cryptography.fernet
+
+    PythonMultiFernet = cryptography.fernet.MultiFernet
+
+    class MultiFernet:
+        __slots__ = ("_fernet",)
+
+        def __init__(self, fernets):
+            self._fernet = PythonMultiFernet(fernets)
+
+        def encrypt(self, data):
+            return self._fernet.encrypt(data)
+
+        def decrypt(self, token, ttl=None):
+            return self._fernet.decrypt(token, ttl)
+
+    cryptography.fernet.MultiFernet = MultiFernet
+
+metadata_db()
+
+
+class Log:
+    # What the trigger writes to the task's log, whatever logger Airflow gives it.
+    def __init__(self):
+        self.lines = []
+
+    def _line(self, msg, *args, **kwargs):
+        self.lines.append(msg % args if args else msg)
+
+    debug = info = warning = error = exception = _line
+
+
+def error_of(call):
+    try:
+        call()
+    except SidecarError as exc:
+        return str(exc)
+    return None
+
+
+async def trigger_log(conn_id):
+    trigger = AgenticJobTrigger("4f2a9c0e8b6d4e51a0c3f7d9e2b1a6c8", conn_id, poll_interval=0.1)
+    trigger._log = log = Log()  # LoggingMixin's: Airflow 3 would give a structlog logger
+    try:
+        await asyncio.wait_for(trigger.run().__anext__(), 1.5)  # it waits: the connection may be fixed
+    except asyncio.TimeoutError:
+        pass
+    return log.lines
+
+
+# The operator's submission without its 10 minutes of patience.
+operators.submit_patiently = partial(submit_patiently, patience=0.0)
+ti = SimpleNamespace(
+    dag_id="d", task_id="t", run_id="r", map_index=-1, try_number=1, id="ti", start_date=None,
+    xcom_push=lambda **kwargs: None,
+)
+found = {}
+for conn_id in os.environ["CONN_IDS"].split(","):
+    hook = AgenticRunHook(conn_id)
+    found[conn_id] = {
+        "hook": error_of(hook.get_endpoint),
+        "test": hook.test_connection(),
+        "trigger": error_of(lambda: asyncio.run(aget_endpoint(conn_id))),
+        "operator": error_of(
+            lambda: AgenticRunOperator(task_id="t", command="true", conn_id=conn_id).execute({"ti": ti})
+        ),
+        "trigger_log": asyncio.run(trigger_log(conn_id)),
+    }
+emit(found)
+"""
+
+# Connections Airflow refuses to parse, and the start of its error (each version words it so).
+UNLOADABLE_CONNECTIONS = {
+    "agentic_bad_port": (f"agentic-run://:{TOKEN}@sidecar-host:eighty", "ValueError: Port could not be cast"),
+    # The scheme after the credentials: Airflow's error quotes the whole URI, token included.
+    "agentic_bad_uri": (
+        f"agentic-run://:{TOKEN}@https://sidecar-host:8790",
+        "AirflowException: Invalid connection string: agentic-run://***@https://sidecar-host:8790",
+    ),
+    "agentic_bad_json": (
+        json.dumps({"conn_type": "agentic_run", "host": "sidecar-host", "port": "eighty", "password": TOKEN}),
+        "ValueError: Expected integer value for `port`, but got 'eighty' instead.",
+    ),
+}
+
+
+def unloadable(venv: Venv, site: Path, home: Path, values: dict[str, str], **env: str) -> dict[str, Any]:
+    """What the hook, the form's Test button, the trigger and the operator say of each connection of
+    ``values`` (set as ``AIRFLOW_CONN_*``) and of one that is not defined."""
+    env |= {f"AIRFLOW_CONN_{conn_id.upper()}": value for conn_id, value in values.items()}
+    env["CONN_IDS"] = ",".join([*values, "undefined"])
+    found: dict[str, Any] = run_in(venv, site, home, UNLOADABLE, env)
+    assert TOKEN not in json.dumps(found)
+    undefined = found.pop("undefined")
+    assert undefined["hook"] == undefined["trigger"] == "the connection undefined is not defined"
+    assert undefined["test"] == [False, "the connection undefined is not defined"]
+    return found
+
+
+def assert_named(conn_id: str, seen: dict[str, Any], airflows_error: str) -> None:
+    loaded = f"the connection {conn_id} could not be loaded: {airflows_error}"
+    where = f"(read by Airflow's EnvironmentVariablesBackend from AIRFLOW_CONN_{conn_id.upper()})"
+    assert seen["hook"].startswith(loaded) and seen["hook"].endswith(where), seen["hook"]
+    assert seen["test"] == [False, seen["hook"]]
+    assert seen["trigger"] == seen["hook"]
+    assert seen["operator"].startswith(f"connection {conn_id}: {seen['hook']}; still failing after")
+    # The trigger keeps waiting, as for any trouble reading the connection, and says why.
+    line = f"cannot use the connection {conn_id} ({seen['hook']}); retrying in"
+    assert any(line in logged for logged in seen["trigger_log"]), seen["trigger_log"]
+    assert "not defined" not in json.dumps(seen)
+
+
+@pytest.mark.parametrize("venv", [AIRFLOW_3, AIRFLOW_3_1, AIRFLOW_2], ids=str)
+def test_a_connection_airflow_cannot_parse_is_named_with_airflows_error_never_the_token(
+    venv: Venv, site: Path, tmp_path: Path
+) -> None:
+    values = {conn_id: value for conn_id, (value, _) in UNLOADABLE_CONNECTIONS.items()}
+    found = unloadable(venv, site, tmp_path, values)
+    for conn_id, (_, airflows_error) in UNLOADABLE_CONNECTIONS.items():
+        assert_named(conn_id, found[conn_id], airflows_error)
+
+
+@pytest.mark.parametrize("venv", [AIRFLOW_3_1, AIRFLOW_2], ids=str)
+def test_a_fernet_airflow_cannot_build_is_named_not_taken_for_a_missing_connection(
+    venv: Venv, site: Path, tmp_path: Path
+) -> None:
+    values = {"agentic_run_default": f"agentic-run://:{TOKEN}@sidecar-host:8790"}
+    fernet_key = base64.urlsafe_b64encode(b"agentic-provider-test-fernet-key").decode()  # 32 bytes
+    env = {"CRYPTOGRAPHY_51": "1", "AIRFLOW__CORE__FERNET_KEY": fernet_key}
+    found = unloadable(venv, site, tmp_path, values, **env)
+    error = "AttributeError: 'MultiFernet' object has no attribute 'is_encrypted'"
+    assert_named("agentic_run_default", found["agentic_run_default"], error)
 
 
 # --- the extra link ------------------------------------------------------------------------------------
@@ -371,6 +536,7 @@ try:
 except ImportError:
     from airflow.hooks.base import BaseHook
 
+metadata_db()
 found = {
     "default": AgenticRunHook().test_connection(),
     "button": BaseHook.get_connection("agentic_run_default").test_connection(),  # the form's Test

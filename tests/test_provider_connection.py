@@ -1,5 +1,6 @@
-"""The connection's address (``agentic_run``, ``base_path``, ``scheme``) and the status update the
-optional callbacks send, without Airflow: the sidecar is played by ``httpx.MockTransport``.
+"""The connection's address (``agentic_run``, ``base_path``, ``scheme``), why Airflow gave no
+connection, and the status update the optional callbacks send, without Airflow: the sidecar is played
+by ``httpx.MockTransport``, Airflow's secrets backends by stand-ins.
 
 tests/test_provider_airflow.py runs the same code inside real Airflow 3.3.2 and 2.11.2 venvs, against
 a real sidecar.
@@ -7,12 +8,23 @@ a real sidecar.
 
 from __future__ import annotations
 
+import asyncio
 import json
+from collections.abc import Callable
 from typing import Any
 
 import httpx
 import pytest
 
+from agentic_airflow.connection_errors import (
+    LoadFailure,
+    afirst_failure,
+    describe,
+    first_failure,
+    not_defined,
+    not_loaded,
+    redact,
+)
 from agentic_airflow.provider import CONN_FIELDS, UI_FIELD_BEHAVIOUR, get_provider_info
 from agentic_airflow.sidecar_client import (
     SidecarEndpoint,
@@ -203,3 +215,118 @@ def test_the_form_declares_each_extra_the_connection_reads_and_labels_the_passwo
     declared["conn-fields"]["scheme"]["label"] = "changed"  # Airflow may rewrite what it is given
     declared["ui-field-behaviour"]["placeholders"].clear()
     assert CONN_FIELDS["scheme"]["label"] == "Scheme" and UI_FIELD_BEHAVIOUR["placeholders"]
+
+
+# --- why Airflow gave no connection --------------------------------------------------------------------
+
+
+class Conn:
+    def __init__(self, uri_error: Exception | None = None) -> None:
+        self.uri_error = uri_error
+
+    def get_uri(self) -> str:  # Airflow reads it after the connection: a password it cannot decrypt
+        if self.uri_error is not None:
+            raise self.uri_error
+        return "agentic-run://sidecar"
+
+
+class EnvironmentVariablesBackend:
+    def __init__(self, answer: Conn | Exception | None) -> None:
+        self.answer = answer
+        self.asked: list[str] = []
+
+    def get_connection(self, conn_id: str) -> Conn | None:
+        self.asked.append(conn_id)
+        if isinstance(self.answer, Exception):
+            raise self.answer
+        return self.answer
+
+
+class MetastoreBackend(EnvironmentVariablesBackend):
+    pass
+
+
+class AsyncBackend(EnvironmentVariablesBackend):
+    async def aget_connection(self, conn_id: str) -> Conn | None:
+        return self.get_connection(conn_id)
+
+
+async def in_thread(call: Callable[[], Any]) -> Any:
+    return call()
+
+
+def failure(backends: list[EnvironmentVariablesBackend]) -> LoadFailure | None:
+    """What the sync and the async read find (the same), the connection's id being CONN."""
+    found = first_failure("agentic_run_default", backends)
+    assert asyncio.run(afirst_failure("agentic_run_default", backends, in_thread)) == found
+    return found
+
+
+def test_a_connection_no_backend_fails_on_is_not_defined() -> None:
+    backends = [EnvironmentVariablesBackend(None), MetastoreBackend(None)]
+    assert failure(backends) is None
+    assert all(b.asked == ["agentic_run_default"] * 2 for b in backends)
+    assert str(not_defined("agentic_run_default")) == "the connection agentic_run_default is not defined"
+
+
+def test_the_first_backend_that_fails_is_named_with_airflows_error() -> None:
+    parse = ValueError("Port could not be cast to integer value as 'eighty'")
+    found = failure([EnvironmentVariablesBackend(parse), MetastoreBackend(RuntimeError("later"))])
+    assert found == LoadFailure("EnvironmentVariablesBackend", parse)
+    assert str(found.as_error("agentic_run_default")) == (
+        "the connection agentic_run_default could not be loaded: ValueError: Port could not be cast to "
+        "integer value as 'eighty' (read by Airflow's EnvironmentVariablesBackend from "
+        "AIRFLOW_CONN_AGENTIC_RUN_DEFAULT)"
+    )
+    # Not in the environment; the metadata DB cannot be read (nor can a password be decrypted there).
+    db = RuntimeError("(psycopg2.OperationalError) connection refused\n[SQL: SELECT connection.password]")
+    found = failure([EnvironmentVariablesBackend(None), MetastoreBackend(db)])
+    assert found is not None and str(found.as_error("c")) == (
+        "the connection c could not be loaded: RuntimeError: (psycopg2.OperationalError) connection refused "
+        "(read by Airflow's MetastoreBackend)"
+    )
+    fernet = AttributeError("'MultiFernet' object has no attribute 'is_encrypted'")
+    assert failure([MetastoreBackend(Conn(uri_error=fernet))]) == LoadFailure("MetastoreBackend", fernet)
+    # A backend that found it (a failure that passed since): nothing to name.
+    assert failure([MetastoreBackend(Conn()), EnvironmentVariablesBackend(fernet)]) is None
+
+
+def test_the_async_read_uses_a_backends_own_async_read() -> None:
+    backend = AsyncBackend(KeyError("throttled"))
+    found = asyncio.run(afirst_failure("c", [backend], in_thread))
+    assert found is not None and describe(found.error) == "KeyError: 'throttled'"
+    assert backend.asked == ["c"]
+
+
+@pytest.mark.parametrize(
+    ("said", "shown"),
+    [
+        (
+            f"Invalid connection string: agentic-run://:{TOKEN}@https://sidecar:8790.",
+            "Invalid connection string: agentic-run://***@https://sidecar:8790.",
+        ),
+        # A token with an unencoded "/" or "@": everything up to the host goes.
+        (f"cannot parse http://user:a/{TOKEN}@x@sidecar:1", "cannot parse http://***@sidecar:1"),
+        (json.dumps({"host": "sidecar", "password": TOKEN}), '{"host": "sidecar", "password": ***}'),
+        (
+            f"Connection(conn_id='c', password='{TOKEN}', port=1)",
+            "Connection(conn_id='c', password=***, port=1)",
+        ),
+        (f"GET /v1/secret?x=1&token={TOKEN}&y=2", "GET /v1/secret?x=1&token=***&y=2"),
+        (f"{{'api_key': '{TOKEN}'}}", "{'api_key': ***}"),
+        (f"Authorization: Bearer {TOKEN}", "Authorization: ***"),
+        (f"refused: bearer {TOKEN}", "refused: bearer ***"),
+        ("Expected integer value for `port`, but got 'eighty' instead.", None),  # nothing to hide
+    ],
+)
+def test_airflows_error_is_shown_without_what_may_be_a_credential(said: str, shown: str | None) -> None:
+    assert redact(said) == (said if shown is None else shown)
+    assert TOKEN not in str(not_loaded("c", ValueError(said), "EnvironmentVariablesBackend"))
+
+
+def test_airflows_error_is_shown_by_its_type_and_first_line_at_most_300_characters() -> None:
+    assert describe(AttributeError()) == "AttributeError"
+    assert describe(RuntimeError("\n  first\nsecond")) == "RuntimeError: first"
+    long = describe(ValueError("x" * 1000))
+    assert len(long) == 300 and long.startswith("ValueError: xxx") and long.endswith("...")
+    assert str(not_loaded("c", OSError("gone"))) == "the connection c could not be loaded: OSError: gone"
