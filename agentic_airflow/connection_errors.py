@@ -12,6 +12,8 @@ No Airflow import: the backends are handed in (duck-typed), so this is testable 
 from __future__ import annotations
 
 import inspect
+import json
+import os
 import re
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
@@ -32,19 +34,39 @@ _SECRET_FIELD = re.compile(
 _BEARER = re.compile(r"(?i)\b(bearer\s+)\S+")
 
 
-def redact(text: str) -> str:
-    """``text`` without what may be a credential: a URI's userinfo, a secret-looking field's value, a
-    bearer token. Airflow's errors may quote what they could not parse (``Invalid connection string:
-    <the URI>``), token included; the connection's own password is unknown when it did not parse."""
+def redact(text: str, secrets: Iterable[str] = ()) -> str:
+    """``text`` without what may be a credential: each of ``secrets`` where it stands as a whole word, a
+    URI's userinfo, a secret-looking field's value, a bearer token. Airflow's errors may quote what they
+    could not parse (``Invalid connection string: <the URI>``), token included; the connection's own
+    password is unknown when it did not parse."""
+    for secret in sorted(set(secrets), key=len, reverse=True):
+        text = re.sub(rf"(?<![A-Za-z0-9]){re.escape(secret)}(?![A-Za-z0-9])", "***", text)
     text = _USERINFO.sub(r"\1***@", text)
     text = _SECRET_FIELD.sub(r"\1***", text)
     return _BEARER.sub(r"\1***", text)
 
 
-def describe(exc: BaseException) -> str:
+def env_secrets(conn_id: str) -> list[str]:
+    """What may be a credential in ``AIRFLOW_CONN_<ID>``, as the parts an error may quote: a URI's whole
+    userinfo and each piece of it (a token with an unencoded ``/``, ``?`` or ``#`` is cut there by URI
+    parsing, and Airflow's error then quotes a piece, e.g. as the port), or a JSON connection's
+    password and login."""
+    raw = os.environ.get(f"AIRFLOW_CONN_{conn_id.upper()}", "").strip()
+    if raw.startswith("{"):
+        try:
+            fields = json.loads(raw)
+        except ValueError:
+            fields = {}
+        found = [str(fields.get(k) or "") for k in ("password", "login")] if isinstance(fields, dict) else []
+    else:
+        found = [raw.partition("://")[2].rpartition("@")[0]]
+    return [piece for secret in found for piece in {secret, *re.split(r"[:/?#@]", secret)} if piece]
+
+
+def describe(exc: BaseException, secrets: Iterable[str] = ()) -> str:
     """``Type: message`` of Airflow's error: redacted, its first line only (a database error goes on
     with the SQL), at most MAX_ERROR_CHARS."""
-    lines = [line.strip() for line in redact(str(exc)).splitlines() if line.strip()]
+    lines = [line.strip() for line in redact(str(exc), secrets).splitlines() if line.strip()]
     text = f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
     return text if len(text) <= MAX_ERROR_CHARS else text[: MAX_ERROR_CHARS - 3] + "..."
 
@@ -55,7 +77,7 @@ def not_defined(conn_id: str) -> SidecarError:
 
 def not_loaded(conn_id: str, exc: BaseException, source: str = "") -> SidecarError:
     """``source``: the secrets backend that raised ``exc``, when known."""
-    text = f"the connection {conn_id} could not be loaded: {describe(exc)}"
+    text = f"the connection {conn_id} could not be loaded: {describe(exc, env_secrets(conn_id))}"
     if source == "EnvironmentVariablesBackend":  # name the variable: that is where a person fixes it
         return SidecarError(f"{text} (read by Airflow's {source} from AIRFLOW_CONN_{conn_id.upper()})")
     return SidecarError(f"{text} (read by Airflow's {source})" if source else text)

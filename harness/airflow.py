@@ -18,8 +18,10 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
@@ -27,11 +29,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 from sqlalchemy import create_engine, make_url, text
 
-from harness.locks import AIRFLOW_PINS, airflow_requirements, digest, pins
+from harness.locks import AIRFLOW_PINS, LockError, airflow_requirements, differs_from, digest, pins
 from harness.processes import free_port, start, stop_tree, wait_http_ok
 from harness.sidecar import SidecarProcess
 
@@ -43,6 +46,11 @@ AIRFLOW_2_VERSION = "2.11.2"
 SUPPORTED_VERSIONS = tuple(AIRFLOW_PINS)  # each with its lock: 3.3.2, 3.2.2, 3.1.8, 3.0.6, 2.11.2, 2.10.5
 VERSIONS_ENV = "AGENTIC_AIRFLOW_VERSIONS"
 REPO_ROOT = Path(__file__).resolve().parent.parent
+# What the project's wheel holds (pyproject.toml's packages), copied to build it.
+PROJECT_PACKAGES = (
+    *("agent", "agent_api", "sidecar_api", "servicekit", "reconciler", "router_db", "agentic_airflow"),
+    "agentic_cli",
+)
 USERNAME = PASSWORD = "admin"  # a throwaway Airflow on loopback, for tests and the demo only
 USERS_CREATE = "users-create"
 JWT_SECRET = "agentic-harness-jwt-secret-" + "x" * 40  # >= 64 bytes, or PyJWT warns on every token
@@ -79,7 +87,8 @@ def selected_versions(default: Sequence[str]) -> list[str]:
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("AGENTIC_CACHE", Path.home() / ".cache" / "agentic-airflow"))
+    # An empty AGENTIC_CACHE is unset, as scripts/ensure-tools reads it (not the current directory).
+    return Path(os.environ.get("AGENTIC_CACHE") or Path.home() / ".cache" / "agentic-airflow")
 
 
 @contextmanager
@@ -103,26 +112,40 @@ def ensure_venv(version: str = AIRFLOW_VERSION) -> Path:
             _run([sys.executable, "-m", "venv", "--clear", str(venv)])
             pip = str(venv / "bin/pip")
             _run([pip, "install", "-q", f"pip=={pins(lock)['pip']}"])
-            _run([pip, "install", "-q", "-r", str(lock)])
+            # The lock pins the build backends too: a package built from source gets the locked ones.
+            _run([pip, "install", "-q", "-r", str(lock), "--build-constraint", str(lock)])
+            if differences := differs_from(lock, venv):
+                raise LockError(f"{venv} differs from {lock.name}: {'; '.join(differences[:5])}")
             done.write_text(digest(lock))
     return venv
 
 
 def install_project(venv: Path) -> None:
     """Install this checkout into the Airflow venv (its dependencies are none: the operator needs only
-    httpx, which Airflow ships; ``--no-deps`` keeps ``--force-reinstall`` from reinstalling Airflow's)."""
-    with venv_lock(venv):
-        _run([str(venv / "bin/pip"), "install", "-q", "--no-deps", "--force-reinstall", str(REPO_ROOT)])
+    httpx, which Airflow ships; ``--no-deps`` keeps ``--force-reinstall`` from reinstalling Airflow's).
+
+    From a copy of the sources: a build in the checkout would reuse its ``build/`` (where setuptools
+    keeps modules since deleted) and race another worker's build. The venv's own locked setuptools
+    builds it (``--no-build-isolation``), so nothing is fetched at each start."""
+    with venv_lock(venv), tempfile.TemporaryDirectory(prefix="agentic-src-") as tmp:
+        source = Path(tmp) / "src"
+        source.mkdir()
+        for name in ("pyproject.toml", "README.md"):
+            shutil.copy2(REPO_ROOT / name, source / name)
+        skipped = shutil.ignore_patterns("__pycache__")
+        for package in PROJECT_PACKAGES:
+            shutil.copytree(REPO_ROOT / package, source / package, ignore=skipped)
+        pip = str(venv / "bin/pip")
+        _run([pip, "install", "-q", "--no-deps", "--no-build-isolation", "--force-reinstall", str(source)])
 
 
-def _run(argv: list[str], env: Mapping[str, str] | None = None, *, shown: str = "") -> None:
-    """Run ``argv``; a failure raises with its output, naming it ``shown`` (e.g. without a secret)."""
+def _run(argv: list[str], env: Mapping[str, str] | None = None) -> None:
     result = subprocess.run(
         argv, env=dict(env) if env is not None else None, capture_output=True, text=True, check=False
     )
     if result.returncode != 0:
         raise RuntimeError(
-            f"{shown or ' '.join(argv)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+            f"{' '.join(argv)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
         )
 
 
@@ -235,8 +258,8 @@ class AirflowServer:
             self.database = _create_database()
         env = self.env()
         _run([airflow, "db", "migrate"], env)
-        for conn_id, uri in self.connections.items():
-            _run([airflow, "connections", "add", conn_id, "--conn-uri", uri], env, shown=f"add {conn_id}")
+        if self.connections:
+            self._store_connections(airflow, env)
         if major(self.version) == 3:
             commands = {
                 "api-server": [airflow, "api-server", "-H", "127.0.0.1", "-p", str(self.port), "-w", "1"],
@@ -262,6 +285,25 @@ class AirflowServer:
             if self.procs[USERS_CREATE].wait(timeout=timeout) != 0:
                 raise RuntimeError(f"airflow users create failed; see {logs / USERS_CREATE}.log")
             del self.procs[USERS_CREATE]
+
+    def _store_connections(self, airflow: str, env: Mapping[str, str]) -> None:
+        """``airflow connections import`` from a 0600 file, deleted at once: a URI on the command line
+        (``connections add --conn-uri``) shows its token in ``ps``, and Airflow echoes it back."""
+        path = self.home / "connections.json"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as file:
+            json.dump(dict(self.connections), file)
+        try:
+            result = subprocess.run(
+                [airflow, "connections", "import", str(path)], env=dict(env), capture_output=True, text=True
+            )
+        finally:
+            path.unlink()
+        if result.returncode != 0:
+            said = result.stdout[-2000:] + result.stderr[-2000:]
+            for uri in self.connections.values():
+                said = said.replace(uri, "<uri>").replace(urlsplit(uri).password or "\0", "***")
+            raise RuntimeError(f"airflow connections import failed:\n{said}")
 
     def stop(self) -> None:
         for proc in self.procs.values():

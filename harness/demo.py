@@ -55,9 +55,8 @@ def run(base: Path) -> None:
         airflow = AirflowServer(
             home=base / "airflow",
             dags_folder=REPO_ROOT / "examples" / "dags",
-            extra_env={
-                "AIRFLOW_CONN_AGENTIC_RUN_DEFAULT": f"http://:{sidecar.token}@127.0.0.1:{sidecar.port}"
-            },
+            # Stored encrypted in Airflow's metadata DB, as production keeps it.
+            connections={"agentic_run_default": f"http://:{sidecar.token}@127.0.0.1:{sidecar.port}"},
         )
         try:
             say("[2/5] starting Airflow 3 (api-server, scheduler, dag-processor, triggerer) on 127.0.0.1")

@@ -310,9 +310,10 @@ def image_id(tag: str) -> str | None:
 
 
 def remove_image(tag: str) -> None:
-    """Remove ``tag`` (the image with it, unless another tag holds it); absent is fine."""
+    """Remove ``tag`` (the image with it, unless another tag holds it); absent is fine. ``--force``
+    removes the containers still running it too (one left by a command that timed out)."""
     if image_id(tag) is not None:
-        podman("rmi", tag, timeout=120)
+        podman("rmi", "--force", tag, timeout=120)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

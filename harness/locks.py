@@ -89,17 +89,35 @@ def airflow_requirements(version: str) -> Path:
 
 def check_installed(lock: Path = DEV_LOCK) -> list[str]:
     """How the running environment differs from ``lock`` (empty when it matches)."""
-    locked = pins(lock)
-    differences = []
-    for dist in metadata.distributions():
-        name = _normalise(dist.metadata["Name"])
-        if name == PROJECT:
-            continue
-        want = locked.get(name)
-        if want is None:
-            differences.append(f"{name} {dist.version} is installed but not locked")
-        elif want != dist.version:
-            differences.append(f"{name} {dist.version} is installed, {want} locked")
+    installed = {_normalise(dist.metadata["Name"]): dist.version for dist in metadata.distributions()}
+    return _differences(pins(lock), installed)
+
+
+def differs_from(lock: Path, venv: Path) -> list[str]:
+    """How the venv at ``venv`` differs from ``lock`` (empty when it matches)."""
+    out = subprocess.run(
+        [str(venv / "bin/pip"), "freeze", "--all"], capture_output=True, text=True, check=True, env=_pip_env()
+    ).stdout
+    installed = {}
+    for line in out.splitlines():
+        name, sep, version = line.partition("==")
+        if sep:
+            installed[_normalise(name)] = version.strip()
+    return _differences(pins(lock), installed)
+
+
+def _differences(locked: dict[str, str], installed: dict[str, str]) -> list[str]:
+    installed = {name: version for name, version in installed.items() if name != PROJECT}
+    differences = [
+        f"{name} {version} is installed, {locked[name]} locked"
+        if name in locked
+        else f"{name} {version} is installed but not locked"
+        for name, version in sorted(installed.items())
+        if locked.get(name) != version
+    ]
+    differences += [
+        f"{name} {locked[name]} is locked but not installed" for name in sorted(set(locked) - set(installed))
+    ]
     return differences
 
 

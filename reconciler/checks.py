@@ -22,6 +22,7 @@ from router_db import AgentRecord, RouterDB, schema
 TIMEOUT_SECONDS = 10.0
 NO_SUCH_JOB = "0" * 32  # asked of each agent: "not found" proves the token was accepted
 NAMED_AT_MOST = 5  # agent ids a summary line names
+AT_ONCE = 50  # registered agents tried at once (each try holds two connections)
 
 
 @dataclass(frozen=True)
@@ -151,16 +152,20 @@ async def _registered(
     if not rows:
         return [Check(what, True, "none in the router DB")]
     token = tokens.current()[0]  # the one the sidecar sends them
+    # A bounded fan-out: each try opens two clients, and a fleet of a thousand would exhaust the
+    # process's file descriptors at once.
+    room = asyncio.Semaphore(AT_ONCE)
 
     async def tried(row: AgentRecord) -> Check:
-        check = await _agent(
-            f"registered agent {row.agent_id} at {row.url}",
-            row.agent_id,
-            row.url,
-            token,
-            ca_file=config.fleet.registration_ca_file,
-            whose="the fleet",
-        )
+        async with room:
+            check = await _agent(
+                f"registered agent {row.agent_id} at {row.url}",
+                row.agent_id,
+                row.url,
+                token,
+                ca_file=config.fleet.registration_ca_file,
+                whose="the fleet",
+            )
         if check.ok:
             return check
         # A VM gone since: its last heartbeat tells that apart from a wrong token or CA.
@@ -168,7 +173,7 @@ async def _registered(
         heard = row.last_heartbeat_at.isoformat(timespec="seconds")
         return Check(check.what, False, f"{check.detail}; last heartbeat {heard}, {ago:.0f} s ago")
 
-    # All at once: an autoscaled fleet may hold many, and each silent one waits out the timeout.
+    # Many at once: an autoscaled fleet may hold many, and each silent one waits out the timeout.
     return list(await asyncio.gather(*(tried(row) for row in rows)))
 
 

@@ -131,3 +131,13 @@ def test_a_locked_airflow_reads_a_connection_stored_with_a_fernet_key(version: s
         check=False,
     )
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
+
+
+@pytest.mark.fast
+def test_the_copy_installed_into_airflow_holds_every_package_of_the_wheel() -> None:
+    import tomllib
+
+    from harness.airflow import PROJECT_PACKAGES
+
+    found = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]
+    assert {pattern.rstrip("*") for pattern in found["include"]} == set(PROJECT_PACKAGES)

@@ -330,3 +330,22 @@ def test_airflows_error_is_shown_by_its_type_and_first_line_at_most_300_characte
     long = describe(ValueError("x" * 1000))
     assert len(long) == 300 and long.startswith("ValueError: xxx") and long.endswith("...")
     assert str(not_loaded("c", OSError("gone"))) == "the connection c could not be loaded: OSError: gone"
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "http://:ab/cd+ef@127.0.0.1:8790",  # base64 with "/": URI parsing cuts the token there
+        "http://user:ab?cd@127.0.0.1:8790",
+        '{"conn_type": "http", "host": "h", "password": "ab/cd+ef", "port": "x"}',
+    ],
+)
+def test_a_piece_of_the_token_that_airflow_quotes_is_hidden(
+    value: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # As Airflow 2.11.2 and 3.3.2 say it for the first value: the piece before "/" taken for the port.
+    monkeypatch.setenv("AIRFLOW_CONN_C", value)
+    said = ValueError("Port could not be cast to integer value as 'ab'")
+    shown = str(not_loaded("c", said, "EnvironmentVariablesBackend"))
+    assert "'ab'" not in shown and "cd" not in shown and "ef" not in shown, shown
+    assert shown.startswith("the connection c could not be loaded: ValueError: Port could not be cast"), shown
