@@ -52,7 +52,7 @@ ENV PIP_DISABLE_PIP_VERSION_CHECK=1
 # venv's setuptools goes: it builds the project (in pip's own build environment), the services never use it.
 RUN python -m venv /opt/agentic \
     && /opt/agentic/bin/pip install --no-cache-dir -c locks/dev.txt pip \
-    && /opt/agentic/bin/pip install --no-cache-dir -c locks/dev.txt ".[agent,sidecar,cli]" \
+    && /opt/agentic/bin/pip install --no-cache-dir -c locks/dev.txt --build-constraint locks/dev.txt ".[agent,sidecar,cli]" \
     && /opt/agentic/bin/pip uninstall --yes setuptools \
     && /opt/agentic/bin/pip check
 

@@ -29,11 +29,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from agent_api.registration import AGENT_ID_PATTERN, LABEL_PATTERN, agent_url_problem
+from servicekit.agreement import Agreement, broken, compare, refusal, table_key
 from servicekit.config import ConfigError, build, check_tables, read_toml, setting, table
 from servicekit.credentials import read_tokens
 from servicekit.tls import server_context
 
-__all__ = ["AgentConfig", "ConfigError", "load_config"]
+__all__ = ["AGREEMENTS", "AgentConfig", "ConfigError", "disagreements", "load_config"]
 
 ENV_PREFIX = "AGENTIC_AGENT_"
 DEFAULT_TOKEN_ENV = "AGENTIC_AGENT_TOKEN"
@@ -137,6 +138,8 @@ def load_config(path: Path | str | None, *, environ: Mapping[str, str] | None = 
     )
     if (settings.tls_cert_file is None) != (settings.tls_key_file is None):
         raise ConfigError("[agent] tls_cert_file, tls_key_file: set both (to serve HTTPS) or neither")
+    if problems := disagreements(settings):
+        raise ConfigError(refusal(problems))
     _check_registration(settings)
     fleet: tuple[str, ...] = ()
     if settings.registers:
@@ -157,6 +160,27 @@ def load_config(path: Path | str | None, *, environ: Mapping[str, str] | None = 
     config = dataclasses.replace(settings, tokens=tokens, fleet_tokens=fleet)
     config.server_ssl_context()  # fail now, with the key's name, not on the first connection
     return config
+
+
+# The agent's own settings that must agree (docs/configuration.md#settings-that-must-agree), checked at
+# every load: the agent refuses to start (exit code 2) naming both keys. Pairs with the sidecar's
+# settings are listed beside the sidecar's rules (reconciler.config.ACROSS_SERVICES).
+AGREEMENTS: tuple[Agreement, ...] = (
+    compare(
+        "[agent] retain_unread_seconds",
+        ">=",
+        "[agent] retain_finished_seconds",
+        why=(
+            "a finished job whose outcome nobody has read yet (the sidecar has not recorded its rc) must "
+            "be kept at least as long as one already read; a shorter limit removes unread outcomes first"
+        ),
+    ),
+)
+
+
+def disagreements(config: AgentConfig) -> list[str]:
+    """Every rule of :data:`AGREEMENTS` the configuration breaks, one line each (empty: none)."""
+    return broken(AGREEMENTS, lambda name: getattr(config, table_key(name)[1]))
 
 
 def _check_registration(settings: AgentConfig) -> None:

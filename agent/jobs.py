@@ -301,7 +301,7 @@ class JobManager:
         Refused, with nothing written: bad input (400), a known id (409: said before "full" or
         "draining", so a resent job is not started again elsewhere), a full or draining agent (503).
         """
-        env = self._spawner.job_env(request.payload)  # validates; raises before anything is written
+        env = await self._spawner.job_env(request.payload)  # validates; raises before anything is written
         job_id = request.job_id
         if job_id in self._jobs:
             raise JobRejected(409, f"job {job_id!r} already exists")

@@ -6,6 +6,11 @@ With ``router_url`` set, the agent tells that sidecar where it is (``self_url``)
 changes. The sidecar derives the agent's liveness from these heartbeats. The request carries the fleet
 token (the first of ``[agent] router token``); the sidecar calls the agent back with it.
 
+Each heartbeat also proves which home the agent runs on (:mod:`agent.identity`): a proof derived from
+the secret in its home, and the instances that home ran before. Restarted at another URL on the same
+home, the agent's registration moves there at once and keeps its jobs; ``/healthz`` shows the proof's
+fingerprint and the instance, which the sidecar's call-back checks against the heartbeat.
+
 A heartbeat also carries the jobs that changed since the last one the sidecar accepted (started,
 exited with their rc, stopped), and is sent as soon as one changes: the sidecar hears of an exit within
 a fraction of a second, without asking. Until the sidecar accepts a heartbeat, its changes are sent
@@ -37,8 +42,9 @@ from typing import Any, Protocol
 import aiohttp
 
 from agent.config import AgentConfig
+from agent.identity import load_identity
 from agent_api.protocol import JobInfo
-from agent_api.registration import MAX_PUSHED_JOBS, Heartbeat
+from agent_api.registration import MAX_PUSHED_JOBS, Heartbeat, identity_fingerprint
 from servicekit.credentials import Secret
 
 log = logging.getLogger("agent.registration")
@@ -88,6 +94,11 @@ class Registration:
         self._version = version
         self.instance = str(uuid.uuid4())
         self.url = config.reachable_url()
+        # Read (or made) before the first heartbeat, which must already name this instance's history.
+        identity = load_identity(config.home, self.instance)
+        self._proof = identity.proof(config.id)  # a secret: never logged, never in /healthz
+        self._previous_instances = identity.previous_instances
+        self.fingerprint = identity_fingerprint(self._proof)
         self.registered = False  # the last heartbeat was accepted
         self.last_heartbeat_at: datetime | None = None  # of the last accepted one
         self.last_error = ""
@@ -104,6 +115,9 @@ class Registration:
         return {
             "router_url": self._config.router_url,
             "self_url": self.url,
+            # The sidecar's call-back checks these against the heartbeat it is verifying.
+            "instance": self.instance,
+            "identity_fingerprint": self.fingerprint,
             "registered": self.registered,
             "last_heartbeat_at": self.last_heartbeat_at.isoformat() if self.last_heartbeat_at else None,
             "last_error": self.last_error or None,
@@ -178,6 +192,8 @@ class Registration:
             jobs=tuple(jobs),
             cursor=cursor,
             leaving=leaving,
+            identity_proof=self._proof,
+            previous_instances=self._previous_instances,
         ).to_json()
         target = f"{self._config.router_url.rstrip('/')}/agents/{self._config.id}"
         headers = {"Authorization": f"Bearer {self._token.current()[0]}"}

@@ -9,8 +9,11 @@ Routes (JSON in and out unless noted):
   agent's environment (minus the agent's own ``AGENTIC_AGENT_*`` variables and token); ``run_as``
   needs an agent running as root; ``timeout_seconds`` stops the job (SIGTERM, grace, SIGKILL) with a
   reason saying so.
-  A ``cwd`` that does not exist or a ``run_as`` that cannot be used is refused (400); a job whose
-  supervisor could not be started is answered with 201 and status ``FAILED``, ``reason`` says why.
+  What this machine cannot use is refused (400, the message starts with the field; see
+  :mod:`agent.run_checks`): a ``cwd`` that is not a directory the job's user may enter (the operating
+  system's words say why: ``payload.cwd: cannot be used: File name too long``), a ``run_as`` that is
+  no user here, a command or variable longer than ``exec`` takes. A job whose supervisor could not be
+  started is answered with 201 and status ``FAILED``, ``reason`` says why.
   503 when the agent takes no new job: draining, or full (``max_jobs`` unfinished jobs already;
   with ``Retry-After``). Nothing is recorded then: the sidecar may send the job to another agent.
 - ``GET /jobs?status=S`` (``status`` repeatable, optional) -> ``{"jobs": [job, ...]}`` in job-id order.

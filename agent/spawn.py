@@ -14,7 +14,6 @@ import contextlib
 import json
 import logging
 import os
-import pwd
 import select
 import subprocess
 import sys
@@ -24,6 +23,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import agent
+from agent import run_checks
 from agent.config import ENV_PREFIX
 from agent.errors import JobRejected
 from agent.process_tree import ProcessRef
@@ -43,22 +43,22 @@ class Spawner:
         self._token_env = token_env
         self._supervisors: list[subprocess.Popen[bytes]] = []  # ours to reap
 
-    def job_env(self, payload: RunPayload) -> dict[str, str]:
-        """Check ``cwd`` and ``run_as`` against this machine, then build the job's environment."""
-        if payload.cwd is not None and not Path(payload.cwd).is_dir():
-            raise JobRejected(400, f"payload.cwd: {payload.cwd} is not an existing directory")
+    async def job_env(self, payload: RunPayload) -> dict[str, str]:
+        """Check the payload against this machine (:mod:`agent.run_checks`: a 400 naming the field,
+        before anything is recorded), then build the job's environment."""
+        user = await run_checks.find_user(payload.run_as) if payload.run_as is not None else None
         env = self._inherited_env()
-        if payload.run_as is not None:
-            if os.geteuid() != 0:
-                raise JobRejected(
-                    400, f"payload.run_as needs the agent to run as root; it runs as uid {os.geteuid()}"
-                )
-            try:
-                user = pwd.getpwnam(payload.run_as)
-            except KeyError:
-                raise JobRejected(400, f"payload.run_as: no such user {payload.run_as!r}") from None
+        if user is not None:
             env.update(HOME=user.pw_dir, USER=user.pw_name, LOGNAME=user.pw_name)
         env.update(payload.env or {})
+        arg_strlen, arg_max = run_checks.exec_limits()
+        too_big = run_checks.exec_size_problem(
+            payload.command, env, payload_env=payload.env or {}, arg_strlen=arg_strlen, arg_max=arg_max
+        )
+        if too_big is not None:
+            raise JobRejected(400, too_big)
+        if payload.cwd is not None:
+            await run_checks.check_cwd(payload.cwd, user)
         return env
 
     async def start(self, job: TrackedJob, payload: RunPayload, env: Mapping[str, str]) -> None:
@@ -160,4 +160,4 @@ def _default_cwd(run_as: str | None, env: Mapping[str, str]) -> str:
     if run_as is None:
         return os.getcwd()
     home = env.get("HOME", "/")
-    return home if Path(home).is_dir() else "/"
+    return home if os.path.isdir(home) else "/"  # never raises, unlike Path.is_dir

@@ -7,7 +7,8 @@
 Errors, for callers that retry (with tenacity; the client itself never retries):
 
 - :class:`AgentUnavailable` — connection refused or reset, timeout, HTTP 5xx, or an answer that does not
-  parse: retryable.
+  parse: retryable. ``.answered`` tells a 5xx the agent itself answered (it received the request and
+  failed it) from no answer at all (the request may have been carried out).
 - :class:`AgentRejected` — HTTP 4xx (bad input, auth, duplicate job): retrying will not help.
   ``.status`` is the HTTP status, ``.message`` the server's explanation.
 - :class:`JobNotFound` (an :class:`AgentRejected`) — HTTP 404: the agent does not know the job.
@@ -75,7 +76,16 @@ class AgentError(Exception):
 
 
 class AgentUnavailable(AgentError):
-    """The agent could not be reached or gave no usable answer; retrying may help."""
+    """The agent could not be reached or gave no usable answer; retrying may help.
+
+    ``answered``: the HTTP status (5xx) of an error answer in the agent's own JSON shape: the agent
+    received the request and says it failed (to ``run``: it started nothing). None when there was no
+    answer (refused, reset, timed out), or one from something else (a proxy's 502): the request may
+    have been carried out."""
+
+    def __init__(self, message: str, *, answered: int | None = None) -> None:
+        super().__init__(message)
+        self.answered = answered
 
 
 class AgentRejected(AgentError):
@@ -293,7 +303,8 @@ class AgentClient:
             raise JobNotFound(status, message, request=where)
         if 400 <= status < 500:
             raise AgentRejected(status, message, request=where)
-        raise AgentUnavailable(f"{where}: HTTP {status}: {message}")
+        answered = status if _agent_error(raw) is not None else None
+        raise AgentUnavailable(f"{where}: HTTP {status}: {message}", answered=answered)
 
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None:

@@ -6,11 +6,18 @@ the URL the sidecar reaches it at, a random ``instance`` id new at each start of
 heartbeats, it is a second agent claiming the id, and refused), its labels and capacity, and how often
 it heartbeats. Standard library only. Parsing is strict; :class:`~agent_api.protocol.ProtocolError`
 names the field (a 400).
+
+An agent also proves which home it runs on, so that it may move its registration to a new URL while
+its jobs run: ``identity_proof`` is derived from a secret kept in its home (:mod:`agent.identity`), and
+``previous_instances`` are the instances that home ran before this one. The sidecar keeps only the
+proof's :func:`identity_fingerprint`; the agent shows that fingerprint, and its instance, in its
+``/healthz`` (under ``registration``), where the sidecar's call-back checks them.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
 import re
 from dataclasses import dataclass, field
@@ -28,6 +35,8 @@ MAX_LABELS = 32
 MAX_URL_CHARS = 2000
 MAX_VERSION_CHARS = 100
 MAX_PUSHED_JOBS = 500  # more changes than this in one heartbeat are left to the sidecar's catch-up read
+IDENTITY_PROOF_PATTERN = re.compile(r"[0-9a-f]{64}")
+MAX_PREVIOUS_INSTANCES = 16  # a home's instance history: a move must cite the instance it succeeds
 KNOWN_FIELDS = frozenset(
     {
         "url",
@@ -41,6 +50,8 @@ KNOWN_FIELDS = frozenset(
         "jobs",
         "cursor",
         "leaving",
+        "identity_proof",
+        "previous_instances",
     }
 )
 
@@ -62,6 +73,9 @@ class Heartbeat:
     jobs: tuple[JobInfo, ...] = ()
     cursor: str | None = None
     leaving: bool = False  # the agent's last heartbeat before it stops: forget it if it has no job
+    # A secret: never in a repr, a log or an error. Empty from an agent older than identities.
+    identity_proof: str = field(default="", repr=False)
+    previous_instances: tuple[str, ...] = ()  # this home's earlier instances, oldest first
     # Entries of ``jobs`` the sidecar could not read (a newer agent's word): skipped, the rest recorded.
     unreadable_jobs: int = field(default=0, compare=False)
     extra: dict[str, Any] = field(default_factory=dict, compare=False)  # fields of a newer agent
@@ -79,7 +93,16 @@ class Heartbeat:
             "jobs": [job.to_json() for job in self.jobs],
             "cursor": self.cursor,
             "leaving": self.leaving,
+            **({"identity_proof": self.identity_proof} if self.identity_proof else {}),
+            "previous_instances": list(self.previous_instances),
         }
+
+
+def identity_fingerprint(proof: str) -> str:
+    """What the sidecar stores of an identity proof, and the agent shows in ``/healthz``: its SHA-256.
+    The proof is 256 random-looking bits, so the fingerprint cannot be turned back into it. "" for
+    no proof (an older agent)."""
+    return hashlib.sha256(proof.encode("ascii")).hexdigest() if proof else ""
 
 
 def validate_agent_id(value: str) -> str:
@@ -147,6 +170,18 @@ def parse_heartbeat(body: object) -> Heartbeat:
     leaving = body.get("leaving", False)
     if not isinstance(leaving, bool):
         raise ProtocolError("leaving must be true or false")
+    proof = body.get("identity_proof", "")
+    if not isinstance(proof, str) or (proof and IDENTITY_PROOF_PATTERN.fullmatch(proof) is None):
+        # Never the value: it may be a secret sent by mistake.
+        raise ProtocolError("identity_proof must be 64 lowercase hexadecimal digits")
+    previous = body.get("previous_instances", [])
+    if not isinstance(previous, list) or len(previous) > MAX_PREVIOUS_INSTANCES:
+        raise ProtocolError(
+            f"previous_instances must be a list of at most {MAX_PREVIOUS_INSTANCES} instances"
+        )
+    for earlier in previous:
+        if not isinstance(earlier, str) or INSTANCE_PATTERN.fullmatch(earlier) is None:
+            raise ProtocolError("each of previous_instances must match ^" + INSTANCE_PATTERN.pattern + "$")
     # One job the sidecar cannot read must not cost the agent its liveness: it is skipped (the
     # catch-up read will see that job again), and the heartbeat stands.
     readable = []
@@ -157,6 +192,8 @@ def parse_heartbeat(body: object) -> Heartbeat:
         jobs=tuple(readable),
         unreadable_jobs=len(jobs) - len(readable),
         leaving=leaving,
+        identity_proof=proof,
+        previous_instances=tuple(previous),
         cursor=cursor,
         url=url.rstrip("/"),
         instance=instance,

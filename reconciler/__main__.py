@@ -6,7 +6,6 @@ import argparse
 import asyncio
 import json
 import sys
-from datetime import UTC, datetime
 
 from servicekit.extras import require
 
@@ -39,7 +38,9 @@ def main(argv: list[str] | None = None) -> int:
             cmd.add_argument("--dry-run", action="store_true", help="decide but change nothing")
         if name == "check-config":
             cmd.add_argument(
-                "--connect", action="store_true", help="also reach Airflow, the router DB and every agent"
+                "--connect",
+                action="store_true",
+                help="also reach Airflow, the router DB and every agent, configured or registered",
             )
     db = sub.add_parser(
         "db", help="router DB: upgrade its schema, show its revision, or prune jobs that ended long ago"
@@ -78,6 +79,9 @@ def main(argv: list[str] | None = None) -> int:
         # Exit 2 like a configuration that does not load: restarting cannot help, an operator must act.
         print(f"router DB schema error: {exc.line(args.config)}", file=sys.stderr)
         return 2
+    except ConfigError as exc:  # found only at start: e.g. a [leader] replica_id a live process holds
+        print(f"configuration error: {exc}", file=sys.stderr)
+        return 2
     except asyncio.CancelledError:
         print("stopped at once by a second signal; pending stops resume at the next start", file=sys.stderr)
         return 1
@@ -89,12 +93,13 @@ def _prune(config: ReconcilerConfig, older_than: str | None, *, dry_run: bool) -
     try:
         if older_than is None:
             raise ValueError("db prune needs --older-than, e.g. --older-than 30d")
-        before = datetime.now(UTC) - parse_age(older_than)
+        age = parse_age(older_than)
     except ValueError as exc:
         print(f"db prune: {exc}", file=sys.stderr)
         return 2
     db = RouterDB(config.router_db.url)
     try:
+        before = db.now() - age  # the router DB's clock: the one updated_at was written with
         count = db.prune_finished(before, dry_run=dry_run)
     finally:
         db.dispose()

@@ -4,11 +4,21 @@ An agent reports the jobs that changed since it last told (the loop's catch-up, 
 /jobs?changed_since=``, once a cycle; an agent's heartbeat). Each report is judged by the same rules
 as one job's ``GET /jobs/{id}`` answer (:func:`reconciler.outcome.after_status`): an exit ends the job
 with its status and rc, a start marks it RUNNING. A ``full`` report lists every job the agent knows,
-so an active job of that agent missing from it is judged as an agent's 404 is (a QUEUED job past its
-start grace is given up; a RUNNING one is left to the orphan sweep and the stops).
+so an active job of that agent missing from it is one the agent does not know:
 
-:func:`plan` is pure; :func:`apply_agent_reports` reads the records, applies the plan with
-:meth:`RouterDB.apply` and wakes the long-poll waiters of the jobs that changed.
+- a QUEUED job past its start grace is given up (its ``/run`` may still be on the way before that);
+- a RUNNING job is read directly (``GET /jobs/{id}``): only the agent's own 404 for that job, from the
+  agent whose ``/health`` then names the expected id, ends it FAILED ("agent vm1 no longer knows this
+  job ..."): its state directory was lost (a VM recreated with the same id and URL) or its retention
+  removed an exit nobody read. A job RUNNING in the router DB was accepted by the agent's ``/run``
+  (which records it before it answers), so a job just submitted is never taken for a forgotten one;
+  and any doubt (an error, a timeout, a proxy's 404 page, another agent at the URL) keeps the job and
+  asks the agent in full again next time: a false end kills real work;
+- a STOPPING job is left to its stop, resumed every cycle: the agent answers a stop of a job it does
+  not know with a tombstone, and the job ends with the status chosen when the stop was decided.
+
+:func:`plan` is pure; :func:`apply_agent_reports` reads the records, confirms what the plan leaves in
+doubt, applies it with :meth:`RouterDB.apply` and wakes the long-poll waiters of the jobs that changed.
 """
 
 from __future__ import annotations
@@ -20,7 +30,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from agent_api.client import AgentClient, AgentError, JobInfo, JobNotFound
-from reconciler.agents import AgentPool
+from reconciler.agents import AgentPool, NoAgent
+from reconciler.fleet import identity_problem
 from reconciler.logfields import job_fields
 from reconciler.outcome import Finish, GiveUp, MarkRunning, after_never_started_stop, after_status
 from reconciler.watch import JobWatch
@@ -28,11 +39,35 @@ from router_db import JobRecord, JobStatus, RouterDB, StaleTransition, Transitio
 
 log = logging.getLogger(__name__)
 
+CONFIRM_TIMEOUT_SECONDS = 5.0  # the direct reads and the identity check, together
+CONFIRM_CONCURRENCY = 16  # direct reads in flight at once (a wiped agent may have forgotten many jobs)
+
 
 @dataclass(frozen=True)
 class Plan:
     transitions: list[Transition] = field(default_factory=list)
     give_up: list[JobRecord] = field(default_factory=list)  # QUEUED jobs the agent never started
+    unknown: list[JobRecord] = field(default_factory=list)  # RUNNING jobs a full report lacks: to confirm
+
+
+@dataclass(frozen=True)
+class Recorded:
+    """What recording a report did: how many jobs changed, and whether every doubt was settled (False:
+    a job missing from a full report could not be confirmed; ask the agent in full again)."""
+
+    changed: int
+    settled: bool = True
+
+
+def denies(job_id: str, exc: JobNotFound) -> bool:
+    """Whether a 404 is the agent's own answer that it does not know ``job_id``: the JSON error its
+    ``GET /jobs/{id}`` gives (agent/errors.py, ``UnknownJob``). A proxy's page, or a 404 for a route,
+    says nothing about the job."""
+    return exc.message == f"job {job_id!r} is not known to this agent"
+
+
+def forgotten_reason(agent_id: str) -> str:
+    return f"agent {agent_id} no longer knows this job (its state was lost or removed)"
 
 
 def plan(
@@ -56,7 +91,11 @@ def plan(
         _judge(result, job, info, now)
     if full:
         for job in records.values():
-            if job.agent_id == agent_id and job.job_id not in seen and job.active:
+            if job.agent_id != agent_id or job.job_id in seen or not job.active:
+                continue
+            if job.status is JobStatus.RUNNING:
+                result.unknown.append(job)  # ended only once the agent itself confirms it
+            else:
                 _judge(result, job, None, now)
     return result
 
@@ -86,29 +125,103 @@ async def apply_agent_reports(
     *,
     full: bool = False,
     now: datetime,
-) -> int:
-    """Record what ``agent_id`` reports (see :func:`plan`); returns how many jobs changed."""
+) -> Recorded:
+    """Record what ``agent_id`` reports (see :func:`plan`)."""
     ids = [info.job_id for info in reports]
     records = await asyncio.to_thread(db.get_many, ids) if ids else {}
     if full:
         records |= {job.job_id: job for job in await asyncio.to_thread(db.active, agent_id=agent_id)}
     todo = plan(records, reports, agent_id=agent_id, full=full, now=now)
+    transitions = list(todo.transitions)
+    settled = True
+    if todo.unknown:
+        forgotten, known, settled = await confirm_unknown(agents, agent_id, todo.unknown)
+        # Known after all (it changed since the report): judged as any report of it.
+        transitions += plan(records, known, agent_id=agent_id, full=False, now=now).transitions
+        reason = forgotten_reason(agent_id)
+        transitions += [
+            Transition.finish(job.job_id, JobStatus.FAILED, None, reason, expect=JobStatus.RUNNING)
+            for job in forgotten
+        ]
     changed: list[JobRecord] = []
-    if todo.transitions:
-        applied = await asyncio.to_thread(db.apply, todo.transitions, source="agent")
+    if transitions:
+        applied = await asyncio.to_thread(db.apply, transitions, source="agent")
         changed = [job for job in applied if job is not None]
         for job in changed:
             if job.status in (JobStatus.SUCCEEDED, JobStatus.FAILED):
                 log.info("job ended on agent: %s", job.reason, extra=job_fields(job, action="record_exit"))
+        lost = [job for job in changed if job.reason == forgotten_reason(agent_id)]
+        if lost:
+            log.error(
+                "agent %s no longer knows %d running job(s) (its state directory was lost or its retention "
+                "removed them): ended FAILED",
+                agent_id,
+                len(lost),
+                extra={"agent_id": agent_id, "action": "agent_forgot_jobs"},
+            )
     for job in todo.give_up:
         try:
             after = await give_up(db, agents.client(agent_id), job)
-        except AgentError:  # refused while another agent answers at its URL: next time
+        except (AgentError, NoAgent):  # refused while another agent answers at its URL: next time
             continue
         if after is not job:
             changed.append(after)
     watch.notify(changed)
-    return len(changed)
+    return Recorded(len(changed), settled)
+
+
+async def confirm_unknown(
+    agents: AgentPool, agent_id: str, jobs: Sequence[JobRecord], timeout: float = CONFIRM_TIMEOUT_SECONDS
+) -> tuple[list[JobRecord], list[JobInfo], bool]:
+    """Read each of ``jobs`` (RUNNING, missing from the agent's full report) directly from the agent:
+    ``(forgotten, known, settled)``. Forgotten: the agent's own 404, and then its ``/health`` names
+    ``agent_id``. Known: it answered the job after all. ``settled`` False when any read, or the
+    identity check, gave no certain answer: nothing of that doubt is ended."""
+    try:
+        client = agents.client(agent_id)  # refused while another agent answers at its URL
+    except (AgentError, NoAgent) as exc:
+        log.warning("agent %s: cannot confirm %d missing job(s) now: %s", agent_id, len(jobs), exc)
+        return [], [], False
+    slots = asyncio.Semaphore(CONFIRM_CONCURRENCY)
+
+    async def read(job: JobRecord) -> JobInfo | bool:
+        """The agent's answer; True: it denies the job; False: no certain answer."""
+        async with slots:
+            try:
+                return await client.get(job.job_id)
+            except JobNotFound as exc:
+                if denies(job.job_id, exc):
+                    return True
+                log.warning(
+                    "agent %s: a 404 that is not the agent's own: %s", agent_id, exc, extra=job_fields(job)
+                )
+                return False
+            except AgentError as exc:
+                log.warning(
+                    "agent %s: cannot confirm a missing job: %s", agent_id, exc, extra=job_fields(job)
+                )
+                return False
+
+    async def confirm() -> tuple[list[JobRecord], list[JobInfo], bool]:
+        answers = await asyncio.gather(*(read(job) for job in jobs))
+        denied = [job for job, answer in zip(jobs, answers, strict=True) if answer is True]
+        known = [answer for answer in answers if isinstance(answer, JobInfo)]
+        settled = all(answer is not False for answer in answers)
+        if denied:
+            # The 404s came from whoever answers at the URL now: they count only from the agent itself.
+            answer = await agents.prober(agent_id).health()
+            problem = identity_problem(answer, expected=agent_id, url=client.base_url)
+            if problem is not None:
+                log.warning("agent %s: %s; its missing jobs are kept", agent_id, problem)
+                return [], known, False
+        return denied, known, settled
+
+    try:
+        return await asyncio.wait_for(confirm(), timeout)
+    except (AgentError, NoAgent, TimeoutError) as exc:
+        why = str(exc) or f"no answer within {timeout:g} s"
+        log.warning("agent %s: cannot confirm %d missing job(s) now: %s", agent_id, len(jobs), why)
+        return [], [], False
 
 
 async def give_up(db: RouterDB, client: AgentClient, job: JobRecord, timeout: float = 5.0) -> JobRecord:

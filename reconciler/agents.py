@@ -3,6 +3,10 @@
 The token sent to an agent is asked of its :class:`Secret` at each call: a token file rotated while
 the sidecar runs applies to the next call. Nothing at all is sent to an agent while ``refuse`` says
 why not (another agent answers at its URL): a stop or a job meant for one agent never reaches another.
+
+An active job whose agent is in neither ``[[agents]]`` nor the router DB's registered agents (while
+registration is on) can never be asked about or stopped again: the loop ends it with
+:func:`unconfigured_transition` rather than leave its task waiting forever.
 """
 
 from __future__ import annotations
@@ -14,11 +18,28 @@ import aiohttp
 from agent_api.client import AgentClient, AgentUnavailable
 from reconciler.config import AgentEntry
 from reconciler.routing import Candidate, Capacity, choose, no_capacity
+from router_db import JobRecord, JobStatus, Transition
 from servicekit.credentials import Secret
 
 
 class NoAgent(LookupError):
     """No configured agent matches the requested route."""
+
+
+def unconfigured_reason(agent_id: str) -> str:
+    return f"agent {agent_id} is no longer configured (not in [[agents]] and not registered)"
+
+
+def unconfigured_transition(job: JobRecord) -> Transition:
+    """How an active job of an agent no longer configured ends: FAILED, or a STOPPING one with the
+    status chosen when its stop was decided. Only from the status it was read in: a job that moved
+    meanwhile is judged again next cycle."""
+    reason = unconfigured_reason(job.agent_id)
+    if job.status is JobStatus.STOPPING:
+        status, reason = job.stop_status or JobStatus.FAILED, f"{job.reason}; {reason}"
+    else:
+        status = JobStatus.FAILED
+    return Transition.finish(job.job_id, status, None, reason, expect=job.status)
 
 
 class NoCapacity(LookupError):

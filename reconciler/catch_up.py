@@ -7,7 +7,10 @@ raises :class:`ChangesUnsupported` (an older agent) is asked again only after
 :data:`RETRY_UNSUPPORTED_SECONDS` (it may have been upgraded); meanwhile the loop's rolling sweep
 reads its jobs one by one, as before the change feed existed. An agent that does not answer keeps
 its cursor: the next cycle asks from there, and nothing it reported is lost; one that refuses the
-cursor (it cannot have given it) is asked in full next time.
+cursor (it cannot have given it) is asked in full next time, and so is one whose full answer left a
+doubt unsettled (a running job missing from it that the agent did not certainly deny: see
+:mod:`reconciler.agent_reports`). An agent no longer in the pool (taken out of ``[[agents]]``, or a
+registered one forgotten) is not asked: the loop ends its jobs.
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 from agent_api.client import AgentError, AgentRejected, ChangesUnsupported, JobInfo
-from reconciler.agents import AgentPool
+from reconciler.agent_reports import Recorded
+from reconciler.agents import AgentPool, NoAgent
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +31,7 @@ RETRY_UNSUPPORTED_SECONDS = 300.0  # an agent without the change feed is asked a
 READ_TIMEOUT_SECONDS = 5.0  # a slow agent waits for the next cycle, it does not hold this one up
 
 
-Apply = Callable[[str, Sequence[JobInfo], bool], Awaitable[int]]  # agent id, jobs, full -> changed
+Apply = Callable[[str, Sequence[JobInfo], bool], Awaitable[Recorded]]  # agent id, jobs, full
 
 
 @dataclass
@@ -73,10 +77,15 @@ class CatchUp:
             return
         except (AgentError, TimeoutError):
             return  # unreachable: the cursor stays, the next cycle asks from there
+        except NoAgent:
+            return  # no longer configured nor registered: the loop ends its jobs
         self._unsupported_until.pop(agent_id, None)
         try:
-            await self.apply(agent_id, jobs, full)
+            recorded = await self.apply(agent_id, jobs, full)
         except Exception as exc:  # the router DB failed: ask from the same cursor next cycle
             log.error("agent %s: recording its changes failed: %s", agent_id, type(exc).__name__)
             return
-        self.cursors[agent_id] = cursor
+        if recorded.settled:
+            self.cursors[agent_id] = cursor
+        else:  # a missing job the agent did not certainly deny: only a full answer shows it again
+            self.cursors.pop(agent_id, None)

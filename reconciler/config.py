@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -18,15 +19,28 @@ from pathlib import Path
 from typing import Any
 
 from reconciler.routing import WHEN_FULL
+from servicekit.agreement import Agreement, broken, compare, refusal, table_key
 from servicekit.config import ConfigError, build, check_tables, read_toml, setting, table
 from servicekit.credentials import Secret, load_secret, load_tokens, read_secret
 from servicekit.tls import server_context
 
-__all__ = ["ConfigError", "ReconcilerConfig", "Secrets", "load_config", "load_secrets", "parse_config"]
+__all__ = [
+    "ACROSS_SERVICES",
+    "AGREEMENTS",
+    "ConfigError",
+    "ReconcilerConfig",
+    "Secrets",
+    "disagreements",
+    "load_config",
+    "load_secrets",
+    "parse_config",
+]
 
 ENV_PREFIX = "AGENTIC_RECONCILER_"
 API_VERSIONS = ("auto", "v2", "v1")
 STRATEGIES = ("targeted", "incremental", "batch", "naive")
+# A replica id is part of the lease's holder ("<replica id>@<host>:<pid>:<random>"): no "@" nor ":".
+REPLICA_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
 @dataclass(frozen=True)
@@ -108,6 +122,18 @@ class HttpConfig:
 class LeaderConfig:
     lease_seconds: float = setting(15.0, ge=1)
     lease_name: str = setting("reconciler", nonempty=True)
+    # This replica's name among the lease's holders, the same across its restarts, so that a restarted
+    # replica takes its own lease back at once (reconciler/leadership.py). "": one kept in state_dir.
+    replica_id: str = setting("")
+    # Where the replica keeps its identity and the lock that proves its earlier process gone.
+    # "": beside a SQLite router DB's file; with another database, no stable identity.
+    state_dir: str = setting("")
+
+    def identity_dir(self, router_db_url: str) -> Path | None:
+        """Where this replica's identity lives: ``state_dir``, else a SQLite file's directory."""
+        if self.state_dir:
+            return Path(self.state_dir)
+        return sqlite_dir(router_db_url)
 
 
 @dataclass(frozen=True)
@@ -124,6 +150,9 @@ class FleetConfig:
     )  # how often each agent's running jobs are compared with the DB
     # No agent the route allows has room: "wait" answers 503 (the operator retries), "refuse" 409.
     when_full: str = setting("wait", one_of=WHEN_FULL)
+    # A job whose POST /run got neither the job nor a refusal (a 5xx, no answer) is sent again until
+    # it is this old; then its agent is asked about it, and it ends FAILED unless it runs there.
+    submit_give_up_seconds: float = setting(60.0, gt=0)
     # Agents that register themselves (PUT /agents/{id}) present this fleet token, and the sidecar
     # calls them with it. Registration is off while neither the variable nor the file is set.
     registration_token_env: str = setting("AGENTIC_FLEET_TOKEN", nonempty=True)
@@ -260,16 +289,139 @@ def _optional_tokens(
     return load_tokens(what, env_name=env_name, file=file, env=env, file_key=file_key)
 
 
+def sqlite_dir(url: str) -> Path | None:
+    """The directory of a SQLite router DB's file; None for another database, or one in memory."""
+    if not url.startswith("sqlite"):
+        return None
+    database = url.split("///", 1)[1].split("?", 1)[0] if "///" in url else ""
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return None
+    return Path(database).parent
+
+
+# Settings that must agree (docs/configuration.md#settings-that-must-agree): every load checks them all,
+# so `run` and `check-config` refuse a configuration that breaks one (exit code 2), naming its keys.
+AGREEMENTS: tuple[Agreement, ...] = (
+    compare(
+        "[leader] lease_seconds",
+        "<",
+        "[fleet] lost_after_seconds",
+        why=(
+            "a leader cut off from the router DB keeps its term up to lease_seconds without recording "
+            "registered agents' heartbeats: their silence would reach lost_after_seconds first, and healthy "
+            "agents be declared lost, their jobs FAILED (a shorter lease ends the term first; the next "
+            "term counts silence afresh)"
+        ),
+    ),
+    compare(
+        "[fleet] check_interval_seconds",
+        "<",
+        "[fleet] lost_after_seconds",
+        why=(
+            "the first health check after an answer would start lost_after_seconds after it or later: "
+            "one dropped check would lose the agent and fail its jobs, with no suspect state between"
+        ),
+    ),
+    compare(
+        "[fleet] check_timeout_seconds",
+        "<=",
+        "[fleet] lost_after_seconds",
+        why=(
+            "an agent that answers within check_timeout_seconds, however slowly, must never lose a job; "
+            "a check allowed longer than lost_after_seconds would count a slow answer as silence"
+        ),
+    ),
+    compare(
+        "[fleet] forget_after_seconds",
+        ">",
+        "[fleet] lost_after_seconds",
+        why=(
+            "a registered agent silent for less than lost_after_seconds is still live (a heartbeat or two "
+            "lost); forgetting it sooner frees its id for another agent to take, and refuses the live "
+            "agent's next heartbeat"
+        ),
+    ),
+    compare(
+        "[stop] force_after_seconds",
+        ">",
+        "[stop] timeout_seconds",
+        why=(
+            "a graceful stop (SIGTERM, the agent's grace_seconds, then SIGKILL) may take one call's "
+            "timeout_seconds; forcing sooner sends a stop resumed after a failed call or a restart "
+            "straight to SIGKILL, cutting the job's grace short"
+        ),
+    ),
+    compare(
+        "[stop] backoff_initial_seconds",
+        "<=",
+        "[stop] backoff_max_seconds",
+        why="retries back off from the initial wait up to the max; an initial wait above it makes every "
+        "wait the max plus jitter, so the max bounds nothing",
+    ),
+    Agreement(
+        keys=("[leader] replica_id", "[leader] state_dir"),
+        rule="[leader] replica_id needs [leader] state_dir unless the router DB is a SQLite file",
+        why=(
+            "the lock that keeps two processes given one replica id from both leading lives there "
+            "(beside a SQLite router DB by default): without it, both would renew one lease"
+        ),
+        holds=lambda value: (
+            not value("[leader] replica_id")
+            or bool(value("[leader] state_dir"))
+            or sqlite_dir(value("[router_db] url")) is not None
+        ),
+    ),
+)
+
+# Pairs that span the sidecar and its agents: neither process sees both values at start (an agent's
+# settings stay on its VM), so these are checked where both are known: the example files and
+# deployment manifests in tests, and by whoever configures both sides.
+ACROSS_SERVICES: tuple[Agreement, ...] = (
+    compare(
+        "[stop] timeout_seconds",
+        ">",
+        "[agent] grace_seconds",
+        why=(
+            "the agent answers a stop once the job's process tree is gone, after up to grace_seconds: a "
+            "shorter call times out on every job that ignores SIGTERM, and its stop is retried, late, "
+            "then forced"
+        ),
+    ),
+    compare(
+        "[fleet] lost_after_seconds",
+        ">",
+        "[agent] heartbeat_seconds",
+        times=3,
+        why=(
+            "a registered agent is suspect once three heartbeats late, and lost after lost_after_seconds "
+            "of silence; when three heartbeats take longer than that, it goes from live straight to lost, "
+            "later than lost_after_seconds says"
+        ),
+    ),
+)
+
+
+def disagreements(config: ReconcilerConfig) -> list[str]:
+    """Every rule of :data:`AGREEMENTS` the configuration breaks, one line each (empty: none)."""
+
+    def value(name: str) -> Any:
+        section, key = table_key(name)
+        return getattr(getattr(config, section), key)
+
+    return broken(AGREEMENTS, value)
+
+
 def _validate(config: ReconcilerConfig) -> None:
     """What no single key's bounds can say: relations between keys, and files that must exist."""
+    replica = config.leader.replica_id
     checks = [
         (
             config.airflow.base_url.startswith(("http://", "https://")),
             "[airflow] base_url: must be http(s)://",
         ),
         (
-            config.fleet.check_timeout_seconds <= config.fleet.lost_after_seconds,
-            "[fleet] check_timeout_seconds: must be > 0 and at most lost_after_seconds",
+            not replica or REPLICA_ID_PATTERN.fullmatch(replica) is not None,
+            f"[leader] replica_id: {replica[:100]!r} must match ^{REPLICA_ID_PATTERN.pattern}$",
         ),
     ]
     ca = config.fleet.registration_ca_file
@@ -284,6 +436,8 @@ def _validate(config: ReconcilerConfig) -> None:
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+    if problems := disagreements(config):
+        raise ConfigError(refusal(problems))
     config.http.server_ssl_context()  # a missing or bad TLS file fails now, naming its key
 
 

@@ -193,6 +193,9 @@ class _Agent:
     sending_drain: bool = False
     # Registered agents: liveness from their heartbeats (router DB), no health checks.
     registered: bool = False
+    # Its last heartbeat on this process's monotonic clock: the heartbeat's age by the router DB's clock
+    # (which wrote it) at the last read, counted back from that read. None: none read yet.
+    last_beat: float | None = None
     instance: str = ""
     heartbeat_seconds: float = 10.0
 
@@ -219,6 +222,9 @@ class Fleet:
         self._registered_lock = asyncio.Lock()
         self._next_forget = 0.0
         self._listening_since = clock()  # heartbeats count from here: a start, a term, a pause
+        # The router DB's time at the last read of the registered agents, and this clock's then: a
+        # database clock stepped forward would age every heartbeat at once.
+        self._db_clock: tuple[datetime, float] | None = None
         self._last_tick = clock()
         self._pool = agents
         self._metrics = metrics
@@ -413,10 +419,11 @@ class Fleet:
 
     async def _end_jobs(self, agent: _Agent) -> None:
         # Jobs submitted after the verdict are ended only once they too have gone a whole
-        # lost_after_seconds without their agent answering (the agent may be back already).
-        lost_at = agent.lost_at or datetime.now(UTC)
+        # lost_after_seconds without their agent answering (the agent may be back already). Their
+        # created_at is the router DB's time, written by whichever replica took them: so are these.
+        now = await asyncio.to_thread(self._db.now)
+        lost_at = agent.lost_at = agent.lost_at or now
         window = timedelta(seconds=self._config.lost_after_seconds)
-        now = datetime.now(UTC)
         jobs = [
             job
             for job in await asyncio.to_thread(self._db.active, agent_id=agent.id)
@@ -452,12 +459,13 @@ class Fleet:
         )
 
     def _heartbeat_verdict(self, agent: _Agent) -> AgentState:
-        """A registered agent's state from its last heartbeat (wall clock, written by whichever replica
-        heard it). Silence counts only from when this sidecar listened: a start, a term, a pause."""
-        if agent.last_contact_at is None:
+        """A registered agent's state from its last heartbeat, whichever replica heard it: its age was
+        measured on the router DB's clock, never against this replica's wall clock. Silence counts only
+        from when this sidecar listened: a start, a term, a pause."""
+        if agent.last_beat is None:
             return AgentState.LIVE
-        silent = max(0.0, (datetime.now(UTC) - agent.last_contact_at).total_seconds())
         now = self._clock()
+        silent = max(0.0, now - agent.last_beat)
         counted = min(silent, now - self._listening_since)
         late = silent > MISSED_HEARTBEATS * agent.heartbeat_seconds
         if late and not agent.last_error:
@@ -492,8 +500,16 @@ class Fleet:
     async def _load_registered(self) -> None:
         token = self._registered_token
         assert token is not None  # load_registered reads nothing when registration is off
-        rows = {row.agent_id: row for row in await asyncio.to_thread(self._db.registered_agents)}
-        now = self._clock()
+        db_now, read = await asyncio.to_thread(self._read_registered)
+        rows = {row.agent_id: row for row in read}
+        now = self._clock()  # after the read: a heartbeat's age is under- rather than overestimated
+        if self._db_clock is not None:
+            then_db, then = self._db_clock
+            jumped = (db_now - then_db).total_seconds() - (now - then)
+            if jumped > TICK_GAP_SECONDS:  # the heartbeats it skipped over were never silence
+                log.warning("the router DB's clock jumped %.0f s forward: heartbeats count from now", jumped)
+                self._listening_since = now
+        self._db_clock = (db_now, now)
         for agent_id, row in rows.items():
             agent = self._agents.get(agent_id)
             if agent is not None and not agent.registered:
@@ -511,11 +527,18 @@ class Fleet:
                 agent = _Agent(agent_id, last_contact=now, registered=True, next_sweep=now)
                 self._agents[agent_id] = agent
                 log.info("agent %s joins at %s", agent_id, row.url, extra={"agent_id": agent_id})
-            self._heard_beat(agent, row)
+            age = max(0.0, (db_now - row.last_heartbeat_at).total_seconds())
+            self._heard_beat(agent, row, beat=now - age)
         for agent_id in [a.id for a in self._agents.values() if a.registered and a.id not in rows]:
             self._forget(agent_id)
 
-    def _heard_beat(self, agent: _Agent, row: AgentRecord) -> None:
+    def _read_registered(self) -> tuple[datetime, list[AgentRecord]]:
+        """The registered agents, then the router DB's time: their heartbeats' ages on its clock."""
+        rows = self._db.registered_agents()
+        return self._db.now(), rows
+
+    def _heard_beat(self, agent: _Agent, row: AgentRecord, *, beat: float) -> None:
+        """``beat``: the row's heartbeat on this process's monotonic clock."""
         if agent.instance and row.instance != agent.instance:
             log.info(
                 "agent %s restarted (a new instance registered); sweeping it for orphans",
@@ -524,6 +547,7 @@ class Fleet:
             )
             agent.next_sweep = float("-inf")
         agent.instance = row.instance
+        agent.last_beat = beat
         if agent.last_contact_at is None or row.last_heartbeat_at > agent.last_contact_at:
             agent.last_contact_at = row.last_heartbeat_at
             agent.last_error = ""
@@ -541,7 +565,8 @@ class Fleet:
     async def _forget_silent(self) -> None:
         """Registered agents silent for ``forget_after_seconds`` and without active jobs leave the
         router DB (an autoscaling group's VMs come and go): the next read drops them here too."""
-        before = datetime.now(UTC) - timedelta(seconds=self._config.forget_after_seconds)
+        # Heartbeats are the router DB's times: so is the moment they are compared with.
+        before = await asyncio.to_thread(self._db.now) - timedelta(seconds=self._config.forget_after_seconds)
         for agent_id in await asyncio.to_thread(self._db.forget_agents, silent_before=before):
             log.info(
                 "agent %s forgotten: silent since before %s, no active job",
@@ -563,7 +588,8 @@ class Fleet:
             return
         fields = {"agent_id": agent.id, "action": f"agent_{state.value}"}
         if state is AgentState.LOST:
-            agent.lost_at = datetime.now(UTC)
+            # Stamped with the router DB's time as its jobs are read, in this very tick.
+            agent.lost_at, agent.next_end = None, float("-inf")
             log.error("%s; its jobs end FAILED", self._lost_reason(agent), extra=fields)
         elif state is AgentState.WRONG_IDENTITY:
             log.error(

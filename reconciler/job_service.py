@@ -8,7 +8,8 @@ hears of them at once (:mod:`reconciler.watch`). :func:`refresh_from_agent` asks
 job: the loop's rolling sweep, for agents without the change feed.
 
 What an agent's answer means for the router DB is decided in :mod:`reconciler.outcome`; this module
-and :mod:`reconciler.agent_reports` ask and record.
+and :mod:`reconciler.agent_reports` ask and record. A job whose ``/run`` got neither the job nor a
+refusal is followed by :mod:`reconciler.submissions` until it runs or ends.
 """
 
 from __future__ import annotations
@@ -23,14 +24,12 @@ from typing import TYPE_CHECKING, Any
 from agent_api.client import (
     AgentBusy,
     AgentError,
-    AgentRejected,
-    AgentUnavailable,
     JobInfo,
     JobNotFound,
     LogChunk,
 )
 from reconciler.agent_reports import apply_agent_reports, give_up, record_finish
-from reconciler.agents import AgentPool, NoAgent, NoCapacity
+from reconciler.agents import AgentPool, NoAgent, NoCapacity, unconfigured_reason
 from reconciler.airflow import AirflowError
 from reconciler.decision import MAX_NOTE_CHARS, Divergence, Stop
 from reconciler.fleet import AgentState
@@ -38,6 +37,7 @@ from reconciler.logfields import job_fields
 from reconciler.metrics import Metrics
 from reconciler.outcome import Finish, GiveUp, MarkRunning, after_status
 from reconciler.stops import StopDispatcher
+from reconciler.submissions import Submissions
 from reconciler.watch import JobWatch
 from router_db import EventRecord, JobRecord, JobStatus, NewJob, RouterDB, StaleTransition, TaskInstanceKey
 from sidecar_api.protocol import SubmitRequest, UpdateRequest, job_not_found
@@ -104,9 +104,12 @@ class JobService:
         when_full: str = "wait",
         metrics: Metrics | None = None,
         watch: JobWatch | None = None,
+        submissions: Submissions | None = None,
     ) -> None:
         self._db = db
         self._watch = watch or loop.watch  # one per process: the loop's changes wake our waiters
+        # Follows the jobs whose /run got no clear answer (the leader's sweep uses the same object).
+        self._submissions = submissions or Submissions(db=db, agents=agents, notify=self._watch.notify)
         self._agents = agents
         self._loop = loop
         self._dispatcher = dispatcher
@@ -232,27 +235,14 @@ class JobService:
 
     async def _start_on_agent(self, job: JobRecord, payload: dict[str, Any]) -> JobRecord:
         try:
-            await self._agents.client(job.agent_id).run(job.job_id, payload)
+            info = await self._agents.client(job.agent_id).run(job.job_id, payload)
         except AgentBusy as exc:  # full or draining, by the agent's own count: it started nothing
             return await self._not_taken(job, exc.message)
-        except AgentRejected as exc:
-            return await asyncio.to_thread(
-                self._db.finish,
-                job.job_id,
-                status=JobStatus.FAILED,
-                rc=None,
-                reason=f"agent refused the job: {exc}",
-                source="submit",
-            )
-        except AgentUnavailable:
-            # The agent may or may not have started it: stay QUEUED; the loop asks the agent later
-            # and records RUNNING or FAILED, and stops it like any job if Airflow says so.
-            log.warning("agent unreachable at submit; job stays QUEUED", extra={"job_id": job.job_id})
-            return job
-        try:
-            return await asyncio.to_thread(self._db.mark_running, job.job_id, source="submit")
-        except StaleTransition:
-            return await asyncio.to_thread(self._db.get, job.job_id) or job
+        except AgentError as exc:
+            # A refusal on the merits (4xx) ends the job now, with the agent's words; a 5xx or no
+            # answer leaves it QUEUED, sent again and settled within [fleet] submit_give_up_seconds.
+            return await self._submissions.not_taken(job, payload, exc)
+        return await self._submissions.taken(job, info)
 
     async def _not_taken(self, job: JobRecord, why: str) -> JobRecord:
         """Forget a job its agent refused for want of room (raises :class:`_NotTaken`); a job that
@@ -322,13 +312,16 @@ class JobService:
     async def apply_agent_reports(self, agent_id: str, jobs: Sequence[JobInfo], *, full: bool = False) -> int:
         """Record what ``agent_id`` reports of ``jobs`` (``full``: every job it knows), as the loop's
         catch-up does; returns how many jobs changed. See :mod:`reconciler.agent_reports`."""
-        return await apply_agent_reports(
+        recorded = await apply_agent_reports(
             self._db, self._agents, self._watch, agent_id, jobs, full=full, now=datetime.now(UTC)
         )
+        return recorded.changed
 
     def close(self) -> None:
-        """The server shuts down: every long-poll answers now with the job as it is."""
+        """The server shuts down: every long-poll answers now with the job as it is; jobs followed
+        after an unclear /run stay QUEUED, for the next leader's sweep."""
         self._watch.close()
+        self._submissions.close()
 
     async def recorded(self, job_id: str) -> JobRecord:
         job = await asyncio.to_thread(self._db.get, job_id)
@@ -364,15 +357,25 @@ class JobService:
 
     async def log(self, job: JobRecord, *, offset: int, limit: int | None, cursor: bool = False) -> LogChunk:
         """The job's output from its agent (``cursor``: read as the task's log, see the agent's API);
-        Refused (502) when the agent does not answer, (404) when it keeps no log of the job."""
+        Refused (502) when the agent does not answer (or registered but this replica has not read it
+        yet), (404) when it keeps no log of the job, (410) when the agent is no longer configured (nor
+        registered): nothing can read that log any more."""
         if not self._loop.answering(job.agent_id):
             state = self._loop.agent_states().get(job.agent_id, "unknown")
             why = f"agent {job.agent_id} is {state}: it does not answer its health checks"
             raise Refused(502, self._agents.refuse(job.agent_id) or why)
         try:
-            return await self._agents.client(job.agent_id).log(
-                job.job_id, offset=offset, limit=limit, cursor=cursor
-            )
+            client = self._agents.client(job.agent_id)
+        except NoAgent:
+            if job.agent_id in await self._loop.known_agents():
+                message = f"agent {job.agent_id} registered, but this replica has not read it yet; try again"
+                raise Refused(502, message) from None
+            message = f"{unconfigured_reason(job.agent_id)}: the log of job {job.job_id} cannot be read"
+            raise Refused(410, message) from None
+        except AgentError as exc:  # another agent answers at its URL
+            raise Refused(502, f"agent {job.agent_id} communication failed: {exc}") from None
+        try:
+            return await client.log(job.job_id, offset=offset, limit=limit, cursor=cursor)
         except JobNotFound:
             raise Refused(404, f"agent {job.agent_id} has no log for job {job.job_id}") from None
         except AgentError as exc:
@@ -393,6 +396,8 @@ async def refresh_from_agent(
     except JobNotFound:
         info = None
     except (AgentError, TimeoutError):
+        return job
+    except NoAgent:  # no longer configured nor registered: the loop ends the job
         return job
     outcome = after_status(
         job.status,

@@ -5,38 +5,154 @@ the lease, by the router DB's clock. A term ends at once, its loop cancelled mid
 is refused (another replica holds the lease) or when no renewal has succeeded for nearly a whole
 lease: by then the lease may be about to pass to a standby, and two loops must never run together.
 Standbys keep serving the HTTP API; only the loop is the leader's.
+
+A replica has an identity that outlives its process (:func:`claim_identity`): ``[leader] replica_id``,
+or one kept in ``[leader] state_dir`` (by default beside a SQLite router DB). While it runs, the process
+holds an exclusive lock on that identity, which the kernel drops when the process dies, however it
+dies. So a process that gets the lock knows every earlier process of its replica is gone, and takes
+a lease one of them still holds at once (``successor_of``) instead of waiting it out: a SIGKILLed
+replica restarted resumes its term, and its pending stops, within its start-up time. Two live
+processes never share an identity: a second one given the same ``replica_id`` refuses to start, and
+one deriving its identity takes the next free one. The holder names the host too, so a replica id
+reused on another host never takes this one's lease.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
+import functools
+import hashlib
 import logging
 import os
 import secrets
 import socket
 import time
 from collections.abc import Callable, Coroutine
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from reconciler.config import LeaderConfig
+from reconciler.config import REPLICA_ID_PATTERN, ConfigError, LeaderConfig
 from reconciler.metrics import Metrics
 from router_db import RouterDB
+from router_db.leases import Leases
 
 log = logging.getLogger("reconciler.leadership")
 
 # The leader's work (the poll loop): returns once its event is set.
 Term = Callable[[asyncio.Event], Coroutine[Any, Any, None]]
 
+MAX_DERIVED = 64  # processes sharing one state directory and router DB, each with its own identity
 
-def holder_id() -> str:
-    """``hostname:pid:random``: unique per process, and readable in the leases table."""
-    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+
+def holder_id(replica_id: str | None = None) -> str:
+    """``hostname:pid:random``, after ``replica_id@`` when the replica has one: unique per process,
+    and readable in the leases table."""
+    process = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+    return f"{replica_id}@{process}" if replica_id else process
+
+
+def predecessors(replica_id: str) -> str:
+    """The holder prefix of this replica's processes on this host (:func:`holder_id`)."""
+    return f"{replica_id}@{socket.gethostname()}:"
+
+
+@dataclass
+class Identity:
+    """Who this process is among the lease's holders, and the lock that proves it alone is that one."""
+
+    holder: str
+    replica_id: str | None = None  # None: an identity of this process only (no state directory)
+    lock_fd: int | None = None  # held for the process's life: the kernel releases it at exit
+
+    @property
+    def successor_of(self) -> str | None:
+        """Earlier processes of this replica, gone since the lock is ours: their lease is ours."""
+        return predecessors(self.replica_id) if self.replica_id and self.lock_fd is not None else None
+
+    def close(self) -> None:
+        if self.lock_fd is not None:
+            os.close(self.lock_fd)
+            self.lock_fd = None
+
+
+def claim_identity(config: LeaderConfig, router_db_url: str) -> Identity:
+    """This process's identity: ``[leader] replica_id``, or the first identity kept in the state
+    directory that no live process holds (created on first use). ConfigError when the configured
+    ``replica_id`` is held by a live process, or its state directory cannot be used."""
+    where = config.identity_dir(router_db_url)
+    if where is None:
+        log.info("leader: no state directory: a restart waits out this replica's lease")
+        return Identity(holder_id())
+    # One router DB's lease, whatever else shares the directory (the URL is hashed, never written).
+    scope = hashlib.sha256(f"{router_db_url}\0{config.lease_name}".encode()).hexdigest()[:12]
+    try:
+        where.mkdir(parents=True, exist_ok=True)
+        if config.replica_id:
+            path = where / f"leader-{scope}-{config.replica_id}.lock"
+            fd = _locked(path)
+            if fd is None:
+                raise ConfigError(
+                    f"[leader] replica_id {config.replica_id!r}: a live process holds it ({path}); two "
+                    "processes with one replica id would both lead"
+                )
+            return _claimed(config.replica_id, fd, path)
+        for n in range(1, MAX_DERIVED + 1):
+            path = where / f"leader-{scope}-{n}.id"
+            if (fd := _locked(path)) is not None:
+                return _claimed(_kept_id(fd), fd, path)
+    except OSError as exc:
+        if config.replica_id:
+            problem = f"[leader] state_dir: cannot keep the replica's lock in {where}: {exc}"
+            raise ConfigError(problem) from None
+        log.warning("leader: cannot keep an identity in %s (%s): a restart waits out the lease", where, exc)
+        return Identity(holder_id())
+    log.warning("leader: %d processes share %s: this one's identity lasts its life only", MAX_DERIVED, where)
+    return Identity(holder_id())
+
+
+def _locked(path: Path) -> int | None:
+    """``path`` opened and exclusively locked, or None when a live process holds it."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _kept_id(fd: int) -> str:
+    """The replica id kept in the locked file, written there on first use."""
+    kept = os.pread(fd, 128, 0).decode("ascii", "replace").strip()
+    if REPLICA_ID_PATTERN.fullmatch(kept):
+        return kept
+    made = secrets.token_hex(8)
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{made}\n".encode(), 0)
+    os.fsync(fd)
+    return made
+
+
+def _claimed(replica_id: str, fd: int, path: Path) -> Identity:
+    log.info("leader: this process is replica %s (lock %s)", replica_id, path)
+    return Identity(holder_id(replica_id), replica_id, fd)
 
 
 class Leadership:
     def __init__(
-        self, *, db: RouterDB, metrics: Metrics, config: LeaderConfig, holder: str | None = None
+        self,
+        *,
+        db: RouterDB,
+        metrics: Metrics,
+        config: LeaderConfig,
+        holder: str | None = None,
+        successor_of: str | None = None,
     ) -> None:
         self._db = db
         self._metrics = metrics
@@ -44,6 +160,9 @@ class Leadership:
         self.holder = holder or holder_id()
         self.is_leader = False
         self._held = False  # the lease may be ours in the router DB (release it on shutdown)
+        # Campaigns take over a lease this replica's earlier (gone) processes still hold.
+        self._successor_of = successor_of
+        self._leases = Leases(db.engine) if successor_of is not None else None
 
     @property
     def _ttl(self) -> float:
@@ -61,7 +180,7 @@ class Leadership:
         campaign_every = min(self._ttl / 3, 1.0)
         while not stopping.is_set():
             asked = time.monotonic()
-            if await self._acquire(timeout=self._ttl / 3) is True:
+            if await self._acquire(timeout=self._ttl / 3, campaign=True) is True:
                 log.info("leader: lease %r taken by %s", self._config.lease_name, self.holder)
                 await self._lead(stopping, term, valid_until=asked + self._ttl)
                 continue
@@ -125,15 +244,14 @@ class Leadership:
             self.is_leader = False
             self._metrics.leader.set(0)
 
-    async def _acquire(self, *, timeout: float) -> bool | None:
+    async def _acquire(self, *, timeout: float, campaign: bool = False) -> bool | None:
         """Take or renew the lease: True if ours, False if someone else's, None if the DB failed."""
+        name, ttl = self._config.lease_name, self._config.lease_seconds
+        take: Callable[[str, str, float], bool] = self._db.acquire_lease
+        if campaign and self._leases is not None:
+            take = functools.partial(self._leases.acquire, successor_of=self._successor_of)
         try:
-            won = await asyncio.wait_for(
-                asyncio.to_thread(
-                    self._db.acquire_lease, self._config.lease_name, self.holder, self._config.lease_seconds
-                ),
-                timeout=timeout,
-            )
+            won = await asyncio.wait_for(asyncio.to_thread(take, name, self.holder, ttl), timeout=timeout)
         except Exception as exc:  # the router DB is down or slow: this replica cannot know
             log.warning("leader: lease check failed: %s", type(exc).__name__, extra={"error": str(exc)})
             self._held = True  # a late commit may still have taken it: release on shutdown regardless

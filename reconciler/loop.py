@@ -10,6 +10,13 @@ never stops one.
 Beside Airflow, each cycle catches up with the agents (:mod:`reconciler.catch_up`): one request per
 agent that has queued or running jobs, recording every exit it reports; an agent without that feed
 gets the rolling sweep of ``agent_sync_per_cycle`` job reads a cycle instead.
+
+First of all, a cycle ends the active jobs of agents it can no longer address: neither in
+``[[agents]]`` nor registered (the router DB's ``agents`` table, read directly: a replica that has
+not loaded a registered agent yet still knows it; its rows count only while registration is on). No
+stop or status read can ever reach such a job, so its task would wait forever. The price: a sidecar
+started with an entry removed by mistake ends that agent's jobs at its first cycle, and says so in an
+error naming the agents and how many jobs each.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import dataclasses
 import heapq
 import logging
 import time
+from collections import Counter
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -28,8 +36,8 @@ from typing import TypeVar
 from sqlalchemy.exc import SQLAlchemyError
 
 from agent_api.client import JobInfo
-from reconciler.agent_reports import apply_agent_reports
-from reconciler.agents import AgentPool
+from reconciler.agent_reports import Recorded, apply_agent_reports
+from reconciler.agents import AgentPool, unconfigured_reason, unconfigured_transition
 from reconciler.airflow import REFUSALS, AirflowError, TaskInstancePath, TaskInstanceReader
 from reconciler.catch_up import CatchUp
 from reconciler.config import PollConfig
@@ -180,7 +188,7 @@ class ReconcileLoop:
                 or self._watermark is None
                 or time.monotonic() >= self._next_full
             )
-        jobs = await self._active_jobs(reload=full)
+        jobs = await self._end_unconfigured(await self._active_jobs(reload=full), dry_run=dry_run)
         self._metrics.active_jobs.set(len(jobs))
         self._metrics.stopping_jobs.set(sum(job.status is JobStatus.STOPPING for job in jobs))
         report = CycleReport(active=len(jobs))
@@ -224,7 +232,50 @@ class ReconcileLoop:
             except Exception as exc:  # the router DB is down: the next round, or the cycle, tries again
                 log.warning("catching up with the agents failed: %s", type(exc).__name__)
 
-    async def _apply_reports(self, agent_id: str, jobs: Sequence[JobInfo], full: bool) -> int:
+    async def known_agents(self) -> set[str]:
+        """The agents this sidecar can address: its pool's (``[[agents]]`` and the registered agents
+        loaded so far) and, while registration is on, every agent registered in the router DB."""
+        known = set(self._agents.ids())
+        if self._fleet is None or self._fleet.registered_token is not None:
+            known.update(row.agent_id for row in await asyncio.to_thread(self._db.registered_agents))
+        return known
+
+    async def _end_unconfigured(self, jobs: Sequence[JobRecord], *, dry_run: bool) -> list[JobRecord]:
+        """End the active jobs of agents no longer configured nor registered (see the module's
+        docstring); returns the other jobs."""
+        if not {job.agent_id for job in jobs} - set(self._agents.ids()):
+            return list(jobs)  # the common case: no router DB read
+        known = await self.known_agents()
+        ending = [job for job in jobs if job.agent_id not in known]
+        if not ending:
+            return list(jobs)
+        counts = Counter(job.agent_id for job in ending)
+        named = ", ".join(f"{agent_id} ({n} job(s))" for agent_id, n in sorted(counts.items()))
+        fields = {"action": "end_unconfigured", "agent_ids": sorted(counts)}
+        if dry_run:
+            log.error("would end the active jobs of agents no longer configured: %s", named, extra=fields)
+        else:
+            log.error(
+                "agents no longer configured (not in [[agents]] and not registered): ending their active "
+                "jobs FAILED: %s. If an entry was removed by mistake, put it back: jobs already ended "
+                "stay ended",
+                named,
+                extra=fields,
+            )
+            ended = await asyncio.to_thread(
+                self._db.apply, [unconfigured_transition(job) for job in ending], source="reconciler"
+            )
+            self.watch.notify(job for job in ended if job is not None)
+            for job in ended:
+                if job is not None:
+                    log.info(
+                        "%s",
+                        unconfigured_reason(job.agent_id),
+                        extra=job_fields(job, action="end_unconfigured"),
+                    )
+        return [job for job in jobs if job.agent_id in known]
+
+    async def _apply_reports(self, agent_id: str, jobs: Sequence[JobInfo], full: bool) -> Recorded:
         return await apply_agent_reports(
             self._db, self._agents, self.watch, agent_id, jobs, full=full, now=datetime.now(UTC)
         )
@@ -254,8 +305,9 @@ class ReconcileLoop:
         return batch
 
     async def _active_jobs(self, *, reload: bool) -> list[JobRecord]:
-        read_started = datetime.now(UTC)
+        # Router DB time, as every replica writes updated_at: this replica's own clock never enters.
         if reload or self._jobs_read is None:
+            read_started = await asyncio.to_thread(self._db.now)
             previous = self._jobs
             self._jobs = {job.job_id: job for job in await asyncio.to_thread(self._db.active)}
             gone = [job_id for job_id in previous if job_id not in self._jobs]
@@ -263,9 +315,11 @@ class ReconcileLoop:
                 fresh = await asyncio.to_thread(self._db.get_many, gone)
                 self._ended.extend(fresh.get(job_id, previous[job_id]) for job_id in gone)
         else:
-            # The overlap also covers writers on other hosts whose clocks run behind ours.
+            # The overlap covers a writer whose transaction took its time before this read began and
+            # committed after.
             since = self._jobs_read - timedelta(seconds=self._poll.overlap_seconds)
-            for job in await asyncio.to_thread(self._db.changed_since, since):
+            read_started, changed = await asyncio.to_thread(self._db.changes_since, since)
+            for job in changed:
                 if job.active:
                     self._jobs[job.job_id] = job
                 elif self._jobs.pop(job.job_id, None) is not None and self._poll.strategy == "targeted":

@@ -1,19 +1,23 @@
 """What an agent's answer means for the router DB: pure rules, beside :mod:`reconciler.decision`.
 
 :mod:`reconciler.decision` decides from Airflow's answer whether a job must stop; this module decides
-from the agent's answer what the router DB records. Two questions are asked of an agent:
+from the agent's answer what the router DB records. Three questions are asked of an agent:
 
 - :func:`after_status` — "how is this job?" (``GET /jobs/{id}``), for a QUEUED or RUNNING job;
 - :func:`after_stop` — "stop it" (``POST /stop/{id}``), for a STOPPING job, and
-  :func:`after_never_started_stop` for a QUEUED job given up on.
+  :func:`after_never_started_stop` for a QUEUED job given up on;
+- :func:`after_run` — "run it" (``POST /run``) answered without the job, and
+  :func:`after_unsettled_read` once such a job is past ``[fleet] submit_give_up_seconds``.
 
-Each returns what to do; the callers (:mod:`reconciler.job_service`, :mod:`reconciler.stops`) carry it
-out. No I/O here, so every combination is tested (``tests/test_outcome.py``).
+Each returns what to do; the callers (:mod:`reconciler.job_service`, :mod:`reconciler.stops`,
+:mod:`reconciler.submissions`) carry it out. No I/O here, so every combination is tested
+(``tests/test_outcome.py``, ``tests/test_submit_give_up.py``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import StrEnum
 
 from agent_api.protocol import AgentJobStatus, StopAction
 from sidecar_api.protocol import JobStatus
@@ -110,3 +114,87 @@ def after_never_started_stop(*, action: StopAction | None, rc: int | None) -> Fi
     if action is None or action is StopAction.ALREADY_FINISHED:
         return Finish(JobStatus.FAILED, None, "agent never started the job")
     return Finish(JobStatus.FAILED, rc, "started too late; stopped")  # it started after all, late
+
+
+class RunAnswer(StrEnum):
+    """How a ``POST /run`` ended when it did not answer with the job."""
+
+    REFUSED = "refused"  # a 4xx on the merits (bad cwd, unknown run_as...): sending it again won't help
+    CONFLICT = "conflict"  # 409: the agent has a job of this id (an earlier send's, or a stop's tombstone)
+    BUSY = "busy"  # the agent's own 503: full or draining, it took nothing
+    FAILED = "failed"  # another 5xx the agent answered itself: it received the job and started nothing
+    NO_ANSWER = "no_answer"  # refused or reset connection, timeout, a proxy's 5xx: it may have started
+    NOT_SENT = "not_sent"  # the sidecar sent nothing (another agent answers at the URL, or none is known)
+
+    @property
+    def may_have_run(self) -> bool:
+        return self is RunAnswer.NO_ANSWER
+
+
+@dataclass(frozen=True)
+class Resend:
+    """Send the same ``/run`` again, later: the agent refuses a second copy of a job it has (409)."""
+
+
+@dataclass(frozen=True)
+class AskAgent:
+    """Read the job from its agent, then judge the answer with :func:`after_unsettled_read`."""
+
+
+RunOutcome = Finish | Resend | AskAgent
+
+
+def after_run(answer: RunAnswer, *, age: float, give_up_seconds: float, error: str) -> RunOutcome:
+    """A QUEUED job's ``/run`` did not answer with the job: ``answer`` says how it ended, ``error``
+    in the client's words; ``age``: seconds since the job was recorded."""
+    if answer is RunAnswer.REFUSED:
+        return Finish(JobStatus.FAILED, None, f"agent refused the job: {error}")
+    if answer is RunAnswer.CONFLICT:
+        return AskAgent()
+    return Resend() if age < give_up_seconds else AskAgent()
+
+
+def after_unsettled_read(
+    answer: AgentJobStatus | None,
+    *,
+    answered: bool,
+    doubtful: bool,
+    overdue: bool,
+    why: str,
+    rc: int | None = None,
+    reason: str | None = None,
+) -> StatusOutcome:
+    """A QUEUED job past ``submit_give_up_seconds``, read from its agent: ``answer`` its status there
+    (None: the agent does not know it), or ``answered`` False when the read got no usable answer.
+    ``doubtful``: a ``/run`` of it may have reached the agent unanswered (:attr:`RunAnswer.may_have_run`);
+    ``overdue``: the agent has said nothing usable of it for ``lost_after_seconds`` past the bound;
+    ``why`` starts the reason it ends with.
+
+    A job the agent has is judged as any status read (RUNNING, or its end; QUEUED there: ask again).
+    One it does not know is given up (its stop leaves a tombstone that refuses a late ``/run``). With
+    no answer, a job no ``/run`` may have started ends now; any other might run there and is asked
+    about again, until its agent is lost (which ends it) or, answering its health checks but not for
+    this job, stays so ``lost_after_seconds`` more: the job ends as a lost agent's would, and should it
+    run there after all, the orphan sweep stops it."""
+    if not answered:
+        if not doubtful:
+            return Finish(
+                JobStatus.FAILED, None, f"{why}; every /run was answered with an error: never started"
+            )
+        if not overdue:
+            return Keep()
+        return Finish(
+            JobStatus.FAILED, None, f"{why}; its agent said nothing of it for lost_after_seconds more"
+        )
+    if answer is None:
+        return GiveUp()
+    return after_status(JobStatus.QUEUED, answer, rc=rc, reason=reason)
+
+
+def given_up(why: str, stop: Finish | None) -> Finish:
+    """How a job :func:`after_unsettled_read` gave up on ends: the stop's outcome
+    (:func:`after_never_started_stop`) after ``why``, or, when the stop got no answer, FAILED all the
+    same: its agent said it has no such job, and no ``/run`` of it is on its way any more."""
+    if stop is None:
+        return Finish(JobStatus.FAILED, None, f"{why}; agent has no record of the job")
+    return Finish(stop.status, stop.rc, f"{why}; {stop.reason}", stop.kind)

@@ -13,6 +13,18 @@ another live agent (another URL, another instance, a heartbeat within ``lost_aft
 refused: one agent cannot take over another's jobs while that one runs; a restarted agent (another
 instance at the same URL) re-registers and keeps its jobs.
 
+A restarted agent may also come back at another URL (a new port, http to https, a host name that now
+resolves otherwise): it keeps its jobs if it proves it is the same agent, on the same home. The fleet
+token cannot prove that (every VM holds it), so a heartbeat carries what only the agent's home has
+(:mod:`agent.identity`): a proof derived from the secret kept there, whose fingerprint the router DB
+holds, and the instances that home ran before, of which the registration's must be one. The call-back
+then checks that the agent at the new URL shows this very instance and fingerprint (so a heartbeat
+naming someone else's URL is refused), and the old URL is asked too: while the registration's own
+process still answers there, the newcomer is refused (two processes of one home, or a copy of it).
+:func:`judge_claim` and the ``*_problem`` functions decide; the router DB's upsert applies the move
+only to the very row judged. A home wiped or rebuilt is a new agent: it registers once its
+predecessor is lost and its jobs have ended.
+
 A heartbeat's ``jobs`` (what changed on the agent since its last accepted heartbeat) are recorded as
 the loop's catch-up read records them (:meth:`JobService.apply_agent_reports`): an exit reaches the
 router DB, and a trigger waiting on the job, without the sidecar asking. Only once they are recorded
@@ -23,14 +35,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Collection, Sequence
-from datetime import UTC, datetime, timedelta
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
 
 import aiohttp
 
 from agent_api.client import AgentClient, AgentError
 from agent_api.protocol import JobInfo
-from agent_api.registration import Heartbeat
+from agent_api.registration import Heartbeat, identity_fingerprint
 from reconciler.config import FleetConfig
 from reconciler.job_service import Refused
 from reconciler.metrics import Metrics
@@ -39,7 +54,110 @@ from servicekit.credentials import Secret
 
 log = logging.getLogger("reconciler.registry")
 
-VERIFY_TIMEOUT_SECONDS = 5.0  # the call back to a registering agent
+VERIFY_TIMEOUT_SECONDS = 5.0  # the call back to a registering agent, and the look at a mover's old URL
+
+
+class Claim(StrEnum):
+    """What a heartbeat is, against the row the router DB holds for its agent id."""
+
+    NEW = "new"  # no row: a first registration
+    BEAT = "beat"  # the row's own process
+    RESTART = "restart"  # another process at the row's URL: the agent restarted there
+    MOVE = "move"  # the row's identity at another URL, succeeding the row's instance: proven
+    TAKEOVER = "takeover"  # anything else elsewhere: only a long-silent id without active jobs
+
+
+@dataclass(frozen=True)
+class Judged:
+    claim: Claim
+    unproven: str = ""  # a TAKEOVER: why it is no proven move (said if the router DB refuses it)
+    refusal: str = ""  # refused outright (409)
+
+
+def judge_claim(
+    held: AgentRecord | None,
+    *,
+    url: str,
+    instance: str,
+    fingerprint: str,
+    previous_instances: Sequence[str],
+) -> Judged:
+    """A heartbeat (``url``, ``instance``, the fingerprint of its identity proof, its home's earlier
+    instances) against ``held``, the agent id's row. Pure: the router DB's upsert enforces the same."""
+    if held is None:
+        return Judged(Claim.NEW)
+    if held.instance == instance:
+        if held.identity_fingerprint != fingerprint:
+            return Judged(
+                Claim.BEAT,
+                refusal=f"instance {instance} of agent {held.agent_id} is registered with another identity:"
+                " this heartbeat is not from that process",
+            )
+        return Judged(Claim.BEAT)
+    if held.url == url:
+        return Judged(Claim.RESTART)
+    if not held.identity_fingerprint:
+        why = "its registration holds no identity (made by an agent older than identities)"
+    elif not fingerprint:
+        why = "this heartbeat proves no identity (an agent older than identities)"
+    elif fingerprint != held.identity_fingerprint:
+        why = "this heartbeat proves another identity than the registration's (another home, or a wiped one)"
+    elif held.instance not in previous_instances:
+        why = (
+            f"the registration's instance {held.instance} is not in this home's instance history"
+            " (an older copy of the home)"
+        )
+    else:
+        return Judged(Claim.MOVE)
+    return Judged(Claim.TAKEOVER, unproven=why)
+
+
+def _registration(answer: Mapping[str, Any]) -> tuple[str, str | None]:
+    """The identity fingerprint ("" for none) and instance an agent's ``/healthz`` shows."""
+    shown = answer.get("registration")
+    shown = shown if isinstance(shown, dict) else {}
+    fingerprint, instance = shown.get("identity_fingerprint"), shown.get("instance")
+    return (
+        fingerprint if isinstance(fingerprint, str) else "",
+        instance[:64] if isinstance(instance, str) else None,
+    )
+
+
+def call_back_problem(
+    answer: Mapping[str, Any], *, agent_id: str, url: str, instance: str, fingerprint: str
+) -> str | None:
+    """Why the agent answering ``/healthz`` at ``url`` did not send this heartbeat (None: it did, as far
+    as an agent shows): it names another id, or shows another identity or instance. An agent older
+    than identities shows neither, and its heartbeats prove none."""
+    said = answer.get("agent_id")
+    if said != agent_id:
+        named = f"{said[:200]!r}" if isinstance(said, str) else "no agent_id"
+        return f"the agent at {url} answers as {named}, not {agent_id!r}"
+    shown, running = _registration(answer)
+    if shown != fingerprint:
+        if not fingerprint:
+            return f"the agent at {url} proves an identity this heartbeat does not: it did not send it"
+        return f"the agent at {url} does not hold the identity this heartbeat proves"
+    if fingerprint and running != instance:
+        return f"the agent at {url} is another process (instance {running!r}), not instance {instance!r}"
+    return None
+
+
+def still_there_problem(
+    answer: Mapping[str, Any] | None, *, agent_id: str, old_url: str, instance: str
+) -> str | None:
+    """Why a move away from ``old_url`` must wait (None: it need not), given what ``/healthz`` answers
+    there (None: nothing usable). Another process answering there as the agent (not the mover itself,
+    reached by another name) still holds the registration: two processes of one identity."""
+    if answer is None or answer.get("agent_id") != agent_id:
+        return None
+    _, running = _registration(answer)
+    if running == instance:
+        return None
+    return (
+        f"agent {agent_id} still answers at {old_url} (instance {running or 'unknown'}): its registration "
+        "stays there while it does, as one identity is held by one process at a time"
+    )
 
 
 class Registry:
@@ -59,7 +177,8 @@ class Registry:
         self._static = frozenset(static_ids)
         self._config = config
         self._metrics = metrics
-        self._verified: dict[str, tuple[str, str]] = {}  # agent id -> (instance, url) called back here
+        # agent id -> (instance, url, identity fingerprint) called back here
+        self._verified: dict[str, tuple[str, str, str]] = {}
         self._session: aiohttp.ClientSession | None = None
 
     @property
@@ -85,10 +204,18 @@ class Registry:
     async def _accept(self, agent_id: str, beat: Heartbeat) -> AgentRecord:
         if agent_id in self._static:
             raise Refused(409, f"agent {agent_id} is configured in [[agents]]: it cannot also register")
-        first = self._verified.get(agent_id) != (beat.instance, beat.url)
+        fingerprint = identity_fingerprint(beat.identity_proof)
+        key = (beat.instance, beat.url, fingerprint)
+        first = self._verified.get(agent_id) != key
+        held, judged, moving_from = None, Judged(Claim.BEAT), None
         if first:
-            await self._call_back(agent_id, beat.url)
-        now = datetime.now(UTC)
+            held, judged = await self._verify(agent_id, beat, fingerprint)
+            if judged.claim is Claim.MOVE:
+                assert held is not None
+                moving_from = (held.url, held.instance)
+        # The times are the router DB's, set as the row is written: the replica that judges this
+        # heartbeat compares it with that clock, never with this replica's (see router_db.clock).
+        placeholder = datetime.now(UTC)
         record = AgentRecord(
             agent_id=agent_id,
             url=beat.url,
@@ -98,20 +225,27 @@ class Registry:
             version=beat.version,
             draining=beat.draining,
             instance=beat.instance,
-            registered_at=now,
-            last_heartbeat_at=now,
+            registered_at=placeholder,
+            last_heartbeat_at=placeholder,
             heartbeat_seconds=beat.heartbeat_seconds,
+            identity_fingerprint=fingerprint,
         )
-        alive_after = now - timedelta(seconds=self._config.lost_after_seconds)
         try:
-            stored = await asyncio.to_thread(self._db.heartbeat_agent, record, alive_after=alive_after)
+            stored = await asyncio.to_thread(
+                self._db.heartbeat_agent_now,
+                record,
+                alive_within=self._config.lost_after_seconds,
+                moving_from=moving_from,
+            )
         except AgentConflict as exc:
-            held = exc.existing
+            self._verified.pop(agent_id, None)  # judged again next time, against the row as it is then
+            holder = exc.existing
+            unproven = f"; it is no move to a new URL: {judged.unproven}" if judged.unproven else ""
             raise Refused(
                 409,
-                f"agent id {agent_id} is held by a live agent at {held.url} (last heartbeat "
-                f"{held.last_heartbeat_at.isoformat(timespec='seconds')}); it can be taken once that one "
-                f"is silent for lost_after_seconds={self._config.lost_after_seconds:g}",
+                f"agent id {agent_id} is held by a live agent at {holder.url} (last heartbeat "
+                f"{holder.last_heartbeat_at.isoformat(timespec='seconds')}); it can be taken once that one "
+                f"is silent for lost_after_seconds={self._config.lost_after_seconds:g}{unproven}",
             ) from None
         if beat.unreadable_jobs:
             log.warning(
@@ -138,41 +272,125 @@ class Registry:
             )
             return stored
         if first:
-            self._verified[agent_id] = (beat.instance, beat.url)
-            log.info(
-                "agent %s registered at %s",
-                agent_id,
-                beat.url,
-                extra={"agent_id": agent_id, "action": "agent_registered", "url": beat.url},
-            )
+            self._verified[agent_id] = key
+            self._log_registered(agent_id, beat, fingerprint, held, judged)
         return stored
 
-    async def _call_back(self, agent_id: str, url: str) -> None:
-        """The agent at ``url`` is ``agent_id`` and takes the fleet token, or :class:`Refused` (422)."""
+    def _log_registered(
+        self, agent_id: str, beat: Heartbeat, fingerprint: str, held: AgentRecord | None, judged: Judged
+    ) -> None:
+        fields = {"agent_id": agent_id, "url": beat.url}
+        if held is not None and judged.claim in (Claim.MOVE, Claim.BEAT) and held.url != beat.url:
+            how = "its home's identity proven" if judged.claim is Claim.MOVE else "the same process"
+            log.warning(
+                "agent %s moved from %s to %s (%s; instance %s follows %s): its jobs are addressed there now",
+                agent_id,
+                held.url,
+                beat.url,
+                how,
+                beat.instance,
+                held.instance,
+                extra={**fields, "action": "agent_moved", "from_url": held.url},
+            )
+            return
+        if held is not None and judged.claim is Claim.TAKEOVER:
+            log.warning(
+                "agent %s registered at %s, taking the id over from the agent at %s, silent and without "
+                "active jobs (%s)",
+                agent_id,
+                beat.url,
+                held.url,
+                judged.unproven,
+                extra={**fields, "action": "agent_registered", "from_url": held.url},
+            )
+            return
+        if held is not None and held.identity_fingerprint not in ("", fingerprint):
+            log.warning(
+                "agent %s at %s registered with a new identity (a new or wiped home): a new agent, which "
+                "knows none of its predecessor's jobs",
+                agent_id,
+                beat.url,
+                extra={**fields, "action": "agent_new_identity"},
+            )
+            return
+        log.info(
+            "agent %s registered at %s", agent_id, beat.url, extra={**fields, "action": "agent_registered"}
+        )
+
+    async def _verify(
+        self, agent_id: str, beat: Heartbeat, fingerprint: str
+    ) -> tuple[AgentRecord | None, Judged]:
+        """Before a process's first heartbeat here: what it claims, or :class:`Refused`."""
+        held = await asyncio.to_thread(self._db.registered_agent, agent_id)
+        judged = judge_claim(
+            held,
+            url=beat.url,
+            instance=beat.instance,
+            fingerprint=fingerprint,
+            previous_instances=beat.previous_instances,
+        )
+        if judged.refusal:
+            raise Refused(409, judged.refusal)
+        within = self._config.lost_after_seconds
+        sharing = await asyncio.to_thread(
+            self._db.live_agent_at, beat.url, other_than=agent_id, alive_within=within
+        )
+        if sharing is not None:  # stops for one would reach the other
+            raise Refused(
+                409,
+                f"{beat.url} is registered by agent {sharing.agent_id}, which heartbeat within "
+                f"lost_after_seconds={within:g}: two agents cannot share one address",
+            )
+        if judged.claim is not Claim.MOVE:
+            await self._call_back(agent_id, beat, fingerprint)
+            return held, judged
+        assert held is not None
+        # The old URL is asked while the new one is called back: a move costs no more time than a
+        # registration, within the agent's heartbeat timeout.
+        looking = asyncio.create_task(self._answer_at(held.url))
+        try:
+            await self._call_back(agent_id, beat, fingerprint)
+        except BaseException:
+            looking.cancel()
+            await asyncio.gather(looking, return_exceptions=True)
+            raise
+        old = await looking
+        problem = still_there_problem(old, agent_id=agent_id, old_url=held.url, instance=beat.instance)
+        if problem is not None:
+            raise Refused(409, problem)
+        return held, judged
+
+    def _client(self, url: str, token: str) -> AgentClient:
         if self._session is None:
             self._session = aiohttp.ClientSession()
+        return AgentClient(
+            url,
+            token,
+            session=self._session,
+            timeout=VERIFY_TIMEOUT_SECONDS,
+            ca_file=self._config.registration_ca_file or None,
+        )
+
+    async def _answer_at(self, url: str) -> dict[str, Any] | None:
+        """What ``/healthz`` at ``url`` answers, asked without a token; None for no usable answer."""
+        try:
+            return await self._client(url, "").health()
+        except (AgentError, ValueError):
+            return None
+
+    async def _call_back(self, agent_id: str, beat: Heartbeat, fingerprint: str) -> None:
+        """The agent at the heartbeat's URL is ``agent_id``, the very process that sent it (as its
+        instance and identity show), and takes the fleet token; or :class:`Refused` (422)."""
+        url = beat.url
         try:
             # Who answers is asked without a token: a mistyped address must not receive the fleet's.
-            anonymous = AgentClient(
-                url,
-                "",
-                session=self._session,
-                timeout=VERIFY_TIMEOUT_SECONDS,
-                ca_file=self._config.registration_ca_file or None,
+            answer = await self._client(url, "").health()
+            problem = call_back_problem(
+                answer, agent_id=agent_id, url=url, instance=beat.instance, fingerprint=fingerprint
             )
-            client = AgentClient(
-                url,
-                self._token.current(),
-                session=self._session,
-                timeout=VERIFY_TIMEOUT_SECONDS,
-                ca_file=self._config.registration_ca_file or None,
-            )
-            answer = await anonymous.health()
-            if answer.get("agent_id") != agent_id:
-                said = answer.get("agent_id")
-                named = f"{said[:200]!r}" if isinstance(said, str) else "no agent_id"
-                raise Refused(422, f"the agent at {url} answers as {named}, not {agent_id!r}")
-            await client.jobs("QUEUED")  # the fleet token is accepted there
+            if problem is not None:
+                raise Refused(422, problem)
+            await self._client(url, self._token.current()).jobs("QUEUED")  # the fleet token is accepted
         except (AgentError, ValueError) as exc:
             raise Refused(422, f"the sidecar cannot use {url} for agent {agent_id}: {exc}") from None
 

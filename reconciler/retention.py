@@ -3,7 +3,8 @@
 The leader does it every hour (:func:`prune_periodically`, ``[retention] keep_days``);
 ``python -m reconciler db prune --older-than 30d`` does it once (``--dry-run`` counts).
 :meth:`router_db.RouterDB.prune_finished` does the deleting, a small batch a transaction, so the
-loop's and the API's own writes never wait long behind it.
+loop's and the API's own writes never wait long behind it. Ages are measured on the router DB's clock,
+the one every replica writes ``updated_at`` with.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import asyncio
 import contextlib
 import logging
 import re
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -42,8 +43,9 @@ async def prune_periodically(
     if keep_days <= 0:
         return
     while not stopping.is_set():
-        before = datetime.now(UTC) - timedelta(days=keep_days)
         try:
+            # A job's updated_at is the router DB's time, whichever replica wrote it: so is the cut-off.
+            before = await asyncio.to_thread(db.now) - timedelta(days=keep_days)
             count = await asyncio.to_thread(db.prune_finished, before, batch=PRUNE_BATCH)
         except SQLAlchemyError as exc:
             log.warning("retention: router DB unusable, retrying later: %s", type(exc).__name__)

@@ -11,7 +11,7 @@ from reconciler.airflow import AirflowClient
 from reconciler.config import ReconcilerConfig, Secrets
 from reconciler.fleet import AgentState, Fleet
 from reconciler.job_service import JobService
-from reconciler.leadership import Leadership
+from reconciler.leadership import Identity, Leadership, claim_identity
 from reconciler.loop import ReconcileLoop
 from reconciler.metrics import Metrics
 from reconciler.pages import PageConfig
@@ -19,6 +19,7 @@ from reconciler.registry import Registry
 from reconciler.retention import prune_periodically
 from reconciler.server import SidecarAPI
 from reconciler.stops import StopDispatcher
+from reconciler.submissions import Submissions
 from router_db import RouterDB, schema
 from servicekit.credentials import Secret, View, follow
 from servicekit.ratelimit import RateLimiter
@@ -39,6 +40,7 @@ class Parts:
     dispatcher: StopDispatcher
     loop: ReconcileLoop
     fleet: Fleet
+    submissions: Submissions
 
     async def close(self) -> None:
         await self.fleet.close()
@@ -94,7 +96,16 @@ def build(config: ReconcilerConfig, secrets: Secrets, *, dry_run: bool = False) 
     )
     # A stop's outcome, or a lost agent's job ended, wakes the trigger long-polling that job at once.
     dispatcher.changed = fleet.changed = loop.watch.notify
-    return Parts(db, airflow, agents, metrics, dispatcher, loop, fleet)
+    submissions = Submissions(
+        db=db,
+        agents=agents,
+        give_up_seconds=config.fleet.submit_give_up_seconds,
+        lost_after_seconds=config.fleet.lost_after_seconds,
+        run_timeout=AGENT_READ_TIMEOUT_SECONDS,
+        answering=loop.answering,
+        notify=loop.watch.notify,
+    )
+    return Parts(db, airflow, agents, metrics, dispatcher, loop, fleet, submissions)
 
 
 def _sent_token(secrets: Secrets) -> Secret[str] | None:
@@ -105,7 +116,8 @@ def _sent_token(secrets: Secrets) -> Secret[str] | None:
 
 
 async def _lead(parts: Parts, config: ReconcilerConfig, term: asyncio.Event) -> None:
-    """What the leader runs for its term: the poll loop, and retention beside it."""
+    """What the leader runs for its term: the poll loop, and retention and the sweep of submissions
+    nobody follows (their replica died) beside it."""
     pruning = asyncio.create_task(
         prune_periodically(
             parts.db,
@@ -114,18 +126,35 @@ async def _lead(parts: Parts, config: ReconcilerConfig, term: asyncio.Event) -> 
             every=config.retention.check_seconds,
         )
     )
+    sweeping = asyncio.create_task(parts.submissions.sweep_periodically(term))
     try:
         await parts.loop.run(term)
     finally:
         pruning.cancel()
-        await asyncio.gather(pruning, return_exceptions=True)
+        sweeping.cancel()
+        await asyncio.gather(pruning, sweeping, return_exceptions=True)
 
 
 async def serve(config: ReconcilerConfig, secrets: Secrets) -> None:
     """Run the loop and the HTTP API until SIGTERM or SIGINT, then finish in-flight stops."""
+    # First: a replica id a live process holds stops the start (ConfigError) before anything opens.
+    identity = claim_identity(config.leader, config.router_db.url)
+    try:
+        await _serve(config, secrets, identity)
+    finally:
+        identity.close()  # only now may another process take this replica's identity, and its lease
+
+
+async def _serve(config: ReconcilerConfig, secrets: Secrets, identity: Identity) -> None:
     parts = build(config, secrets)
     # Every replica serves the API; only the lease holder runs the loop (which resumes pending stops).
-    leadership = Leadership(db=parts.db, metrics=parts.metrics, config=config.leader)
+    leadership = Leadership(
+        db=parts.db,
+        metrics=parts.metrics,
+        config=config.leader,
+        holder=identity.holder,
+        successor_of=identity.successor_of,
+    )
     jobs = JobService(
         db=parts.db,
         agents=parts.agents,
@@ -133,6 +162,7 @@ async def serve(config: ReconcilerConfig, secrets: Secrets) -> None:
         dispatcher=parts.dispatcher,
         when_full=config.fleet.when_full,
         metrics=parts.metrics,
+        submissions=parts.submissions,
     )
     sent = parts.fleet.registered_token  # the one the fleet sends: the registry's call-back uses it too
     registry = (

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Iterable, Sequence
-from datetime import UTC, datetime
 
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential_jitter
 
@@ -135,10 +134,11 @@ class StopDispatcher:
 
     async def _call_agent(self, job: JobRecord) -> StopResult:
         client = self._agents.client(job.agent_id)
-        # A stop that has not completed for force_after_seconds goes straight to SIGKILL.
+        # A stop that has not completed for force_after_seconds goes straight to SIGKILL. The intent's
+        # time is the router DB's, whichever replica recorded it: so is the time it is compared with.
         overdue = job.job_id in self._force or (
             job.stop_requested_at is not None
-            and (datetime.now(UTC) - job.stop_requested_at).total_seconds()
+            and (await asyncio.to_thread(self._db.now) - job.stop_requested_at).total_seconds()
             >= self._config.force_after_seconds
         )
         retrying = AsyncRetrying(

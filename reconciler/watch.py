@@ -8,9 +8,12 @@ and each checks its own condition. Changes come two ways:
 - one read every ``period`` seconds of the jobs changed since the previous read (along the router
   DB's index on ``updated_at``: its cost follows the changes, not the waiters, and never one query
   per waiter), for changes made elsewhere: another replica (the leader runs the loop, a standby
-  serves the API too), or a writer here that does not notify (the stop dispatcher). Each read
-  starts :data:`OVERLAP_SECONDS` before the previous one began, for writers whose clocks run behind
-  ours; a change missed even so is seen by the waiter's next request, when its wait runs out.
+  serves the API too), or a writer here that does not notify (the stop dispatcher). A job's
+  ``updated_at`` is the router DB's time, whichever replica wrote it, and so is the moment each read
+  starts from (:meth:`RouterDB.changes_since`): replicas' own clocks never enter. Each read starts
+  :data:`OVERLAP_SECONDS` before the previous one began, for a writer whose transaction took its time
+  before that read and committed after it; a change missed even so is seen by the waiter's next
+  request, when its wait runs out.
 
 The batched read runs only while someone waits. :meth:`JobWatch.close` (the server's shutdown) wakes
 every waiter with the job as last seen, so a graceful shutdown never waits out a long-poll.
@@ -22,14 +25,14 @@ import asyncio
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 
 from router_db import JobRecord, RouterDB
 
 log = logging.getLogger(__name__)
 
 WATCH_PERIOD_SECONDS = 0.5  # [poll] watch_seconds' default
-OVERLAP_SECONDS = 2.0  # each read of changes goes back this far before the previous one began
+OVERLAP_SECONDS = 2.0  # each read of changes goes back this far (router DB time) before the previous one
 
 
 def _newer(record: JobRecord, than: JobRecord) -> bool:
@@ -53,7 +56,7 @@ class JobWatch:
     period: float = WATCH_PERIOD_SECONDS
     _jobs: dict[str, _Watched] = field(default_factory=dict)
     _reader: asyncio.Task[None] | None = None
-    _read_from: datetime | None = None  # when the previous read of changes began (our clock)
+    _read_from: datetime | None = None  # when the previous read of changes began (router DB time)
     _closed: bool = False
 
     @property
@@ -123,13 +126,15 @@ class JobWatch:
     async def _read_periodically(self) -> None:
         """One read of the changed jobs each period while any job is watched."""
         failing = False
-        self._read_from = datetime.now(UTC)  # a waiter's own read of its job came just before
+        try:
+            self._read_from = await asyncio.to_thread(self.db.now)  # a waiter's read of its job came before
+        except Exception:  # the router DB is down: the first read that works starts from its own time
+            self._read_from = None
         while self._jobs and not self._closed:
             await asyncio.sleep(self.period)
-            started = datetime.now(UTC)
-            since = (self._read_from or started) - timedelta(seconds=OVERLAP_SECONDS)
+            since = self._read_from - timedelta(seconds=OVERLAP_SECONDS) if self._read_from else None
             try:
-                changed = await asyncio.to_thread(self.db.changed_since, since)
+                started, changed = await asyncio.to_thread(self.db.changes_since, since)
             except Exception as exc:  # the router DB is down: waiters time out with what they have
                 if not failing:
                     log.warning("long-poll read failed: %s", type(exc).__name__, extra={"error": str(exc)})

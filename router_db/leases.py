@@ -1,6 +1,8 @@
 """Named leases in the router DB: one holder at a time among the sidecar's replicas.
 
 A lease expires by the database's own clock, so replicas whose clocks disagree still agree on who holds it.
+A holder may name earlier processes of its own (``successor_of``: a prefix of their holder names) whose
+lease it takes over at once instead of waiting it out; the caller vouches that they are gone.
 """
 
 from __future__ import annotations
@@ -18,22 +20,30 @@ from router_db.models import Lease
 class Leases:
     """Take, renew, give up and look up leases; each call is one short transaction."""
 
-    def __init__(self, engine: Engine, sessions: sessionmaker[Session]) -> None:
+    def __init__(self, engine: Engine, sessions: sessionmaker[Session] | None = None) -> None:
         self._engine = engine
-        self._sessions = sessions
+        self._sessions = sessions if sessions is not None else sessionmaker(engine)
 
-    def acquire(self, name: str, holder: str, ttl_seconds: float) -> bool:
+    def acquire(self, name: str, holder: str, ttl_seconds: float, *, successor_of: str | None = None) -> bool:
         """Take or renew lease ``name`` for ``ttl_seconds`` of the database's clock; True if held now.
 
         A compare-and-set: the UPDATE matches only a lease that is expired or already ours, and the
         INSERT of a missing lease loses to any concurrent one on the primary key. Two replicas racing
         therefore never both win, and a renewal after expiry succeeds only if nobody took over.
+        ``successor_of``: a prefix of ``holder`` naming this replica's earlier processes, known gone:
+        a lease one of them holds counts as ours (a restart resumes its term at once).
         """
+        ours = Lease.holder == holder
+        if successor_of is not None:
+            if not successor_of or not holder.startswith(successor_of):
+                raise ValueError("successor_of must be a non-empty prefix of the holder's own name")
+            # substr, not LIKE: SQLite's LIKE ignores case, and a replica id's "_" is a LIKE wildcard.
+            ours = ours | (func.substr(Lease.holder, 1, len(successor_of)) == successor_of)
         now, until = self._db_now(), self._db_now(ttl_seconds)
         with self._sessions() as session, session.begin():
             taken = session.execute(
                 update(Lease)
-                .where(Lease.name == name, (Lease.holder == holder) | (Lease.expires_at <= now))
+                .where(Lease.name == name, ours | (Lease.expires_at <= now))
                 .values(holder=holder, expires_at=until)
                 .execution_options(synchronize_session=False)
             )

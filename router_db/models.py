@@ -127,3 +127,6 @@ class Agent(Base):
     registered_at: Mapped[datetime] = mapped_column(UTCDateTime())
     last_heartbeat_at: Mapped[datetime] = mapped_column(UTCDateTime())
     heartbeat_seconds: Mapped[float] = mapped_column(Float)  # how often it says it heartbeats
+    # The SHA-256 of the proof its home gives (revision 0004): a move to another URL must present that
+    # proof. "" for an agent older than identities.
+    identity_fingerprint: Mapped[str] = mapped_column(String(64), default="", server_default="")

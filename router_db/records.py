@@ -109,6 +109,7 @@ AGENT_ID_CHARS = 200
 AGENT_URL_CHARS = 2000
 AGENT_VERSION_CHARS = 100
 AGENT_INSTANCE_CHARS = 64
+AGENT_FINGERPRINT_CHARS = 64  # a SHA-256 in hex
 MAX_COUNT = 2**31 - 1  # an Integer column
 MAX_HEARTBEAT_SECONDS = 86400.0
 
@@ -120,6 +121,8 @@ class AgentRecord:
     ``instance`` is a random id the agent process picks at each start: the same id under a new instance
     is that agent restarted. ``max_jobs`` 0 means no limit. ``heartbeat_seconds`` is how often the agent
     says it heartbeats: any replica judges its silence by it. Times are UTC-aware.
+    ``identity_fingerprint`` is the fingerprint of the proof the agent's home gives (see
+    :mod:`agent_api.registration`); "" for an agent older than identities.
     """
 
     agent_id: str
@@ -133,6 +136,7 @@ class AgentRecord:
     registered_at: datetime
     last_heartbeat_at: datetime
     heartbeat_seconds: float = 10.0
+    identity_fingerprint: str = ""
 
     def check(self) -> None:
         """Raise ValueError naming the first field the router DB cannot store as given (never its value:
@@ -142,12 +146,14 @@ class AgentRecord:
             "url": self.url,
             "version": self.version,
             "instance": self.instance,
+            "identity_fingerprint": self.identity_fingerprint,
         }
         widths = {
             "agent_id": AGENT_ID_CHARS,
             "url": AGENT_URL_CHARS,
             "version": AGENT_VERSION_CHARS,
             "instance": AGENT_INSTANCE_CHARS,
+            "identity_fingerprint": AGENT_FINGERPRINT_CHARS,
         }
         for name, value in texts.items():
             if not isinstance(value, str) or "\x00" in value:
@@ -192,6 +198,7 @@ class AgentRecord:
             registered_at=row.registered_at,
             last_heartbeat_at=row.last_heartbeat_at,
             heartbeat_seconds=row.heartbeat_seconds,
+            identity_fingerprint=row.identity_fingerprint,
         )
 
 

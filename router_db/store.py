@@ -4,7 +4,8 @@ Transitions are compare-and-set updates (``WHERE status = <expected>``): the sid
 loop and other replicas may race on one job, and exactly one of them wins each transition. The value
 types are in :mod:`router_db.records`, the transition rules in :mod:`router_db.transitions`, the
 engine in :mod:`router_db.engine`, the leases in :mod:`router_db.leases` and the registered agents in
-:mod:`router_db.agents`.
+:mod:`router_db.agents`. Every time written here for another process to compare is the router DB's
+(:meth:`RouterDB.now`, :mod:`router_db.clock`), never the writing replica's.
 """
 
 from __future__ import annotations
@@ -16,9 +17,10 @@ from typing import Any, cast
 
 from sqlalchemy import CursorResult, Engine, delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import sessionmaker
+from sqlalchemy.orm import Session, sessionmaker
 
 from router_db.agents import Agents
+from router_db.clock import db_now
 from router_db.engine import make_engine
 from router_db.leases import Leases
 from router_db.models import Job, JobEvent
@@ -26,10 +28,6 @@ from router_db.records import AgentRecord, EventRecord, JobRecord, NewJob, TaskI
 from router_db.schema import upgrade
 from router_db.transitions import StaleTransition, Transition, allowed
 from sidecar_api.protocol import ACTIVE, TERMINAL, JobStatus
-
-
-def _now() -> datetime:
-    return datetime.now(UTC)
 
 
 class RouterDB:
@@ -40,6 +38,7 @@ class RouterDB:
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         self._leases = Leases(self.engine, self._sessions)
         self._agents = Agents(self.engine)
+        self._clock = select(db_now(self.engine.dialect.name))
 
     def create_schema(self) -> None:
         """Create the schema, or migrate an existing one to this version's (idempotent): what
@@ -53,6 +52,13 @@ class RouterDB:
     def ping(self) -> None:
         with self._sessions() as session:
             session.execute(select(1))
+
+    def now(self) -> datetime:
+        """The router DB's time now (see :mod:`router_db.clock`): every time written here for another
+        process to compare (``created_at``, ``updated_at``, heartbeats) is taken from it, and so must
+        the "now" it is compared with be."""
+        with self._sessions() as session:
+            return self._time(session)
 
     # --- reads -----------------------------------------------------------------------------------
 
@@ -159,11 +165,25 @@ class RouterDB:
         with self._sessions() as session:
             return {agent_id: int(count) for agent_id, count in session.execute(query)}
 
-    def changed_since(self, moment: datetime) -> list[JobRecord]:
-        """Jobs of any status updated at or after ``moment``: keeps an in-memory view current."""
-        query = select(Job.__table__).where(Job.updated_at >= moment)
+    def _time(self, session: Session) -> datetime:
+        """The router DB's time now, read on ``session``."""
+        if self.engine.dialect.name == "sqlite":
+            # SQLite's 'now' is this process's own clock, to the millisecond: the same clock read here to
+            # the microsecond, so that jobs written within one millisecond still keep their order.
+            return datetime.now(UTC)
+        return _utc(session.scalar(self._clock))
+
+    def changes_since(self, moment: datetime | None) -> tuple[datetime, list[JobRecord]]:
+        """The router DB's time as the read began, and the jobs of any status updated at or after
+        ``moment`` (none read when it is None): keeps an in-memory view current, each read going on from
+        the previous one's time, on the clock every writer uses. The time is taken first, in the same
+        transaction, so the read sees every change committed before it."""
         with self._sessions() as session:
-            return [JobRecord.from_row(row) for row in session.execute(query)]
+            began = self._time(session)
+            if moment is None:
+                return began, []
+            query = select(Job.__table__).where(Job.updated_at >= moment)
+            return began, [JobRecord.from_row(row) for row in session.execute(query)]
 
     def events(self, job_id: str) -> list[EventRecord]:
         with self._sessions() as session:
@@ -214,11 +234,31 @@ class RouterDB:
 
     # --- registered agents (see router_db.agents) ---------------------------------------------------
 
-    def heartbeat_agent(self, record: AgentRecord, *, alive_after: datetime) -> AgentRecord:
+    def heartbeat_agent(
+        self, record: AgentRecord, *, alive_after: datetime, moving_from: tuple[str, str] | None = None
+    ) -> AgentRecord:
         """Register an agent or record its heartbeat; the row as stored. Raises :class:`AgentConflict`,
-        changing nothing, when another agent that heartbeat at or after ``alive_after`` holds the id, and
-        ValueError for a record the router DB cannot store (:meth:`AgentRecord.check`)."""
-        return self._agents.heartbeat(record, alive_after=alive_after)
+        changing nothing, when another agent that heartbeat at or after ``alive_after`` holds the id
+        (unless ``moving_from`` names that row's URL and instance and the identity is the row's: a proven
+        move), and ValueError for a record the router DB cannot store (:meth:`AgentRecord.check`)."""
+        return self._agents.heartbeat(record, alive_after=alive_after, moving_from=moving_from)
+
+    def heartbeat_agent_now(
+        self, record: AgentRecord, *, alive_within: float, moving_from: tuple[str, str] | None = None
+    ) -> AgentRecord:
+        """:meth:`heartbeat_agent` for a heartbeat heard now: its time (and a new instance's
+        ``registered_at``) is the router DB's, not the record's, and another agent whose last heartbeat
+        is less than ``alive_within`` seconds old by that clock holds the id. One statement."""
+        return self._agents.heartbeat_now(record, alive_within=alive_within, moving_from=moving_from)
+
+    def registered_agent(self, agent_id: str) -> AgentRecord | None:
+        """One registered agent's row, if it has one."""
+        return self._agents.get(agent_id)
+
+    def live_agent_at(self, url: str, *, other_than: str, alive_within: float) -> AgentRecord | None:
+        """Another registered agent at ``url`` that heartbeat less than ``alive_within`` seconds ago by
+        the router DB's clock, if any."""
+        return self._agents.live_at(url, other_than=other_than, alive_within=alive_within)
 
     def registered_agents(self) -> list[AgentRecord]:
         """Every registered agent, by agent id."""
@@ -240,7 +280,6 @@ class RouterDB:
         A second submission of the same try returns the existing job: an operator whose worker
         died after submitting must not start the command twice.
         """
-        now = _now()
         row = Job(
             job_id=uuid.uuid4().hex,
             dag_id=new.key.dag_id,
@@ -252,11 +291,11 @@ class RouterDB:
             agent_id=new.agent_id,
             command=new.command,
             status=str(JobStatus.QUEUED),
-            created_at=now,
-            updated_at=now,
         )
         try:
             with self._sessions.begin() as session:
+                # The router DB's time, read in the transaction that writes it (no connection of its own).
+                row.created_at = row.updated_at = now = self._time(session)
                 session.add(row)
                 session.flush()
                 session.add(_event(row.job_id, now, None, JobStatus.QUEUED, source, "submitted"))
@@ -281,7 +320,7 @@ class RouterDB:
     def import_running(self, jobs: Sequence[NewJob], *, source: str) -> list[str]:
         """Record many jobs already running on their agents, in one transaction (migrations,
         benchmarks). Returns their job ids; the audit trail gets one RUNNING event each."""
-        now = _now()
+        now = self.now()
         ids = [uuid.uuid4().hex for _ in jobs]
         rows = [
             {
@@ -331,11 +370,12 @@ class RouterDB:
         """Apply many transitions in one transaction (one commit for a burst of stops).
 
         Each is a compare-and-set on the job's current status; the result is the updated job, or
-        ``None`` where the job is unknown or no longer in a status the transition may follow.
+        ``None`` where the job is unknown or no longer in a status the transition may follow (or, for
+        one with ``expect``, no longer in that status).
         """
-        now = _now()
         applied: list[str] = []
         with self._sessions.begin() as session:
+            now = self._time(session)  # the router DB's, in the transaction that writes it
             current: dict[str, str] = {}
             for chunk in _chunks([t.job_id for t in transitions]):
                 statuses = session.execute(select(Job.job_id, Job.status).where(Job.job_id.in_(chunk)))
@@ -343,6 +383,8 @@ class RouterDB:
             for t in transitions:
                 old = current.get(t.job_id)
                 if old is None or not allowed(JobStatus(old), t.new):
+                    continue
+                if t.expect is not None and old != str(t.expect):
                     continue
                 result = session.execute(
                     update(Job)
@@ -400,3 +442,10 @@ def _event(
         source=source,
         reason=reason,
     )
+
+
+def _utc(moment: datetime | None) -> datetime:
+    """A time read from the router DB, in UTC (PostgreSQL answers in the session's time zone)."""
+    if moment is None:
+        raise RuntimeError("the router DB did not tell its time")
+    return moment.astimezone(UTC)

@@ -40,6 +40,9 @@ class Transition:
     reason: str | None
     stop_status: JobStatus | None = None
     rc: int | None = None
+    # Applied only while the job is still in this status (None: from any status ``allowed`` permits):
+    # a verdict drawn from what a RUNNING job's agent said must not override a stop decided meanwhile.
+    expect: JobStatus | None = None
 
     @classmethod
     def running(cls, job_id: str) -> Transition:
@@ -52,10 +55,18 @@ class Transition:
         return cls(job_id, JobStatus.STOPPING, reason, stop_status=stop_status)
 
     @classmethod
-    def finish(cls, job_id: str, status: JobStatus, rc: int | None, reason: str | None) -> Transition:
+    def finish(
+        cls,
+        job_id: str,
+        status: JobStatus,
+        rc: int | None,
+        reason: str | None,
+        *,
+        expect: JobStatus | None = None,
+    ) -> Transition:
         if status not in TERMINAL:
             raise ValueError(f"finish needs a terminal status, not {status}")
-        return cls(job_id, status, reason, rc=rc)
+        return cls(job_id, status, reason, rc=rc, expect=expect)
 
     def values(self, now: datetime) -> dict[str, Any]:
         """Columns set besides status, reason and updated_at."""

@@ -46,6 +46,7 @@ CHECK_INTERVAL = 0.5
 CHECK_TIMEOUT = 2.0
 ORPHAN_SWEEP = 30.0  # longer than the test: only the sweep on a lost agent's return can stop its job
 FLEET_CONFIG = (
+    f"[leader]\nlease_seconds = {LOST_AFTER - 1}\n"  # below lost_after_seconds, as it must be
     "[fleet]\n"
     f"lost_after_seconds = {LOST_AFTER}\n"
     f"check_interval_seconds = {CHECK_INTERVAL}\n"

@@ -139,6 +139,9 @@ class StandInPool:
     def client(self, agent_id: str) -> AgentClient:
         return cast(AgentClient, self.agents[agent_id])
 
+    def ids(self) -> list[str]:  # the agents it can address: the loop ends the jobs of any other
+        return sorted(self.agents)
+
 
 def loop_with(db: RouterDB, pool: StandInPool, jobs: list[JobRecord]) -> ReconcileLoop:
     airflow = ScriptedAirflow(truth={("d", "r", j.key.task_id, -1): ti(j, "deferred") for j in jobs})

@@ -275,7 +275,8 @@ def test_the_sidecar_answers_at_once_for_a_lost_agent_and_gives_it_no_new_work(t
             api_version="v2",
             interval_seconds=0.5,
             extra_config=(
-                "[fleet]\nlost_after_seconds = 2.0\ncheck_interval_seconds = 0.2\n"
+                "[leader]\nlease_seconds = 5.0\n"  # below lost_after_seconds, as it must be
+                "[fleet]\nlost_after_seconds = 6.0\ncheck_interval_seconds = 0.2\n"
                 "check_timeout_seconds = 1.0\n"
             ),
         )

@@ -32,6 +32,7 @@ from referencing.jsonschema import DRAFT202012
 from harness.agent import AgentProcess
 from harness.processes import free_port
 from harness.sidecar import AgentRef, SidecarProcess
+from router_db import NewJob, RouterDB, TaskInstanceKey
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
@@ -597,6 +598,13 @@ def test_sidecar_answers_match_the_documented_api(agent: AgentProcess, tmp_path:
         lost_job = spec.check(api.post("/jobs", json=lost), 201).json()
         assert lost_job["status"] == "QUEUED"  # the agent could not be reached
         spec.check(api.get(f"/jobs/{lost_job['job_id']}/log"), 502)
+        # A job of an agent neither configured nor registered (its [[agents]] entry since removed).
+        db = RouterDB(f"sqlite:///{sidecar.workdir / 'router.db'}")
+        key = TaskInstanceKey(dag_id="docs", task_id="gone", run_id="manual__1")
+        (gone,) = db.import_running([NewJob(key, "agent-gone", "true")], source="test")
+        db.dispose()
+        refusal = spec.check(api.get(f"/jobs/{gone}/log"), 410).json()["error"]
+        assert refusal.startswith("agent agent-gone is no longer configured")
         airflow.direct[("docs", "manual__1", "unreachable", -1)] = "failed"
         requested = spec.check(api.post(update, json={"job_id": lost_job["job_id"], "status": "failed"}), 202)
         assert "Agent communication failed" in requested.json()["message"]

@@ -28,8 +28,11 @@ from harness.served import ServedAirflow
 from harness.sidecar import AgentRef, SidecarProcess
 
 FLEET_TOKEN = "fleet-token-for-tests"
-LOST_AFTER = 4.0
+# [leader] lease_seconds must be below lost_after_seconds: one second below leaves a renewal about
+# 2 s on a loaded machine (a lease not renewed in time ends the leader's term).
+LOST_AFTER = 6.0
 FLEET = (
+    f"[leader]\nlease_seconds = {LOST_AFTER - 1}\n"
     f"[fleet]\nlost_after_seconds = {LOST_AFTER}\ncheck_interval_seconds = 0.2\ncheck_timeout_seconds = 1.0\n"
 )
 

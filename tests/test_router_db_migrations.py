@@ -20,7 +20,7 @@ from alembic.runtime.migration import MigrationContext
 from sqlalchemy import create_engine, inspect, text
 
 from harness.processes import free_port
-from harness.sidecar import SidecarProcess
+from harness.sidecar import AgentRef, SidecarProcess
 from router_db import JobStatus, NewJob, RouterDB, TaskInstanceKey
 from router_db.models import Base
 from router_db.schema import _config, current, head
@@ -294,12 +294,12 @@ def test_a_router_db_of_a_newer_release_is_refused_by_start_and_by_db_upgrade(tm
     assert contents(url)["revision"] == "0999"
 
 
-def sidecar_on(url: str, workdir: Path) -> SidecarProcess:
+def sidecar_on(url: str, workdir: Path, agents: list[AgentRef] | None = None) -> SidecarProcess:
     return SidecarProcess(
         workdir=workdir,
         airflow_url=f"http://127.0.0.1:{free_port()}",
         airflow_password="unused",
-        agents=[],
+        agents=agents or [],
         db_url=url,
         api_version="v2",
     )
@@ -311,7 +311,9 @@ def test_upgrade_on_start_migrates_the_previous_release_and_serves_its_jobs(
     at_previous_release(url)
     before = contents(url)
     monkeypatch.setenv("AGENTIC_RECONCILER_ROUTER_DB_UPGRADE_ON_START", "true")
-    with sidecar_on(url, tmp_path / "sidecar") as sidecar, sidecar.client() as client:
+    # The job's agent is still configured (a job whose agent is not would be ended, with a reason).
+    agents = [AgentRef("agent-1", f"http://127.0.0.1:{free_port()}", "unused-token")]
+    with sidecar_on(url, tmp_path / "sidecar", agents) as sidecar, sidecar.client() as client:
         job = client.get(f"/jobs/{RUNNING_JOB}")
         assert job.status_code == 200, job.text
         assert job.json()["status"] == "RUNNING"

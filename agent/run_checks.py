@@ -1,0 +1,146 @@
+"""Whether this machine can start a job the way its ``/run`` asks: checked before anything is recorded.
+
+Every problem is a 400 (:class:`~agent.errors.JobRejected`) whose message starts with the field:
+
+- ``payload.run_as``: the agent does not run as root, no such user, or no process can be started as it;
+- ``payload.cwd``: ``cannot be used: <why>``, with the operating system's own words (``File name too
+  long``, ``Permission denied``, ``Not a directory``, ``No such file or directory``, ``Too many levels
+  of symbolic links``...); with ``run_as``, a directory that user may not enter;
+- ``payload.command``, ``payload.env[...]``: longer than ``exec`` takes on this machine.
+
+Why here and not at the start: a refusal records nothing and says why (the sidecar fails the task at
+once with this message), while an exception would be a 500, which the sidecar takes for an agent it
+could not reach. ``os.stat`` raises on many paths rather than saying no, so its error is the answer.
+
+``run_as``: the job's shell enters ``cwd`` before it becomes the user (``subprocess`` changes the
+directory first), so a directory closed to the user would be open to its job. The agent asks
+``/bin/sh``, started as that user, to enter it. Checks that touch the file system or the user
+database run in a thread, bounded by :data:`CHECK_SECONDS`: a hung mount refuses the job, and never
+holds up the agent's other requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import pwd
+import stat
+import subprocess
+from collections.abc import Awaitable, Mapping
+from typing import TypeVar
+
+from agent.errors import JobRejected
+
+__all__ = ["CHECK_SECONDS", "check_cwd", "exec_limits", "exec_size_problem", "find_user", "shown"]
+
+CHECK_SECONDS = 10.0  # a cwd or user that takes longer to check is refused
+POINTER_BYTES = 8  # exec counts one pointer per argument and variable besides their bytes
+_T = TypeVar("_T")
+
+
+def shown(value: str, limit: int = 80) -> str:
+    """``value`` quoted for a message, shortened: an answer need not echo a whole request."""
+    return repr(value if len(value) <= limit else value[:limit] + "...")
+
+
+async def find_user(name: str) -> pwd.struct_passwd:
+    """The account ``run_as`` names; 400 if the agent cannot switch users or there is no such user."""
+    if (uid := os.geteuid()) != 0:
+        raise JobRejected(400, f"payload.run_as needs the agent to run as root; it runs as uid {uid}")
+    try:
+        return await _bounded(
+            asyncio.to_thread(pwd.getpwnam, name),
+            f"payload.run_as: cannot be checked: the user database gave no answer within {CHECK_SECONDS:g} s",
+        )
+    except KeyError:
+        raise JobRejected(400, f"payload.run_as: no such user {shown(name)}") from None
+
+
+async def check_cwd(path: str, user: pwd.struct_passwd | None) -> None:
+    """400 unless ``path`` is a directory the job's user (``user``, else the agent's) may enter."""
+    problem = await _bounded(
+        asyncio.to_thread(cwd_problem, path, user),
+        f"payload.cwd: cannot be used: its file system gave no answer within {CHECK_SECONDS:g} s "
+        f"({shown(path)})",
+    )
+    if problem is not None:
+        raise JobRejected(400, f"payload.cwd: cannot be used: {problem} ({shown(path)})")
+
+
+def cwd_problem(path: str, user: pwd.struct_passwd | None) -> str | None:
+    """Why a job cannot start in ``path``, or None. Blocking: the file system, maybe a process."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as exc:
+        return exc.strerror or type(exc).__name__
+    except ValueError:  # not encodable as a file name
+        return "not a file name this machine can use"
+    if not stat.S_ISDIR(mode):
+        return os.strerror(errno.ENOTDIR)
+    if user is None or user.pw_uid == os.geteuid():
+        return None if os.access(path, os.X_OK) else os.strerror(errno.EACCES)
+    return _enter_as(path, user)
+
+
+def _enter_as(path: str, user: pwd.struct_passwd) -> str | None:
+    """Whether ``user`` may enter ``path``, asked of a shell running as that user: its permissions,
+    ACLs and security modules decide, as they will for the job."""
+    try:
+        probe = subprocess.run(
+            ["/bin/sh", "-c", 'cd -P -- "$1"', "sh", path],
+            user=user.pw_uid,
+            group=user.pw_gid,
+            extra_groups=os.getgrouplist(user.pw_name, user.pw_gid),
+            cwd="/",
+            env={},
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            timeout=CHECK_SECONDS,
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        return f"run_as user {user.pw_name!r} could not enter it within {CHECK_SECONDS:g} s"
+    except OSError as exc:  # no process may run as this user (exec refused, a limit reached)
+        why = exc.strerror or type(exc).__name__
+        raise JobRejected(400, f"payload.run_as: cannot start a process as {user.pw_name!r}: {why}") from None
+    if probe.returncode != 0:
+        return f"{os.strerror(errno.EACCES)} for run_as user {user.pw_name!r}"
+    return None
+
+
+def exec_size_problem(
+    command: str, env: Mapping[str, str], *, payload_env: Mapping[str, str], arg_strlen: int, arg_max: int
+) -> str | None:
+    """Why ``exec`` would refuse the job's shell (E2BIG), or None: Linux takes one argument or
+    ``NAME=value`` of at most ``arg_strlen`` bytes (with its NUL), and all of them together, with a
+    pointer each, up to ``arg_max``. ``env`` is the whole environment, ``payload_env`` the caller's."""
+    if len(command.encode()) + 1 > arg_strlen:
+        return f"payload.command: longer than the {arg_strlen - 1} bytes exec takes for one argument"
+    for key, value in payload_env.items():
+        if len(f"{key}={value}".encode()) + 1 > arg_strlen:
+            return (
+                f"payload.env[{shown(key)}]: longer than the {arg_strlen - 1} bytes exec takes "
+                "for one NAME=value"
+            )
+    strings = ["/bin/sh", "-c", command, *(f"{key}={value}" for key, value in env.items())]
+    total = sum(len(text.encode()) + 1 + POINTER_BYTES for text in strings)
+    if total > arg_max:
+        return (
+            f"payload.command and payload.env: {total} bytes for exec together, more than the "
+            f"{arg_max} this machine takes"
+        )
+    return None
+
+
+def exec_limits() -> tuple[int, int]:
+    """This machine's ``(arg_strlen, arg_max)``: Linux's MAX_ARG_STRLEN is 32 pages."""
+    return 32 * os.sysconf("SC_PAGE_SIZE"), os.sysconf("SC_ARG_MAX")
+
+
+async def _bounded(work: Awaitable[_T], message: str) -> _T:
+    try:
+        return await asyncio.wait_for(work, CHECK_SECONDS)
+    except TimeoutError:
+        raise JobRejected(400, message) from None

@@ -1,0 +1,300 @@
+"""Two sidecar replicas on one PostgreSQL router DB, one of them running two minutes behind (libfaketime),
+and a real agent that registers and heartbeats to the one behind while the other leads.
+
+Times one replica writes and another compares come from the router DB's clock, so the skew changes
+nothing: the agent stays live, its job runs on (its process too), and the job's end, recorded by the
+replica behind, wakes a long-poll waiting on the other one at once. Without processes: the leader's
+liveness judges heartbeats by the router DB's clock alone, and a step of that clock loses nobody.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import glob
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from email.utils import parsedate_to_datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psutil
+import pytest
+
+from harness.agent import AgentProcess
+from harness.processes import free_port, wait_for
+from harness.sidecar import SidecarProcess
+from reconciler.agents import AgentPool
+from reconciler.config import FleetConfig
+from reconciler.fleet import AgentState, Fleet
+from reconciler.metrics import Metrics
+from router_db import AgentRecord, RouterDB
+from servicekit.credentials import Secret
+
+SKEW_SECONDS = 120
+FLEET_TOKEN = "fleet-token-for-clock-skew"
+HEARTBEAT_SECONDS = 1.0  # suspect after 3 s of silence (the leader reads the heartbeats each second)
+
+
+def libfaketime() -> str:
+    """Debian's libfaketime (scripts/ensure-tools installs it)."""
+    found = sorted(glob.glob("/usr/lib/*/faketime/libfaketime.so.1"))
+    assert found, "libfaketime is missing: run scripts/ensure-tools (Debian's faketime package)"
+    return found[0]
+
+
+@dataclass
+class Replica(SidecarProcess):
+    """A replica whose loop reads the agents' changes only once a minute: what the test sees of the
+    agent's job comes through its heartbeats, to the replica behind."""
+
+    def env(self) -> dict[str, str]:
+        return {**super().env(), "AGENTIC_RECONCILER_POLL_AGENT_CATCH_UP_SECONDS": "60"}
+
+
+@dataclass
+class SkewedReplica(Replica):
+    """A replica whose wall clock (time.time, datetime.now) runs SKEW_SECONDS behind; its monotonic
+    clock is left alone (FAKETIME_DONT_FAKE_MONOTONIC), as a clock set wrong leaves it."""
+
+    def env(self) -> dict[str, str]:
+        return {
+            **super().env(),
+            "LD_PRELOAD": libfaketime(),
+            "FAKETIME": f"-{SKEW_SECONDS}s",
+            "FAKETIME_DONT_FAKE_MONOTONIC": "1",
+        }
+
+
+def replica(cls: type[Replica], workdir: Path, db_url: str, lost_after: float) -> Replica:
+    return cls(
+        workdir=workdir,
+        airflow_url=f"http://127.0.0.1:{free_port()}",  # unreachable: the loop never stops a job
+        airflow_password="unused",
+        agents=[],
+        db_url=db_url,
+        interval_seconds=60.0,  # with agent_catch_up_seconds, the loop reads no agent meanwhile
+        lease_seconds=min(5.0, lost_after - 1),  # below lost_after_seconds, as the config requires
+        fleet_token=FLEET_TOKEN,
+        extra_config=(
+            f"[fleet]\nlost_after_seconds = {lost_after}\n"
+            "check_interval_seconds = 1.0\ncheck_timeout_seconds = 1.0\n"
+        ),
+    )
+
+
+def role(sidecar: SidecarProcess) -> str:
+    return str(httpx.get(f"{sidecar.url}/readyz", timeout=5).json()["role"])
+
+
+def clock_of(sidecar: SidecarProcess) -> float:
+    """The replica's wall clock as its HTTP Date header gives it (to the second)."""
+    date = httpx.get(f"{sidecar.url}/healthz", timeout=5).headers["date"]
+    return parsedate_to_datetime(date).timestamp()
+
+
+@dataclass
+class Stand:
+    leader: SidecarProcess  # on the true clock
+    behind: SidecarProcess  # SKEW_SECONDS behind; the agent heartbeats here
+    agent: AgentProcess
+
+
+@contextmanager
+def stand(tmp_path: Path, postgres_url: str, *, lost_after: float) -> Iterator[Stand]:
+    with ExitStack() as stack:
+        leader = stack.enter_context(replica(Replica, tmp_path / "leader", postgres_url, lost_after))
+        wait_for(lambda: role(leader) == "leader", "the first replica leads", timeout=30)
+        behind = stack.enter_context(replica(SkewedReplica, tmp_path / "behind", postgres_url, lost_after))
+        assert role(behind) == "standby"
+        skew = clock_of(leader) - clock_of(behind)
+        assert SKEW_SECONDS - 3 <= skew <= SKEW_SECONDS + 3, f"libfaketime skewed the replica by {skew} s"
+        port = free_port()
+        agent = AgentProcess(
+            tmp_path / "vm",
+            agent_id="vm-skew",
+            port=port,
+            token=FLEET_TOKEN,
+            accepted_tokens=[],
+            extra_config=f'heartbeat_seconds = {HEARTBEAT_SECONDS}\nlabels = ["pool"]\n',
+            extra_env={
+                "ROUTER_URL": behind.url,
+                "SELF_URL": f"http://127.0.0.1:{port}",
+                "AGENTIC_FLEET_TOKEN": FLEET_TOKEN,
+                "AGENTIC_AGENT_TOKEN": "",
+            },
+        )
+        stack.enter_context(agent)
+        # Listed by both (a standby reads the agents when asked): the replica behind routes to it too.
+        wait_for(lambda: all(map(listed, (leader, behind))), "the agent listed by both replicas", timeout=30)
+        yield Stand(leader, behind, agent)
+
+
+def listed(sidecar: SidecarProcess) -> bool:
+    with sidecar.client() as client:
+        return agent_state(client) != "unknown"
+
+
+def agent_state(client: httpx.Client) -> str:
+    found = {a["agent_id"]: a for a in client.get("/agents").json()["agents"]}
+    return str(found.get("vm-skew", {}).get("state", "unknown"))
+
+
+def submit(client: httpx.Client, task_id: str, command: str) -> str:
+    body = {"command": command, "agent_id": "vm-skew", "dag_id": "d", "task_id": task_id, "run_id": "r"}
+    answer = client.post("/jobs", json={**body, "try_number": 1})
+    assert answer.status_code == 201, answer.text
+    return str(answer.json()["job_id"])
+
+
+def job_pid(agent: AgentProcess, job_id: str) -> int:
+    headers = {"Authorization": f"Bearer {FLEET_TOKEN}"}
+
+    def pid() -> Any:
+        return httpx.get(f"{agent.url}/jobs/{job_id}", headers=headers, timeout=5).json().get("pid")
+
+    return int(wait_for(pid, "the job's pid"))
+
+
+def test_an_agent_heartbeating_to_a_replica_two_minutes_behind_stays_live_and_its_job_runs(
+    tmp_path: Path, postgres_url: str
+) -> None:
+    """With each replica's own clock, the leader judged every heartbeat written by the replica behind
+    two minutes old: suspect at once, lost after lost_after_seconds, its job FAILED and its process
+    killed by the orphan sweep. Watched for three times lost_after_seconds, nothing of that happens."""
+    lost_after = 6.0
+    with stand(tmp_path, postgres_url, lost_after=lost_after) as s, s.leader.client() as client:
+        with s.behind.client() as through_behind:  # submitted through the replica behind, too
+            job = submit(through_behind, "kept", "sleep 120")
+        wait_for(lambda: client.get(f"/jobs/{job}").json()["status"] == "RUNNING", "running", timeout=30)
+        pid = job_pid(s.agent, job)
+
+        states: set[str] = set()
+        watch_until = time.monotonic() + 3 * lost_after
+        while time.monotonic() < watch_until:
+            states.add(agent_state(client))
+            time.sleep(0.2)
+        assert states == {"live"}, states
+        answer = client.get(f"/jobs/{job}").json()
+        assert answer["status"] == "RUNNING", answer
+        assert psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+        assert "agent vm-skew lost" not in s.leader.log_path.read_text()
+        assert (role(s.leader), role(s.behind)) == ("leader", "standby")  # the leader judged it all along
+
+
+def test_a_job_ended_through_a_replica_two_minutes_behind_wakes_a_long_poll_on_the_other(
+    tmp_path: Path, postgres_url: str
+) -> None:
+    """The job's end reaches the router DB through the replica behind (the agent's heartbeat carries
+    it; the leader's catch-up read is a minute away). A trigger-style long-poll on the leader answers
+    within a few seconds, not when its wait runs out: the change was written at the router DB's time."""
+    with stand(tmp_path, postgres_url, lost_after=300.0) as s, s.leader.client() as client:
+        release = tmp_path / "release"
+        command = f"while [ ! -e {release} ]; do sleep 0.1; done; exit 0"
+        with s.behind.client() as through_behind:
+            job = submit(through_behind, "ends", command)
+        wait_for(lambda: client.get(f"/jobs/{job}").json()["status"] == "RUNNING", "running", timeout=30)
+
+        released: list[float] = []
+
+        def end_the_job() -> None:
+            time.sleep(1.0)  # the long-poll below is waiting by then
+            release.touch()
+            released.append(time.monotonic())
+
+        ender = threading.Thread(target=end_the_job)
+        ender.start()
+        try:
+            answer = client.get(f"/jobs/{job}", params={"wait": 25, "status": "RUNNING"}).json()
+            heard = time.monotonic()
+        finally:
+            ender.join()
+        assert answer["status"] == "SUCCEEDED", answer
+        assert heard - released[0] < 10.0, heard - released[0]  # not the 25 s of a lost wake-up
+
+
+# ------------------------------------------------------------------------------------ no processes
+
+
+class SteppedRouterDB(RouterDB):
+    """A router DB whose clock runs ``step`` seconds ahead of this process's (SQLite's is this process's
+    own): it moves with the test's fake monotonic clock, and can be stepped as a server's clock is."""
+
+    step = 0.0
+
+    def now(self) -> datetime:
+        return super().now() + timedelta(seconds=self.step)
+
+
+@pytest.mark.fast
+def test_liveness_reads_heartbeat_ages_on_the_router_db_clock_and_a_step_of_it_loses_nobody(
+    tmp_path: Path,
+) -> None:
+    """The leader's fleet on a fake monotonic clock: an agent heartbeating every 0.5 s stays live while
+    that clock runs far beyond lost_after_seconds (its heartbeats' ages come from the router DB's
+    clock, not from this process's wall clock), goes suspect when its heartbeats stop, and is not lost
+    when the router DB's clock jumps ten minutes forward between two of its heartbeats."""
+    db = SteppedRouterDB(f"sqlite:///{tmp_path / 'router.db'}")
+    db.create_schema()
+    config = FleetConfig(lost_after_seconds=5.0, check_interval_seconds=1.0, check_timeout_seconds=1.0)
+    ticks = [1000.0]
+    pool = AgentPool([], {}, timeout=1, stop_timeout=1)
+    fleet = Fleet(
+        db=db,
+        agents=pool,
+        metrics=Metrics(),
+        config=config,
+        clock=lambda: ticks[0],
+        registered_token=Secret("fleet"),
+    )
+
+    def beat() -> None:
+        now = db.now()
+        record = AgentRecord(
+            agent_id="vm-1",
+            url=f"http://127.0.0.1:{free_port()}",  # nobody there: the orphan sweep only fails
+            labels=(),
+            max_jobs=0,
+            jobs_running=0,
+            version="",
+            draining=False,
+            instance="one",
+            registered_at=now,
+            last_heartbeat_at=now,
+            heartbeat_seconds=0.5,
+        )
+        db.heartbeat_agent(record, alive_after=now)
+
+    async def run(seconds: float, *, beating: bool) -> set[AgentState]:
+        """Tick every 0.5 s of the fake clock, reading the agents each time, as the leader does."""
+        seen: set[AgentState] = set()
+        for _ in range(int(seconds / 0.5)):
+            ticks[0] += 0.5
+            db.step += 0.5
+            if beating:
+                beat()
+            await fleet.load_registered()
+            await fleet.tick()
+            seen.add(fleet.state("vm-1"))
+        return seen
+
+    async def scenario() -> None:
+        try:
+            beat()
+            fleet.reset()
+            assert await run(20.0, beating=True) == {AgentState.LIVE}  # 4 x lost_after_seconds
+            db.step += 600.0  # between two heartbeats: the last one now looks ten minutes old
+            jumped = await run(1.0, beating=False)
+            assert AgentState.LOST not in jumped, jumped
+            assert await run(3.0, beating=True) == {AgentState.LIVE}
+            assert await run(2.0, beating=False) == {AgentState.LIVE, AgentState.SUSPECT}  # silent
+        finally:
+            await fleet.close()
+            await pool.close()
+            db.dispose()
+
+    asyncio.run(scenario())
