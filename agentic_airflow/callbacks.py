@@ -74,7 +74,10 @@ class AgenticRouterStatusHook(AgenticRunHook):
             run_id=run_id,
             map_index=map_index,
         )
-        return post_status_update(self.get_endpoint(), body, timeout=self.timeout)
+        with self.stops_on_sigterm("the sidecar's answer to a status update") as stop:
+            endpoint = self.get_endpoint()
+            with stop.interruptible():
+                return post_status_update(endpoint, body, timeout=self.timeout)
 
 
 def notify_router_on_failure(context: Mapping[str, Any]) -> None:

@@ -25,12 +25,17 @@ from agentic_airflow.sidecar_client import (
     job_query,
     parse_object,
 )
+from agentic_airflow.stopping import StopOnSigterm
 from sidecar_api.protocol import MAX_WAIT_SECONDS, WireError, validate_job_id
 
 try:  # Airflow 3
     from airflow.sdk import BaseHook
 except ImportError:  # Airflow 2
     from airflow.hooks.base import BaseHook
+try:  # Airflow 3.2+; what its task runner and Airflow 2's fail a task stopped by SIGTERM with
+    from airflow.sdk.exceptions import AirflowTaskTerminated
+except ImportError:  # Airflow 2, 3.0, 3.1
+    from airflow.exceptions import AirflowTaskTerminated
 
 
 class AgenticRunHook(BaseHook):
@@ -73,6 +78,14 @@ class AgenticRunHook(BaseHook):
         """Hidden, relabelled and placeholder fields of the form (a copy: Airflow rewrites it)."""
         return copy.deepcopy(UI_FIELD_BEHAVIOUR)
 
+    def stops_on_sigterm(self, waiting_for: str) -> StopOnSigterm:
+        """In a task, SIGTERM ends a request of this hook's at once (Airflow 3 alone would only call
+        the operator's on_kill, and the request would run its course), logging ``waiting_for``; see
+        :mod:`agentic_airflow.stopping`. Not for :meth:`test_connection`: Airflow's servers run it, and
+        a server's SIGTERM lets the request in progress finish."""
+        reason = f"stopped by SIGTERM while waiting for {waiting_for}"
+        return StopOnSigterm(lambda: reason, log=self.log, terminated=AirflowTaskTerminated)
+
     def get_endpoint(self) -> SidecarEndpoint:
         """Address and token, read afresh (a rotated token is seen). :class:`SidecarError` when the
         connection is not defined, cannot be loaded (naming Airflow's error) or is incomplete."""
@@ -97,16 +110,17 @@ class AgenticRunHook(BaseHook):
             validate_job_id(job_id)
         except WireError as exc:
             raise SidecarError(str(exc)) from None
-        endpoint = self.get_endpoint()
-        try:
-            with self._client(endpoint) as client:
-                response = client.get(
-                    f"/jobs/{job_id}",
-                    params=job_query(wait=wait, status=status),
-                    timeout=self.timeout + min(max(wait, 0.0), MAX_WAIT_SECONDS),
-                )
-        except httpx.HTTPError as exc:
-            raise SidecarError(describe_failure(endpoint, exc)) from None
+        with self.stops_on_sigterm(f"the sidecar's answer about job {job_id}") as stop:
+            endpoint = self.get_endpoint()
+            try:
+                with stop.interruptible(), self._client(endpoint) as client:
+                    response = client.get(
+                        f"/jobs/{job_id}",
+                        params=job_query(wait=wait, status=status),
+                        timeout=self.timeout + min(max(wait, 0.0), MAX_WAIT_SECONDS),
+                    )
+            except httpx.HTTPError as exc:
+                raise SidecarError(describe_failure(endpoint, exc)) from None
         answer = classify_response(job_id, response)
         if answer.job is None:
             raise SidecarError(f"sidecar at {endpoint.base_url}: {answer.detail}")

@@ -8,8 +8,9 @@ from typing import Any
 
 from agentic_airflow.connection import get_endpoint
 from agentic_airflow.links import AgenticJobLink
-from agentic_airflow.polling import submit_patiently
+from agentic_airflow.polling import Submission, submit_patiently
 from agentic_airflow.sidecar_client import logical_date_identity
+from agentic_airflow.stopping import StopOnSigterm
 from agentic_airflow.triggers import AgenticJobTrigger
 from sidecar_api.protocol import TERMINAL, JobStatus
 
@@ -18,6 +19,11 @@ try:  # Airflow 3
 except ImportError:  # Airflow 2
     from airflow.models import BaseOperator
 from airflow.exceptions import AirflowException
+
+try:  # Airflow 3.2+; what its task runner and Airflow 2's fail a task stopped by SIGTERM with
+    from airflow.sdk.exceptions import AirflowTaskTerminated
+except ImportError:  # Airflow 2, 3.0, 3.1
+    from airflow.exceptions import AirflowTaskTerminated
 
 DEFERRAL_SLACK_SECONDS = 60.0
 JOB_ID_XCOM_KEY = "agentic_job_id"  # the job's id in the sidecar; the return value (XCom) holds it too
@@ -112,16 +118,21 @@ class AgenticRunOperator(BaseOperator):
             },
             conn_id=self.conn_id,
             log=self.log,
+            # SIGTERM ends the wait at once (Airflow 3's own handler would only call on_kill).
+            terminated=AirflowTaskTerminated,
         )
-        # Before deferring: whoever looks at the task (UI, API, a later task) finds its job at once.
-        ti.xcom_push(key=JOB_ID_XCOM_KEY, value=job["job_id"])
-        self.log.info(
-            "job %s on agent %s: %s%s",
-            job["job_id"],
-            job["agent_id"],
-            job["status"],
-            "" if job.get("created", True) else " (already submitted)",
-        )
+        # Until it defers, SIGTERM still ends the task (once the XCom is written), saying so.
+        submitted = Submission(job_id=job["job_id"])
+        with StopOnSigterm(submitted.describe, log=self.log, terminated=AirflowTaskTerminated):
+            # Before deferring: whoever looks at the task (UI, API, a later task) finds its job at once.
+            ti.xcom_push(key=JOB_ID_XCOM_KEY, value=job["job_id"])
+            self.log.info(
+                "job %s on agent %s: %s%s",
+                job["job_id"],
+                job["agent_id"],
+                job["status"],
+                "" if job.get("created", True) else " (already submitted)",
+            )
         if job["status"] in TERMINAL:
             self.execute_complete(context, {**job, "log_tail": ""})
             return

@@ -37,6 +37,7 @@ from agentic_airflow.sidecar_client import (
     status_update_request,
     submit_job,
 )
+from agentic_airflow.stopping import StopOnSigterm, TaskStopped
 from sidecar_api.protocol import JobStatus
 
 MAX_BACKOFF_SECONDS = 60.0
@@ -513,6 +514,44 @@ def summary(job: dict[str, Any]) -> dict[str, Any]:
 
 
 SUBMIT_PATIENCE_SECONDS = 600.0  # how long a task waits for the sidecar to take its job
+# What becomes of the job of a task that stopped (reconciler/decision.py), said in its log.
+RECONCILER_STOPS = (
+    "the sidecar's reconciler stops it once Airflow no longer runs this task instance "
+    "(failed, up for retry, cleared)"
+)
+
+
+@dataclass
+class Submission:
+    """How far a task's submission got: what its log says when SIGTERM stops it."""
+
+    attempts: int = 0
+    in_flight: bool = False  # a request is on its way to the sidecar
+    answer_lost: bool = False  # an earlier request may have reached the sidecar, and no answer came
+    last_error: str = ""
+    job_id: str | None = None
+
+    def failed(self, exc: TransientSubmitError) -> None:
+        self.in_flight = False
+        self.answer_lost = self.answer_lost or exc.answer_lost
+        self.last_error = str(exc)
+
+    def describe(self) -> str:
+        """Why the task stopped and what became of its job, in the words of its log."""
+        if self.job_id is not None:
+            return f"stopped by SIGTERM after submitting job {self.job_id}; {RECONCILER_STOPS}"
+        if self.in_flight:
+            return (
+                f"stopped by SIGTERM while submitting (attempt {self.attempts}): the request was cut off "
+                f"before its answer, so the sidecar may have started a job; if it did, {RECONCILER_STOPS}"
+            )
+        tried = f" ({self.attempts} attempt(s), the last: {self.last_error})" if self.last_error else ""
+        if self.answer_lost:
+            return (
+                f"stopped by SIGTERM while waiting to submit{tried}: an earlier submission got no answer, "
+                f"so the sidecar may have started a job; if it did, {RECONCILER_STOPS}"
+            )
+        return f"stopped by SIGTERM while waiting to submit{tried}; no job was started"
 
 
 def submit_patiently(
@@ -525,29 +564,46 @@ def submit_patiently(
     sleep: Callable[[float], None] = time.sleep,
     clock: Callable[[], float] = time.monotonic,
     backoff: Backoff | None = None,
+    terminated: Callable[[str], BaseException] = TaskStopped,
 ) -> dict[str, Any]:
     """``POST /jobs`` until the sidecar takes the job, riding out what may pass (no connection, 5xx,
     429 with its Retry-After, 401/403 while a token rotates: the connection is read again) for up to
     ``patience`` seconds. Safe because a submission is idempotent per task instance. A refusal (4xx)
-    or a certificate that does not verify fails at once: waiting would not change it."""
+    or a certificate that does not verify fails at once: waiting would not change it.
+
+    SIGTERM (Airflow stopping the task, or a person) ends the wait at once, during a backoff or a
+    request, and once the connection is read when it comes while Airflow reads it: the reason is
+    logged and ``terminated(reason)`` raised (see :mod:`agentic_airflow.stopping`)."""
     backoff = backoff or Backoff(base=1.0)
     deadline = clock() + patience
     endpoint: SidecarEndpoint | None = None
-    while True:
-        try:
-            if endpoint is None:
-                endpoint = _resolve(resolve, conn_id)
-            return submit_job(endpoint, request)
-        except TransientSubmitError as exc:
-            delay = backoff.next_delay(at_least=exc.retry_after)
-            if clock() + delay > deadline:
-                raise SidecarError(f"{exc}; still failing after {patience:.0f} s") from None
-            if exc.unauthorized:
-                log.error("sidecar refused the token of connection %s (%s); reading it again", conn_id, exc)
-                endpoint = None
-            else:
-                log.warning("job not submitted yet: %s; retrying in %.1f s", exc, delay)
-            sleep(delay)
+    progress = Submission()
+    with StopOnSigterm(progress.describe, log=log, terminated=terminated) as stop:
+        while True:
+            try:
+                progress.attempts += 1
+                if endpoint is None:
+                    endpoint = _resolve(resolve, conn_id)
+                with stop.interruptible():
+                    progress.in_flight = True
+                    job = submit_job(endpoint, request)
+                progress.in_flight = False
+                progress.job_id = str(job["job_id"])  # a SIGTERM held back till now says so
+                return job
+            except TransientSubmitError as exc:
+                progress.failed(exc)
+                delay = backoff.next_delay(at_least=exc.retry_after)
+                if clock() + delay > deadline:
+                    raise SidecarError(f"{exc}; still failing after {patience:.0f} s") from None
+                if exc.unauthorized:
+                    log.error(
+                        "sidecar refused the token of connection %s (%s); reading it again", conn_id, exc
+                    )
+                    endpoint = None
+                else:
+                    log.warning("job not submitted yet: %s; retrying in %.1f s", exc, delay)
+                with stop.interruptible():
+                    sleep(delay)
 
 
 def _resolve(resolve: Callable[[], SidecarEndpoint], conn_id: str) -> SidecarEndpoint:

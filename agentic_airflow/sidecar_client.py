@@ -134,12 +134,31 @@ def _base_path(extra: dict[str, Any]) -> str:
 
 class TransientSubmitError(SidecarError):
     """The submission did not get through, for a reason that may pass: no connection, a timeout, 5xx,
-    429, 401/403 (a token rotation). Retrying is safe: a submission is idempotent per task instance."""
+    429, 401/403 (a token rotation). Retrying is safe: a submission is idempotent per task instance.
 
-    def __init__(self, message: str, *, retry_after: float | None = None, unauthorized: bool = False):
+    ``answer_lost``: the request may have reached the sidecar, and no answer of the sidecar's came (a
+    timeout or a connection cut once it was sent, a proxy's 502/504, an internal error): the sidecar
+    may have taken the job."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        retry_after: float | None = None,
+        unauthorized: bool = False,
+        answer_lost: bool = False,
+    ):
         super().__init__(message)
         self.retry_after = retry_after
         self.unauthorized = unauthorized
+        self.answer_lost = answer_lost
+
+
+# Failures before the request left this process: the sidecar cannot have seen it.
+NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout, httpx.UnsupportedProtocol)
+# Answers that leave nothing behind: the sidecar's "no capacity" or "router DB unreachable" (503), its
+# rate limit (429) and its token check (401/403) all come before anything is recorded.
+NOTHING_RECORDED = (401, 403, 429, 503)
 
 
 def submit_job(
@@ -162,7 +181,7 @@ def submit_job(
         message = describe_failure(endpoint, exc)
         if "certificate verification failed" in message:
             raise SidecarError(message) from None
-        raise TransientSubmitError(message) from None
+        raise TransientSubmitError(message, answer_lost=not isinstance(exc, NOT_SENT)) from None
     code = response.status_code
     parsed = parse_object(response.content)
     error = _error_text(parsed)
@@ -173,6 +192,7 @@ def submit_job(
             f"sidecar at {endpoint.base_url}: HTTP {code}" + (f": {error}" if error else ""),
             retry_after=retry_after_seconds(response.headers.get("Retry-After"), now=datetime.now(UTC)),
             unauthorized=code in (401, 403),
+            answer_lost=code not in NOTHING_RECORDED and code >= 500,
         )
     body = _json(response)
     if code not in (200, 201):
