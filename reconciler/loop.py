@@ -79,9 +79,15 @@ class ReconcileLoop:
         poll: PollConfig,
         fleet: Fleet | None = None,
         watch: JobWatch | None = None,
+        unconfigured_grace_seconds: float = 0.0,
     ) -> None:
         self._db = db
         self._fleet = fleet
+        # An agent missing from the config must stay missing this long (the lost rule's bound) before
+        # its jobs end: a config rendered half, or an agent moving from [[agents]] to registration,
+        # must not end jobs that still run.
+        self._unconfigured_grace = unconfigured_grace_seconds
+        self._missing_since: dict[str, float] = {}  # agent id -> when this process first missed it
         # The long-poll waiters of this process: the catch-up's and the sweep's changes wake them.
         self.watch = watch or JobWatch(db, period=poll.watch_seconds)
         self.catch_up = CatchUp(agents, self._apply_reports)
@@ -233,11 +239,11 @@ class ReconcileLoop:
                 log.warning("catching up with the agents failed: %s", type(exc).__name__)
 
     async def known_agents(self) -> set[str]:
-        """The agents this sidecar can address: its pool's (``[[agents]]`` and the registered agents
-        loaded so far) and, while registration is on, every agent registered in the router DB."""
+        """The agents this sidecar can address or another replica may: its pool's (``[[agents]]`` and
+        the registered agents loaded so far) and every agent registered in the router DB (counted
+        whatever this replica's own registration setting: another replica may hold the fleet token)."""
         known = set(self._agents.ids())
-        if self._fleet is None or self._fleet.registered_token is not None:
-            known.update(row.agent_id for row in await asyncio.to_thread(self._db.registered_agents))
+        known.update(row.agent_id for row in await asyncio.to_thread(self._db.registered_agents))
         return known
 
     async def _end_unconfigured(self, jobs: Sequence[JobRecord], *, dry_run: bool) -> list[JobRecord]:
@@ -246,7 +252,11 @@ class ReconcileLoop:
         if not {job.agent_id for job in jobs} - set(self._agents.ids()):
             return list(jobs)  # the common case: no router DB read
         known = await self.known_agents()
-        ending = [job for job in jobs if job.agent_id not in known]
+        now = time.monotonic()
+        missing = {job.agent_id for job in jobs if job.agent_id not in known}
+        self._missing_since = {a: self._missing_since.get(a, now) for a in missing}
+        due = {a for a in missing if now - self._missing_since[a] >= self._unconfigured_grace}
+        ending = [job for job in jobs if job.agent_id in due]
         if not ending:
             return list(jobs)
         counts = Counter(job.agent_id for job in ending)
@@ -273,7 +283,7 @@ class ReconcileLoop:
                         unconfigured_reason(job.agent_id),
                         extra=job_fields(job, action="end_unconfigured"),
                     )
-        return [job for job in jobs if job.agent_id in known]
+        return [job for job in jobs if job.agent_id not in due]
 
     async def _apply_reports(self, agent_id: str, jobs: Sequence[JobInfo], full: bool) -> Recorded:
         return await apply_agent_reports(

@@ -93,6 +93,7 @@ def build(config: ReconcilerConfig, secrets: Secrets, *, dry_run: bool = False) 
         metrics=metrics,
         poll=config.poll,
         fleet=fleet,
+        unconfigured_grace_seconds=config.fleet.lost_after_seconds,
     )
     # A stop's outcome, or a lost agent's job ended, wakes the trigger long-polling that job at once.
     dispatcher.changed = fleet.changed = loop.watch.notify
