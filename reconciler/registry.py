@@ -87,7 +87,9 @@ def judge_claim(
     if held is None:
         return Judged(Claim.NEW)
     if held.instance == instance:
-        if held.identity_fingerprint != fingerprint:
+        # A row without an identity (written by a replica older than identities, during a rolling
+        # upgrade) takes the one its own process proves: the call-back checks it is that process.
+        if held.identity_fingerprint and held.identity_fingerprint != fingerprint:
             return Judged(
                 Claim.BEAT,
                 refusal=f"instance {instance} of agent {held.agent_id} is registered with another identity:"

@@ -174,8 +174,9 @@ def _upsert(insert: Callable[[Table], Any], *, db_clock: str | None = None) -> A
     from_url = bindparam("from_url", type_=String())
     from_instance = bindparam("from_instance", type_=String())
     allowed = or_(
-        # The same process: its identity cannot change while it runs (another is an impostor).
-        and_(c.instance == new.instance, fingerprint == new.identity_fingerprint),
+        # The same process: its identity cannot change while it runs (another is an impostor); a row
+        # written without one (by a replica older than identities) takes the one it proves.
+        and_(c.instance == new.instance, or_(fingerprint == new.identity_fingerprint, fingerprint == "")),
         # Another process at the row's address: the agent restarted there (the call-back checked who
         # answers there). A new identity there is a new agent: its predecessor's jobs are unknown to it.
         and_(c.url == new.url, c.instance != new.instance),

@@ -339,6 +339,8 @@ NEW_URL = "https://new:8791"
         (held(), "http://old:8791", "i-1", FINGERPRINT, [], Claim.BEAT, ""),
         (held(), NEW_URL, "i-1", FINGERPRINT, [], Claim.BEAT, ""),  # the same process, renamed
         (held(identity_fingerprint=""), "http://old:8791", "i-1", "", [], Claim.BEAT, ""),  # older agent
+        # A row an older replica wrote (no identity) takes its own process's: a rolling upgrade.
+        (held(identity_fingerprint=""), "http://old:8791", "i-1", FINGERPRINT, [], Claim.BEAT, ""),
         (held(), "http://old:8791", "i-2", "", [], Claim.RESTART, ""),
         (held(), "http://old:8791", "i-2", "f" * 64, [], Claim.RESTART, ""),  # a new home there
         (held(), NEW_URL, "i-2", FINGERPRINT, ["i-0", "i-1"], Claim.MOVE, ""),
@@ -595,3 +597,17 @@ def test_an_agent_restarted_on_its_home_presents_the_same_proof_and_its_predeces
         identity_fingerprint(bodies[1]["identity_proof"]),
     )
     assert bodies[1]["identity_proof"] not in json.dumps(shown)
+
+
+def test_a_row_an_older_replica_wrote_takes_its_own_processs_identity(router_db: RouterDB) -> None:
+    """A rolling upgrade: an older replica wrote the row without an identity; the same process, now
+    heartbeating to an upgraded replica with its proof, is accepted (not refused until it restarts)."""
+    moment = datetime.now(UTC)
+    router_db.heartbeat_agent(beat(identity_fingerprint="", last_heartbeat_at=moment), alive_after=moment)
+    job, _ = router_db.submit(NewJob(TaskInstanceKey(dag_id="d", task_id="t", run_id="r"), "vm-m", "sleep 1"))
+    router_db.mark_running(job.job_id, source="test")  # busy: only the rules for a live holder apply
+    live = moment - timedelta(seconds=60)
+    stored = router_db.heartbeat_agent(beat(), alive_after=live)  # the same instance, with its proof
+    assert stored.identity_fingerprint == FINGERPRINT
+    with pytest.raises(AgentConflict):  # once taken, the identity is the row's
+        router_db.heartbeat_agent(beat(identity_fingerprint="f" * 64), alive_after=live)
