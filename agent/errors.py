@@ -19,3 +19,13 @@ class JobRejected(Exception):
 class UnknownJob(JobRejected):
     def __init__(self, job_id: str) -> None:
         super().__init__(404, f"job {job_id!r} is not known to this agent")
+
+
+class UnreadableJob(JobRejected):
+    """A job directory this agent has but whose state it cannot load (skipped at adoption): its
+    process may run, so the job is neither known nor forgotten, and nothing may be written over it."""
+
+    def __init__(self, job_id: str) -> None:
+        super().__init__(
+            500, f"job {job_id!r} has a directory on this agent whose state cannot be read (see its log)"
+        )

@@ -34,14 +34,14 @@ from agent import adoption, outcome, procfs
 from agent.admission import Admission
 from agent.changes import ChangeIndex
 from agent.config import AgentConfig
-from agent.errors import JobRejected, UnknownJob
+from agent.errors import JobRejected, UnknownJob, UnreadableJob
 from agent.monitor import Monitor
 from agent.retention import Budget, Finished, to_remove
 from agent.spawn import Spawner
 from agent.state import JobDir, StoredJob
 from agent.stopping import stop_job
 from agent.tracked_job import TrackedJob
-from agent_api.protocol import AgentJobStatus, JobInfo, LogChunk, RunRequest, StopResult
+from agent_api.protocol import JOB_ID_PATTERN, AgentJobStatus, JobInfo, LogChunk, RunRequest, StopResult
 
 __all__ = ["MAX_LOG_CHUNK", "JobManager", "JobRejected", "UnknownJob"]
 
@@ -290,8 +290,14 @@ class JobManager:
     def _job(self, job_id: str) -> TrackedJob:
         job = self._jobs.get(job_id)
         if job is None:
+            self._refuse_unreadable(job_id)
             raise UnknownJob(job_id)
         return job
+
+    def _refuse_unreadable(self, job_id: str) -> None:
+        """"Not known" must mean it: the sidecar ends a job its agent denies knowing."""
+        if JOB_ID_PATTERN.fullmatch(job_id) and (self._root / job_id).is_dir():
+            raise UnreadableJob(job_id)
 
     # ------------------------------------------------------------------------------ run
 
@@ -350,8 +356,8 @@ class JobManager:
         path = self._root / job_id
         try:
             path.mkdir(mode=0o700)
-        except FileExistsError:  # a directory without a loadable state: leave it, refuse the id
-            pass
+        except FileExistsError:  # a directory without a loadable state: its process may run
+            raise UnreadableJob(job_id) from None
         record = StoredJob(
             job_id,
             AgentJobStatus.FAILED,

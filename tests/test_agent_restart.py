@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import httpx
 import pytest
 
 from agent.process_tree import ProcessRef
@@ -165,6 +166,14 @@ def test_unreadable_state_does_not_stop_the_agent_from_starting(tmp_path: Path, 
     (home / "jobs" / "broken" / "state.json").write_text(state)
     with AgentProcess(home) as agent:
         assert "skipping job" in agent.log_text()
+        # Not "not known" (the sidecar ends a job its agent denies knowing: its process may run), and
+        # a stop leaves its state as it is instead of writing a tombstone over it.
+        headers = {"Authorization": f"Bearer {agent.token}"}
+        read = httpx.get(f"{agent.url}/jobs/broken", headers=headers, timeout=10)
+        assert read.status_code == 500 and "cannot be read" in read.json()["error"], read.text
+        stopped = httpx.post(f"{agent.url}/stop/broken", headers=headers, json={}, timeout=10)
+        assert stopped.status_code == 500 and "cannot be read" in stopped.json()["error"], stopped.text
+        assert (home / "jobs" / "broken" / "state.json").read_text() == state
 
 
 def test_a_stop_cut_short_by_an_agent_crash_is_finished_by_the_next_agent(tmp_path: Path) -> None:
