@@ -18,7 +18,7 @@ import asyncio
 import logging
 from collections.abc import Coroutine, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from agent_api.client import (
@@ -31,6 +31,7 @@ from agent_api.client import (
 from reconciler.agent_reports import apply_agent_reports, give_up, record_finish
 from reconciler.agents import AgentPool, NoAgent, NoCapacity, unconfigured_reason
 from reconciler.airflow import AirflowError
+from reconciler.db_time import DbTime
 from reconciler.decision import MAX_NOTE_CHARS, Divergence, Stop
 from reconciler.fleet import AgentState
 from reconciler.logfields import job_fields
@@ -107,6 +108,7 @@ class JobService:
         submissions: Submissions | None = None,
     ) -> None:
         self._db = db
+        self._db_time = DbTime(db.now)  # a queued job's age is measured on the clock that wrote it
         self._watch = watch or loop.watch  # one per process: the loop's changes wake our waiters
         # Follows the jobs whose /run got no clear answer (the leader's sweep uses the same object).
         self._submissions = submissions or Submissions(db=db, agents=agents, notify=self._watch.notify)
@@ -313,7 +315,7 @@ class JobService:
         """Record what ``agent_id`` reports of ``jobs`` (``full``: every job it knows), as the loop's
         catch-up does; returns how many jobs changed. See :mod:`reconciler.agent_reports`."""
         recorded = await apply_agent_reports(
-            self._db, self._agents, self._watch, agent_id, jobs, full=full, now=datetime.now(UTC)
+            self._db, self._agents, self._watch, agent_id, jobs, full=full, now=await self._db_time.now()
         )
         return recorded.changed
 
@@ -383,7 +385,7 @@ class JobService:
 
 
 async def refresh_from_agent(
-    db: RouterDB, agents: AgentPool, job: JobRecord, *, timeout: float = 5.0
+    db: RouterDB, agents: AgentPool, job: JobRecord, *, timeout: float = 5.0, now: datetime | None = None
 ) -> JobRecord:
     """Ask the job's agent about a queued or running job and record what it reports: the loop's
     rolling sweep of agents without the change feed. An unreachable agent leaves the record as it is.
@@ -399,12 +401,15 @@ async def refresh_from_agent(
         return job
     except NoAgent:  # no longer configured nor registered: the loop ends the job
         return job
+    if now is None:
+        now = await asyncio.to_thread(db.now)
     outcome = after_status(
         job.status,
         info.status if info else None,
         rc=info.rc if info else None,
         reason=info.reason if info else None,
-        queued_for=(datetime.now(UTC) - job.created_at).total_seconds(),
+        # ``now``: the router DB's, which wrote ``created_at`` (this replica's clock may be off).
+        queued_for=(now - job.created_at).total_seconds(),
     )
     if isinstance(outcome, Finish):
         return await record_finish(db, job, outcome)

@@ -41,6 +41,7 @@ from reconciler.agents import AgentPool, unconfigured_reason, unconfigured_trans
 from reconciler.airflow import REFUSALS, AirflowError, TaskInstancePath, TaskInstanceReader
 from reconciler.catch_up import CatchUp
 from reconciler.config import PollConfig
+from reconciler.db_time import DbTime
 from reconciler.decision import MAX_NOTE_CHARS, Absent, Keep, Observation, Stop, Unknown
 from reconciler.fleet import AgentState, Fleet
 from reconciler.job_service import refresh_from_agent
@@ -88,6 +89,7 @@ class ReconcileLoop:
         # must not end jobs that still run.
         self._unconfigured_grace = unconfigured_grace_seconds
         self._missing_since: dict[str, float] = {}  # agent id -> when this process first missed it
+        self._db_time = DbTime(db.now)  # a queued job's age is measured on the clock that wrote it
         # The long-poll waiters of this process: the catch-up's and the sweep's changes wake them.
         self.watch = watch or JobWatch(db, period=poll.watch_seconds)
         self.catch_up = CatchUp(agents, self._apply_reports)
@@ -287,7 +289,7 @@ class ReconcileLoop:
 
     async def _apply_reports(self, agent_id: str, jobs: Sequence[JobInfo], full: bool) -> Recorded:
         return await apply_agent_reports(
-            self._db, self._agents, self.watch, agent_id, jobs, full=full, now=datetime.now(UTC)
+            self._db, self._agents, self.watch, agent_id, jobs, full=full, now=await self._db_time.now()
         )
 
     async def _against_airflow(
@@ -501,8 +503,12 @@ class ReconcileLoop:
 
     async def sync_from_agents(self, jobs: Sequence[JobRecord]) -> None:
         """The reverse direction: record jobs that ended on their agent without anyone noticing."""
+        if not jobs:
+            return
+        now = await self._db_time.now()
         fresh = await _bounded(
-            AGENT_READ_CONCURRENCY, [refresh_from_agent(self._db, self._agents, job) for job in jobs]
+            AGENT_READ_CONCURRENCY,
+            [refresh_from_agent(self._db, self._agents, job, now=now) for job in jobs],
         )
         self.watch.notify(after for before, after in zip(jobs, fresh, strict=True) if after is not before)
 

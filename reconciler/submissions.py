@@ -31,7 +31,7 @@ import contextlib
 import logging
 import random
 from collections.abc import Callable, Iterable, Mapping
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from agent_api.client import (
@@ -110,6 +110,7 @@ class Submissions:
         self._lost_after = lost_after_seconds
         self._run_timeout = run_timeout
         self._answering = answering
+        self._offset = timedelta(0)  # the router DB's clock less this replica's, as last read
         self._notify = notify
         self._following: dict[str, asyncio.Task[None]] = {}
 
@@ -133,6 +134,7 @@ class Submissions:
         a refusal ends the job now; anything else is followed in the background (the job is returned
         as it is, QUEUED)."""
         answer = run_answer(error)
+        await self._read_clock()
         step = after_run(answer, age=self._age(job), give_up_seconds=self._give_up, error=str(error))
         if isinstance(step, Finish):
             return await self._record(job, step)
@@ -259,6 +261,7 @@ class Submissions:
         """Settle the QUEUED jobs nobody follows (their replica died or restarted): those older than
         the bound plus one ``/run``'s timeout, of agents that answer (a silent agent's jobs end by the
         lost rule). Returns how many were settled."""
+        await self._read_clock()
         oldest = self._give_up + self._run_timeout
         queued = await asyncio.to_thread(self._db.search, statuses=[JobStatus.QUEUED], limit=SWEEP_LIMIT)
         due = [
@@ -296,7 +299,12 @@ class Submissions:
     # ------------------------------------------------------------------------------ the router DB
 
     def _age(self, job: JobRecord) -> float:
-        return (datetime.now(UTC) - job.created_at).total_seconds()
+        """On the router DB's clock, which wrote ``created_at``: this replica's own may be minutes off.
+        The offset is read again at every submission and sweep (:meth:`_read_clock`)."""
+        return (datetime.now(UTC) + self._offset - job.created_at).total_seconds()
+
+    async def _read_clock(self) -> None:
+        self._offset = await asyncio.to_thread(self._db.now) - datetime.now(UTC)
 
     async def _still_queued(self, job: JobRecord) -> bool:
         """Whether nobody moved the job meanwhile (a stop, the catch-up, a lost agent's end)."""
