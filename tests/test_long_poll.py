@@ -16,11 +16,12 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 
+import httpx
 import pytest
 from aiohttp import web
 
 from agent_api.protocol import AgentJobStatus, JobInfo
-from harness.processes import free_port
+from harness.processes import free_port, wait_until
 from harness.scripted import ScriptedAirflow
 from harness.served import ServedAirflow, ServedApp
 from harness.sidecar import AgentRef, SidecarProcess
@@ -269,11 +270,23 @@ def stand(
         db.dispose()
 
 
+def first_cycle_done(client: httpx.Client) -> bool:
+    metrics = client.get("/metrics").text
+    return any(
+        line.startswith("reconciler_cycles_total{") and float(line.rsplit(" ", 1)[1]) >= 1
+        for line in metrics.splitlines()
+    )
+
+
 @pytest.mark.parametrize("stand", ["sqlite", "postgresql"], indirect=True)
 def test_the_sidecar_answers_job_reads_without_asking_the_agent_and_long_polls_for_a_change(
     stand: tuple[SidecarProcess, CountingAgent, RouterDB],
 ) -> None:
     sidecar, agent, db = stand
+    with sidecar.client() as client:
+        # The job is made once the first cycle has run (the lease may be taken a moment after the
+        # sidecar answers): a cycle would find no task instance for it in Airflow and stop it.
+        wait_until(lambda: first_cycle_done(client), timeout=30, what="the first cycle")
     job = running_job(db)
     with sidecar.client() as client:
         time.sleep(0.5)  # the first cycle's catch-up and sweep are over
