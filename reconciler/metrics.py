@@ -50,9 +50,9 @@ class Metrics:
         )
         self.targeted_surplus = Gauge(
             "reconciler_targeted_count_surplus",
-            "Deferred task instances the targeted read counted beyond those it watches (tasks its id lists "
-            "also match, finished jobs' task instances still deferred): while above 0, as many drops can "
-            "wait for the rolling full check.",
+            "Task instances by which the targeted read's last deferred count differed from what it knew "
+            "and that no read of that cycle accounted for (a locating read failed): as many drops wait "
+            "for the next cycle.",
             registry=r,
         )
         self.active_jobs = Gauge("reconciler_active_jobs", "Jobs the router DB considers active.", registry=r)

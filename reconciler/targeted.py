@@ -4,24 +4,32 @@ A job's task instance waits in ``deferred`` while its job runs. Each cycle makes
 the batch endpoint, filtered by the watched jobs' DAG, run and task ids (filters Airflow's indexes
 serve, so finished history is never read):
 
-- the watched task instances in an *in-flight* state (no state, scheduled, queued, running, up for
-  retry or reschedule, restarting): a steady cycle returns none; a cleared task shows here;
-- the *count* of watched task instances in ``deferred``, without rows.
+- the task instances in an *in-flight* state (no state, scheduled, queued, running, up for retry or
+  reschedule, restarting): a steady cycle returns none of the watched ones; a cleared task shows here;
+- the *count* of task instances in ``deferred``, without rows.
 
-Every watched task instance not in flight should be deferred. A count below that number means some
-left ``deferred`` for a finished state (marked failed or success, skipped) or vanished (run deleted);
-the read then *locates* them: it counts smaller groups of runs at once, down to groups of a few runs
-(or while the drop is so dense that most runs hold part of it), and reads the finished task
-instances of the groups that fell short, and every row of a group where some vanished. The count
-errs only one way: task instances the ids' cross product also matches (a task not watched in a
-watched run) can hide a drop, never fake one. So a rolling *full check* reads every watched run's
-rows once per ``full_resync_seconds``, a thousand task instances per request.
+The id lists match more than the watched task instances (their cross product takes in tasks no job
+watches, and the endpoint cannot filter by map index), so the count is compared with every task
+instance the read *knows* to be deferred: the watched ones not in flight, and others it has reason
+to: the task instance of a job that ended, until Airflow moves it on (a short job ends before its
+operator defers: expected from when it leaves flight); one nobody watches that a read saw in flight
+and then no longer (a sensor, another sidecar's job); any deferred one a read found.
 
-A job that ended on its own (the command exited) leaves its task instance deferred until the trigger
-hears of the end. Where the live jobs' id lists still match that task instance (another map index of
-the task, the same task in another watched run) it stays watched until Airflow moves it on, so that
-it neither hides a drop while it is deferred nor fakes one when it leaves. Every would-be stop is
-still confirmed by a direct read in the loop.
+A difference either way is located at once. The likely reason first, in one request: below the
+count, what left flight expected to defer and finished instead; above, what the in-flight read found
+that deferred before the count (the two run at once). What is left: the id lists are cut into parts
+whose cross products partition theirs (by DAG, then run, then task), each part is counted, and the
+parts whose count differs are cut again, down to a few hundred task instances; there the finished
+rows are read (a drop: marked failed or success, skipped) or, where the count is above what the read
+knows, the deferred rows (what it did not know is known from then on). A watched task instance found
+in neither vanished (its run deleted): every row of its run is read. So no deferred task instance the
+read does not watch hides a drop for long: once counted, it is known, and known ones are expected.
+
+What a count cannot see is two changes that cancel: a task instance no read saw in flight or deferred
+defers as a known one leaves. That drop shows when the task instance leaves ``deferred`` again, or
+at the rolling *full check*, which reads every watched run's rows once per ``full_resync_seconds``, a
+thousand task instances per request. Every would-be stop is still confirmed by a direct read in the
+loop.
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ import math
 import time
 from collections import Counter
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import TypeVar
 
 from reconciler.airflow import AirflowError, TaskInstance, TaskInstancePath, TaskInstanceReader
@@ -49,15 +58,17 @@ IN_FLIGHT_STATES: tuple[str | None, ...] = (
 )
 DEFERRED_STATES: tuple[str | None, ...] = ("deferred",)
 FINISHED_STATES: tuple[str | None, ...] = ("success", "failed", "upstream_failed", "skipped", "removed")
-FANOUT = 8  # a located group is split into this many, counted at once
-LEAF_KEYS = 200  # a group with this few task instances is read (its finished rows), not split
+FANOUT = 8  # a located region is cut into this many, counted at once
+LEAF_KEYS = 200  # a region with this few expected task instances is read, not cut
 CHECK_KEYS = 1000  # task instances per request of the rolling full check (one batch page)
 # Such requests in flight at once: a thousand rows cost Airflow's API server ~0.65 s to serialize
 # (bench/RESULTS.md), and a whole round on a term's first cycle must not take all its workers.
 CHECK_PAGES = 2
-DRAIN_SECONDS = 60.0  # how long a job that ended on its own stays watched for its deferred TI
+DRAIN_SECONDS = 60.0  # how long the task instance of a job that ended stays expected deferred
+FOUND = math.inf  # a deferred task instance a read found stays expected until Airflow moves it on
 
 Run = tuple[str, str]  # (dag_id, run_id)
+IdLists = dict[str, Collection[str]]
 log = logging.getLogger("reconciler.targeted")
 T = TypeVar("T")
 
@@ -82,23 +93,90 @@ def run_of(key: TaskInstancePath) -> Run:
     return (key.dag_id, key.run_id)
 
 
-def split(items: Sequence[T], parts: int) -> list[Sequence[T]]:
-    """``items`` in at most ``parts`` contiguous slices of near-equal size."""
-    size = math.ceil(len(items) / parts)
-    return [items[i : i + size] for i in range(0, len(items), size)]
+def id_lists(keys: Collection[TaskInstancePath]) -> IdLists:
+    """The batch endpoint's id lists that match ``keys`` (and whatever else their cross product does)."""
+    return {
+        "dag_ids": {k.dag_id for k in keys},
+        "run_ids": {k.run_id for k in keys},
+        "task_ids": {k.task_id for k in keys},
+    }
+
+
+@dataclass(frozen=True)
+class Region:
+    """The task instances the batch endpoint's id lists match: the cross product of these ids."""
+
+    dag_ids: tuple[str, ...]
+    run_ids: tuple[str, ...]
+    task_ids: tuple[str, ...]
+
+    @classmethod
+    def of(cls, ids: IdLists) -> Region:
+        dags, runs, tasks = (tuple(sorted(ids[name])) for name in ("dag_ids", "run_ids", "task_ids"))
+        return cls(dags, runs, tasks)
+
+    def lists(self) -> IdLists:
+        return {"dag_ids": self.dag_ids, "run_ids": self.run_ids, "task_ids": self.task_ids}
+
+
+def _coordinate(key: TaskInstancePath, axis: int) -> str:
+    return (key.dag_id, key.run_id, key.task_id)[axis]
+
+
+def partition(
+    region: Region, keys: Iterable[TaskInstancePath], parts: int
+) -> list[tuple[Region, list[TaskInstancePath]]]:
+    """``region`` cut into at most ``parts`` regions whose cross products partition its own, each
+    with the ``keys`` (all inside ``region``) it holds.
+
+    The first list with more than one id (DAGs, then runs, then tasks) is cut into contiguous runs of
+    ids holding about as many keys each (an id counts one more, so ids no key uses are spread too);
+    the other lists stay whole, so no task instance of ``region`` falls outside every part, and the
+    parts' counts add up to the region's. A region of one DAG, run and task comes back whole.
+    """
+    axes = (region.dag_ids, region.run_ids, region.task_ids)
+    axis = next((n for n, ids in enumerate(axes) if len(ids) > 1), None)
+    keys = list(keys)
+    if axis is None:
+        return [(region, keys)]
+    ids = axes[axis]
+    weight = Counter(_coordinate(key, axis) for key in keys)
+    total = len(keys) + len(ids)
+    part_of: dict[str, int] = {}
+    before = 0
+    for name in ids:
+        # The id's midpoint places it: the first and last ids always land in different parts.
+        own = weight[name] + 1
+        part_of[name] = min(parts - 1, int((before + own / 2) * parts / total))
+        before += own
+    cuts: dict[int, tuple[list[str], list[TaskInstancePath]]] = {}
+    for name in ids:
+        cuts.setdefault(part_of[name], ([], []))[0].append(name)
+    for key in keys:
+        cuts[part_of[_coordinate(key, axis)]][1].append(key)
+    out = []
+    for names, held in cuts.values():
+        cut = list(axes)
+        cut[axis] = tuple(names)
+        out.append((Region(cut[0], cut[1], cut[2]), held))
+    return out
 
 
 class Watched:
     """The watched task instances by key and by run, kept across cycles and updated by the jobs that
-    come and go (a cycle of 100,000 jobs must not rebuild it), plus this cycle's lingering keys."""
+    come and go (a cycle of 100,000 jobs must not rebuild it), plus this cycle's other task
+    instances expected deferred."""
 
     def __init__(self) -> None:
         self.by_id: dict[str, JobRecord] = {}
         self.jobs: dict[TaskInstancePath, list[JobRecord]] = {}
         self.by_run: dict[Run, set[TaskInstancePath]] = {}
-        # Task instances of jobs that ended on their own, still deferred as far as we know, that the
-        # id lists match: counted as deferred this cycle.
-        self.lingering: dict[Run, set[TaskInstancePath]] = {}
+        # Task instances not watched that the count takes in and the read knows to be deferred, or
+        # to defer next (a job that ended first), that the id lists match: expected this cycle.
+        self.others: dict[Run, set[TaskInstancePath]] = {}
+        # Jobs whose task instance no read has found out of flight yet: its deferral is ahead.
+        self.fresh: set[str] = set()
+        self._read = False  # before a term's first read, a job is not taken for fresh (see settle)
         # How many watched keys use each DAG, run and task id: the id lists of the whole set.
         self._ids: tuple[Counter[str], Counter[str], Counter[str]] = (Counter(), Counter(), Counter())
 
@@ -112,6 +190,8 @@ class Watched:
 
     def _add(self, job: JobRecord) -> None:
         key = ti_key(job)
+        if self._read:
+            self.fresh.add(job.job_id)
         jobs = self.jobs.get(key)
         if jobs is None:
             self.jobs[key] = jobs = []
@@ -122,6 +202,7 @@ class Watched:
 
     def _remove(self, job: JobRecord) -> None:
         key = ti_key(job)
+        self.fresh.discard(job.job_id)
         jobs = self.jobs[key]
         jobs.remove(job)
         if jobs:
@@ -136,6 +217,16 @@ class Watched:
             if not count[name]:
                 del count[name]
 
+    def settle(self, in_flight: Collection[TaskInstancePath]) -> None:
+        """A read found these task instances in flight: every other watched one has left flight.
+        (The first read of a term finds the fresh jobs among those in flight, rather than holding
+        every job of a large set until then.)"""
+        if not self._read:
+            self._read = True
+            self.fresh = {job.job_id for key in in_flight for job in self.jobs.get(key, ())}
+            return
+        self.fresh = {job_id for job_id in self.fresh if ti_key(self.by_id[job_id]) in in_flight}
+
     def covers(self, key: TaskInstancePath) -> bool:
         """Whether the whole set's id lists match ``key``."""
         dags, runs, tasks = self._ids
@@ -146,45 +237,21 @@ class Watched:
         return {"dag_ids": dags.keys(), "run_ids": runs.keys(), "task_ids": tasks.keys()}
 
     def watches(self, key: TaskInstancePath) -> bool:
-        return key in self.jobs or key in self.lingering.get(run_of(key), ())
+        return key in self.jobs or key in self.others.get(run_of(key), ())
 
     def size(self) -> int:
-        return len(self.jobs) + sum(map(len, self.lingering.values()))
+        return len(self.jobs) + sum(map(len, self.others.values()))
 
     def keys(self, runs: Iterable[Run]) -> list[TaskInstancePath]:
-        return [key for run in runs for keys in (self.by_run, self.lingering) for key in keys.get(run, ())]
+        return [key for run in runs for keys in (self.by_run, self.others) for key in keys.get(run, ())]
 
     def runs(self) -> set[Run]:
-        return self.by_run.keys() | self.lingering.keys()
-
-
-IdLists = dict[str, Collection[str]]
-
-
-def id_lists(keys: Collection[TaskInstancePath]) -> IdLists:
-    """The batch endpoint's id lists that match ``keys`` (and whatever else their cross product does)."""
-    return {
-        "dag_ids": {k.dag_id for k in keys},
-        "run_ids": {k.run_id for k in keys},
-        "task_ids": {k.task_id for k in keys},
-    }
-
-
-def expected_within(expected: Mapping[Run, list[TaskInstancePath]], ids: IdLists) -> int:
-    """How many of ``expected`` the id lists' cross product matches: a group's count takes in the
-    task instances of other groups whose DAG, run and task ids it shares (DAGs on one schedule have
-    the same run ids), so those are expected in it too."""
-    tasks = ids["task_ids"]
-    return sum(
-        sum(key.task_id in tasks for key in expected.get((dag_id, run_id), ()))
-        for dag_id in ids["dag_ids"]
-        for run_id in ids["run_ids"]
-    )
+        return self.by_run.keys() | self.others.keys()
 
 
 class TargetedRead:
-    """The targeted read's state across cycles: the watched index, the task instances of jobs that
-    ended on their own, and the rolling full check."""
+    """The targeted read's state across cycles: the watched index, the other task instances known to
+    be deferred, and the rolling full check."""
 
     def __init__(
         self,
@@ -202,15 +269,22 @@ class TargetedRead:
         self._gate: tuple[asyncio.AbstractEventLoop, asyncio.Semaphore] | None = None
         self._clock = clock
         self.requests: dict[str, int] = {"in_flight": 0, "deferred_count": 0, "locate_count": 0, "rows": 0}
-        self.surplus = 0  # deferred task instances the last count found beyond the watched ones
+        # Task instances by which the last count differed from what the read knew and that no read
+        # of that cycle accounted for (a locating read failed): as many drops wait a cycle more.
+        self.surplus = 0
         self.restart()
 
     def restart(self) -> None:
         """Forget what earlier reads learnt (a new leadership term): the full check starts over, at
         full speed for its first round."""
         self._watched = Watched()
-        self._ended_deferred: dict[TaskInstancePath, float] = {}  # key -> when to stop counting it
-        self._in_flight: set[TaskInstancePath] = set()  # what the last read found in flight
+        # Task instances not watched, expected deferred: key -> until when (FOUND: while it is).
+        self._others: dict[TaskInstancePath, float] = {}
+        self._ahead: set[TaskInstancePath] = set()  # of those, the ones still to defer
+        # Task instances not watched that the last read found in flight -> whether they may defer
+        # next (False: they have deferred already and are finishing).
+        self._passing: dict[TaskInstancePath, bool] = {}
+        self._in_flight: set[TaskInstancePath] = set()  # watched ones the last read found in flight
         self._round: list[Run] = []  # runs the current round of the full check has yet to read
         self._round_seen: set[Run] = set()  # every run the current round took in
         self._first_round = True  # a term's first round of the full check goes at full speed
@@ -222,13 +296,21 @@ class TargetedRead:
         return not self._first_round
 
     def ended(self, jobs: Iterable[JobRecord]) -> None:
-        """Jobs that left the active set. One that ended on its own while its task instance was
-        deferred keeps that task instance counted until Airflow moves it on (or DRAIN_SECONDS)."""
+        """Jobs that left the active set. One that ended on its own keeps its task instance expected
+        deferred until Airflow moves it on (or DRAIN_SECONDS): at once if a read took it for
+        deferred, from when it leaves flight if no read has found it out of flight yet (its
+        operator defers after the job started, so a short job can end first)."""
+        watched = self._watched
         for job in jobs:
+            if job.job_id not in watched.by_id or job.stop_requested_at is not None:
+                continue
             key = ti_key(job)
-            taken_as_deferred = job.job_id in self._watched.by_id and key not in self._in_flight
-            if taken_as_deferred and job.stop_requested_at is None:
-                self._ended_deferred[key] = self._clock() + DRAIN_SECONDS
+            if job.job_id in watched.fresh:
+                self._ahead.add(key)
+            elif key in self._in_flight:
+                self._passing[key] = False  # deferred, now in flight: the trigger fired, it finishes
+                continue
+            self._others[key] = self._clock() + DRAIN_SECONDS
 
     async def read(self, live: Sequence[JobRecord]) -> tuple[dict[str, Observation], str]:
         """Observations of the live jobs that this cycle's reads say may diverge, and which reads ran.
@@ -239,36 +321,44 @@ class TargetedRead:
         now = self._clock()
         watched = self._watched
         watched.update(live)
-        self._ended_deferred = {k: until for k, until in self._ended_deferred.items() if until > now}
-        watched.lingering = {}
-        for key in self._ended_deferred:
-            # Only a task instance the live jobs' id lists match is in the count.
-            if key not in watched.jobs and watched.covers(key):
-                watched.lingering.setdefault(run_of(key), set()).add(key)
+        # Only task instances the live jobs' id lists match are in the count; a watched key is the
+        # job's to judge.
+        self._others = {
+            key: until
+            for key, until in self._others.items()
+            if until > now and key not in watched.jobs and watched.covers(key)
+        }
+        self._ahead &= self._others.keys()
+        watched.others = {}
+        for key in self._others:
+            watched.others.setdefault(run_of(key), set()).add(key)
         if not watched.jobs:
             self.surplus = 0
             await self._airflow.ping()  # nothing to read, but readiness must mean "Airflow answers"
             return {}, "targeted"
         ids = watched.id_lists()
-        in_flight, deferred = await asyncio.gather(
-            self._rows(ids, watched.watches, IN_FLIGHT_STATES, kind="in_flight"),
+        passing, deferred = await asyncio.gather(
+            self._rows(ids, lambda key: True, IN_FLIGHT_STATES, kind="in_flight"),
             self._counted(ids, DEFERRED_STATES, kind="deferred_count"),
         )
-        self._in_flight = set(in_flight)
+        in_flight = {key: ti for key, ti in passing.items() if watched.watches(key)}
+        suspects = self._settle(watched, passing.keys(), now)
         found: dict[str, Observation] = {}
         failed: list[AirflowError] = []
         self._observe(watched, in_flight, found)
         read = "targeted"
-        deficit = watched.size() - len(in_flight) - deferred
-        self.surplus = max(0, -deficit)
-        if deficit > 0:
+        # Above 0: deferred task instances the read does not know; below: known ones gone.
+        difference = deferred - (watched.size() - len(in_flight))
+        self.surplus = 0
+        if difference:
             read += "+locate"
-            expected: dict[Run, list[TaskInstancePath]] = {}
-            for run in watched.runs():
-                keys = [key for key in watched.keys([run]) if key not in in_flight]
-                if keys:
-                    expected[run] = keys
-            await self._locate(watched, sorted(expected), expected, deficit, found, failed)
+            expected = [key for key in watched.keys(watched.runs()) if key not in in_flight]
+            difference, expected = await self._likely(
+                watched, difference, expected, suspects, passing.keys(), found, failed
+            )
+            if difference:
+                region = Region.of(ids)
+                self.surplus = await self._locate(watched, region, expected, difference, found, failed)
         due = self._due(watched, now)
         if due:
             read += "+check"
@@ -283,60 +373,162 @@ class TargetedRead:
             )
         return found, read
 
+    def _settle(
+        self, watched: Watched, passing: Collection[TaskInstancePath], now: float
+    ) -> list[TaskInstancePath]:
+        """Bring what the read expects up to an in-flight read (``passing``: every task instance the
+        id lists match in flight). A task instance that was in flight and no longer is has deferred
+        or finished: one still to defer (a short job's, or one nobody watches, as a sensor or another
+        sidecar's job) is expected deferred from now on, and returned: if the count falls short, it
+        is the likely reason."""
+        self._in_flight = {key for key in passing if watched.watches(key)}
+        watched.settle(self._in_flight)
+        suspects = [key for key in self._ahead if key not in passing]
+        self._ahead.intersection_update(passing)
+        for key, may_defer in self._passing.items():
+            if may_defer and key not in passing and not watched.watches(key) and watched.covers(key):
+                self._others[key] = now + DRAIN_SECONDS
+                watched.others.setdefault(run_of(key), set()).add(key)
+                suspects.append(key)
+        self._passing = {key: self._passing.get(key, True) for key in passing if not watched.watches(key)}
+        return suspects
+
+    async def _likely(
+        self,
+        watched: Watched,
+        difference: int,
+        expected: list[TaskInstancePath],
+        suspects: list[TaskInstancePath],
+        passing: Collection[TaskInstancePath],
+        found: dict[str, Observation],
+        failed: list[AirflowError],
+    ) -> tuple[int, list[TaskInstancePath]]:
+        """The likely reasons for ``difference`` first, in one request; returns what is left of it
+        and the task instances known deferred. Below the count: ``suspects``, task instances that
+        left flight expected to defer, finished instead. Above: task instances in flight at this
+        cycle's read (``passing``) deferred before its count (the two requests run at once); the
+        deferred rows their id lists match also show any other the read did not know."""
+        if difference < 0 and suspects:
+            finished = await self._finished_rows(watched, suspects, found, failed) or set()
+            gone = finished.intersection(expected)
+            return difference + len(gone), [key for key in expected if key not in gone]
+        if difference < 0 or not passing:
+            return difference, expected
+        lists = id_lists(passing)
+        dags, runs, tasks = lists["dag_ids"], lists["run_ids"], lists["task_ids"]
+        # Unless those lists match many known ones: then their rows cost more than counting parts.
+        if sum(k.dag_id in dags and k.run_id in runs and k.task_id in tasks for k in expected) > LEAF_KEYS:
+            return difference, expected
+        try:
+            rows = await self._rows(lists, lambda key: True, DEFERRED_STATES, kind="rows")
+        except AirflowError as exc:
+            failed.append(exc)
+            return difference, expected
+        known = set(expected)
+        new = [key for key in rows if key not in known]
+        self._learn(watched, new)
+        return difference - len(new), expected + new
+
+    def _learn(self, watched: Watched, deferred: Iterable[TaskInstancePath]) -> None:
+        """These task instances are deferred: the ones no job watches are expected from now on."""
+        for key in deferred:
+            if key not in watched.jobs:
+                self._others.setdefault(key, FOUND)
+                self._ahead.discard(key)
+
     async def _locate(
         self,
         watched: Watched,
-        runs: Sequence[Run],
-        expected: dict[Run, list[TaskInstancePath]],
-        deficit: int,
+        region: Region,
+        expected: list[TaskInstancePath],
+        difference: int,
         found: dict[str, Observation],
         failed: list[AirflowError],
-    ) -> None:
-        """Find which of ``runs`` (whose count fell ``deficit`` short) hold watched task instances no
-        longer deferred: split them and count each part until the parts are small, or the drop so
-        dense that most runs hold one; then read the finished task instances there."""
-        keys = [key for run in runs for key in expected[run]]
-        if len(keys) <= LEAF_KEYS or len(runs) == 1 or deficit * FANOUT >= len(runs):
-            await self._finished(watched, runs, keys, deficit, found, failed)
-            return
-        groups = split(runs, FANOUT)
-        lists = [id_lists([key for run in group for key in expected[run]]) for group in groups]
+    ) -> int:
+        """Account for ``difference``, by which ``region``'s deferred count differs from the
+        ``expected`` task instances in it: cut the region and count each part until the parts are
+        small, or a drop so dense that most runs hold one; then read the rows there. Returns how many
+        task instances of the difference no read accounted for (one failed)."""
+        runs = {run_of(key) for key in expected}
+        dense = difference < 0 and (-difference * FANOUT >= len(runs) or len(runs) == 1)
+        parts = [] if len(expected) <= LEAF_KEYS or dense else partition(region, expected, FANOUT)
+        if len(parts) < 2:
+            return await self._explain(watched, region, expected, difference, found, failed)
         try:
             counts = await asyncio.gather(
-                *(self._counted(ids, DEFERRED_STATES, kind="locate_count") for ids in lists)
+                *(self._counted(part.lists(), DEFERRED_STATES, kind="locate_count") for part, _ in parts)
             )
         except AirflowError as exc:
             failed.append(exc)
-            return
-        short = [expected_within(expected, ids) - n for ids, n in zip(lists, counts, strict=True)]
-        await asyncio.gather(
+            return abs(difference)
+        left = await asyncio.gather(
             *(
-                self._locate(watched, group, expected, lacking, found, failed)
-                for group, lacking in zip(groups, short, strict=True)
-                if lacking > 0
+                self._locate(watched, part, held, n - len(held), found, failed)
+                for (part, held), n in zip(parts, counts, strict=True)
+                if n != len(held)
             )
         )
+        return sum(left)
+
+    async def _explain(
+        self,
+        watched: Watched,
+        region: Region,
+        expected: list[TaskInstancePath],
+        difference: int,
+        found: dict[str, Observation],
+        failed: list[AirflowError],
+    ) -> int:
+        """Read what accounts for ``difference`` in ``region``. Above what the read knows: the
+        region's deferred rows (current task instances only, never history); those it did not know
+        are known from then on, and the expected ones missing there are looked for among the finished
+        ones. Below: the finished rows of the expected task instances."""
+        if difference < 0:
+            return await self._finished(watched, expected, -difference, found, failed)
+        try:
+            rows = await self._rows(region.lists(), lambda key: True, DEFERRED_STATES, kind="rows")
+        except AirflowError as exc:
+            failed.append(exc)
+            return difference
+        self._learn(watched, rows)
+        gone = [key for key in expected if key not in rows]
+        return await self._finished(watched, gone, len(gone), found, failed) if gone else 0
 
     async def _finished(
         self,
         watched: Watched,
-        runs: Sequence[Run],
-        keys: Collection[TaskInstancePath],
-        deficit: int,
+        keys: list[TaskInstancePath],
+        missing: int,
         found: dict[str, Observation],
         failed: list[AirflowError],
-    ) -> None:
-        """The finished task instances the group's id lists match (marked failed or success,
-        skipped). If they do not make up the deficit, some vanished (a deleted run): every row of
-        these runs is read then."""
+    ) -> int:
+        """The finished task instances among ``keys``, ``missing`` of which have left ``deferred``
+        (marked failed or success, skipped). If fewer show finished, some vanished (a deleted run):
+        every row of their runs is read then."""
+        gone = await self._finished_rows(watched, keys, found, failed)
+        if gone is None:
+            return missing
+        if len(gone.intersection(keys)) >= missing:
+            return 0
+        runs = sorted({run_of(key) for key in keys})
+        return 0 if await self._check(watched, runs, found, failed) else missing
+
+    async def _finished_rows(
+        self,
+        watched: Watched,
+        keys: list[TaskInstancePath],
+        found: dict[str, Observation],
+        failed: list[AirflowError],
+    ) -> set[TaskInstancePath] | None:
+        """The watched (or expected) task instances Airflow holds in a finished state among those
+        ``keys``' id lists match, observed; None if the read failed."""
         try:
             rows = await self._rows(id_lists(keys), watched.watches, FINISHED_STATES, kind="rows")
         except AirflowError as exc:
             failed.append(exc)
-            return
+            return None
         self._observe(watched, rows, found)
-        if len(rows) < deficit:
-            await self._check(watched, runs, found, failed)
+        return set(rows)
 
     async def _check(
         self,
@@ -346,10 +538,10 @@ class TargetedRead:
         failed: list[AirflowError],
         *,
         requeue: bool = False,
-    ) -> None:
+    ) -> bool:
         """Read every watched task instance of ``runs`` (any state), about CHECK_KEYS a request; a
         watched key Airflow does not return is absent. With ``requeue``, the runs of a request that
-        fails go back into the full check's round."""
+        fails go back into the full check's round. False if a request failed."""
         groups: list[tuple[list[Run], list[TaskInstancePath]]] = [([], [])]
         for run in runs:
             if len(groups[-1][1]) >= CHECK_KEYS:
@@ -359,7 +551,7 @@ class TargetedRead:
 
         pages = asyncio.Semaphore(CHECK_PAGES)
 
-        async def one(group: list[Run], keys: list[TaskInstancePath]) -> None:
+        async def one(group: list[Run], keys: list[TaskInstancePath]) -> bool:
             try:
                 async with pages:
                     answer = await self._rows(id_lists(keys), set(keys).__contains__, None, kind="rows")
@@ -367,10 +559,11 @@ class TargetedRead:
                 failed.append(exc)
                 if requeue:
                     self._round.extend(group)
-                return
+                return False
             self._observe(watched, {key: answer.get(key) for key in keys}, found)
+            return True
 
-        await asyncio.gather(*(one(group, keys) for group, keys in groups if keys))
+        return all(await asyncio.gather(*(one(group, keys) for group, keys in groups if keys)))
 
     def _observe(
         self,
@@ -379,8 +572,13 @@ class TargetedRead:
         found: dict[str, Observation],
     ) -> None:
         for key, ti in rows.items():
-            if ti is None or ti.state != "deferred":
-                self._ended_deferred.pop(key, None)  # Airflow moved it on: no longer counted
+            # Out of ``deferred``, Airflow moved it on: no longer expected, unless it is yet to defer.
+            to_defer = key in self._ahead and ti is not None and ti.state in IN_FLIGHT_STATES
+            if (ti is None or ti.state != "deferred") and not to_defer and key in self._others:
+                del self._others[key]
+                self._ahead.discard(key)
+                if ti is not None and ti.state in IN_FLIGHT_STATES:
+                    self._passing[key] = False  # it deferred and resumed: it finishes next
             for job in watched.jobs.get(key, ()):
                 observation = observe(ti)
                 if isinstance(judge(job, observation), Stop):
