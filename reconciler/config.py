@@ -160,6 +160,9 @@ class FleetConfig:
     registration_ca_file: str = setting("")  # PEM CAs for https:// registered agents (default: system's)
     # A registered agent silent this long, with no active job left, is removed from the router DB.
     forget_after_seconds: float = setting(86400.0, gt=0)
+    # Most agents failing at once holds back their losses (the sidecar's own network is the likely
+    # fault) for at most this long; 0: never held.
+    partition_hold_seconds: float = setting(600.0, ge=0)
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,11 @@ with a reason naming the agent and its last answer, so their tasks fail and Airf
 When a lost agent answers again, and every ``orphan_sweep_seconds`` for every agent, the agent's
 queued and running jobs are compared with the router DB: one the router DB has ended is an orphan,
 and is stopped. When most agents fail at once, the fault is likely the sidecar's own network: no agent
-is declared lost until most answer again.
+is declared lost until most answer again, or until ``[fleet] partition_hold_seconds`` have passed (the
+``reconciler_agents_held`` gauge counts the agents held back meanwhile). Only agents that have shown
+they live count in that majority: a registration never followed by a heartbeat (a VM scaled in before
+its second one, or a fleet-token holder's invention) counts in neither side, and goes lost by the
+plain rule. So nobody keeps the hold up by registering agents and falling silent.
 
 Each health answer names the agent (``agent_id``). One naming another agent (an address reused by a
 new VM, a DNS name moved, a copied configuration) is no answer from the configured agent: the state
@@ -198,6 +202,9 @@ class _Agent:
     last_beat: float | None = None
     instance: str = ""
     heartbeat_seconds: float = 10.0
+    # Has shown it lives: configured in [[agents]], or a registration followed by a heartbeat. Only
+    # those count in the majority that holds back losses.
+    confirmed: bool = True
 
     @property
     def draining(self) -> bool:
@@ -232,6 +239,7 @@ class Fleet:
         self._clock = clock
         self._started_at = datetime.now(UTC)
         self._holding = False  # new losses held back: most agents fail at once
+        self._hold_since: float | None = None  # when the present hold began (held or expired)
         self._load: dict[str, int] | None = None  # active jobs per agent (router DB), for the gauges
         self._next_load = 0.0
         now = clock()
@@ -256,7 +264,7 @@ class Fleet:
             agent.wrong_identity = ""  # checked again at once by a term's first tick
             agent.heard = Heard()  # a standby asks no agent: what it last heard grows stale
             agent.next_sweep = min(agent.next_sweep, now + self._config.orphan_sweep_seconds)
-        self._holding = False
+        self._holding, self._hold_since = False, None
         self._load, self._next_load = None, now
         self._publish()
 
@@ -384,24 +392,13 @@ class Fleet:
             self._next_forget = now + FORGET_CHECK_SECONDS
             await self._forget_silent()
         verdicts = {agent.id: self._verdict(agent) for agent in self._agents.values()}
-        # Among the agents not lost already: a VM dead for an hour says nothing about a new silence.
-        current = [verdicts[a.id] for a in self._agents.values() if a.state is not AgentState.LOST]
-        failing = sum(state is not AgentState.LIVE for state in current)
-        hold = partitioned(failing=failing, total=len(current))
-        if hold != self._holding:
-            self._holding = hold
-            if hold:
-                log.error(
-                    "%d of %d agents fail their health checks at once: the sidecar itself may be cut "
-                    "off; no agent is declared lost until most answer again",
-                    failing,
-                    len(current),
-                    extra={"action": "fleet_partitioned"},
-                )
+        hold = self._hold(verdicts, now)
+        held = 0
         for agent in self._agents.values():
             verdict = verdicts[agent.id]
-            if hold and verdict is AgentState.LOST and agent.state is not AgentState.LOST:
+            if hold and agent.confirmed and verdict is AgentState.LOST and agent.state is not AgentState.LOST:
                 verdict = AgentState.SUSPECT
+                held += 1
             self._update_state(agent, verdict)
             if agent.drain_wanted is not None and self._drain_due(agent, now):
                 self._spawn(agent, self._resend_drain(agent))
@@ -415,7 +412,45 @@ class Fleet:
         if now >= self._next_load:
             self._next_load = now + self._config.check_interval_seconds
             self._load = await asyncio.to_thread(self._db.active_counts)
+        self._metrics.agents_held.set(held)
         self._publish()
+
+    def _hold(self, verdicts: dict[str, AgentState], now: float) -> bool:
+        """Whether losses are held back now: most agents that have shown they live, and are not lost
+        already (a VM dead for an hour says nothing about a new silence), fail at once, and have done
+        so for less than ``partition_hold_seconds``."""
+        current = [
+            verdicts[a.id] for a in self._agents.values() if a.state is not AgentState.LOST and a.confirmed
+        ]
+        failing = sum(state is not AgentState.LIVE for state in current)
+        if not partitioned(failing=failing, total=len(current)):
+            if self._hold_since is not None:
+                log.warning("most agents answer again: losses are no longer held back")
+            self._holding, self._hold_since = False, None
+            return False
+        if self._hold_since is None:
+            self._hold_since, self._holding = now, self._config.partition_hold_seconds > 0
+            if not self._holding:
+                return False
+            log.error(
+                "%d of %d agents fail their health checks at once: the sidecar itself may be cut off; no "
+                "agent is declared lost until most answer again, or for partition_hold_seconds=%s",
+                failing,
+                len(current),
+                f"{self._config.partition_hold_seconds:g}",
+                extra={"action": "fleet_partitioned"},
+            )
+        elif self._holding and now - self._hold_since >= self._config.partition_hold_seconds:
+            self._holding = False  # until most answer again: a silence this long is the agents'
+            log.error(
+                "%d of %d agents have failed at once for partition_hold_seconds=%s: they are declared "
+                "lost as any silent agent is",
+                failing,
+                len(current),
+                f"{self._config.partition_hold_seconds:g}",
+                extra={"action": "fleet_hold_expired"},
+            )
+        return self._holding
 
     async def _end_jobs(self, agent: _Agent) -> None:
         # Jobs submitted after the verdict are ended only once they too have gone a whole
@@ -547,6 +582,7 @@ class Fleet:
             )
             agent.next_sweep = float("-inf")
         agent.instance = row.instance
+        agent.confirmed = row.last_heartbeat_at > row.registered_at  # a heartbeat since it registered
         agent.last_beat = beat
         if agent.last_contact_at is None or row.last_heartbeat_at > agent.last_contact_at:
             agent.last_contact_at = row.last_heartbeat_at
@@ -693,7 +729,9 @@ class Fleet:
         if answer.agent_id != agent.id:  # the address now reaches another agent
             raise AgentError(f"the agent at {self._pool.url(agent.id)} answered as {answer.agent_id[:200]!r}")
         news = replace(agent.heard, draining=answer.draining, jobs_running=answer.jobs_running)
-        self._learn(agent, news)
+        # The wanted flag stays until a later heartbeat or health answer carries it: one built before
+        # this answer and read after it would otherwise route to a draining agent again.
+        agent.heard = news
         self._publish()
         return news
 

@@ -99,6 +99,13 @@ class Metrics:
             ["result"],
             registry=r,
         )
+        self.agents_held = Gauge(
+            "reconciler_agents_held",
+            "Agents silent past lost_after_seconds that are not declared lost, because most agents fail "
+            "at once (the sidecar's own network is the likely fault); held for at most "
+            "[fleet] partition_hold_seconds.",
+            registry=r,
+        )
         self.lost_jobs = Counter(
             "reconciler_lost_agent_jobs", "Jobs ended FAILED because their agent was lost.", registry=r
         )

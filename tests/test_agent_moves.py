@@ -44,6 +44,10 @@ from harness.agent import AgentProcess
 from harness.processes import free_port, wait_for
 from harness.served import ServedAirflow
 from harness.sidecar import SidecarProcess
+from reconciler.agents import AgentPool
+from reconciler.config import FleetConfig
+from reconciler.fleet import Fleet
+from reconciler.metrics import Metrics
 from reconciler.registry import Claim, call_back_problem, judge_claim, still_there_problem
 from router_db import AgentConflict, AgentRecord, JobStatus, NewJob, RouterDB, TaskInstanceKey
 from servicekit.credentials import Secret
@@ -611,3 +615,60 @@ def test_a_row_an_older_replica_wrote_takes_its_own_processs_identity(router_db:
     assert stored.identity_fingerprint == FINGERPRINT
     with pytest.raises(AgentConflict):  # once taken, the identity is the row's
         router_db.heartbeat_agent(beat(identity_fingerprint="f" * 64), alive_after=live)
+
+
+@pytest.mark.fast
+def test_a_heartbeat_built_before_a_drain_and_read_after_it_does_not_route_there_again(tmp_path: Path) -> None:
+    """The drain reaches the agent (it answers draining), then the router DB still holds a heartbeat
+    the agent sent before it: the sidecar keeps the agent draining until a heartbeat carries the flag."""
+    db = RouterDB(f"sqlite:///{tmp_path / 'router.db'}")
+    db.create_schema()
+    config = FleetConfig(lost_after_seconds=8.0, check_interval_seconds=0.2, check_timeout_seconds=1.0)
+
+    async def drain(request: web.Request) -> web.Response:
+        return web.json_response({"agent_id": "vm-d", "draining": True, "jobs_running": 0})
+
+    def beat(url: str, *, draining: bool) -> None:
+        now = db.now()
+        record = AgentRecord(
+            agent_id="vm-d",
+            url=url,
+            labels=(),
+            max_jobs=0,
+            jobs_running=0,
+            version="",
+            draining=draining,
+            instance="one",
+            registered_at=now,
+            last_heartbeat_at=now,
+            heartbeat_seconds=0.5,
+        )
+        db.heartbeat_agent(record, alive_after=now)
+
+    async def scenario() -> list[str]:
+        app = web.Application()
+        app.router.add_post("/drain", drain)
+        server = TestServer(app, host="127.0.0.1")
+        await server.start_server()
+        pool = AgentPool([], {}, timeout=1, stop_timeout=1)
+        fleet = Fleet(db=db, agents=pool, metrics=Metrics(), config=config, registered_token=Secret("t"))
+        url = str(server.make_url("")).rstrip("/")
+        try:
+            beat(url, draining=False)
+            await fleet.load_registered()
+            seen = [fleet.report("vm-d").state]
+            await fleet.drain("vm-d", draining=True)
+            seen.append(fleet.report("vm-d").state)
+            await fleet.load_registered()  # the heartbeat sent before the drain arrived
+            seen.append(fleet.report("vm-d").state)
+            beat(url, draining=True)
+            await fleet.load_registered()
+            seen.append(fleet.report("vm-d").state)
+            return seen
+        finally:
+            await fleet.close()
+            await pool.close()
+            await server.close()
+            db.dispose()
+
+    assert asyncio.run(scenario()) == ["live", "draining", "draining", "draining"]

@@ -206,6 +206,13 @@ SCENARIOS: list[tuple[str, list[dict[str, str]], str, int, dict[str, str]]] = [
         LABELS,
     ),
     (
+        "most agents fail at once and their losses are held back",
+        [series("reconciler_agents_held", "0 0 4 4 4 4 4")],
+        "AgenticAgentLossesHeld",
+        5,
+        LABELS,
+    ),
+    (
         "another agent answers at an agent's URL",
         [series("reconciler_agents", "0 0 1 1 1 1 1", state="wrong_identity")],
         "AgenticAgentWrongIdentity",
