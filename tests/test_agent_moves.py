@@ -618,7 +618,7 @@ def test_a_row_an_older_replica_wrote_takes_its_own_processs_identity(router_db:
 
 
 @pytest.mark.fast
-def test_a_heartbeat_built_before_a_drain_and_read_after_it_does_not_route_there_again(tmp_path: Path) -> None:
+def test_a_heartbeat_sent_before_a_drain_and_read_after_it_does_not_route_there_again(tmp_path: Path) -> None:
     """The drain reaches the agent (it answers draining), then the router DB still holds a heartbeat
     the agent sent before it: the sidecar keeps the agent draining until a heartbeat carries the flag."""
     db = RouterDB(f"sqlite:///{tmp_path / 'router.db'}")
