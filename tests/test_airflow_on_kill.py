@@ -29,8 +29,9 @@ DAGS = Path(__file__).parent / "dags"
 DAG_ID, RUN_ID = "on_kill", "people"
 SLOW_POLL = 300.0  # the sidecar's poll: far beyond every budget below
 # The triggerer notices a killed task within about a second, then on_kill's report and the sidecar's
-# confirming read: a few seconds on two busy cores, against five minutes for the poll.
-STOP_BUDGET = 8.0
+# confirming read: 0.5-2.9 s on a quiet machine, up to 8 s seen with the whole suite on two cores;
+# against five minutes for the poll.
+STOP_BUDGET = 12.0
 
 
 @dataclass
@@ -113,6 +114,15 @@ def test_execution_timeout_holds_while_the_task_is_deferred(stack: Stack) -> Non
     assert job["status"] == "FAILED" and "timeout" in str(job["reason"]), job
     started = datetime.fromisoformat(ti["start_date"].replace("Z", "+00:00"))
     ended = datetime.fromisoformat(ti["end_date"].replace("Z", "+00:00"))
+    submitted = datetime.fromisoformat(str(job["created_at"]).replace("Z", "+00:00"))
     took = (ended - started).total_seconds()
-    print(f"timed_out: task failed {took:.1f} s after it started (execution_timeout 8 s)")
-    assert 8.0 <= took < 8.0 + 15.0
+    after_job = (ended - submitted).total_seconds()
+    print(
+        f"timed_out: task failed {took:.1f} s after it started, {after_job:.1f} s after its job was "
+        "submitted (execution_timeout 8 s)"
+    )
+    assert took >= 8.0  # never cut short
+    # The job carries what is left of execution_timeout once the task runs (Airflow's own start of a
+    # task process, on two busy cores, can take most of it): from the job's submission, at most 8 s to
+    # the agent's stop, then the trigger's sighting and Airflow's write.
+    assert after_job < 8.0 + 15.0

@@ -100,7 +100,9 @@ def test_a_change_recorded_here_answers_every_waiter_at_once(router_db: RouterDB
 
     answers, took, watched = asyncio.run(scenario())
     assert watched == 1  # 200 requests wait on one future
-    assert took < 0.25
+    # The write and the wake-up take milliseconds; the bound is far below the waits' 20 s and the
+    # periodic read's 30 s, and leaves room for a busy machine's scheduling.
+    assert took < 2.0
     assert {(a.status, a.rc) for a in answers} == {(JobStatus.FAILED, 3)}
 
 
