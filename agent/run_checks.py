@@ -1,6 +1,7 @@
 """Whether this machine can start a job the way its ``/run`` asks: checked before anything is recorded.
 
-Every problem is a 400 (:class:`~agent.errors.JobRejected`) whose message starts with the field:
+Every problem is a 400 (:class:`~agent.errors.JobRejected`) whose message starts with the field (a
+check that gets no answer in time is a 503: see below):
 
 - ``payload.run_as``: the agent does not run as root, no such user, or no process can be started as it;
 - ``payload.cwd``: ``cannot be used: <why>``, with the operating system's own words (``File name too
@@ -15,26 +16,35 @@ could not reach. ``os.stat`` raises on many paths rather than saying no, so its 
 ``run_as``: the job's shell enters ``cwd`` before it becomes the user (``subprocess`` changes the
 directory first), so a directory closed to the user would be open to its job. The agent asks
 ``/bin/sh``, started as that user, to enter it. Checks that touch the file system or the user
-database run in a thread, bounded by :data:`CHECK_SECONDS`: a hung mount refuses the job, and never
-holds up the agent's other requests.
+database run in threads of their own (:data:`CHECK_THREADS`), bounded by :data:`CHECK_SECONDS`. One
+with no answer in time (a hung mount, a user database that does not answer) is a 503 with
+``Retry-After``, not a 400: nothing says the job is wrong, only that this machine cannot start it now,
+so the sidecar forgets it and routes it elsewhere or has the task retry; a 400 would fail the task for
+good. The bound stays well below the sidecar's 10 s wait for ``/run``, whose expiry it would take for an
+agent it cannot reach. Hung checks hold only their own threads: the agent's other work never waits.
 """
 
 from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import os
 import pwd
 import stat
 import subprocess
-from collections.abc import Awaitable, Mapping
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
 from agent.errors import JobRejected
 
 __all__ = ["CHECK_SECONDS", "check_cwd", "exec_limits", "exec_size_problem", "find_user", "shown"]
 
-CHECK_SECONDS = 10.0  # a cwd or user that takes longer to check is refused
+CHECK_SECONDS = 5.0  # a cwd or user that takes longer to check: 503, below the sidecar's 10 s for /run
+CHECK_THREADS = 4  # hung checks wait here: a full pool answers the next check 503 in CHECK_SECONDS
+RETRY_AFTER_SECONDS = 30
+_checks = ThreadPoolExecutor(max_workers=CHECK_THREADS, thread_name_prefix="run-check")
 POINTER_BYTES = 8  # exec counts one pointer per argument and variable besides their bytes
 _T = TypeVar("_T")
 
@@ -50,8 +60,9 @@ async def find_user(name: str) -> pwd.struct_passwd:
         raise JobRejected(400, f"payload.run_as needs the agent to run as root; it runs as uid {uid}")
     try:
         return await _bounded(
-            asyncio.to_thread(pwd.getpwnam, name),
-            f"payload.run_as: cannot be checked: the user database gave no answer within {CHECK_SECONDS:g} s",
+            functools.partial(pwd.getpwnam, name),
+            f"payload.run_as: cannot be checked now: the user database gave no answer within "
+            f"{CHECK_SECONDS:g} s",
         )
     except KeyError:
         raise JobRejected(400, f"payload.run_as: no such user {shown(name)}") from None
@@ -60,8 +71,8 @@ async def find_user(name: str) -> pwd.struct_passwd:
 async def check_cwd(path: str, user: pwd.struct_passwd | None) -> None:
     """400 unless ``path`` is a directory the job's user (``user``, else the agent's) may enter."""
     problem = await _bounded(
-        asyncio.to_thread(cwd_problem, path, user),
-        f"payload.cwd: cannot be used: its file system gave no answer within {CHECK_SECONDS:g} s "
+        functools.partial(cwd_problem, path, user),
+        f"payload.cwd: cannot be checked now: its file system gave no answer within {CHECK_SECONDS:g} s "
         f"({shown(path)})",
     )
     if problem is not None:
@@ -101,7 +112,10 @@ def _enter_as(path: str, user: pwd.struct_passwd) -> str | None:
             check=False,
         )
     except subprocess.TimeoutExpired:
-        return f"run_as user {user.pw_name!r} could not enter it within {CHECK_SECONDS:g} s"
+        raise _no_answer(
+            f"payload.cwd: cannot be checked now: run_as user {user.pw_name!r} could not enter it within "
+            f"{CHECK_SECONDS:g} s ({shown(path)})"
+        ) from None
     except OSError as exc:  # no process may run as this user (exec refused, a limit reached)
         why = exc.strerror or type(exc).__name__
         raise JobRejected(400, f"payload.run_as: cannot start a process as {user.pw_name!r}: {why}") from None
@@ -139,8 +153,16 @@ def exec_limits() -> tuple[int, int]:
     return 32 * os.sysconf("SC_PAGE_SIZE"), os.sysconf("SC_ARG_MAX")
 
 
-async def _bounded(work: Awaitable[_T], message: str) -> _T:
+async def _bounded(work: Callable[[], _T], message: str) -> _T:
+    """``work`` in a check thread, or a 503 once it has taken :data:`CHECK_SECONDS` (it may go on
+    hanging in its thread; the request does not wait for it)."""
+    running = asyncio.get_running_loop().run_in_executor(_checks, work)
+    running.add_done_callback(lambda done: done.cancelled() or done.exception())  # read when left behind
     try:
-        return await asyncio.wait_for(work, CHECK_SECONDS)
+        return await asyncio.wait_for(asyncio.shield(running), CHECK_SECONDS)
     except TimeoutError:
-        raise JobRejected(400, message) from None
+        raise _no_answer(message) from None
+
+
+def _no_answer(message: str) -> JobRejected:
+    return JobRejected(503, message, headers={"Retry-After": str(RETRY_AFTER_SECONDS)})

@@ -15,7 +15,8 @@ Routes (JSON in and out unless noted):
   no user here, a command or variable longer than ``exec`` takes. A job whose supervisor could not be
   started is answered with 201 and status ``FAILED``, ``reason`` says why.
   503 when the agent takes no new job: draining, or full (``max_jobs`` unfinished jobs already;
-  with ``Retry-After``). Nothing is recorded then: the sidecar may send the job to another agent.
+  with ``Retry-After``), or a check of ``cwd``/``run_as`` got no answer in time (a hung mount). Nothing
+  is recorded then: the sidecar may send the job to another agent.
 - ``GET /jobs?status=S`` (``status`` repeatable, optional) -> ``{"jobs": [job, ...]}`` in job-id order.
 - ``GET /jobs?changed_since=<cursor>`` -> ``{"jobs": [job, ...], "cursor", "full"}``: the catch-up read,
   every job whose state changed since an earlier answer's ``cursor`` (new jobs included), in the order

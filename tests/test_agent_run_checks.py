@@ -8,11 +8,13 @@ the directories closed to a user are tried with ``run_as: nobody``.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import pwd
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -172,3 +174,41 @@ def test_the_agent_answers_and_runs_jobs_after_every_refusal(agent: AgentProcess
     assert _output(agent, "after-refusals").split()[0] == "/"
     assert "Traceback" not in agent.log_text()
     assert json.loads(httpx.get(f"{agent.url}/healthz", timeout=10).text)["status"] == "ok"
+
+
+@pytest.mark.fast
+def test_a_check_that_gets_no_answer_is_a_503_to_retry_and_holds_up_nothing_else(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A hung mount: the cwd check never returns. The answer is a 503 with Retry-After within the
+    bound (the sidecar routes the job elsewhere or the task retries; a 400 would fail it for good), and
+    with every check thread hung, the agent's other threaded work still runs at once."""
+    from agent import run_checks
+    from agent.errors import JobRejected
+
+    release = threading.Event()
+    monkeypatch.setattr(run_checks, "CHECK_SECONDS", 0.3)
+    monkeypatch.setattr(run_checks, "cwd_problem", lambda path, user: release.wait(30) and None)
+
+    async def scenario() -> tuple[list[JobRejected], float, float]:
+        started = time.monotonic()
+        refusals: list[JobRejected] = []
+        for _ in range(run_checks.CHECK_THREADS + 2):  # more than the check threads: all hung
+            with pytest.raises(JobRejected) as refused:
+                await run_checks.check_cwd("/mnt/hung", None)
+            refusals.append(refused.value)
+        took = time.monotonic() - started
+        other = time.monotonic()
+        assert await asyncio.wait_for(asyncio.to_thread(lambda: 1), 1.0) == 1
+        return refusals, took, time.monotonic() - other
+
+    try:
+        refusals, took, other = asyncio.run(scenario())
+    finally:
+        release.set()
+    assert {r.status for r in refusals} == {503}
+    assert all(r.headers.get("Retry-After") for r in refusals)
+    assert all(r.message.startswith("payload.cwd: cannot be checked now") for r in refusals), refusals
+    assert took < (run_checks.CHECK_THREADS + 2) * 0.3 + 1.0
+    assert other < 0.5
+    assert run_checks.CHECK_SECONDS < 10.0  # the sidecar waits 10 s for /run: the check answers first
