@@ -646,6 +646,34 @@ def test_sidecar_answers_match_the_documented_api(agent: AgentProcess, tmp_path:
             listed = spec.check(api.get("/agents"), 200).json()["agents"]
             assert [(a["agent_id"], a["registered"]) for a in listed][-1] == ("reg-1", True)
 
+        # An agent that registers itself shows how that goes in its /healthz, as documented.
+        port = free_port()
+        with (
+            AgentProcess(
+                tmp_path / "self-registered",
+                agent_id="reg-3",
+                port=port,
+                token=FLEET_TOKEN,
+                accepted_tokens=[],
+                extra_config="heartbeat_seconds = 0.5\n",
+                extra_env={
+                    "ROUTER_URL": sidecar.url,
+                    "SELF_URL": f"http://127.0.0.1:{port}",
+                    "AGENTIC_FLEET_TOKEN": FLEET_TOKEN,
+                    "AGENTIC_AGENT_TOKEN": "",
+                },
+            ) as registered,
+            httpx.Client(base_url=registered.url, timeout=10) as probe,
+        ):
+            agent_spec = Spec(DOCS / "openapi-agent.yaml")
+            deadline = time.monotonic() + 15
+            while not (shown := agent_spec.check(probe.get("/healthz"), 200).json()["registration"])[
+                "registered"
+            ]:
+                assert time.monotonic() < deadline, shown
+                time.sleep(0.1)
+            assert shown["identity_fingerprint"] and FLEET_TOKEN not in probe.get("/healthz").text
+
         # The read-only pages (HTML), with a browser's cookie; scripts' bearer tokens work there too.
         form = {"Content-Type": "application/x-www-form-urlencoded"}
         with httpx.Client(base_url=sidecar.url, timeout=30) as browser:
