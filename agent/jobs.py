@@ -67,7 +67,7 @@ class JobManager:
         self._boot_id = procfs.boot_id()
         self._jobs: dict[str, TrackedJob] = {}
         self._changes = ChangeIndex()
-        self._spawner = Spawner(token_env=config.token_env)
+        self._spawner = Spawner(secret_envs=frozenset({config.token_env, config.router_token_env}))
         self._checks = Monitor(
             self._jobs,
             poll_seconds=config.poll_seconds,

@@ -39,8 +39,8 @@ SUPERVISOR_START_TIMEOUT = 30.0  # a Python interpreter starting on a loaded VM
 class Spawner:
     """Starts jobs under their supervisors, and reaps those supervisors: they are the agent's children."""
 
-    def __init__(self, *, token_env: str) -> None:
-        self._token_env = token_env
+    def __init__(self, *, secret_envs: frozenset[str]) -> None:
+        self._secret_envs = secret_envs  # the variables holding the agent's token and the fleet token
         self._supervisors: list[subprocess.Popen[bytes]] = []  # ours to reap
 
     async def job_env(self, payload: RunPayload) -> dict[str, str]:
@@ -95,11 +95,12 @@ class Spawner:
         self._supervisors = [proc for proc in self._supervisors if proc.poll() is None]
 
     def _inherited_env(self) -> dict[str, str]:
-        """The agent's environment without its own settings and token: jobs must not see the token."""
+        """The agent's environment without its own settings and tokens: jobs must see neither the
+        agent's token nor the fleet token (with which a job could register agents, or reach others)."""
         return {
             key: value
             for key, value in os.environ.items()
-            if not key.startswith(ENV_PREFIX) and key != self._token_env
+            if not key.startswith(ENV_PREFIX) and key not in self._secret_envs
         }
 
     def _spawn_supervisor(self, job_dir: JobDir) -> subprocess.Popen[bytes]:

@@ -134,6 +134,28 @@ def test_env_and_cwd_reach_the_job_but_the_agent_token_does_not(agent: AgentProc
     assert agent.token not in output
 
 
+def test_the_fleet_token_does_not_reach_the_job_either(tmp_path: Path) -> None:
+    """The fleet token opens registration (and, until agents hold credentials of their own, the
+    sidecar's calls to registered agents): a job that could read it could register agents or reach
+    the agent's siblings. Neither its default variable nor a renamed one reaches the job."""
+    command = 'echo "fleet=${AGENTIC_FLEET_TOKEN:-unset} renamed=${MY_FLEET:-unset} kept=${KEPT:-unset}"'
+
+    async def scenario(client: AgentClient) -> bytes:
+        job_id = new_id()
+        await client.run(job_id, RunPayload(command=command))
+        await until_finished(client, job_id)
+        return (await client.log(job_id)).data
+
+    for variable, extra in (("AGENTIC_FLEET_TOKEN", ""), ("MY_FLEET", 'router_token_env = "MY_FLEET"\n')):
+        secret = f"fleet-secret-{variable.lower()}"
+        with AgentProcess(
+            tmp_path / variable, extra_env={variable: secret, "KEPT": "yes"}, extra_config=extra
+        ) as proc:
+            output = with_client(proc, scenario).decode()
+        assert output.split() == ["fleet=unset", "renamed=unset", "kept=yes"], output
+        assert secret not in output
+
+
 def test_cwd_defaults_to_the_agents_working_directory(agent: AgentProcess) -> None:
     async def scenario(client: AgentClient) -> bytes:
         job_id = new_id()
