@@ -116,6 +116,15 @@ class AgentBusy(AgentRejected):
         self.retry_after = retry_after
 
 
+# An answer is read up to these sizes, and refused beyond (AgentUnavailable): whatever answers at an
+# agent's URL must not make the sidecar hold hundreds of megabytes. Job lists grow with the agent's
+# retained jobs (about 300 bytes each); a log chunk is at most the agent's 4 MiB; the rest is small.
+MAX_ANSWER_BYTES = 1024 * 1024
+MAX_LIST_BYTES = 64 * 1024 * 1024
+MAX_LOG_BYTES = 4 * 1024 * 1024 + 64 * 1024
+_READ_CHUNK = 64 * 1024
+
+
 class AgentClient:
     def __init__(
         self,
@@ -171,7 +180,9 @@ class AgentClient:
     async def jobs(self, *statuses: str) -> list[JobInfo]:
         """Every job the agent knows, or those of the given statuses (e.g. ``"RUNNING"``)."""
         where = f"GET {self.base_url}/jobs"
-        raw, _ = await self._request("GET", "/jobs", params=[("status", s) for s in statuses])
+        raw, _ = await self._request(
+            "GET", "/jobs", params=[("status", s) for s in statuses], max_bytes=MAX_LIST_BYTES
+        )
         try:
             answer = json.loads(raw)
         except (ValueError, RecursionError):
@@ -195,7 +206,9 @@ class AgentClient:
         if cursor is not None:
             validate_cursor(cursor)
         where = f"GET {self.base_url}/jobs?changed_since"
-        raw, _ = await self._request("GET", "/jobs", params={"changed_since": cursor or ""})
+        raw, _ = await self._request(
+            "GET", "/jobs", params={"changed_since": cursor or ""}, max_bytes=MAX_LIST_BYTES
+        )
         try:
             answer = json.loads(raw)
         except (ValueError, RecursionError):
@@ -215,7 +228,7 @@ class AgentClient:
         params = {"offset": str(offset)} | ({"limit": str(limit)} if limit is not None else {})
         if cursor:
             params["cursor"] = "1"
-        body, headers = await self._request("GET", path, params=params)
+        body, headers = await self._request("GET", path, params=params, max_bytes=MAX_LOG_BYTES)
         where = f"GET {self.base_url}{path}"
         try:
             size, next_offset = int(headers["X-Log-Size"]), int(headers["X-Next-Offset"])
@@ -271,6 +284,7 @@ class AgentClient:
         params: Mapping[str, str] | Sequence[tuple[str, str]] | None = None,
         timeout: float | None = None,
         busy: bool = False,
+        max_bytes: int = MAX_ANSWER_BYTES,
     ) -> tuple[bytes, Mapping[str, str]]:
         """One HTTP exchange; returns a 2xx answer, raises the documented errors for anything else.
         ``busy``: a 503 carrying the agent's JSON error is :class:`AgentBusy` (the agent took nothing)."""
@@ -287,7 +301,7 @@ class AgentClient:
                 allow_redirects=False,
                 ssl=self._ssl,
             ) as response:
-                raw = await response.read()
+                raw = await _bounded_read(response, max_bytes, where)
                 status, headers = response.status, response.headers
         except TimeoutError:
             raise AgentUnavailable(f"{where}: no answer within {seconds:g} s") from None
@@ -313,6 +327,19 @@ class AgentClient:
 
     def _scrub(self, text: str) -> str:
         return text.replace(self._token, "***") if self._token else text
+
+
+async def _bounded_read(response: aiohttp.ClientResponse, max_bytes: int, where: str) -> bytes:
+    """The answer's body, or AgentUnavailable once it passes ``max_bytes`` (read no further)."""
+    declared = response.content_length
+    if declared is not None and declared > max_bytes:
+        raise AgentUnavailable(f"{where}: answer of {declared} bytes, more than the {max_bytes} read")
+    body = bytearray()
+    async for chunk in response.content.iter_chunked(_READ_CHUNK):
+        body += chunk
+        if len(body) > max_bytes:
+            raise AgentUnavailable(f"{where}: answer longer than the {max_bytes} bytes read")
+    return bytes(body)
 
 
 def _verifying_context(ca_file: str | os.PathLike[str] | None) -> ssl.SSLContext | bool:

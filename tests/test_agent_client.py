@@ -215,6 +215,35 @@ def test_log_answer_without_size_headers_is_agent_unavailable() -> None:
 
 
 @pytest.mark.fast
+def test_an_answer_past_its_size_bound_is_refused_without_being_read_whole() -> None:
+    """Whatever answers at an agent's URL cannot make the sidecar hold its answer in memory: a health
+    answer of 200 MB (declared, or streamed without a length) is refused once past 1 MiB."""
+    sent: list[int] = []
+
+    async def declared(request: web.Request) -> web.Response:
+        return web.Response(body=b" " * (8 * 1024 * 1024), content_type="application/json")
+
+    async def streamed(request: web.Request) -> web.StreamResponse:
+        answer = web.StreamResponse()
+        answer.enable_chunked_encoding()
+        await answer.prepare(request)
+        chunk = b" " * (1024 * 1024)
+        try:
+            for _ in range(200):
+                await answer.write(chunk)
+                sent.append(len(chunk))
+        except (ConnectionError, RuntimeError):  # the client hung up
+            pass
+        return answer
+
+    error = against_fake(declared, lambda c: c.health())
+    assert isinstance(error, AgentUnavailable) and "more than the 1048576" in str(error), error
+    error = against_fake(streamed, lambda c: c.health())
+    assert isinstance(error, AgentUnavailable) and "longer than the 1048576" in str(error), error
+    assert sum(sent) < 100 * 1024 * 1024  # the client stopped reading long before the end
+
+
+@pytest.mark.fast
 def test_a_session_passed_in_stays_open() -> None:
     async def main() -> bool:
         async with aiohttp.ClientSession() as session:
