@@ -33,15 +33,24 @@ import os
 import pwd
 import stat
 import subprocess
+import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
 from agent.errors import JobRejected
 
-__all__ = ["CHECK_SECONDS", "check_cwd", "exec_limits", "exec_size_problem", "find_user", "shown"]
+__all__ = [
+    "CHECK_SECONDS",
+    "check_cwd",
+    "check_deadline",
+    "exec_limits",
+    "exec_size_problem",
+    "find_user",
+    "shown",
+]
 
-CHECK_SECONDS = 5.0  # a cwd or user that takes longer to check: 503, below the sidecar's 10 s for /run
+CHECK_SECONDS = 5.0  # all of one /run's checks, at most: then 503, below the sidecar's 10 s for /run
 CHECK_THREADS = 4  # hung checks wait here: a full pool answers the next check 503 in CHECK_SECONDS
 RETRY_AFTER_SECONDS = 30
 _checks = ThreadPoolExecutor(max_workers=CHECK_THREADS, thread_name_prefix="run-check")
@@ -54,13 +63,19 @@ def shown(value: str, limit: int = 80) -> str:
     return repr(value if len(value) <= limit else value[:limit] + "...")
 
 
-async def find_user(name: str) -> pwd.struct_passwd:
+def check_deadline() -> float:
+    """When the checks of one ``/run`` must have answered (monotonic): one bound for all of them."""
+    return time.monotonic() + CHECK_SECONDS
+
+
+async def find_user(name: str, *, deadline: float) -> pwd.struct_passwd:
     """The account ``run_as`` names; 400 if the agent cannot switch users or there is no such user."""
     if (uid := os.geteuid()) != 0:
         raise JobRejected(400, f"payload.run_as needs the agent to run as root; it runs as uid {uid}")
     try:
         return await _bounded(
             functools.partial(pwd.getpwnam, name),
+            deadline,
             f"payload.run_as: cannot be checked now: the user database gave no answer within "
             f"{CHECK_SECONDS:g} s",
         )
@@ -68,10 +83,11 @@ async def find_user(name: str) -> pwd.struct_passwd:
         raise JobRejected(400, f"payload.run_as: no such user {shown(name)}") from None
 
 
-async def check_cwd(path: str, user: pwd.struct_passwd | None) -> None:
+async def check_cwd(path: str, user: pwd.struct_passwd | None, *, deadline: float) -> None:
     """400 unless ``path`` is a directory the job's user (``user``, else the agent's) may enter."""
     problem = await _bounded(
-        functools.partial(cwd_problem, path, user),
+        functools.partial(cwd_problem, path, user, deadline),
+        deadline,
         f"payload.cwd: cannot be checked now: its file system gave no answer within {CHECK_SECONDS:g} s "
         f"({shown(path)})",
     )
@@ -79,7 +95,7 @@ async def check_cwd(path: str, user: pwd.struct_passwd | None) -> None:
         raise JobRejected(400, f"payload.cwd: cannot be used: {problem} ({shown(path)})")
 
 
-def cwd_problem(path: str, user: pwd.struct_passwd | None) -> str | None:
+def cwd_problem(path: str, user: pwd.struct_passwd | None, deadline: float) -> str | None:
     """Why a job cannot start in ``path``, or None. Blocking: the file system, maybe a process."""
     try:
         mode = os.stat(path).st_mode
@@ -91,10 +107,10 @@ def cwd_problem(path: str, user: pwd.struct_passwd | None) -> str | None:
         return os.strerror(errno.ENOTDIR)
     if user is None or user.pw_uid == os.geteuid():
         return None if os.access(path, os.X_OK) else os.strerror(errno.EACCES)
-    return _enter_as(path, user)
+    return _enter_as(path, user, deadline)
 
 
-def _enter_as(path: str, user: pwd.struct_passwd) -> str | None:
+def _enter_as(path: str, user: pwd.struct_passwd, deadline: float) -> str | None:
     """Whether ``user`` may enter ``path``, asked of a shell running as that user: its permissions,
     ACLs and security modules decide, as they will for the job."""
     try:
@@ -108,7 +124,7 @@ def _enter_as(path: str, user: pwd.struct_passwd) -> str | None:
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
-            timeout=CHECK_SECONDS,
+            timeout=max(0.1, deadline - time.monotonic()),
             check=False,
         )
     except subprocess.TimeoutExpired:
@@ -153,13 +169,13 @@ def exec_limits() -> tuple[int, int]:
     return 32 * os.sysconf("SC_PAGE_SIZE"), os.sysconf("SC_ARG_MAX")
 
 
-async def _bounded(work: Callable[[], _T], message: str) -> _T:
-    """``work`` in a check thread, or a 503 once it has taken :data:`CHECK_SECONDS` (it may go on
-    hanging in its thread; the request does not wait for it)."""
+async def _bounded(work: Callable[[], _T], deadline: float, message: str) -> _T:
+    """``work`` in a check thread, or a 503 once ``deadline`` has passed (it may go on hanging in its
+    thread; the request does not wait for it)."""
     running = asyncio.get_running_loop().run_in_executor(_checks, work)
     running.add_done_callback(lambda done: done.cancelled() or done.exception())  # read when left behind
     try:
-        return await asyncio.wait_for(asyncio.shield(running), CHECK_SECONDS)
+        return await asyncio.wait_for(asyncio.shield(running), max(0.0, deadline - time.monotonic()))
     except TimeoutError:
         raise _no_answer(message) from None
 

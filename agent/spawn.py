@@ -46,7 +46,12 @@ class Spawner:
     async def job_env(self, payload: RunPayload) -> dict[str, str]:
         """Check the payload against this machine (:mod:`agent.run_checks`: a 400 naming the field,
         before anything is recorded), then build the job's environment."""
-        user = await run_checks.find_user(payload.run_as) if payload.run_as is not None else None
+        deadline = run_checks.check_deadline()  # one bound for every check of this request
+        user = (
+            await run_checks.find_user(payload.run_as, deadline=deadline)
+            if payload.run_as is not None
+            else None
+        )
         env = self._inherited_env()
         if user is not None:
             env.update(HOME=user.pw_dir, USER=user.pw_name, LOGNAME=user.pw_name)
@@ -58,7 +63,7 @@ class Spawner:
         if too_big is not None:
             raise JobRejected(400, too_big)
         if payload.cwd is not None:
-            await run_checks.check_cwd(payload.cwd, user)
+            await run_checks.check_cwd(payload.cwd, user, deadline=deadline)
         return env
 
     async def start(self, job: TrackedJob, payload: RunPayload, env: Mapping[str, str]) -> None:

@@ -238,8 +238,12 @@ class Fleet:
         self._config = config
         self._clock = clock
         self._started_at = datetime.now(UTC)
-        self._holding = False  # new losses held back: most agents fail at once
-        self._hold_since: float | None = None  # when the present hold began (held or expired)
+        # Most agents fail at once (a partition, maybe the sidecar's own), since when a loss has been
+        # held back because of it, and whether that has lasted partition_hold_seconds already.
+        self._partitioned = False
+        self._held_since: float | None = None
+        self._hold_expired = False
+        self._leading = False  # this replica runs the fleet's ticks (health checks among them)
         self._load: dict[str, int] | None = None  # active jobs per agent (router DB), for the gauges
         self._next_load = 0.0
         now = clock()
@@ -264,7 +268,8 @@ class Fleet:
             agent.wrong_identity = ""  # checked again at once by a term's first tick
             agent.heard = Heard()  # a standby asks no agent: what it last heard grows stale
             agent.next_sweep = min(agent.next_sweep, now + self._config.orphan_sweep_seconds)
-        self._holding, self._hold_since = False, None
+        self._partitioned, self._held_since, self._hold_expired = False, None, False
+        self._metrics.agents_held.set(0)  # a standby holds nothing back
         self._load, self._next_load = None, now
         self._publish()
 
@@ -358,6 +363,7 @@ class Fleet:
         """Tick until ``stopping`` is set, on its own clock: neither a slow Airflow read nor a slow
         cycle delays noticing a lost agent."""
         self.reset()
+        self._leading = True
         period = min(0.5, self._config.check_interval_seconds / 2)
         try:
             while not stopping.is_set():
@@ -368,6 +374,7 @@ class Fleet:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stopping.wait(), timeout=period)
         finally:
+            self._leading = False
             await self.close()  # a standby neither checks agents nor sweeps them
             self.reset()  # nor does it keep a past term's verdicts
 
@@ -399,6 +406,8 @@ class Fleet:
             if hold and agent.confirmed and verdict is AgentState.LOST and agent.state is not AgentState.LOST:
                 verdict = AgentState.SUSPECT
                 held += 1
+                if self._held_since is None:
+                    self._held_since = now
             self._update_state(agent, verdict)
             if agent.drain_wanted is not None and self._drain_due(agent, now):
                 self._spawn(agent, self._resend_drain(agent))
@@ -417,40 +426,42 @@ class Fleet:
 
     def _hold(self, verdicts: dict[str, AgentState], now: float) -> bool:
         """Whether losses are held back now: most agents that have shown they live, and are not lost
-        already (a VM dead for an hour says nothing about a new silence), fail at once, and have done
-        so for less than ``partition_hold_seconds``."""
+        already (a VM dead for an hour says nothing about a new silence), fail at once, and no loss
+        has been held back for ``partition_hold_seconds`` yet."""
+        limit = self._config.partition_hold_seconds
+        if limit <= 0:
+            return False
         current = [
             verdicts[a.id] for a in self._agents.values() if a.state is not AgentState.LOST and a.confirmed
         ]
         failing = sum(state is not AgentState.LIVE for state in current)
         if not partitioned(failing=failing, total=len(current)):
-            if self._hold_since is not None:
-                log.warning("most agents answer again: losses are no longer held back")
-            self._holding, self._hold_since = False, None
+            if self._partitioned:
+                log.warning("most agents answer again: no loss is held back")
+            self._partitioned, self._held_since, self._hold_expired = False, None, False
             return False
-        if self._hold_since is None:
-            self._hold_since, self._holding = now, self._config.partition_hold_seconds > 0
-            if not self._holding:
-                return False
+        if not self._partitioned:
+            self._partitioned = True
             log.error(
                 "%d of %d agents fail their health checks at once: the sidecar itself may be cut off; no "
-                "agent is declared lost until most answer again, or for partition_hold_seconds=%s",
+                "agent is declared lost until most answer again, or for partition_hold_seconds=%s after "
+                "lost_after_seconds",
                 failing,
                 len(current),
-                f"{self._config.partition_hold_seconds:g}",
+                f"{limit:g}",
                 extra={"action": "fleet_partitioned"},
             )
-        elif self._holding and now - self._hold_since >= self._config.partition_hold_seconds:
-            self._holding = False  # until most answer again: a silence this long is the agents'
+        if not self._hold_expired and self._held_since is not None and now - self._held_since >= limit:
+            self._hold_expired = True  # until most answer again: a silence this long is the agents'
             log.error(
-                "%d of %d agents have failed at once for partition_hold_seconds=%s: they are declared "
-                "lost as any silent agent is",
+                "%d of %d agents fail at once, and losses have been held back for partition_hold_seconds=%s: "
+                "they are declared lost as any silent agent is",
                 failing,
                 len(current),
-                f"{self._config.partition_hold_seconds:g}",
+                f"{limit:g}",
                 extra={"action": "fleet_hold_expired"},
             )
-        return self._holding
+        return not self._hold_expired
 
     async def _end_jobs(self, agent: _Agent) -> None:
         # Jobs submitted after the verdict are ended only once they too have gone a whole
@@ -729,9 +740,12 @@ class Fleet:
         if answer.agent_id != agent.id:  # the address now reaches another agent
             raise AgentError(f"the agent at {self._pool.url(agent.id)} answered as {answer.agent_id[:200]!r}")
         news = replace(agent.heard, draining=answer.draining, jobs_running=answer.jobs_running)
-        # The wanted flag stays until a later heartbeat or health answer carries it: one built before
-        # this answer and read after it would otherwise route to a draining agent again.
-        agent.heard = news
+        if agent.registered or self._leading:
+            # The wanted flag stays until a later heartbeat or health answer carries it: one sent before
+            # this answer and read after it would otherwise route to a draining agent again.
+            agent.heard = news
+        else:
+            self._learn(agent, news)  # a standby hears nothing else of a configured agent
         self._publish()
         return news
 

@@ -188,14 +188,14 @@ def test_a_check_that_gets_no_answer_is_a_503_to_retry_and_holds_up_nothing_else
 
     release = threading.Event()
     monkeypatch.setattr(run_checks, "CHECK_SECONDS", 0.3)
-    monkeypatch.setattr(run_checks, "cwd_problem", lambda path, user: release.wait(30) and None)
+    monkeypatch.setattr(run_checks, "cwd_problem", lambda path, user, deadline: release.wait(30) and None)
 
     async def scenario() -> tuple[list[JobRejected], float, float]:
         started = time.monotonic()
         refusals: list[JobRejected] = []
         for _ in range(run_checks.CHECK_THREADS + 2):  # more than the check threads: all hung
             with pytest.raises(JobRejected) as refused:
-                await run_checks.check_cwd("/mnt/hung", None)
+                await run_checks.check_cwd("/mnt/hung", None, deadline=run_checks.check_deadline())
             refusals.append(refused.value)
         took = time.monotonic() - started
         other = time.monotonic()
@@ -212,3 +212,32 @@ def test_a_check_that_gets_no_answer_is_a_503_to_retry_and_holds_up_nothing_else
     assert took < (run_checks.CHECK_THREADS + 2) * 0.3 + 1.0
     assert other < 0.5
     assert run_checks.CHECK_SECONDS < 10.0  # the sidecar waits 10 s for /run: the check answers first
+
+
+@pytest.mark.fast
+def test_one_requests_checks_share_one_bound(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A slow user database, then a hung cwd: the 503 comes once the request's bound has passed, not
+    after one bound per check (which would outlast the sidecar's wait for /run)."""
+    from agent import run_checks
+    from agent.errors import JobRejected
+
+    release = threading.Event()
+    getpwnam = pwd.getpwnam
+    monkeypatch.setattr(run_checks, "CHECK_SECONDS", 0.6)
+    monkeypatch.setattr(run_checks.pwd, "getpwnam", lambda name: time.sleep(0.4) or getpwnam(name))
+    monkeypatch.setattr(run_checks, "cwd_problem", lambda path, user, deadline: release.wait(30) and None)
+
+    async def scenario() -> tuple[JobRejected, float]:
+        started = time.monotonic()
+        deadline = run_checks.check_deadline()
+        user = await run_checks.find_user("root", deadline=deadline)
+        with pytest.raises(JobRejected) as refused:
+            await run_checks.check_cwd("/mnt/hung", user, deadline=deadline)
+        return refused.value, time.monotonic() - started
+
+    try:
+        refused, took = asyncio.run(scenario())
+    finally:
+        release.set()
+    assert refused.status == 503
+    assert took < 0.6 + 0.3, took  # not 0.4 + 0.6

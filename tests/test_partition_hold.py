@@ -6,11 +6,13 @@ sends one heartbeat each, from agents it serves for the call-back and then shuts
 the majority that holds losses back: a real agent SIGKILLed beside them is lost after
 ``lost_after_seconds`` and its job ends FAILED. And when most real agents do fall silent at once, their
 losses are held back for at most ``[fleet] partition_hold_seconds``, with ``reconciler_agents_held``
-counting them meanwhile.
+counting them meanwhile. The hold's bookkeeping across a leadership term, and a drain sent through a
+standby, are pinned in process (the fast tier).
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import time
@@ -18,13 +20,21 @@ from contextlib import ExitStack
 from pathlib import Path
 
 import httpx
+import pytest
 from aiohttp import web
 
 from agent_api.registration import Heartbeat
 from harness.agent import AgentProcess
-from harness.processes import wait_for
+from harness.processes import free_port, wait_for
 from harness.served import ServedAirflow, ServedApp
 from harness.sidecar import SidecarProcess
+from reconciler.agents import AgentPool
+from reconciler.config import AgentEntry, FleetConfig
+from reconciler.fleet import AgentState, Fleet
+from reconciler.metrics import Metrics
+from router_db import AgentRecord, RouterDB
+from servicekit.credentials import Secret
+from tests.test_clock_skew import SteppedRouterDB
 from tests.test_registration import FLEET_TOKEN, agents, auth, registering, submit
 
 LOST_AFTER = 4.0
@@ -148,8 +158,108 @@ def test_most_agents_silent_at_once_are_held_back_for_partition_hold_seconds(
         wait_for(
             lambda: agents(client)["vm-0"]["state"] == "lost", "lost once the hold ends", timeout=HOLD + 8
         )
-        assert time.monotonic() - silent >= HOLD - 1
+        assert time.monotonic() - silent >= LOST_AFTER + HOLD - 1  # held from when the loss was due
         assert agents(client)["vm-1"]["state"] == "lost" and agents(client)["vm-2"]["state"] == "live"
         wait_for(lambda: client.get(f"/jobs/{job}").json()["status"] == "FAILED", "its job FAILED")
         assert held(client) == 0
         assert "declared lost as any silent agent is" in sidecar.log_path.read_text()
+
+
+@pytest.mark.fast
+def test_a_term_that_ends_while_holding_exports_no_held_agent_from_the_standby(tmp_path: Path) -> None:
+    db = SteppedRouterDB(f"sqlite:///{tmp_path / 'router.db'}")
+    db.create_schema()
+    config = FleetConfig(
+        lost_after_seconds=2.0,
+        check_interval_seconds=0.5,
+        check_timeout_seconds=0.5,
+        partition_hold_seconds=60.0,
+    )
+    ticks = [1000.0]
+    metrics = Metrics()
+    pool = AgentPool([], {}, timeout=1, stop_timeout=1)
+    fleet = Fleet(
+        db=db,
+        agents=pool,
+        metrics=metrics,
+        config=config,
+        clock=lambda: ticks[0],
+        registered_token=Secret("t"),
+    )
+
+    def beat(agent_id: str) -> None:
+        now = db.now()
+        record = AgentRecord(
+            agent_id=agent_id,
+            url=f"http://127.0.0.1:{free_port()}",
+            labels=(),
+            max_jobs=0,
+            jobs_running=0,
+            version="",
+            draining=False,
+            instance=agent_id,
+            registered_at=now,
+            last_heartbeat_at=now,
+            heartbeat_seconds=0.5,
+        )
+        db.heartbeat_agent(record, alive_after=now)
+
+    async def tick(seconds: float, beating: list[str]) -> None:
+        for _ in range(int(seconds / 0.5)):
+            ticks[0] += 0.5
+            db.step += 0.5
+            for agent_id in beating:
+                beat(agent_id)
+            await fleet.load_registered()
+            await fleet.tick()
+
+    def held() -> float | None:
+        return metrics.registry.get_sample_value("reconciler_agents_held")
+
+    async def scenario() -> None:
+        try:
+            await tick(2.0, ["a", "b", "c"])  # registered, then heartbeats: confirmed
+            await tick(4.0, ["a"])  # b and c fall silent past lost_after_seconds: 2 of 3
+            assert held() == 2 and fleet.state("b") is AgentState.SUSPECT
+            fleet.reset()  # the term ends: this replica is a standby now
+            assert held() == 0
+        finally:
+            await fleet.close()
+            await pool.close()
+            db.dispose()
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.fast
+def test_a_drain_sent_through_a_standby_is_not_wanted_again_once_the_agent_took_it(tmp_path: Path) -> None:
+    """A standby runs no health checks: the configured agent's own answer is all it will hear, so the
+    flag it took is the agent's, and a later undrain through the leader is not undone by this replica."""
+
+    async def drain(request: web.Request) -> web.Response:
+        return web.json_response({"agent_id": "vm-s", "draining": True, "jobs_running": 0})
+
+    async def scenario() -> bool:
+        app = web.Application()
+        app.router.add_post("/drain", drain)
+        server = ServedApp(app)
+        server.start()
+        db = RouterDB(f"sqlite:///{tmp_path / 'router.db'}")
+        db.create_schema()
+        pool = AgentPool(
+            [AgentEntry(id="vm-s", url=server.url)],
+            {"vm-s": Secret("agent-token-for-the-standby")},
+            timeout=1,
+            stop_timeout=1,
+        )
+        fleet = Fleet(db=db, agents=pool, metrics=Metrics(), config=FleetConfig())
+        try:
+            await fleet.drain("vm-s", draining=True)
+            return fleet._agents["vm-s"].drain_wanted is None
+        finally:
+            await fleet.close()
+            await pool.close()
+            server.stop()
+            db.dispose()
+
+    assert asyncio.run(scenario())
