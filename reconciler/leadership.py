@@ -13,8 +13,13 @@ dies. So a process that gets the lock knows every earlier process of its replica
 a lease one of them still holds at once (``successor_of``) instead of waiting it out: a SIGKILLed
 replica restarted resumes its term, and its pending stops, within its start-up time. Two live
 processes never share an identity: a second one given the same ``replica_id`` refuses to start, and
-one deriving its identity takes the next free one. The holder names the host too, so a replica id
-reused on another host never takes this one's lease.
+one deriving its identity takes the next free one.
+
+The lock proves nothing beyond its own state directory and kernel: two containers or cloned VMs that
+share a host name and were given one ``replica_id`` each hold a lock of their own. So the holder also
+carries a *mark*: a digest of a random token kept beside the lock (made once, mode 0600, read and
+written only under the lock) and of this boot's id. Only a process that has that state directory's
+token, on the machine and boot of the lease's holder, takes the lease back; any other waits it out.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import functools
 import hashlib
 import logging
 import os
+import re
 import secrets
 import socket
 import time
@@ -45,18 +51,22 @@ log = logging.getLogger("reconciler.leadership")
 Term = Callable[[asyncio.Event], Coroutine[Any, Any, None]]
 
 MAX_DERIVED = 64  # processes sharing one state directory and router DB, each with its own identity
+TOKEN_PATTERN = re.compile(r"[0-9a-f]{64}")
 
 
-def holder_id(replica_id: str | None = None) -> str:
-    """``hostname:pid:random``, after ``replica_id@`` when the replica has one: unique per process,
-    and readable in the leases table."""
-    process = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
-    return f"{replica_id}@{process}" if replica_id else process
+def holder_id(lineage: str = "") -> str:
+    """Unique per process, and readable in the leases table: ``<lineage><pid>:<random>`` for a replica
+    with a lasting identity (:func:`predecessors`), else ``<hostname>:<pid>:<random>``."""
+    process = f"{os.getpid()}:{secrets.token_hex(4)}"
+    return f"{lineage}{process}" if lineage else f"{socket.gethostname()}:{process}"
 
 
-def predecessors(replica_id: str) -> str:
-    """The holder prefix of this replica's processes on this host (:func:`holder_id`)."""
-    return f"{replica_id}@{socket.gethostname()}:"
+def predecessors(replica_id: str, mark: str) -> str:
+    """The holder prefix of this replica's processes: ``<replica id>@<hostname>:<mark>:``, where the
+    mark (:func:`_mark`) proves the state directory, the machine and its boot."""
+    if not mark:
+        raise ValueError("a replica's processes are told apart by a mark: it cannot be empty")
+    return f"{replica_id}@{socket.gethostname()}:{mark}:"
 
 
 @dataclass
@@ -66,11 +76,14 @@ class Identity:
     holder: str
     replica_id: str | None = None  # None: an identity of this process only (no state directory)
     lock_fd: int | None = None  # held for the process's life: the kernel releases it at exit
+    mark: str = ""  # the state directory's token and this boot, digested (see _mark)
 
     @property
     def successor_of(self) -> str | None:
         """Earlier processes of this replica, gone since the lock is ours: their lease is ours."""
-        return predecessors(self.replica_id) if self.replica_id and self.lock_fd is not None else None
+        if self.replica_id and self.mark and self.lock_fd is not None:
+            return predecessors(self.replica_id, self.mark)
+        return None
 
     def close(self) -> None:
         if self.lock_fd is not None:
@@ -140,8 +153,47 @@ def _kept_id(fd: int) -> str:
 
 
 def _claimed(replica_id: str, fd: int, path: Path) -> Identity:
+    """The identity whose lock ``fd`` (on ``path``) this process holds: the token beside it is read,
+    or made, only now."""
+    mark = _mark(_kept_token(path.with_name(f"{path.name}.token")), _boot_id())
     log.info("leader: this process is replica %s (lock %s)", replica_id, path)
-    return Identity(holder_id(replica_id), replica_id, fd)
+    return Identity(holder_id(predecessors(replica_id, mark)), replica_id, fd, mark)
+
+
+def _kept_token(path: Path) -> str:
+    """The random token kept at ``path``, made on first use (mode 0600) and kept across restarts: only
+    processes of this state directory know it. The caller holds the identity's lock."""
+    try:
+        kept = path.read_bytes().decode("ascii", "replace").strip()
+    except FileNotFoundError:
+        kept = ""
+    if TOKEN_PATTERN.fullmatch(kept):
+        return kept
+    made = secrets.token_hex(32)
+    fresh = path.with_name(f"{path.name}.new")
+    fresh.unlink(missing_ok=True)  # O_CREAT keeps an existing file's mode: start from none
+    fd = os.open(fresh, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.write(fd, f"{made}\n".encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(fresh, path)  # whole or not at all: a torn token would be a new one next time
+    return made
+
+
+def _boot_id() -> str:
+    """This boot of this machine (Linux): a lock proves its holder gone only within one kernel's life,
+    and a cloned VM boots with an id of its own. "" where the kernel does not say."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
+def _mark(token: str, boot_id: str) -> str:
+    """What the holder shows of the token and the boot: a digest, so the leases table reveals neither."""
+    return hashlib.sha256(f"leader-mark\0{token}\0{boot_id}".encode()).hexdigest()[:16]
 
 
 class Leadership:

@@ -1,7 +1,7 @@
 """Carries out stops: intent first in the router DB, then the agent call with backoff.
 
-A stop whose agent calls all fail stays ``STOPPING``; every cycle resumes such stops, so a stop
-outlives agent outages and reconciler restarts alike.
+A stop whose agent calls all fail, or whose router DB cannot be read or written, stays ``STOPPING``;
+every cycle resumes such stops, so a stop outlives agent and router DB outages and reconciler restarts.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import asyncio
 import logging
 from collections.abc import Callable, Iterable, Sequence
 
+from sqlalchemy.exc import SQLAlchemyError
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential_jitter
 
 from agent_api.client import AgentRejected, AgentUnavailable, JobNotFound, StopResult
@@ -108,6 +109,12 @@ class StopDispatcher:
                 self._metrics.stop_requests.labels("retry").inc()
                 log.warning(
                     "agent unknown here; stop resumes next cycle", extra={**fields, "error": str(exc)}
+                )
+                return
+            except SQLAlchemyError as exc:  # the router DB's time (is the stop overdue?) was unreadable
+                self._metrics.stop_requests.labels("retry").inc()
+                log.warning(
+                    "router DB unavailable; stop resumes next cycle", extra={**fields, "error": str(exc)}
                 )
                 return
         outcome = after_stop(

@@ -1,19 +1,23 @@
 """Named leases in the router DB: one holder at a time among the sidecar's replicas.
 
 A lease expires by the database's own clock, so replicas whose clocks disagree still agree on who holds it.
+That clock stepped back makes a lease look longer: its holder renews it as before (a renewal matches the
+holder, never the expiry) and nobody else takes it early. Stepped forward, it makes a lease look expired
+early: a standby may take it while its holder still leads, until the holder's next renewal is refused.
+
 A holder may name earlier processes of its own (``successor_of``: a prefix of their holder names) whose
 lease it takes over at once instead of waiting it out; the caller vouches that they are gone.
 """
 
 from __future__ import annotations
 
-from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import ColumnElement, Engine, delete, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
+from router_db.clock import db_now
 from router_db.models import Lease
 
 
@@ -69,8 +73,6 @@ class Leases:
             return session.scalars(query).one_or_none()
 
     def _db_now(self, plus_seconds: float = 0.0) -> ColumnElement[Any]:
-        """The database's current time (plus an offset), as a SQL expression of its own clock."""
-        if self._engine.dialect.name == "sqlite":
-            # Same text format as stored datetimes (to the millisecond), so comparisons order correctly.
-            return func.strftime("%Y-%m-%d %H:%M:%f", "now", f"{plus_seconds:+.3f} seconds")
-        return func.now() + timedelta(seconds=plus_seconds)
+        """The database's current time (plus an offset), as a SQL expression of its own clock: the
+        router DB's one clock (:mod:`router_db.clock`)."""
+        return db_now(self._engine.dialect.name, plus_seconds)

@@ -41,7 +41,9 @@ def sidecar_for(workdir: Path, airflow: ServedAirflow, agent: AgentProcess) -> S
         agents=[AgentRef("agent-1", agent.url, agent.token, labels=["default"])],
         api_version="v2",
         interval_seconds=0.2,
-        lease_seconds=2.0,  # a restarted sidecar waits out its killed predecessor's lease
+        # Restarted, the sidecar takes its killed predecessor's lease back at once (the same replica: its
+        # identity is kept beside the SQLite router DB); a short lease only bounds the wait if it did not.
+        lease_seconds=2.0,
     )
 
 

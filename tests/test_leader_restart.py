@@ -172,32 +172,38 @@ class _quiet:
 
 def test_a_replica_takes_back_a_lease_its_earlier_process_holds_and_no_other(router_db: RouterDB) -> None:
     leases = Leases(router_db.engine)
-    host = socket.gethostname()
-    assert router_db.acquire_lease("l", f"r_1@{host}:10:dead", 60)  # a SIGKILLed process's lease
+    host, mark = socket.gethostname(), "a1" * 8
+    assert router_db.acquire_lease("l", f"r_1@{host}:{mark}:10:dead", 60)  # a SIGKILLed process's lease
     # Another replica, one whose id differs only by case, or matches "r_1" as a LIKE pattern would: no.
     for other in ("r-2", "R_1", "rx1", "r"):
-        holder = holder_id(other)
-        assert not leases.acquire("l", holder, 60, successor_of=predecessors(other)), other
-    # The same replica id on another host: no.
-    assert not leases.acquire("l", "r_1@elsewhere:11:b", 60, successor_of="r_1@elsewhere:")
-    assert router_db.lease_holder("l") == f"r_1@{host}:10:dead"
-    mine = holder_id("r_1")
-    assert leases.acquire("l", mine, 60, successor_of=predecessors("r_1"))
+        holder = holder_id(predecessors(other, mark))
+        assert not leases.acquire("l", holder, 60, successor_of=predecessors(other, mark)), other
+    # The same replica id on another host, or on this host with another state directory (mark): no.
+    assert not leases.acquire("l", f"r_1@elsewhere:{mark}:11:b", 60, successor_of=f"r_1@elsewhere:{mark}:")
+    twin = predecessors("r_1", "b2" * 8)
+    assert not leases.acquire("l", holder_id(twin), 60, successor_of=twin)
+    assert router_db.lease_holder("l") == f"r_1@{host}:{mark}:10:dead"
+    mine = holder_id(predecessors("r_1", mark))
+    assert leases.acquire("l", mine, 60, successor_of=predecessors("r_1", mark))
     assert router_db.lease_holder("l") == mine
     # Only one's own earlier processes: the prefix must be the holder's own.
     with pytest.raises(ValueError, match="prefix"):
-        leases.acquire("l", holder_id("r-2"), 60, successor_of=predecessors("r_1"))
+        leases.acquire("l", holder_id(twin), 60, successor_of=predecessors("r_1", mark))
+    with pytest.raises(ValueError, match="mark"):
+        predecessors("r_1", "")
 
 
 @pytest.mark.fast
 def test_a_restarted_replica_leads_at_once_where_another_replica_waits(db: RouterDB) -> None:
     async def scenario() -> tuple[float, bool]:
         host = socket.gethostname()
-        assert await asyncio.to_thread(db.acquire_lease, "reconciler", f"x@{host}:10:dead", 60)
+        mark = "c3" * 8
+        assert await asyncio.to_thread(db.acquire_lease, "reconciler", f"x@{host}:{mark}:10:dead", 60)
         config = LeaderConfig(lease_seconds=30)
-        other = Leadership(db=db, metrics=Metrics(), config=config, holder=holder_id("y"))
+        other = Leadership(db=db, metrics=Metrics(), config=config, holder=holder_id(predecessors("y", mark)))
+        lineage = predecessors("x", mark)
         again = Leadership(
-            db=db, metrics=Metrics(), config=config, holder=holder_id("x"), successor_of=predecessors("x")
+            db=db, metrics=Metrics(), config=config, holder=holder_id(lineage), successor_of=lineage
         )
         stopping = asyncio.Event()
 
@@ -235,12 +241,14 @@ def test_an_identity_kept_beside_the_router_db_is_taken_again_once_its_process_i
     second = claim_identity(config, sqlite_url(tmp_path))  # a second live process: its own identity
     try:
         assert first.replica_id and second.replica_id and first.replica_id != second.replica_id
-        assert first.successor_of == predecessors(first.replica_id)
-        assert first.holder.startswith(predecessors(first.replica_id))
-        gone = first.replica_id
+        assert first.successor_of == predecessors(first.replica_id, first.mark)
+        assert first.holder.startswith(predecessors(first.replica_id, first.mark))
+        assert first.mark != second.mark  # a token each
+        gone, lineage = first.replica_id, first.successor_of
         first.close()  # the process is gone: the kernel drops its lock
         again = claim_identity(config, sqlite_url(tmp_path))
         assert again.replica_id == gone and again.holder != first.holder
+        assert again.successor_of == lineage  # its token kept: the lease is its own again
         again.close()
     finally:
         first.close()
@@ -257,12 +265,42 @@ def test_a_configured_replica_id_held_by_a_live_process_is_refused(tmp_path: Pat
     url = "postgresql+psycopg://reconciler@db.internal/router"  # never reached: the lock is local
     held = claim_identity(config, url)
     try:
-        assert held.replica_id == "sidecar-0" and held.successor_of == predecessors("sidecar-0")
+        assert held.replica_id == "sidecar-0" and held.successor_of == predecessors("sidecar-0", held.mark)
         with pytest.raises(ConfigError, match=r"\[leader\] replica_id 'sidecar-0': a live process holds it"):
             claim_identity(config, url)
     finally:
         held.close()
     claim_identity(config, url).close()  # free again once that process is gone
+
+
+@pytest.mark.fast
+def test_only_the_state_directory_that_made_a_replicas_token_reclaims_its_lease(tmp_path: Path) -> None:
+    """One replica id on one host, two state directories (two containers or cloned VMs): a token each,
+    so neither one's successor_of names the other's processes. The token is the owner's alone and
+    outlives the process; a torn one is made anew (that restart waits the lease out, never worse)."""
+    url = "postgresql+psycopg://reconciler@db.internal/router"
+    here, there = (LeaderConfig(replica_id="sidecar-0", state_dir=str(tmp_path / d)) for d in ("a", "b"))
+    first, twin = claim_identity(here, url), claim_identity(there, url)
+    try:
+        assert first.successor_of and twin.successor_of and first.successor_of != twin.successor_of
+        assert not twin.holder.startswith(first.successor_of)
+        (token,) = (tmp_path / "a").glob("*.token")
+        assert token.stat().st_mode & 0o777 == 0o600
+        kept, lineage = token.read_text(), first.successor_of
+    finally:
+        first.close()
+        twin.close()
+    again = claim_identity(here, url)
+    try:
+        assert token.read_text() == kept and again.successor_of == lineage
+    finally:
+        again.close()
+    token.write_text("torn")
+    remade = claim_identity(here, url)
+    try:
+        assert remade.successor_of not in (None, lineage) and token.stat().st_mode & 0o777 == 0o600
+    finally:
+        remade.close()
 
 
 @pytest.mark.fast
@@ -362,6 +400,67 @@ def test_two_processes_sharing_a_default_identity_get_one_each_and_one_leads(tmp
             time.sleep(0.25)
     finally:
         for sidecar in pair:
+            if sidecar.proc is not None:
+                stop_tree(sidecar.proc, grace=35)
+                sidecar.proc = None
+
+
+# ------------------------------------------- one replica id and host name, two machines (state dirs)
+
+
+def twins(tmp_path: Path) -> list[SidecarProcess]:
+    """Two sidecars on one router DB, given one replica id on one host name but each its own state
+    directory: two containers or cloned VMs that share a host name. A long lease: a takeover within
+    the test can only be a reclaim."""
+    return [
+        SidecarProcess(
+            workdir=tmp_path / f"twin-{n}",
+            airflow_url=f"http://127.0.0.1:{free_port()}",  # unreachable: the loop keeps every job
+            airflow_password="unused",
+            agents=[],
+            db_url=sqlite_url(tmp_path),
+            interval_seconds=0.2,
+            extra_config=(
+                f'[leader]\nlease_seconds = {LEASE_SECONDS}\nreplica_id = "sidecar-0"\n'
+                f'state_dir = "{tmp_path / f"state-{n}"}"\n'
+            ),
+        )
+        for n in range(2)
+    ]
+
+
+def test_a_replica_with_another_state_dir_never_takes_the_lease_of_one_sharing_its_id_and_host(
+    tmp_path: Path,
+) -> None:
+    """The second twin's lock is its own (another state directory), so it starts; it must not take
+    the first one's lease for its own predecessor's: it stays standby while the first leads, and the
+    first, SIGKILLed and restarted with its own state directory, still takes its lease back at once."""
+    first, second = twins(tmp_path)
+    try:
+        launch(first)
+        wait_for("the first twin leading", lambda: leads(first), timeout=60)
+        launch(second)
+        wait_for("the second twin up", lambda: healthy(second.url), timeout=60)
+        watch_until = time.monotonic() + 5  # five campaigns of the second twin (one a second)
+        while time.monotonic() < watch_until:
+            assert not leads(second), "the second twin took the first one's lease"
+            assert leads(first)
+            time.sleep(0.1)
+        assert first.proc is not None
+        first.proc.kill()  # its lease runs on for up to LEASE_SECONDS
+        first.proc.wait(timeout=10)
+        killed = time.monotonic()
+        launch(first)
+        while not leads(first):
+            assert not leads(second), "the second twin took the first one's lease"
+            assert first.proc.poll() is None, first.log_path.read_text()[-3000:]
+            assert time.monotonic() - killed < LEASE_SECONDS / 2, "the restarted twin did not reclaim"
+            time.sleep(0.1)
+        for _ in range(10):
+            assert leads(first) and not leads(second)
+            time.sleep(0.1)
+    finally:
+        for sidecar in (first, second):
             if sidecar.proc is not None:
                 stop_tree(sidecar.proc, grace=35)
                 sidecar.proc = None
