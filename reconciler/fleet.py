@@ -200,6 +200,7 @@ class _Agent:
     # Its last heartbeat on this process's monotonic clock: the heartbeat's age by the router DB's clock
     # (which wrote it) at the last read, counted back from that read. None: none read yet.
     last_beat: float | None = None
+    beat_seen: datetime | None = None  # the row's last_heartbeat_at at the last read
     instance: str = ""
     heartbeat_seconds: float = 10.0
     # Has shown it lives: configured in [[agents]], or a registration followed by a heartbeat. Only
@@ -594,6 +595,11 @@ class Fleet:
             agent.next_sweep = float("-inf")
         agent.instance = row.instance
         agent.confirmed = row.last_heartbeat_at > row.registered_at  # a heartbeat since it registered
+        if agent.last_beat is not None and row.last_heartbeat_at == agent.beat_seen:
+            # No heartbeat since the last read: its silence only grows, even where the router DB's clock
+            # stepped back behind it (its age then reads 0 until that clock catches up).
+            beat = min(beat, agent.last_beat)
+        agent.beat_seen = row.last_heartbeat_at
         agent.last_beat = beat
         if agent.last_contact_at is None or row.last_heartbeat_at > agent.last_contact_at:
             agent.last_contact_at = row.last_heartbeat_at

@@ -353,6 +353,10 @@ def test_liveness_reads_heartbeat_ages_on_the_router_db_clock_and_a_step_of_it_l
             assert AgentState.LOST not in stepped_back, stepped_back
             assert await run(3.0, beating=True) == {AgentState.LIVE}
             assert await run(2.0, beating=False) == {AgentState.LIVE, AgentState.SUSPECT}  # silent
+            assert await run(3.0, beating=True) == {AgentState.LIVE}
+            db.step -= 600.0  # stepped back again, and the agent dies at that moment
+            # Its last heartbeat looks ten minutes ahead of the clock; its silence counts all the same.
+            assert AgentState.LOST in await run(8.0, beating=False)
         finally:
             await fleet.close()
             await pool.close()
