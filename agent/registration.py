@@ -11,6 +11,14 @@ the secret in its home, and the instances that home ran before. Restarted at ano
 home, the agent's registration moves there at once and keeps its jobs; ``/healthz`` shows the proof's
 fingerprint and the instance, which the sidecar's call-back checks against the heartbeat.
 
+The proof is a bearer secret: whoever reads it can move the agent's registration. So it is sent only
+over https, or over plain http to a loopback address (this machine); with a plain http ``router_url``
+to any other host the agent registers without it, as an agent older than identities does (its
+``/healthz`` then shows no fingerprint either), and says so once in its log. Its registration then
+moves to a new URL only as an older agent's does: once it is lost and its jobs have ended. No
+registration request follows a redirect: it would carry the fleet token and the proof to whatever
+address the answer names; a redirect is a refusal (set ``router_url`` to the sidecar's own address).
+
 A heartbeat also carries the jobs that changed since the last one the sidecar accepted (started,
 exited with their rc, stopped), and is sent as soon as one changes: the sidecar hears of an exit within
 a fraction of a second, without asking. Until the sidecar accepts a heartbeat, its changes are sent
@@ -29,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import json
 import logging
 import random
@@ -38,6 +47,7 @@ from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol
+from urllib.parse import urlsplit
 
 import aiohttp
 
@@ -96,8 +106,19 @@ class Registration:
         self.url = config.reachable_url()
         # Read (or made) before the first heartbeat, which must already name this instance's history.
         identity = load_identity(config.home, self.instance)
-        self._proof = identity.proof(config.id)  # a secret: never logged, never in /healthz
+        # A secret: never logged, never in /healthz, never sent where the network could read it.
+        self._proof = identity.proof(config.id) if proof_may_travel(config.router_url) else ""
         self._previous_instances = identity.previous_instances
+        if not self._proof:
+            log.warning(
+                "router_url %s is plain http to a host that is not this machine: heartbeats carry no "
+                "identity proof (a secret, which would cross the network in clear text), as an agent "
+                "older than identities sends none. So a restart of this agent at another URL cannot be "
+                "proven: its registration moves there only once it is lost and its jobs have ended. Use "
+                "https for router_url",
+                config.router_url,
+                extra={"action": "identity_proof_withheld"},
+            )
         self.fingerprint = identity_fingerprint(self._proof)
         self.registered = False  # the last heartbeat was accepted
         self.last_heartbeat_at: datetime | None = None  # of the last accepted one
@@ -198,7 +219,10 @@ class Registration:
         target = f"{self._config.router_url.rstrip('/')}/agents/{self._config.id}"
         headers = {"Authorization": f"Bearer {self._token.current()[0]}"}
         timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_SECONDS)
-        async with session.put(target, json=body, headers=headers, timeout=timeout) as response:
+        # No redirect is followed: the fleet token and the identity proof go to router_url alone.
+        async with session.put(
+            target, json=body, headers=headers, timeout=timeout, allow_redirects=False
+        ) as response:
             text = await response.text(errors="replace")
             if response.status in TRANSIENT:
                 raise aiohttp.ClientResponseError(
@@ -208,7 +232,8 @@ class Registration:
                 # Refused as a whole: its changes are left to the sidecar's catch-up read, so one the
                 # sidecar cannot take does not come back with every heartbeat.
                 self._cursor = cursor
-                raise Refused(f"PUT {target}: HTTP {response.status}: {_error(text)}")
+                said = _redirect(response.headers.get("Location")) if 300 <= response.status < 400 else ""
+                raise Refused(f"PUT {target}: HTTP {response.status}: {said or _error(text)}")
         if not self.registered:
             log.info(
                 "registered with %s as %s at %s",
@@ -234,6 +259,29 @@ class Registration:
         if self._config.router_ca_file is None:
             return True  # the system's CAs for https://; nothing for http://
         return ssl.create_default_context(cafile=str(self._config.router_ca_file))
+
+
+def proof_may_travel(router_url: str) -> bool:
+    """Whether the identity proof may go to ``router_url``: over https, or to a loopback address
+    (``localhost``, 127.0.0.0/8, ::1), where plain http crosses no network."""
+    parts = urlsplit(router_url)
+    if parts.scheme == "https":
+        return True
+    host = parts.hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve anywhere
+        return False
+
+
+def _redirect(location: str | None) -> str:
+    where = f" to {location[:200]}" if location else ""
+    return (
+        f"a redirect{where}, not followed (a heartbeat carries the fleet token and the identity proof):"
+        " set router_url to the sidecar's own address"
+    )
 
 
 def _error(text: str) -> str:

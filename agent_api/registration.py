@@ -11,7 +11,9 @@ An agent also proves which home it runs on, so that it may move its registration
 its jobs run: ``identity_proof`` is derived from a secret kept in its home (:mod:`agent.identity`), and
 ``previous_instances`` are the instances that home ran before this one. The sidecar keeps only the
 proof's :func:`identity_fingerprint`; the agent shows that fingerprint, and its instance, in its
-``/healthz`` (under ``registration``), where the sidecar's call-back checks them.
+``/healthz`` (under ``registration``), where the sidecar's call-back checks them. The proof is a bearer
+secret: an agent sends it only over https or to a loopback address, never over plain http across a
+network (it then sends none, as an older agent), and follows no redirect with it.
 """
 
 from __future__ import annotations

@@ -11,7 +11,10 @@ carrying the fleet token must be accepted. So an agent is only registered where 
 it, and a typo in ``SELF_URL`` is refused at once, not found when its first stop fails. An id held by
 another live agent (another URL, another instance, a heartbeat within ``lost_after_seconds``) is
 refused: one agent cannot take over another's jobs while that one runs; a restarted agent (another
-instance at the same URL) re-registers and keeps its jobs.
+instance of the same home at the same URL) re-registers and keeps its jobs. Another identity at that
+URL (a VM rebuilt with an empty disk, an impostor with the fleet token, one proving none) is no restart:
+it takes the id only as a claim from anywhere else does, once the registration is silent for
+``lost_after_seconds`` and holds no active job.
 
 A restarted agent may also come back at another URL (a new port, http to https, a host name that now
 resolves otherwise): it keeps its jobs if it proves it is the same agent, on the same home. The fleet
@@ -19,11 +22,16 @@ token cannot prove that (every VM holds it), so a heartbeat carries what only th
 (:mod:`agent.identity`): a proof derived from the secret kept there, whose fingerprint the router DB
 holds, and the instances that home ran before, of which the registration's must be one. The call-back
 then checks that the agent at the new URL shows this very instance and fingerprint (so a heartbeat
-naming someone else's URL is refused), and the old URL is asked too: while the registration's own
-process still answers there, the newcomer is refused (two processes of one home, or a copy of it).
+naming someone else's URL is refused), and the old URL is asked too: the move waits while another
+process answers there as the agent (two processes of one home, or a copy of it), and while the old URL
+gives no clear answer (a timeout, a reset, a 5xx): a paused or overloaded agent is alive, and a copy
+of its home must not take its place. Only a refused connection, a host name that no longer exists or
+another agent answering there shows the old process gone. A move that waits is judged as a claim from
+elsewhere: it takes a registration only once that is lost and its jobs have ended.
 :func:`judge_claim` and the ``*_problem`` functions decide; the router DB's upsert applies the move
 only to the very row judged. A home wiped or rebuilt is a new agent: it registers once its
-predecessor is lost and its jobs have ended.
+predecessor is lost and its jobs have ended. An agent whose ``router_url`` is plain http to another
+host sends no proof (:mod:`agent.registration`): it is judged as an agent older than identities.
 
 A heartbeat's ``jobs`` (what changed on the agent since its last accepted heartbeat) are recorded as
 the loop's catch-up read records them (:meth:`JobService.apply_agent_reports`): an exit reaches the
@@ -34,12 +42,15 @@ is the heartbeat answered 200; otherwise the agent sends them again.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
+import socket
 from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 
@@ -96,12 +107,22 @@ def judge_claim(
                 " this heartbeat is not from that process",
             )
         return Judged(Claim.BEAT)
-    if held.url == url:
+    if held.url == url and (not fingerprint or held.identity_fingerprint in ("", fingerprint)):
+        # Another process at the row's address, of the same home: the agent restarted there. A row
+        # without an identity (an older agent's or replica's) takes the one its restarted process
+        # proves. One proving none is judged as before identities (an agent rolled back, or one that
+        # keeps its proof off a plain http router_url): the call-back found that very process answering
+        # at the row's own address. Another identity there (a rebuilt VM, a second home) is another
+        # agent: it would be sent stops for jobs it does not know, so it falls to the takeover rule
+        # below, as it would at any other address.
         return Judged(Claim.RESTART)
     if not held.identity_fingerprint:
         why = "its registration holds no identity (made by an agent older than identities)"
     elif not fingerprint:
-        why = "this heartbeat proves no identity (an agent older than identities)"
+        why = (
+            "this heartbeat proves no identity (an agent older than identities, or one that keeps its"
+            " proof off a plain http router_url)"
+        )
     elif fingerprint != held.identity_fingerprint:
         why = "this heartbeat proves another identity than the registration's (another home, or a wiped one)"
     elif held.instance not in previous_instances:
@@ -140,18 +161,88 @@ def call_back_problem(
         if not fingerprint:
             return f"the agent at {url} proves an identity this heartbeat does not: it did not send it"
         return f"the agent at {url} does not hold the identity this heartbeat proves"
-    if fingerprint and running != instance:
+    if (fingerprint or running is not None) and running != instance:
+        # An agent that shows its instance is the very process that sent this heartbeat, proof or not:
+        # a fleet-token holder cannot speak for the process answering there.
         return f"the agent at {url} is another process (instance {running!r}), not instance {instance!r}"
     return None
 
 
+@dataclass(frozen=True)
+class Unanswered:
+    """What asking ``/health`` at a URL got instead of an agent's answer: ``why``, and whether it shows
+    that nothing is there any more (``gone``)."""
+
+    why: str
+    gone: bool = False
+
+
+# getaddrinfo's "no such name" (NXDOMAIN) and "no address for it"; a resolver that failed (EAI_AGAIN)
+# says nothing of the host.
+_NO_SUCH_NAME = frozenset(
+    code for code in (socket.EAI_NONAME, getattr(socket, "EAI_NODATA", None)) if code is not None
+)
+
+
+def unanswered(error: BaseException) -> Unanswered:
+    """How a failed ``/health`` at an old URL reads: gone only when the connection was refused (no
+    process listens at that port) or the host name does not exist. Everything else is no answer, not
+    an absence: a timeout (the process may be paused, overloaded, or cut off from this replica alone),
+    a reset, a TLS failure, an unreachable host, a 5xx or an answer that is no agent's. ``error`` is
+    the client's (:class:`AgentError`); the connector's error it was raised from, if any, is read."""
+    cause: BaseException | None = error
+    for _ in range(4):  # the client's error, raised while handling the connector's
+        if cause is None or isinstance(cause, aiohttp.ClientConnectorError):
+            break
+        cause = cause.__cause__ or cause.__context__
+    why = str(error)[:300] or type(error).__name__
+    if isinstance(cause, aiohttp.ClientProxyConnectionError) or not isinstance(
+        cause, aiohttp.ClientConnectorError
+    ):
+        return Unanswered(why)
+    if isinstance(cause, aiohttp.ClientConnectorDNSError):
+        return Unanswered(why, gone=cause.os_error.errno in _NO_SUCH_NAME)
+    # A refusal comes from the host's kernel: nothing listens there. A process that is only paused or
+    # overloaded still holds its listening socket, whose connections wait unanswered: a timeout.
+    return Unanswered(why, gone=cause.os_error.errno == errno.ECONNREFUSED)
+
+
+_PORTS = {"http": 80, "https": 443}
+
+
+def moved_in_place(old_url: str, new_url: str) -> bool:
+    """The URLs differ in their scheme only (http to https on the same port): one socket, at which the
+    call-back found the mover, and where no second process can listen. Asked there in the old scheme,
+    the mover would give no clear answer (TLS spoken to plain http, or the reverse)."""
+    old, new = urlsplit(old_url), urlsplit(new_url)
+    try:
+        return (old.hostname, old.port or _PORTS[old.scheme], old.path.rstrip("/")) == (
+            new.hostname,
+            new.port or _PORTS[new.scheme],
+            new.path.rstrip("/"),
+        )
+    except (KeyError, ValueError):
+        return False
+
+
 def still_there_problem(
-    answer: Mapping[str, Any] | None, *, agent_id: str, old_url: str, instance: str
+    answer: Mapping[str, Any] | Unanswered, *, agent_id: str, old_url: str, instance: str
 ) -> str | None:
-    """Why a move away from ``old_url`` must wait (None: it need not), given what ``/healthz`` answers
-    there (None: nothing usable). Another process answering there as the agent (not the mover itself,
-    reached by another name) still holds the registration: two processes of one identity."""
-    if answer is None or answer.get("agent_id") != agent_id:
+    """Why a move away from ``old_url`` must wait (None: it need not), given what ``/health`` answers
+    there. Another process answering there as the agent (not the mover itself, reached by another
+    name) still holds the registration: two processes of one identity. So may one that gives no clear
+    answer: only a refused connection, a host name that no longer exists or another agent answering
+    there shows that the registration's process is gone (a copy of the home must not take the place
+    of an agent that is only slow)."""
+    if isinstance(answer, Unanswered):
+        if answer.gone:
+            return None
+        return (
+            f"agent {agent_id} gives no clear answer at {old_url} ({answer.why}): its process there may "
+            "be alive, only slow, and one identity is held by one process at a time; the registration "
+            "stays there until that process answers, or nothing listens there"
+        )
+    if answer.get("agent_id") != agent_id:
         return None
     _, running = _registration(answer)
     if running == instance:
@@ -275,11 +366,11 @@ class Registry:
             return stored
         if first:
             self._verified[agent_id] = key
-            self._log_registered(agent_id, beat, fingerprint, held, judged)
+            self._log_registered(agent_id, beat, held, judged)
         return stored
 
     def _log_registered(
-        self, agent_id: str, beat: Heartbeat, fingerprint: str, held: AgentRecord | None, judged: Judged
+        self, agent_id: str, beat: Heartbeat, held: AgentRecord | None, judged: Judged
     ) -> None:
         fields = {"agent_id": agent_id, "url": beat.url}
         if held is not None and judged.claim in (Claim.MOVE, Claim.BEAT) and held.url != beat.url:
@@ -306,15 +397,6 @@ class Registry:
                 extra={**fields, "action": "agent_registered", "from_url": held.url},
             )
             return
-        if held is not None and held.identity_fingerprint not in ("", fingerprint):
-            log.warning(
-                "agent %s at %s registered with a new identity (a new or wiped home): a new agent, which "
-                "knows none of its predecessor's jobs",
-                agent_id,
-                beat.url,
-                extra={**fields, "action": "agent_new_identity"},
-            )
-            return
         log.info(
             "agent %s registered at %s", agent_id, beat.url, extra={**fields, "action": "agent_registered"}
         )
@@ -333,6 +415,8 @@ class Registry:
         )
         if judged.refusal:
             raise Refused(409, judged.refusal)
+        if judged.claim is Claim.TAKEOVER and held is not None and held.url == beat.url:
+            await self._refuse_unless_free(held, judged)
         within = self._config.lost_after_seconds
         sharing = await asyncio.to_thread(
             self._db.live_agent_at, beat.url, other_than=agent_id, alive_within=within
@@ -347,6 +431,9 @@ class Registry:
             await self._call_back(agent_id, beat, fingerprint)
             return held, judged
         assert held is not None
+        if moved_in_place(held.url, beat.url):  # the old URL is the mover's own socket
+            await self._call_back(agent_id, beat, fingerprint)
+            return held, judged
         # The old URL is asked while the new one is called back: a move costs no more time than a
         # registration, within the agent's heartbeat timeout.
         looking = asyncio.create_task(self._answer_at(held.url))
@@ -359,8 +446,32 @@ class Registry:
         old = await looking
         problem = still_there_problem(old, agent_id=agent_id, old_url=held.url, instance=beat.instance)
         if problem is not None:
-            raise Refused(409, problem)
+            # No move now: the claim is left the rule any claim from elsewhere has (the router DB's),
+            # which takes only a registration long silent without active jobs. So a process hung at
+            # the old URL for good keeps the agent out only until it is lost and its jobs have ended.
+            return held, Judged(Claim.TAKEOVER, unproven=problem)
         return held, judged
+
+    async def _refuse_unless_free(self, held: AgentRecord, judged: Judged) -> None:
+        """The takeover rule, for a claim at the registration's own URL by another identity: the
+        router DB's upsert would take any new instance there as the agent's restart, so the rule is
+        checked here, by the router DB's clock: silent for ``lost_after_seconds``, no active job.
+        It is read before the write, not in it (the upsert's restart clause is the router DB's): a
+        row that silent is lost, so no job is routed to it meanwhile, and only its own process's
+        heartbeat, racing this claim, would make it live again."""
+        within = self._config.lost_after_seconds
+        now = await asyncio.to_thread(self._db.now)
+        silent = held.last_heartbeat_at < now - timedelta(seconds=within)
+        active = len(await asyncio.to_thread(self._db.active, agent_id=held.agent_id)) if silent else 0
+        if silent and not active:
+            return
+        holding = f"{active} active job(s)" if silent else f"a heartbeat within lost_after_seconds={within:g}"
+        raise Refused(
+            409,
+            f"agent id {held.agent_id} is held by the agent registered at {held.url} ({holding}); it can be "
+            f"taken once that one is silent for lost_after_seconds={within:g} and its jobs have ended. "
+            f"This is no restart of that agent: {judged.unproven}",
+        )
 
     def _client(self, url: str, token: str) -> AgentClient:
         if self._session is None:
@@ -373,12 +484,12 @@ class Registry:
             ca_file=self._config.registration_ca_file or None,
         )
 
-    async def _answer_at(self, url: str) -> dict[str, Any] | None:
-        """What ``/healthz`` at ``url`` answers, asked without a token; None for no usable answer."""
+    async def _answer_at(self, url: str) -> dict[str, Any] | Unanswered:
+        """What ``/health`` at ``url`` answers, asked without a token, or what came instead."""
         try:
             return await self._client(url, "").health()
-        except (AgentError, ValueError):
-            return None
+        except (AgentError, ValueError) as exc:
+            return unanswered(exc)
 
     async def _call_back(self, agent_id: str, beat: Heartbeat, fingerprint: str) -> None:
         """The agent at the heartbeat's URL is ``agent_id``, the very process that sent it (as its

@@ -178,8 +178,13 @@ def _upsert(insert: Callable[[Table], Any], *, db_clock: str | None = None) -> A
         # written without one (by a replica older than identities) takes the one it proves.
         and_(c.instance == new.instance, or_(fingerprint == new.identity_fingerprint, fingerprint == "")),
         # Another process at the row's address: the agent restarted there (the call-back checked who
-        # answers there). A new identity there is a new agent: its predecessor's jobs are unknown to it.
-        and_(c.url == new.url, c.instance != new.instance),
+        # answers there), proving the row's identity, or none (judged as before identities). Another
+        # identity there is a new agent, its predecessor's jobs unknown to it: the last clause's.
+        and_(
+            c.url == new.url,
+            c.instance != new.instance,
+            or_(fingerprint == "", new.identity_fingerprint == "", fingerprint == new.identity_fingerprint),
+        ),
         # The agent's own identity at a new address, judged against this very row: a move.
         and_(
             c.url == from_url,

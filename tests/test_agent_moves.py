@@ -5,16 +5,24 @@ again on the same home at another port (once over HTTPS). Within a couple of hea
 shows the new URL, the job runs on with its process, a drain asked of the sidecar while the agent was
 down reaches it there, and a stop through the sidecar reaches it there. A holder of only the fleet
 token (a fresh home) claiming the id elsewhere while the agent lives, a copy of its identity started
-elsewhere while it answers, and hand-made heartbeats naming its URL or instance are refused and change
-nothing. The decision (:func:`reconciler.registry.judge_claim` and the call-back's checks), the home's
-identity files and the router DB's rule are pinned without a network (the fast tier).
+elsewhere while it answers or while it is only paused, a fresh home at its own URL while its job is
+active, and hand-made heartbeats naming its URL or instance are refused and change nothing. The
+decision (:func:`reconciler.registry.judge_claim` and the call-back's checks), the home's identity
+files and the router DB's rule are pinned without a network; the sidecar's judgement and what the
+agent sends, and where, against in-process servers (the fast tier).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import json
+import logging
+import os
 import shutil
+import signal
+import socket
 import ssl
 import stat
 import time
@@ -24,15 +32,20 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import aiohttp
+import aiohttp.abc
 import httpx
 import psutil
 import pytest
 from aiohttp import ClientSession, web
+from aiohttp.client_reqrep import ConnectionKey
 from aiohttp.test_utils import TestServer
 
 from agent.config import ConfigError, load_config
 from agent.identity import IDENTITY_FILE, INSTANCES_FILE, load_identity
+from agent.registration import Refused as AgentRefused
 from agent.registration import Registration, Work
+from agent_api.client import AgentUnavailable
 from agent_api.protocol import ProtocolError
 from agent_api.registration import (
     MAX_PREVIOUS_INSTANCES,
@@ -44,11 +57,22 @@ from harness.agent import AgentProcess
 from harness.processes import free_port, wait_for
 from harness.served import ServedAirflow
 from harness.sidecar import SidecarProcess
+from reconciler import registry as registry_module
 from reconciler.agents import AgentPool
 from reconciler.config import FleetConfig
 from reconciler.fleet import Fleet
+from reconciler.job_service import Refused
 from reconciler.metrics import Metrics
-from reconciler.registry import Claim, call_back_problem, judge_claim, still_there_problem
+from reconciler.registry import (
+    Claim,
+    Registry,
+    Unanswered,
+    call_back_problem,
+    judge_claim,
+    moved_in_place,
+    still_there_problem,
+    unanswered,
+)
 from router_db import AgentConflict, AgentRecord, JobStatus, NewJob, RouterDB, TaskInstanceKey
 from servicekit.credentials import Secret
 from tests.certs import make_ca
@@ -61,16 +85,18 @@ HEARTBEAT = 0.5
 MOVED_WITHIN = 6 * HEARTBEAT  # "a couple of heartbeats", with slack for a loaded machine
 
 
-def fleet_config(ca_file: Path | None = None) -> str:
+def fleet_config(ca_file: Path | None = None, lost_after: float = LOST_AFTER) -> str:
     ca = f'registration_ca_file = "{ca_file}"\n' if ca_file is not None else ""
     return (
-        f"[leader]\nlease_seconds = {LOST_AFTER - 1}\n"
-        f"[fleet]\nlost_after_seconds = {LOST_AFTER}\ncheck_interval_seconds = 0.2\n"
+        f"[leader]\nlease_seconds = {lost_after - 1}\n"
+        f"[fleet]\nlost_after_seconds = {lost_after}\ncheck_interval_seconds = 0.2\n"
         f"check_timeout_seconds = 1.0\n{ca}"
     )
 
 
-def sidecar_for(tmp_path: Path, airflow: ServedAirflow, ca_file: Path | None = None) -> SidecarProcess:
+def sidecar_for(
+    tmp_path: Path, airflow: ServedAirflow, ca_file: Path | None = None, lost_after: float = LOST_AFTER
+) -> SidecarProcess:
     return SidecarProcess(
         workdir=tmp_path / "sidecar",
         airflow_url=airflow.url,
@@ -79,7 +105,7 @@ def sidecar_for(tmp_path: Path, airflow: ServedAirflow, ca_file: Path | None = N
         api_version="v2",
         interval_seconds=0.3,
         fleet_token=FLEET_TOKEN,
-        extra_config=fleet_config(ca_file),
+        extra_config=fleet_config(ca_file, lost_after),
     )
 
 
@@ -137,6 +163,11 @@ def submit(client: httpx.Client, airflow: ServedAirflow, task_id: str) -> str:
 
 def alive(pid: int) -> bool:
     return psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+
+
+def end(pid: int) -> None:
+    with contextlib.suppress(psutil.NoSuchProcess):
+        psutil.Process(pid).kill()
 
 
 def keeps_its_job_at_the_new_url(
@@ -276,8 +307,9 @@ def test_a_claim_with_only_the_fleet_token_is_refused_while_the_agent_lives(
             # The agent's own URL and instance, with another identity or none.
             ({"url": real.url, "instance": instance, "identity_proof": "0" * 64}, 409, "another identity"),
             ({"url": real.url, "instance": instance}, 409, "another identity"),
-            # Its own URL as a new process: the agent answering there did not send it.
-            ({"url": real.url, "instance": "forged-1", "identity_proof": "1" * 64}, 422, "does not hold"),
+            # Its own URL as a new process of another home, or of none: no restart while it lives.
+            ({"url": real.url, "instance": "forged-1", "identity_proof": "1" * 64}, 409, "another identity"),
+            # Proving none, it is judged a restart: the call-back finds the agent's own process there.
             ({"url": real.url, "instance": "forged-2"}, 422, "proves an identity this heartbeat does not"),
             # The impostor's own URL, identity and instance, citing the agent's instance as its history.
             (
@@ -309,6 +341,87 @@ def test_a_claim_with_only_the_fleet_token_is_refused_while_the_agent_lives(
         wait_for(lambda: client.get(f"/jobs/{job}").json()["status"] == "FAILED", "the stop")
         wait_for(lambda: not alive(pid), "the job's process gone")
         assert f"POST /stop/{job}" in real.log_text() and f"/stop/{job}" not in impostor.log_text()
+
+
+def test_a_copy_of_the_home_waits_while_the_agent_is_only_paused_at_its_url(
+    tmp_path: Path, airflow: ServedAirflow
+) -> None:
+    """SIGSTOP: the agent answers nothing at its URL (as a paused or overloaded one would) while a copy
+    of its home claims the id elsewhere. The copy is refused, as a slow process may run on; once the
+    agent goes on, it keeps its registration and its job."""
+    lost_after = 4 * registry_module.VERIFY_TIMEOUT_SECONDS  # the pause outlasts the look at its URL
+    with ExitStack() as stack:
+        sidecar = stack.enter_context(sidecar_for(tmp_path, airflow, lost_after=lost_after))
+        client = stack.enter_context(sidecar.client())
+        real = registering(tmp_path / "vm", sidecar, "vm-m")
+        stack.callback(real.stop)
+        real.start()
+        wait_for(lambda: agents(client).get("vm-m", {}).get("state") == "live", "registered")
+        job = submit(client, airflow, "long")
+        pid = wait_for(lambda: on_agent(real, job)["pid"], "the job's pid")
+        (tmp_path / "copy").mkdir(mode=0o700)
+        for name in ("identity", "instances.json"):
+            shutil.copy2(tmp_path / "vm" / name, tmp_path / "copy" / name)
+        copy = stack.enter_context(registering(tmp_path / "copy", sidecar, "vm-m"))
+        wait_for(lambda: "still answers" in (health(copy)["registration"]["last_error"] or ""), "refused")
+
+        os.kill(real.pid, signal.SIGSTOP)  # the agent only: its job runs on
+        stack.callback(os.kill, real.pid, signal.SIGCONT)  # before it is stopped, whatever happens
+
+        def judged() -> str:
+            if agents(client)["vm-m"]["url"] == copy.url:
+                return "moved to the copy"
+            error: str = health(copy)["registration"]["last_error"] or ""
+            return error if "still answers" not in error else ""
+
+        error = wait_for(
+            judged, "the copy's claim judged", timeout=4 * registry_module.VERIFY_TIMEOUT_SECONDS
+        )
+        assert "409" in error and "no clear answer" in error and real.url in error, error
+        assert agents(client)["vm-m"]["url"] == real.url
+        os.kill(real.pid, signal.SIGCONT)
+        time.sleep(3 * HEARTBEAT)  # it heartbeats again, and the copy is judged again
+        entry = agents(client)["vm-m"]
+        assert (entry["url"], entry["state"], entry["active_jobs"]) == (real.url, "live", 1), entry
+        assert health(real)["registration"]["registered"] is True
+        assert client.get(f"/jobs/{job}").json()["status"] == "RUNNING" and alive(pid)
+        assert "still answers at " + real.url in health(copy)["registration"]["last_error"]
+        assert "moved from" not in sidecar.log_path.read_text()
+
+
+def test_another_home_at_the_agents_url_takes_no_registration_while_its_job_is_active(
+    tmp_path: Path, airflow: ServedAirflow
+) -> None:
+    """SIGKILL (its job runs on), then a fresh home (a VM rebuilt with an empty disk, or an impostor
+    with the fleet token) at the same URL: no restart of the agent, refused while the registration
+    holds its job; it registers once its predecessor is silent and its job has ended."""
+    with ExitStack() as stack:
+        sidecar = stack.enter_context(sidecar_for(tmp_path, airflow))
+        client = stack.enter_context(sidecar.client())
+        first = registering(tmp_path / "vm", sidecar, "vm-m")
+        stack.callback(first.stop)
+        first.start()
+        wait_for(lambda: agents(client).get("vm-m", {}).get("state") == "live", "registered")
+        job = submit(client, airflow, "long")
+        pid = wait_for(lambda: on_agent(first, job)["pid"], "the job's pid")
+        stack.callback(end, pid)  # no agent knows it once its own is killed
+        first.kill()
+
+        rebuilt = stack.enter_context(registering(tmp_path / "rebuilt", sidecar, "vm-m", port=first.port))
+        assert rebuilt.url == first.url
+
+        def judged() -> str:
+            shown = health(rebuilt)["registration"]
+            said: str = shown["last_error"] or ("registered at once" if shown["registered"] else "")
+            return said
+
+        error = wait_for(judged, "the rebuilt home's claim judged")
+        assert "409" in error and "another identity" in error and first.url in error, error
+        assert "taking the id over" not in sidecar.log_path.read_text()
+        # Its job ends (the agent at its URL knows none of it, or by the lost rule); then the id is free.
+        wait_for(lambda: client.get(f"/jobs/{job}").json()["status"] == "FAILED", "the job ended")
+        wait_for(lambda: health(rebuilt)["registration"]["registered"], "registered", timeout=LOST_AFTER + 10)
+        assert "taking the id over from the agent at " + first.url in sidecar.log_path.read_text()
 
 
 # ------------------------------------------------------------------ the decision, without a network
@@ -345,8 +458,15 @@ NEW_URL = "https://new:8791"
         (held(identity_fingerprint=""), "http://old:8791", "i-1", "", [], Claim.BEAT, ""),  # older agent
         # A row an older replica wrote (no identity) takes its own process's: a rolling upgrade.
         (held(identity_fingerprint=""), "http://old:8791", "i-1", FINGERPRINT, [], Claim.BEAT, ""),
+        (held(), "http://old:8791", "i-2", FINGERPRINT, [], Claim.RESTART, ""),  # its home, restarted
+        # A row without identity takes its restarted process's (an older agent or replica wrote it).
+        (held(identity_fingerprint=""), "http://old:8791", "i-2", FINGERPRINT, [], Claim.RESTART, ""),
+        (held(identity_fingerprint=""), "http://old:8791", "i-2", "", [], Claim.RESTART, ""),
+        # Another home at the row's URL (a rebuilt VM, an impostor): no restart.
+        (held(), "http://old:8791", "i-2", "f" * 64, [], Claim.TAKEOVER, "another identity"),
+        # One proving none there is judged as before identities (rolled back, or its proof kept off
+        # plain http): a restart, if the call-back finds that very process answering at the URL.
         (held(), "http://old:8791", "i-2", "", [], Claim.RESTART, ""),
-        (held(), "http://old:8791", "i-2", "f" * 64, [], Claim.RESTART, ""),  # a new home there
         (held(), NEW_URL, "i-2", FINGERPRINT, ["i-0", "i-1"], Claim.MOVE, ""),
         (held(), NEW_URL, "i-2", FINGERPRINT, ["i-0"], Claim.TAKEOVER, "not in this home's instance history"),
         (held(), NEW_URL, "i-2", FINGERPRINT, [], Claim.TAKEOVER, "not in this home's instance history"),
@@ -407,7 +527,8 @@ def test_the_call_back_checks_who_sent_the_heartbeat(
 @pytest.mark.parametrize(
     ("answer", "waits"),
     [
-        (None, False),  # nothing answers at the old URL: the process there is gone
+        (Unanswered("connection refused", gone=True), False),  # nothing listens there: the process is gone
+        (Unanswered("no answer within 5 s"), True),  # a paused or overloaded process may run on
         (healthz("vm-other", instance="x"), False),  # another agent has the address now
         (
             healthz(instance="i-2", identity_fingerprint=FINGERPRINT),
@@ -418,11 +539,69 @@ def test_the_call_back_checks_who_sent_the_heartbeat(
     ],
 )
 def test_a_move_waits_while_another_process_answers_at_the_old_url(
-    answer: dict[str, Any] | None, waits: bool
+    answer: dict[str, Any] | Unanswered, waits: bool
 ) -> None:
     problem = still_there_problem(answer, agent_id="vm-m", old_url="http://old:8791", instance="i-2")
     assert (problem is not None) == waits
-    assert problem is None or "still answers at http://old:8791" in problem
+    assert problem is None or any(
+        f"{said} at http://old:8791" in problem for said in ("still answers", "gives no clear answer")
+    )
+
+
+def failed_look(
+    cause: BaseException, connector: type[aiohttp.ClientConnectorError] | None = None
+) -> Exception:
+    """The client's error for a look at the old URL that failed with ``cause`` (in the connector)."""
+    key = ConnectionKey("old", 8791, False, True, None, None, None, None)
+    try:
+        try:
+            raise connector(key, cause) if connector is not None else cause  # type: ignore[arg-type]
+        except (aiohttp.ClientError, TimeoutError):
+            raise AgentUnavailable("GET http://old:8791/health: failed") from None
+    except AgentUnavailable as exc:
+        return exc
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize(
+    ("error", "gone"),
+    [
+        (
+            failed_look(ConnectionRefusedError(errno.ECONNREFUSED, "refused"), aiohttp.ClientConnectorError),
+            True,
+        ),
+        (failed_look(socket.gaierror(socket.EAI_NONAME, "unknown"), aiohttp.ClientConnectorDNSError), True),
+        # A resolver that failed, a host that cannot be reached, a proxy refusing: nothing is known.
+        (failed_look(socket.gaierror(socket.EAI_AGAIN, "try again"), aiohttp.ClientConnectorDNSError), False),
+        (failed_look(OSError(errno.EHOSTUNREACH, "unreachable"), aiohttp.ClientConnectorError), False),
+        (failed_look(OSError(errno.ECONNREFUSED, "refused"), aiohttp.ClientProxyConnectionError), False),
+        (failed_look(TimeoutError()), False),  # paused, overloaded
+        (failed_look(aiohttp.ServerDisconnectedError()), False),
+        (AgentUnavailable("GET http://old:8791/health: HTTP 503: overloaded"), False),
+        (ValueError("ca_file: cannot load"), False),
+    ],
+)
+def test_only_a_refused_connection_or_a_name_that_does_not_exist_shows_the_old_process_gone(
+    error: Exception, gone: bool
+) -> None:
+    assert unanswered(error).gone == gone
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize(
+    ("old", "new", "in_place"),
+    [
+        ("http://vm:8791", "https://vm:8791", True),  # http to https on one port: the mover's own socket
+        ("https://VM:8791/", "http://vm:8791", True),
+        ("http://vm:8791", "https://vm:8792", False),
+        ("http://vm", "https://vm", False),  # 80 and 443
+        ("http://proxy:443/a", "https://proxy:443/b", False),  # paths a proxy may send to two processes
+    ],
+)
+def test_a_move_from_http_to_https_in_place_is_not_asked_at_its_own_socket(
+    old: str, new: str, in_place: bool
+) -> None:
+    assert moved_in_place(old, new) == in_place
 
 
 @pytest.mark.fast
@@ -656,7 +835,7 @@ def test_a_heartbeat_sent_before_a_drain_and_read_after_it_does_not_route_there_
         try:
             beat(url, draining=False)
             await fleet.load_registered()
-            seen = [fleet.report("vm-d").state]
+            seen: list[str] = [fleet.report("vm-d").state]
             await fleet.drain("vm-d", draining=True)
             seen.append(fleet.report("vm-d").state)
             await fleet.load_registered()  # the heartbeat sent before the drain arrived
@@ -672,3 +851,270 @@ def test_a_heartbeat_sent_before_a_drain_and_read_after_it_does_not_route_there_
             db.dispose()
 
     assert asyncio.run(scenario()) == ["live", "draining", "draining", "draining"]
+
+
+# --------------------------------------------------------- the sidecar's judgement, in one process
+
+
+OTHER_PROOF = "cd" * 32  # another home's
+
+
+def agent_app(agent_id: str, *, instance: str, proof: str, health_delay: float = 0.0) -> web.Application:
+    """An agent as the sidecar's call-back sees it: its /health, and a /jobs that takes any token."""
+
+    async def health(request: web.Request) -> web.Response:
+        await asyncio.sleep(health_delay)
+        shown = {"instance": instance, "identity_fingerprint": identity_fingerprint(proof)}
+        return web.json_response({"status": "ok", "agent_id": agent_id, "registration": shown})
+
+    async def jobs(request: web.Request) -> web.Response:
+        return web.json_response({"jobs": []})
+
+    app = web.Application()
+    app.router.add_get("/health", health)
+    app.router.add_get("/jobs", jobs)
+    return app
+
+
+async def serve(app: web.Application) -> tuple[TestServer, str]:
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    return server, str(server.make_url("")).rstrip("/")
+
+
+def registry_on(db: RouterDB) -> Registry:
+    config = FleetConfig(lost_after_seconds=LOST_AFTER, check_interval_seconds=0.2, check_timeout_seconds=1.0)
+    return Registry(db=db, token=Secret(FLEET_TOKEN), static_ids=(), config=config, metrics=Metrics())
+
+
+def registered(db: RouterDB, *, url: str, silent_for: float = 0.0, busy: bool = True) -> AgentRecord:
+    """vm-m's row at ``url`` (instance i-1, the home of PROOF), ``silent_for`` seconds ago by the router
+    DB's clock, with a running job if ``busy``."""
+    moment = db.now() - timedelta(seconds=silent_for)
+    row = db.heartbeat_agent(beat(url=url, last_heartbeat_at=moment), alive_after=moment)
+    if busy:
+        job, _ = db.submit(NewJob(TaskInstanceKey(dag_id="d", task_id="t", run_id="r"), "vm-m", "sleep 1"))
+        db.mark_running(job.job_id, source="test")
+    return row
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize(
+    ("old", "moves", "said"),
+    [
+        ("paused", False, "no clear answer"),  # a live agent, only slow: a copy must not take its place
+        ("failing", False, "no clear answer"),  # something answers there, but not as an agent
+        ("refused", True, ""),  # nothing listens at the old address: the process there is gone
+    ],
+)
+def test_a_move_waits_while_the_old_url_gives_no_clear_answer(
+    db: RouterDB, monkeypatch: pytest.MonkeyPatch, old: str, moves: bool, said: str
+) -> None:
+    """The old process does not answer within the call-back's timeout (paused, overloaded) or answers
+    garbage: the move waits, as the old process may run on. A refused connection shows it gone."""
+    monkeypatch.setattr(registry_module, "VERIFY_TIMEOUT_SECONDS", 0.5)
+
+    async def failing(request: web.Request) -> web.Response:
+        return web.Response(status=503, text="overloaded")
+
+    async def scenario() -> AgentRecord | Refused:
+        servers = []
+        mover, new_url = await serve(agent_app("vm-m", instance="i-2", proof=PROOF))
+        servers.append(mover)
+        if old == "paused":
+            server, old_url = await serve(agent_app("vm-m", instance="i-1", proof=PROOF, health_delay=30))
+            servers.append(server)
+        elif old == "failing":
+            app = web.Application()
+            app.router.add_get("/health", failing)
+            server, old_url = await serve(app)
+            servers.append(server)
+        else:
+            old_url = f"http://127.0.0.1:{free_port()}"
+        registered(db, url=old_url)
+        registry = registry_on(db)
+        claim = Heartbeat(url=new_url, instance="i-2", identity_proof=PROOF, previous_instances=("i-1",))
+        try:
+            return await registry.heartbeat("vm-m", claim)
+        except Refused as exc:
+            return exc
+        finally:
+            await registry.close()
+            for server in servers:
+                await server.close()
+
+    outcome = asyncio.run(scenario())
+    row = db.registered_agent("vm-m")
+    assert row is not None
+    if moves:
+        assert isinstance(outcome, AgentRecord) and (row.instance, row.url) == ("i-2", outcome.url)
+    else:
+        assert isinstance(outcome, Refused) and outcome.status == 409, outcome
+        assert said in str(outcome) and row.instance == "i-1"
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize(
+    ("silent_for", "busy", "taken"),
+    [
+        (0.0, True, False),  # live, with a running job: another home must not take it
+        (0.0, False, False),  # live: its process may still run
+        (3 * LOST_AFTER, True, False),  # silent, but its job has not ended yet
+        (3 * LOST_AFTER, False, True),  # silent and without active jobs: anyone may take it, as before
+    ],
+)
+def test_another_identity_at_the_registrations_url_takes_it_only_by_the_takeover_rule(
+    db: RouterDB, silent_for: float, busy: bool, taken: bool
+) -> None:
+    """A rebuilt VM (a new home) or an impostor at the agent's own URL is no restart of the agent."""
+
+    async def scenario() -> AgentRecord | Refused:
+        server, url = await serve(agent_app("vm-m", instance="i-2", proof=OTHER_PROOF))
+        registered(db, url=url, silent_for=silent_for, busy=busy)
+        registry = registry_on(db)
+        try:
+            return await registry.heartbeat(
+                "vm-m", Heartbeat(url=url, instance="i-2", identity_proof=OTHER_PROOF)
+            )
+        except Refused as exc:
+            return exc
+        finally:
+            await registry.close()
+            await server.close()
+
+    outcome = asyncio.run(scenario())
+    row = db.registered_agent("vm-m")
+    assert row is not None
+    if taken:
+        assert isinstance(outcome, AgentRecord) and row.identity_fingerprint == identity_fingerprint(
+            OTHER_PROOF
+        )
+    else:
+        assert isinstance(outcome, Refused) and outcome.status == 409, outcome
+        assert "another identity" in str(outcome)
+        assert (row.instance, row.identity_fingerprint) == ("i-1", FINGERPRINT)
+
+
+# ------------------------------------------------------------------ what the agent sends, and where
+
+
+class Resolving(aiohttp.abc.AbstractResolver):
+    """Every host name resolves to 127.0.0.1: a sidecar at a name that is not loopback, on this machine."""
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[Any]:
+        return [
+            {
+                "hostname": host,
+                "host": "127.0.0.1",
+                "port": port,
+                "family": socket.AF_INET,
+                "proto": 0,
+                "flags": 0,
+            }
+        ]
+
+    async def close(self) -> None:
+        return None
+
+
+def sender(tmp_path: Path, router_url: str) -> Registration:
+    env = {
+        "AGENTIC_FLEET_TOKEN": "fleet",
+        "ROUTER_URL": router_url,
+        "AGENT_ID": "vm-m",
+        "AGENTIC_AGENT_HOME": str(tmp_path / "home"),
+    }
+    config = load_config(None, environ=env)
+    return Registration(config, token=Secret(("fleet",)), work=lambda: Work(0, 0, False), version="t")
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize(
+    ("host", "proves"), [("sidecar.example", False), ("localhost", True), ("127.0.0.1", True)]
+)
+def test_the_identity_proof_crosses_no_network_in_clear_text(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, host: str, proves: bool
+) -> None:
+    """Over plain http the proof goes only to a loopback sidecar; elsewhere the agent registers without
+    it, as an agent older than identities does (its /healthz then shows no identity), and says why once."""
+    bodies: list[dict[str, Any]] = []
+
+    async def sidecar(request: web.Request) -> web.Response:
+        bodies.append(await request.json())
+        return web.json_response({"agent_id": "vm-m"})
+
+    async def two_beats() -> Registration:
+        app = web.Application()
+        app.router.add_put("/agents/{agent_id}", sidecar)
+        server, _ = await serve(app)
+        try:
+            registration = sender(tmp_path, f"http://{host}:{server.port}")
+            connector = aiohttp.TCPConnector(resolver=Resolving())
+            async with ClientSession(connector=connector) as session:
+                await registration.beat(session)
+                await registration.beat(session)
+        finally:
+            await server.close()
+        return registration
+
+    with caplog.at_level(logging.INFO, logger="agent.registration"):
+        registration = asyncio.run(two_beats())
+    proof = load_identity(tmp_path / "home", "x").proof("vm-m")
+    assert len(bodies) == 2 and registration.registered
+    assert [body.get("identity_proof") for body in bodies] == [proof if proves else None] * 2
+    assert registration.status()["identity_fingerprint"] == (identity_fingerprint(proof) if proves else "")
+    said = [r.getMessage() for r in caplog.records if "no identity proof" in r.getMessage()]
+    assert len(said) == (0 if proves else 1) and proof not in caplog.text
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize("status", [301, 307, 308])
+def test_a_heartbeat_follows_no_redirect(tmp_path: Path, status: int) -> None:
+    """A sidecar (or anything at router_url) answering with a redirect does not get the heartbeat sent
+    on elsewhere: neither its fleet token nor its identity proof leaves for the other address."""
+    elsewhere: list[str] = []
+
+    async def capture(request: web.Request) -> web.Response:
+        elsewhere.append(await request.text() + request.headers.get("Authorization", ""))
+        return web.json_response({"agent_id": "vm-m"})
+
+    async def beat() -> tuple[Registration, BaseException | None]:
+        other = web.Application()
+        other.router.add_route("*", "/agents/{agent_id}", capture)
+        other_server, other_url = await serve(other)
+
+        async def redirect(request: web.Request) -> web.Response:
+            return web.Response(status=status, headers={"Location": f"{other_url}/agents/vm-m"})
+
+        app = web.Application()
+        app.router.add_put("/agents/{agent_id}", redirect)
+        server, url = await serve(app)
+        registration = sender(tmp_path, url)
+        try:
+            async with ClientSession() as session:
+                await registration.beat(session)
+        except (AgentRefused, aiohttp.ClientError) as exc:
+            return registration, exc
+        finally:
+            await server.close()
+            await other_server.close()
+        return registration, None
+
+    registration, refused = asyncio.run(beat())
+    assert elsewhere == [] and not registration.registered
+    assert (
+        isinstance(refused, AgentRefused) and f"HTTP {status}" in str(refused) and "redirect" in str(refused)
+    )
+
+
+@pytest.mark.fast
+def test_an_agent_that_shows_its_instance_is_spoken_for_only_by_that_instance() -> None:
+    """An agent that keeps its proof off plain http shows no fingerprint, but still its instance: a
+    heartbeat naming its URL with another instance (a fleet-token holder's) is not from it."""
+    shown = {"agent_id": "vm-m", "registration": {"instance": "real-1", "identity_fingerprint": ""}}
+    args = {"agent_id": "vm-m", "url": "http://vm:8791", "fingerprint": ""}
+    assert call_back_problem(shown, instance="real-1", **args) is None
+    assert "another process (instance 'real-1')" in str(call_back_problem(shown, instance="forged", **args))
+    assert call_back_problem({"agent_id": "vm-m"}, instance="any", **args) is None  # older than instances
