@@ -28,7 +28,7 @@ from agent_api.client import (
     JobNotFound,
     LogChunk,
 )
-from reconciler.agent_reports import apply_agent_reports, give_up, record_finish
+from reconciler.agent_reports import apply_agent_reports, denies, give_up, record_finish
 from reconciler.agents import AgentPool, NoAgent, NoCapacity, unconfigured_reason
 from reconciler.airflow import AirflowError
 from reconciler.db_time import DbTime
@@ -36,7 +36,7 @@ from reconciler.decision import MAX_NOTE_CHARS, Divergence, Stop
 from reconciler.fleet import AgentState
 from reconciler.logfields import job_fields
 from reconciler.metrics import Metrics
-from reconciler.outcome import Finish, GiveUp, MarkRunning, after_status
+from reconciler.outcome import START_GRACE_SECONDS, Finish, GiveUp, MarkRunning, after_status
 from reconciler.stops import StopDispatcher
 from reconciler.submissions import Submissions
 from reconciler.watch import JobWatch
@@ -315,7 +315,14 @@ class JobService:
         """Record what ``agent_id`` reports of ``jobs`` (``full``: every job it knows), as the loop's
         catch-up does; returns how many jobs changed. See :mod:`reconciler.agent_reports`."""
         recorded = await apply_agent_reports(
-            self._db, self._agents, self._watch, agent_id, jobs, full=full, now=await self._db_time.now()
+            self._db,
+            self._agents,
+            self._watch,
+            agent_id,
+            jobs,
+            full=full,
+            now=await self._db_time.now(),
+            start_grace=self._submissions.start_grace,  # the bound its submissions keep
         )
         return recorded.changed
 
@@ -385,17 +392,27 @@ class JobService:
 
 
 async def refresh_from_agent(
-    db: RouterDB, agents: AgentPool, job: JobRecord, *, timeout: float = 5.0, now: datetime | None = None
+    db: RouterDB,
+    agents: AgentPool,
+    job: JobRecord,
+    *,
+    timeout: float = 5.0,
+    now: datetime | None = None,
+    start_grace: float = START_GRACE_SECONDS,
 ) -> JobRecord:
     """Ask the job's agent about a queued or running job and record what it reports: the loop's
-    rolling sweep of agents without the change feed. An unreachable agent leaves the record as it is.
+    rolling sweep of agents without the change feed. An unreachable agent, or a 404 that is not the
+    agent's own (:func:`~reconciler.agent_reports.denies`), leaves the record as it is. ``start_grace``:
+    see :func:`reconciler.outcome.start_grace`.
     """
     if job.status not in (JobStatus.QUEUED, JobStatus.RUNNING):
         return job
     try:
         client = agents.client(job.agent_id)  # refused while another agent answers at its URL
         info = await asyncio.wait_for(client.get(job.job_id), timeout)
-    except JobNotFound:
+    except JobNotFound as exc:
+        if not denies(job.job_id, exc):  # a proxy's 404, a route an older agent lacks: no answer
+            return job
         info = None
     except (AgentError, TimeoutError):
         return job
@@ -410,6 +427,7 @@ async def refresh_from_agent(
         reason=info.reason if info else None,
         # ``now``: the router DB's, which wrote ``created_at`` (this replica's clock may be off).
         queued_for=(now - job.created_at).total_seconds(),
+        start_grace=start_grace,
     )
     if isinstance(outcome, Finish):
         return await record_finish(db, job, outcome)

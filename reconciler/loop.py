@@ -47,6 +47,7 @@ from reconciler.fleet import AgentState, Fleet
 from reconciler.job_service import refresh_from_agent
 from reconciler.logfields import job_fields
 from reconciler.metrics import Metrics
+from reconciler.outcome import START_GRACE_SECONDS
 from reconciler.stops import StopDispatcher
 from reconciler.targeted import TargetedRead, judge, observe, ti_key
 from reconciler.watch import JobWatch
@@ -81,8 +82,12 @@ class ReconcileLoop:
         fleet: Fleet | None = None,
         watch: JobWatch | None = None,
         unconfigured_grace_seconds: float = 0.0,
+        start_grace_seconds: float = START_GRACE_SECONDS,
     ) -> None:
         self._db = db
+        # A QUEUED job its agent does not know is given up only this long after its submission: the
+        # bound its submission keeps ([fleet] submit_give_up_seconds, plus one /run's timeout).
+        self._start_grace = start_grace_seconds
         self._fleet = fleet
         # An agent missing from the config must stay missing this long (the lost rule's bound) before
         # its jobs end: a config rendered half, or an agent moving from [[agents]] to registration,
@@ -289,7 +294,14 @@ class ReconcileLoop:
 
     async def _apply_reports(self, agent_id: str, jobs: Sequence[JobInfo], full: bool) -> Recorded:
         return await apply_agent_reports(
-            self._db, self._agents, self.watch, agent_id, jobs, full=full, now=await self._db_time.now()
+            self._db,
+            self._agents,
+            self.watch,
+            agent_id,
+            jobs,
+            full=full,
+            now=await self._db_time.now(),
+            start_grace=self._start_grace,
         )
 
     async def _against_airflow(
@@ -508,7 +520,10 @@ class ReconcileLoop:
         now = await self._db_time.now()
         fresh = await _bounded(
             AGENT_READ_CONCURRENCY,
-            [refresh_from_agent(self._db, self._agents, job, now=now) for job in jobs],
+            [
+                refresh_from_agent(self._db, self._agents, job, now=now, start_grace=self._start_grace)
+                for job in jobs
+            ],
         )
         self.watch.notify(after for before, after in zip(jobs, fresh, strict=True) if after is not before)
 

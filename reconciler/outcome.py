@@ -22,9 +22,20 @@ from enum import StrEnum
 from agent_api.protocol import AgentJobStatus, StopAction
 from sidecar_api.protocol import JobStatus
 
-# A QUEUED job its agent does not know may still have its ``/run`` on the way (the sidecar's own
-# request times out after 10 s): it is given up only this long after submission.
-START_GRACE_SECONDS = 60.0
+DEFAULT_GIVE_UP_SECONDS = 60.0  # [fleet] submit_give_up_seconds, when not configured
+DEFAULT_RUN_TIMEOUT = 10.0  # how long the sidecar's ``/run`` may be on its way (its agent requests' timeout)
+
+
+def start_grace(*, give_up_seconds: float, run_timeout: float) -> float:
+    """How long after its submission a QUEUED job its agent does not know may still have a ``/run`` on
+    the way: sent again until ``[fleet] submit_give_up_seconds``, the last send taking up to
+    ``run_timeout``. Before then the agent not knowing the job proves nothing; after, it is given up.
+    The one bound for the catch-up, the rolling sweep and the leader's sweep of submissions."""
+    return give_up_seconds + run_timeout
+
+
+# With the defaults: for a caller not given the configured ``[fleet] submit_give_up_seconds``.
+START_GRACE_SECONDS = start_grace(give_up_seconds=DEFAULT_GIVE_UP_SECONDS, run_timeout=DEFAULT_RUN_TIMEOUT)
 
 
 @dataclass(frozen=True)
@@ -71,13 +82,15 @@ def after_status(
     rc: int | None = None,
     reason: str | None = None,
     queued_for: float = 0.0,
+    start_grace: float = START_GRACE_SECONDS,
 ) -> StatusOutcome:
     """The router DB's ``status`` and the agent's answer (``None``: the agent does not know the job);
-    ``queued_for`` is how long the job has been recorded (seconds)."""
+    ``queued_for`` is how long the job has been recorded (seconds), ``start_grace`` how long its
+    ``/run`` may still be on the way (:func:`start_grace`)."""
     if status not in (JobStatus.QUEUED, JobStatus.RUNNING):
         return Keep()  # a stop under way or an ended job: only the stop path changes it
     if answer is None:
-        if status is JobStatus.QUEUED and queued_for >= START_GRACE_SECONDS:
+        if status is JobStatus.QUEUED and queued_for >= start_grace:
             return GiveUp()
         return Keep()  # a RUNNING job the agent forgot is the orphan sweep's and the stop's business
     if answer in (AgentJobStatus.SUCCEEDED, AgentJobStatus.FAILED):

@@ -14,6 +14,7 @@ from reconciler.job_service import JobService
 from reconciler.leadership import Identity, Leadership, claim_identity
 from reconciler.loop import ReconcileLoop
 from reconciler.metrics import Metrics
+from reconciler.outcome import start_grace
 from reconciler.pages import PageConfig
 from reconciler.registry import Registry
 from reconciler.retention import prune_periodically
@@ -94,6 +95,9 @@ def build(config: ReconcilerConfig, secrets: Secrets, *, dry_run: bool = False) 
         poll=config.poll,
         fleet=fleet,
         unconfigured_grace_seconds=config.fleet.lost_after_seconds,
+        start_grace_seconds=start_grace(
+            give_up_seconds=config.fleet.submit_give_up_seconds, run_timeout=AGENT_READ_TIMEOUT_SECONDS
+        ),
     )
     # A stop's outcome, or a lost agent's job ended, wakes the trigger long-polling that job at once.
     dispatcher.changed = fleet.changed = loop.watch.notify

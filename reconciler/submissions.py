@@ -10,13 +10,14 @@ answer means is decided in :mod:`reconciler.outcome` (:func:`after_run`):
 - anything else (a 5xx, no answer): the job stays QUEUED and :class:`Submissions` follows it. It sends
   the same ``/run`` again with backoff until the job is ``[fleet] submit_give_up_seconds`` old (an
   agent that has the job answers 409: it is read instead). Then it reads the job from its agent
-  (:func:`after_unsettled_read`): one the agent runs or ran is recorded so; one it does not know is
-  stopped there (a tombstone that refuses a ``/run`` arriving later) and ends FAILED with the last
-  answer in its reason. A read without answer ends the job only when every ``/run`` of it was
-  answered by the agent with an error (it started nothing); otherwise the job might run there, and it
-  is asked about again until its agent answers, or is declared lost (which ends its jobs), or has
-  said nothing of the job for ``lost_after_seconds`` past the bound (the job ends then, as a lost
-  agent's would; should it run there after all, the orphan sweep stops it).
+  (:func:`after_unsettled_read`): one the agent runs or ran is recorded so; one it does not know (its
+  own 404: :func:`~reconciler.agent_reports.denies`; any other 404 is no answer) is stopped there (a
+  tombstone that refuses a ``/run`` arriving later) and ends FAILED with the last answer in its reason.
+  A read without answer ends the job only when every ``/run`` of it was answered by the agent with an
+  error (it started nothing); otherwise the job might run there, and it is asked about again until
+  its agent answers, or is declared lost (which ends its jobs), or has said nothing of the job for
+  ``lost_after_seconds`` past the bound (the job ends then, as a lost agent's would; should it run
+  there after all, the orphan sweep stops it).
 
 The job's payload (env, cwd...) lives only in the memory of the replica that took the submission: a
 replica that dies leaves its followed jobs QUEUED. So the leader also sweeps (:meth:`sweep`) for QUEUED
@@ -43,9 +44,12 @@ from agent_api.client import (
     JobInfo,
     JobNotFound,
 )
+from reconciler.agent_reports import denies
 from reconciler.agents import AgentPool, WrongAgent
 from reconciler.logfields import job_fields
 from reconciler.outcome import (
+    DEFAULT_GIVE_UP_SECONDS,
+    DEFAULT_RUN_TIMEOUT,
     Finish,
     GiveUp,
     MarkRunning,
@@ -58,6 +62,7 @@ from reconciler.outcome import (
     after_status,
     after_unsettled_read,
     given_up,
+    start_grace,
 )
 from router_db import JobRecord, JobStatus, RouterDB, StaleTransition
 
@@ -65,7 +70,6 @@ __all__ = ["DEFAULT_GIVE_UP_SECONDS", "Submissions", "run_answer"]
 
 log = logging.getLogger("reconciler.submissions")
 
-DEFAULT_GIVE_UP_SECONDS = 60.0  # [fleet] submit_give_up_seconds
 RESEND_FIRST_SECONDS = 1.0  # the first resend comes this soon; each later one waits twice as long...
 RESEND_MAX_SECONDS = 10.0  # ...up to this
 ASK_AGAIN_SECONDS = 5.0  # an agent that gave no answer about a followed job is asked again this often
@@ -96,7 +100,7 @@ class Submissions:
         agents: AgentPool,
         give_up_seconds: float = DEFAULT_GIVE_UP_SECONDS,
         lost_after_seconds: float = 120.0,
-        run_timeout: float = 10.0,
+        run_timeout: float = DEFAULT_RUN_TIMEOUT,
         answering: Callable[[str], bool] = lambda agent_id: True,
         notify: Callable[[Iterable[JobRecord]], object] = lambda records: None,
     ) -> None:
@@ -117,6 +121,12 @@ class Submissions:
     @property
     def following(self) -> int:
         return len(self._following)
+
+    @property
+    def start_grace(self) -> float:
+        """How long after its submission a job may still have a ``/run`` on the way: the bound plus one
+        ``/run``'s timeout. Only past it does its agent not knowing it mean it never will."""
+        return start_grace(give_up_seconds=self._give_up, run_timeout=self._run_timeout)
 
     def close(self) -> None:
         """The sidecar shuts down: stop following; the jobs stay QUEUED for the next leader's sweep."""
@@ -215,20 +225,12 @@ class Submissions:
         try:
             client = self._agents.client(job.agent_id)
             info: JobInfo | None = await client.get(job.job_id)
-        except JobNotFound:
+        except JobNotFound as exc:
+            if not denies(job.job_id, exc):  # a proxy's 404, a route an older agent lacks: no answer
+                return await self._unanswered(job, exc, why=why, doubtful=doubtful)
             info = None
         except (AgentError, LookupError) as exc:
-            overdue = self._age(job) >= self._give_up + self._lost_after
-            outcome = after_unsettled_read(None, answered=False, doubtful=doubtful, overdue=overdue, why=why)
-            if isinstance(outcome, Finish):
-                await self._record(job, outcome, notify=True)
-                return True
-            log.warning(
-                "agent gives no answer about a job it may run; asked again: %s",
-                exc,
-                extra=job_fields(job, action="submit_settle"),
-            )
-            return not await self._still_queued(job)
+            return await self._unanswered(job, exc, why=why, doubtful=doubtful)
         outcome = after_unsettled_read(
             info.status if info else None,
             answered=True,
@@ -243,13 +245,30 @@ class Submissions:
         after = await self._record(job, outcome, notify=True)
         return after.status is not JobStatus.QUEUED
 
+    async def _unanswered(self, job: JobRecord, exc: Exception, *, why: str, doubtful: bool) -> bool:
+        """:meth:`settle` for a read that said nothing certain of the job."""
+        overdue = self._age(job) >= self._give_up + self._lost_after
+        outcome = after_unsettled_read(None, answered=False, doubtful=doubtful, overdue=overdue, why=why)
+        if isinstance(outcome, Finish):
+            await self._record(job, outcome, notify=True)
+            return True
+        log.warning(
+            "agent gives no answer about a job it may run; asked again: %s",
+            exc,
+            extra=job_fields(job, action="submit_settle"),
+        )
+        return not await self._still_queued(job)
+
     async def _tombstone(self, client: AgentClient, job: JobRecord) -> Finish | None:
         """Stop a job its agent does not know: the stop leaves a tombstone there, so a ``/run`` that
         arrives even later is refused. None when the stop got no answer."""
         try:
             result = await client.stop(job.job_id, reason=NEVER_STARTED)
-        except JobNotFound:  # an agent without tombstones
-            return after_never_started_stop(action=None, rc=None)
+        except JobNotFound as exc:
+            if denies(job.job_id, exc):  # an agent without tombstones
+                return after_never_started_stop(action=None, rc=None)
+            log.warning("could not leave a tombstone: %s", exc, extra=job_fields(job, action="submit_settle"))
+            return None
         except AgentError as exc:
             log.warning("could not leave a tombstone: %s", exc, extra=job_fields(job, action="submit_settle"))
             return None
@@ -262,7 +281,7 @@ class Submissions:
         the bound plus one ``/run``'s timeout, of agents that answer (a silent agent's jobs end by the
         lost rule). Returns how many were settled."""
         await self._read_clock()
-        oldest = self._give_up + self._run_timeout
+        oldest = self.start_grace
         queued = await asyncio.to_thread(self._db.search, statuses=[JobStatus.QUEUED], limit=SWEEP_LIMIT)
         due = [
             job

@@ -16,19 +16,19 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import pytest
 from aiohttp import web
 
-from agent_api.client import AgentBusy, AgentRejected, AgentUnavailable
-from agent_api.protocol import AgentJobStatus
+from agent_api.client import AgentBusy, AgentClient, AgentRejected, AgentUnavailable, JobNotFound
+from agent_api.protocol import AgentJobStatus, JobInfo, StopAction, StopResult
 from harness.agent import AgentProcess
 from harness.processes import free_port
 from harness.served import ServedApp
 from harness.sidecar import AgentRef, SidecarProcess
-from reconciler.agents import WrongAgent
+from reconciler.agents import AgentPool, WrongAgent
 from reconciler.outcome import (
     AskAgent,
     Finish,
@@ -42,8 +42,8 @@ from reconciler.outcome import (
     after_unsettled_read,
     given_up,
 )
-from reconciler.submissions import run_answer
-from router_db import JobStatus
+from reconciler.submissions import Submissions, run_answer
+from router_db import JobStatus, NewJob, RouterDB, TaskInstanceKey
 
 GIVE_UP = 4.0  # [fleet] submit_give_up_seconds here
 LOST_AFTER = 12.0  # [fleet] lost_after_seconds here
@@ -397,3 +397,42 @@ def test_given_up() -> None:
     never = after_never_started_stop(action=None, rc=None)
     assert given_up("why", never) == Finish(JobStatus.FAILED, None, "why; agent never started the job")
     assert given_up("why", None) == Finish(JobStatus.FAILED, None, "why; agent has no record of the job")
+
+
+class Denying:
+    """An agent's job routes in process, answering ``GET /jobs/{id}`` with a 404 of ``message``."""
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+        self.stops: list[str] = []
+
+    async def get(self, job_id: str) -> JobInfo:
+        raise JobNotFound(404, self.message.format(job_id=job_id), request=f"GET /jobs/{job_id}")
+
+    async def stop(self, job_id: str, *, force: bool = False, reason: str = "") -> StopResult:
+        self.stops.append(job_id)
+        return StopResult(
+            True, "tombstone", AgentJobStatus.FAILED, None, StopAction.ALREADY_FINISHED, None, reason
+        )
+
+    def client(self, agent_id: str) -> AgentClient:
+        return cast(AgentClient, self)
+
+
+@pytest.mark.fast
+def test_only_the_agents_own_404_gives_up_a_job_past_the_bound(db: RouterDB) -> None:
+    """A 404 from something else (a proxy's page, a route an older agent lacks) says nothing of the job:
+    it is no answer, and the job that may run there is asked about again."""
+    job, _ = db.submit(NewJob(TaskInstanceKey(dag_id="d", task_id="t", run_id="r"), "agent-x", "sleep 60"))
+    agent = Denying("<html><body><h1>404 Not Found</h1></body></html>")
+    submissions = Submissions(db=db, agents=cast(AgentPool, agent), give_up_seconds=GIVE_UP)
+
+    def settle() -> bool:
+        return asyncio.run(submissions.settle(job, why="not taken", doubtful=True))
+
+    assert settle() is False and agent.stops == []
+    assert db.get_many([job.job_id])[job.job_id].status is JobStatus.QUEUED
+    agent.message = "job {job_id!r} is not known to this agent"  # the agent's own answer
+    assert settle() is True and agent.stops == [job.job_id]
+    ended = db.get_many([job.job_id])[job.job_id]
+    assert (ended.status, ended.reason) == (JobStatus.FAILED, "not taken; agent never started the job")

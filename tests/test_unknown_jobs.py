@@ -3,9 +3,10 @@
 The agent forgets a job when its VM is recreated with the same id and URL and an empty state directory,
 or when its retention removed a finished job whose exit nobody read. The sidecar's catch-up then gets a
 full change-feed answer without the job; a direct ``GET /jobs/{id}`` answered 404 by the agent itself
-(its own JSON error, from the agent that ``/health`` says is there) confirms it, and the job ends
-within two cycles. Anything less certain (a partial answer, an error, a timeout, a proxy's 404 page, an
-answer from another agent) leaves the job as it is and asks in full again next cycle.
+(its own JSON error, from the process its registration holds, as ``/health`` shows) confirms it, and
+the job ends within two cycles, whatever the reads of its other missing jobs do. Anything less certain
+(a partial answer, an error, a timeout, a proxy's 404 page, an answer from another agent or another
+process of it) leaves the job as it is and asks in full again next cycle.
 
 Real processes: the sidecar, agents (SIGKILLed, their homes wiped, started again on the same port) and,
 for the uncertain answers, a proxy in front of an agent. The rules themselves are pinned without them.
@@ -21,21 +22,34 @@ import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import psutil
 import pytest
 from aiohttp import ClientError, ClientSession, web
+from sqlalchemy import update
 
-from agent_api.client import JobNotFound
-from agent_api.protocol import AgentJobStatus, JobInfo
+from agent_api.client import AgentClient, JobNotFound
+from agent_api.protocol import AgentJobStatus, JobInfo, StopAction, StopResult
 from harness.agent import AgentProcess
 from harness.processes import wait_for
+from harness.scripted import ScriptedAirflow
 from harness.served import ServedAirflow, ServedApp
 from harness.sidecar import AgentRef, SidecarProcess
-from reconciler.agent_reports import denies, forgotten_reason, plan
-from router_db import JobRecord, JobStatus, TaskInstanceKey
+from reconciler import agent_reports
+from reconciler.agent_reports import Recorded, apply_agent_reports, denies, forgotten_reason, plan
+from reconciler.agents import AgentPool
+from reconciler.config import PollConfig, StopConfig
+from reconciler.job_service import refresh_from_agent
+from reconciler.loop import ReconcileLoop
+from reconciler.metrics import Metrics
+from reconciler.outcome import start_grace
+from reconciler.stops import StopDispatcher
+from reconciler.submissions import Submissions
+from reconciler.watch import JobWatch
+from router_db import AgentRecord, JobRecord, JobStatus, NewJob, RouterDB, TaskInstanceKey
+from router_db.models import Job
 
 INTERVAL = 1.0  # the sidecar's poll interval: "two cycles" is two of these
 FLEET = "[fleet]\nlost_after_seconds = 120\ncheck_interval_seconds = 0.2\ncheck_timeout_seconds = 1.0\n"
@@ -84,6 +98,201 @@ def test_only_the_agents_own_404_for_that_job_denies_it() -> None:
     assert not denies("j1", JobNotFound(404, "<html><body>404 Not Found</body></html>", request="GET"))
     assert not denies("j1", JobNotFound(404, "Not Found", request="GET"))  # a route the agent lacks
     assert forgotten_reason("vm1") == "agent vm1 no longer knows this job (its state was lost or removed)"
+
+
+# --- the confirmation, against an agent in process ------------------------------------------------------
+
+
+FINGERPRINT, OTHER_HOME = "f" * 64, "e" * 64  # identity fingerprints: the registered home's, another's
+
+
+class ForgetfulAgent:
+    """vm1 in process, as the agent pool serves it (client and prober alike): it knows the jobs in
+    ``known`` and denies every other with its own 404, but gives no answer about those in ``hang`` and
+    answers those in ``proxied`` with a proxy's 404 page. ``/healthz`` answers ``health``."""
+
+    base_url = "http://vm1.test:8791"
+
+    def __init__(self, *, registration: dict[str, str] | None = None) -> None:
+        self.known: dict[str, JobInfo] = {}
+        self.hang: set[str] = set()
+        self.proxied: set[str] = set()
+        self.health_answer: dict[str, Any] = {"status": "ok", "agent_id": "vm1"}
+        if registration is not None:
+            self.health_answer["registration"] = registration
+        self.stops: list[str] = []
+
+    async def get(self, job_id: str) -> JobInfo:
+        if job_id in self.hang:
+            await asyncio.Event().wait()
+        if job_id in self.known:
+            return self.known[job_id]
+        where = f"GET {self.base_url}/jobs/{job_id}"
+        if job_id in self.proxied:
+            raise JobNotFound(404, "<html><body>404 Not Found</body></html>", request=where)
+        raise JobNotFound(404, f"job {job_id!r} is not known to this agent", request=where)
+
+    async def health(self) -> dict[str, Any]:
+        return self.health_answer
+
+    async def stop(self, job_id: str, *, force: bool = False, reason: str = "") -> StopResult:
+        self.stops.append(job_id)  # an unknown job's stop leaves a tombstone
+        return StopResult(
+            True, "tombstone", AgentJobStatus.FAILED, None, StopAction.ALREADY_FINISHED, None, reason
+        )
+
+    def client(self, agent_id: str) -> AgentClient:
+        return cast(AgentClient, self)
+
+    prober = client
+
+
+def running_jobs(db: RouterDB, count: int) -> list[str]:
+    keys = [TaskInstanceKey(dag_id="d", task_id=f"t{i}", run_id="r") for i in range(count)]
+    return db.import_running([NewJob(key, "vm1", "sleep 300") for key in keys], source="test")
+
+
+def full_answer_without(db: RouterDB, agent: ForgetfulAgent, **options: Any) -> Recorded:
+    """What the catch-up records of vm1's full change-feed answer listing only ``agent.known``."""
+
+    async def record() -> Recorded:
+        pool, watch = cast(AgentPool, agent), JobWatch(db)
+        listed = list(agent.known.values())
+        return await apply_agent_reports(db, pool, watch, "vm1", listed, full=True, now=db.now(), **options)
+
+    return asyncio.run(record())
+
+
+def register_vm1(db: RouterDB, *, instance: str) -> None:
+    now = db.now()
+    db.heartbeat_agent_now(
+        AgentRecord(
+            "vm1", ForgetfulAgent.base_url, (), 0, 1, "1.0", False, instance, now, now,
+            identity_fingerprint=FINGERPRINT,
+        ),
+        alive_within=30.0,
+    )  # fmt: skip
+
+
+@pytest.mark.fast
+def test_one_unanswered_confirmation_holds_back_no_other_forgotten_job(
+    db: RouterDB, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(agent_reports, "CONFIRM_TIMEOUT_SECONDS", 0.5)
+    slow, *forgotten = running_jobs(db, 3)
+    agent = ForgetfulAgent()
+    agent.hang.add(slow)  # its read never answers: a hung connection, an overloaded agent
+    recorded = full_answer_without(db, agent)
+    after = db.get_many([slow, *forgotten])
+    assert [(after[j].status, after[j].reason) for j in forgotten] == [
+        (JobStatus.FAILED, forgotten_reason("vm1"))
+    ] * 2
+    assert after[slow].status is JobStatus.RUNNING  # asked about again, from a full answer
+    assert recorded == Recorded(changed=2, settled=False)
+    agent.hang.clear()
+    assert full_answer_without(db, agent) == Recorded(changed=1, settled=True)
+    assert db.get_many([slow])[slow].status is JobStatus.FAILED
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize(
+    ("registered", "shown", "ends"),
+    [
+        (None, None, True),  # configured in [[agents]]: its id (and its own token) are all it has
+        ("i-1", {"instance": "i-1", "identity_fingerprint": FINGERPRINT}, True),  # the registered process
+        ("i-1", {"instance": "i-2", "identity_fingerprint": FINGERPRINT}, False),  # another copy of its home
+        ("i-1", {"instance": "i-1", "identity_fingerprint": OTHER_HOME}, False),  # another home
+        ("i-1", None, False),  # shows no registration: no telling which process it is
+    ],
+)
+def test_only_the_registered_process_denying_a_job_ends_it(
+    db: RouterDB, registered: str | None, shown: dict[str, str] | None, ends: bool
+) -> None:
+    if registered is not None:
+        register_vm1(db, instance=registered)
+    (job_id,) = running_jobs(db, 1)
+    recorded = full_answer_without(db, ForgetfulAgent(registration=shown))
+    after = db.get_many([job_id])[job_id]
+    assert (after.status is JobStatus.FAILED) is ends, after
+    assert recorded.settled is ends  # kept: asked in full again next cycle
+
+
+@pytest.mark.fast
+def test_a_queued_job_its_agent_does_not_know_waits_out_the_configured_give_up(db: RouterDB) -> None:
+    """The catch-up's start grace is [fleet] submit_give_up_seconds plus one /run's timeout, the
+    bound the submission's own follow-up and the leader's sweep keep: never a shorter one of its own."""
+    grace = start_grace(give_up_seconds=300.0, run_timeout=10.0)
+    submissions = Submissions(db=db, agents=cast(AgentPool, None), give_up_seconds=300.0, run_timeout=10.0)
+    assert grace == 310.0 == submissions.start_grace  # the leader's sweep waits as long
+    job, _ = db.submit(NewJob(TaskInstanceKey(dag_id="d", task_id="q", run_id="r"), "vm1", "sleep 300"))
+    records = {job.job_id: job}
+    for age, given_up in [(70.0, False), (309.0, False), (310.0, True)]:
+        now = job.created_at + timedelta(seconds=age)
+        todo = plan(records, [], agent_id="vm1", full=True, now=now, start_grace=grace)
+        assert [j.job_id for j in todo.give_up] == ([job.job_id] if given_up else []), age
+    agent = ForgetfulAgent()
+    later = job.created_at + timedelta(seconds=200.0)  # the default's grace long past
+    pool = cast(AgentPool, agent)
+    assert asyncio.run(refresh_from_agent(db, pool, job, now=later, start_grace=grace)) is job
+    full_answer_without(db, agent, start_grace=grace)  # the router DB's now: a second old
+    assert agent.stops == [] and db.get_many([job.job_id])[job.job_id].status is JobStatus.QUEUED
+
+
+class FeedAgent(ForgetfulAgent):
+    """:class:`ForgetfulAgent` with a change feed: every answer is full (it restarted, as far as the
+    sidecar can tell), listing ``known``."""
+
+    async def changed_since(self, cursor: str | None) -> tuple[list[JobInfo], str, bool]:
+        return list(self.known.values()), "c1", True
+
+    def ids(self) -> list[str]:
+        return ["vm1"]
+
+
+@pytest.mark.fast
+@pytest.mark.parametrize(("give_up", "given_up"), [(60.0, True), (300.0, False)])
+def test_the_loops_catch_up_keeps_the_configured_give_up(
+    db: RouterDB, give_up: float, given_up: bool
+) -> None:
+    """A QUEUED job 100 s old that its agent's full answer lacks: given up with the default bound
+    (60 s + a /run's 10 s), kept while a longer configured one may still have its /run on the way."""
+    job, _ = db.submit(NewJob(TaskInstanceKey(dag_id="d", task_id="q", run_id="r"), "vm1", "sleep 300"))
+    with db.engine.begin() as conn:
+        conn.execute(
+            update(Job).where(Job.job_id == job.job_id).values(created_at=db.now() - timedelta(seconds=100))
+        )
+    agent = FeedAgent()
+    pool = cast(AgentPool, agent)
+    metrics = Metrics()
+    loop = ReconcileLoop(
+        db=db,
+        airflow=ScriptedAirflow(truth={}),
+        agents=pool,
+        dispatcher=StopDispatcher(db, pool, metrics, StopConfig(attempts=1)),
+        metrics=metrics,
+        poll=PollConfig(strategy="incremental"),
+        start_grace_seconds=start_grace(give_up_seconds=give_up, run_timeout=10.0),
+    )
+    asyncio.run(loop.catch_up.run(["vm1"]))
+    after = db.get_many([job.job_id])[job.job_id]
+    assert (after.status is JobStatus.FAILED, agent.stops == [job.job_id]) == (given_up, given_up)
+
+
+@pytest.mark.fast
+def test_the_rolling_sweep_takes_only_the_agents_own_404_as_a_denial(db: RouterDB) -> None:
+    job, _ = db.submit(NewJob(TaskInstanceKey(dag_id="d", task_id="q", run_id="r"), "vm1", "sleep 300"))
+    long_after = job.created_at + timedelta(hours=1)
+    agent = ForgetfulAgent()
+    agent.proxied.add(job.job_id)  # a proxy's 404 page says nothing of the job
+
+    def refresh() -> JobRecord:
+        return asyncio.run(refresh_from_agent(db, cast(AgentPool, agent), job, now=long_after))
+
+    assert refresh() is job and agent.stops == []
+    agent.proxied.clear()  # the agent's own 404: it never started the job
+    ended = refresh()
+    assert (ended.status, ended.reason) == (JobStatus.FAILED, "agent never started the job")
+    assert agent.stops == [job.job_id]
 
 
 # --- real processes ------------------------------------------------------------------------------------
