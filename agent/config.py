@@ -65,6 +65,10 @@ class AgentConfig:
     max_body_bytes: int = setting(1024 * 1024, ge=1024, le=1024 * 1024 * 1024)
     poll_seconds: float = setting(0.5, gt=0)  # how often running jobs are checked (exit, timeout)
     max_jobs: int = setting(0, ge=0)  # unfinished jobs at once; past it /run is 503 (0: no limit)
+    # Who a job may run as (run_as): user names, "*" for any user but root; an account of uid 0 only
+    # when named here. And whether an agent running as root runs a job without run_as (as root).
+    run_as_users: list[str] = setting(["*"])
+    allow_root_jobs: bool = setting(False)
     drain_on_shutdown_seconds: float = setting(0.0, ge=0)  # on SIGTERM: drain, wait for jobs to end
     # A job's output.log on disk: past this the middle is dropped (agent/logcap.py); 0: no cap.
     max_log_bytes: int = setting(100 * 1024**2, ge=0)

@@ -67,7 +67,11 @@ class JobManager:
         self._boot_id = procfs.boot_id()
         self._jobs: dict[str, TrackedJob] = {}
         self._changes = ChangeIndex()
-        self._spawner = Spawner(secret_envs=frozenset({config.token_env, config.router_token_env}))
+        self._spawner = Spawner(
+            secret_envs=frozenset({config.token_env, config.router_token_env}),
+            run_as_users=config.run_as_users,
+            allow_root_jobs=config.allow_root_jobs,
+        )
         self._checks = Monitor(
             self._jobs,
             poll_seconds=config.poll_seconds,
@@ -295,7 +299,7 @@ class JobManager:
         return job
 
     def _refuse_unreadable(self, job_id: str) -> None:
-        """"Not known" must mean it: the sidecar ends a job its agent denies knowing."""
+        """ "Not known" must mean it: the sidecar ends a job its agent denies knowing."""
         if JOB_ID_PATTERN.fullmatch(job_id) and (self._root / job_id).is_dir():
             raise UnreadableJob(job_id)
 

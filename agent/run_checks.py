@@ -34,7 +34,7 @@ import pwd
 import stat
 import subprocess
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
@@ -47,6 +47,8 @@ __all__ = [
     "exec_limits",
     "exec_size_problem",
     "find_user",
+    "root_job_problem",
+    "run_as_problem",
     "shown",
 ]
 
@@ -61,6 +63,30 @@ _T = TypeVar("_T")
 def shown(value: str, limit: int = 80) -> str:
     """``value`` quoted for a message, shortened: an answer need not echo a whole request."""
     return repr(value if len(value) <= limit else value[:limit] + "...")
+
+
+def run_as_problem(user: pwd.struct_passwd, allowed: Collection[str]) -> str | None:
+    """Why a job may not run as ``user`` under ``[agent] run_as_users`` (None: it may)."""
+    if user.pw_name in allowed:
+        return None
+    if user.pw_uid == 0:
+        return (
+            f"payload.run_as: {shown(user.pw_name)} is uid 0, which [agent] run_as_users allows only by "
+            "its name"
+        )
+    if "*" in allowed:
+        return None
+    return f"payload.run_as: {shown(user.pw_name)} is not in [agent] run_as_users"
+
+
+def root_job_problem(allow_root_jobs: bool) -> str | None:
+    """Why a job without ``run_as`` may not run here (None: it may): it would run as root."""
+    if os.geteuid() != 0 or allow_root_jobs:
+        return None
+    return (
+        "payload.run_as: required: this agent runs as root, and a job without run_as would run as root "
+        "([agent] allow_root_jobs = false)"
+    )
 
 
 def check_deadline() -> float:

@@ -18,7 +18,7 @@ import select
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -39,19 +39,30 @@ SUPERVISOR_START_TIMEOUT = 30.0  # a Python interpreter starting on a loaded VM
 class Spawner:
     """Starts jobs under their supervisors, and reaps those supervisors: they are the agent's children."""
 
-    def __init__(self, *, secret_envs: frozenset[str]) -> None:
+    def __init__(
+        self,
+        *,
+        secret_envs: frozenset[str],
+        run_as_users: Sequence[str] = ("*",),
+        allow_root_jobs: bool = False,
+    ) -> None:
         self._secret_envs = secret_envs  # the variables holding the agent's token and the fleet token
+        self._run_as_users = frozenset(run_as_users)  # [agent] run_as_users
+        self._allow_root_jobs = allow_root_jobs
         self._supervisors: list[subprocess.Popen[bytes]] = []  # ours to reap
 
     async def job_env(self, payload: RunPayload) -> dict[str, str]:
         """Check the payload against this machine (:mod:`agent.run_checks`: a 400 naming the field,
         before anything is recorded), then build the job's environment."""
         deadline = run_checks.check_deadline()  # one bound for every check of this request
-        user = (
-            await run_checks.find_user(payload.run_as, deadline=deadline)
-            if payload.run_as is not None
-            else None
-        )
+        user = None
+        if payload.run_as is None:
+            if (problem := run_checks.root_job_problem(self._allow_root_jobs)) is not None:
+                raise JobRejected(403, problem)
+        else:
+            user = await run_checks.find_user(payload.run_as, deadline=deadline)
+            if (problem := run_checks.run_as_problem(user, self._run_as_users)) is not None:
+                raise JobRejected(403, problem)
         env = self._inherited_env()
         if user is not None:
             env.update(HOME=user.pw_dir, USER=user.pw_name, LOGNAME=user.pw_name)

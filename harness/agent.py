@@ -65,8 +65,10 @@ class AgentProcess:
         command_prefix: Sequence[str] = (),
         extra_config: str = "",
         extra_env: Mapping[str, str] | None = None,
+        allow_root_jobs: bool = True,  # the tests run as root: their jobs run without run_as
     ) -> None:
         self.home = home
+        self.allow_root_jobs = allow_root_jobs
         self.extra_env = dict(extra_env or {})  # e.g. ROUTER_URL and AGENTIC_FLEET_TOKEN to register
         self.token = token
         self.accepted_tokens = list(accepted_tokens) if accepted_tokens is not None else [token]
@@ -121,6 +123,7 @@ class AgentProcess:
             f"max_body_bytes = {self.max_body_bytes}\n"
             f"max_jobs = {self.max_jobs}\n"
             f"drain_on_shutdown_seconds = {self.drain_on_shutdown_seconds}\n"
+            f"allow_root_jobs = {'true' if self.allow_root_jobs else 'false'}\n"
             + "".join(
                 f"{key} = {json.dumps(str(path))}\n"
                 for key, path in (

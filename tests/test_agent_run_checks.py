@@ -45,7 +45,9 @@ as_root_with_nobody = pytest.mark.skipif(
 @pytest.fixture(scope="module")
 def agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AgentProcess]:
     home = tmp_path_factory.mktemp("run-checks") / "home"
-    with AgentProcess(home, token="run-checks-token", max_body_bytes=MAX_BODY) as proc:
+    # root is named: the checks' test of a directory root may enter runs a job as root.
+    allowed = 'run_as_users = ["*", "root"]\n'
+    with AgentProcess(home, token="run-checks-token", max_body_bytes=MAX_BODY, extra_config=allowed) as proc:
         yield proc
 
 
@@ -241,3 +243,34 @@ def test_one_requests_checks_share_one_bound(monkeypatch: pytest.MonkeyPatch) ->
         release.set()
     assert refused.status == 503
     assert took < 0.6 + 0.3, took  # not 0.4 + 0.6
+
+
+@as_root_with_nobody
+def test_who_a_job_may_run_as_is_the_agents_to_decide(tmp_path: Path, places: dict[str, Path]) -> None:
+    """[agent] run_as_users and allow_root_jobs, on an agent running as root, through HTTP only: a job
+    without run_as, or naming root (by "*"), or a user outside the list, is refused (403 naming
+    payload.run_as) and recorded nowhere; the users allowed run their jobs as themselves."""
+    headers = {"Authorization": "Bearer policy-token"}
+
+    def refused(agent: AgentProcess, job_id: str, says: str, **payload: Any) -> None:
+        answer = _run(agent, job_id, **payload)
+        assert answer.status_code == 403, (answer.status_code, answer.text)
+        error = answer.json()["error"]
+        assert error.startswith("payload.run_as") and says in error, error
+        assert httpx.get(f"{agent.url}/jobs/{job_id}", headers=headers, timeout=10).status_code == 404
+        assert not (agent.home / "jobs" / job_id).exists()
+
+    where = str(places["open"])
+    with AgentProcess(tmp_path / "default", token="policy-token", allow_root_jobs=False) as agent:
+        refused(agent, "no-run-as", "allow_root_jobs", cwd=where)
+        refused(agent, "as-root", "uid 0", run_as="root", cwd=where)
+        assert _run(agent, "as-nobody", run_as=NOBODY, cwd=where).status_code == 201
+        assert _output(agent, "as-nobody").split() == [where, NOBODY]
+    listed = 'run_as_users = ["daemon"]\n'
+    with AgentProcess(tmp_path / "listed", token="policy-token", extra_config=listed) as agent:
+        refused(agent, "not-listed", "not in [agent] run_as_users", run_as=NOBODY, cwd=where)
+        assert _run(agent, "as-daemon", run_as="daemon", cwd=where).status_code == 201
+        assert _output(agent, "as-daemon").split() == [where, "daemon"]
+        # allow_root_jobs = true (the harness's default, as these tests run as root): no run_as runs.
+        assert _run(agent, "no-run-as", cwd=where).status_code == 201
+        assert _output(agent, "no-run-as").split() == [where, "root"]

@@ -22,6 +22,7 @@ of an open object; tests/test_openapi.py pins those refusals, and the ones of na
 
 from __future__ import annotations
 
+import json
 import os
 import pwd
 from collections import Counter
@@ -168,7 +169,11 @@ def test_generated_jobs_are_made_harmless_and_name_only_what_exists() -> None:
 @pytest.fixture(scope="module")
 def agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AgentProcess]:
     home = tmp_path_factory.mktemp("agent")
-    with AgentProcess(home, token=AGENT_TOKEN, agent_id=AGENT_ID, port=AGENT_PORT) as proc:
+    # run_as is mapped to the agent's own user (root in CI), which [agent] run_as_users must name.
+    allowed = f"run_as_users = {json.dumps(['*', pwd.getpwuid(os.geteuid()).pw_name])}\n"
+    with AgentProcess(
+        home, token=AGENT_TOKEN, agent_id=AGENT_ID, port=AGENT_PORT, extra_config=allowed
+    ) as proc:
         yield proc
 
 

@@ -347,7 +347,9 @@ def test_the_installed_agent_runs_a_job_and_both_services_pass_the_healthcheck(
     port, token = free_port(), "image-token"
     config = tmp_path / "agent.toml"
     home = tmp_path / "agent-home"
-    config.write_text(f'[agent]\nid = "image"\nport = {port}\nhome = "{home}"\npoll_seconds = 0.1\n')
+    config.write_text(
+        f'[agent]\nid = "image"\nport = {port}\nhome = "{home}"\npoll_seconds = 0.1\nallow_root_jobs = true\n'
+    )
     agent = start(
         [str(image_venv / "bin" / "python"), "-m", "agent", "--config", str(config)],
         log_path=tmp_path / "agent.log",
