@@ -22,6 +22,7 @@ import contextlib
 import hashlib
 import math
 import re
+import unicodedata
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
@@ -153,7 +154,7 @@ def parse_heartbeat(body: object) -> Heartbeat:
     version = body.get("version", "")
     if not isinstance(version, str) or len(version) > MAX_VERSION_CHARS:
         raise ProtocolError(f"version must be a string of at most {MAX_VERSION_CHARS} characters")
-    if any(ord(ch) < 32 for ch in version):
+    if any(unicodedata.category(ch) == "Cc" for ch in version):  # C0, DEL and C1
         raise ProtocolError("version must not contain control characters")
     draining = body.get("draining", False)
     if not isinstance(draining, bool):
@@ -166,6 +167,8 @@ def parse_heartbeat(body: object) -> Heartbeat:
     jobs = body.get("jobs", [])
     if not isinstance(jobs, list) or len(jobs) > MAX_PUSHED_JOBS:
         raise ProtocolError(f"jobs must be a list of at most {MAX_PUSHED_JOBS} jobs")
+    if not all(isinstance(job, dict) for job in jobs):  # an object the sidecar cannot read is skipped
+        raise ProtocolError("each of jobs must be an object")
     cursor = body.get("cursor")
     if cursor is not None and (not isinstance(cursor, str) or CURSOR_PATTERN.fullmatch(cursor) is None):
         raise ProtocolError("cursor must be null or match ^" + CURSOR_PATTERN.pattern + "$")
@@ -211,6 +214,8 @@ def parse_heartbeat(body: object) -> Heartbeat:
 
 def _count(body: dict[str, Any], name: str) -> int:
     value = body.get(name, 0)
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)  # JSON has one number type: 0.0 is the integer 0 (fractions stay refused)
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_INT:
         raise ProtocolError(f"{name} must be an integer from 0 to {MAX_INT}")
     return value

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from reconciler.routing import WHEN_FULL
+from reconciler.scope import Scope, parse_networks
 from servicekit.agreement import Agreement, broken, compare, refusal, table_key
 from servicekit.config import ConfigError, build, check_tables, read_toml, setting, table
 from servicekit.credentials import Secret, load_secret, load_tokens, read_secret
@@ -100,6 +101,9 @@ class HttpConfig:
     rate_limit_per_second: float = setting(0.0, ge=0)  # per client (token, or address if none); 0 disables
     rate_limit_burst: int = setting(0, ge=0)  # bucket size; 0 means max(1, rate_limit_per_second)
     max_body_bytes: int = setting(1024 * 1024, ge=1024, le=1024 * 1024 * 1024)
+    # The /ui session cookie is Secure when served over TLS; true: also over plain HTTP, for a sidecar
+    # behind a proxy that terminates TLS (browsers then send it over HTTPS only).
+    cookie_secure: bool = setting(False)
 
     @property
     def scheme(self) -> str:
@@ -163,6 +167,29 @@ class FleetConfig:
     # Most agents failing at once holds back their losses (the sidecar's own network is the likely
     # fault) for at most this long; 0: never held.
     partition_hold_seconds: float = setting(600.0, ge=0)
+    # What a registration may claim (reconciler/scope.py): id and label patterns, https only, the
+    # networks its URL may resolve to, how many agents; and how many new agent processes a second
+    # this replica calls back (0: no limit).
+    registration_ids: list[str] = setting(["*"])
+    registration_labels: list[str] = setting(["*"])
+    require_https: bool = setting(False)
+    allowed_networks: list[str] = setting([])
+    max_agents: int = setting(0, ge=0)
+    registration_rate_per_second: float = setting(20.0, ge=0)
+
+    def scope(self) -> Scope:
+        """The registration scope; ConfigError naming the key of a value that is no network."""
+        try:
+            networks = parse_networks(self.allowed_networks)
+        except ValueError as exc:
+            raise ConfigError(f"[fleet] allowed_networks: {exc}") from None
+        return Scope(
+            ids=tuple(self.registration_ids),
+            labels=tuple(self.registration_labels),
+            require_https=self.require_https,
+            networks=networks,
+            max_agents=self.max_agents,
+        )
 
 
 @dataclass(frozen=True)

@@ -93,9 +93,10 @@ class Metrics:
         )
         self.heartbeats = Counter(
             "reconciler_agent_heartbeats",
-            "Registrations and heartbeats of agents (PUT /agents/{id}), by result: accepted, or refused "
+            "Registrations and heartbeats of agents (PUT /agents/{id}), by result: accepted, refused "
             "(an id held by a live agent elsewhere or configured statically, an address the sidecar "
-            "cannot reach, the wrong agent there).",
+            "cannot reach, the wrong agent there, too many at once), or out_of_scope (an id, a label "
+            "or an address [fleet] does not allow, or max_agents reached).",
             ["result"],
             registry=r,
         )

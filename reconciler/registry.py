@@ -62,10 +62,33 @@ from reconciler.job_service import Refused
 from reconciler.metrics import Metrics
 from router_db import AgentConflict, AgentRecord, RouterDB
 from servicekit.credentials import Secret
+from servicekit.ratelimit import RateLimiter
 
 log = logging.getLogger("reconciler.registry")
 
 VERIFY_TIMEOUT_SECONDS = 5.0  # the call back to a registering agent, and the look at a mover's old URL
+
+
+class OutOfScope(Refused):
+    """The heartbeat claims an id, a label or an address [fleet] does not allow registrations (403)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(403, message)
+
+
+class CallBackFailed(Refused):
+    """The URL a heartbeat gave did not answer as that agent. The answer (422) says only that: what
+    answered there (a local service's page, a closed port against an open one) would make
+    registration a way to probe whatever the sidecar reaches. ``detail``, for the sidecar's log, says
+    what answered."""
+
+    def __init__(self, agent_id: str, url: str, detail: str) -> None:
+        super().__init__(
+            422,
+            f"the sidecar could not verify agent {agent_id} at {url}: the reason is in the sidecar's log "
+            "(agent_refused); check the agent's SELF_URL and that the sidecar reaches it",
+        )
+        self.detail = detail
 
 
 class Claim(StrEnum):
@@ -273,6 +296,9 @@ class Registry:
         # agent id -> (instance, url, identity fingerprint) called back here
         self._verified: dict[str, tuple[str, str, str]] = {}
         self._session: aiohttp.ClientSession | None = None
+        self._scope = config.scope()
+        rate = config.registration_rate_per_second
+        self._limiter = RateLimiter(rate=rate, burst=max(1, round(5 * rate))) if rate > 0 else None
 
     @property
     def lost_after_seconds(self) -> float:
@@ -283,11 +309,13 @@ class Registry:
         try:
             record = await self._accept(agent_id, beat)
         except Refused as exc:
-            self._metrics.heartbeats.labels("refused").inc()
+            self._metrics.heartbeats.labels(
+                "out_of_scope" if isinstance(exc, OutOfScope) else "refused"
+            ).inc()
             log.warning(
                 "registration of agent %s refused: %s",
                 agent_id,
-                exc,
+                exc.detail if isinstance(exc, CallBackFailed) else exc,
                 extra={"agent_id": agent_id, "action": "agent_refused", "url": beat.url},
             )
             raise
@@ -297,11 +325,22 @@ class Registry:
     async def _accept(self, agent_id: str, beat: Heartbeat) -> AgentRecord:
         if agent_id in self._static:
             raise Refused(409, f"agent {agent_id} is configured in [[agents]]: it cannot also register")
+        if (outside := self._scope.claim_problem(agent_id, beat.labels, beat.url)) is not None:
+            raise OutOfScope(outside)
         fingerprint = identity_fingerprint(beat.identity_proof)
         key = (beat.instance, beat.url, fingerprint)
         first = self._verified.get(agent_id) != key
         held, judged, moving_from = None, Judged(Claim.BEAT), None
         if first:
+            # A new process (or address) is called back: that costs the sidecar requests, so it is
+            # rate-limited, and its address is held to [fleet] allowed_networks first.
+            if self._limiter is not None and (wait := self._limiter.acquire("registrations")):
+                raise Refused(
+                    429,
+                    "too many agent registrations at once ([fleet] registration_rate_per_second): retry",
+                    retry_after=wait,
+                )
+            await self._check_address(beat.url)
             held, judged = await self._verify(agent_id, beat, fingerprint)
             if judged.claim is Claim.MOVE:
                 assert held is not None
@@ -406,6 +445,10 @@ class Registry:
     ) -> tuple[AgentRecord | None, Judged]:
         """Before a process's first heartbeat here: what it claims, or :class:`Refused`."""
         held = await asyncio.to_thread(self._db.registered_agent, agent_id)
+        if held is None and self._scope.max_agents:
+            count = len(await asyncio.to_thread(self._db.registered_agents))
+            if (full := self._scope.full(count, new=True)) is not None:
+                raise OutOfScope(full)
         judged = judge_claim(
             held,
             url=beat.url,
@@ -491,6 +534,20 @@ class Registry:
         except (AgentError, ValueError) as exc:
             return unanswered(exc)
 
+    async def _check_address(self, url: str) -> None:
+        """:class:`OutOfScope` unless every address ``url``'s host resolves to is in
+        [fleet] allowed_networks (nothing to check without them)."""
+        if not self._scope.networks:
+            return
+        host = urlsplit(url).hostname or ""
+        try:
+            found = await asyncio.get_running_loop().getaddrinfo(host, None, type=socket.SOCK_STREAM)
+        except OSError as exc:
+            raise OutOfScope(f"{host!r} cannot be resolved: {exc.strerror or exc}") from None
+        problem = self._scope.address_problem(host, [str(info[4][0]) for info in found])
+        if problem is not None:
+            raise OutOfScope(problem)
+
     async def _call_back(self, agent_id: str, beat: Heartbeat, fingerprint: str) -> None:
         """The agent at the heartbeat's URL is ``agent_id``, the very process that sent it (as its
         instance and identity show), and takes the fleet token; or :class:`Refused` (422)."""
@@ -502,10 +559,10 @@ class Registry:
                 answer, agent_id=agent_id, url=url, instance=beat.instance, fingerprint=fingerprint
             )
             if problem is not None:
-                raise Refused(422, problem)
+                raise CallBackFailed(agent_id, url, problem)
             await self._client(url, self._token.current()).jobs("QUEUED")  # the fleet token is accepted
         except (AgentError, ValueError) as exc:
-            raise Refused(422, f"the sidecar cannot use {url} for agent {agent_id}: {exc}") from None
+            raise CallBackFailed(agent_id, url, f"the sidecar cannot use {url}: {exc}") from None
 
     async def close(self) -> None:
         if self._session is not None:

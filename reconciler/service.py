@@ -202,7 +202,7 @@ async def _serve(config: ReconcilerConfig, secrets: Secrets, identity: Identity)
             airflow_url=config.airflow.base_url,
             airflow_version=parts.airflow.api_version,
             viewer_tokens=secrets.viewer_tokens,
-            secure=config.http.scheme == "https",
+            secure=config.http.scheme == "https" or config.http.cookie_secure,
         ),
     )
     stopping = shutdown_requested()

@@ -11,6 +11,8 @@ second signal cuts every wait short (the main task is cancelled).
 from __future__ import annotations
 
 import asyncio
+import ipaddress
+import logging
 import signal
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -20,6 +22,19 @@ from aiohttp import web
 
 # No headers in the access log: they carry tokens.
 ACCESS_LOG_FORMAT = '%a "%r" %s %b %Tfs'
+
+log = logging.getLogger("servicekit.serve")
+
+
+def beyond_loopback(host: str) -> bool:
+    """Whether a listener on ``host`` can be reached from other machines: any address but a loopback
+    one (``0.0.0.0`` and ``::`` are every interface), and any name but ``localhost``."""
+    if host.lower() == "localhost":
+        return False
+    try:
+        return not ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return True  # a host name: whatever it resolves to now or later
 
 
 def shutdown_requested() -> asyncio.Event:
@@ -50,6 +65,15 @@ async def serving(
     ssl_context: SSLContext | None,
     grace: float = 10.0,
 ) -> AsyncIterator[web.AppRunner]:
+    if ssl_context is None and beyond_loopback(host):
+        log.warning(
+            "listening on %s:%d without TLS, reachable beyond this machine: tokens and job data cross "
+            "the network in clear text; set tls_cert_file and tls_key_file, or listen on 127.0.0.1 "
+            "behind a TLS proxy",
+            host,
+            port,
+            extra={"action": "plain_http_beyond_loopback"},
+        )
     runner = web.AppRunner(app, access_log_format=ACCESS_LOG_FORMAT, shutdown_timeout=grace)
     await runner.setup()
     try:

@@ -310,7 +310,8 @@ def test_a_claim_with_only_the_fleet_token_is_refused_while_the_agent_lives(
             # Its own URL as a new process of another home, or of none: no restart while it lives.
             ({"url": real.url, "instance": "forged-1", "identity_proof": "1" * 64}, 409, "another identity"),
             # Proving none, it is judged a restart: the call-back finds the agent's own process there.
-            ({"url": real.url, "instance": "forged-2"}, 422, "proves an identity this heartbeat does not"),
+            # (422 says only that the sidecar could not verify it; the log says why.)
+            ({"url": real.url, "instance": "forged-2"}, 422, "could not verify agent vm-m"),
             # The impostor's own URL, identity and instance, citing the agent's instance as its history.
             (
                 {
@@ -328,6 +329,7 @@ def test_a_claim_with_only_the_fleet_token_is_refused_while_the_agent_lives(
                 answer = fleet.put("/agents/vm-m", json={**body, "labels": ["stolen"], "draining": True})
                 assert (answer.status_code, said in answer.json()["error"]) == (status, True), answer.text
                 assert impostors_proof not in answer.text
+        assert "proves an identity this heartbeat does not" in sidecar.log_path.read_text()
         time.sleep(3 * HEARTBEAT)
         after = agents(client)["vm-m"]
         assert (after["url"], after["labels"], after["state"]) == (real.url, ["pool"], "live")

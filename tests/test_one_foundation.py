@@ -192,3 +192,29 @@ def test_both_configs_name_the_environment_variable_of_a_bad_override(tmp_path: 
         ValueError, match=r"^\[agent\] poll_seconds \(from AGENTIC_AGENT_POLL_SECONDS\): must be > 0"
     ):
         load_agent_config(None, environ={"AGENTIC_AGENT_TOKEN": TOKEN, "AGENTIC_AGENT_POLL_SECONDS": "0"})
+
+
+@pytest.mark.fast
+def test_a_listener_reachable_beyond_loopback_without_tls_is_warned_about(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from aiohttp import web as aioweb
+
+    from harness.processes import free_port
+    from servicekit import serve
+
+    assert not any(serve.beyond_loopback(h) for h in ("127.0.0.1", "127.0.0.2", "::1", "[::1]", "localhost"))
+    assert all(serve.beyond_loopback(h) for h in ("0.0.0.0", "::", "10.0.0.5", "vm-01.example.internal"))
+
+    async def listen() -> None:
+        async with serve.serving(aioweb.Application(), host="127.0.0.1", port=free_port(), ssl_context=None):
+            pass
+
+    with caplog.at_level("WARNING", logger="servicekit.serve"):
+        asyncio.run(listen())  # loopback: nothing to say
+        assert not caplog.records
+        # Tests listen on loopback only: the address is taken for one reachable from elsewhere.
+        monkeypatch.setattr(serve, "beyond_loopback", lambda host: True)
+        asyncio.run(listen())
+    (record,) = caplog.records
+    assert "without TLS" in record.getMessage() and "clear text" in record.getMessage()

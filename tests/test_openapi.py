@@ -639,7 +639,8 @@ def test_sidecar_answers_match_the_documented_api(agent: AgentProcess, tmp_path:
                 spec.check(fleet.put("/agents/reg-1", json={**beat, "version": "v" * (1024 * 1024)}), 413)
                 spec.check(fleet.put("/agents/agent-1", json={**beat, "url": agent.url}), 409)
                 wrong = spec.check(fleet.put("/agents/reg-2", json=beat), 422).json()["error"]
-                assert "answers as 'reg-1'" in wrong
+                assert "could not verify agent reg-2" in wrong and "reg-1" not in wrong
+                assert "answers as 'reg-1'" in sidecar.log_path.read_text()  # the reason, for the operator
                 joined = spec.check(fleet.put("/agents/reg-1", json=beat), 200).json()
                 assert joined["agent_id"] == "reg-1"
                 spec.check(fleet.get("/agents"), 401)  # a fleet token opens registration only

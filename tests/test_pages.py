@@ -225,6 +225,31 @@ def test_a_page_without_a_login_redirects_to_the_form(tmp_path: Path) -> None:
     run(scenario())
 
 
+def test_behind_a_tls_proxy_the_session_cookie_is_secure_though_the_sidecar_serves_http(
+    tmp_path: Path, airflow: ServedAirflow, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """[http] cookie_secure (here from its environment variable): the sidecar serves plain HTTP to a
+    proxy that terminates TLS, and the browser must send the cookie over HTTPS only."""
+    for secure in (False, True):
+        monkeypatch.setenv("AGENTIC_RECONCILER_HTTP_COOKIE_SECURE", "true" if secure else "false")
+        viewer = f"viewer-token-{secure}-" + "v" * 24
+        with (
+            SidecarProcess(
+                workdir=tmp_path / str(secure),
+                airflow_url=airflow.url,
+                airflow_password="unused",
+                agents=[],
+                api_version="v2",
+                viewer_token=viewer,
+            ) as sidecar,
+            httpx.Client(base_url=sidecar.url, timeout=10) as browser,
+        ):
+            answer = browser.post("/ui/login", data={"token": viewer})
+            assert answer.status_code == 303, answer.text
+            header = answer.headers["Set-Cookie"]
+            assert "HttpOnly" in header and ("Secure" in header) is secure, header
+
+
 @pytest.mark.fast
 def test_login_sets_an_httponly_strict_session_cookie_for_ui_only(tmp_path: Path) -> None:
     async def scenario(secure: bool) -> Morsel[str]:

@@ -19,12 +19,13 @@ from typing import Any
 import httpx
 import psutil
 import pytest
+from aiohttp import web
 
 from agent_api.protocol import ProtocolError
 from agent_api.registration import Heartbeat, parse_heartbeat
 from harness.agent import AgentProcess
 from harness.processes import free_port, wait_for
-from harness.served import ServedAirflow
+from harness.served import ServedAirflow, ServedApp
 from harness.sidecar import AgentRef, SidecarProcess
 
 FLEET_TOKEN = "fleet-token-for-tests"
@@ -57,6 +58,11 @@ def test_a_heartbeat_round_trips_and_bad_ones_name_their_field() -> None:
         ({**good, "max_jobs": True}, "max_jobs"),
         ({**good, "draining": "yes"}, "draining"),
         ({**good, "version": "v\n1"}, "version"),
+        ({**good, "version": "v\x7f1"}, "version"),  # DEL
+        ({**good, "version": "v\x851"}, "version"),  # a C1 control (NEL)
+        ({**good, "max_jobs": 2.5}, "max_jobs"),
+        ({**good, "jobs": [0]}, "each of jobs must be an object"),
+        ({**good, "jobs": [{"job_id": "x"}, "x"]}, "each of jobs must be an object"),
         ({**good, "heartbeat_seconds": float("nan")}, "heartbeat_seconds"),
         ({**good, "heartbeat_seconds": 0}, "heartbeat_seconds"),
     ]
@@ -66,6 +72,9 @@ def test_a_heartbeat_round_trips_and_bad_ones_name_their_field() -> None:
     with pytest.raises(ProtocolError, match="JSON object"):
         parse_heartbeat([good])
     assert parse_heartbeat({**good, "zone": "b"}).extra == {"zone": "b"}  # a newer agent's field, kept aside
+    # JSON has one number type: a whole float is that integer, as try_number: 1.0 is at POST /jobs.
+    whole = parse_heartbeat({**good, "max_jobs": 2.0, "jobs_running": 1.0})
+    assert (whole.max_jobs, whole.jobs_running) == (2, 1) and isinstance(whole.max_jobs, int)
     with pytest.raises(ProtocolError, match="jobs"):
         parse_heartbeat({**good, "jobs": [{}] * 501})
     with pytest.raises(ProtocolError, match="cursor"):
@@ -211,6 +220,37 @@ def test_refused_registrations_say_why_and_change_nothing(tmp_path: Path, airflo
         assert client.put("/agents/vm-z", json=beat).status_code == 401
         with sidecar.client(FLEET_TOKEN) as as_fleet:
             assert as_fleet.post("/jobs", json={}).status_code == 401
+
+
+def test_a_registration_naming_another_service_learns_nothing_of_it(
+    tmp_path: Path, airflow: ServedAirflow
+) -> None:
+    """The call-back reaches whatever URL a fleet-token holder names: the 422 says only that the agent
+    could not be verified, the same for a service that answers (its page is not quoted) as for a
+    closed port; the sidecar's log says what answered."""
+    secret_page = "internal-admin-page-" + "s" * 16
+
+    async def forbidden(request: web.Request) -> web.Response:
+        return web.Response(status=403, text=secret_page)
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", forbidden)
+    service = ServedApp(app)
+    service.start()
+    try:
+        with sidecar_for(tmp_path, airflow) as sidecar, sidecar.client(FLEET_TOKEN) as fleet:
+            errors = []
+            for url in (service.url, f"http://127.0.0.1:{free_port()}"):
+                beat = Heartbeat(url=url, instance="probe-1").to_json()
+                answer = fleet.put("/agents/probe", json=beat)
+                assert answer.status_code == 422, answer.text
+                errors.append(answer.json()["error"].replace(url, "<url>"))
+            assert errors[0] == errors[1] and "could not verify agent probe" in errors[0], errors
+            assert secret_page not in errors[0]
+            log = sidecar.log_path.read_text()
+            assert "403" in log and "Connect" in log  # the operator reads what answered
+    finally:
+        service.stop()
 
 
 def test_a_killed_registered_agent_is_lost_and_registers_again_on_restart(
