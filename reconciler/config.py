@@ -175,7 +175,7 @@ class FleetConfig:
     require_https: bool = setting(False)
     allowed_networks: list[str] = setting([])
     max_agents: int = setting(0, ge=0)
-    registration_rate_per_second: float = setting(20.0, ge=0)
+    registration_rate_per_second: float = setting(50.0, ge=0)
 
     def scope(self) -> Scope:
         """The registration scope; ConfigError naming the key of a value that is no network."""

@@ -332,14 +332,7 @@ class Registry:
         first = self._verified.get(agent_id) != key
         held, judged, moving_from = None, Judged(Claim.BEAT), None
         if first:
-            # A new process (or address) is called back: that costs the sidecar requests, so it is
-            # rate-limited, and its address is held to [fleet] allowed_networks first.
-            if self._limiter is not None and (wait := self._limiter.acquire("registrations")):
-                raise Refused(
-                    429,
-                    "too many agent registrations at once ([fleet] registration_rate_per_second): retry",
-                    retry_after=wait,
-                )
+            # Its address is held to [fleet] allowed_networks before it is called back.
             await self._check_address(beat.url)
             held, judged = await self._verify(agent_id, beat, fingerprint)
             if judged.claim is Claim.MOVE:
@@ -445,6 +438,16 @@ class Registry:
     ) -> tuple[AgentRecord | None, Judged]:
         """Before a process's first heartbeat here: what it claims, or :class:`Refused`."""
         held = await asyncio.to_thread(self._db.registered_agent, agent_id)
+        known = held is not None and (held.instance, held.url) == (beat.instance, beat.url)
+        if not known and self._limiter is not None and (wait := self._limiter.acquire("registrations")):
+            # A new process or address is called back, which costs requests: rate-limited. A process
+            # the router DB holds already (this replica restarted, or another heard it) is not: a
+            # restarted sidecar re-verifies its whole fleet, and none of it may wait past lost_after.
+            raise Refused(
+                429,
+                "too many agent registrations at once ([fleet] registration_rate_per_second): retry",
+                retry_after=wait,
+            )
         if held is None and self._scope.max_agents:
             count = len(await asyncio.to_thread(self._db.registered_agents))
             if (full := self._scope.full(count, new=True)) is not None:

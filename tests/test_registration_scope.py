@@ -6,6 +6,7 @@ nothing: no job routed by the stolen label reaches the claimant."""
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
@@ -13,6 +14,7 @@ import pytest
 from aiohttp import web
 
 from agent_api.registration import Heartbeat
+from harness.agent import AgentProcess
 from harness.processes import wait_for
 from harness.served import ServedAirflow, ServedApp
 from harness.sidecar import SidecarProcess
@@ -163,3 +165,44 @@ def test_the_scope_decides_by_pattern_address_and_count() -> None:
     assert Scope().full(10_000, new=True) is None
     with pytest.raises(ValueError, match="not a network"):
         parse_networks(["10.0.0.0/33"])
+
+
+def test_a_restarted_sidecar_verifies_its_known_fleet_without_the_rate_limit(
+    tmp_path: Path, airflow: ServedAirflow
+) -> None:
+    """The limit is on new processes: after a restart every agent is called back again, and none of
+    them may be held back (a large fleet would otherwise be refused past lost_after_seconds). Two agents
+    register freely; the sidecar restarts with one new process allowed per ten seconds: both go on."""
+    fleet = "[fleet]\nlost_after_seconds = 6.0\ncheck_interval_seconds = 0.2\ncheck_timeout_seconds = 1.0\n"
+    sidecar = sidecar_for(
+        tmp_path, airflow, fleet + "registration_rate_per_second = 0\n[leader]\nlease_seconds = 5.0\n"
+    )
+    with (
+        sidecar,
+        registering(tmp_path / "a", sidecar, "vm-a") as first,
+        registering(tmp_path / "b", sidecar, "vm-b") as second,
+    ):
+        with sidecar.client() as client:
+            wait_for(
+                lambda: (
+                    {a.get("state") for a in agents(client).values()} == {"live"} and len(agents(client)) == 2
+                ),
+                "registered",
+            )
+        sidecar.stop()
+        sidecar.extra_config = fleet + "registration_rate_per_second = 0.1\n[leader]\nlease_seconds = 5.0\n"
+        sidecar.start()  # the same router DB: both are known there
+        restarted = datetime.now(UTC)
+        for agent in (first, second):
+            wait_for(
+                lambda agent=agent: accepted_since(agent, restarted),
+                f"{agent.agent_id} heard again",
+                timeout=5,
+            )
+        assert "too many agent registrations" not in sidecar.log_path.read_text()
+
+
+def accepted_since(agent: AgentProcess, moment: datetime) -> bool:
+    shown = httpx.get(f"{agent.url}/healthz", timeout=5).json()["registration"]
+    last = shown["last_heartbeat_at"]
+    return bool(last) and datetime.fromisoformat(last) > moment and not shown["last_error"]
