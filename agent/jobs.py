@@ -311,8 +311,13 @@ class JobManager:
         Refused, with nothing written: bad input (400), a known id (409: said before "full" or
         "draining", so a resent job is not started again elsewhere), a full or draining agent (503).
         """
-        env = await self._spawner.job_env(request.payload)  # validates; raises before anything is written
         job_id = request.job_id
+        # A known id first, before the checks of the payload: a resent /run of a job that runs must
+        # hear 409 (it runs), never a refusal the sidecar would take for the job's end (a cwd the job
+        # removed since, a run_as this agent no longer allows after a restart).
+        if job_id in self._jobs or (self._root / job_id).exists():
+            raise JobRejected(409, f"job {job_id!r} already exists")
+        env = await self._spawner.job_env(request.payload)  # validates; raises before anything is written
         if job_id in self._jobs:
             raise JobRejected(409, f"job {job_id!r} already exists")
         # No await from this check to the job's registration below: concurrent runs see each other.

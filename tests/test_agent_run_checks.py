@@ -274,3 +274,28 @@ def test_who_a_job_may_run_as_is_the_agents_to_decide(tmp_path: Path, places: di
         # allow_root_jobs = true (the harness's default, as these tests run as root): no run_as runs.
         assert _run(agent, "no-run-as", cwd=where).status_code == 201
         assert _output(agent, "no-run-as").split() == [where, "root"]
+
+
+def test_a_resent_run_of_a_job_that_runs_is_409_though_its_payload_no_longer_checks(
+    agent: AgentProcess, tmp_path: Path
+) -> None:
+    """The sidecar resends a /run whose answer it lost. The job runs, and has removed its own cwd since:
+    the resend must hear "already exists" (it runs), never the 400 a new job with that cwd would get,
+    which the sidecar would take for the job's end while its process runs on."""
+    workdir = Path(tempfile.mkdtemp(prefix="resent-", dir="/tmp"))
+    workdir.chmod(0o755)
+    try:
+        command = f"rmdir {workdir} && sleep 30"
+        assert _run(agent, "resent", cwd=str(workdir), command=command).status_code == 201
+        headers = {"Authorization": f"Bearer {agent.token}"}
+        deadline = time.monotonic() + 10
+        while workdir.exists():
+            assert time.monotonic() < deadline, "the job did not remove its cwd"
+            time.sleep(0.05)
+        again = _run(agent, "resent", cwd=str(workdir), command=command)
+        assert again.status_code == 409 and "already exists" in again.json()["error"], again.text
+        job = httpx.get(f"{agent.url}/jobs/resent", headers=headers, timeout=10).json()
+        assert job["status"] == "RUNNING", job
+        httpx.post(f"{agent.url}/stop/resent", json={"force": True}, headers=headers, timeout=30)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
