@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import functools
+import grp
 import os
 import pwd
 import stat
@@ -42,6 +43,7 @@ from agent.errors import JobRejected
 
 __all__ = [
     "CHECK_SECONDS",
+    "PRIVILEGED_GROUPS",
     "check_cwd",
     "check_deadline",
     "exec_limits",
@@ -50,6 +52,7 @@ __all__ = [
     "root_job_problem",
     "run_as_problem",
     "shown",
+    "user_groups",
 ]
 
 CHECK_SECONDS = 5.0  # all of one /run's checks, at most: then 503, below the sidecar's 10 s for /run
@@ -65,14 +68,45 @@ def shown(value: str, limit: int = 80) -> str:
     return repr(value if len(value) <= limit else value[:limit] + "...")
 
 
-def run_as_problem(user: pwd.struct_passwd, allowed: Collection[str]) -> str | None:
-    """Why a job may not run as ``user`` under ``[agent] run_as_users`` (None: it may)."""
+# Groups whose members are root in all but name (sudo rights, the docker or lxd socket, raw disks):
+# "*" in run_as_users does not cover their members, nor an account whose primary group is gid 0.
+PRIVILEGED_GROUPS = frozenset({"root", "sudo", "wheel", "admin", "docker", "lxd", "disk"})
+
+
+async def user_groups(user: pwd.struct_passwd, *, deadline: float) -> frozenset[str]:
+    """The names of the groups ``user`` is in (its primary group and the others)."""
+    return await _bounded(
+        functools.partial(_groups, user),
+        deadline,
+        "payload.run_as: cannot be checked now: the group database gave no answer within "
+        f"{CHECK_SECONDS:g} s",
+    )
+
+
+def _groups(user: pwd.struct_passwd) -> frozenset[str]:
+    names = set()
+    for gid in os.getgrouplist(user.pw_name, user.pw_gid):
+        try:
+            names.add(grp.getgrgid(gid).gr_name)
+        except KeyError:
+            names.add(str(gid))
+    return frozenset(names)
+
+
+def run_as_problem(user: pwd.struct_passwd, groups: Collection[str], allowed: Collection[str]) -> str | None:
+    """Why a job may not run as ``user`` (in ``groups``) under ``[agent] run_as_users`` (None: it
+    may). A name listed is allowed; "*" allows anyone else but root and root's equivalents."""
     if user.pw_name in allowed:
         return None
-    if user.pw_uid == 0:
+    if user.pw_uid == 0 or user.pw_gid == 0:
         return (
-            f"payload.run_as: {shown(user.pw_name)} is uid 0, which [agent] run_as_users allows only by "
-            "its name"
+            f"payload.run_as: {shown(user.pw_name)} has uid or primary group 0, which [agent] "
+            "run_as_users allows only by its name"
+        )
+    if "*" in allowed and (privileged := sorted(PRIVILEGED_GROUPS & set(groups))):
+        return (
+            f"payload.run_as: {shown(user.pw_name)} is in group {privileged[0]!r} (as good as root), which "
+            "[agent] run_as_users allows only by its name"
         )
     if "*" in allowed:
         return None

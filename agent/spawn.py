@@ -61,7 +61,8 @@ class Spawner:
                 raise JobRejected(403, problem)
         else:
             user = await run_checks.find_user(payload.run_as, deadline=deadline)
-            if (problem := run_checks.run_as_problem(user, self._run_as_users)) is not None:
+            groups = await run_checks.user_groups(user, deadline=deadline)
+            if (problem := run_checks.run_as_problem(user, groups, self._run_as_users)) is not None:
                 raise JobRejected(403, problem)
         env = self._inherited_env()
         if user is not None:

@@ -126,6 +126,10 @@ def agent_url_problem(url: str) -> str | None:
         return str(exc)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         return "must be http://host:port or https://host:port"
+    if not parts.netloc.isascii():
+        # Name resolvers disagree on international names (IDNA 2003 and 2008): what the sidecar checks
+        # must be what it connects to. Punycode (xn--...) is accepted.
+        return "must be ASCII: give an international host name in its xn-- form"
     if parts.username is not None or parts.password is not None:
         return "must not carry credentials"
     if parts.query or parts.fragment:

@@ -438,18 +438,22 @@ class Registry:
     ) -> tuple[AgentRecord | None, Judged]:
         """Before a process's first heartbeat here: what it claims, or :class:`Refused`."""
         held = await asyncio.to_thread(self._db.registered_agent, agent_id)
-        known = held is not None and (held.instance, held.url) == (beat.instance, beat.url)
+        known = held is not None and (
+            (held.instance, held.url) == (beat.instance, beat.url)
+            or (bool(fingerprint) and fingerprint == held.identity_fingerprint)
+        )
         if not known and self._limiter is not None and (wait := self._limiter.acquire("registrations")):
             # A new process or address is called back, which costs requests: rate-limited. A process
-            # the router DB holds already (this replica restarted, or another heard it) is not: a
-            # restarted sidecar re-verifies its whole fleet, and none of it may wait past lost_after.
+            # the router DB holds already (this replica restarted, or another heard it), or one proving
+            # the registration's identity (the agent restarted or moved) is not: none of those may
+            # wait past lost_after_seconds, whoever else spends the limit.
             raise Refused(
                 429,
                 "too many agent registrations at once ([fleet] registration_rate_per_second): retry",
                 retry_after=wait,
             )
         if held is None and self._scope.max_agents:
-            count = len(await asyncio.to_thread(self._db.registered_agents))
+            count = await asyncio.to_thread(self._counted_agents)
             if (full := self._scope.full(count, new=True)) is not None:
                 raise OutOfScope(full)
         judged = judge_claim(
@@ -537,6 +541,16 @@ class Registry:
         except (AgentError, ValueError) as exc:
             return unanswered(exc)
 
+    def _counted_agents(self) -> int:
+        """Registered agents that take a place under max_agents: heard within lost_after_seconds (by
+        the router DB's clock), or holding active jobs. A lost one without jobs frees its place, though
+        its row stays until forget_after_seconds. Read before the call-back: registrations arriving
+        together may pass the cap by their number."""
+        rows = self._db.registered_agents()
+        busy = self._db.active_counts()
+        alive_after = self._db.now() - timedelta(seconds=self._config.lost_after_seconds)
+        return sum(row.last_heartbeat_at >= alive_after or busy.get(row.agent_id, 0) > 0 for row in rows)
+
     async def _check_address(self, url: str) -> None:
         """:class:`OutOfScope` unless every address ``url``'s host resolves to is in
         [fleet] allowed_networks (nothing to check without them)."""
@@ -545,11 +559,15 @@ class Registry:
         host = urlsplit(url).hostname or ""
         try:
             found = await asyncio.get_running_loop().getaddrinfo(host, None, type=socket.SOCK_STREAM)
+            problem = self._scope.address_problem(host, [str(info[4][0]) for info in found])
         except OSError as exc:
-            raise OutOfScope(f"{host!r} cannot be resolved: {exc.strerror or exc}") from None
-        problem = self._scope.address_problem(host, [str(info[4][0]) for info in found])
+            problem = f"{host!r} cannot be resolved: {exc.strerror or exc}"
         if problem is not None:
-            raise OutOfScope(problem)
+            # The answer names no address and no resolver error: registration is no DNS oracle.
+            log.warning(
+                "registration at %s refused: %s", url, problem, extra={"action": "agent_out_of_scope"}
+            )
+            raise OutOfScope(f"{host!r} does not resolve within [fleet] allowed_networks")
 
     async def _call_back(self, agent_id: str, beat: Heartbeat, fingerprint: str) -> None:
         """The agent at the heartbeat's URL is ``agent_id``, the very process that sent it (as its

@@ -263,7 +263,7 @@ def test_who_a_job_may_run_as_is_the_agents_to_decide(tmp_path: Path, places: di
     where = str(places["open"])
     with AgentProcess(tmp_path / "default", token="policy-token", allow_root_jobs=False) as agent:
         refused(agent, "no-run-as", "allow_root_jobs", cwd=where)
-        refused(agent, "as-root", "uid 0", run_as="root", cwd=where)
+        refused(agent, "as-root", "uid or primary group 0", run_as="root", cwd=where)
         assert _run(agent, "as-nobody", run_as=NOBODY, cwd=where).status_code == 201
         assert _output(agent, "as-nobody").split() == [where, NOBODY]
     listed = 'run_as_users = ["daemon"]\n'
@@ -299,3 +299,24 @@ def test_a_resent_run_of_a_job_that_runs_is_409_though_its_payload_no_longer_che
         httpx.post(f"{agent.url}/stop/resent", json={"force": True}, headers=headers, timeout=30)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.mark.fast
+def test_star_covers_no_account_that_is_root_in_all_but_name() -> None:
+    """'*' allows any user but root's equivalents: uid 0, primary group 0, or a member of a group that
+    grants root (sudo, wheel, docker, lxd, disk...); each of those only when named."""
+    from agent.run_checks import PRIVILEGED_GROUPS, run_as_problem
+
+    def account(name: str, uid: int, gid: int) -> pwd.struct_passwd:
+        return pwd.struct_passwd((name, "x", uid, gid, "", "/home/" + name, "/bin/sh"))
+
+    plain, admin = account("ana", 1000, 1000), account("ops", 1001, 1001)
+    assert run_as_problem(plain, {"ana"}, ["*"]) is None
+    assert "group 'sudo'" in str(run_as_problem(admin, {"ops", "sudo"}, ["*"]))
+    assert "group 'docker'" in str(run_as_problem(admin, {"ops", "docker"}, ["*"]))
+    assert run_as_problem(admin, {"ops", "sudo"}, ["*", "ops"]) is None  # named: the operator's choice
+    assert "primary group 0" in str(run_as_problem(account("gw", 1002, 0), {"root"}, ["*"]))
+    assert "uid or primary group 0" in str(run_as_problem(account("toor", 0, 0), {"root"}, ["*"]))
+    assert run_as_problem(account("root", 0, 0), {"root"}, ["root"]) is None
+    assert "not in [agent] run_as_users" in str(run_as_problem(plain, {"ana"}, ["daemon"]))
+    assert {"sudo", "wheel", "docker", "disk"} <= PRIVILEGED_GROUPS

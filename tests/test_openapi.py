@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ast
 import json
+import os
 import re
 import threading
 import time
@@ -52,8 +53,8 @@ def pointer(*parts: str) -> str:
 # else is most likely YAML gone wrong (an unquoted comma in a flow mapping makes a key of it).
 SCHEMA_KEYWORDS = {
     "$ref", "type", "enum", "const", "properties", "required", "additionalProperties", "propertyNames",
-    "items", "minItems", "minimum", "maximum", "exclusiveMinimum", "minLength", "maxLength", "pattern",
-    "format", "oneOf", "anyOf", "not", "default", "description",
+    "items", "minItems", "maxItems", "minimum", "maximum", "exclusiveMinimum", "minLength", "maxLength",
+    "pattern", "format", "oneOf", "anyOf", "not", "default", "description",
 }  # fmt: skip
 
 
@@ -328,6 +329,9 @@ def test_agent_answers_match_the_documented_api(agent: AgentProcess, tmp_path: P
             refused = {"job_id": "doc-refused", "payload": {"command": "true", **payload}}
             spec.check(api.post("/run", json=refused), 400)
         spec.check(api.get("/jobs/doc-refused"), 404)  # a refused job is not recorded
+        if os.geteuid() == 0:  # run_as needs an agent running as root; root itself only by name
+            root = {"job_id": "doc-root", "payload": {"command": "true", "run_as": "root"}}
+            assert "run_as_users" in spec.check(api.post("/run", json=root), 403).json()["error"]
         spec.check(anonymous.post("/run", json=run), 401)
         huge = {"job_id": "doc-huge", "payload": {"command": "x" * (1024 * 1024 + 1)}}
         spec.check(api.post("/run", json=huge), 413)
@@ -515,6 +519,9 @@ def test_sidecar_answers_match_the_documented_api(agent: AgentProcess, tmp_path:
             api_version="v2",
             interval_seconds=INTERVAL,
             fleet_token=FLEET_TOKEN,
+            extra_config=(
+                '[fleet]\nregistration_labels = ["default", "pool"]\nregistration_rate_per_second = 1.0\n'
+            ),
         ) as sidecar,
         sidecar.client() as api,
         httpx.Client(base_url=sidecar.url, timeout=30) as anonymous,
@@ -643,6 +650,13 @@ def test_sidecar_answers_match_the_documented_api(agent: AgentProcess, tmp_path:
                 assert "answers as 'reg-1'" in sidecar.log_path.read_text()  # the reason, for the operator
                 joined = spec.check(fleet.put("/agents/reg-1", json=beat), 200).json()
                 assert joined["agent_id"] == "reg-1"
+                stolen = spec.check(fleet.put("/agents/reg-1", json={**beat, "labels": ["gpu"]}), 403)
+                assert "registration_labels" in stolen.json()["error"]
+                # New processes are called back at most registration_rate_per_second (a burst of 5).
+                rushed = [
+                    fleet.put("/agents/reg-1", json={**beat, "instance": f"rush-{i}"}) for i in range(8)
+                ]
+                spec.check(next(r for r in rushed if r.status_code == 429), 429)
                 spec.check(fleet.get("/agents"), 401)  # a fleet token opens registration only
             listed = spec.check(api.get("/agents"), 200).json()["agents"]
             assert [(a["agent_id"], a["registered"]) for a in listed][-1] == ("reg-1", True)
