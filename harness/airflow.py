@@ -16,6 +16,7 @@ brings a database of the caller's instead.
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -120,14 +121,40 @@ def ensure_venv(version: str = AIRFLOW_VERSION) -> Path:
     return venv
 
 
+def project_digest() -> str:
+    """What the project's sources are now: the packages installed into Airflow and their metadata."""
+    hashed = hashlib.sha256()
+    files = [REPO_ROOT / "pyproject.toml", REPO_ROOT / "README.md"]
+    for package in PROJECT_PACKAGES:
+        files += sorted(
+            p for p in (REPO_ROOT / package).rglob("*") if p.is_file() and "__pycache__" not in p.parts
+        )
+    for path in files:
+        hashed.update(str(path.relative_to(REPO_ROOT)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return hashed.hexdigest()
+
+
 def install_project(venv: Path) -> None:
     """Install this checkout into the Airflow venv (its dependencies are none: the operator needs only
     httpx, which Airflow ships; ``--no-deps`` keeps ``--force-reinstall`` from reinstalling Airflow's).
 
-    From a copy of the sources: a build in the checkout would reuse its ``build/`` (where setuptools
-    keeps modules since deleted) and race another worker's build. The venv's own locked setuptools
-    builds it (``--no-build-isolation``), so nothing is fetched at each start."""
-    with venv_lock(venv), tempfile.TemporaryDirectory(prefix="agentic-src-") as tmp:
+    Only when the sources differ from what the venv holds: a reinstall removes the package for a moment,
+    and another test's Airflow running from the same venv would fail to import its DAG then (Airflow 3
+    reschedules such a task a minute later). From a copy of the sources: a build in the checkout would
+    reuse its ``build/`` (where setuptools keeps modules since deleted) and race another worker's
+    build. The venv's own locked setuptools builds it (``--no-build-isolation``), so nothing is fetched
+    at each start."""
+    stamp = venv / ".agentic-project"
+    with venv_lock(venv):
+        wanted = project_digest()
+        if stamp.exists() and stamp.read_text() == wanted:
+            return
+        _install_copy(venv)
+        stamp.write_text(wanted)
+
+
+def _install_copy(venv: Path) -> None:
+    with tempfile.TemporaryDirectory(prefix="agentic-src-") as tmp:
         source = Path(tmp) / "src"
         source.mkdir()
         for name in ("pyproject.toml", "README.md"):
@@ -144,9 +171,7 @@ def _run(argv: list[str], env: Mapping[str, str] | None = None) -> None:
         argv, env=dict(env) if env is not None else None, capture_output=True, text=True, check=False
     )
     if result.returncode != 0:
-        raise RuntimeError(
-            f"{' '.join(argv)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
-        )
+        raise RuntimeError(f"{' '.join(argv)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
 
 
 @dataclass

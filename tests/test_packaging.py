@@ -14,9 +14,13 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tomllib
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -63,27 +67,48 @@ def _normal(name: str) -> str:
     "version", selected_versions([AIRFLOW_VERSION, AIRFLOW_2_VERSION]), ids=lambda v: f"airflow-{v}"
 )
 def test_a_plain_install_into_airflow_adds_only_this_package(version: str, tmp_path: Path) -> None:
-    venv = ensure_venv(version)
-    pip, airflow = venv / "bin" / "pip", venv / "bin" / "airflow"
+    with airflow_copy(ensure_venv(version), tmp_path) as (pip, airflow):
+        plain_install(version, pip, airflow, tmp_path)
+
+
+@contextmanager
+def airflow_copy(venv: Path, tmp_path: Path) -> Iterator[tuple[Path, Path]]:
+    """A copy of the cached Airflow venv (hard links, beside it: a second or two), and commands running
+    its pip and its airflow. Uninstalling the project from the cached venv itself would pull it from
+    under every Airflow another test runs from that venv at the moment."""
+    copy = venv.parent / f".{venv.name}-copy-{uuid.uuid4().hex[:8]}"
+    try:
+        with venv_lock(venv):  # a whole venv, not one being installed into
+            subprocess.run(["cp", "-al", str(venv), str(copy)], check=True, timeout=300)
+        commands = []
+        for name, module in (("pip", "pip"), ("airflow", "airflow")):
+            command = tmp_path / name
+            command.write_text(f'#!/bin/sh\nexec "{copy}/bin/python" -m {module} "$@"\n')
+            command.chmod(0o755)
+            commands.append(command)
+        yield commands[0], commands[1]
+    finally:
+        shutil.rmtree(copy, ignore_errors=True)
+
+
+def plain_install(version: str, pip: Path, airflow: Path, tmp_path: Path) -> None:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]
     # A throwaway Airflow on SQLite, whatever AIRFLOW_* the caller's environment holds.
     env = {name: value for name, value in os.environ.items() if not name.startswith("AIRFLOW")}
     env |= {"AIRFLOW_HOME": str(tmp_path / "airflow-home"), "AIRFLOW__CORE__LOAD_EXAMPLES": "False"}
-    # The harness reinstalls this checkout into the same venv at every Airflow start: one install at a time.
-    with venv_lock(venv):
-        succeeds([pip, "uninstall", "--quiet", "--yes", "agentic-airflow"])  # a first install, from here
-        if project["dependencies"]:
-            # What a real install pulled in would stay in the venv every Airflow test runs from (SQLAlchemy 2
-            # breaks Airflow 2): resolve first. With no dependency declared, pip can add nothing else.
-            resolved = would_install(pip, str(ROOT))
-            assert set(resolved) == {"agentic-airflow"}, f"would change Airflow {version}: {resolved}"
-        installed = installs(pip, str(ROOT))
-        assert installed == {"agentic-airflow": project["version"]}, f"changed Airflow {version}: {installed}"
-        # Only this package's requirements: Airflow's own, installed without constraints, are not ours.
-        check = subprocess.run([str(pip), "check"], capture_output=True, text=True, check=False, timeout=120)
-        assert "agentic-airflow" not in check.stdout.lower(), check.stdout
-        succeeds([airflow, "db", "migrate"], env)
-        listed_out = succeeds([airflow, "providers", "list", "--output", "json"], env)
+    succeeds([pip, "uninstall", "--quiet", "--yes", "agentic-airflow"])  # a first install, from here
+    if project["dependencies"]:
+        # What a real install pulled in would change Airflow's environment (SQLAlchemy 2 breaks
+        # Airflow 2): resolve first. With no dependency declared, pip can add nothing else.
+        resolved = would_install(pip, str(ROOT))
+        assert set(resolved) == {"agentic-airflow"}, f"would change Airflow {version}: {resolved}"
+    installed = installs(pip, str(ROOT))
+    assert installed == {"agentic-airflow": project["version"]}, f"changed Airflow {version}: {installed}"
+    # Only this package's requirements: Airflow's own, installed without constraints, are not ours.
+    check = subprocess.run([str(pip), "check"], capture_output=True, text=True, check=False, timeout=120)
+    assert "agentic-airflow" not in check.stdout.lower(), check.stdout
+    succeeds([airflow, "db", "migrate"], env)
+    listed_out = succeeds([airflow, "providers", "list", "--output", "json"], env)
     # Airflow 3.0 logs its plugin set-up to stdout before the JSON: the JSON is the last line.
     providers = json.loads(listed_out.strip().splitlines()[-1])
     listed = {provider["package_name"]: provider["version"] for provider in providers}
