@@ -137,7 +137,10 @@ def test_https_only_and_allowed_networks_refuse_an_address_before_calling_it(
             sidecar.client(FLEET_TOKEN) as fleet,
         ):
             answer = fleet.put("/agents/vm-fake", json=Heartbeat(url=fake.url, instance="i-1").to_json())
-            assert answer.status_code == 403 and "outside [fleet] allowed_networks" in answer.json()["error"]
+            assert (
+                answer.status_code == 403
+                and "does not resolve within [fleet] allowed_networks" in answer.json()["error"]
+            )
         https = extra.replace('allowed_networks = ["10.0.0.0/8"]', "require_https = true")
         with sidecar_for(tmp_path / "https", airflow, https) as sidecar, sidecar.client(FLEET_TOKEN) as fleet:
             answer = fleet.put("/agents/vm-fake", json=Heartbeat(url=fake.url, instance="i-1").to_json())
