@@ -18,6 +18,7 @@ So that the same bad request gets the same answer from the agent and from the si
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import json
@@ -29,6 +30,7 @@ from aiohttp.typedefs import Handler, Middleware
 
 from servicekit.credentials import Secret
 from servicekit.ratelimit import RateLimiter
+from servicekit.slow_clients import BODY_SECONDS
 from servicekit.text import text_problem
 
 log = logging.getLogger(__name__)
@@ -158,10 +160,14 @@ async def read_bounded(request: web.Request, limit: int, too_large: Exception) -
     if request.content_length is not None and request.content_length > limit:
         raise too_large
     body = bytearray()
-    async for chunk in request.content.iter_any():
-        body += chunk
-        if len(body) > limit:
-            raise too_large
+    try:
+        async with asyncio.timeout(BODY_SECONDS):  # a body sent a byte at a time holds nothing for good
+            async for chunk in request.content.iter_any():
+                body += chunk
+                if len(body) > limit:
+                    raise too_large
+    except TimeoutError:
+        raise HttpError(408, f"request body not received within {BODY_SECONDS:g} s") from None
     return bytes(body)
 
 

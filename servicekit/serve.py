@@ -20,10 +20,14 @@ from ssl import SSLContext
 
 from aiohttp import web
 
+from servicekit.slow_clients import Guard, GuardedSite
+
 # No headers in the access log: they carry tokens.
 ACCESS_LOG_FORMAT = '%a "%r" %s %b %Tfs'
 
 log = logging.getLogger("servicekit.serve")
+
+KEEPALIVE_SECONDS = 30.0  # an idle keep-alive connection, after its last answer (aiohttp's: 75 s)
 
 
 def beyond_loopback(host: str) -> bool:
@@ -74,10 +78,14 @@ async def serving(
             port,
             extra={"action": "plain_http_beyond_loopback"},
         )
-    runner = web.AppRunner(app, access_log_format=ACCESS_LOG_FORMAT, shutdown_timeout=grace)
+    guard = Guard()  # connections that send no whole request are closed (servicekit.slow_clients)
+    app.middlewares.insert(0, guard.middleware())
+    runner = web.AppRunner(
+        app, access_log_format=ACCESS_LOG_FORMAT, shutdown_timeout=grace, keepalive_timeout=KEEPALIVE_SECONDS
+    )
     await runner.setup()
     try:
-        site = web.TCPSite(runner, host, port, ssl_context=ssl_context)
+        site = GuardedSite(runner, host, port, ssl_context=ssl_context, guard=guard)
         await site.start()
         yield runner
     finally:
