@@ -1,13 +1,16 @@
 """Connections that never send a whole request are closed: both services' listeners.
 
-aiohttp waits without end for a request's headers, so a few hundred connections that send half a
-request line (or nothing) stay open for good, unauthenticated, each holding a socket and memory. Here
-every connection gets :data:`HEADER_SECONDS` to deliver its first request's headers (a request
-reaching the app marks it: :func:`middleware`); one that has not is closed. From one address at most
-:data:`PENDING_PER_ADDRESS` such connections wait at once: a newer one closes the oldest, so a client
-that floods half-open connections crowds out only itself. A request's body has :data:`BODY_SECONDS`
-(:func:`servicekit.http.read_bounded`). Connections that completed a request are aiohttp's again: an
-idle keep-alive connection closes after its ``keepalive_timeout``.
+Without this, connections that send half a request line (or nothing) stay open for aiohttp's
+keep-alive timeout or longer, unauthenticated, each holding a socket and memory. Here every connection
+gets :data:`HEADER_SECONDS` to deliver its first request's headers (a request reaching the app marks
+it: :meth:`Guard.middleware`); one that has not is closed. From one address at most
+:data:`PENDING_PER_ADDRESS` such connections wait at once: past it, the oldest that has waited
+:data:`EVICTABLE_AFTER_SECONDS` is closed for the newer (a burst of real clients whose requests are
+still unread in the kernel's buffer is young, and left alone), so a client that floods half-open
+connections crowds out mostly itself. A request's body has :data:`BODY_SECONDS`
+(:func:`servicekit.http.read_bounded`). A connection that completed a request is aiohttp's again: a
+later request on it has until the keep-alive timeout after the last answer, and a TLS handshake has
+asyncio's own bound (60 s).
 """
 
 from __future__ import annotations
@@ -25,70 +28,81 @@ log = logging.getLogger("servicekit.slow_clients")
 HEADER_SECONDS = 10.0  # from a connection's start to its first request's headers
 BODY_SECONDS = 30.0  # a request's whole body, once its headers are in
 PENDING_PER_ADDRESS = 64  # connections without a whole request yet, from one address
+EVICTABLE_AFTER_SECONDS = 2.0  # past the cap, a pending connection this old is closed for a newer one
 
 
 class Guard:
     """Connections without a request yet, by address, each with its deadline."""
 
     def __init__(
-        self, *, header_seconds: float = HEADER_SECONDS, per_address: int = PENDING_PER_ADDRESS
+        self,
+        *,
+        header_seconds: float = HEADER_SECONDS,
+        per_address: int = PENDING_PER_ADDRESS,
+        evictable_after: float = EVICTABLE_AFTER_SECONDS,
     ) -> None:
         self._header_seconds = header_seconds
         self._per_address = per_address
-        self._pending: dict[str, OrderedDict[asyncio.BaseTransport, asyncio.TimerHandle]] = {}
+        self._evictable_after = evictable_after
+        self._pending: dict[str, OrderedDict[_Guarded, tuple[float, asyncio.TimerHandle]]] = {}
+        self._by_transport: dict[asyncio.BaseTransport, _Guarded] = {}
         self.closed = 0  # connections closed for want of a request (for tests and logs)
 
     def wrap(self, inner: asyncio.Protocol) -> asyncio.Protocol:
         return _Guarded(inner, self)
 
-    def opened(self, transport: asyncio.BaseTransport) -> None:
-        address = _address(transport)
-        pending = self._pending.setdefault(address, OrderedDict())
-        timer = asyncio.get_running_loop().call_later(self._header_seconds, self._expire, transport)
-        pending[transport] = timer
+    def opened(self, connection: _Guarded) -> None:
+        loop = asyncio.get_running_loop()
+        pending = self._pending.setdefault(connection.address, OrderedDict())
+        timer = loop.call_later(self._header_seconds, self._expire, connection, "no whole request within")
+        pending[connection] = (loop.time(), timer)
+        self._by_transport[connection.transport] = connection
+        # Past the cap, the oldest go, once old enough: a burst of clients whose requests are still in
+        # the kernel's buffer, not yet read, is no flood.
+        now = loop.time()
         while len(pending) > self._per_address:
-            oldest, handle = pending.popitem(last=False)
-            handle.cancel()
-            self._close(oldest)
+            oldest, (since, _) = next(iter(pending.items()))
+            if now - since < self._evictable_after:
+                break
+            self._expire(oldest, "too many connections without a request from its address, the oldest after")
 
     def served(self, transport: asyncio.BaseTransport | None) -> None:
         """A request reached the app on ``transport``: it is a client, no longer a pending connection."""
-        if transport is not None:
-            self._forget(transport)
+        connection = self._by_transport.get(transport) if transport is not None else None
+        if connection is not None:
+            self.gone(connection)
 
-    def gone(self, transport: asyncio.BaseTransport) -> None:
-        self._forget(transport)
-
-    def _forget(self, transport: asyncio.BaseTransport) -> None:
-        address = _address(transport)
-        pending = self._pending.get(address)
+    def gone(self, connection: _Guarded) -> None:
+        self._by_transport.pop(connection.transport, None)
+        pending = self._pending.get(connection.address)
         if pending is None:
             return
-        handle = pending.pop(transport, None)
-        if handle is not None:
-            handle.cancel()
+        entry = pending.pop(connection, None)
+        if entry is not None:
+            entry[1].cancel()
         if not pending:
-            del self._pending[address]
+            del self._pending[connection.address]
 
-    def _expire(self, transport: asyncio.BaseTransport) -> None:
-        self._forget(transport)
-        self._close(transport)
-
-    def _close(self, transport: asyncio.BaseTransport) -> None:
+    def _expire(self, connection: _Guarded, why: str) -> None:
+        self.gone(connection)
         self.closed += 1
         if self.closed in (1, 100) or self.closed % 1000 == 0:  # a flood logs a few lines, not one each
             log.warning(
-                "closed %d connection(s) that sent no whole request within %g s (latest from %s)",
+                "closed %d connection(s) that sent no whole request (latest from %s: %s %g s)",
                 self.closed,
-                self._header_seconds,
-                _address(transport),
+                connection.address,
+                why,
+                self._header_seconds if why.startswith("no whole") else self._evictable_after,
                 extra={"action": "slow_client_closed"},
             )
-        abort = getattr(transport, "abort", None)
-        if callable(abort):
-            abort()
-        else:
-            transport.close()
+        try:
+            abort = getattr(connection.transport, "abort", None)
+            if callable(abort):
+                abort()
+            else:
+                connection.transport.close()
+        except Exception:  # a transport already closing: nothing left to close
+            log.debug("closing a slow client's connection failed", exc_info=True)
 
     def middleware(self) -> Middleware:
         guard = self
@@ -102,22 +116,29 @@ class Guard:
 
 
 class _Guarded(asyncio.Protocol):
-    """aiohttp's protocol for one connection, told to the guard as it opens and closes."""
+    """aiohttp's protocol for one connection, told to the guard as it opens and closes. The peer's
+    address is read once, as it opens: a closed TLS transport no longer says it."""
 
     def __init__(self, inner: asyncio.Protocol, guard: Guard) -> None:
         self._inner = inner
         self._guard = guard
-        self._transport: asyncio.BaseTransport | None = None
+        self.transport: asyncio.BaseTransport
+        self.address = "?"
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._transport = transport
-        self._guard.opened(transport)
-        self._inner.connection_made(transport)
+        self.transport = transport
+        peer = transport.get_extra_info("peername")
+        self.address = str(peer[0]) if isinstance(peer, tuple) and peer else "?"
+        try:
+            self._guard.opened(self)
+        finally:
+            self._inner.connection_made(transport)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self._transport is not None:
-            self._guard.gone(self._transport)
-        self._inner.connection_lost(exc)
+        try:
+            self._guard.gone(self)
+        finally:
+            self._inner.connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
         self._inner.data_received(data)
@@ -130,11 +151,6 @@ class _Guarded(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self._inner.resume_writing()
-
-
-def _address(transport: asyncio.BaseTransport) -> str:
-    peer = transport.get_extra_info("peername")
-    return str(peer[0]) if isinstance(peer, tuple) and peer else "?"
 
 
 class GuardedSite(web.TCPSite):
@@ -157,3 +173,5 @@ class GuardedSite(web.TCPSite):
             reuse_address=self._reuse_address,
             reuse_port=self._reuse_port,
         )
+        sockets = self._server.sockets
+        self._bound_port = sockets[0].getsockname()[1] if sockets else self._port

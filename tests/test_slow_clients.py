@@ -24,6 +24,7 @@ from harness.served import ServedAirflow
 from harness.sidecar import SidecarProcess
 from servicekit import http as servicekit_http
 from servicekit.http import HttpError, read_bounded
+from servicekit.slow_clients import Guard
 
 HALF_OPEN = 300
 
@@ -115,3 +116,50 @@ def test_a_body_that_does_not_arrive_in_time_is_a_408(monkeypatch: pytest.Monkey
     answer, took = asyncio.run(scenario())
     assert answer.startswith(b"HTTP/1.1 408") and b"not received within" in answer, answer
     assert took < 2.0
+
+
+class FakeTransport(asyncio.Transport):
+    """A peer at ``address``; like a TLS transport, it no longer names its peer once closed."""
+
+    def __init__(self, address: str) -> None:
+        super().__init__()
+        self.peer: tuple[str, int] | None = (address, 40000)
+        self.aborted = False
+
+    def get_extra_info(self, name: str, default: object = None) -> object:
+        return self.peer if name == "peername" else default
+
+    def abort(self) -> None:
+        self.aborted = True
+
+
+class Inner(asyncio.Protocol):
+    def __init__(self) -> None:
+        self.lost = False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+
+
+@pytest.mark.fast
+def test_the_guard_forgets_a_closed_tls_connection_and_spares_a_burst_of_real_clients() -> None:
+    async def scenario() -> None:
+        guard = Guard(header_seconds=5.0, per_address=4, evictable_after=0.2)
+        # A TLS connection closed by its peer before any request: its transport names no peer by then.
+        transport, inner = FakeTransport("10.0.0.9"), Inner()
+        protocol = guard.wrap(inner)
+        protocol.connection_made(transport)
+        transport.peer = None
+        protocol.connection_lost(None)
+        assert inner.lost and not guard._pending and not guard._by_transport
+        # A burst of ten from one address, their requests not read yet: young, none closed.
+        burst = [FakeTransport("10.0.0.1") for _ in range(10)]
+        for one in burst:
+            guard.wrap(Inner()).connection_made(one)
+        assert not any(one.aborted for one in burst) and guard.closed == 0
+        await asyncio.sleep(0.3)  # now they have waited: the next one closes the oldest past the cap
+        guard.wrap(Inner()).connection_made(FakeTransport("10.0.0.1"))
+        assert [one.aborted for one in burst] == [True] * 7 + [False] * 3
+        assert guard.closed == 7
+
+    asyncio.run(scenario())
