@@ -40,7 +40,7 @@ import math
 import time
 from collections import Counter
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 from reconciler.airflow import AirflowError, TaskInstance, TaskInstancePath, TaskInstanceReader
@@ -249,6 +249,16 @@ class Watched:
         return self.by_run.keys() | self.others.keys()
 
 
+@dataclass
+class _Cycle:
+    """One read's working state, shared by the reads that account for its count: what it watches, the
+    jobs found to stop, and the requests that failed (each tried again next cycle)."""
+
+    watched: Watched
+    found: dict[str, Observation] = field(default_factory=dict)
+    failed: list[AirflowError] = field(default_factory=list)
+
+
 class TargetedRead:
     """The targeted read's state across cycles: the watched index, the other task instances known to
     be deferred, and the rolling full check."""
@@ -343,9 +353,8 @@ class TargetedRead:
         )
         in_flight = {key: ti for key, ti in passing.items() if watched.watches(key)}
         suspects = self._settle(watched, passing.keys(), now)
-        found: dict[str, Observation] = {}
-        failed: list[AirflowError] = []
-        self._observe(watched, in_flight, found)
+        cycle = _Cycle(watched)
+        self._observe(cycle, in_flight)
         read = "targeted"
         # Above 0: deferred task instances the read does not know; below: known ones gone.
         difference = deferred - (watched.size() - len(in_flight))
@@ -353,16 +362,15 @@ class TargetedRead:
         if difference:
             read += "+locate"
             expected = [key for key in watched.keys(watched.runs()) if key not in in_flight]
-            difference, expected = await self._likely(
-                watched, difference, expected, suspects, passing.keys(), found, failed
-            )
+            difference, expected = await self._likely(cycle, difference, expected, suspects, passing.keys())
             if difference:
                 region = Region.of(ids)
-                self.surplus = await self._locate(watched, region, expected, difference, found, failed)
+                self.surplus = await self._locate(cycle, region, expected, difference)
         due = self._due(watched, now)
         if due:
             read += "+check"
-            await self._check(watched, due, found, failed, requeue=True)
+            await self._check(cycle, due, requeue=True)
+        failed, found = cycle.failed, cycle.found
         if failed:
             read += f" ({len(failed)} failed)"
             log.warning(
@@ -395,13 +403,11 @@ class TargetedRead:
 
     async def _likely(
         self,
-        watched: Watched,
+        cycle: _Cycle,
         difference: int,
         expected: list[TaskInstancePath],
         suspects: list[TaskInstancePath],
         passing: Collection[TaskInstancePath],
-        found: dict[str, Observation],
-        failed: list[AirflowError],
     ) -> tuple[int, list[TaskInstancePath]]:
         """The likely reasons for ``difference`` first, in one request; returns what is left of it
         and the task instances known deferred. Below the count: ``suspects``, task instances that
@@ -409,7 +415,7 @@ class TargetedRead:
         cycle's read (``passing``) deferred before its count (the two requests run at once); the
         deferred rows their id lists match also show any other the read did not know."""
         if difference < 0 and suspects:
-            finished = await self._finished_rows(watched, suspects, found, failed) or set()
+            finished = await self._finished_rows(cycle, suspects) or set()
             gone = finished.intersection(expected)
             return difference + len(gone), [key for key in expected if key not in gone]
         if difference < 0 or not passing:
@@ -422,11 +428,11 @@ class TargetedRead:
         try:
             rows = await self._rows(lists, lambda key: True, DEFERRED_STATES, kind="rows")
         except AirflowError as exc:
-            failed.append(exc)
+            cycle.failed.append(exc)
             return difference, expected
         known = set(expected)
         new = [key for key in rows if key not in known]
-        self._learn(watched, new)
+        self._learn(cycle.watched, new)
         return difference - len(new), expected + new
 
     def _learn(self, watched: Watched, deferred: Iterable[TaskInstancePath]) -> None:
@@ -438,12 +444,10 @@ class TargetedRead:
 
     async def _locate(
         self,
-        watched: Watched,
+        cycle: _Cycle,
         region: Region,
         expected: list[TaskInstancePath],
         difference: int,
-        found: dict[str, Observation],
-        failed: list[AirflowError],
     ) -> int:
         """Account for ``difference``, by which ``region``'s deferred count differs from the
         ``expected`` task instances in it: cut the region and count each part until the parts are
@@ -453,17 +457,17 @@ class TargetedRead:
         dense = difference < 0 and (-difference * FANOUT >= len(runs) or len(runs) == 1)
         parts = [] if len(expected) <= LEAF_KEYS or dense else partition(region, expected, FANOUT)
         if len(parts) < 2:
-            return await self._explain(watched, region, expected, difference, found, failed)
+            return await self._explain(cycle, region, expected, difference)
         try:
             counts = await asyncio.gather(
                 *(self._counted(part.lists(), DEFERRED_STATES, kind="locate_count") for part, _ in parts)
             )
         except AirflowError as exc:
-            failed.append(exc)
+            cycle.failed.append(exc)
             return abs(difference)
         left = await asyncio.gather(
             *(
-                self._locate(watched, part, held, n - len(held), found, failed)
+                self._locate(cycle, part, held, n - len(held))
                 for (part, held), n in zip(parts, counts, strict=True)
                 if n != len(held)
             )
@@ -472,70 +476,62 @@ class TargetedRead:
 
     async def _explain(
         self,
-        watched: Watched,
+        cycle: _Cycle,
         region: Region,
         expected: list[TaskInstancePath],
         difference: int,
-        found: dict[str, Observation],
-        failed: list[AirflowError],
     ) -> int:
         """Read what accounts for ``difference`` in ``region``. Above what the read knows: the
         region's deferred rows (current task instances only, never history); those it did not know
         are known from then on, and the expected ones missing there are looked for among the finished
         ones. Below: the finished rows of the expected task instances."""
         if difference < 0:
-            return await self._finished(watched, expected, -difference, found, failed)
+            return await self._finished(cycle, expected, -difference)
         try:
             rows = await self._rows(region.lists(), lambda key: True, DEFERRED_STATES, kind="rows")
         except AirflowError as exc:
-            failed.append(exc)
+            cycle.failed.append(exc)
             return difference
-        self._learn(watched, rows)
+        self._learn(cycle.watched, rows)
         gone = [key for key in expected if key not in rows]
-        return await self._finished(watched, gone, len(gone), found, failed) if gone else 0
+        return await self._finished(cycle, gone, len(gone)) if gone else 0
 
     async def _finished(
         self,
-        watched: Watched,
+        cycle: _Cycle,
         keys: list[TaskInstancePath],
         missing: int,
-        found: dict[str, Observation],
-        failed: list[AirflowError],
     ) -> int:
         """The finished task instances among ``keys``, ``missing`` of which have left ``deferred``
         (marked failed or success, skipped). If fewer show finished, some vanished (a deleted run):
         every row of their runs is read then."""
-        gone = await self._finished_rows(watched, keys, found, failed)
+        gone = await self._finished_rows(cycle, keys)
         if gone is None:
             return missing
         if len(gone.intersection(keys)) >= missing:
             return 0
         runs = sorted({run_of(key) for key in keys})
-        return 0 if await self._check(watched, runs, found, failed) else missing
+        return 0 if await self._check(cycle, runs) else missing
 
     async def _finished_rows(
         self,
-        watched: Watched,
+        cycle: _Cycle,
         keys: list[TaskInstancePath],
-        found: dict[str, Observation],
-        failed: list[AirflowError],
     ) -> set[TaskInstancePath] | None:
         """The watched (or expected) task instances Airflow holds in a finished state among those
         ``keys``' id lists match, observed; None if the read failed."""
         try:
-            rows = await self._rows(id_lists(keys), watched.watches, FINISHED_STATES, kind="rows")
+            rows = await self._rows(id_lists(keys), cycle.watched.watches, FINISHED_STATES, kind="rows")
         except AirflowError as exc:
-            failed.append(exc)
+            cycle.failed.append(exc)
             return None
-        self._observe(watched, rows, found)
+        self._observe(cycle, rows)
         return set(rows)
 
     async def _check(
         self,
-        watched: Watched,
+        cycle: _Cycle,
         runs: Sequence[Run],
-        found: dict[str, Observation],
-        failed: list[AirflowError],
         *,
         requeue: bool = False,
     ) -> bool:
@@ -547,7 +543,7 @@ class TargetedRead:
             if len(groups[-1][1]) >= CHECK_KEYS:
                 groups.append(([], []))
             groups[-1][0].append(run)
-            groups[-1][1].extend(watched.keys([run]))
+            groups[-1][1].extend(cycle.watched.keys([run]))
 
         pages = asyncio.Semaphore(CHECK_PAGES)
 
@@ -556,21 +552,16 @@ class TargetedRead:
                 async with pages:
                     answer = await self._rows(id_lists(keys), set(keys).__contains__, None, kind="rows")
             except AirflowError as exc:
-                failed.append(exc)
+                cycle.failed.append(exc)
                 if requeue:
                     self._round.extend(group)
                 return False
-            self._observe(watched, {key: answer.get(key) for key in keys}, found)
+            self._observe(cycle, {key: answer.get(key) for key in keys})
             return True
 
         return all(await asyncio.gather(*(one(group, keys) for group, keys in groups if keys)))
 
-    def _observe(
-        self,
-        watched: Watched,
-        rows: Mapping[TaskInstancePath, TaskInstance | None],
-        found: dict[str, Observation],
-    ) -> None:
+    def _observe(self, cycle: _Cycle, rows: Mapping[TaskInstancePath, TaskInstance | None]) -> None:
         for key, ti in rows.items():
             # Out of ``deferred``, Airflow moved it on: no longer expected, unless it is yet to defer.
             to_defer = key in self._ahead and ti is not None and ti.state in IN_FLIGHT_STATES
@@ -579,10 +570,10 @@ class TargetedRead:
                 self._ahead.discard(key)
                 if ti is not None and ti.state in IN_FLIGHT_STATES:
                     self._passing[key] = False  # it deferred and resumed: it finishes next
-            for job in watched.jobs.get(key, ()):
+            for job in cycle.watched.jobs.get(key, ()):
                 observation = observe(ti)
                 if isinstance(judge(job, observation), Stop):
-                    found[job.job_id] = observation
+                    cycle.found[job.job_id] = observation
 
     def _due(self, watched: Watched, now: float) -> list[Run]:
         """The runs the rolling full check reads this cycle: about CHECK_KEYS task instances at a

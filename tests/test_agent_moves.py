@@ -75,6 +75,7 @@ from reconciler.registry import (
 )
 from router_db import AgentConflict, AgentRecord, JobStatus, NewJob, RouterDB, TaskInstanceKey
 from servicekit.credentials import Secret
+from tests import heartbeats
 from tests.certs import make_ca
 
 FLEET_TOKEN = "fleet-token-for-moves"
@@ -809,23 +810,6 @@ def test_a_heartbeat_sent_before_a_drain_and_read_after_it_does_not_route_there_
     async def drain(request: web.Request) -> web.Response:
         return web.json_response({"agent_id": "vm-d", "draining": True, "jobs_running": 0})
 
-    def beat(url: str, *, draining: bool) -> None:
-        now = db.now()
-        record = AgentRecord(
-            agent_id="vm-d",
-            url=url,
-            labels=(),
-            max_jobs=0,
-            jobs_running=0,
-            version="",
-            draining=draining,
-            instance="one",
-            registered_at=now,
-            last_heartbeat_at=now,
-            heartbeat_seconds=0.5,
-        )
-        db.heartbeat_agent(record, alive_after=now)
-
     async def scenario() -> list[str]:
         app = web.Application()
         app.router.add_post("/drain", drain)
@@ -835,14 +819,14 @@ def test_a_heartbeat_sent_before_a_drain_and_read_after_it_does_not_route_there_
         fleet = Fleet(db=db, agents=pool, metrics=Metrics(), config=config, registered_token=Secret("t"))
         url = str(server.make_url("")).rstrip("/")
         try:
-            beat(url, draining=False)
+            heartbeats.beat(db, "vm-d", url=url)
             await fleet.load_registered()
             seen: list[str] = [fleet.report("vm-d").state]
             await fleet.drain("vm-d", draining=True)
             seen.append(fleet.report("vm-d").state)
             await fleet.load_registered()  # the heartbeat sent before the drain arrived
             seen.append(fleet.report("vm-d").state)
-            beat(url, draining=True)
+            heartbeats.beat(db, "vm-d", url=url, draining=True)
             await fleet.load_registered()
             seen.append(fleet.report("vm-d").state)
             return seen

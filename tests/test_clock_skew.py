@@ -40,9 +40,10 @@ from reconciler.fleet import AgentState, Fleet
 from reconciler.leadership import Leadership
 from reconciler.metrics import Metrics
 from reconciler.stops import StopDispatcher
-from router_db import AgentRecord, JobStatus, NewJob, RouterDB, TaskInstanceKey
+from router_db import JobStatus, NewJob, RouterDB, TaskInstanceKey
 from router_db.leases import Leases
 from servicekit.credentials import Secret
+from tests.heartbeats import beat
 
 SKEW_SECONDS = 120
 FLEET_TOKEN = "fleet-token-for-clock-skew"
@@ -309,23 +310,6 @@ def test_liveness_reads_heartbeat_ages_on_the_router_db_clock_and_a_step_of_it_l
         registered_token=Secret("fleet"),
     )
 
-    def beat() -> None:
-        now = db.now()
-        record = AgentRecord(
-            agent_id="vm-1",
-            url=f"http://127.0.0.1:{free_port()}",  # nobody there: the orphan sweep only fails
-            labels=(),
-            max_jobs=0,
-            jobs_running=0,
-            version="",
-            draining=False,
-            instance="one",
-            registered_at=now,
-            last_heartbeat_at=now,
-            heartbeat_seconds=0.5,
-        )
-        db.heartbeat_agent(record, alive_after=now)
-
     async def run(seconds: float, *, beating: bool) -> set[AgentState]:
         """Tick every 0.5 s of the fake clock, reading the agents each time, as the leader does."""
         seen: set[AgentState] = set()
@@ -333,7 +317,7 @@ def test_liveness_reads_heartbeat_ages_on_the_router_db_clock_and_a_step_of_it_l
             ticks[0] += 0.5
             db.step += 0.5
             if beating:
-                beat()
+                beat(db, "vm-1")
             await fleet.load_registered()
             await fleet.tick()
             seen.add(fleet.state("vm-1"))
@@ -341,7 +325,7 @@ def test_liveness_reads_heartbeat_ages_on_the_router_db_clock_and_a_step_of_it_l
 
     async def scenario() -> None:
         try:
-            beat()
+            beat(db, "vm-1")
             fleet.reset()
             assert await run(20.0, beating=True) == {AgentState.LIVE}  # 4 x lost_after_seconds
             db.step += 600.0  # between two heartbeats: the last one now looks ten minutes old

@@ -25,30 +25,28 @@ from aiohttp import web
 
 from agent_api.registration import Heartbeat
 from harness.agent import AgentProcess
-from harness.processes import free_port, wait_for
+from harness.processes import wait_for
 from harness.served import ServedAirflow, ServedApp
 from harness.sidecar import SidecarProcess
 from reconciler.agents import AgentPool
 from reconciler.config import AgentEntry, FleetConfig
 from reconciler.fleet import AgentState, Fleet
 from reconciler.metrics import Metrics
-from router_db import AgentRecord, RouterDB
+from router_db import RouterDB
 from servicekit.credentials import Secret
+from tests.heartbeats import beat
 from tests.test_clock_skew import SteppedRouterDB
 from tests.test_registration import FLEET_TOKEN, agents, auth, registering, submit
+from tests.test_registration import sidecar_for as registration_sidecar
 
 LOST_AFTER = 4.0
 HOLD = 12.0
 
 
 def sidecar_for(tmp_path: Path, airflow: ServedAirflow) -> SidecarProcess:
-    return SidecarProcess(
-        workdir=tmp_path / "sidecar",
-        airflow_url=airflow.url,
-        airflow_password="unused",
-        agents=[],
-        api_version="v2",
-        fleet_token=FLEET_TOKEN,
+    return registration_sidecar(
+        tmp_path,
+        airflow,
         extra_config=(
             f"[leader]\nlease_seconds = {LOST_AFTER - 1}\n"
             f"[fleet]\nlost_after_seconds = {LOST_AFTER}\ncheck_interval_seconds = 0.2\n"
@@ -93,6 +91,22 @@ def held(client: httpx.Client) -> float:
     raise AssertionError("no reconciler_agents_held in /metrics")
 
 
+def three_live_agents(
+    stack: ExitStack, tmp_path: Path, sidecar: SidecarProcess, client: httpx.Client
+) -> list[AgentProcess]:
+    real = [stack.enter_context(registering(tmp_path / f"vm{i}", sidecar, f"vm-{i}")) for i in range(3)]
+    wait_for(lambda: all(agents(client).get(a.agent_id, {}).get("state") == "live" for a in real), "live")
+    return real
+
+
+def running_job(client: httpx.Client, airflow: ServedAirflow, agent: AgentProcess) -> str:
+    """A job submitted to ``agent``, once its process runs there."""
+    airflow.call_soon(airflow.standin.add, "d", "r", "long", -1, "running", 1)
+    job: str = submit(client, "long", agent_id=agent.agent_id).json()["job_id"]
+    wait_for(lambda: httpx.get(f"{agent.url}/jobs/{job}", headers=auth(), timeout=5).json()["pid"], "pid")
+    return job
+
+
 def kill(agent: AgentProcess) -> None:
     os.kill(agent.pid, signal.SIGKILL)
     agent.process.wait(timeout=10)
@@ -104,16 +118,11 @@ def test_registrations_that_never_heartbeat_again_hold_back_no_loss(
     with ExitStack() as stack:
         sidecar = stack.enter_context(sidecar_for(tmp_path, airflow))
         client = stack.enter_context(sidecar.client())
-        real = [stack.enter_context(registering(tmp_path / f"vm{i}", sidecar, f"vm-{i}")) for i in range(3)]
-        wait_for(lambda: all(agents(client).get(a.agent_id, {}).get("state") == "live" for a in real), "live")
+        real = three_live_agents(stack, tmp_path, sidecar, client)
         for i in range(4):
             register_once(sidecar, f"ghost-{i}")
         assert len(agents(client)) == 7
-        airflow.call_soon(airflow.standin.add, "d", "r", "long", -1, "running", 1)
-        job = submit(client, "long", agent_id="vm-0").json()["job_id"]
-        wait_for(
-            lambda: httpx.get(f"{real[0].url}/jobs/{job}", headers=auth(), timeout=5).json()["pid"], "pid"
-        )
+        job = running_job(client, airflow, real[0])
 
         kill(real[0])
         killed = time.monotonic()
@@ -141,14 +150,9 @@ def test_most_agents_silent_at_once_are_held_back_for_partition_hold_seconds(
     with ExitStack() as stack:
         sidecar = stack.enter_context(sidecar_for(tmp_path, airflow))
         client = stack.enter_context(sidecar.client())
-        real = [stack.enter_context(registering(tmp_path / f"vm{i}", sidecar, f"vm-{i}")) for i in range(3)]
-        wait_for(lambda: all(agents(client).get(a.agent_id, {}).get("state") == "live" for a in real), "live")
+        real = three_live_agents(stack, tmp_path, sidecar, client)
         time.sleep(1.5)  # heartbeats every 0.5 s: each has sent some since it registered (confirmed)
-        airflow.call_soon(airflow.standin.add, "d", "r", "long", -1, "running", 1)
-        job = submit(client, "long", agent_id="vm-0").json()["job_id"]
-        wait_for(
-            lambda: httpx.get(f"{real[0].url}/jobs/{job}", headers=auth(), timeout=5).json()["pid"], "pid"
-        )
+        job = running_job(client, airflow, real[0])
 
         kill(real[0])
         kill(real[1])
@@ -190,29 +194,12 @@ def test_a_term_that_ends_while_holding_exports_no_held_agent_from_the_standby(t
         registered_token=Secret("t"),
     )
 
-    def beat(agent_id: str) -> None:
-        now = db.now()
-        record = AgentRecord(
-            agent_id=agent_id,
-            url=f"http://127.0.0.1:{free_port()}",
-            labels=(),
-            max_jobs=0,
-            jobs_running=0,
-            version="",
-            draining=False,
-            instance=agent_id,
-            registered_at=now,
-            last_heartbeat_at=now,
-            heartbeat_seconds=0.5,
-        )
-        db.heartbeat_agent(record, alive_after=now)
-
     async def tick(seconds: float, beating: list[str]) -> None:
         for _ in range(int(seconds / 0.5)):
             ticks[0] += 0.5
             db.step += 0.5
             for agent_id in beating:
-                beat(agent_id)
+                beat(db, agent_id, instance=agent_id)
             await fleet.load_registered()
             await fleet.tick()
 

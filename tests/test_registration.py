@@ -96,7 +96,7 @@ def sidecar_for(tmp_path: Path, airflow: ServedAirflow, **kwargs: Any) -> Sideca
         agents=kwargs.pop("agents", []),
         api_version="v2",
         fleet_token=kwargs.pop("fleet_token", FLEET_TOKEN),
-        extra_config=FLEET,
+        extra_config=kwargs.pop("extra_config", FLEET),
         **kwargs,
     )
 

@@ -20,6 +20,7 @@ from harness.served import ServedAirflow, ServedApp
 from harness.sidecar import SidecarProcess
 from reconciler.scope import Scope, parse_networks
 from tests.test_registration import FLEET_TOKEN, agents, registering, submit
+from tests.test_registration import sidecar_for as registration_sidecar
 
 SCOPE = (
     "[fleet]\nlost_after_seconds = 6.0\ncheck_interval_seconds = 0.2\ncheck_timeout_seconds = 1.0\n"
@@ -30,15 +31,7 @@ SCOPE = (
 
 
 def sidecar_for(tmp_path: Path, airflow: ServedAirflow, extra: str = SCOPE) -> SidecarProcess:
-    return SidecarProcess(
-        workdir=tmp_path / "sidecar",
-        airflow_url=airflow.url,
-        airflow_password="unused",
-        agents=[],
-        api_version="v2",
-        fleet_token=FLEET_TOKEN,
-        extra_config=extra,
-    )
+    return registration_sidecar(tmp_path, airflow, extra_config=extra)
 
 
 class Impostor(ServedApp):
