@@ -90,8 +90,12 @@ class AgentConfig:
     router_token_env: str = setting(DEFAULT_FLEET_TOKEN_ENV, nonempty=True)
     router_token_file: Path | None = setting(None)
     router_ca_file: Path | None = setting(None)  # PEM CAs for an https:// router_url (default: system's)
-    # The fleet token(s): presented when registering, and accepted from the sidecar like `tokens`.
+    # The fleet token(s): presented when registering (a bootstrap), never accepted on the agent's API.
     fleet_tokens: tuple[str, ...] = setting((), secret=True)
+    # The fence (agent/fence.py): not heard from the sidecar for this long, the agent stops its
+    # at_most_once jobs (0: never); at_most_once_default makes every job at_most_once.
+    fence_after_seconds: float = setting(60.0, ge=0)
+    at_most_once_default: bool = setting(False)
 
     @property
     def scheme(self) -> str:
@@ -154,7 +158,7 @@ def load_config(path: Path | str | None, *, environ: Mapping[str, str] | None = 
             env=env,
             file_key="router_token_file",
         )
-    # A registered agent may have no token of its own: the sidecar calls it with the fleet's.
+    # A registered agent may have no token of its own: the sidecar calls it with its call token.
     own_given = settings.token_file is not None or bool(env.get(settings.token_env, "").strip())
     tokens = (
         read_tokens("[agent] token", env_name=settings.token_env, file=settings.token_file, env=env)
@@ -177,6 +181,26 @@ AGREEMENTS: tuple[Agreement, ...] = (
         why=(
             "a finished job whose outcome nobody has read yet (the sidecar has not recorded its rc) must "
             "be kept at least as long as one already read; a shorter limit removes unread outcomes first"
+        ),
+    ),
+    Agreement(
+        keys=("[agent] fence_after_seconds", "[agent] heartbeat_seconds"),
+        rule="[agent] fence_after_seconds must be 0 (off) or above 2 times [agent] heartbeat_seconds",
+        why=(
+            "a registered agent hears from the sidecar once a heartbeat: a shorter fence would stop its "
+            "at_most_once jobs when a single heartbeat is late or lost"
+        ),
+        holds=lambda value: (
+            float(value("[agent] fence_after_seconds")) == 0
+            or float(value("[agent] fence_after_seconds")) > 2 * float(value("[agent] heartbeat_seconds"))
+        ),
+    ),
+    Agreement(
+        keys=("[agent] at_most_once_default", "[agent] fence_after_seconds"),
+        rule="[agent] at_most_once_default needs [agent] fence_after_seconds above 0",
+        why="every job would be promised a fence that never fires",
+        holds=lambda value: (
+            not value("[agent] at_most_once_default") or float(value("[agent] fence_after_seconds")) > 0
         ),
     ),
 )

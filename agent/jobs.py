@@ -9,11 +9,13 @@ The pieces, one module each:
 
 - :mod:`agent.spawn` starts a job: its environment, its supervisor, the handshake with its shell;
 - :mod:`agent.adoption` reads the job directories at start and takes over unfinished jobs;
-- :mod:`agent.monitor` checks running jobs every ``poll_seconds`` (exit, descendants, timeout);
+- :mod:`agent.monitor` checks running jobs every ``poll_seconds`` (exit, descendants, timeout), and
+  reads a job's output in place of its supervisor should that one be killed;
 - :mod:`agent.stopping` stops one job's process tree and records how it ended;
 - :mod:`agent.outcome` holds the pure rules that turn an exit or a lost job into a status and reason;
 - :mod:`agent.tracked_job` is one job in memory: its directory, record and lock;
 - :mod:`agent.admission` says whether a new job may start (``max_jobs``, the drain flag);
+- :mod:`agent.fence` says when the agent, cut off from the sidecar, stops its ``at_most_once`` jobs;
 - :mod:`agent.changes` numbers every change of a job's state, for catch-up reads and heartbeats.
 
 All mutations of one job (start, stop, finishing) hold that job's asyncio lock, so two stops, or a stop
@@ -23,6 +25,7 @@ and a natural exit, never race.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import shutil
 from collections.abc import Coroutine, Iterable
@@ -30,11 +33,12 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from agent import adoption, outcome, procfs
+from agent import adoption, logcap, outcome, procfs
 from agent.admission import Admission
 from agent.changes import ChangeIndex
 from agent.config import AgentConfig
 from agent.errors import JobRejected, UnknownJob, UnreadableJob
+from agent.fence import Fence, Silence, check_period
 from agent.monitor import Monitor
 from agent.retention import Budget, Finished, to_remove
 from agent.spawn import Spawner
@@ -71,17 +75,23 @@ class JobManager:
             secret_envs=frozenset({config.token_env, config.router_token_env}),
             run_as_users=config.run_as_users,
             allow_root_jobs=config.allow_root_jobs,
+            max_log_bytes=config.max_log_bytes,
         )
+        # Each job's supervisor caps its output as it writes it (agent/logcap.py); the monitor reads
+        # that output in its place, into the same capped log, once it is gone.
         self._checks = Monitor(
             self._jobs,
             poll_seconds=config.poll_seconds,
             reap_supervisors=self._spawner.reap,
             stop=self._stop_later,
-            max_log_bytes=config.max_log_bytes,
+            boot_id=self._boot_id,
         )
         self._tasks: set[asyncio.Task[Any]] = set()
         self._monitor: asyncio.Task[None] | None = None
         self.admission = Admission(agent_id=config.id, max_jobs=config.max_jobs, home=config.home)
+        # Contact counts from here, the agent's start: adopted jobs are neither fenced at once nor never.
+        self.fence = Fence(config.fence_after_seconds)
+        self._fencing: set[str] = set()  # jobs whose fence stop is under way
         self.retained = Retained(jobs=0, bytes=0)  # as of the last retention check
 
     # ------------------------------------------------------------------------------ lifecycle
@@ -89,9 +99,12 @@ class JobManager:
     async def load(self) -> None:
         """Read every job directory; adopt running jobs, finish those that ended meanwhile."""
         self._root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if self._config.max_log_bytes and not await asyncio.to_thread(logcap.can_punch, self._root):
+            log.warning("max_log_bytes: this file system cannot drop part of a file; outputs stay whole")
         self.admission.load()
         for job in adoption.stored_jobs(self._root, boot_id=self._boot_id):
             self._track(job)
+            self._checks.watch_output(job)  # finished or not: its processes may still write
             if not job.record.status.finished:
                 async with job.lock:
                     interrupted_stop = await adoption.adopt(job, boot_id=self._boot_id)
@@ -102,6 +115,8 @@ class JobManager:
     def start_monitor(self) -> None:
         self._monitor = asyncio.create_task(self._checks.run(), name="job-monitor")
         self._tasks.add(asyncio.create_task(self._retain(), name="job-retention"))
+        if self.fence.enabled:
+            self._tasks.add(asyncio.create_task(self._watch_fence(), name="job-fence"))
 
     async def close(self) -> None:
         """Stop watching. Running jobs are left alone: they outlive the agent and are adopted later."""
@@ -109,6 +124,7 @@ class JobManager:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        await self._checks.close()
         self._spawner.reap()
 
     async def wait_idle(self, timeout: float) -> bool:
@@ -279,17 +295,13 @@ class JobManager:
     async def _chunk(self, job: TrackedJob, start: int, limit: int) -> LogChunk:
         """The output from ``start``; the range the cap dropped (agent/logcap.py) reads as one line
         saying so, and the next read continues after it (``next_offset``)."""
-        dropped = job.dropped()
-        if dropped is not None and dropped.start <= start < dropped.end:
-            size = (await asyncio.to_thread(_read_log_chunk, job.dir, start, 0))[1]
-            note = dropped.note(self._config.max_log_bytes)
-            # Only if it fits before the range's end: the answer's bytes must start at or after ``start``.
-            fits = len(note) <= min(limit, dropped.end - start)
-            return LogChunk(data=note if fits else b"", next_offset=dropped.end, size=size)
-        if dropped is not None and start < dropped.start:
-            limit = min(limit, dropped.start - start)  # up to the hole: its zeros are never sent
-        data, size = await asyncio.to_thread(_read_log_chunk, job.dir, start, limit)
-        return LogChunk(data=data, next_offset=start + len(data), size=size)
+        data, size, dropped = await asyncio.to_thread(logcap.read_output, job.dir.log_path, start, limit)
+        if dropped is None:
+            return LogChunk(data=data, next_offset=start + len(data), size=size)
+        note = dropped.note(self._config.max_log_bytes)
+        # Only if it fits before the range's end: the answer's bytes must start at or after ``start``.
+        fits = len(note) <= min(limit, dropped.end - start)
+        return LogChunk(data=note if fits else b"", next_offset=dropped.end, size=size)
 
     def _job(self, job_id: str) -> TrackedJob:
         job = self._jobs.get(job_id)
@@ -317,11 +329,19 @@ class JobManager:
         # removed since, a run_as this agent no longer allows after a restart).
         if job_id in self._jobs or (self._root / job_id).exists():
             raise JobRejected(409, f"job {job_id!r} already exists")
+        at_most_once = request.payload.at_most_once or self._config.at_most_once_default
+        if at_most_once and not self.fence.enabled:
+            raise JobRejected(
+                400, "payload.at_most_once: this agent does not fence ([agent] fence_after_seconds = 0)"
+            )
         env = await self._spawner.job_env(request.payload)  # validates; raises before anything is written
         if job_id in self._jobs:
             raise JobRejected(409, f"job {job_id!r} already exists")
-        # No await from this check to the job's registration below: concurrent runs see each other.
+        # No await from these checks to the job's registration below: concurrent runs see each other,
+        # and no fence begins in between.
         self.admission.check(self.running_count())
+        if at_most_once and (silence := self.fence.cut_off()) is not None:
+            raise JobRejected(503, f"agent {self._config.id} takes no at_most_once job: {silence.reason}")
         path = self._root / job_id
         try:
             path.mkdir(mode=0o700)
@@ -332,6 +352,7 @@ class JobManager:
             AgentJobStatus.QUEUED,
             boot_id=self._boot_id,
             timeout_seconds=request.payload.timeout_seconds,
+            at_most_once=at_most_once,
         )
         job = TrackedJob(JobDir(path), record)
         self._track(job)  # before the first await: a concurrent duplicate sees it
@@ -339,6 +360,7 @@ class JobManager:
             try:
                 job.save(job.record)
                 await self._spawner.start(job, request.payload, env)
+                self._checks.watch_output(job)
             except Exception as exc:
                 log.exception("job %s: start failed", job_id)
                 job.finish(AgentJobStatus.FAILED, rc=None, reason=f"could not start: {exc}")
@@ -381,6 +403,46 @@ class JobManager:
         log.info("job %s: stop before any run; its id is now refused", job_id)
         return outcome.already_finished(record)
 
+    # ------------------------------------------------------------------------------ fence
+
+    async def _watch_fence(self) -> None:
+        """Every check period: cut off from the sidecar, stop the unfinished at_most_once jobs."""
+        period = check_period(self.fence.fence_after)
+        announced: float | None = None  # the silence already logged
+        while True:
+            await asyncio.sleep(period)
+            silence = self.fence.cut_off()
+            if silence is None:
+                continue
+            stopping = self.fence_now(silence)
+            if stopping and announced != silence.since:
+                announced = silence.since
+                log.warning(
+                    "%s: stopping %d at_most_once jobs: %s",
+                    silence.reason,
+                    len(stopping),
+                    ", ".join(stopping),
+                    extra={"action": "fenced"},
+                )
+
+    def fence_now(self, silence: Silence) -> tuple[str, ...]:
+        """Begin the stop of every unfinished at_most_once job not being fenced already (no await:
+        a /run between the check and these stops cannot start one that escapes them); their ids."""
+        due = [
+            job
+            for job_id, job in self._jobs.items()
+            if job.record.at_most_once and not job.record.status.finished and job_id not in self._fencing
+        ]
+        for job in due:
+            self._fencing.add(job.record.job_id)
+            task = self._stop_later(job, silence.reason)
+            task.add_done_callback(functools.partial(self._fenced, job.record.job_id))
+        self.fence.carried_out(silence)
+        return tuple(job.record.job_id for job in due)
+
+    def _fenced(self, job_id: str, _: asyncio.Task[StopResult]) -> None:
+        self._fencing.discard(job_id)  # stopped, or not (survivors): the next check tries again
+
     def _stop(self, job: TrackedJob, *, force: bool, reason: str) -> Coroutine[Any, Any, StopResult]:
         return stop_job(job, force=force, reason=reason, grace=self._config.grace_seconds)
 
@@ -398,19 +460,3 @@ class JobManager:
         self._tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.error("background job task failed", exc_info=task.exception())
-
-
-def _read_log_chunk(job_dir: JobDir, offset: int, limit: int) -> tuple[bytes, int]:
-    """Up to ``limit`` bytes from ``offset`` and the log's size, seeking only within the log.
-
-    A seek past the file system's largest file size fails (EINVAL on ext4 beyond 16 TiB): an offset at
-    or past the end is answered from the size alone. The log only grows, so an offset below the size
-    seen here is inside the file when it is read.
-    """
-    try:
-        size = job_dir.log_path.stat().st_size
-    except FileNotFoundError:  # not started yet: an empty log
-        return b"", 0
-    if offset >= size or limit == 0:
-        return b"", size
-    return job_dir.read_log(offset, limit)

@@ -3,21 +3,24 @@
 With ``router_url`` set, the agent tells that sidecar where it is (``self_url``), what it carries
 (``labels``), how much it takes (``max_jobs``, ``jobs_running``, ``draining``) and which process it is
 (``instance``, new at each start), every ``heartbeat_seconds`` and at once when its drain flag
-changes. The sidecar derives the agent's liveness from these heartbeats. The request carries the fleet
-token (the first of ``[agent] router token``); the sidecar calls the agent back with it.
+changes. The sidecar derives the agent's liveness from these heartbeats.
 
-Each heartbeat also proves which home the agent runs on (:mod:`agent.identity`): a proof derived from
-the secret in its home, and the instances that home ran before. Restarted at another URL on the same
-home, the agent's registration moves there at once and keeps its jobs; ``/healthz`` shows the proof's
-fingerprint and the instance, which the sidecar's call-back checks against the heartbeat.
+Each heartbeat carries the agent's credential (:mod:`agent.identity`): a proof derived from the secret
+in its home, and the instances that home ran before. The first heartbeat of a process also carries the
+fleet token (the first of ``[agent] router token``): a bootstrap token, which registers the id when
+it is new or its holder is lost. Once accepted, the agent speaks with its credential alone: a
+fleet-token holder cannot speak for it, and the fleet token may be rotated without it. A credential
+the sidecar no longer knows (the registration forgotten, or expired) is answered 401: the next
+heartbeat bootstraps again with the fleet token. Restarted at another URL on the same home, the
+agent's registration moves there at once and keeps its jobs; ``/healthz`` shows the proof's
+fingerprint and the instance, which the sidecar's call-back checks against the heartbeat. The sidecar
+calls the agent with a token derived from the same secret (``call_token``), never the fleet token.
+When the sidecar asks, the credential is renewed (:class:`agent.identity.Credentials`).
 
-The proof is a bearer secret: whoever reads it can move the agent's registration. So it is sent only
-over https, or over plain http to a loopback address (this machine); with a plain http ``router_url``
-to any other host the agent registers without it, as an agent older than identities does (its
-``/healthz`` then shows no fingerprint either), and says so once in its log. Its registration then
-moves to a new URL only as an older agent's does: once it is lost and its jobs have ended. No
-registration request follows a redirect: it would carry the fleet token and the proof to whatever
-address the answer names; a redirect is a refusal (set ``router_url`` to the sidecar's own address).
+The credential, the call token and the fleet token are bearer secrets: sent over plain http to a host
+that is not this machine, they cross the network in clear text (the agent says so once in its log:
+use https). No registration request follows a redirect: it would carry them to whatever address the
+answer names; a redirect is a refusal (set ``router_url`` to the sidecar's own address).
 
 A heartbeat also carries the jobs that changed since the last one the sidecar accepted (started,
 exited with their rc, stopped), and is sent as soon as one changes: the sidecar hears of an exit within
@@ -42,6 +45,7 @@ import json
 import logging
 import random
 import ssl
+import time
 import uuid
 from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass
@@ -52,9 +56,10 @@ from urllib.parse import urlsplit
 import aiohttp
 
 from agent.config import AgentConfig
-from agent.identity import load_identity
+from agent.fence import Fence
+from agent.identity import Credentials, load_identity
 from agent_api.protocol import JobInfo
-from agent_api.registration import MAX_PUSHED_JOBS, Heartbeat, identity_fingerprint
+from agent_api.registration import CREDENTIAL_HEADER, MAX_PUSHED_JOBS, Heartbeat, identity_fingerprint
 from servicekit.credentials import Secret
 
 log = logging.getLogger("agent.registration")
@@ -106,26 +111,30 @@ class Registration:
         self.url = config.reachable_url()
         # Read (or made) before the first heartbeat, which must already name this instance's history.
         identity = load_identity(config.home, self.instance)
-        # A secret: never logged, never in /healthz, never sent where the network could read it.
-        self._proof = identity.proof(config.id) if proof_may_travel(config.router_url) else ""
+        # Secrets: never logged, never in /healthz.
+        self.credentials = Credentials(config.home, config.id, identity, clock=time.monotonic)
         self._previous_instances = identity.previous_instances
-        if not self._proof:
+        self._bootstrap = True  # the next heartbeat carries the fleet token too
+        if not proof_may_travel(config.router_url):
             log.warning(
-                "router_url %s is plain http to a host that is not this machine: heartbeats carry no "
-                "identity proof (a secret, which would cross the network in clear text), as an agent "
-                "older than identities sends none. So a restart of this agent at another URL cannot be "
-                "proven: its registration moves there only once it is lost and its jobs have ended. Use "
-                "https for router_url",
+                "router_url %s is plain http to a host that is not this machine: the fleet token and "
+                "this agent's credential cross the network in clear text, where anyone who reads them "
+                "can speak for this agent. Use https for router_url",
                 config.router_url,
-                extra={"action": "identity_proof_withheld"},
+                extra={"action": "credential_in_clear_text"},
             )
-        self.fingerprint = identity_fingerprint(self._proof)
         self.registered = False  # the last heartbeat was accepted
         self.last_heartbeat_at: datetime | None = None  # of the last accepted one
+        self.fence: Fence | None = None  # told of each accepted heartbeat, as of its sending
         self.last_error = ""
         self._poke = asyncio.Event()
         self._feed = feed
         self._cursor: str | None = None  # the changes up to here reached the sidecar
+
+    @property
+    def fingerprint(self) -> str:
+        """The current credential's fingerprint, which ``/healthz`` shows."""
+        return identity_fingerprint(self.credentials.current.proof(self._config.id))
 
     def poke(self) -> None:
         """Send a heartbeat now (the drain flag changed), not at the next period."""
@@ -139,6 +148,10 @@ class Registration:
             # The sidecar's call-back checks these against the heartbeat it is verifying.
             "instance": self.instance,
             "identity_fingerprint": self.fingerprint,
+            # A renewal under way: the sidecar checks the agent here shows the credential it renews to.
+            "next_identity_fingerprint": identity_fingerprint(self.credentials.next.proof(self._config.id))
+            if self.credentials.next is not None
+            else None,
             "registered": self.registered,
             "last_heartbeat_at": self.last_heartbeat_at.isoformat() if self.last_heartbeat_at else None,
             "last_error": self.last_error or None,
@@ -199,8 +212,10 @@ class Registration:
 
     async def beat(self, session: aiohttp.ClientSession, *, leaving: bool = False) -> None:
         """One heartbeat; ``leaving``: the agent stops (the sidecar forgets it if it has no job)."""
+        sent = self.fence.now() if self.fence is not None else 0.0
         jobs, cursor = self._changes()
         work = self._work()
+        agent_id, current, renewal = self._config.id, self.credentials.current, self.credentials.next
         body = Heartbeat(
             url=self.url,
             instance=self.instance,
@@ -213,17 +228,30 @@ class Registration:
             jobs=tuple(jobs),
             cursor=cursor,
             leaving=leaving,
-            identity_proof=self._proof,
             previous_instances=self._previous_instances,
+            call_token=current.call_token(agent_id),
+            next_identity_proof=renewal.proof(agent_id) if renewal else "",
+            next_call_token=renewal.call_token(agent_id) if renewal else "",
         ).to_json()
-        target = f"{self._config.router_url.rstrip('/')}/agents/{self._config.id}"
-        headers = {"Authorization": f"Bearer {self._token.current()[0]}"}
+        target = f"{self._config.router_url.rstrip('/')}/agents/{agent_id}"
+        headers = {CREDENTIAL_HEADER: current.proof(agent_id)}
+        bootstrap = self._bootstrap
+        if bootstrap or renewal is not None:  # a renewal too: the fleet token vouches for an expired one
+            headers["Authorization"] = f"Bearer {self._token.current()[0]}"
         timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_SECONDS)
         # No redirect is followed: the fleet token and the identity proof go to router_url alone.
         async with session.put(
             target, json=body, headers=headers, timeout=timeout, allow_redirects=False
         ) as response:
             text = await response.text(errors="replace")
+            if response.status == 401 and (not bootstrap or renewal is not None):
+                # The credential was not taken (the registration forgotten, expired, or held by
+                # another identity): the next heartbeat, soon, bootstraps with the fleet token, and
+                # a renewal under way is dropped (the sidecar asks again once it holds this one).
+                self._bootstrap = True
+                if renewal is not None:
+                    self._credential_step(self.credentials.abandon)
+                raise aiohttp.ClientResponseError(response.request_info, (), status=401, message=_error(text))
             if response.status in TRANSIENT:
                 raise aiohttp.ClientResponseError(
                     response.request_info, (), status=response.status, message=_error(text)
@@ -243,10 +271,44 @@ class Registration:
                 extra={"action": "registered"},
             )
         self.registered, self.last_error = True, ""
+        self._bootstrap = False
         self.last_heartbeat_at = datetime.now(UTC)
+        if self.fence is not None:
+            self.fence.heard(sent)
+        self._credential_said(text, renewing=renewal is not None)
         self._cursor = cursor
         if self._feed is not None and jobs:
             await self._feed.mark_delivered(jobs)  # the sidecar has their outcomes: retention may go on
+
+    def _credential_said(self, text: str, *, renewing: bool) -> None:
+        """What the sidecar's answer says of the credential: renew it, or the renewal is held."""
+        try:
+            answer = json.loads(text)
+        except (ValueError, RecursionError):
+            return
+        if not isinstance(answer, dict):
+            return
+        if renewing and answer.get("credential_renewed") is True:
+            self._credential_step(self.credentials.renewed)
+        elif (
+            answer.get("renew_credential") is True
+            and self.credentials.next is None
+            and self._credential_step(self.credentials.renew)
+        ):
+            self.poke()  # the next heartbeat carries it
+
+    def _credential_step(self, step: Callable[[], None]) -> bool:
+        """A renewal's step on disk; a failure (a full disk) is logged and tried again when the
+        sidecar's answers ask again, the heartbeat itself stands."""
+        try:
+            step()
+        except OSError as exc:
+            log.warning(
+                "the agent's credential could not be renewed on disk (%s): tried again at a later answer",
+                exc.strerror or type(exc).__name__,
+            )
+            return False
+        return True
 
     def _failed(self, problem: str, *, refused: bool) -> None:
         if problem != self.last_error:  # once per distinct message: a down sidecar is not a log flood
@@ -262,8 +324,8 @@ class Registration:
 
 
 def proof_may_travel(router_url: str) -> bool:
-    """Whether the identity proof may go to ``router_url``: over https, or to a loopback address
-    (``localhost``, 127.0.0.0/8, ::1), where plain http crosses no network."""
+    """Whether secrets sent to ``router_url`` cross no network in clear text: it is https, or a
+    loopback address (``localhost``, 127.0.0.0/8, ::1)."""
     parts = urlsplit(router_url)
     if parts.scheme == "https":
         return True
@@ -279,7 +341,7 @@ def proof_may_travel(router_url: str) -> bool:
 def _redirect(location: str | None) -> str:
     where = f" to {location[:200]}" if location else ""
     return (
-        f"a redirect{where}, not followed (a heartbeat carries the fleet token and the identity proof):"
+        f"a redirect{where}, not followed (a heartbeat carries the agent's credential and the fleet token):"
         " set router_url to the sidecar's own address"
     )
 

@@ -2,13 +2,16 @@
 
 Routes (JSON in and out unless noted):
 
-- ``POST /run`` ``{"job_id", "payload": {"command", "cwd", "env", "run_as", "timeout_seconds"}}``
+- ``POST /run`` ``{"job_id", "payload": {"command", "cwd", "env", "run_as", "timeout_seconds",
+  "at_most_once"}}``
   -> 201 with the job (``job_id, status, pid, rc, started_at, finished_at, reason``); 409 if the id exists.
   ``command`` runs as ``/bin/sh -c command``; ``cwd`` (absolute, must exist) defaults to the agent's
   working directory, or to the home of ``run_as`` (``/`` if it has none); ``env`` is merged over the
   agent's environment (minus the agent's own ``AGENTIC_AGENT_*`` variables and token); ``run_as``
   needs an agent running as root; ``timeout_seconds`` stops the job (SIGTERM, grace, SIGKILL) with a
-  reason saying so.
+  reason saying so; ``at_most_once`` (true, or ``[agent] at_most_once_default``): the agent stops it
+  once cut off from the sidecar (:mod:`agent.fence`), and refuses it while cut off (503) or when it
+  does not fence (400).
   What this machine cannot use is refused (400, the message starts with the field; see
   :mod:`agent.run_checks`): a ``cwd`` that is not a directory the job's user may enter (the operating
   system's words say why: ``payload.cwd: cannot be used: File name too long``), a ``run_as`` that is
@@ -46,7 +49,9 @@ Routes (JSON in and out unless noted):
   ready"`` with ``problems`` (home not writable). These three need no token.
 
 Auth, errors and bodies follow :mod:`servicekit.http`, as the sidecar does: ``Authorization: Bearer
-<token>`` or ``X-Agent-Token: <token>``; any configured token is accepted (rotation). Tokens from a
+<token>`` or ``X-Agent-Token: <token>``; any configured token is accepted (rotation), and, on an
+agent that registers, the call token derived from its credential (:mod:`agent.identity`), which only
+the sidecar holds. Never the fleet token: that opens the sidecar's registration alone. Tokens from a
 ``token_file`` follow the file while the agent runs (looked at every second, read again on SIGHUP):
 rotating them needs no restart.
 TLS: with ``tls_cert_file`` and ``tls_key_file`` configured, the same API is served over HTTPS only.
@@ -68,8 +73,11 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from aiohttp import web
+from aiohttp.typedefs import Handler, Middleware
 
 from agent.config import AgentConfig
+from agent.fence import Fence
+from agent.identity import CallTokens
 from agent.jobs import JobManager, JobRejected
 from agent.registration import Registration, Work
 from agent_api.protocol import (
@@ -280,6 +288,18 @@ def _heartbeat_now(app: web.Application) -> None:
         registration.poke()
 
 
+def _heard(fence: Fence) -> Middleware:
+    """An agent in the sidecar's [[agents]] hears from it by its calls: each past the token check."""
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.path not in OPEN_PATHS:
+            fence.heard()
+        return await handler(request)
+
+    return middleware
+
+
 def create_app(
     config: AgentConfig,
     jobs: JobManager,
@@ -287,11 +307,11 @@ def create_app(
     tokens: Secret[tuple[str, ...]] | None = None,
     registration: Registration | None = None,
 ) -> web.Application:
-    """The API; ``tokens``: the accepted tokens as they change (default: ``config.tokens`` and
-    ``config.fleet_tokens``, fixed)."""
+    """The API; ``tokens``: the accepted tokens as they change (default: ``config.tokens``, fixed)."""
     middlewares = [
         json_errors(service="agent", known=_known),
         token_auth(tokens or config.tokens, open_paths=OPEN_PATHS, extra_header="X-Agent-Token"),
+        *([] if config.registers else [_heard(jobs.fence)]),
     ]
     # client_max_size is not our limit (read_json applies max_body_bytes); keep aiohttp's out of the way
     app = web.Application(middlewares=middlewares, client_max_size=config.max_body_bytes + 1)
@@ -325,8 +345,6 @@ async def serve(config: AgentConfig) -> None:
     fleet = Secret(
         config.fleet_tokens, what="[agent] router token", file=config.router_token_file, parse=token_list
     )
-    # The sidecar calls a registered agent with the fleet's token: accepted beside the agent's own.
-    tokens = View("[agent] tokens", [own, fleet], lambda a, b: tuple(dict.fromkeys(a + b)))
     jobs = JobManager(config)
     await jobs.load()  # before listening: /healthz answers only once adoption is done
     jobs.start_monitor()
@@ -337,6 +355,14 @@ async def serve(config: AgentConfig) -> None:
         if config.registers
         else None
     )
+    if registration is not None:  # the fence counts its accepted heartbeats as contact
+        registration.fence = jobs.fence
+    # The sidecar calls a registered agent with a token derived from its credential, accepted beside
+    # the agent's own; never with the fleet token, which opens registration alone.
+    tokens: Secret[tuple[str, ...]] = own
+    if registration is not None:
+        calls = CallTokens(registration.credentials)
+        tokens = View("[agent] tokens", [own, calls], lambda a, b: tuple(dict.fromkeys(a + b)))
     heartbeats: asyncio.Task[None] | None = None
     leave = asyncio.Event()  # set once the agent stops serving: its last heartbeat says it leaves
     try:

@@ -45,10 +45,12 @@ class Spawner:
         secret_envs: frozenset[str],
         run_as_users: Sequence[str] = ("*",),
         allow_root_jobs: bool = False,
+        max_log_bytes: int = 0,
     ) -> None:
         self._secret_envs = secret_envs  # the variables holding the agent's token and the fleet token
         self._run_as_users = frozenset(run_as_users)  # [agent] run_as_users
         self._allow_root_jobs = allow_root_jobs
+        self._max_log_bytes = max_log_bytes  # [agent] max_log_bytes: the supervisor caps as it writes
         self._supervisors: list[subprocess.Popen[bytes]] = []  # ours to reap
 
     async def job_env(self, payload: RunPayload) -> dict[str, str]:
@@ -81,7 +83,13 @@ class Spawner:
     async def start(self, job: TrackedJob, payload: RunPayload, env: Mapping[str, str]) -> None:
         """Start the job's supervisor and shell; the job ends RUNNING, or FAILED with the reason."""
         cwd = payload.cwd or _default_cwd(payload.run_as, env)
-        spec = {"command": payload.command, "cwd": cwd, "env": dict(env), "run_as": payload.run_as}
+        spec = {
+            "command": payload.command,
+            "cwd": cwd,
+            "env": dict(env),
+            "run_as": payload.run_as,
+            "max_log_bytes": self._max_log_bytes,
+        }
         try:
             proc = await asyncio.to_thread(self._spawn_supervisor, job.dir)
         except OSError as exc:

@@ -8,7 +8,8 @@ Layout of ``<home>/jobs/<job_id>/``:
 - ``leader.json`` — ``{"pid", "start_ticks", "started_at"}`` of the job's shell, written by the
   supervisor (:class:`ShellRecord`; the file keeps the name older agents gave it);
 - ``exit.json`` — ``{"rc", "finished_at"}``, written by the supervisor when the shell is reaped;
-- ``supervisor.log`` — the supervisor's own diagnostics.
+- ``supervisor.log`` — the supervisor's own diagnostics;
+- ``output.pipe`` — the job's output pipe while it may have writers (see :class:`agent.logcap.PipeFile`).
 
 The job's environment is never written to disk (it may hold secrets); it reaches the supervisor
 through a pipe.
@@ -110,6 +111,8 @@ class StoredJob:
     stop_reason: str | None = None
     # as read from disk; below STATE_FORMAT the process identities were dropped as unverifiable
     state_format: int = STATE_FORMAT
+    # stopped by the fence once the agent is cut off from the sidecar (agent/fence.py)
+    at_most_once: bool = False
 
     @property
     def shell(self) -> ProcessRef | None:
@@ -145,6 +148,7 @@ class StoredJob:
             "supervisor": self.supervisor.to_json() if self.supervisor else None,
             "descendants": [ref.to_json() for ref in sorted(self.descendants)],
             "stop_reason": self.stop_reason,
+            "at_most_once": self.at_most_once,
         }
 
     @classmethod
@@ -167,6 +171,7 @@ class StoredJob:
                 timeout_seconds=_opt(value.get("timeout_seconds"), float),
                 stop_reason=_opt(value.get("stop_reason"), str),
                 state_format=version,
+                at_most_once=_flag(value.get("at_most_once", False), "at_most_once"),
             )
             if version == 1:
                 return record  # wall-clock identities: dropped, so that nothing can act on them
@@ -182,6 +187,12 @@ class StoredJob:
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise StateError(f"invalid state: {exc}") from None
+
+
+def _flag(value: object, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be true or false, got {value!r}")
+    return value
 
 
 def _opt(value: object, kind: type[_T]) -> _T | None:
@@ -292,13 +303,3 @@ class JobDir:
         except FileNotFoundError:
             return 0
         return total
-
-    def read_log(self, offset: int, limit: int) -> tuple[bytes, int]:
-        """Up to ``limit`` bytes from ``offset``, and the log's size."""
-        try:
-            with self.log_path.open("rb") as log:
-                size = os.fstat(log.fileno()).st_size
-                log.seek(offset)
-                return log.read(limit), size
-        except FileNotFoundError:
-            return b"", 0

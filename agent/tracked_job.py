@@ -14,7 +14,6 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 
 from agent import outcome
-from agent.logcap import Dropped, read_dropped
 from agent.process_tree import ProcessRef
 from agent.state import ExitRecord, JobDir, ShellRecord, StateError, StoredJob
 from agent_api.protocol import AgentJobStatus
@@ -33,8 +32,6 @@ class TrackedJob:
     log_mark: int | None = None  # JobDir's log mark, once read (see JobManager.read_log's cursor)
     log_mark_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     outcome_read: bool | None = None  # a GET answered its outcome since it ended (None: not looked yet)
-    log_dropped: Dropped | None = None  # the range of its output dropped by the cap (agent/logcap.py)
-    log_dropped_read: bool = False  # log_dropped was read from the job's directory
 
     def save(self, record: StoredJob, *, durable: bool = True) -> None:
         self.dir.write_state(record, durable=durable)
@@ -55,11 +52,6 @@ class TrackedJob:
         except StateError as exc:
             log.warning("job %s: %s", self.record.job_id, exc)
             return None
-
-    def dropped(self) -> Dropped | None:
-        if not self.log_dropped_read:
-            self.log_dropped, self.log_dropped_read = read_dropped(self.dir.path), True
-        return self.log_dropped
 
     def append_log_line(self, line: str) -> None:
         """One line of the agent's in the job's output, on a line of its own."""

@@ -88,6 +88,9 @@ class RunPayload:
     env: Mapping[str, str] | None = None
     run_as: str | None = None
     timeout_seconds: float | None = None
+    # Fenced: stopped by its agent once cut off from the sidecar (agent/fence.py). Sent only when true,
+    # so an agent that cannot fence refuses such a job (an unknown key) rather than run it unfenced.
+    at_most_once: bool = False
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -96,6 +99,7 @@ class RunPayload:
             "env": dict(self.env) if self.env is not None else None,
             "run_as": self.run_as,
             "timeout_seconds": self.timeout_seconds,
+            **({"at_most_once": True} if self.at_most_once else {}),
         }
 
 
@@ -124,7 +128,7 @@ def parse_run_request(body: object) -> RunRequest:
 
 def parse_run_payload(value: object) -> RunPayload:
     obj = _object(value, "payload")
-    _no_unknown_keys(obj, {"command", "cwd", "env", "run_as", "timeout_seconds"}, "payload")
+    _no_unknown_keys(obj, {"command", "cwd", "env", "run_as", "timeout_seconds", "at_most_once"}, "payload")
     command = obj.get("command")
     if not isinstance(command, str) or not command.strip():
         raise ProtocolError("payload.command must be a non-empty string")
@@ -135,12 +139,16 @@ def parse_run_payload(value: object) -> RunPayload:
     run_as = _optional_str(obj, "run_as", "payload.run_as")
     if run_as is not None and not run_as:
         raise ProtocolError("payload.run_as must be a user name, not empty")
+    at_most_once = obj.get("at_most_once", False)
+    if not isinstance(at_most_once, bool):
+        raise ProtocolError("payload.at_most_once must be true or false")
     return RunPayload(
         command=command,
         cwd=cwd,
         env=_parse_env(obj.get("env")),
         run_as=run_as,
         timeout_seconds=_parse_timeout(obj.get("timeout_seconds")),
+        at_most_once=at_most_once,
     )
 
 

@@ -11,9 +11,18 @@ An agent also proves which home it runs on, so that it may move its registration
 its jobs run: ``identity_proof`` is derived from a secret kept in its home (:mod:`agent.identity`), and
 ``previous_instances`` are the instances that home ran before this one. The sidecar keeps only the
 proof's :func:`identity_fingerprint`; the agent shows that fingerprint, and its instance, in its
-``/healthz`` (under ``registration``), where the sidecar's call-back checks them. The proof is a bearer
-secret: an agent sends it only over https or to a loopback address, never over plain http across a
-network (it then sends none, as an older agent), and follows no redirect with it.
+``/healthz`` (under ``registration``), where the sidecar's call-back checks them.
+
+That proof is the agent's credential. The fleet token is a bootstrap token: it registers an agent id
+once (a new one, or one whose holder is lost), and the heartbeat that does so carries the proof in
+the :data:`CREDENTIAL_HEADER`. From then on the agent speaks for its id with that credential alone
+(heartbeats, job reports, restarts and moves), and the fleet token is neither needed nor enough. Each
+heartbeat also carries ``call_token``: what the sidecar presents when it calls this agent, derived
+from the same secret; the agent accepts it, and never the fleet token. When the sidecar's answer says
+``renew_credential``, the agent makes a new secret and sends the proof and call token derived from it
+(``next_identity_proof``, ``next_call_token``) with its current credential; an answer saying
+``credential_renewed`` means the sidecar holds the new one. All of these are bearer secrets: never
+in a log, an error or a repr; and no request carrying them follows a redirect.
 """
 
 from __future__ import annotations
@@ -39,6 +48,7 @@ MAX_URL_CHARS = 2000
 MAX_VERSION_CHARS = 100
 MAX_PUSHED_JOBS = 500  # more changes than this in one heartbeat are left to the sidecar's catch-up read
 IDENTITY_PROOF_PATTERN = re.compile(r"[0-9a-f]{64}")
+CREDENTIAL_HEADER = "X-Agent-Credential"  # a registered agent's identity proof: its credential
 MAX_PREVIOUS_INSTANCES = 16  # a home's instance history: a move must cite the instance it succeeds
 KNOWN_FIELDS = frozenset(
     {
@@ -55,6 +65,9 @@ KNOWN_FIELDS = frozenset(
         "leaving",
         "identity_proof",
         "previous_instances",
+        "call_token",
+        "next_identity_proof",
+        "next_call_token",
     }
 )
 
@@ -79,9 +92,14 @@ class Heartbeat:
     # A secret: never in a repr, a log or an error. Empty from an agent older than identities.
     identity_proof: str = field(default="", repr=False)
     previous_instances: tuple[str, ...] = ()  # this home's earlier instances, oldest first
+    # Secrets too: what the sidecar presents to this agent, and a renewal's new credential.
+    call_token: str = field(default="", repr=False)
+    next_identity_proof: str = field(default="", repr=False)
+    next_call_token: str = field(default="", repr=False)
     # Entries of ``jobs`` the sidecar could not read (a newer agent's word): skipped, the rest recorded.
     unreadable_jobs: int = field(default=0, compare=False)
-    extra: dict[str, Any] = field(default_factory=dict, compare=False)  # fields of a newer agent
+    # Fields of a newer agent: never in a repr (a newer agent's secrets would be among them).
+    extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -98,6 +116,15 @@ class Heartbeat:
             "leaving": self.leaving,
             **({"identity_proof": self.identity_proof} if self.identity_proof else {}),
             "previous_instances": list(self.previous_instances),
+            **{
+                name: value
+                for name, value in (
+                    ("call_token", self.call_token),
+                    ("next_identity_proof", self.next_identity_proof),
+                    ("next_call_token", self.next_call_token),
+                )
+                if value
+            },
         }
 
 
@@ -179,10 +206,15 @@ def parse_heartbeat(body: object) -> Heartbeat:
     leaving = body.get("leaving", False)
     if not isinstance(leaving, bool):
         raise ProtocolError("leaving must be true or false")
-    proof = body.get("identity_proof", "")
-    if not isinstance(proof, str) or (proof and IDENTITY_PROOF_PATTERN.fullmatch(proof) is None):
-        # Never the value: it may be a secret sent by mistake.
-        raise ProtocolError("identity_proof must be 64 lowercase hexadecimal digits")
+    secrets = {}
+    for name in ("identity_proof", "call_token", "next_identity_proof", "next_call_token"):
+        value = body.get(name, "")
+        if not isinstance(value, str) or (value and IDENTITY_PROOF_PATTERN.fullmatch(value) is None):
+            # Never the value: it may be a secret sent by mistake.
+            raise ProtocolError(f"{name} must be 64 lowercase hexadecimal digits")
+        secrets[name] = value
+    if bool(secrets["next_identity_proof"]) != bool(secrets["next_call_token"]):
+        raise ProtocolError("next_identity_proof and next_call_token come together")
     previous = body.get("previous_instances", [])
     if not isinstance(previous, list) or len(previous) > MAX_PREVIOUS_INSTANCES:
         raise ProtocolError(
@@ -201,7 +233,10 @@ def parse_heartbeat(body: object) -> Heartbeat:
         jobs=tuple(readable),
         unreadable_jobs=len(jobs) - len(readable),
         leaving=leaving,
-        identity_proof=proof,
+        identity_proof=secrets["identity_proof"],
+        call_token=secrets["call_token"],
+        next_identity_proof=secrets["next_identity_proof"],
+        next_call_token=secrets["next_call_token"],
         previous_instances=tuple(previous),
         cursor=cursor,
         url=url.rstrip("/"),

@@ -48,6 +48,12 @@ class AgenticRunOperator(BaseOperator):
     The task defers while the job runs: it takes no worker slot, and ends with the job's outcome.
     While it runs, the job's output is appended to the task's log (``stream_output``); a failed
     job's last ``log_tail_bytes`` of output are in the task's error as well.
+
+    ``at_most_once``: never two copies at once. The job's agent stops it once cut off from the sidecar
+    for its ``[agent] fence_after_seconds`` (default 60), before the sidecar declares the agent lost and
+    a retry may start elsewhere; the task then fails with the reason ``fenced: ...``. The price: an
+    outage of every sidecar replica (or of the router DB) longer than that stops the job, where one
+    without it would run on. An agent that does not fence refuses the job (the task fails, saying so).
     """
 
     # conn_id too: a serialized task (what Airflow 2's webserver builds the job link from) keeps it.
@@ -69,6 +75,7 @@ class AgenticRunOperator(BaseOperator):
         poll_interval: float = 5.0,
         log_tail_bytes: int = 4000,
         stream_output: bool = True,
+        at_most_once: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -83,6 +90,7 @@ class AgenticRunOperator(BaseOperator):
         self.poll_interval = poll_interval
         self.log_tail_bytes = log_tail_bytes
         self.stream_output = stream_output
+        self.at_most_once = at_most_once
 
     def _time_left(self, ti: Any) -> float | None:
         """Seconds left of ``execution_timeout`` (Airflow does not enforce it while a task is deferred:
@@ -109,6 +117,7 @@ class AgenticRunOperator(BaseOperator):
                 "run_as": self.run_as,
                 # The agent stops the job when execution_timeout runs out, as a worker would.
                 "timeout_seconds": min(timeouts) if timeouts else None,
+                "at_most_once": self.at_most_once,
                 "dag_id": ti.dag_id,
                 "task_id": ti.task_id,
                 "run_id": ti.run_id,

@@ -100,6 +100,12 @@ def parser() -> argparse.ArgumentParser:
     for name, text in (
         ("drain", "no new job goes there; running ones go on"),
         ("undrain", "take jobs again"),
+        (
+            "revoke",
+            "end a registered agent's credential: its heartbeats are refused, no new job goes there, "
+            "its jobs end FAILED once it is lost; its id registers again only once forgotten",
+        ),
+        ("forget", "remove a registered agent that is revoked, or lost, and holds no active job"),
     ):
         agent_commands.add_parser(name, help=text, parents=[shared]).add_argument("agent_id")
     return top
@@ -232,6 +238,22 @@ def _drain(sidecar: Sidecar, args: argparse.Namespace, out: TextIO) -> int:
     return 0
 
 
+def _revoke(sidecar: Sidecar, args: argparse.Namespace, out: TextIO) -> int:
+    answer = sidecar.json("POST", f"/agents/{args.agent_id}/revoke")
+    out.write(
+        json.dumps(answer, indent=2) + "\n"
+        if args.json
+        else f"agent {answer['agent_id']}: credential revoked at {answer['revoked_at']}\n"
+    )
+    return 0
+
+
+def _forget(sidecar: Sidecar, args: argparse.Namespace, out: TextIO) -> int:
+    answer = sidecar.json("DELETE", f"/agents/{args.agent_id}")
+    out.write(json.dumps(answer, indent=2) + "\n" if args.json else f"agent {args.agent_id}: forgotten\n")
+    return 0
+
+
 def _write(out: TextIO, data: bytes) -> None:
     out.write(data.decode("utf-8", errors="replace"))
     out.flush()
@@ -245,6 +267,8 @@ COMMANDS: dict[tuple[str, str], Callable[[Sidecar, argparse.Namespace, TextIO], 
     ("agents", "list"): _agents,
     ("agents", "drain"): _drain,
     ("agents", "undrain"): _drain,
+    ("agents", "revoke"): _revoke,
+    ("agents", "forget"): _forget,
 }
 
 

@@ -6,11 +6,12 @@
 
 The agents are stand-ins served by this process (one aiohttp server; each agent a base path
 ``/a/<id>``), answering what the sidecar asks of them: ``/health`` (the call back at registration),
-``/jobs`` (the orphan sweep) and ``/run``. Each registers, then heartbeats every ``--every`` seconds,
-spread evenly, as real agents do; meanwhile jobs are submitted by labels, so every routing decision
-weighs all of them. Reported: heartbeats handled per second and their latency, router DB writes per
-second (one upsert per heartbeat; on PostgreSQL the server's own commit count), the sidecar's CPU, and
-submission latency with the whole fleet to choose from.
+``/jobs`` (the orphan sweep) and ``/run``. Each registers with the fleet token and a credential of its
+own, then heartbeats every ``--every`` seconds with that credential alone (the router DB's update of
+its own row), spread evenly, as real agents do; meanwhile jobs are submitted by labels, so every
+routing decision weighs all of them. Reported: heartbeats handled per second and their latency, router
+DB writes per second (one statement per heartbeat; on PostgreSQL the server's own commit count), the
+sidecar's CPU, and submission latency with the whole fleet to choose from.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import platform
+import secrets
 import statistics
 import tempfile
 import time
@@ -30,12 +32,14 @@ import psutil
 import psycopg
 from aiohttp import web
 
+from agent_api.registration import CREDENTIAL_HEADER, identity_fingerprint
 from harness.processes import free_port
 from harness.served import ServedAirflow
 from harness.sidecar import SidecarProcess
 
 FLEET_TOKEN = "bench-fleet-token"
 SUBMIT_PER_SECOND = 5
+SHOWN: dict[str, dict[str, str]] = {}  # agent id -> what its /healthz shows of its registration
 
 
 def standin_agents() -> web.Application:
@@ -43,7 +47,8 @@ def standin_agents() -> web.Application:
 
     async def health(request: web.Request) -> web.Response:
         agent_id = request.match_info["agent_id"]
-        return web.json_response({"status": "ok", "agent_id": agent_id, "jobs_running": 0, "max_jobs": 0})
+        shown = {"status": "ok", "agent_id": agent_id, "jobs_running": 0, "max_jobs": 0}
+        return web.json_response({**shown, "registration": SHOWN.get(agent_id, {})})
 
     async def jobs(request: web.Request) -> web.Response:
         return web.json_response({"jobs": []})
@@ -65,28 +70,34 @@ def standin_agents() -> web.Application:
 async def heartbeats(
     base: str, sidecar: str, count: int, every: float, until: float, latencies: list[float], errors: list[str]
 ) -> None:
-    headers = {"Authorization": f"Bearer {FLEET_TOKEN}"}
-    async with aiohttp.ClientSession(headers=headers, connector=aiohttp.TCPConnector(limit=200)) as session:
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=200)) as session:
 
         async def agent(n: int) -> None:
             agent_id = f"vm-{n:04}"
+            proof, instance = secrets.token_hex(32), str(uuid.uuid4())
+            SHOWN[agent_id] = {"identity_fingerprint": identity_fingerprint(proof), "instance": instance}
             body = {
                 "url": f"{base}/a/{agent_id}",
-                "instance": str(uuid.uuid4()),
+                "instance": instance,
                 "labels": ["pool", f"zone-{n % 4}"],
                 "max_jobs": 8,
                 "heartbeat_seconds": every,
                 "version": "bench",
+                "call_token": secrets.token_hex(32),
             }
+            # The fleet token until the first heartbeat is taken (a bootstrap), the credential always.
+            headers = {CREDENTIAL_HEADER: proof, "Authorization": f"Bearer {FLEET_TOKEN}"}
             await asyncio.sleep(every * n / count)  # spread evenly over the period
             while time.monotonic() < until:
                 started = time.monotonic()
                 try:
-                    async with session.put(f"{sidecar}/agents/{agent_id}", json=body) as answer:
+                    put = session.put(f"{sidecar}/agents/{agent_id}", json=body, headers=headers)
+                    async with put as answer:
                         await answer.read()
                         if answer.status != 200:
                             errors.append(f"{answer.status}")
                         else:
+                            headers.pop("Authorization", None)
                             latencies.append(time.monotonic() - started)
                 except aiohttp.ClientError as exc:
                     errors.append(type(exc).__name__)

@@ -35,6 +35,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import TypeVar
 
+from agent.identity import IDENTITY_FILE, Identity
 from agent_api.client import AgentClient
 from harness.processes import free_port, start, stop_tree
 
@@ -193,6 +194,12 @@ class AgentProcess:
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
         self._proc = None
+
+    def call_token(self) -> str:
+        """What the sidecar presents to this agent once it registered: derived from its home's
+        identity (made at its start), which a test reads to call the agent as the sidecar does."""
+        secret = bytes.fromhex((self.home / IDENTITY_FILE).read_text(encoding="ascii").strip())
+        return Identity(secret, ()).call_token(self.agent_id)
 
     def log_text(self) -> str:
         try:

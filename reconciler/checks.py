@@ -2,7 +2,8 @@
 configured credentials, before a rollout finds out. Each check names what it reached, never a secret.
 
 Agents come from two places, as the sidecar's fleet has them: ``[[agents]]`` (with their tokens) and
-the router DB's ``agents`` table (those that registered themselves, called with the fleet token and
+the router DB's ``agents`` table (those that registered themselves, called with the call token their
+heartbeats carry, or the fleet token for an agent older than credentials, and
 ``[fleet] registration_ca_file``). When the registered ones cannot be read or called, a line says so.
 """
 
@@ -133,25 +134,28 @@ async def _registered(
     configured = {entry.id for entry in config.agents}
     rows = [row for row in rows if row.agent_id not in configured]
     tokens = secrets.fleet_tokens
-    if tokens is None:
-        if not rows:
-            return []  # registration is off and nobody registered: nothing to say
-        ids = ", ".join(row.agent_id for row in rows[:NAMED_AT_MOST]) + (
-            ", ..." if len(rows) > NAMED_AT_MOST else ""
+    # Without a fleet token only agents with call tokens of their own are called (by the sidecar too):
+    # one older than credentials would need the fleet token.
+    older = [row for row in rows if not row.call_token] if tokens is None else []
+    rows = [row for row in rows if row not in older]
+    checks: list[Check] = []
+    if older:
+        ids = ", ".join(row.agent_id for row in older[:NAMED_AT_MOST]) + (
+            ", ..." if len(older) > NAMED_AT_MOST else ""
         )
         fleet = config.fleet
-        return [
+        checks.append(
             Check(
                 what,
                 False,
-                f"{len(rows)} in the router DB ({ids}), not checked: this sidecar has no fleet token, "
-                f"so it does not call them (set {fleet.registration_token_env} "
+                f"{len(older)} in the router DB ({ids}), not checked: agents older than credentials are "
+                f"called with the fleet token, and this sidecar has none (set {fleet.registration_token_env} "
                 "or [fleet] registration_token_file)",
             )
-        ]
+        )
     if not rows:
-        return [Check(what, True, "none in the router DB")]
-    token = tokens.current()[0]  # the one the sidecar sends them
+        return checks if tokens is None else [Check(what, True, "none in the router DB")]
+    token = tokens.current()[0] if tokens is not None else ""  # sent to agents older than credentials
     # A bounded fan-out: each try opens two clients, and a fleet of a thousand would exhaust the
     # process's file descriptors at once.
     room = asyncio.Semaphore(AT_ONCE)
@@ -162,9 +166,9 @@ async def _registered(
                 f"registered agent {row.agent_id} at {row.url}",
                 row.agent_id,
                 row.url,
-                token,
+                row.call_token or token,
                 ca_file=config.fleet.registration_ca_file,
-                whose="the fleet",
+                whose="its registration's" if row.call_token else "the fleet",
             )
         if check.ok:
             return check
@@ -174,7 +178,7 @@ async def _registered(
         return Check(check.what, False, f"{check.detail}; last heartbeat {heard}, {ago:.0f} s ago")
 
     # Many at once: an autoscaled fleet may hold many, and each silent one waits out the timeout.
-    return list(await asyncio.gather(*(tried(row) for row in rows)))
+    return checks + list(await asyncio.gather(*(tried(row) for row in rows)))
 
 
 async def _agent(what: str, agent_id: str, url: str, token: str, *, ca_file: str, whose: str) -> Check:

@@ -157,8 +157,9 @@ class FleetConfig:
     # A job whose POST /run got neither the job nor a refusal (a 5xx, no answer) is sent again until
     # it is this old; then its agent is asked about it, and it ends FAILED unless it runs there.
     submit_give_up_seconds: float = setting(60.0, gt=0)
-    # Agents that register themselves (PUT /agents/{id}) present this fleet token, and the sidecar
-    # calls them with it. Registration is off while neither the variable nor the file is set.
+    # Agents that register themselves (PUT /agents/{id}) present this fleet token once, a bootstrap
+    # token; then their own credential. Registration is off while neither the variable nor the file
+    # is set.
     registration_token_env: str = setting("AGENTIC_FLEET_TOKEN", nonempty=True)
     registration_token_file: str = setting("")
     registration_ca_file: str = setting("")  # PEM CAs for https:// registered agents (default: system's)
@@ -176,6 +177,9 @@ class FleetConfig:
     allowed_networks: list[str] = setting([])
     max_agents: int = setting(0, ge=0)
     registration_rate_per_second: float = setting(50.0, ge=0)
+    # A registered agent's credential is refused this long after it was issued (0: never); agents
+    # are asked to renew theirs once half of it has passed, so a live agent never reaches it.
+    credential_lifetime_seconds: float = setting(30 * 86400.0, ge=0, le=10 * 366 * 86400.0)
 
     def scope(self) -> Scope:
         """The registration scope; ConfigError naming the key of a value that is no network."""

@@ -71,6 +71,9 @@ class AgentState(StrEnum):
     # Reported only (GET /agents, the metric): a live or suspect agent taking no new work. Liveness
     # itself stays live or suspect meanwhile: draining changes nothing of how it is checked.
     DRAINING = "draining"
+    # Reported only: a registered agent whose credential was revoked; no new work, and its heartbeats
+    # are refused, so it goes lost by the plain rule.
+    REVOKED = "revoked"
 
 
 def agent_state(
@@ -206,9 +209,13 @@ class _Agent:
     # Has shown it lives: configured in [[agents]], or a registration followed by a heartbeat. Only
     # those count in the majority that holds back losses.
     confirmed: bool = True
+    revoked: bool = False  # a registered agent whose credential an operator revoked
+    call_token: Secret[str] | None = None  # what it is called with (its registration's)
 
     @property
     def draining(self) -> bool:
+        if self.revoked:  # routed around as a drained agent is
+            return True
         return self.drain_wanted if self.drain_wanted is not None else bool(self.heard.draining)
 
 
@@ -295,6 +302,8 @@ class Fleet:
             self._metrics.agent_active_jobs.labels(key).set(active[key])
 
     def _shown(self, agent: _Agent) -> AgentState:
+        if agent.revoked and agent.state is not AgentState.LOST:
+            return AgentState.REVOKED
         if agent.state in (AgentState.LIVE, AgentState.SUSPECT) and agent.draining:
             return AgentState.DRAINING
         return agent.state
@@ -417,7 +426,10 @@ class Fleet:
                 await self._end_jobs(agent)
             if not agent.registered and not agent.checking and now >= agent.next_check:
                 self._spawn(agent, self._check(agent))
-            if agent.state is AgentState.LIVE and not agent.sweeping and now >= agent.next_sweep:
+            # A revoked agent is lost once its refused heartbeats fall silent, never live again: it is
+            # still swept, with its call token, so the jobs the lost rule ended stop there too.
+            sweeps = agent.state is AgentState.LIVE or (agent.revoked and agent.state is AgentState.LOST)
+            if sweeps and not agent.sweeping and now >= agent.next_sweep:
                 self._spawn(agent, self._sweep(agent))
         if now >= self._next_load:
             self._next_load = now + self._config.check_interval_seconds
@@ -561,6 +573,17 @@ class Fleet:
             agent = self._agents.get(agent_id)
             if agent is not None and not agent.registered:
                 continue  # configured in [[agents]]: the registry refuses it; an older row stays unused
+            if agent is None:
+                agent = _Agent(agent_id, last_contact=now, registered=True, next_sweep=now)
+                self._agents[agent_id] = agent
+                log.info("agent %s joins at %s", agent_id, row.url, extra={"agent_id": agent_id})
+            # Called with the token its heartbeats carry: it opens that agent alone. An agent older
+            # than credentials carries none, and is called with the fleet token.
+            if not row.call_token:
+                agent.call_token = token
+            elif agent.call_token is None or agent.call_token.current() != row.call_token:
+                agent.call_token = Secret(row.call_token, what=f"agent {agent_id}'s call token")
+            agent.revoked = row.revoked_at is not None
             self._pool.put(
                 AgentEntry(
                     id=agent_id,
@@ -568,12 +591,8 @@ class Fleet:
                     labels=list(row.labels),
                     ca_file=self._config.registration_ca_file,
                 ),
-                token,
+                agent.call_token,
             )
-            if agent is None:
-                agent = _Agent(agent_id, last_contact=now, registered=True, next_sweep=now)
-                self._agents[agent_id] = agent
-                log.info("agent %s joins at %s", agent_id, row.url, extra={"agent_id": agent_id})
             age = max(0.0, (db_now - row.last_heartbeat_at).total_seconds())
             self._heard_beat(agent, row, beat=now - age)
         for agent_id in [a.id for a in self._agents.values() if a.registered and a.id not in rows]:

@@ -95,8 +95,9 @@ class Metrics:
             "reconciler_agent_heartbeats",
             "Registrations and heartbeats of agents (PUT /agents/{id}), by result: accepted, refused "
             "(an id held by a live agent elsewhere or configured statically, an address the sidecar "
-            "cannot reach, the wrong agent there, too many at once), or out_of_scope (an id, a label "
-            "or an address [fleet] does not allow, or max_agents reached).",
+            "cannot reach, the wrong agent there, too many at once, a credential not the agent's or "
+            "expired), out_of_scope (an id, a label or an address [fleet] does not allow, or "
+            "max_agents reached), or revoked (an id whose credential an operator revoked).",
             ["result"],
             registry=r,
         )

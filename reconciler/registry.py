@@ -33,6 +33,18 @@ only to the very row judged. A home wiped or rebuilt is a new agent: it register
 predecessor is lost and its jobs have ended. An agent whose ``router_url`` is plain http to another
 host sends no proof (:mod:`agent.registration`): it is judged as an agent older than identities.
 
+The fleet token is a bootstrap token, as a kubelet's is: a heartbeat carrying it may register a new
+id, or take one whose holder is lost. The identity proof is the agent's credential (it arrives in
+``X-Agent-Credential``; the router DB keeps its fingerprint). A heartbeat carrying the credential alone
+is an update of the row that holds it (:meth:`RouterDB.beat_agent_with_credential`): that agent beats,
+restarts or moves with it, and nobody holding only the fleet token speaks for it. The credential
+expires ``[fleet] credential_lifetime_seconds`` after it was issued; the answer asks for a renewal
+once half of that has passed (``renew_credential``), and the next heartbeat brings the new one.
+``agentic agents revoke`` ends it: every heartbeat for that id is then refused (403) until an
+operator forgets the agent. The sidecar calls a registered agent with the ``call_token`` its
+heartbeats carry (checked by the call-back), never with the fleet token (an agent older than
+credentials aside, which sends none).
+
 A heartbeat's ``jobs`` (what changed on the agent since its last accepted heartbeat) are recorded as
 the loop's catch-up read records them (:meth:`JobService.apply_agent_reports`): an exit reaches the
 router DB, and a trigger waiting on the job, without the sidecar asking. Only once they are recorded
@@ -46,7 +58,7 @@ import errno
 import logging
 import socket
 from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Any
@@ -60,13 +72,35 @@ from agent_api.registration import Heartbeat, identity_fingerprint
 from reconciler.config import FleetConfig
 from reconciler.job_service import Refused
 from reconciler.metrics import Metrics
-from router_db import AgentConflict, AgentRecord, RouterDB
+from router_db import AgentConflict, AgentRecord, NotRegistered, RouterDB
 from servicekit.credentials import Secret
 from servicekit.ratelimit import RateLimiter
 
 log = logging.getLogger("reconciler.registry")
 
 VERIFY_TIMEOUT_SECONDS = 5.0  # the call back to a registering agent, and the look at a mover's old URL
+RENEW_AFTER = 0.5  # of credential_lifetime_seconds: from then on, each answer asks for a renewal
+
+
+class Revoked(Refused):
+    """The agent id's credential was revoked (403): no heartbeat for it is taken until it is forgotten."""
+
+    def __init__(self, held: AgentRecord) -> None:
+        when = held.revoked_at.isoformat(timespec="seconds") if held.revoked_at else "?"
+        super().__init__(
+            403,
+            f"agent {held.agent_id}'s credential was revoked at {when}: the id registers again only once "
+            f"an operator forgets it (agentic agents forget {held.agent_id})",
+        )
+
+
+@dataclass(frozen=True)
+class Accepted:
+    """A heartbeat as stored, and what its answer says of the agent's credential."""
+
+    record: AgentRecord
+    renew_credential: bool = False  # send a new one with the next heartbeat
+    credential_renewed: bool = False  # the new one sent is the one held now
 
 
 class OutOfScope(Refused):
@@ -129,15 +163,22 @@ def judge_claim(
                 refusal=f"instance {instance} of agent {held.agent_id} is registered with another identity:"
                 " this heartbeat is not from that process",
             )
+        if held.url != url:
+            # One process keeps the address it started with: the same instance elsewhere is its
+            # credential replayed (the instance is public in /healthz), not the agent.
+            return Judged(
+                Claim.BEAT,
+                refusal=f"instance {instance} of agent {held.agent_id} is registered at {held.url}: one "
+                "process keeps its address (restarted at another, the agent moves its registration)",
+            )
         return Judged(Claim.BEAT)
-    if held.url == url and (not fingerprint or held.identity_fingerprint in ("", fingerprint)):
+    if held.url == url and held.identity_fingerprint in ("", fingerprint):
         # Another process at the row's address, of the same home: the agent restarted there. A row
         # without an identity (an older agent's or replica's) takes the one its restarted process
-        # proves. One proving none is judged as before identities (an agent rolled back, or one that
-        # keeps its proof off a plain http router_url): the call-back found that very process answering
-        # at the row's own address. Another identity there (a rebuilt VM, a second home) is another
-        # agent: it would be sent stops for jobs it does not know, so it falls to the takeover rule
-        # below, as it would at any other address.
+        # proves, or none. Another identity there (a rebuilt VM, a second home), or none where the row
+        # has one (a fleet-token holder speaking for the agent), is another agent: it would be sent
+        # stops for jobs it does not know, so it falls to the takeover rule below, as it would at any
+        # other address.
         return Judged(Claim.RESTART)
     if not held.identity_fingerprint:
         why = "its registration holds no identity (made by an agent older than identities)"
@@ -286,8 +327,10 @@ class Registry:
         config: FleetConfig,
         metrics: Metrics,
         record_jobs: Callable[[str, Sequence[JobInfo]], Awaitable[int]] | None = None,
+        bootstraps: bool = True,  # a fleet token is set: new agents may register
     ) -> None:
         self._db = db
+        self._bootstraps = bootstraps
         self._record_jobs = record_jobs
         self._token = token  # what the sidecar sends to registered agents
         self._static = frozenset(static_ids)
@@ -304,14 +347,35 @@ class Registry:
     def lost_after_seconds(self) -> float:
         return self._config.lost_after_seconds
 
-    async def heartbeat(self, agent_id: str, beat: Heartbeat) -> AgentRecord:
-        """Record the agent's registration or heartbeat; :class:`Refused` says why not."""
+    async def heartbeat(
+        self, agent_id: str, beat: Heartbeat, *, credential: str = "", bootstrap: bool = True
+    ) -> Accepted:
+        """Record the agent's registration or heartbeat; :class:`Refused` says why not.
+
+        ``credential``: the identity proof presented in the header ("": the body's, from an agent older
+        than credentials); ``bootstrap``: the request carried the fleet token, which may register the
+        id (otherwise the credential alone speaks, for the row that holds it)."""
         try:
-            record = await self._accept(agent_id, beat)
+            if credential and beat.identity_proof and credential != beat.identity_proof:
+                raise Refused(400, "identity_proof differs from the credential header: send one of them")
+            proof = credential or beat.identity_proof
+            if beat.next_identity_proof:
+                # A renewal speaks with the credential it renews, never as a bootstrap: one the
+                # sidecar took already (its answer lost, the agent restarted) is taken again as held.
+                # The fleet token lets an expired credential renew instead of being issued again.
+                accepted = await self._accept_credential(agent_id, beat, proof, fresh=not bootstrap)
+            elif bootstrap:
+                stored = await self._accept(agent_id, beat, proof)
+                accepted = Accepted(stored, renew_credential=self._due(stored))
+            else:
+                accepted = await self._accept_credential(agent_id, beat, proof)
         except Refused as exc:
-            self._metrics.heartbeats.labels(
-                "out_of_scope" if isinstance(exc, OutOfScope) else "refused"
-            ).inc()
+            result = "refused"
+            if isinstance(exc, OutOfScope):
+                result = "out_of_scope"
+            elif isinstance(exc, Revoked):
+                result = "revoked"
+            self._metrics.heartbeats.labels(result).inc()
             log.warning(
                 "registration of agent %s refused: %s",
                 agent_id,
@@ -320,28 +384,161 @@ class Registry:
             )
             raise
         self._metrics.heartbeats.labels("accepted").inc()
-        return record
+        return accepted
 
-    async def _accept(self, agent_id: str, beat: Heartbeat) -> AgentRecord:
+    def _check_claim(self, agent_id: str, beat: Heartbeat) -> None:
         if agent_id in self._static:
             raise Refused(409, f"agent {agent_id} is configured in [[agents]]: it cannot also register")
         if (outside := self._scope.claim_problem(agent_id, beat.labels, beat.url)) is not None:
             raise OutOfScope(outside)
-        fingerprint = identity_fingerprint(beat.identity_proof)
+
+    async def _accept_credential(
+        self, agent_id: str, beat: Heartbeat, proof: str, *, fresh: bool = True
+    ) -> Accepted:
+        """A heartbeat made with the agent's credential alone: the row holding it beats, restarts or
+        moves, and may renew it; anything else is refused, nothing changed. ``fresh``: the credential
+        must be within its lifetime (a renewal under the fleet token need not be)."""
+        self._check_claim(agent_id, beat)
+        if not proof:
+            raise Refused(401, "no credential: present the fleet token, or the agent's credential")
+        fingerprint = identity_fingerprint(proof)
+        renewal = identity_fingerprint(beat.next_identity_proof)
         key = (beat.instance, beat.url, fingerprint)
         first = self._verified.get(agent_id) != key
         held, judged, moving_from = None, Judged(Claim.BEAT), None
         if first:
-            # Its address is held to [fleet] allowed_networks before it is called back.
+            held = await asyncio.to_thread(self._db.registered_agent, agent_id)
+            self._refuse_credential(agent_id, held, fingerprint, renewal)
+            assert held is not None
             await self._check_address(beat.url)
-            held, judged = await self._verify(agent_id, beat, fingerprint)
+            held, judged = await self._verify(agent_id, beat, fingerprint, held, held.identity_fingerprint)
+            if judged.claim is Claim.TAKEOVER:  # the credential's own agent, but no restart nor move
+                # 401: the agent registers with the fleet token, where the takeover rule applies (it
+                # takes the id once its holder is lost and its jobs have ended).
+                raise Refused(
+                    401,
+                    f"agent id {agent_id} is held by its process at {held.url if held else '?'}: "
+                    f"{judged.unproven}; register with the fleet token: this process takes it only once "
+                    "that one is lost",
+                )
+        if renewal and (held := held or await asyncio.to_thread(self._db.registered_agent, agent_id)):
+            if held.identity_fingerprint == fingerprint:  # a new renewal, not one held already
+                await self._confirm_renewal(agent_id, beat.url, renewal)
             if judged.claim is Claim.MOVE:
                 assert held is not None
                 moving_from = (held.url, held.instance)
+        lifetime = self._config.credential_lifetime_seconds if fresh else 0.0
+        record = self._record(agent_id, beat, renewal or fingerprint)
+        try:
+            stored = await asyncio.to_thread(
+                self._db.beat_agent_with_credential,
+                record,
+                proven=fingerprint,
+                lifetime=lifetime,
+                moving_from=moving_from,
+            )
+        except NotRegistered as exc:
+            self._verified.pop(agent_id, None)
+            self._refuse_credential(agent_id, exc.held, fingerprint, renewal)
+            issued = exc.held.credential_issued_at if exc.held is not None else None
+            if exc.held is not None and issued and fresh and await asyncio.to_thread(self._expired, exc.held):
+                raise Refused(
+                    401,
+                    f"agent {agent_id}'s credential expired (issued {issued.isoformat(timespec='seconds')}, "
+                    f"[fleet] credential_lifetime_seconds={lifetime:g}): register with the fleet token, "
+                    "then renew it",
+                ) from None
+            assert exc.held is not None
+            raise Refused(
+                409,
+                f"agent id {agent_id} is held by its process at {exc.held.url} (instance "
+                f"{exc.held.instance}): this one is neither it, nor its restart there, nor a proven move",
+            ) from None
+        await self._after_beat(agent_id, beat, stored)
+        if first and not beat.leaving:
+            self._verified[agent_id] = key
+            self._log_registered(agent_id, beat, held, judged)
+        renewed = bool(renewal) and stored.identity_fingerprint == renewal
+        if renewed:
+            self._verified.pop(agent_id, None)  # the next heartbeat shows the new one: called back
+            log.info("agent %s renewed its credential", agent_id, extra={"agent_id": agent_id})
+        return Accepted(
+            stored, renew_credential=self._due(stored) and not renewal, credential_renewed=renewed
+        )
+
+    def _expired(self, held: AgentRecord) -> bool:
+        """Whether ``held``'s credential is past its lifetime by the router DB's clock (blocking)."""
+        lifetime = self._config.credential_lifetime_seconds
+        issued = held.credential_issued_at
+        if lifetime <= 0 or issued is None:
+            return False
+        return (self._db.now() - issued).total_seconds() > lifetime
+
+    async def _confirm_renewal(self, agent_id: str, url: str, renewal: str) -> None:
+        """The agent at its registration's URL is the one renewing: its ``/healthz`` shows the pending
+        credential's fingerprint. A stolen credential cannot renew itself into a thief's secret, which
+        the agent's own process would not show. 422 otherwise (the agent tries again)."""
+        try:
+            answer = await self._client(url, "").health()
+        except (AgentError, ValueError) as exc:
+            raise CallBackFailed(agent_id, url, f"renewal: the sidecar cannot use {url}: {exc}") from None
+        shown = answer.get("registration")
+        pending = shown.get("next_identity_fingerprint") if isinstance(shown, dict) else None
+        if answer.get("agent_id") != agent_id or pending != renewal:
+            raise CallBackFailed(
+                agent_id, url, f"renewal: the agent at {url} does not show the credential being renewed to"
+            )
+
+    def _due(self, stored: AgentRecord) -> bool:
+        """Whether the stored credential is past half its lifetime (by the router DB's clock: the
+        heartbeat's time was written by it)."""
+        lifetime = self._config.credential_lifetime_seconds
+        issued = stored.credential_issued_at
+        if lifetime <= 0 or issued is None or not stored.call_token:
+            return False  # no expiry, or an agent older than credentials (it could not renew)
+        return (stored.last_heartbeat_at - issued).total_seconds() >= RENEW_AFTER * lifetime
+
+    def _refuse_credential(
+        self,
+        agent_id: str,
+        held: AgentRecord | None,
+        fingerprint: str,
+        renewal: str,
+    ) -> None:
+        """Refused unless ``held`` holds this credential (or has taken its renewal already)."""
+        if held is None and not self._bootstraps:
+            raise Refused(
+                404,
+                f"agent {agent_id} is not registered, and registration of new agents is off on this "
+                "sidecar (no fleet token): agents registered already speak with their own credentials",
+            )
+        if held is None:
+            raise Refused(
+                401,
+                f"agent {agent_id} is not registered (or was forgotten): register with the fleet token",
+            )
+        if held.revoked_at is not None:
+            raise Revoked(held)
+        holds = bool(held.identity_fingerprint) and (
+            held.identity_fingerprint == fingerprint
+            or (
+                bool(renewal)
+                and held.identity_fingerprint == renewal
+                and held.previous_fingerprint == fingerprint
+            )
+        )
+        if not holds:
+            raise Refused(
+                401,
+                f"this credential is not agent {agent_id}'s: register with the fleet token (another "
+                "identity takes the id only once its holder is lost and its jobs have ended)",
+            )
+
+    def _record(self, agent_id: str, beat: Heartbeat, fingerprint: str) -> AgentRecord:
         # The times are the router DB's, set as the row is written: the replica that judges this
         # heartbeat compares it with that clock, never with this replica's (see router_db.clock).
         placeholder = datetime.now(UTC)
-        record = AgentRecord(
+        return AgentRecord(
             agent_id=agent_id,
             url=beat.url,
             labels=beat.labels,
@@ -354,7 +551,26 @@ class Registry:
             last_heartbeat_at=placeholder,
             heartbeat_seconds=beat.heartbeat_seconds,
             identity_fingerprint=fingerprint,
+            call_token=beat.next_call_token if beat.next_identity_proof else beat.call_token,
         )
+
+    async def _accept(self, agent_id: str, beat: Heartbeat, proof: str) -> AgentRecord:
+        self._check_claim(agent_id, beat)
+        fingerprint = identity_fingerprint(proof)
+        key = (beat.instance, beat.url, fingerprint)
+        first = self._verified.get(agent_id) != key
+        held, judged, moving_from = None, Judged(Claim.BEAT), None
+        if first:
+            # Its address is held to [fleet] allowed_networks before it is called back.
+            await self._check_address(beat.url)
+            held = await asyncio.to_thread(self._db.registered_agent, agent_id)
+            if held is not None and held.revoked_at is not None:
+                raise Revoked(held)
+            held, judged = await self._verify(agent_id, beat, fingerprint, held, fingerprint)
+            if judged.claim is Claim.MOVE:
+                assert held is not None
+                moving_from = (held.url, held.instance)
+        record = replace(self._record(agent_id, beat, fingerprint), call_token=beat.call_token)
         try:
             stored = await asyncio.to_thread(
                 self._db.heartbeat_agent_now,
@@ -365,6 +581,8 @@ class Registry:
         except AgentConflict as exc:
             self._verified.pop(agent_id, None)  # judged again next time, against the row as it is then
             holder = exc.existing
+            if holder.revoked_at is not None:
+                raise Revoked(holder) from None
             unproven = f"; it is no move to a new URL: {judged.unproven}" if judged.unproven else ""
             raise Refused(
                 409,
@@ -372,6 +590,16 @@ class Registry:
                 f"{holder.last_heartbeat_at.isoformat(timespec='seconds')}); it can be taken once that one "
                 f"is silent for lost_after_seconds={self._config.lost_after_seconds:g}{unproven}",
             ) from None
+        await self._after_beat(agent_id, beat, stored)
+        if beat.leaving:
+            return stored
+        if first:
+            self._verified[agent_id] = key
+            self._log_registered(agent_id, beat, held, judged)
+        return stored
+
+    async def _after_beat(self, agent_id: str, beat: Heartbeat, stored: AgentRecord) -> None:
+        """A stored heartbeat's jobs recorded, and a leaving agent's row let go."""
         if beat.unreadable_jobs:
             log.warning(
                 "agent %s sent %d job(s) this sidecar cannot read; left to the catch-up read",
@@ -395,18 +623,13 @@ class Registry:
                 "" if gone else ", still holding active jobs: kept until they end or it is lost",
                 extra={"agent_id": agent_id, "action": "agent_left"},
             )
-            return stored
-        if first:
-            self._verified[agent_id] = key
-            self._log_registered(agent_id, beat, held, judged)
-        return stored
 
     def _log_registered(
         self, agent_id: str, beat: Heartbeat, held: AgentRecord | None, judged: Judged
     ) -> None:
         fields = {"agent_id": agent_id, "url": beat.url}
-        if held is not None and judged.claim in (Claim.MOVE, Claim.BEAT) and held.url != beat.url:
-            how = "its home's identity proven" if judged.claim is Claim.MOVE else "the same process"
+        if held is not None and judged.claim is Claim.MOVE and held.url != beat.url:
+            how = "its home's identity proven"
             log.warning(
                 "agent %s moved from %s to %s (%s; instance %s follows %s): its jobs are addressed there now",
                 agent_id,
@@ -434,10 +657,11 @@ class Registry:
         )
 
     async def _verify(
-        self, agent_id: str, beat: Heartbeat, fingerprint: str
+        self, agent_id: str, beat: Heartbeat, fingerprint: str, held: AgentRecord | None, identity: str
     ) -> tuple[AgentRecord | None, Judged]:
-        """Before a process's first heartbeat here: what it claims, or :class:`Refused`."""
-        held = await asyncio.to_thread(self._db.registered_agent, agent_id)
+        """Before a process's first heartbeat here: what it claims against ``held`` (the id's row), or
+        :class:`Refused`. ``fingerprint``: the credential's, which the agent shows; ``identity``: the one
+        it is judged as (its row's, when the credential proved it, a renewal under way included)."""
         known = held is not None and (
             (held.instance, held.url) == (beat.instance, beat.url)
             or (bool(fingerprint) and fingerprint == held.identity_fingerprint)
@@ -460,12 +684,15 @@ class Registry:
             held,
             url=beat.url,
             instance=beat.instance,
-            fingerprint=fingerprint,
+            fingerprint=identity,
             previous_instances=beat.previous_instances,
         )
         if judged.refusal:
             raise Refused(409, judged.refusal)
-        if judged.claim is Claim.TAKEOVER and held is not None and held.url == beat.url:
+        if judged.claim is Claim.TAKEOVER and held is not None:
+            # Refused before any call-back while its holder lives: a claim on a live agent's id costs
+            # the sidecar no request. At the row's own URL the router DB's upsert would even take it
+            # as a restart, so the rule is checked here.
             await self._refuse_unless_free(held, judged)
         within = self._config.lost_after_seconds
         sharing = await asyncio.to_thread(
@@ -520,7 +747,46 @@ class Registry:
             409,
             f"agent id {held.agent_id} is held by the agent registered at {held.url} ({holding}); it can be "
             f"taken once that one is silent for lost_after_seconds={within:g} and its jobs have ended. "
-            f"This is no restart of that agent: {judged.unproven}",
+            f"This is no restart or move of that agent: {judged.unproven}",
+        )
+
+    async def revoke(self, agent_id: str) -> AgentRecord:
+        """End a registered agent's credential (``agentic agents revoke``): its next heartbeat, and
+        every registration of its id, is refused until it is forgotten; the row as stored."""
+        if agent_id in self._static:
+            raise Refused(
+                409, f"agent {agent_id} is configured in [[agents]]: remove it there, and rotate its token"
+            )
+        record = await asyncio.to_thread(self._db.revoke_agent, agent_id)
+        if record is None:
+            raise Refused(404, f"no registered agent {agent_id}")
+        self._verified.pop(agent_id, None)
+        log.warning(
+            "agent %s's credential revoked: its heartbeats are refused, no new job goes to it, and its "
+            "jobs end FAILED once it is lost (rotate the fleet token too if its VM is compromised)",
+            agent_id,
+            extra={"agent_id": agent_id, "action": "agent_revoked", "url": record.url},
+        )
+        return record
+
+    async def forget(self, agent_id: str) -> None:
+        """Remove a revoked or lost agent without active jobs (``agentic agents forget``): its id may
+        register again, with the fleet token."""
+        within = self._config.lost_after_seconds
+        if await asyncio.to_thread(self._db.forget_agent, agent_id, alive_within=within):
+            self._verified.pop(agent_id, None)
+            log.warning(
+                "agent %s forgotten by an operator: its id may register again",
+                agent_id,
+                extra={"agent_id": agent_id, "action": "agent_forgotten"},
+            )
+            return
+        if await asyncio.to_thread(self._db.registered_agent, agent_id) is None:
+            raise Refused(404, f"no registered agent {agent_id}")
+        raise Refused(
+            409,
+            f"agent {agent_id} is kept: an agent is forgotten once it holds no active job and is revoked, "
+            f"or silent for lost_after_seconds={within:g} (its jobs end FAILED once it is lost)",
         )
 
     def _client(self, url: str, token: str) -> AgentClient:
@@ -571,7 +837,8 @@ class Registry:
 
     async def _call_back(self, agent_id: str, beat: Heartbeat, fingerprint: str) -> None:
         """The agent at the heartbeat's URL is ``agent_id``, the very process that sent it (as its
-        instance and identity show), and takes the fleet token; or :class:`Refused` (422)."""
+        instance and identity show), and takes the call token the heartbeat carries (the fleet token,
+        from an agent older than credentials); or :class:`Refused` (422)."""
         url = beat.url
         try:
             # Who answers is asked without a token: a mistyped address must not receive the fleet's.
@@ -581,7 +848,8 @@ class Registry:
             )
             if problem is not None:
                 raise CallBackFailed(agent_id, url, problem)
-            await self._client(url, self._token.current()).jobs("QUEUED")  # the fleet token is accepted
+            # The token the sidecar will call it with is accepted there.
+            await self._client(url, beat.call_token or self._token.current()).jobs("QUEUED")
         except (AgentError, ValueError) as exc:
             raise CallBackFailed(agent_id, url, f"the sidecar cannot use {url}: {exc}") from None
 

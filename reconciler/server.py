@@ -21,7 +21,12 @@ from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
 from agent_api.protocol import ProtocolError
-from agent_api.registration import parse_heartbeat, validate_agent_id
+from agent_api.registration import (
+    CREDENTIAL_HEADER,
+    IDENTITY_PROOF_PATTERN,
+    parse_heartbeat,
+    validate_agent_id,
+)
 from reconciler.fleet import AgentReport, DrainNotDelivered, Fleet
 from reconciler.job_service import JobService, NoSuchJob, Refused, Update
 from reconciler.loop import ReconcileLoop
@@ -34,6 +39,8 @@ from servicekit.credentials import Secret
 from servicekit.http import (
     BadRequest,
     HttpError,
+    carries_token,
+    error_response,
     json_errors,
     query_flag,
     query_int,
@@ -61,6 +68,7 @@ from sidecar_api.protocol import (
 
 OPEN_PATHS = ("/metrics", "/healthz", "/readyz")
 REGISTRATION_ROUTE = "/agents/{agent_id}"
+_BOOTSTRAP = web.RequestKey("bootstrap", bool)  # the registration carried the fleet token
 
 
 def _known(exc: Exception) -> HttpError | None:
@@ -116,7 +124,7 @@ class SidecarAPI:
                 _registration_apart(
                     token_auth(self._tokens, open_paths=OPEN_PATHS, limiter=self._limiter),
                     # Agents share the fleet token: one rate-limit bucket would throttle the fleet.
-                    token_auth(self._fleet_tokens, open_paths=()) if self._fleet_tokens is not None else None,
+                    self._fleet_tokens,
                 )
             ),
         ]
@@ -131,6 +139,8 @@ class SidecarAPI:
         app.router.add_get("/jobs/{job_id}/events", self.job_events)
         app.router.add_get("/agents", self.list_agents)
         app.router.add_put("/agents/{agent_id}", self.register_agent)  # REGISTRATION_ROUTE
+        app.router.add_delete("/agents/{agent_id}", self.forget_agent)
+        app.router.add_post("/agents/{agent_id}/revoke", self.revoke_agent)
         app.router.add_post("/agents/{agent_id}/drain", self.drain_agent)
         app.router.add_post("/agents/{agent_id}/undrain", self.undrain_agent)
         app.router.add_get("/metrics", self.metrics)
@@ -238,14 +248,47 @@ class SidecarAPI:
                 404, "agent registration is off on this sidecar: set [fleet] registration_token_env or _file"
             )
         beat = parse_heartbeat(await read_json(request, limit=self._max_body_bytes))
-        record = await self._registry.heartbeat(agent_id, beat)
+        accepted = await self._registry.heartbeat(
+            agent_id,
+            beat,
+            credential=request.headers.get(CREDENTIAL_HEADER, ""),
+            bootstrap=request.get(_BOOTSTRAP, False),
+        )
         return web.json_response(
             {
-                "agent_id": record.agent_id,
-                "registered_at": record.registered_at.isoformat(),
+                "agent_id": accepted.record.agent_id,
+                "registered_at": accepted.record.registered_at.isoformat(),
                 "lost_after_seconds": self._registry.lost_after_seconds,
+                "renew_credential": accepted.renew_credential,
+                "credential_renewed": accepted.credential_renewed,
             }
         )
+
+    async def revoke_agent(self, request: web.Request) -> web.Response:
+        """End a registered agent's credential: its heartbeats, and its id's registrations, are refused
+        until it is forgotten; no new job goes to it, and the lost rule ends its jobs."""
+        registry = self._registry_on()
+        record = await registry.revoke(validate_agent_id(request.match_info["agent_id"]))
+        return web.json_response(
+            {"agent_id": record.agent_id, "revoked_at": _iso(record.revoked_at), "url": record.url}
+        )
+
+    async def forget_agent(self, request: web.Request) -> web.Response:
+        """Remove a registered agent that is revoked, or lost, and holds no active job: its id may
+        register again."""
+        registry = self._registry_on()
+        agent_id = validate_agent_id(request.match_info["agent_id"])
+        await registry.forget(agent_id)
+        if self._fleet is not None:
+            await self._fleet.load_registered()
+        return web.json_response({"agent_id": agent_id, "forgotten": True})
+
+    def _registry_on(self) -> Registry:
+        if self._registry is None:
+            raise HttpError(
+                404, "agent registration is off on this sidecar: set [fleet] registration_token_env or _file"
+            )
+        return self._registry
 
     async def list_agents(self, request: web.Request) -> web.Response:
         """The agents in id order, configured and registered: state, capacity and load (see
@@ -305,18 +348,38 @@ class SidecarAPI:
         return web.json_response(readiness.to_json(), status=200 if readiness.ready else 503)
 
 
-def _registration_apart(api: Middleware, fleet: Middleware | None) -> Middleware:
-    """``api`` for every route but an agent's registration, which takes only the fleet's tokens (an
-    operator's token registers no agent, a fleet token submits no job)."""
+def _registration_apart(api: Middleware, fleet: Secret[tuple[str, ...]] | None) -> Middleware:
+    """``api`` for every route but an agent's registration. That takes a fleet token (a bootstrap), or
+    an agent's credential alone (``X-Agent-Credential``, checked by the registry against the agent's
+    row), whatever else the request carries: an agent whose fleet token was rotated away, or a
+    sidecar without one, still hears registered agents. An operator's token registers no agent, and
+    a fleet token submits no job."""
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         resource = request.match_info.route.resource
-        if request.method == "PUT" and resource is not None and resource.canonical == REGISTRATION_ROUTE:
-            if fleet is None:  # registration is off: its 404 says so, with no token asked first
-                return await handler(request)
-            return await fleet(request, handler)
-        return await api(request, handler)
+        if request.method != "PUT" or resource is None or resource.canonical != REGISTRATION_ROUTE:
+            return await api(request, handler)
+        if carries_token(request, fleet):
+            request[_BOOTSTRAP] = True
+            return await handler(request)
+        credential = request.headers.get(CREDENTIAL_HEADER)
+        if credential is not None:
+            if IDENTITY_PROOF_PATTERN.fullmatch(credential) is None:  # never its value
+                return error_response(401, f"{CREDENTIAL_HEADER} must be 64 lowercase hexadecimal digits")
+            request[_BOOTSTRAP] = False
+            return await handler(request)
+        if fleet is None:
+            return error_response(
+                404,
+                "agent registration is off on this sidecar: set [fleet] registration_token_env or _file "
+                "(agents registered already speak with their own credentials)",
+            )
+        return error_response(
+            401,
+            "missing or wrong token: the fleet token (Authorization: Bearer <token>) or the agent's "
+            f"credential ({CREDENTIAL_HEADER})",
+        )
 
     return middleware
 
@@ -335,6 +398,10 @@ def _agent(report: AgentReport, load: dict[str, int]) -> dict[str, object]:
         draining=report.draining,
         registered=report.registered,
     )
+
+
+def _iso(moment: datetime | None) -> str | None:
+    return moment.isoformat() if moment is not None else None
 
 
 def _moment(name: str, text: str) -> datetime:

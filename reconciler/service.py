@@ -113,10 +113,12 @@ def build(config: ReconcilerConfig, secrets: Secrets, *, dry_run: bool = False) 
     return Parts(db, airflow, agents, metrics, dispatcher, loop, fleet, submissions)
 
 
-def _sent_token(secrets: Secrets) -> Secret[str] | None:
-    """The fleet token sent to registered agents, as its file says now (the first of its tokens)."""
+def _sent_token(secrets: Secrets) -> Secret[str]:
+    """What registered agents older than credentials are called with: the fleet token, as its file
+    says now (the first of its tokens). Without one, registered agents are still read and called
+    (with their own call tokens): registration is off for new agents only."""
     if secrets.fleet_tokens is None:
-        return None
+        return Secret("", what="[fleet] registration token (none)")
     return View("[fleet] registration token", [secrets.fleet_tokens], lambda tokens: tokens[0])
 
 
@@ -170,17 +172,16 @@ async def _serve(config: ReconcilerConfig, secrets: Secrets, identity: Identity)
         submissions=parts.submissions,
     )
     sent = parts.fleet.registered_token  # the one the fleet sends: the registry's call-back uses it too
-    registry = (
-        Registry(
-            db=parts.db,
-            token=sent,
-            static_ids=[a.id for a in config.agents],
-            config=config.fleet,
-            metrics=parts.metrics,
-            record_jobs=jobs.apply_agent_reports,
-        )
-        if sent is not None
-        else None
+    assert sent is not None
+    # Always: registered agents keep heartbeating with their credentials when no fleet token is set.
+    registry = Registry(
+        db=parts.db,
+        token=sent,
+        static_ids=[a.id for a in config.agents],
+        config=config.fleet,
+        metrics=parts.metrics,
+        record_jobs=jobs.apply_agent_reports,
+        bootstraps=secrets.fleet_tokens is not None,
     )
     api = SidecarAPI(
         jobs=jobs,

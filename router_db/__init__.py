@@ -4,7 +4,15 @@ agents registered with the sidecar.
 Everything that reads or writes jobs goes through :class:`RouterDB`; there is no SQL elsewhere.
 """
 
-from router_db.records import AgentConflict, AgentRecord, EventRecord, JobRecord, NewJob, TaskInstanceKey
+from router_db.records import (
+    AgentConflict,
+    AgentRecord,
+    EventRecord,
+    JobRecord,
+    NewJob,
+    NotRegistered,
+    TaskInstanceKey,
+)
 from router_db.store import RouterDB
 from router_db.transitions import StaleTransition, Transition
 from sidecar_api.protocol import JobStatus
@@ -16,6 +24,7 @@ __all__ = [
     "JobRecord",
     "JobStatus",
     "NewJob",
+    "NotRegistered",
     "RouterDB",
     "StaleTransition",
     "TaskInstanceKey",

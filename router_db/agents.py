@@ -10,7 +10,13 @@ The rule, for a row that exists: the same process (instance) with the same ident
 on; another process at the row's URL is that agent restarted there; another process at another URL
 takes the id from a holder long silent with no active job, or moves the registration when the caller
 has judged the move proven against this very row (``moving_from``: its URL and instance, and the same
-non-empty fingerprint).
+non-empty fingerprint). That is the upsert of a registration made with the fleet token (a bootstrap).
+
+A heartbeat made with the agent's own credential (its identity proof, whose fingerprint the row holds)
+is an UPDATE of that row alone, never an insert: it beats, restarts at the row's URL or moves as judged,
+and may renew the credential (the row's fingerprint becomes the new one, the old is kept as
+``previous_fingerprint`` so that a renewal whose answer was lost is presented again, not locked out).
+A revoked row takes neither: it stays, refusing its id, until an operator forgets it.
 """
 
 from __future__ import annotations
@@ -31,14 +37,17 @@ from sqlalchemy import (
     case,
     delete,
     exists,
+    func,
+    null,
     or_,
     select,
+    update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
 
 from router_db.clock import db_now
 from router_db.models import Agent, Job
-from router_db.records import AgentConflict, AgentRecord
+from router_db.records import AgentConflict, AgentRecord, NotRegistered
 from sidecar_api.protocol import ACTIVE
 
 AGENTS = cast(Table, Agent.__table__)
@@ -53,6 +62,8 @@ class Agents:
         insert = postgresql.insert if engine.dialect.name == "postgresql" else sqlite.insert
         self._upsert = _upsert(insert)
         self._upsert_now = _upsert(insert, db_clock=engine.dialect.name)
+        self._update_now = _credential_update(engine.dialect.name)
+        self._dialect = engine.dialect.name
 
     def heartbeat(
         self, record: AgentRecord, *, alive_after: datetime, moving_from: tuple[str, str] | None = None
@@ -79,10 +90,60 @@ class Agents:
         ``alive_within`` seconds before it. The replica that heard the heartbeat reads no clock of its
         own: the replica that judges it compares with the same database's."""
         record.check()
-        clocked = ("registered_at", "last_heartbeat_at")
+        clocked = ("registered_at", "last_heartbeat_at", "credential_issued_at", "revoked_at")
         params: dict[str, Any] = {f"new_{k}": v for k, v in _values(record).items() if k not in clocked}
         params["alive_within"] = float(alive_within)
         return self._beat(self._upsert_now, record, params, moving_from)
+
+    def beat_with_credential(
+        self,
+        record: AgentRecord,
+        *,
+        proven: str,
+        lifetime: float,
+        moving_from: tuple[str, str] | None = None,
+    ) -> AgentRecord:
+        """A heartbeat made with the agent's credential, whose fingerprint is ``proven``, at the router
+        DB's clock; the row as stored. ``record.identity_fingerprint`` is ``proven``, or the new
+        credential's when the agent renews it. Only the row holding that credential is updated, and
+        only at the row's URL (its process, or its restart there) or as the move judged against this
+        very row (``moving_from``); never a revoked row, nor a credential issued more than ``lifetime``
+        seconds ago (0: no expiry, as for a renewal the fleet token vouches for).
+        :class:`NotRegistered` otherwise, nothing changed."""
+        record.check()
+        clocked = ("registered_at", "last_heartbeat_at", "credential_issued_at", "revoked_at")
+        params: dict[str, Any] = {f"new_{k}": v for k, v in _values(record).items() if k not in clocked}
+        params["proven"], params["lifetime"] = proven, float(lifetime)
+        params["from_url"], params["from_instance"] = moving_from or (None, None)
+        with self._engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
+            stored = connection.execute(self._update_now, params).one_or_none()
+            if stored is not None:
+                return AgentRecord.from_row(stored)
+            held = connection.execute(
+                select(AGENTS).where(AGENTS.c.agent_id == record.agent_id)
+            ).one_or_none()
+        raise NotRegistered(record.agent_id, AgentRecord.from_row(held) if held is not None else None)
+
+    def revoke(self, agent_id: str) -> AgentRecord | None:
+        """End the agent's credential (at the router DB's clock; a second revocation keeps the first
+        time): its heartbeats are refused, and its id with them, until it is forgotten. The row as
+        stored; None for no such agent."""
+        c = AGENTS.c
+        revoked_at = func.coalesce(c.revoked_at, db_now(self._dialect))
+        statement = update(AGENTS).where(c.agent_id == agent_id).values(revoked_at=revoked_at).returning(*c)
+        with self._engine.begin() as connection:
+            row = connection.execute(statement).one_or_none()
+        return AgentRecord.from_row(row) if row is not None else None
+
+    def forget_one(self, agent_id: str, *, alive_within: float) -> bool:
+        """Delete the agent's row if it holds no active job and is revoked or silent for ``alive_within``
+        seconds (by the router DB's clock): its id may register again. Whether it went."""
+        c = AGENTS.c
+        busy = exists().where(Job.agent_id == c.agent_id, Job.status.in_([str(s) for s in ACTIVE]))
+        silent = c.last_heartbeat_at < db_now(self._dialect, -float(alive_within))
+        condition = and_(c.agent_id == agent_id, ~busy, or_(c.revoked_at.is_not(None), silent))
+        with self._engine.begin() as connection:
+            return bool(connection.execute(delete(AGENTS).where(condition)).rowcount)
 
     def _beat(
         self,
@@ -145,8 +206,9 @@ class Agents:
         c = AGENTS.c
         busy = exists().where(Job.agent_id == c.agent_id, Job.status.in_([str(s) for s in ACTIVE]))
         silent: ColumnElement[bool] = c.last_heartbeat_at < _utc(silent_before)
+        kept = c.revoked_at.is_(None)  # a revoked id stays refused until an operator forgets it
         with self._engine.begin() as connection:
-            gone = connection.execute(delete(AGENTS).where(silent, ~busy).returning(c.agent_id))
+            gone = connection.execute(delete(AGENTS).where(silent, ~busy, kept).returning(c.agent_id))
             return sorted(gone.scalars())
 
 
@@ -159,12 +221,22 @@ def _upsert(insert: Callable[[Table], Any], *, db_clock: str | None = None) -> A
     alive_after: Any = bindparam("alive_after", type_=c.last_heartbeat_at.type)
     if db_clock is not None:
         values["registered_at"] = values["last_heartbeat_at"] = db_now(db_clock)
+        values["credential_issued_at"] = db_now(db_clock)  # a bootstrap issues the credential anew
+        values["revoked_at"] = null()
         alive_after = db_now(db_clock, -bindparam("alive_within", type_=Float()))
     upsert = insert(AGENTS).values(values)
     new = upsert.excluded
     # SET and WHERE read the existing row; ``excluded`` is the one proposed.
     updates: dict[str, Any] = {col.name: new[col.name] for col in c if col.name != "agent_id"}
     updates["registered_at"] = case((c.instance == new.instance, c.registered_at), else_=new.registered_at)
+    same_identity = c.identity_fingerprint == new.identity_fingerprint
+    updates["previous_fingerprint"] = case((same_identity, c.previous_fingerprint), else_="")
+    # A bootstrap with the same credential does not make it younger: only a renewal (a new secret)
+    # does, so a restarting agent still renews, and an expired credential is renewed, not re-issued.
+    updates["credential_issued_at"] = case(
+        (same_identity, func.coalesce(c.credential_issued_at, new.credential_issued_at)),
+        else_=new.credential_issued_at,
+    )
     # Another agent (another URL and instance) takes the id only from one long silent that holds no
     # active job: while it does, its jobs would be addressed to the newcomer, which knows none of them
     # (a stop there would find nothing and the job would run on). A lost agent's jobs end FAILED, so a
@@ -178,12 +250,13 @@ def _upsert(insert: Callable[[Table], Any], *, db_clock: str | None = None) -> A
         # written without one (by a replica older than identities) takes the one it proves.
         and_(c.instance == new.instance, or_(fingerprint == new.identity_fingerprint, fingerprint == "")),
         # Another process at the row's address: the agent restarted there (the call-back checked who
-        # answers there), proving the row's identity, or none (judged as before identities). Another
-        # identity there is a new agent, its predecessor's jobs unknown to it: the last clause's.
+        # answers there), proving the row's identity; a row without one (an agent older than
+        # identities) takes any. Another identity there, or none, is another agent (its predecessor's
+        # jobs unknown to it, or a fleet-token holder speaking for it): the last clause's.
         and_(
             c.url == new.url,
             c.instance != new.instance,
-            or_(fingerprint == "", new.identity_fingerprint == "", fingerprint == new.identity_fingerprint),
+            or_(fingerprint == "", fingerprint == new.identity_fingerprint),
         ),
         # The agent's own identity at a new address, judged against this very row: a move.
         and_(
@@ -194,9 +267,58 @@ def _upsert(insert: Callable[[Table], Any], *, db_clock: str | None = None) -> A
         ),
         and_(c.last_heartbeat_at < alive_after, ~busy),
     )
-    return upsert.on_conflict_do_update(index_elements=[c.agent_id], set_=updates, where=allowed).returning(
-        *c
+    # A revoked id takes no registration at all, however silent: an operator forgets it first.
+    where = and_(c.revoked_at.is_(None), allowed)
+    return upsert.on_conflict_do_update(index_elements=[c.agent_id], set_=updates, where=where).returning(*c)
+
+
+def _credential_update(dialect: str) -> Any:
+    """The statement of a heartbeat made with the agent's credential (:meth:`Agents.beat_with_credential`):
+    bound parameters ``new_<column>``, ``proven``, ``lifetime``, ``from_url`` and ``from_instance``."""
+    c = AGENTS.c
+    new: dict[str, Any] = {col.name: bindparam(f"new_{col.name}", type_=col.type) for col in c}
+    now = db_now(dialect)
+    proven = bindparam("proven", type_=String())
+    lifetime = bindparam("lifetime", type_=Float())
+    renewing = c.identity_fingerprint != new["identity_fingerprint"]  # the new credential takes over
+    kept = ("url", "labels", "max_jobs", "jobs_running", "version", "draining", "instance")
+    values: dict[str, Any] = {name: new[name] for name in kept}
+    values |= {
+        "heartbeat_seconds": new["heartbeat_seconds"],
+        "call_token": new["call_token"],
+        "identity_fingerprint": new["identity_fingerprint"],
+        "last_heartbeat_at": now,
+        "registered_at": case((c.instance == new["instance"], c.registered_at), else_=now),
+        "previous_fingerprint": case((renewing, c.identity_fingerprint), else_=c.previous_fingerprint),
+        # A row from before credentials gets its issue time at its first heartbeat with one.
+        "credential_issued_at": case(
+            (renewing, now), (c.credential_issued_at.is_(None), now), else_=c.credential_issued_at
+        ),
+    }
+    holds = or_(
+        c.identity_fingerprint == proven,
+        # A renewal already taken, presented again: its answer was lost, or the agent restarted first.
+        and_(c.identity_fingerprint == new["identity_fingerprint"], c.previous_fingerprint == proven),
     )
+    fresh = or_(
+        lifetime <= 0,
+        c.credential_issued_at.is_(None),
+        c.credential_issued_at >= db_now(dialect, -lifetime),
+    )
+    # The process that beats here, its restart at the row's URL, or the move judged against this row.
+    from_url = bindparam("from_url", type_=String())
+    from_instance = bindparam("from_instance", type_=String())
+    where = and_(
+        c.agent_id == new["agent_id"],
+        c.revoked_at.is_(None),
+        c.identity_fingerprint != "",
+        holds,
+        fresh,
+        # Its process at its URL (one process keeps its address: a credential replayed from
+        # elsewhere as that process moves nothing), a restart there, or the move judged.
+        or_(c.url == new["url"], and_(c.url == from_url, c.instance == from_instance)),
+    )
+    return update(AGENTS).where(where).values(values).returning(*c)
 
 
 def _values(record: AgentRecord) -> dict[str, Any]:
@@ -213,6 +335,10 @@ def _values(record: AgentRecord) -> dict[str, Any]:
         "last_heartbeat_at": _utc(record.last_heartbeat_at),
         "heartbeat_seconds": float(record.heartbeat_seconds),
         "identity_fingerprint": record.identity_fingerprint,
+        "previous_fingerprint": record.previous_fingerprint,
+        "call_token": record.call_token,
+        "credential_issued_at": _utc(record.credential_issued_at) if record.credential_issued_at else None,
+        "revoked_at": None,
     }
 
 

@@ -130,3 +130,11 @@ class Agent(Base):
     # The SHA-256 of the proof its home gives (revision 0004): a move to another URL must present that
     # proof. "" for an agent older than identities.
     identity_fingerprint: Mapped[str] = mapped_column(String(64), default="", server_default="")
+    # Revision 0005: the agent's credential is its identity proof (only its fingerprint is kept above).
+    # The fingerprint it renewed away, kept so a renewal whose answer was lost is not a lock-out.
+    previous_fingerprint: Mapped[str] = mapped_column(String(64), default="", server_default="")
+    # What the sidecar presents to this agent (it cannot present a hash): "" for an agent older than
+    # credentials, which is sent the fleet token. A secret, as an [[agents]] token in the config is.
+    call_token: Mapped[str] = mapped_column(String(64), default="", server_default="")
+    credential_issued_at: Mapped[datetime | None] = mapped_column(UTCDateTime())  # the router DB's clock
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime())  # agentic agents revoke

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -122,7 +122,10 @@ class AgentRecord:
     is that agent restarted. ``max_jobs`` 0 means no limit. ``heartbeat_seconds`` is how often the agent
     says it heartbeats: any replica judges its silence by it. Times are UTC-aware.
     ``identity_fingerprint`` is the fingerprint of the proof the agent's home gives (see
-    :mod:`agent_api.registration`); "" for an agent older than identities.
+    :mod:`agent_api.registration`); "" for an agent older than identities. That proof is the agent's
+    credential: ``previous_fingerprint`` is the one it renewed away, ``credential_issued_at`` when the
+    current one was issued (by the router DB's clock), ``revoked_at`` when an operator revoked it.
+    ``call_token`` is what the sidecar presents to the agent ("" for an agent older than credentials).
     """
 
     agent_id: str
@@ -137,6 +140,10 @@ class AgentRecord:
     last_heartbeat_at: datetime
     heartbeat_seconds: float = 10.0
     identity_fingerprint: str = ""
+    previous_fingerprint: str = ""
+    call_token: str = field(default="", repr=False)  # a secret
+    credential_issued_at: datetime | None = None
+    revoked_at: datetime | None = None
 
     def check(self) -> None:
         """Raise ValueError naming the first field the router DB cannot store as given (never its value:
@@ -147,6 +154,8 @@ class AgentRecord:
             "version": self.version,
             "instance": self.instance,
             "identity_fingerprint": self.identity_fingerprint,
+            "previous_fingerprint": self.previous_fingerprint,
+            "call_token": self.call_token,
         }
         widths = {
             "agent_id": AGENT_ID_CHARS,
@@ -154,6 +163,8 @@ class AgentRecord:
             "version": AGENT_VERSION_CHARS,
             "instance": AGENT_INSTANCE_CHARS,
             "identity_fingerprint": AGENT_FINGERPRINT_CHARS,
+            "previous_fingerprint": AGENT_FINGERPRINT_CHARS,
+            "call_token": AGENT_FINGERPRINT_CHARS,
         }
         for name, value in texts.items():
             if not isinstance(value, str) or "\x00" in value:
@@ -199,6 +210,10 @@ class AgentRecord:
             last_heartbeat_at=row.last_heartbeat_at,
             heartbeat_seconds=row.heartbeat_seconds,
             identity_fingerprint=row.identity_fingerprint,
+            previous_fingerprint=row.previous_fingerprint,
+            call_token=row.call_token,
+            credential_issued_at=row.credential_issued_at,
+            revoked_at=row.revoked_at,
         )
 
 
@@ -212,3 +227,12 @@ class AgentConflict(Exception):
             f"agent id {existing.agent_id!r} is held by a live agent at {existing.url}"
             f" (last heartbeat {existing.last_heartbeat_at.isoformat(timespec='seconds')})"
         )
+
+
+class NotRegistered(Exception):
+    """No registration of this agent id holds the credential presented (none at all, or another
+    credential, or one revoked or expired): ``held`` is the row as it is, if there is one."""
+
+    def __init__(self, agent_id: str, held: AgentRecord | None) -> None:
+        self.held = held
+        super().__init__(f"agent id {agent_id!r}: no registration holds this credential")

@@ -251,6 +251,28 @@ class RouterDB:
         is less than ``alive_within`` seconds old by that clock holds the id. One statement."""
         return self._agents.heartbeat_now(record, alive_within=alive_within, moving_from=moving_from)
 
+    def beat_agent_with_credential(
+        self,
+        record: AgentRecord,
+        *,
+        proven: str,
+        lifetime: float,
+        moving_from: tuple[str, str] | None = None,
+    ) -> AgentRecord:
+        """A heartbeat made with the agent's own credential (fingerprint ``proven``): only the row
+        holding it is updated, at the router DB's clock; :class:`NotRegistered` otherwise."""
+        return self._agents.beat_with_credential(
+            record, proven=proven, lifetime=lifetime, moving_from=moving_from
+        )
+
+    def revoke_agent(self, agent_id: str) -> AgentRecord | None:
+        """End a registered agent's credential; its row as stored, None for no such agent."""
+        return self._agents.revoke(agent_id)
+
+    def forget_agent(self, agent_id: str, *, alive_within: float) -> bool:
+        """Delete a revoked, or silent and idle, agent's row so its id may register again."""
+        return self._agents.forget_one(agent_id, alive_within=alive_within)
+
     def registered_agent(self, agent_id: str) -> AgentRecord | None:
         """One registered agent's row, if it has one."""
         return self._agents.get(agent_id)

@@ -14,6 +14,12 @@ So that the same bad request gets the same answer from the agent and from the si
   with ``known``; :class:`HttpError` carries one itself.
 - **Bodies**: read up to a limit (413 past it, with or without ``Content-Length``), strict UTF-8, JSON,
   and text any store can keep: no NUL, no lone surrogate, in any string or key (:mod:`servicekit.text`).
+- **Query strings past a bound** are refused in the same shape before any token is looked at
+  (:func:`bounded_query`, which :func:`servicekit.serve.serving` installs): 400 for a query parameter
+  given more than :data:`MAX_QUERY_VALUES` times. Requests aiohttp cannot parse (a path and query
+  past :data:`MAX_TARGET_BYTES`, a header past :data:`MAX_HEADER_BYTES`, more than
+  :data:`MAX_HEADERS` headers, a request line that is not HTTP) get aiohttp's own plain-text 400; the
+  log line aiohttp writes for them is kept from quoting the request (:mod:`servicekit.serve`).
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import hashlib
 import hmac
 import json
 import logging
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 
 from aiohttp import web
@@ -36,6 +43,13 @@ from servicekit.text import text_problem
 log = logging.getLogger(__name__)
 
 MAX_QUERY_DIGITS = 18  # below 2**63: every file offset, every database integer
+
+# What a request may be, checked before the app sees it. The path and query: room for the longest one
+# either API takes (three 250-character names percent-encoded, ~9 KB), unlike aiohttp's 8,190 bytes.
+MAX_TARGET_BYTES = 16_384
+MAX_HEADER_BYTES = 8_190  # one header, name and value (aiohttp's; Apache's LimitRequestFieldSize)
+MAX_HEADERS = 128  # aiohttp's
+MAX_QUERY_VALUES = 16  # the values one query parameter may be given (the agent's `status`: maxItems)
 
 
 class HttpError(Exception):
@@ -55,6 +69,24 @@ class BadRequest(HttpError):
 
 def error_response(status: int, message: str, *, headers: Mapping[str, str] | None = None) -> web.Response:
     return web.json_response({"error": message}, status=status, headers=headers)
+
+
+def bounded_query(limit: int = MAX_QUERY_VALUES) -> Middleware:
+    """A query parameter given more than ``limit`` times is a 400 before anything else reads the
+    query: no parameter of either API takes more values (one taking one value refuses a second)."""
+
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        repeated = Counter(name for name, _ in request.query.items()).most_common(1)
+        if repeated and repeated[0][1] > limit:
+            name, count = repeated[0]
+            shown = name if len(name) <= 64 else name[:64] + "..."
+            return error_response(
+                400, f"query parameter {shown} is given {count} times; none takes more than {limit} values"
+            )
+        return await handler(request)
+
+    return middleware
 
 
 def json_errors(
@@ -145,6 +177,18 @@ def token_auth(
 
 def _digest(token: bytes) -> bytes:
     return hashlib.sha256(token).digest()
+
+
+def carries_token(request: web.Request, tokens: Secret[tuple[str, ...]] | None) -> bool:
+    """Whether ``request``'s bearer token is one of ``tokens`` (as they are now), compared as
+    :func:`token_auth` compares: digests, in constant time, without saying which."""
+    if tokens is None:
+        return False
+    given = _digest(_presented(request, None).encode("utf-8", "surrogateescape"))
+    matched = False
+    for token in tokens.current():
+        matched |= hmac.compare_digest(given, _digest(token.encode()))
+    return matched and bool(_presented(request, None))
 
 
 def _presented(request: web.Request, extra_header: str | None) -> str:

@@ -19,7 +19,9 @@ from contextlib import asynccontextmanager
 from ssl import SSLContext
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
+from servicekit.http import MAX_HEADER_BYTES, MAX_HEADERS, MAX_TARGET_BYTES, bounded_query
 from servicekit.slow_clients import Guard, GuardedSite
 
 # No headers in the access log: they carry tokens.
@@ -60,6 +62,27 @@ def shutdown_requested() -> asyncio.Event:
     return stopping
 
 
+class _QuotesNoRequest(logging.Filter):
+    """aiohttp logs a request it cannot parse with its exception, whose text quotes the request's bytes
+    (a header carrying a token among them): the line stays, without the quote or the traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            record.msg, record.args = (
+                "refused a request that could not be parsed (%s, HTTP %s)",
+                (
+                    type(exc).__name__,
+                    exc.code,
+                ),
+            )
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+logging.getLogger("aiohttp.server").addFilter(_QuotesNoRequest())
+
+
 @asynccontextmanager
 async def serving(
     app: web.Application,
@@ -79,9 +102,16 @@ async def serving(
             extra={"action": "plain_http_beyond_loopback"},
         )
     guard = Guard()  # connections that send no whole request are closed (servicekit.slow_clients)
-    app.middlewares.insert(0, guard.middleware())
+    # Before the app's own (its token check among them): a query past its bound is refused unread.
+    app.middlewares[:0] = [guard.middleware(), bounded_query()]
     runner = web.AppRunner(
-        app, access_log_format=ACCESS_LOG_FORMAT, shutdown_timeout=grace, keepalive_timeout=KEEPALIVE_SECONDS
+        app,
+        access_log_format=ACCESS_LOG_FORMAT,
+        shutdown_timeout=grace,
+        keepalive_timeout=KEEPALIVE_SECONDS,
+        max_line_size=MAX_TARGET_BYTES,  # aiohttp's name; what it bounds is the URL (path and query)
+        max_field_size=MAX_HEADER_BYTES,
+        max_headers=MAX_HEADERS,
     )
     await runner.setup()
     try:

@@ -154,18 +154,35 @@ class _Guarded(asyncio.Protocol):
 
 
 class GuardedSite(web.TCPSite):
-    """A TCP site whose connections go through ``guard``."""
+    """A TCP site whose connections go through ``guard``, each served by a ``protocol`` (aiohttp's
+    :class:`~aiohttp.web.RequestHandler`, or a subclass) made with the runner's settings."""
 
-    def __init__(self, runner: web.BaseRunner, host: str, port: int, *, guard: Guard, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        runner: web.BaseRunner,
+        host: str,
+        port: int,
+        *,
+        guard: Guard,
+        protocol: type[web.RequestHandler] = web.RequestHandler,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(runner, host, port, **kwargs)
         self._guard = guard
+        self._protocol = protocol
 
     async def start(self) -> None:
         await web.BaseSite.start(self)  # registers the site with its runner
         server = self._runner.server
         assert server is not None
-        self._server = await asyncio.get_running_loop().create_server(
-            lambda: self._guard.wrap(server()),
+        loop = asyncio.get_running_loop()
+
+        def connection() -> asyncio.Protocol:
+            # What ``server()`` does, with our class: the runner's settings are the server's kwargs.
+            return self._guard.wrap(self._protocol(server, loop=loop, **server._kwargs))
+
+        self._server = await loop.create_server(
+            connection,
             self._host,
             self._port,
             ssl=self._ssl_context,

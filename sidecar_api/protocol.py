@@ -79,7 +79,9 @@ class SubmitRequest:
     command: str
     agent_id: str | None
     labels: list[str]
-    payload: dict[str, Any]  # what the agent's POST /run receives: command, cwd, env, run_as, timeout
+    # What the agent's POST /run receives: command, cwd, env, run_as, timeout_seconds, and at_most_once
+    # when true (an agent too old to fence refuses it then, rather than run it unfenced).
+    payload: dict[str, Any]
     ti_identity: str = ""  # the task instance's id (Airflow 3) or its run's logical date (Airflow 2)
 
 
@@ -115,6 +117,8 @@ def parse_submit(body: object) -> SubmitRequest:
         "run_as": _field(obj, "run_as", str, default=None),
         "timeout_seconds": timeout,
     }
+    if _field(obj, "at_most_once", bool, default=False):
+        payload["at_most_once"] = True
     ti_identity = _field(obj, "ti_identity", str, default="")
     if len(ti_identity) > MAX_TI_IDENTITY_CHARS:
         raise WireError(f"ti_identity must be at most {MAX_TI_IDENTITY_CHARS} characters")

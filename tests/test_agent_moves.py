@@ -48,6 +48,7 @@ from agent.registration import Registration, Work
 from agent_api.client import AgentUnavailable
 from agent_api.protocol import ProtocolError
 from agent_api.registration import (
+    CREDENTIAL_HEADER,
     MAX_PREVIOUS_INSTANCES,
     Heartbeat,
     identity_fingerprint,
@@ -64,6 +65,7 @@ from reconciler.fleet import Fleet
 from reconciler.job_service import Refused
 from reconciler.metrics import Metrics
 from reconciler.registry import (
+    Accepted,
     Claim,
     Registry,
     Unanswered,
@@ -146,7 +148,7 @@ def health(agent: AgentProcess) -> dict[str, Any]:
 
 def on_agent(agent: AgentProcess, job_id: str) -> dict[str, Any]:
     verify = verifying(agent)
-    headers = {"Authorization": f"Bearer {FLEET_TOKEN}"}
+    headers = {"Authorization": f"Bearer {agent.call_token()}"}  # as the sidecar calls it
     answer: dict[str, Any] = httpx.get(
         f"{agent.url}/jobs/{job_id}", headers=headers, timeout=5, verify=verify
     ).json()
@@ -289,7 +291,7 @@ def test_a_claim_with_only_the_fleet_token_is_refused_while_the_agent_lives(
 
         impostor = stack.enter_context(registering(tmp_path / "impostor", sidecar, "vm-m"))
         error = wait_for(lambda: health(impostor)["registration"]["last_error"], "the impostor's refusal")
-        assert "409" in error and "held by a live agent at " + real.url in error
+        assert "409" in error and "held by the agent registered at " + real.url in error
         assert "proves another identity" in error
 
         # A copy of the agent's identity (not of its jobs) started elsewhere while the agent answers:
@@ -310,9 +312,8 @@ def test_a_claim_with_only_the_fleet_token_is_refused_while_the_agent_lives(
             ({"url": real.url, "instance": instance}, 409, "another identity"),
             # Its own URL as a new process of another home, or of none: no restart while it lives.
             ({"url": real.url, "instance": "forged-1", "identity_proof": "1" * 64}, 409, "another identity"),
-            # Proving none, it is judged a restart: the call-back finds the agent's own process there.
-            # (422 says only that the sidecar could not verify it; the log says why.)
-            ({"url": real.url, "instance": "forged-2"}, 422, "could not verify agent vm-m"),
+            # Proving none, where the registration has an identity: no restart either (no call-back).
+            ({"url": real.url, "instance": "forged-2"}, 409, "proves no identity"),
             # The impostor's own URL, identity and instance, citing the agent's instance as its history.
             (
                 {
@@ -330,7 +331,6 @@ def test_a_claim_with_only_the_fleet_token_is_refused_while_the_agent_lives(
                 answer = fleet.put("/agents/vm-m", json={**body, "labels": ["stolen"], "draining": True})
                 assert (answer.status_code, said in answer.json()["error"]) == (status, True), answer.text
                 assert impostors_proof not in answer.text
-        assert "proves an identity this heartbeat does not" in sidecar.log_path.read_text()
         time.sleep(3 * HEARTBEAT)
         after = agents(client)["vm-m"]
         assert (after["url"], after["labels"], after["state"]) == (real.url, ["pool"], "live")
@@ -457,7 +457,6 @@ NEW_URL = "https://new:8791"
     [
         (None, NEW_URL, "i-2", FINGERPRINT, [], Claim.NEW, ""),
         (held(), "http://old:8791", "i-1", FINGERPRINT, [], Claim.BEAT, ""),
-        (held(), NEW_URL, "i-1", FINGERPRINT, [], Claim.BEAT, ""),  # the same process, renamed
         (held(identity_fingerprint=""), "http://old:8791", "i-1", "", [], Claim.BEAT, ""),  # older agent
         # A row an older replica wrote (no identity) takes its own process's: a rolling upgrade.
         (held(identity_fingerprint=""), "http://old:8791", "i-1", FINGERPRINT, [], Claim.BEAT, ""),
@@ -467,9 +466,9 @@ NEW_URL = "https://new:8791"
         (held(identity_fingerprint=""), "http://old:8791", "i-2", "", [], Claim.RESTART, ""),
         # Another home at the row's URL (a rebuilt VM, an impostor): no restart.
         (held(), "http://old:8791", "i-2", "f" * 64, [], Claim.TAKEOVER, "another identity"),
-        # One proving none there is judged as before identities (rolled back, or its proof kept off
-        # plain http): a restart, if the call-back finds that very process answering at the URL.
-        (held(), "http://old:8791", "i-2", "", [], Claim.RESTART, ""),
+        # One proving none there, where the row has an identity: a fleet-token holder speaking for the
+        # agent (or one rolled back past identities): no restart either.
+        (held(), "http://old:8791", "i-2", "", [], Claim.TAKEOVER, "proves no identity"),
         (held(), NEW_URL, "i-2", FINGERPRINT, ["i-0", "i-1"], Claim.MOVE, ""),
         (held(), NEW_URL, "i-2", FINGERPRINT, ["i-0"], Claim.TAKEOVER, "not in this home's instance history"),
         (held(), NEW_URL, "i-2", FINGERPRINT, [], Claim.TAKEOVER, "not in this home's instance history"),
@@ -499,6 +498,14 @@ def test_the_same_instance_with_another_identity_is_refused_outright(fingerprint
     for url in ("http://old:8791", NEW_URL):
         judged = judge_claim(held(), url=url, instance="i-1", fingerprint=fingerprint, previous_instances=[])
         assert "another identity" in judged.refusal
+
+
+@pytest.mark.fast
+def test_the_same_instance_at_another_address_is_refused_outright() -> None:
+    """One process keeps the address it started with; its instance is public in /healthz, so the
+    same instance elsewhere is a credential replayed, not the agent (a restart moves, as a new one)."""
+    judged = judge_claim(held(), url=NEW_URL, instance="i-1", fingerprint=FINGERPRINT, previous_instances=[])
+    assert judged.claim is Claim.BEAT and "keeps its address" in judged.refusal
 
 
 def healthz(agent_id: str = "vm-m", **registration: Any) -> dict[str, Any]:
@@ -744,7 +751,11 @@ def test_an_agent_restarted_on_its_home_presents_the_same_proof_and_its_predeces
     bodies: list[dict[str, Any]] = []
 
     async def sidecar(request: web.Request) -> web.Response:
-        bodies.append(await request.json())
+        said = {
+            "credential": request.headers.get(CREDENTIAL_HEADER),
+            "auth": request.headers.get("Authorization"),
+        }
+        bodies.append({**await request.json(), **said})
         return web.json_response({"agent_id": "vm-m"})
 
     async def two_starts() -> list[Registration]:
@@ -775,14 +786,20 @@ def test_an_agent_restarted_on_its_home_presents_the_same_proof_and_its_predeces
         return starts
 
     first, second = asyncio.run(two_starts())
-    assert bodies[0]["identity_proof"] == bodies[1]["identity_proof"]
+    # The credential travels in its header, never in the body; each start's first heartbeat carries
+    # the fleet token too (a bootstrap), with the call token the sidecar will present.
+    assert bodies[0]["credential"] == bodies[1]["credential"] and "identity_proof" not in bodies[0]
+    assert [body["auth"] for body in bodies] == ["Bearer fleet"] * 2
+    assert bodies[0]["call_token"] == bodies[1]["call_token"] != bodies[0]["credential"]
     assert (bodies[0]["previous_instances"], bodies[1]["previous_instances"]) == ([], [first.instance])
     shown = second.status()
     assert (shown["instance"], shown["identity_fingerprint"]) == (
         second.instance,
-        identity_fingerprint(bodies[1]["identity_proof"]),
+        identity_fingerprint(bodies[1]["credential"]),
     )
-    assert bodies[1]["identity_proof"] not in json.dumps(shown)
+    assert bodies[1]["credential"] not in json.dumps(shown) and bodies[1]["call_token"] not in json.dumps(
+        shown
+    )
 
 
 def test_a_row_an_older_replica_wrote_takes_its_own_processs_identity(router_db: RouterDB) -> None:
@@ -903,7 +920,7 @@ def test_a_move_waits_while_the_old_url_gives_no_clear_answer(
     async def failing(request: web.Request) -> web.Response:
         return web.Response(status=503, text="overloaded")
 
-    async def scenario() -> AgentRecord | Refused:
+    async def scenario() -> Accepted | Refused:
         servers = []
         mover, new_url = await serve(agent_app("vm-m", instance="i-2", proof=PROOF))
         servers.append(mover)
@@ -933,7 +950,7 @@ def test_a_move_waits_while_the_old_url_gives_no_clear_answer(
     row = db.registered_agent("vm-m")
     assert row is not None
     if moves:
-        assert isinstance(outcome, AgentRecord) and (row.instance, row.url) == ("i-2", outcome.url)
+        assert isinstance(outcome, Accepted) and (row.instance, row.url) == ("i-2", outcome.record.url)
     else:
         assert isinstance(outcome, Refused) and outcome.status == 409, outcome
         assert said in str(outcome) and row.instance == "i-1"
@@ -954,7 +971,7 @@ def test_another_identity_at_the_registrations_url_takes_it_only_by_the_takeover
 ) -> None:
     """A rebuilt VM (a new home) or an impostor at the agent's own URL is no restart of the agent."""
 
-    async def scenario() -> AgentRecord | Refused:
+    async def scenario() -> Accepted | Refused:
         server, url = await serve(agent_app("vm-m", instance="i-2", proof=OTHER_PROOF))
         registered(db, url=url, silent_for=silent_for, busy=busy)
         registry = registry_on(db)
@@ -972,9 +989,7 @@ def test_another_identity_at_the_registrations_url_takes_it_only_by_the_takeover
     row = db.registered_agent("vm-m")
     assert row is not None
     if taken:
-        assert isinstance(outcome, AgentRecord) and row.identity_fingerprint == identity_fingerprint(
-            OTHER_PROOF
-        )
+        assert isinstance(outcome, Accepted) and row.identity_fingerprint == identity_fingerprint(OTHER_PROOF)
     else:
         assert isinstance(outcome, Refused) and outcome.status == 409, outcome
         assert "another identity" in str(outcome)
@@ -1018,17 +1033,18 @@ def sender(tmp_path: Path, router_url: str) -> Registration:
 
 @pytest.mark.fast
 @pytest.mark.parametrize(
-    ("host", "proves"), [("sidecar.example", False), ("localhost", True), ("127.0.0.1", True)]
+    ("host", "private"), [("sidecar.example", False), ("localhost", True), ("127.0.0.1", True)]
 )
-def test_the_identity_proof_crosses_no_network_in_clear_text(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture, host: str, proves: bool
+def test_the_fleet_token_bootstraps_once_and_the_credential_speaks_after(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, host: str, private: bool
 ) -> None:
-    """Over plain http the proof goes only to a loopback sidecar; elsewhere the agent registers without
-    it, as an agent older than identities does (its /healthz then shows no identity), and says why once."""
-    bodies: list[dict[str, Any]] = []
+    """The first heartbeat of a process carries the fleet token (a bootstrap) and the credential;
+    once accepted, the credential alone. Over plain http to a host that is not this machine both
+    cross the network in clear text: the agent says so once, never quoting either."""
+    seen: list[tuple[str | None, str | None]] = []
 
     async def sidecar(request: web.Request) -> web.Response:
-        bodies.append(await request.json())
+        seen.append((request.headers.get("Authorization"), request.headers.get(CREDENTIAL_HEADER)))
         return web.json_response({"agent_id": "vm-m"})
 
     async def two_beats() -> Registration:
@@ -1048,11 +1064,10 @@ def test_the_identity_proof_crosses_no_network_in_clear_text(
     with caplog.at_level(logging.INFO, logger="agent.registration"):
         registration = asyncio.run(two_beats())
     proof = load_identity(tmp_path / "home", "x").proof("vm-m")
-    assert len(bodies) == 2 and registration.registered
-    assert [body.get("identity_proof") for body in bodies] == [proof if proves else None] * 2
-    assert registration.status()["identity_fingerprint"] == (identity_fingerprint(proof) if proves else "")
-    said = [r.getMessage() for r in caplog.records if "no identity proof" in r.getMessage()]
-    assert len(said) == (0 if proves else 1) and proof not in caplog.text
+    assert seen == [("Bearer fleet", proof), (None, proof)] and registration.registered
+    assert registration.status()["identity_fingerprint"] == identity_fingerprint(proof)
+    said = [r.getMessage() for r in caplog.records if "clear text" in r.getMessage()]
+    assert len(said) == (0 if private else 1) and proof not in caplog.text and "Bearer" not in caplog.text
 
 
 @pytest.mark.fast

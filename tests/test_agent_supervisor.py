@@ -29,6 +29,7 @@ def test_the_supervisor_imports_only_the_standard_library() -> None:
     assert sorted(name for name in modules if name.startswith("agent")) == [
         "agent",
         "agent.jobfiles",
+        "agent.logcap",
         "agent.procfs",
         "agent.supervisor",
     ]

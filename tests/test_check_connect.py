@@ -1,7 +1,7 @@
 """``check-config --connect`` reaches Airflow, the router DB and every agent with the configured
 credentials, and says which fails and why (never a secret): a real agent, the Airflow stand-in. Agents
-that registered themselves (the router DB's ``agents`` table) are tried with the fleet token, as the
-sidecar calls them; when they cannot be tried, a line says so."""
+that registered themselves (the router DB's ``agents`` table) are tried with the call token their
+heartbeats carry, as the sidecar calls them; when they cannot be tried, a line says so."""
 
 from __future__ import annotations
 
@@ -90,7 +90,7 @@ def test_each_failure_is_named_and_no_secret_is_shown(agent: AgentProcess, tmp_p
 FLEET_TOKEN = "fleet-token-for-check"
 
 
-def test_registered_agents_are_tried_with_the_fleet_token(
+def test_registered_agents_are_tried_with_their_own_call_token(
     agent: AgentProcess, airflow: ServedAirflow, tmp_path: Path
 ) -> None:
     """A real agent registers itself (ROUTER_URL, SELF_URL, AGENT_ID, the fleet token) with a real
@@ -119,19 +119,15 @@ def test_registered_agents_are_tried_with_the_fleet_token(
         lines = done.stdout.splitlines()
         pool = f"registered agent pool-1 at {registered.url}"
         assert lines[3] == f"ok    agent agent-1 at {agent.url}: answers, and takes this sidecar's token"
-        assert lines[4] == f"ok    {pool}: answers, and takes the fleet token"
+        assert lines[4] == f"ok    {pool}: answers, and takes its registration's token"
 
+        # The fleet token only registers: another one here changes nothing for a registered agent.
         wrong = check(sidecar, AGENTIC_FLEET_TOKEN="not-the-fleet-token")
-        assert wrong.returncode == 1
-        [failed] = [line for line in wrong.stdout.splitlines() if line.startswith("FAIL")]
-        assert failed.startswith(f"FAIL  {pool}: refused the fleet token")
+        assert wrong.returncode == 0 and f"ok    {pool}: answers" in wrong.stdout, wrong.stdout
 
-        # This replica without the fleet token would not reach them: said, not skipped.
+        # Without the fleet token the sidecar still calls registered agents, with their own tokens.
         off = check(sidecar, AGENTIC_FLEET_TOKEN=None)
-        assert off.returncode == 1
-        [failed] = [line for line in off.stdout.splitlines() if line.startswith("FAIL")]
-        assert failed.startswith("FAIL  registered agents: 1 in the router DB (pool-1), not checked")
-        assert "AGENTIC_FLEET_TOKEN" in failed
+        assert off.returncode == 0 and f"ok    {pool}: answers" in off.stdout, off.stdout
 
         registered.kill()  # a lost VM: its row stays in the router DB
         gone = check(sidecar)

@@ -182,7 +182,7 @@ def submit(client: httpx.Client, task_id: str, command: str) -> str:
 
 
 def job_pid(agent: AgentProcess, job_id: str) -> int:
-    headers = {"Authorization": f"Bearer {FLEET_TOKEN}"}
+    headers = {"Authorization": f"Bearer {agent.call_token()}"}  # as the sidecar calls it
 
     def pid() -> Any:
         return httpx.get(f"{agent.url}/jobs/{job_id}", headers=headers, timeout=5).json().get("pid")

@@ -174,9 +174,9 @@ def test_a_file_key_never_borrows_its_env_siblings_comment(tmp_path: Path) -> No
 
 @pytest.mark.fast
 def test_the_fleet_token_keys_give_the_rotation_order() -> None:
-    """The fleet token is presented both ways: its keys on both sides give the four steps in order."""
+    """The fleet token is a bootstrap token: its keys on both sides give the three steps in order."""
     docs = described()
-    order = "sidecar old,new; agents new,old; sidecar new; agents new"
+    order = "sidecar old,new; agents new; sidecar new"
     for key in [("fleet", "registration_token_env"), ("agent", "router_token_env")]:
         assert order in docs[key], f"[{key[0]}] {key[1]}: no rotation order"
         assert "troubleshooting.md#rotating-the-fleet-token" in docs[key]

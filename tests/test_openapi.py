@@ -661,6 +661,23 @@ def test_sidecar_answers_match_the_documented_api(agent: AgentProcess, tmp_path:
             listed = spec.check(api.get("/agents"), 200).json()["agents"]
             assert [(a["agent_id"], a["registered"]) for a in listed][-1] == ("reg-1", True)
 
+            # Revoked, then forgotten (agentic agents revoke / forget); and the refusals.
+            spec.check(api.delete("/agents/reg-1"), 409)  # live, not revoked
+            for method, path in (("POST", "/agents/{}/revoke"), ("DELETE", "/agents/{}")):
+                spec.check(anonymous.request(method, path.format("reg-1")), 401)
+                spec.check(api.request(method, path.format("-bad")), 400)
+                spec.check(api.request(method, path.format("reg-9")), 404)
+            spec.check(api.post("/agents/agent-1/revoke"), 409)  # configured in [[agents]]
+            revoked = spec.check(api.post("/agents/reg-1/revoke"), 200).json()
+            assert revoked["agent_id"] == "reg-1" and revoked["revoked_at"]
+            with sidecar.client(FLEET_TOKEN) as fleet:
+                spec.check(fleet.put("/agents/reg-1", json=beat), 403)  # no registration of its id
+            assert [a["state"] for a in spec.check(api.get("/agents"), 200).json()["agents"]][-1] == "revoked"
+            assert spec.check(api.delete("/agents/reg-1"), 200).json() == {
+                "agent_id": "reg-1",
+                "forgotten": True,
+            }
+
         # An agent that registers itself shows how that goes in its /healthz, as documented.
         port = free_port()
         with (
@@ -747,8 +764,9 @@ def test_sidecar_answers_match_the_documented_api(agent: AgentProcess, tmp_path:
         spec.check(api.post("/jobs/update_status", json={"job_id": "x", "status": "failed"}), 429)
         for path in ("/jobs/x", "/jobs/x/log", "/jobs/x/events", "/jobs/update_status", "/agents"):
             spec.check(api.get(path), 429)
-        for verb in ("drain", "undrain"):
+        for verb in ("drain", "undrain", "revoke"):
             spec.check(api.post(f"/agents/agent-far/{verb}"), 429)
+        spec.check(api.delete("/agents/agent-far"), 429)
         for path in ("/ui/", "/ui/jobs", "/ui/jobs/x", "/ui/agents"):
             spec.check(api.get(path), 429)
         for guess in ("guess", "again", "once more"):  # the address's own bucket: three, then 429

@@ -36,7 +36,7 @@ from router_db import RouterDB
 from servicekit.credentials import Secret
 from tests.heartbeats import beat
 from tests.test_clock_skew import SteppedRouterDB
-from tests.test_registration import FLEET_TOKEN, agents, auth, registering, submit
+from tests.test_registration import FLEET_TOKEN, agents, calls, registering, submit
 from tests.test_registration import sidecar_for as registration_sidecar
 
 LOST_AFTER = 4.0
@@ -103,7 +103,8 @@ def running_job(client: httpx.Client, airflow: ServedAirflow, agent: AgentProces
     """A job submitted to ``agent``, once its process runs there."""
     airflow.call_soon(airflow.standin.add, "d", "r", "long", -1, "running", 1)
     job: str = submit(client, "long", agent_id=agent.agent_id).json()["job_id"]
-    wait_for(lambda: httpx.get(f"{agent.url}/jobs/{job}", headers=auth(), timeout=5).json()["pid"], "pid")
+    on_agent = f"{agent.url}/jobs/{job}"
+    wait_for(lambda: httpx.get(on_agent, headers=calls(agent), timeout=5).json()["pid"], "pid")
     return job
 
 

@@ -60,7 +60,7 @@ ti = SimpleNamespace(
 )
 found = {}
 for name, options in (("plain", {}), ("timeout", {"execution_timeout": timedelta(minutes=10)}),
-                      ("quiet", {"stream_output": False})):
+                      ("quiet", {"stream_output": False}), ("once", {"at_most_once": True})):
     op = AgenticRunOperator(task_id="t", command="echo hi", route_labels=["gpu"], **options)
     try:
         op.execute({"ti": ti})
@@ -111,6 +111,8 @@ def test_execute_submits_and_defers_and_the_event_decides_the_outcome(version: s
     assert (first["labels"], first["ti_identity"], first["timeout_seconds"]) == (["gpu"], "0190a3b4-ti", None)
     assert first["authorization"] == "Bearer tok"  # the connection's password is the token
     assert 595 <= found["submitted"][1]["timeout_seconds"] <= 600
+    # at_most_once=True asks the agent to fence the job (agent/fence.py); by default it does not.
+    assert (first["at_most_once"], found["submitted"][3]["at_most_once"]) == (False, True)
     assert found["pushed"] == {"agentic_job_id": job}  # before deferring
 
     assert found["success"] == job

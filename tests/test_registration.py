@@ -195,7 +195,7 @@ def test_refused_registrations_say_why_and_change_nothing(tmp_path: Path, airflo
 
         twin = stack.enter_context(registering(tmp_path / "twin", sidecar, "vm-a"))
         error = wait_for(lambda: registration(twin)["last_error"], "the twin's refusal")
-        assert "409" in error and "held by a live agent at " + first.url in error
+        assert "409" in error and "held by the agent registered at " + first.url in error
         assert agents(client)["vm-a"]["url"] == first.url
 
         wrong = stack.enter_context(
@@ -267,7 +267,8 @@ def test_a_killed_registered_agent_is_lost_and_registers_again_on_restart(
         airflow.call_soon(airflow.standin.add, "d", "r", "long", -1, "running", 1)
         job = submit(client, "long", labels=["pool"]).json()["job_id"]
         pid = wait_for(
-            lambda: httpx.get(f"{agent.url}/jobs/{job}", headers=auth(), timeout=5).json()["pid"], "pid"
+            lambda: httpx.get(f"{agent.url}/jobs/{job}", headers=calls(agent), timeout=5).json()["pid"],
+            "pid",
         )
         os.kill(agent.pid, signal.SIGKILL)
         agent.process.wait(timeout=10)
@@ -316,8 +317,9 @@ def test_a_sidecar_paused_beyond_lost_after_declares_no_agent_lost(
         assert client.get(f"/jobs/{job}").json()["status"] == "RUNNING"
 
 
-def auth() -> dict[str, str]:
-    return {"Authorization": f"Bearer {FLEET_TOKEN}"}
+def calls(agent: AgentProcess) -> dict[str, str]:
+    """As the sidecar calls a registered agent: with the call token its heartbeats carry."""
+    return {"Authorization": f"Bearer {agent.call_token()}"}
 
 
 def test_a_registered_agent_pushes_an_exit_that_a_long_poll_hears_at_once(

@@ -159,17 +159,36 @@ def agent_toml(tmp_path: Path, lines: str) -> Path:
     return path
 
 
+# One per rule of agent_config.AGREEMENTS, in order: the lines that break it, the numbers the refusal
+# shows ("" for a rule over a flag), and the lines that meet it at its boundary.
+AGENT_CASES = [
+    (
+        "retain_finished_seconds = 3600.0\nretain_unread_seconds = 3599.0\n",
+        "(here 3599 and 3600)",
+        "retain_finished_seconds = 3600.0\nretain_unread_seconds = 3600.0\n",
+    ),
+    (
+        "heartbeat_seconds = 10.0\nfence_after_seconds = 20.0\n",
+        "(here 20 and 10)",
+        "heartbeat_seconds = 10.0\nfence_after_seconds = 20.001\n",
+    ),
+    ("fence_after_seconds = 0\nat_most_once_default = true\n", "", "fence_after_seconds = 0\n"),
+]
+
+
 @pytest.mark.fast
 def test_every_agent_rule_refuses_what_breaks_it_and_takes_its_boundary(tmp_path: Path) -> None:
-    (only,) = agent_config.AGREEMENTS  # one case below per rule
+    assert len(AGENT_CASES) == len(agent_config.AGREEMENTS)  # one case per rule
     env = {"AGENTIC_AGENT_TOKEN": "t"}
-    broke = agent_toml(tmp_path, "retain_finished_seconds = 3600.0\nretain_unread_seconds = 3599.0\n")
-    with pytest.raises(agent_config.ConfigError) as refused:
-        agent_config.load_config(broke, environ=env)
-    assert keys_named(str(refused.value), only) and only.why in str(refused.value)
-    assert "(here 3599 and 3600)" in str(refused.value)
-    meets = agent_toml(tmp_path, "retain_finished_seconds = 3600.0\nretain_unread_seconds = 3600.0\n")
-    assert agent_config.disagreements(agent_config.load_config(meets, environ=env)) == []
+    for rule_, (breaks, here, meets) in zip(agent_config.AGREEMENTS, AGENT_CASES, strict=True):
+        with pytest.raises(agent_config.ConfigError) as refused:
+            agent_config.load_config(agent_toml(tmp_path, breaks), environ=env)
+        assert keys_named(str(refused.value), rule_) and rule_.why in str(refused.value)
+        assert here in str(refused.value) and str(refused.value).count(" - ") == 1  # that rule alone
+        assert (
+            agent_config.disagreements(agent_config.load_config(agent_toml(tmp_path, meets), environ=env))
+            == []
+        )
 
 
 # ------------------------------------------------------------------------------ across the two services
