@@ -268,7 +268,7 @@ class SidecarAPI:
         """End a registered agent's credential: its heartbeats, and its id's registrations, are refused
         until it is forgotten; no new job goes to it, and the lost rule ends its jobs."""
         registry = self._registry_on()
-        record = await registry.revoke(validate_agent_id(request.match_info["agent_id"]))
+        record = await registry.revoke(_known_agent_id(request))
         return web.json_response(
             {"agent_id": record.agent_id, "revoked_at": _iso(record.revoked_at), "url": record.url}
         )
@@ -277,7 +277,7 @@ class SidecarAPI:
         """Remove a registered agent that is revoked, or lost, and holds no active job: its id may
         register again."""
         registry = self._registry_on()
-        agent_id = validate_agent_id(request.match_info["agent_id"])
+        agent_id = _known_agent_id(request)
         await registry.forget(agent_id)
         if self._fleet is not None:
             await self._fleet.load_registered()
@@ -398,6 +398,15 @@ def _agent(report: AgentReport, load: dict[str, int]) -> dict[str, object]:
         draining=report.draining,
         registered=report.registered,
     )
+
+
+def _known_agent_id(request: web.Request) -> str:
+    """The path's agent id; one no agent can have is no registered agent (404), as for drain."""
+    agent_id = request.match_info["agent_id"]
+    try:
+        return validate_agent_id(agent_id)
+    except ProtocolError:
+        raise HttpError(404, f"no registered agent {agent_id[:128]!r}") from None
 
 
 def _iso(moment: datetime | None) -> str | None:

@@ -160,7 +160,8 @@ def test_twenty_agents_register_and_jobs_spread_by_free_capacity_and_drain(
 
         for n in range(41):
             airflow.call_soon(airflow.standin.add, "d", "r", f"t{n}", -1, "running", 1)
-        first = [submit(client, f"t{n}", "sleep 8", labels=["pool"]) for n in range(20)]
+        # Long enough to outlast the 20 submissions below on a loaded machine (their slots stay taken).
+        first = [submit(client, f"t{n}", "sleep 30", labels=["pool"]) for n in range(20)]
         placed = [answer.json()["agent_id"] for answer in first]
         assert sorted(placed) == sorted(agent.agent_id for agent in fleet)  # one each: the most free slots
         drained = fleet[19]
@@ -175,7 +176,7 @@ def test_twenty_agents_register_and_jobs_spread_by_free_capacity_and_drain(
 
         job = first[placed.index("vm-19")].json()["job_id"]
         ended = wait_for(
-            lambda: (j := client.get(f"/jobs/{job}").json())["status"] == "SUCCEEDED" and j, "end"
+            lambda: (j := client.get(f"/jobs/{job}").json())["status"] == "SUCCEEDED" and j, "end", 45
         )
         assert ended["rc"] == 0  # its running job went on to its end, drained or not
         assert agents(client)["vm-19"]["state"] == "draining"
@@ -362,7 +363,7 @@ def test_a_registered_agent_restarted_at_once_keeps_its_jobs(tmp_path: Path, air
         wait_for(lambda: registration(again)["registered"], "registered again")
         assert agents(client)["vm-r"]["state"] == "live"
         ended = wait_for(
-            lambda: (j := client.get(f"/jobs/{job}").json())["status"] == "SUCCEEDED" and j, "end"
+            lambda: (j := client.get(f"/jobs/{job}").json())["status"] == "SUCCEEDED" and j, "end", 45
         )
         assert ended["rc"] == 0
 
