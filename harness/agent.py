@@ -198,8 +198,15 @@ class AgentProcess:
     def call_token(self) -> str:
         """What the sidecar presents to this agent once it registered: derived from its home's
         identity (made at its start), which a test reads to call the agent as the sidecar does."""
+        return self._identity().call_token(self.agent_id)
+
+    def credential(self) -> str:
+        """The agent's credential (its identity proof) as its home holds it now."""
+        return self._identity().proof(self.agent_id)
+
+    def _identity(self) -> Identity:
         secret = bytes.fromhex((self.home / IDENTITY_FILE).read_text(encoding="ascii").strip())
-        return Identity(secret, ()).call_token(self.agent_id)
+        return Identity(secret, ())
 
     def log_text(self) -> str:
         try:

@@ -23,7 +23,6 @@ import httpx
 import psutil
 import pytest
 
-from agent.identity import IDENTITY_FILE, Identity
 from agent_api.registration import CREDENTIAL_HEADER, Heartbeat
 from harness.agent import AgentProcess
 from harness.processes import free_port, wait_for
@@ -112,11 +111,6 @@ def cli(sidecar: SidecarProcess, *args: str) -> subprocess.CompletedProcess[str]
         [sys.executable, "-m", "agentic_cli", "agents", *args],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
-
-
-def proof_in(home: Path, agent_id: str) -> str:
-    secret = bytes.fromhex((home / IDENTITY_FILE).read_text(encoding="ascii").strip())
-    return Identity(secret, ()).proof(agent_id)
 
 
 def test_the_fleet_token_opens_no_agent_and_each_call_token_one(
@@ -315,9 +309,9 @@ def test_a_credential_renews_before_its_lifetime_and_an_outlived_one_bootstraps_
         client = stack.enter_context(sidecar.client())
         wait_for(lambda: "vm-n" in agents(client), "registered")
         first = registration(agent)["identity_fingerprint"]
-        old_proof, old_call = proof_in(agent.home, "vm-n"), agent.call_token()
+        old_proof, old_call = agent.credential(), agent.call_token()
         wait_for(lambda: (f := registration(agent)["identity_fingerprint"]) != first and f, "a renewal", 15)
-        assert agent.call_token() != old_call and proof_in(agent.home, "vm-n") != old_proof
+        assert agent.call_token() != old_call and agent.credential() != old_proof
         assert not (agent.home / "identity.next").exists()
         time.sleep(1.5)  # heartbeats go on with the new one
         assert registration(agent)["last_error"] is None
