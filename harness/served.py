@@ -57,3 +57,8 @@ class ServedAirflow(ServedApp):
         """A person marks the task instance ``key`` (dag_id, run_id, task_id, map_index): new state,
         updated now."""
         self.call_soon(self.standin.flip, [key], state)
+
+    def mark_before_the_poll_sees_it(self, key: tuple[str, str, str, int], state: str) -> None:
+        """As :meth:`mark`, but only a direct read of ``key`` sees it: what the sidecar's confirmation
+        reads in the moment before its next poll would, held open for as long as the test needs."""
+        self.call_soon(self.standin.direct_only.__setitem__, key, state)

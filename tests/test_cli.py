@@ -136,7 +136,8 @@ def test_jobs_stop_goes_through_airflows_confirmation_and_names_who_asked(
     assert code == 1 and said.startswith("kept: Airflow still wants this task instance")
     assert run(sidecar, "--json", "jobs", "show", job_id, monkeypatch=monkeypatch)[1].count('"RUNNING"')
 
-    airflow.mark(("cli", "manual__1", "to-stop", -1), "failed")
+    # Only the confirmation's direct read sees the mark: the loop's next poll cannot stop it first.
+    airflow.mark_before_the_poll_sees_it(("cli", "manual__1", "to-stop", -1), "failed")
     code, said = run(sidecar, "jobs", "stop", job_id, "--reason", "runaway", monkeypatch=monkeypatch)
     assert code == 0 and said.split(":")[0] in ("stopped", "stop_requested"), said
     code, shown = run(sidecar, "jobs", "show", job_id, monkeypatch=monkeypatch)
