@@ -28,6 +28,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from agent_api.fencing import FenceTerms
 from agent_api.registration import AGENT_ID_PATTERN, LABEL_PATTERN, agent_url_problem
 from servicekit.agreement import Agreement, broken, compare, refusal, table_key
 from servicekit.config import ConfigError, build, check_tables, read_toml, setting, table
@@ -70,6 +71,9 @@ class AgentConfig:
     run_as_users: list[str] = setting(["*"])
     allow_root_jobs: bool = setting(False)
     drain_on_shutdown_seconds: float = setting(0.0, ge=0)  # on SIGTERM: drain, wait for jobs to end
+    # Automatic maintenance (agent/self_check.py): with less free than this on the disk under its home
+    # (or a home it cannot write), the agent takes no new job until it recovers (0: no disk check).
+    min_free_disk_bytes: int = setting(256 * 1024**2, ge=0)
     # A job's output.log on disk: past this the middle is dropped (agent/logcap.py); 0: no cap.
     max_log_bytes: int = setting(100 * 1024**2, ge=0)
     # Finished jobs' directories (agent/retention.py): kept this long after the end once their outcome
@@ -96,6 +100,11 @@ class AgentConfig:
     # at_most_once jobs (0: never); at_most_once_default makes every job at_most_once.
     fence_after_seconds: float = setting(60.0, ge=0)
     at_most_once_default: bool = setting(False)
+
+    @property
+    def fence_terms(self) -> FenceTerms:
+        """What the agent tells the sidecar of its fence, which waits on it (agent_api/fencing.py)."""
+        return FenceTerms(self.fence_after_seconds, self.grace_seconds, self.at_most_once_default)
 
     @property
     def scheme(self) -> str:

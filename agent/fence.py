@@ -78,16 +78,11 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from agent import procfs
+from agent_api.fencing import check_period
 
 __all__ = ["FENCE_REASON", "Fence", "Silence", "check_period"]
 
 FENCE_REASON = "fenced: no contact with the sidecar since"
-MAX_CHECK_SECONDS = 1.0
-
-
-def check_period(fence_after: float) -> float:
-    """How often the agent asks whether it is cut off: the fence fires at most this late."""
-    return min(MAX_CHECK_SECONDS, fence_after / 10)
 
 
 @dataclass(frozen=True)

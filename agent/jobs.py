@@ -41,6 +41,7 @@ from agent.errors import JobRejected, UnknownJob, UnreadableJob
 from agent.fence import Fence, Silence, check_period
 from agent.monitor import Monitor
 from agent.retention import Budget, Finished, to_remove
+from agent.self_check import SelfCheck
 from agent.spawn import Spawner
 from agent.state import JobDir, StoredJob
 from agent.stopping import stop_job
@@ -52,6 +53,7 @@ __all__ = ["MAX_LOG_CHUNK", "JobManager", "JobRejected", "UnknownJob"]
 log = logging.getLogger(__name__)
 
 MAX_LOG_CHUNK = 4 * 1024 * 1024
+DRAIN_CHECK_SECONDS = 1.0  # how late a bounded drain may stop what still runs
 
 
 @dataclass(frozen=True)
@@ -89,9 +91,13 @@ class JobManager:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._monitor: asyncio.Task[None] | None = None
         self.admission = Admission(agent_id=config.id, max_jobs=config.max_jobs, home=config.home)
+        self.self_check = SelfCheck(
+            config.home, min_free_bytes=config.min_free_disk_bytes, changed=self.admission.set_unwell
+        )
         # Contact counts from here, the agent's start: adopted jobs are neither fenced at once nor never.
         self.fence = Fence(config.fence_after_seconds)
         self._fencing: set[str] = set()  # jobs whose fence stop is under way
+        self._drain_stopping: set[str] = set()  # jobs whose stop at the drain's timeout is under way
         self.retained = Retained(jobs=0, bytes=0)  # as of the last retention check
 
     # ------------------------------------------------------------------------------ lifecycle
@@ -99,6 +105,7 @@ class JobManager:
     async def load(self) -> None:
         """Read every job directory; adopt running jobs, finish those that ended meanwhile."""
         self._root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        await self.self_check.check()  # before listening: an unwell agent takes no job from its start
         if self._config.max_log_bytes and not await asyncio.to_thread(logcap.can_punch, self._root):
             log.warning("max_log_bytes: this file system cannot drop part of a file; outputs stay whole")
         self.admission.load()
@@ -117,6 +124,8 @@ class JobManager:
         self._tasks.add(asyncio.create_task(self._retain(), name="job-retention"))
         if self.fence.enabled:
             self._tasks.add(asyncio.create_task(self._watch_fence(), name="job-fence"))
+        self._tasks.add(asyncio.create_task(self._watch_drain(), name="job-drain-timeout"))
+        self._tasks.add(asyncio.create_task(self.self_check.run(), name="self-check"))
 
     async def close(self) -> None:
         """Stop watching. Running jobs are left alone: they outlive the agent and are adopted later."""
@@ -402,6 +411,43 @@ class JobManager:
         self._answered_outcome(job)
         log.info("job %s: stop before any run; its id is now refused", job_id)
         return outcome.already_finished(record)
+
+    # ------------------------------------------------------------------------ drain timeout
+
+    async def _watch_drain(self) -> None:
+        """Every second: a drain whose timeout has passed stops what still runs (a bounded drain)."""
+        while True:
+            await asyncio.sleep(DRAIN_CHECK_SECONDS)
+            maintenance = self.admission.maintenance
+            if (
+                not self.admission.draining
+                or maintenance is None
+                or not maintenance.timed_out(datetime.now(UTC))
+            ):
+                continue
+            if stopping := self.drain_timed_out(f"stopped: the drain timed out ({maintenance.describe()})"):
+                log.warning(
+                    "the drain timed out: stopping %d job(s): %s",
+                    len(stopping),
+                    ", ".join(stopping),
+                    extra={"action": "drain_timed_out"},
+                )
+
+    def drain_timed_out(self, reason: str) -> tuple[str, ...]:
+        """Begin the stop of every unfinished job not being stopped for it already; their ids."""
+        due = [
+            job
+            for job_id, job in self._jobs.items()
+            if not job.record.status.finished and job_id not in self._drain_stopping
+        ]
+        for job in due:
+            self._drain_stopping.add(job.record.job_id)
+            task = self._stop_later(job, reason)
+            task.add_done_callback(functools.partial(self._drain_stopped, job.record.job_id))
+        return tuple(job.record.job_id for job in due)
+
+    def _drain_stopped(self, job_id: str, _: asyncio.Task[StopResult]) -> None:
+        self._drain_stopping.discard(job_id)  # stopped, or not (survivors): the next check tries again
 
     # ------------------------------------------------------------------------------ fence
 

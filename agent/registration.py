@@ -58,6 +58,7 @@ import aiohttp
 from agent.config import AgentConfig
 from agent.fence import Fence
 from agent.identity import Credentials, load_identity
+from agent_api.maintenance import Maintenance, Unwell
 from agent_api.protocol import JobInfo
 from agent_api.registration import CREDENTIAL_HEADER, MAX_PUSHED_JOBS, Heartbeat, identity_fingerprint
 from servicekit.credentials import Secret
@@ -91,6 +92,8 @@ class Work:
     max_jobs: int
     jobs_running: int
     draining: bool
+    maintenance: Maintenance | None = None
+    unwell: Unwell | None = None
 
 
 class Registration:
@@ -223,12 +226,15 @@ class Registration:
             max_jobs=work.max_jobs,
             jobs_running=work.jobs_running,
             draining=work.draining,
+            maintenance=work.maintenance,
+            unwell=work.unwell,
             version=self._version,
             heartbeat_seconds=self._config.heartbeat_seconds,
             jobs=tuple(jobs),
             cursor=cursor,
             leaving=leaving,
             previous_instances=self._previous_instances,
+            fence=self._config.fence_terms,
             call_token=current.call_token(agent_id),
             next_identity_proof=renewal.proof(agent_id) if renewal else "",
             next_call_token=renewal.call_token(agent_id) if renewal else "",

@@ -43,7 +43,7 @@ Routes (JSON in and out unless noted):
   them again. Running jobs are not touched. 503 when the flag cannot be saved or removed (the agent
   is then draining, and stays so): retry.
 - ``GET /healthz`` (and ``/health``, its older name) -> ``{"status": "ok", "agent_id", "jobs_running",
-  "max_jobs", "draining", "version"}`` (the sidecar checks ``agent_id`` against the id it has
+  "max_jobs", "draining", "version", "fence"}`` (the sidecar checks ``agent_id`` against the id it has
   configured for this URL); ``GET /readyz`` -> ``{"status": "ready", "agent_id", "jobs_running"}``, or
   503 ``"draining"`` (the same fields: a drained VM can stop once ``jobs_running`` is 0) or ``"not
   ready"`` with ``problems`` (home not writable). These three need no token.
@@ -69,6 +69,7 @@ import asyncio
 import contextlib
 import logging
 import tempfile
+from dataclasses import replace
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -80,6 +81,7 @@ from agent.fence import Fence
 from agent.identity import CallTokens
 from agent.jobs import JobManager, JobRejected
 from agent.registration import Registration, Work
+from agent_api.maintenance import DrainRequest
 from agent_api.protocol import (
     AgentJobStatus,
     DrainState,
@@ -187,10 +189,10 @@ async def _stop(request: web.Request) -> web.Response:
 
 
 async def _drain(request: web.Request) -> web.Response:
-    await _ignored_body(request)
+    asked = DrainRequest.from_json(await _body(request, allow_empty=True))
     jobs, config = request.app[_JOBS], request.app[_CONFIG]
     try:
-        jobs.admission.drain(by="POST /drain")
+        jobs.admission.drain(replace(asked, by=asked.by or "POST /drain"))
         _heartbeat_now(request.app)
     except OSError as exc:
         raise HttpError(
@@ -223,7 +225,12 @@ async def _ignored_body(request: web.Request) -> None:
 
 
 def _drain_state(config: AgentConfig, jobs: JobManager) -> DrainState:
-    return DrainState(agent_id=config.id, draining=jobs.admission.draining, jobs_running=jobs.running_count())
+    return DrainState(
+        agent_id=config.id,
+        draining=jobs.admission.draining,
+        jobs_running=jobs.running_count(),
+        maintenance=jobs.admission.maintenance,
+    )
 
 
 async def _health(request: web.Request) -> web.Response:
@@ -237,7 +244,13 @@ async def _health(request: web.Request) -> web.Response:
             "jobs_running": jobs.running_count(),
             "max_jobs": jobs.admission.max_jobs,
             "draining": jobs.admission.draining,
+            # Who drained it, when, why, and when what still runs is stopped (agent_api/maintenance.py).
+            "maintenance": m.to_json() if (m := jobs.admission.maintenance) is not None else None,
+            # Its automatic maintenance: why it takes no new job by itself (agent/self_check.py).
+            "unwell": u.to_json() if (u := jobs.admission.unwell) is not None else None,
             "version": VERSION,
+            # How it fences (agent_api/fencing.py): the sidecar ends a fenced job FAILED no sooner.
+            "fence": request.app[_CONFIG].fence_terms.to_json(),
             # Finished jobs kept on disk and their bytes, as of the last retention check.
             "jobs_retained": jobs.retained.jobs,
             "retained_bytes": jobs.retained.bytes,
@@ -263,6 +276,8 @@ async def _ready(request: web.Request) -> web.Response:
         problems.append(f"home {config.home} did not answer a write within {READY_CHECK_TIMEOUT_SECONDS} s")
     except OSError as exc:
         problems.append(f"home {config.home} is not writable: {exc.strerror or exc}")
+    if (unwell := jobs.admission.unwell) is not None and not problems:
+        problems.append(unwell.reason)
     draining = jobs.admission.draining
     if problems and draining:
         problems.append("draining: it takes no new job")
@@ -392,15 +407,20 @@ async def serve(config: AgentConfig) -> None:
 
 
 def _work(jobs: JobManager) -> Work:
+    admission = jobs.admission
     return Work(
-        max_jobs=jobs.admission.max_jobs, jobs_running=jobs.running_count(), draining=jobs.admission.draining
+        max_jobs=admission.max_jobs,
+        jobs_running=jobs.running_count(),
+        draining=admission.draining,
+        maintenance=admission.maintenance,
+        unwell=admission.unwell,
     )
 
 
 async def _drain_for_shutdown(
     config: AgentConfig, jobs: JobManager, registration: Registration | None
 ) -> None:
-    jobs.admission.drain(by="SIGTERM", persist=False)
+    jobs.admission.drain(DrainRequest(by="SIGTERM", comment="a planned shutdown"), persist=False)
     if registration is not None:
         registration.poke()
     running = jobs.running_count()

@@ -41,6 +41,7 @@ from typing import Any, TypeVar
 
 import aiohttp
 
+from agent_api.maintenance import DrainRequest
 from agent_api.protocol import (
     DrainState,
     JobChanges,
@@ -251,17 +252,18 @@ class AgentClient:
             raise AgentUnavailable(f"GET {self.base_url}/health: unexpected answer")
         return answer
 
-    async def drain(self) -> DrainState:
+    async def drain(self, request: DrainRequest | None = None) -> DrainState:
         """The agent takes no new job from now on (and after a restart) until :meth:`undrain`; its
-        running jobs go on. Idempotent; an agent that could not save the flag is AgentUnavailable."""
-        return await self._drain_call("/drain")
+        running jobs go on (until the request's timeout, if any). Idempotent; an agent that could not
+        save the flag is AgentUnavailable."""
+        return await self._drain_call("/drain", (request or DrainRequest()).to_json())
 
     async def undrain(self) -> DrainState:
         """The agent takes new jobs again. Idempotent."""
-        return await self._drain_call("/undrain")
+        return await self._drain_call("/undrain", {})
 
-    async def _drain_call(self, path: str) -> DrainState:
-        answer = await self._json("POST", path, body={})
+    async def _drain_call(self, path: str, body: dict[str, Any]) -> DrainState:
+        answer = await self._json("POST", path, body=body)
         return _parse(DrainState.from_json, answer, f"POST {self.base_url}{path}")
 
     # ------------------------------------------------------------------------------ transport

@@ -19,16 +19,15 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any, TypeVar
 
+from agent_api.errors import ProtocolError as ProtocolError  # where every parser's error lives
+from agent_api.maintenance import Maintenance
+
 JOB_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 # A change cursor (``GET /jobs?changed_since=``): opaque to clients, who keep it and pass it back.
 MAX_CURSOR_CHARS = 64
 CURSOR_PATTERN = re.compile(rf"[A-Za-z0-9._-]{{1,{MAX_CURSOR_CHARS}}}")
 MAX_REASON_CHARS = 2000
 _E = TypeVar("_E", bound="StrEnum")
-
-
-class ProtocolError(ValueError):
-    """A request or answer does not have the documented shape; the message names the field."""
 
 
 class AgentJobStatus(StrEnum):
@@ -287,9 +286,15 @@ class DrainState:
     agent_id: str
     draining: bool
     jobs_running: int
+    maintenance: Maintenance | None = None  # the drain's who, when and why (None: not said)
 
     def to_json(self) -> dict[str, Any]:
-        return {"agent_id": self.agent_id, "draining": self.draining, "jobs_running": self.jobs_running}
+        return {
+            "agent_id": self.agent_id,
+            "draining": self.draining,
+            "jobs_running": self.jobs_running,
+            "maintenance": self.maintenance.to_json() if self.maintenance is not None else None,
+        }
 
     @classmethod
     def from_json(cls, value: object) -> DrainState:
@@ -301,7 +306,12 @@ class DrainState:
         jobs_running = _optional_int(obj, "jobs_running")
         if jobs_running is None or jobs_running < 0:
             raise ProtocolError("jobs_running must be an integer >= 0")
-        return cls(agent_id=agent_id, draining=draining, jobs_running=jobs_running)
+        return cls(
+            agent_id=agent_id,
+            draining=draining,
+            jobs_running=jobs_running,
+            maintenance=Maintenance.from_json(obj.get("maintenance")),
+        )
 
 
 @dataclass(frozen=True)

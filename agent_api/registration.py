@@ -36,6 +36,8 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
+from agent_api.fencing import FenceTerms
+from agent_api.maintenance import Maintenance, Unwell
 from agent_api.protocol import CURSOR_PATTERN, JOB_ID_PATTERN, JobInfo, ProtocolError
 
 MAX_INT = 2**31 - 1  # max_jobs, jobs_running: as the router DB's integers
@@ -68,6 +70,9 @@ KNOWN_FIELDS = frozenset(
         "call_token",
         "next_identity_proof",
         "next_call_token",
+        "fence",
+        "maintenance",
+        "unwell",
     }
 )
 
@@ -96,6 +101,9 @@ class Heartbeat:
     call_token: str = field(default="", repr=False)
     next_identity_proof: str = field(default="", repr=False)
     next_call_token: str = field(default="", repr=False)
+    fence: FenceTerms = FenceTerms()  # how it fences (agent_api/fencing.py); an older agent: not at all
+    maintenance: Maintenance | None = None  # while draining: by whom, since when, why (maintenance.py)
+    unwell: Unwell | None = None  # why it takes no new job by itself (its automatic maintenance)
     # Entries of ``jobs`` the sidecar could not read (a newer agent's word): skipped, the rest recorded.
     unreadable_jobs: int = field(default=0, compare=False)
     # Fields of a newer agent: never in a repr (a newer agent's secrets would be among them).
@@ -116,6 +124,9 @@ class Heartbeat:
             "leaving": self.leaving,
             **({"identity_proof": self.identity_proof} if self.identity_proof else {}),
             "previous_instances": list(self.previous_instances),
+            "fence": self.fence.to_json(),
+            "maintenance": self.maintenance.to_json() if self.maintenance is not None else None,
+            "unwell": self.unwell.to_json() if self.unwell is not None else None,
             **{
                 name: value
                 for name, value in (
@@ -238,6 +249,9 @@ def parse_heartbeat(body: object) -> Heartbeat:
         next_identity_proof=secrets["next_identity_proof"],
         next_call_token=secrets["next_call_token"],
         previous_instances=tuple(previous),
+        fence=FenceTerms.from_json(body.get("fence")),
+        maintenance=Maintenance.from_json(body.get("maintenance")),
+        unwell=Unwell.from_json(body.get("unwell")),
         cursor=cursor,
         url=url.rstrip("/"),
         instance=instance,

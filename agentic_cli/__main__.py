@@ -97,8 +97,29 @@ def parser() -> argparse.ArgumentParser:
     agents = area.add_parser("agents", help="the agents the sidecar routes to")
     agent_commands = agents.add_subparsers(dest="command", required=True)
     agent_commands.add_parser("list", help="each agent's state, capacity and jobs", parents=[shared])
+    drain = agent_commands.add_parser(
+        "drain",
+        help="no new job goes there; running ones go on (until --timeout: then they are stopped)",
+        parents=[shared],
+    )
+    drain.add_argument("agent_id")
+    drain.add_argument(
+        "--timeout",
+        metavar="AGE",
+        help="stop what still runs after this long (30m, 2h...): recorded as such, the tasks fail and may "
+        "retry elsewhere",
+    )
+    drain.add_argument("--comment", default="", help="why, shown with the agent until it is undrained")
+    maintenance = agent_commands.add_parser(
+        "maintenance",
+        help="put an agent in maintenance with a comment (a drain: no new job, running ones go on), kept "
+        "across restarts of the agent and the sidecar; --off takes it out",
+        parents=[shared],
+    )
+    maintenance.add_argument("agent_id")
+    maintenance.add_argument("--comment", default="", help="why: shown in agents list, GET /agents and /ui")
+    maintenance.add_argument("--off", action="store_true", help="end the maintenance: take jobs again")
     for name, text in (
-        ("drain", "no new job goes there; running ones go on"),
         ("undrain", "take jobs again"),
         (
             "revoke",
@@ -149,6 +170,14 @@ def _list(sidecar: Sidecar, args: argparse.Namespace, out: TextIO) -> int:
 
 AGE = re.compile(r"(\d{1,9})([smhd])")
 UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def seconds(text: str, option: str) -> int:
+    """An age such as ``30m`` or ``2h`` in seconds; CliError (bad usage) otherwise."""
+    found = AGE.fullmatch(text.strip())
+    if found is None or int(found.group(1)) == 0:
+        raise CliError(f"{option} {text!r}: give a duration such as 90s, 30m, 2h or 1d", USAGE)
+    return int(found.group(1)) * UNIT_SECONDS[found.group(2)]
 
 
 def since(text: str) -> str:
@@ -233,7 +262,19 @@ def _agents(sidecar: Sidecar, args: argparse.Namespace, out: TextIO) -> int:
 
 
 def _drain(sidecar: Sidecar, args: argparse.Namespace, out: TextIO) -> int:
-    agent = sidecar.json("POST", f"/agents/{args.agent_id}/{args.command}")
+    """drain, undrain, and maintenance (a drain with a comment; --off: an undrain)."""
+    draining = args.command in ("drain", "maintenance") and not getattr(args, "off", False)
+    body: dict[str, object] = {}
+    if draining:
+        body["by"] = f"{getpass.getuser()} through agentic agents {args.command}"
+        if args.comment:
+            body["comment"] = args.comment
+        if getattr(args, "timeout", None):
+            body["timeout_seconds"] = seconds(args.timeout, "--timeout")
+    elif getattr(args, "comment", ""):
+        raise CliError("--off takes no --comment: the comment goes with the maintenance", USAGE)
+    verb = "drain" if draining else "undrain"
+    agent = sidecar.json("POST", f"/agents/{args.agent_id}/{verb}", json=body)
     out.write(json.dumps(agent, indent=2) + "\n" if args.json else agents_table([agent]))
     return 0
 
@@ -266,6 +307,7 @@ COMMANDS: dict[tuple[str, str], Callable[[Sidecar, argparse.Namespace, TextIO], 
     ("jobs", "stop"): _stop,
     ("agents", "list"): _agents,
     ("agents", "drain"): _drain,
+    ("agents", "maintenance"): _drain,
     ("agents", "undrain"): _drain,
     ("agents", "revoke"): _revoke,
     ("agents", "forget"): _forget,

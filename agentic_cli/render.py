@@ -85,7 +85,18 @@ AGENT_COLUMNS = (
     ("LAST CONTACT", "last_contact_at"),
     ("HOW", "registered"),  # registered itself, or configured in [[agents]]
     ("URL", "url"),
+    ("MAINTENANCE", "maintenance"),  # who drained it, and why
 )
+
+
+def maintenance_cell(value: object) -> str:
+    """A drain's comment and who asked for it, and when it stops what still runs."""
+    if not isinstance(value, Mapping):
+        return ""
+    said = f"{value.get('comment') or '-'} (by {value.get('by') or '?'}"
+    if value.get("stop_at"):
+        said += f", stops jobs at {value['stop_at']}"
+    return said + ")"
 
 
 def agents_table(agents: Sequence[Mapping[str, Any]]) -> str:
@@ -100,6 +111,8 @@ def agents_table(agents: Sequence[Mapping[str, Any]]) -> str:
             return "-"  # no limit
         if key == "registered":
             return "registered" if value else "configured"
+        if key == "maintenance":
+            return maintenance_cell(value)
         return value
 
     return table([h for h, _ in AGENT_COLUMNS], [[cell(a, k) for _, k in AGENT_COLUMNS] for a in agents])

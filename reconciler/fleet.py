@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import time
 from collections.abc import Callable, Coroutine, Iterable
@@ -42,8 +43,12 @@ from enum import StrEnum
 from typing import Any
 
 from agent_api.client import AgentError, JobInfo
+from agent_api.fencing import FenceTerms
+from agent_api.maintenance import DrainRequest, Maintenance, Unwell
+from agent_api.protocol import ProtocolError
 from reconciler.agents import AgentPool
 from reconciler.config import AgentEntry, FleetConfig
+from reconciler.fencing import fence_problem, fence_wait
 from reconciler.metrics import Metrics
 from reconciler.routing import Capacity, label_set
 from router_db import AgentRecord, JobRecord, JobStatus, RouterDB, Transition
@@ -110,6 +115,24 @@ class Heard:
     max_jobs: int | None = None  # 0: no limit
     jobs_running: int | None = None
     version: str | None = None
+    maintenance: Maintenance | None = None  # while draining: by whom, since when, why
+    unwell: Unwell | None = None  # why it takes no new job by itself (its automatic maintenance)
+
+
+def unwell_of(said: object) -> Unwell | None:
+    """An answer's or a row's unwell (None: well, or unreadable)."""
+    try:
+        return Unwell.from_json(json.loads(said) if isinstance(said, str) and said else said or None)
+    except (ValueError, ProtocolError):
+        return None
+
+
+def maintenance_of(said: object) -> Maintenance | None:
+    """An answer's or a row's maintenance (None: none, or unreadable: the drain flag still counts)."""
+    try:
+        return Maintenance.from_json(json.loads(said) if isinstance(said, str) and said else said or None)
+    except (ValueError, ProtocolError):
+        return None
 
 
 def heard(answer: dict[str, Any]) -> Heard:
@@ -125,6 +148,8 @@ def heard(answer: dict[str, Any]) -> Heard:
         max_jobs=count("max_jobs"),
         jobs_running=count("jobs_running"),
         version=version[:MAX_VERSION_CHARS] if isinstance(version, str) else None,
+        maintenance=maintenance_of(answer.get("maintenance")),
+        unwell=unwell_of(answer.get("unwell")),
     )
 
 
@@ -142,6 +167,7 @@ class AgentReport:
     jobs_running: int | None
     version: str | None
     registered: bool = False  # registered itself (PUT /agents/{id}); else configured in [[agents]]
+    maintenance: Maintenance | None = None
 
 
 class DrainNotDelivered(Exception):
@@ -196,6 +222,7 @@ class _Agent:
     sweeping: bool = False
     heard: Heard = Heard()  # the work fields of its last answer
     drain_wanted: bool | None = None  # asked of the sidecar and not yet confirmed by the agent
+    drain_request: DrainRequest | None = None  # its comment and timeout, sent with it
     next_drain_send: float = 0.0
     sending_drain: bool = False
     # Registered agents: liveness from their heartbeats (router DB), no health checks.
@@ -210,6 +237,12 @@ class _Agent:
     # those count in the majority that holds back losses.
     confirmed: bool = True
     revoked: bool = False  # a registered agent whose credential an operator revoked
+    # How it fences, as it last said (kept across a standby term: terms rarely change, and a stale
+    # answer is better than none for a fenced job's FAILED, which waits on them).
+    fence: FenceTerms = FenceTerms()
+    fence_heard: bool = False  # its terms were said (a health answer, a heartbeat's row)
+    fence_said: str = ""  # the last complaint logged about its terms ("": none)
+    fence_waiting: int = 0  # lost, with this many fenced jobs whose fence may not have fired yet
     call_token: Secret[str] | None = None  # what it is called with (its registration's)
 
     @property
@@ -217,6 +250,11 @@ class _Agent:
         if self.revoked:  # routed around as a drained agent is
             return True
         return self.drain_wanted if self.drain_wanted is not None else bool(self.heard.draining)
+
+    @property
+    def takes_no_work(self) -> bool:
+        """Drained, or unwell by its own say (a nearly full disk): routed around either way."""
+        return self.draining or self.heard.unwell is not None
 
 
 class Fleet:
@@ -294,7 +332,7 @@ class Fleet:
         for agent in self._agents.values():
             key = label_set(self._pool.labels(agent.id))
             active[key] = active.get(key, 0) + self._load.get(agent.id, 0)
-            takes_work = agent.state in (AgentState.LIVE, AgentState.SUSPECT) and not agent.draining
+            takes_work = agent.state in (AgentState.LIVE, AgentState.SUSPECT) and not agent.takes_no_work
             slots = (agent.heard.max_jobs or float("inf")) if takes_work else 0
             capacity[key] = capacity.get(key, 0) + slots
         for key, slots in capacity.items():
@@ -304,7 +342,7 @@ class Fleet:
     def _shown(self, agent: _Agent) -> AgentState:
         if agent.revoked and agent.state is not AgentState.LOST:
             return AgentState.REVOKED
-        if agent.state in (AgentState.LIVE, AgentState.SUSPECT) and agent.draining:
+        if agent.state in (AgentState.LIVE, AgentState.SUSPECT) and agent.takes_no_work:
             return AgentState.DRAINING
         return agent.state
 
@@ -320,7 +358,7 @@ class Fleet:
         agent = self._agents.get(agent_id)
         if agent is None:
             return Capacity()
-        return Capacity(draining=agent.draining, max_jobs=agent.heard.max_jobs)
+        return Capacity(draining=agent.takes_no_work, max_jobs=agent.heard.max_jobs)
 
     def ids(self) -> list[str]:
         return sorted(self._agents)
@@ -339,14 +377,18 @@ class Fleet:
             jobs_running=agent.heard.jobs_running,
             version=agent.heard.version,
             registered=agent.registered,
+            maintenance=self._maintenance(agent),
         )
 
-    async def drain(self, agent_id: str, *, draining: bool) -> AgentReport:
+    async def drain(
+        self, agent_id: str, *, draining: bool, request: DrainRequest | None = None
+    ) -> AgentReport:
         """Record the drain flag (it routes at once) and tell the agent, which keeps it across its
         restarts. Raises :class:`DrainNotDelivered` when the agent did not take it: the flag stays
         and is sent again once the agent answers its health checks. ``KeyError``: unknown agent."""
         agent = self._agents[agent_id]
         agent.drain_wanted = draining
+        agent.drain_request = request if draining else None
         self._publish()
         verb = "drain" if draining else "undrain"
         fields = {"agent_id": agent_id, "action": f"agent_{verb}"}
@@ -361,6 +403,12 @@ class Fleet:
             ) from None
         log.info("agent %s %s", agent_id, "drains" if answer.draining else "takes new jobs", extra=fields)
         return self.report(agent_id)
+
+    def _maintenance(self, agent: _Agent) -> Maintenance | None:
+        """The operator's, while it drains; else the agent's own, while it is unwell."""
+        if agent.draining:
+            return agent.heard.maintenance
+        return agent.heard.unwell.as_maintenance() if agent.heard.unwell is not None else None
 
     def refusal(self, agent_id: str) -> str | None:
         """Why nothing may be sent to the agent now: another agent answered at its URL (lost or not)."""
@@ -435,6 +483,9 @@ class Fleet:
             self._next_load = now + self._config.check_interval_seconds
             self._load = await asyncio.to_thread(self._db.active_counts)
         self._metrics.agents_held.set(held)
+        self._metrics.fence_waiting_jobs.set(
+            sum(a.fence_waiting for a in self._agents.values() if a.state is AgentState.LOST)
+        )
         self._publish()
 
     def _hold(self, verdicts: dict[str, AgentState], now: float) -> bool:
@@ -488,15 +539,45 @@ class Fleet:
             for job in await asyncio.to_thread(self._db.active, agent_id=agent.id)
             if job.created_at <= lost_at or now - job.created_at >= window
         ]
+        # A fenced job ends once the agent's fence has surely stopped it: never while it may run on.
+        wait = fence_wait(agent.fence, silent_for=self._silent_for(agent), margin=self._fence_margin(agent))
+        fenced = [job for job in jobs if agent.fence.fenced(job.at_most_once)]
+        waiting, agent.fence_waiting = agent.fence_waiting, len(fenced) if wait > 0 else 0
+        if agent.fence_waiting:
+            jobs = [job for job in jobs if not agent.fence.fenced(job.at_most_once)]
+            if not waiting:
+                log.warning(
+                    "agent %s lost: its %d at_most_once job(s) end FAILED in %.0f s, once its fence "
+                    "(fence_after_seconds=%s) has surely stopped them",
+                    agent.id,
+                    len(fenced),
+                    wait,
+                    f"{agent.fence.after_seconds:g}",
+                    extra={"agent_id": agent.id, "action": "agent_fence_wait"},
+                )
         if not jobs:
             return
         reason = self._lost_reason(agent)
+        fence_note = (
+            f"; fenced: the agent stops its at_most_once jobs once cut off for fence_after_seconds="
+            f"{agent.fence.after_seconds:g}"
+        )
         ended = await asyncio.to_thread(
-            self._db.apply, [lost_job_transition(job, reason) for job in jobs], source="fleet"
+            self._db.apply,
+            [
+                lost_job_transition(
+                    job, reason + (fence_note if agent.fence.fenced(job.at_most_once) else "")
+                )
+                for job in jobs
+            ],
+            source="fleet",
         )
         self.changed(job for job in ended if job is not None)
         count = sum(job is not None for job in ended)
         self._metrics.lost_jobs.inc(count)
+        self._metrics.fenced_jobs.inc(
+            sum(job is not None and agent.fence.fenced(job.at_most_once) for job in ended)
+        )
         if count:
             log.error("ended %d job(s) of lost agent %s", count, agent.id, extra={"agent_id": agent.id})
 
@@ -624,6 +705,8 @@ class Fleet:
             agent.last_contact_at = row.last_heartbeat_at
             agent.last_error = ""
         agent.heartbeat_seconds = max(0.1, row.heartbeat_seconds)
+        agent.fence = FenceTerms(row.fence_after_seconds, row.fence_grace_seconds, row.at_most_once_default)
+        agent.fence_heard = True
         self._learn(
             agent,
             Heard(
@@ -631,6 +714,8 @@ class Fleet:
                 max_jobs=row.max_jobs,
                 jobs_running=row.jobs_running,
                 version=row.version[:MAX_VERSION_CHARS],
+                maintenance=maintenance_of(row.maintenance),
+                unwell=unwell_of(row.unwell),
             ),
         )
 
@@ -661,7 +746,7 @@ class Fleet:
         fields = {"agent_id": agent.id, "action": f"agent_{state.value}"}
         if state is AgentState.LOST:
             # Stamped with the router DB's time as its jobs are read, in this very tick.
-            agent.lost_at, agent.next_end = None, float("-inf")
+            agent.lost_at, agent.next_end, agent.fence_waiting = None, float("-inf"), 0
             log.error("%s; its jobs end FAILED", self._lost_reason(agent), extra=fields)
         elif state is AgentState.WRONG_IDENTITY:
             log.error(
@@ -725,9 +810,64 @@ class Fleet:
                 agent.failed_check_started = None
                 agent.last_error = agent.wrong_identity = ""
                 self._learn(agent, heard(answer))
+                self._learn_fence(agent, answer.get("fence"))
         finally:
             agent.checking = False
             agent.next_check = started + self._config.check_interval_seconds
+
+    def _learn_fence(self, agent: _Agent, said: object) -> None:
+        """An ``[[agents]]`` agent's fence terms from its health answer. Its configuration cannot be
+        refused as a registration is: terms that outlast ``lost_after_seconds`` are logged, and its
+        fenced jobs' FAILED waits on them all the same."""
+        try:
+            agent.fence = FenceTerms.from_json(said)
+        except ProtocolError:
+            return  # unreadable: the terms last heard stand
+        agent.fence_heard = True
+        margin = self._config.check_interval_seconds + self._config.check_timeout_seconds
+        problem = fence_problem(
+            agent.fence,
+            agent_id=agent.id,
+            heartbeat_seconds=margin,
+            lost_after=self._config.lost_after_seconds,
+        )
+        if problem is not None and problem != agent.fence_said:
+            log.error(
+                "%s; its fenced jobs end FAILED only once the fence has surely stopped them",
+                problem.replace("one heartbeat", "one health check and its timeout"),
+                extra={"agent_id": agent.id, "action": "agent_fence_too_late"},
+            )
+        agent.fence_said = problem or ""
+
+    def fence_refusal(self, agent_id: str) -> str | None:
+        """Why an ``at_most_once`` job must not go to the agent (None: it may): it does not fence (or
+        has not said so yet), or its fence could still run once the agent is declared lost."""
+        agent = self._agents.get(agent_id)
+        if agent is None or not agent.fence_heard:  # not said yet: the agent itself refuses if it must
+            return None
+        if not agent.fence.fences:
+            return f"agent {agent_id} does not fence ([agent] fence_after_seconds 0, or an older agent)"
+        return fence_problem(
+            agent.fence,
+            agent_id=agent_id,
+            heartbeat_seconds=self._fence_margin(agent),
+            lost_after=self._config.lost_after_seconds,
+        )
+
+    def _fence_margin(self, agent: _Agent) -> float:
+        """How much later than the sidecar's record the agent's last contact may be."""
+        if agent.registered:
+            return agent.heartbeat_seconds
+        return self._config.check_interval_seconds + self._config.check_timeout_seconds
+
+    def _silent_for(self, agent: _Agent) -> float:
+        """How long the agent has been silent, as the lost rule counts it (only since this sidecar
+        listened: a replica that just took over counts less, never more)."""
+        now = self._clock()
+        if agent.registered:
+            heard_at = agent.last_beat if agent.last_beat is not None else self._listening_since
+            return min(now - heard_at, now - self._listening_since)
+        return now - agent.last_contact
 
     def _learn(self, agent: _Agent, news: Heard) -> None:
         agent.heard = news
@@ -759,12 +899,17 @@ class Fleet:
         agent.next_drain_send = self._clock() + DRAIN_RESEND_SECONDS
         try:
             client = self._pool.client(agent.id)
-            answer = await (client.drain() if wanted else client.undrain())
+            answer = await (client.drain(agent.drain_request) if wanted else client.undrain())
         finally:
             agent.sending_drain = False
         if answer.agent_id != agent.id:  # the address now reaches another agent
             raise AgentError(f"the agent at {self._pool.url(agent.id)} answered as {answer.agent_id[:200]!r}")
-        news = replace(agent.heard, draining=answer.draining, jobs_running=answer.jobs_running)
+        news = replace(
+            agent.heard,
+            draining=answer.draining,
+            jobs_running=answer.jobs_running,
+            maintenance=answer.maintenance,
+        )
         if agent.registered or self._leading:
             # The wanted flag stays until a later heartbeat or health answer carries it: one sent before
             # this answer and read after it would otherwise route to a draining agent again.

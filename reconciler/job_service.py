@@ -171,6 +171,17 @@ class JobService:
             eligible = self._agents.eligible(agent_id=request.agent_id, labels=request.labels)
         except NoAgent as exc:
             raise Refused(400, str(exc)) from None
+        if request.payload.get("at_most_once"):
+            # Only agents whose fence ends the job before they are declared lost: none, and the task
+            # fails now, saying why, rather than wait for an agent that cannot come.
+            unfenced = {a: why for a in eligible if (why := self._loop.fence_refusal(a)) is not None}
+            if len(unfenced) == len(eligible):
+                raise Refused(
+                    400,
+                    "no agent the route allows can fence an at_most_once job: "
+                    + "; ".join(unfenced.values()),
+                )
+            refused = {**unfenced, **refused}
         if not self._agents.limited(eligible):  # no agent has a limit: loads do not matter
             return await self._record(request, key, refused, load=None)
         async with self._placing:
@@ -200,7 +211,8 @@ class JobService:
                 refusal or f"agent {agent_id} is lost: it does not answer its health checks",
                 retry_after=LOST_AGENT_RETRY_AFTER,
             )
-        new = NewJob(key, agent_id, request.command, request.ti_identity)
+        at_most_once = bool(request.payload.get("at_most_once"))
+        new = NewJob(key, agent_id, request.command, request.ti_identity, at_most_once)
         return await asyncio.to_thread(self._db.submit, new)
 
     def _no_capacity(self, message: str) -> NoRoom:

@@ -131,6 +131,10 @@ class ReconcileLoop:
         """Each agent's liveness (live, suspect, lost) as this replica's loop sees it."""
         return {} if self._fleet is None else {a: str(s) for a, s in self._fleet.states().items()}
 
+    def fence_refusal(self, agent_id: str) -> str | None:
+        """Why an at_most_once job must not go to the agent (reconciler.fleet.Fleet.fence_refusal)."""
+        return None if self._fleet is None else self._fleet.fence_refusal(agent_id)
+
     def answering(self, agent_id: str) -> bool:
         """False while this replica's loop sees the agent fail its health checks (suspect or lost)."""
         return self._fleet is None or self._fleet.state(agent_id) is AgentState.LIVE

@@ -97,7 +97,8 @@ class Metrics:
             "(an id held by a live agent elsewhere or configured statically, an address the sidecar "
             "cannot reach, the wrong agent there, too many at once, a credential not the agent's or "
             "expired), out_of_scope (an id, a label or an address [fleet] does not allow, or "
-            "max_agents reached), or revoked (an id whose credential an operator revoked).",
+            "max_agents reached), revoked (an id whose credential an operator revoked), or fence_too_late "
+            "(the agent's fence could outlast [fleet] lost_after_seconds).",
             ["result"],
             registry=r,
         )
@@ -110,6 +111,16 @@ class Metrics:
         )
         self.lost_jobs = Counter(
             "reconciler_lost_agent_jobs", "Jobs ended FAILED because their agent was lost.", registry=r
+        )
+        self.fenced_jobs = Counter(
+            "reconciler_fenced_jobs",
+            "at_most_once jobs of lost agents ended FAILED, each once its fence had surely stopped it.",
+            registry=r,
+        )
+        self.fence_waiting_jobs = Gauge(
+            "reconciler_fence_waiting_jobs",
+            "at_most_once jobs of lost agents not ended yet: their agent's fence may still be stopping them.",
+            registry=r,
         )
         self.orphans_stopped = Counter(
             "reconciler_orphans_stopped",

@@ -629,6 +629,7 @@ _AGENT_COLUMNS = (
     "running",
     "max jobs",
     "version",
+    "maintenance",
 )
 
 
@@ -644,6 +645,7 @@ def _agents_document(reports: Sequence[AgentReport], load: dict[str, int]) -> st
             e("" if r.jobs_running is None else r.jobs_running),
             e("" if r.max_jobs is None else (r.max_jobs or "no limit")),
             e(r.version or ""),
+            e(r.maintenance.describe() if r.maintenance is not None else ""),
         ]
         for r in reports
     ]

@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import json
 import logging
 import socket
 from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
@@ -70,6 +71,7 @@ from agent_api.client import AgentClient, AgentError
 from agent_api.protocol import JobInfo
 from agent_api.registration import Heartbeat, identity_fingerprint
 from reconciler.config import FleetConfig
+from reconciler.fencing import fence_problem
 from reconciler.job_service import Refused
 from reconciler.metrics import Metrics
 from router_db import AgentConflict, AgentRecord, NotRegistered, RouterDB
@@ -108,6 +110,14 @@ class OutOfScope(Refused):
 
     def __init__(self, message: str) -> None:
         super().__init__(403, message)
+
+
+class FenceTooLate(Refused):
+    """The agent fences every job, and its fence could still be running when the sidecar declares it
+    lost (422): its registration is refused rather than have every job wait on that fence."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(422, message)
 
 
 class CallBackFailed(Refused):
@@ -365,6 +375,23 @@ class Registry:
                 # The fleet token lets an expired credential renew instead of being issued again.
                 accepted = await self._accept_credential(agent_id, beat, proof, fresh=not bootstrap)
             elif bootstrap:
+                # Each start of an agent registers with the fleet token: its fence is judged then.
+                # Terms that could outlast lost_after_seconds are refused where every job would be
+                # fenced; otherwise only at_most_once jobs avoid the agent (Fleet.fence_refusal).
+                late = fence_problem(
+                    beat.fence,
+                    agent_id=agent_id,
+                    heartbeat_seconds=beat.heartbeat_seconds,
+                    lost_after=self._config.lost_after_seconds,
+                )
+                if late is not None and beat.fence.default:
+                    raise FenceTooLate(late + " (it makes every job at_most_once)")
+                if late is not None:
+                    log.warning(
+                        "%s; it takes no at_most_once job meanwhile",
+                        late,
+                        extra={"agent_id": agent_id, "action": "agent_fence_too_late"},
+                    )
                 stored = await self._accept(agent_id, beat, proof)
                 accepted = Accepted(stored, renew_credential=self._due(stored))
             else:
@@ -375,6 +402,8 @@ class Registry:
                 result = "out_of_scope"
             elif isinstance(exc, Revoked):
                 result = "revoked"
+            elif isinstance(exc, FenceTooLate):
+                result = "fence_too_late"
             self._metrics.heartbeats.labels(result).inc()
             log.warning(
                 "registration of agent %s refused: %s",
@@ -552,6 +581,11 @@ class Registry:
             heartbeat_seconds=beat.heartbeat_seconds,
             identity_fingerprint=fingerprint,
             call_token=beat.next_call_token if beat.next_identity_proof else beat.call_token,
+            fence_after_seconds=beat.fence.after_seconds,
+            fence_grace_seconds=beat.fence.grace_seconds,
+            at_most_once_default=beat.fence.default,
+            maintenance=json.dumps(beat.maintenance.to_json()) if beat.maintenance is not None else "",
+            unwell=json.dumps(beat.unwell.to_json()) if beat.unwell is not None else "",
         )
 
     async def _accept(self, agent_id: str, beat: Heartbeat, proof: str) -> AgentRecord:

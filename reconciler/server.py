@@ -15,11 +15,13 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from datetime import datetime
 
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
+from agent_api.maintenance import DrainRequest
 from agent_api.protocol import ProtocolError
 from agent_api.registration import (
     CREDENTIAL_HEADER,
@@ -309,16 +311,22 @@ class SidecarAPI:
         return await self._drain(request, draining=False)
 
     async def _drain(self, request: web.Request, *, draining: bool) -> web.Response:
-        # A body is optional, its keys ignored (as the agent's /drain): anything but an object is a
-        # client's mistake, refused before anything changes.
-        if not isinstance(await read_json(request, limit=self._max_body_bytes, allow_empty=True), dict):
-            raise BadRequest("body must be a JSON object, or empty")
+        # A body is optional (as the agent's /drain): a comment, who asks, a timeout; anything but an
+        # object, or a field of the wrong shape, is a client's mistake, refused before anything changes.
+        body = await read_json(request, limit=self._max_body_bytes, allow_empty=True)
+        try:
+            asked = DrainRequest.from_json(body)
+        except ProtocolError as exc:
+            raise BadRequest(str(exc)) from None
+        if not draining and (asked.comment or asked.timeout_seconds is not None):
+            raise BadRequest("an undrain takes no comment and no timeout")
+        asked = replace(asked, by=asked.by or "the sidecar's API")
         agent_id = request.match_info["agent_id"]
         if self._fleet is not None and agent_id not in self._fleet.ids():
             await self._fleet.load_registered()
         if self._fleet is None or agent_id not in self._fleet.ids():
             raise HttpError(404, f"unknown agent {agent_id[:128]!r}")
-        report = await self._fleet.drain(agent_id, draining=draining)
+        report = await self._fleet.drain(agent_id, draining=draining, request=asked)
         load = await asyncio.to_thread(self._db.active_counts)
         return web.json_response(_agent(report, load))
 
@@ -397,6 +405,7 @@ def _agent(report: AgentReport, load: dict[str, int]) -> dict[str, object]:
         version=report.version,
         draining=report.draining,
         registered=report.registered,
+        maintenance=report.maintenance.to_json() if report.maintenance is not None else None,
     )
 
 

@@ -281,7 +281,8 @@ def _credential_update(dialect: str) -> Any:
     proven = bindparam("proven", type_=String())
     lifetime = bindparam("lifetime", type_=Float())
     renewing = c.identity_fingerprint != new["identity_fingerprint"]  # the new credential takes over
-    kept = ("url", "labels", "max_jobs", "jobs_running", "version", "draining", "instance")
+    kept: tuple[str, ...] = ("url", "labels", "max_jobs", "jobs_running", "version", "draining", "instance")
+    kept += ("fence_after_seconds", "fence_grace_seconds", "at_most_once_default", "maintenance", "unwell")
     values: dict[str, Any] = {name: new[name] for name in kept}
     values |= {
         "heartbeat_seconds": new["heartbeat_seconds"],
@@ -339,6 +340,11 @@ def _values(record: AgentRecord) -> dict[str, Any]:
         "call_token": record.call_token,
         "credential_issued_at": _utc(record.credential_issued_at) if record.credential_issued_at else None,
         "revoked_at": None,
+        "fence_after_seconds": float(record.fence_after_seconds),
+        "fence_grace_seconds": float(record.fence_grace_seconds),
+        "at_most_once_default": record.at_most_once_default,
+        "maintenance": record.maintenance,
+        "unwell": record.unwell,
     }
 
 

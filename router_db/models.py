@@ -16,6 +16,7 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     UniqueConstraint,
+    false,
 )
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -69,6 +70,9 @@ class Job(Base):
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
     stop_requested_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    # Revision 0006: the job asked to be fenced (agent_api/fencing.py): lost with its agent, it ends
+    # FAILED only once the agent's fence has surely stopped it.
+    at_most_once: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
 
     __table_args__ = (
         UniqueConstraint(
@@ -138,3 +142,13 @@ class Agent(Base):
     call_token: Mapped[str] = mapped_column(String(64), default="", server_default="")
     credential_issued_at: Mapped[datetime | None] = mapped_column(UTCDateTime())  # the router DB's clock
     revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime())  # agentic agents revoke
+    # Revision 0006: its fence terms, as its heartbeats say them (agent_api/fencing.py); 0: it fences
+    # nothing (an agent older than fencing says nothing).
+    fence_after_seconds: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")
+    fence_grace_seconds: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")
+    at_most_once_default: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    # Revision 0006 too: while it drains, by whom, since when, why and its timeout, as a JSON object
+    # (agent_api.maintenance); "" when it does not say.
+    maintenance: Mapped[str] = mapped_column(Text, default="", server_default="")
+    # And why it takes no new job by itself (agent_api.maintenance.Unwell, as JSON); "" when well.
+    unwell: Mapped[str] = mapped_column(Text, default="", server_default="")

@@ -29,6 +29,7 @@ class NewJob:
     agent_id: str
     command: str
     ti_identity: str = ""  # see Job.ti_identity
+    at_most_once: bool = False  # see Job.at_most_once
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +47,7 @@ class JobRecord:
     stop_requested_at: datetime | None
     finished_at: datetime | None
     ti_identity: str = ""
+    at_most_once: bool = False
 
     @property
     def active(self) -> bool:
@@ -78,6 +80,7 @@ class JobRecord:
             stop_requested_at=row.stop_requested_at,
             finished_at=row.finished_at,
             ti_identity=row.ti_identity,
+            at_most_once=bool(row.at_most_once),
         )
 
 
@@ -114,6 +117,9 @@ MAX_COUNT = 2**31 - 1  # an Integer column
 MAX_HEARTBEAT_SECONDS = 86400.0
 
 
+AGENT_MAINTENANCE_CHARS = 2000  # a comment of 500, who of 200, two times: the JSON stays well within
+
+
 @dataclass(frozen=True, slots=True)
 class AgentRecord:
     """An agent that registered itself, as of its latest heartbeat.
@@ -144,6 +150,11 @@ class AgentRecord:
     call_token: str = field(default="", repr=False)  # a secret
     credential_issued_at: datetime | None = None
     revoked_at: datetime | None = None
+    fence_after_seconds: float = 0.0
+    fence_grace_seconds: float = 0.0
+    at_most_once_default: bool = False
+    maintenance: str = ""  # a JSON object (agent_api.maintenance.Maintenance), or "" for none
+    unwell: str = ""  # a JSON object (agent_api.maintenance.Unwell), or "" when well
 
     def check(self) -> None:
         """Raise ValueError naming the first field the router DB cannot store as given (never its value:
@@ -156,6 +167,8 @@ class AgentRecord:
             "identity_fingerprint": self.identity_fingerprint,
             "previous_fingerprint": self.previous_fingerprint,
             "call_token": self.call_token,
+            "maintenance": self.maintenance,
+            "unwell": self.unwell,
         }
         widths = {
             "agent_id": AGENT_ID_CHARS,
@@ -165,6 +178,8 @@ class AgentRecord:
             "identity_fingerprint": AGENT_FINGERPRINT_CHARS,
             "previous_fingerprint": AGENT_FINGERPRINT_CHARS,
             "call_token": AGENT_FINGERPRINT_CHARS,
+            "maintenance": AGENT_MAINTENANCE_CHARS,
+            "unwell": AGENT_MAINTENANCE_CHARS,
         }
         for name, value in texts.items():
             if not isinstance(value, str) or "\x00" in value:
@@ -214,6 +229,11 @@ class AgentRecord:
             call_token=row.call_token,
             credential_issued_at=row.credential_issued_at,
             revoked_at=row.revoked_at,
+            fence_after_seconds=float(row.fence_after_seconds),
+            fence_grace_seconds=float(row.fence_grace_seconds),
+            at_most_once_default=bool(row.at_most_once_default),
+            maintenance=row.maintenance,
+            unwell=row.unwell,
         )
 
 

@@ -18,8 +18,8 @@ So that the same bad request gets the same answer from the agent and from the si
   (:func:`bounded_query`, which :func:`servicekit.serve.serving` installs): 400 for a query parameter
   given more than :data:`MAX_QUERY_VALUES` times. Requests aiohttp cannot parse (a path and query
   past :data:`MAX_TARGET_BYTES`, a header past :data:`MAX_HEADER_BYTES`, more than
-  :data:`MAX_HEADERS` headers, a request line that is not HTTP) get aiohttp's own plain-text 400; the
-  log line aiohttp writes for them is kept from quoting the request (:mod:`servicekit.serve`).
+  :data:`MAX_HEADERS` headers, a request line that is not HTTP) get a 400 in the same shape, which
+  quotes nothing of the request, nor does the log line aiohttp writes (:mod:`servicekit.serve`).
 """
 
 from __future__ import annotations

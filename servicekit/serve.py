@@ -12,14 +12,17 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import json
 import logging
 import signal
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from ssl import SSLContext
+from typing import Any
 
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import ERROR, RequestHandler
 
 from servicekit.http import MAX_HEADER_BYTES, MAX_HEADERS, MAX_TARGET_BYTES, bounded_query
 from servicekit.slow_clients import Guard, GuardedSite
@@ -83,6 +86,48 @@ class _QuotesNoRequest(logging.Filter):
 logging.getLogger("aiohttp.server").addFilter(_QuotesNoRequest())
 
 
+def _unparsed_said(text: str) -> str:
+    """What a request aiohttp could not parse is told, from aiohttp's own message (which quotes the
+    request's bytes, so it is read, never repeated)."""
+    if text.startswith("Got more than"):
+        return (
+            f"a line of the request is too long (the path and query take at most {MAX_TARGET_BYTES:,} "
+            f"bytes, a header {MAX_HEADER_BYTES:,})"
+        )
+    if text.startswith("Too many headers"):
+        return f"the request has more than {MAX_HEADERS} headers"
+    return "the request is not well-formed HTTP/1.1"
+
+
+class _Unparsed(web.Request):
+    """The request aiohttp makes for bytes it could not parse. No middleware sees it, and aiohttp
+    answers it in plain text; its answer is turned into the JSON error shape both APIs document."""
+
+    async def _prepare_hook(self, response: web.StreamResponse) -> None:
+        if isinstance(response, web.Response) and 400 <= response.status < 500:
+            body = json.dumps({"error": _unparsed_said(response.text or "")}).encode()
+            response.body, response.content_type = body, "application/json"
+            response.headers["Content-Length"] = str(len(body))  # it still held the plain text's
+        await super()._prepare_hook(response)
+
+
+def _answer_unparsed_in_json(runner: web.AppRunner) -> None:
+    """Requests aiohttp cannot parse are made as :class:`_Unparsed` (each connection's handler reads
+    the server's factory when it opens, after setup)."""
+    server, app = runner.server, runner.app
+    assert server is not None
+    made = server.request_factory
+
+    def factory(
+        message: Any, payload: Any, protocol: RequestHandler, writer: Any, task: Any
+    ) -> web.BaseRequest:
+        if message is ERROR:
+            return app._make_request(message, payload, protocol, writer, task, _cls=_Unparsed)
+        return made(message, payload, protocol, writer, task)
+
+    server.request_factory = factory
+
+
 @asynccontextmanager
 async def serving(
     app: web.Application,
@@ -114,6 +159,7 @@ async def serving(
         max_headers=MAX_HEADERS,
     )
     await runner.setup()
+    _answer_unparsed_in_json(runner)
     try:
         site = GuardedSite(runner, host, port, ssl_context=ssl_context, guard=guard)
         await site.start()

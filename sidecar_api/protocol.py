@@ -304,13 +304,15 @@ def agent_json(
     version: str | None,
     draining: bool,
     registered: bool = False,
+    maintenance: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """One agent of ``GET /agents`` (and the answer to a drain): ``state`` is one of live, suspect,
     draining, lost, wrong_identity; ``max_jobs``, ``jobs_running`` and ``version`` are the agent's own
     last answer (null: not said, by an older agent or none yet; ``max_jobs`` 0: no limit);
     ``active_jobs`` is the router DB's count of its queued, running and stopping jobs; ``registered``:
     the agent registered itself (``last_contact_at`` is then its last heartbeat), else it is configured
-    in ``[[agents]]``."""
+    in ``[[agents]]``; ``maintenance``: while it drains, by whom, since when, why, and when what still
+    runs is stopped, as the agent keeps it (null: not draining, or not said)."""
     return {
         "agent_id": agent_id,
         "url": url,
@@ -323,6 +325,7 @@ def agent_json(
         "version": version,
         "draining": draining,
         "registered": registered,
+        "maintenance": maintenance,
     }
 
 

@@ -92,7 +92,10 @@ def test_health_needs_no_token(agent: AgentProcess) -> None:
         "jobs_running": 0,
         "max_jobs": 0,
         "draining": False,
+        "maintenance": None,
+        "unwell": None,
         "version": health["version"],
+        "fence": {"after_seconds": 60.0, "grace_seconds": 0.5, "default": False},
         "jobs_retained": health["jobs_retained"],
         "retained_bytes": health["retained_bytes"],
     }

@@ -119,7 +119,9 @@ def test_a_draining_agent_refuses_new_runs_while_its_jobs_finish_or_are_stopped(
     with AgentProcess(tmp_path / "home") as agent:
         run(agent, "finishes", waits_for(go))
         run(agent, "stopped", "sleep 300")
-        assert call(agent, lambda c: c.drain()) == DrainState("test-agent", draining=True, jobs_running=2)
+        drained = call(agent, lambda c: c.drain())
+        assert (drained.agent_id, drained.draining, drained.jobs_running) == ("test-agent", True, 2)
+        assert drained.maintenance is not None and drained.maintenance.by == "POST /drain"
         assert call(agent, lambda c: c.drain()).draining  # idempotent
 
         busy = refused(agent, "new")

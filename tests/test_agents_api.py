@@ -31,6 +31,7 @@ ENTRY_KEYS = {
     "jobs_running",
     "version",
     "draining",
+    "maintenance",
 }
 
 

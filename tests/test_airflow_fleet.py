@@ -56,17 +56,19 @@ FLEET_CONFIG = (
 OBSERVE = 0.1  # the test's own reading cadence
 
 # Airflow's trigger runner hands fired events to the triggerer's supervisor once a second, which
-# then writes them to the metadata DB: 1 s, plus 1 s for that write and the test's read; and as much
-# again for two cores that also run the rest of the suite (up to 3.8 s seen there).
-AIRFLOW_MARGIN = 4.0
+# then writes them to the metadata DB: 1 s, plus 1 s for that write and the test's read; and far more
+# on two cores that also run the rest of the suite (3.8 s seen there, then 8.1 s and 9.0 s on
+# 2026-12-07 with more of the suite's processes beside it).
+AIRFLOW_MARGIN = 10.0
 # From the router DB ending a job to its task leaving deferred: the trigger's long-poll answers at once,
 # unless the trigger is reading the job's output from an agent that hangs (paused): that read gives up
 # after OUTPUT_READ_SECONDS. Then Airflow.
 TRIGGER_SIGHTING = max(TRIGGER_POLL, OUTPUT_READ_SECONDS) + AIRFLOW_MARGIN
 # A crashed agent refuses connections at once. The fleet ticks on its own clock (every half check
 # interval): the first check sent lost_after_seconds after the last answer fails at once, the next
-# tick ends the job; 2 poll intervals cover those steps with room; the trigger sees it at its next poll.
-CRASH_BUDGET = LOST_AFTER + 2 * POLL_INTERVAL + TRIGGER_POLL + AIRFLOW_MARGIN
+# tick ends the job; 2 poll intervals cover those steps with room. That is the sidecar's own budget;
+# the trigger then sees the end at its next poll, and Airflow takes its margin (TRIGGER_SIGHTING).
+CRASH_BUDGET = LOST_AFTER + 2 * POLL_INTERVAL + 1.0
 # A paused agent must not lose its jobs early: its last answer precedes the SIGSTOP by at most one
 # check interval (and a slow tick on a busy machine).
 EARLIEST_LOSS = LOST_AFTER - POLL_INTERVAL - 0.5
@@ -268,15 +270,13 @@ def test_crashed_agent_fails_its_task_and_leaves_the_other_agent_alone(stack: St
     )
 
     # Watched past the budget, so that a miss is measured and shown with the logs.
-    loss = watch_loss(stack, victim, control, since=crashed, timeout=CRASH_BUDGET + 30)
+    loss = watch_loss(stack, victim, control, since=crashed, timeout=CRASH_BUDGET + TRIGGER_SIGHTING + 30)
     print(
         f"\ncrashed agent: router DB job FAILED after {loss.job_failed:.2f} s, task left deferred "
         f"({loss.ti_state}) after {loss.ti_left_deferred:.2f} s; budget {CRASH_BUDGET:.1f} s"
     )
-    assert loss.job_failed is not None
-    assert loss.ti_left_deferred is not None and loss.ti_left_deferred <= CRASH_BUDGET, stack.diagnostics(
-        "agent-a"
-    )
+    assert loss.job_failed is not None and loss.job_failed <= CRASH_BUDGET, stack.diagnostics("agent-a")
+    assert loss.ti_left_deferred is not None
     assert loss.ti_left_deferred - loss.job_failed <= TRIGGER_SIGHTING, trigger_log(stack, victim.task_id)
     job = stack.db_job(victim.task_id)
     last_answer = assert_lost_reason(job, "agent-a")

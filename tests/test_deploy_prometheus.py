@@ -129,6 +129,7 @@ HEALTHY = [
     series("reconciler_agents", "0x40", state="lost"),
     series("reconciler_agents", "0x40", state="wrong_identity"),
     series("reconciler_no_capacity_total", "0x40"),
+    series("reconciler_fenced_jobs_total", "0x40"),
     series("reconciler_full_resync_failing", "0x40"),
     series("reconciler_stopping_jobs", "0 2 0 1 0 0 3 0 0x32"),  # stops come and go within a cycle or two
     series("reconciler_last_success_timestamp_seconds", "0+60x40"),
@@ -203,6 +204,13 @@ SCENARIOS: list[tuple[str, list[dict[str, str]], str, int, dict[str, str]]] = [
         [series("reconciler_agents", "0 0 1 1 1 1 1", state="lost")],
         "AgenticAgentLost",
         4,
+        LABELS,
+    ),
+    (
+        "a cut-off agent fenced its at_most_once jobs",
+        [series("reconciler_fenced_jobs_total", "0 0 2 2 2 2 2")],
+        "AgenticJobsFenced",
+        3,
         LABELS,
     ),
     (

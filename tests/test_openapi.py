@@ -319,6 +319,7 @@ def test_agent_answers_match_the_documented_api(agent: AgentProcess, tmp_path: P
             "agent_id": "agent-1",
             "draining": False,
             "jobs_running": 0,
+            "maintenance": None,
         }
         assert spec.check(anonymous.get("/readyz"), 200).json()["status"] == "ready"
         run = {"job_id": "doc-long", "payload": {"command": "sleep 30", "env": {"A": "1"}, "cwd": "/"}}

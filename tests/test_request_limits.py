@@ -4,8 +4,8 @@ docs/openapi-*.yaml document; the service answers the next request.
 
 A real agent and a real sidecar (processes, as in production) are sent raw bytes over TCP: a path
 and query past 16 KiB, a header past 8,190 bytes carrying a token, 200 headers and request lines
-that are not HTTP (aiohttp's plain-text 400), and a query parameter given 500 times (a JSON 400,
-servicekit.http.bounded_query).
+that are not HTTP (which aiohttp cannot parse: servicekit.serve answers them in JSON), and a query
+parameter given 500 times (servicekit.http.bounded_query).
 """
 
 from __future__ import annotations
@@ -100,21 +100,29 @@ def test_requests_past_the_parsers_limits_are_refused_and_log_no_token(
     services: dict[str, Served], name: str
 ) -> None:
     """A path and query past 16 KiB, a header past 8,190 bytes carrying a token, 200 headers and a
-    request line that is not HTTP are refused (aiohttp's plain-text 400); the token reaches no log
-    line, and the service answers the next request. A path longer than aiohttp's own 8,190 bytes,
-    within the bound, is served."""
+    request line that is not HTTP are refused in the documented JSON shape, which names the limit and
+    quotes nothing of the request; the token reaches no log line, and the service answers the next
+    request. A path longer than aiohttp's own 8,190 bytes, within the bound, is served."""
     service = services[name]
     token = SECRET + "x" * MAX_HEADER_BYTES
-    refused = [
-        service.get(f"/healthz?pad={'a' * MAX_TARGET_BYTES}"),
-        service.get("/healthz", f"Authorization: Bearer {token}"),
-        service.get("/healthz", *(f"X-Padding-{index}: {SECRET}" for index in range(MAX_HEADERS + 72))),
-        service.exchange(b"NOT-HTTP\r\n\r\n"),
-        service.exchange(
-            b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nBearer " + SECRET.encode() + b"\r\n\r\n"
+    too_long = ("a line of the request is too long", f"{MAX_TARGET_BYTES:,} bytes", f"{MAX_HEADER_BYTES:,}")
+    not_http = ("not well-formed HTTP/1.1",)
+    for answer, words in [
+        (service.get(f"/healthz?pad={'a' * MAX_TARGET_BYTES}"), too_long),
+        (service.get("/healthz", f"Authorization: Bearer {token}"), too_long),
+        (
+            service.get("/healthz", *(f"X-Padding-{index}: {SECRET}" for index in range(MAX_HEADERS + 72))),
+            (f"more than {MAX_HEADERS} headers",),
         ),
-    ]
-    assert [answer.status_code for answer in refused] == [400] * len(refused)
+        (service.exchange(b"NOT-HTTP\r\n\r\n"), not_http),
+        (
+            service.exchange(
+                b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nBearer " + SECRET.encode() + b"\r\n\r\n"
+            ),
+            not_http,
+        ),
+    ]:
+        assert "pad=aaaa" not in service.refused(answer, 400, "Malformed", *words)
     assert service.get(f"/healthz?pad={'a' * 9000}").status_code == 200
     assert httpx.get(f"http://127.0.0.1:{service.port}/healthz", timeout=10).status_code == 200
     assert SECRET not in service.log.read_text(encoding="utf-8", errors="replace"), "the token was logged"
