@@ -20,6 +20,7 @@ from typing import Any
 
 from reconciler.routing import WHEN_FULL
 from reconciler.scope import Scope, parse_networks
+from reconciler.versions import release
 from servicekit.agreement import Agreement, broken, compare, refusal, table_key
 from servicekit.config import ConfigError, build, check_tables, read_toml, setting, table
 from servicekit.credentials import Secret, load_secret, load_tokens, read_secret
@@ -180,6 +181,9 @@ class FleetConfig:
     # A registered agent's credential is refused this long after it was issued (0: never); agents
     # are asked to renew theirs once half of it has passed, so a live agent never reaches it.
     credential_lifetime_seconds: float = setting(30 * 86400.0, ge=0, le=10 * 366 * 86400.0)
+    # Agents saying an older version get no new job and are reported outdated (reconciler/versions.py);
+    # "" (or lower than this sidecar's own floor): that floor.
+    min_agent_version: str = setting("")
 
     def scope(self) -> Scope:
         """The registration scope; ConfigError naming the key of a value that is no network."""
@@ -460,6 +464,13 @@ def _validate(config: ReconcilerConfig) -> None:
     ]
     ca = config.fleet.registration_ca_file
     checks.append((not ca or Path(ca).is_file(), "[fleet] registration_ca_file: no such file"))
+    wanted = config.fleet.min_agent_version
+    checks.append(
+        (
+            not wanted or release(wanted) is not None,
+            f"[fleet] min_agent_version: {wanted[:100]!r} is no version (give its release, such as 0.2.0)",
+        )
+    )
     for a in config.agents:
         checks.append(
             (a.url.startswith(("http://", "https://")), f"[[agents]] {a.id!r} url: must be http(s)://")

@@ -51,6 +51,7 @@ from reconciler.config import AgentEntry, FleetConfig
 from reconciler.fencing import fence_problem, fence_wait
 from reconciler.metrics import Metrics
 from reconciler.routing import Capacity, label_set
+from reconciler.versions import minimum, too_old
 from router_db import AgentRecord, JobRecord, JobStatus, RouterDB, Transition
 from servicekit.credentials import Secret
 
@@ -79,6 +80,9 @@ class AgentState(StrEnum):
     # Reported only: a registered agent whose credential was revoked; no new work, and its heartbeats
     # are refused, so it goes lost by the plain rule.
     REVOKED = "revoked"
+    # Reported only: a live or suspect agent saying a version older than this sidecar works with
+    # (reconciler/versions.py); no new work until it says a newer one.
+    OUTDATED = "outdated"
 
 
 def agent_state(
@@ -243,6 +247,7 @@ class _Agent:
     fence_heard: bool = False  # its terms were said (a health answer, a heartbeat's row)
     fence_said: str = ""  # the last complaint logged about its terms ("": none)
     fence_waiting: int = 0  # lost, with this many fenced jobs whose fence may not have fired yet
+    outdated: bool = False  # it says a version older than the sidecar works with (as last heard)
     call_token: Secret[str] | None = None  # what it is called with (its registration's)
 
     @property
@@ -253,8 +258,8 @@ class _Agent:
 
     @property
     def takes_no_work(self) -> bool:
-        """Drained, or unwell by its own say (a nearly full disk): routed around either way."""
-        return self.draining or self.heard.unwell is not None
+        """Drained, unwell by its own say (a nearly full disk), or outdated: routed around either way."""
+        return self.draining or self.heard.unwell is not None or self.outdated
 
 
 class Fleet:
@@ -283,6 +288,7 @@ class Fleet:
         self._metrics = metrics
         self._config = config
         self._clock = clock
+        self._min_version = minimum(config.min_agent_version)
         self._started_at = datetime.now(UTC)
         # Most agents fail at once (a partition, maybe the sidecar's own), since when a loss has been
         # held back because of it, and whether that has lasted partition_hold_seconds already.
@@ -342,6 +348,8 @@ class Fleet:
     def _shown(self, agent: _Agent) -> AgentState:
         if agent.revoked and agent.state is not AgentState.LOST:
             return AgentState.REVOKED
+        if agent.state in (AgentState.LIVE, AgentState.SUSPECT) and agent.outdated:
+            return AgentState.OUTDATED
         if agent.state in (AgentState.LIVE, AgentState.SUSPECT) and agent.takes_no_work:
             return AgentState.DRAINING
         return agent.state
@@ -871,6 +879,23 @@ class Fleet:
 
     def _learn(self, agent: _Agent, news: Heard) -> None:
         agent.heard = news
+        outdated = too_old(news.version, self._min_version)
+        if outdated != agent.outdated:
+            agent.outdated = outdated
+            fields = {"agent_id": agent.id, "action": "agent_outdated" if outdated else "agent_up_to_date"}
+            if outdated:
+                log.error(
+                    "agent %s says version %s, older than %s, the lowest this sidecar works with: it gets no "
+                    "new job until upgraded ([fleet] min_agent_version)",
+                    agent.id,
+                    news.version,
+                    self._min_version,
+                    extra=fields,
+                )
+            else:
+                log.warning(
+                    "agent %s now says version %s: it takes jobs again", agent.id, news.version, extra=fields
+                )
         if agent.drain_wanted is not None and news.draining is agent.drain_wanted:
             agent.drain_wanted = None  # the agent holds the flag now, and keeps it across restarts
 

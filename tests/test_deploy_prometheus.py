@@ -128,6 +128,7 @@ HEALTHY = [
     series("reconciler_leader", "1x40"),
     series("reconciler_agents", "0x40", state="lost"),
     series("reconciler_agents", "0x40", state="wrong_identity"),
+    series("reconciler_agents", "0x40", state="outdated"),
     series("reconciler_no_capacity_total", "0x40"),
     series("reconciler_fenced_jobs_total", "0x40"),
     series("reconciler_full_resync_failing", "0x40"),
@@ -204,6 +205,13 @@ SCENARIOS: list[tuple[str, list[dict[str, str]], str, int, dict[str, str]]] = [
         [series("reconciler_agents", "0 0 1 1 1 1 1", state="lost")],
         "AgenticAgentLost",
         4,
+        LABELS,
+    ),
+    (
+        "an agent says a version older than the sidecar works with",
+        [series("reconciler_agents", "0 0 1 1 1 1 1 1 1 1", state="outdated")],
+        "AgenticAgentOutdated",
+        8,
         LABELS,
     ),
     (
