@@ -329,6 +329,11 @@ class Fleet:
         shown = [self._shown(agent) for agent in self._agents.values()]
         for state in AgentState:
             self._metrics.agents.labels(state.value).set(sum(s is state for s in shown))
+        answering = [a for a in self._agents.values() if a.state in (AgentState.LIVE, AgentState.SUSPECT)]
+        self._metrics.agents_in_maintenance.labels("operator").set(sum(a.draining for a in answering))
+        self._metrics.agents_in_maintenance.labels("agent").set(
+            sum(not a.draining and a.heard.unwell is not None for a in answering)
+        )
         self._metrics.agent_capacity.clear()
         self._metrics.agent_active_jobs.clear()
         if self._load is None:  # no fresh count (a standby): no gauge rather than a wrong one

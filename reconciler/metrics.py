@@ -67,8 +67,15 @@ class Metrics:
         self.agents = Gauge(
             "reconciler_agents",
             "Configured agents by state (live, suspect, draining: takes no new job, lost, "
-            "wrong_identity: another agent answers there).",
+            "wrong_identity: another agent answers there, revoked, outdated: a version too old).",
             ["state"],
+            registry=r,
+        )
+        self.agents_in_maintenance = Gauge(
+            "reconciler_agents_in_maintenance",
+            "Live or suspect agents taking no new job, by who set it: operator (a drain or a maintenance "
+            "asked for) or agent (its own, until it recovers: a disk nearly full, a home it cannot write).",
+            ["by"],
             registry=r,
         )
         # Per label set (an agent's labels, sorted and comma-joined; [[agents]] or a registered agent's

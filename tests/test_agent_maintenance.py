@@ -88,6 +88,9 @@ def test_maintenance_with_a_comment_outlives_restarts_of_the_agent_and_the_sidec
         )
         assert code == 0 and COMMENT in said, said
         since = in_maintenance(sidecar, "vm-m")["maintenance"]["since"]
+        with sidecar.client() as client:
+            gauge = 'reconciler_agents_in_maintenance{by="operator"} 1.0'
+            wait_for(lambda: gauge in client.get("/metrics").text, "the gauge counts it", 10)
         code, table = cli(sidecar, "agents", "list", monkeypatch=monkeypatch)
         assert code == 0 and "MAINTENANCE" in table and COMMENT in table, table
         assert COMMENT in ui_agents(sidecar)

@@ -112,6 +112,8 @@ def test_a_nearly_full_disk_sends_jobs_elsewhere_and_says_why(tmp_path: Path, ai
             agent = wait_for(shown, "the sidecar shows why", 20)
             assert agent["state"] == "draining" and "nearly full" in agent["maintenance"]["comment"], agent
             assert agent["maintenance"]["by"].startswith("the agent itself"), agent
+            gauge = 'reconciler_agents_in_maintenance{by="agent"} 1.0'
+            wait_for(lambda: gauge in client.get("/metrics").text, "the gauge counts it", 10)
             for index in range(3):  # each goes to the agent that has room
                 airflow.call_soon(airflow.standin.add, "sc", "r", f"t{index}", -1, "running", 1)
                 body = {"command": "true", "labels": ["pool"], "dag_id": "sc", "task_id": f"t{index}",

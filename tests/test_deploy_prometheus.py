@@ -129,6 +129,8 @@ HEALTHY = [
     series("reconciler_agents", "0x40", state="lost"),
     series("reconciler_agents", "0x40", state="wrong_identity"),
     series("reconciler_agents", "0x40", state="outdated"),
+    series("reconciler_agents_in_maintenance", "0x40", by="agent"),
+    series("reconciler_agents_in_maintenance", "1x40", by="operator"),  # maintenance asked for: no alert
     series("reconciler_no_capacity_total", "0x40"),
     series("reconciler_fenced_jobs_total", "0x40"),
     series("reconciler_full_resync_failing", "0x40"),
@@ -212,6 +214,13 @@ SCENARIOS: list[tuple[str, list[dict[str, str]], str, int, dict[str, str]]] = [
         [series("reconciler_agents", "0 0 1 1 1 1 1 1 1 1", state="outdated")],
         "AgenticAgentOutdated",
         8,
+        LABELS,
+    ),
+    (
+        "an agent's disk fills up",
+        [series("reconciler_agents_in_maintenance", "0 1 1 1 1 1 1 1 1 1 1 1 1 1", by="agent")],
+        "AgenticAgentUnwell",
+        12,
         LABELS,
     ),
     (
