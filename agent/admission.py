@@ -81,6 +81,8 @@ class Admission:
 
         Raises OSError when the flag cannot be written; the agent drains all the same (until it stops).
         """
+        if not persist and self._draining and self.maintenance is not None:
+            return  # a planned shutdown of an agent drained already: that drain, and its timeout, stand
         self._draining = True
         self.maintenance = Maintenance.asked(request, now=datetime.now(UTC))
         if persist:

@@ -62,7 +62,7 @@ class AgentConfig:
     port: int = setting(8791, ge=1, le=65535)
     token_env: str = setting(DEFAULT_TOKEN_ENV, nonempty=True)
     token_file: Path | None = setting(None)
-    grace_seconds: float = setting(10.0, ge=0)  # SIGTERM -> SIGKILL
+    grace_seconds: float = setting(10.0, ge=0, le=7 * 86400.0)  # SIGTERM -> SIGKILL
     max_body_bytes: int = setting(1024 * 1024, ge=1024, le=1024 * 1024 * 1024)
     poll_seconds: float = setting(0.5, gt=0)  # how often running jobs are checked (exit, timeout)
     max_jobs: int = setting(0, ge=0)  # unfinished jobs at once; past it /run is 503 (0: no limit)
@@ -73,7 +73,7 @@ class AgentConfig:
     drain_on_shutdown_seconds: float = setting(0.0, ge=0)  # on SIGTERM: drain, wait for jobs to end
     # Automatic maintenance (agent/self_check.py): with less free than this on the disk under its home
     # (or a home it cannot write), the agent takes no new job until it recovers (0: no disk check).
-    min_free_disk_bytes: int = setting(256 * 1024**2, ge=0)
+    min_free_disk_bytes: int = setting(128 * 1024**2, ge=0)
     # A job's output.log on disk: past this the middle is dropped (agent/logcap.py); 0: no cap.
     max_log_bytes: int = setting(100 * 1024**2, ge=0)
     # Finished jobs' directories (agent/retention.py): kept this long after the end once their outcome
@@ -98,7 +98,7 @@ class AgentConfig:
     fleet_tokens: tuple[str, ...] = setting((), secret=True)
     # The fence (agent/fence.py): not heard from the sidecar for this long, the agent stops its
     # at_most_once jobs (0: never); at_most_once_default makes every job at_most_once.
-    fence_after_seconds: float = setting(60.0, ge=0)
+    fence_after_seconds: float = setting(60.0, ge=0, le=7 * 86400.0)  # the bound the sidecar reads
     at_most_once_default: bool = setting(False)
 
     @property

@@ -27,10 +27,12 @@ What counts as contact ("heard from the sidecar"):
   sidecar's last record of this agent, and the job is gone ``grace_seconds`` later. Only heartbeats
   count: the sidecar judges a registered agent by them alone, so a call from the sidecar that
   reaches the agent proves nothing of what the sidecar thinks of it.
-- an agent in the sidecar's ``[[agents]]`` (no ``router_url``): any request that passed the token
-  check, on its arrival. The sidecar judges such an agent by its health checks and calls it (the
-  catch-up read, every cycle, for an agent with jobs) only while those answer. ``/healthz`` carries no
-  token and does not count: anyone may ask it.
+- an agent in the sidecar's ``[[agents]]`` (no ``router_url``): a health check that carries one of
+  its tokens (``GET /health``), on its arrival. Only the leading replica checks health, and judges such
+  an agent by it alone; its other calls, and a standby's (a ``/run``, a log read), say nothing of what
+  the leader thinks, so they do not count. ``/healthz`` without a token does not count either: anyone
+  may ask it. A failover counts as silence until the new leader's first check: keep ``[leader]
+  lease_seconds`` well under ``fence_after_seconds``.
 
 How each fault defeats the fence, or does not:
 
@@ -41,9 +43,8 @@ How each fault defeats the fence, or does not:
   the job is gone first.
 - A one-way cut: TCP needs both directions for every connection, so a heartbeat whose answer is lost
   is not accepted, and counts as silence, even though the sidecar recorded it (the agent then fences
-  early, the safe side). For an ``[[agents]]`` agent, requests already under way on an open
-  connection may still arrive after the cut: they count, until the sidecar's timeouts give up on
-  that connection (seconds), which delays the fence by as much.
+  early, the safe side). For an ``[[agents]]`` agent, a health check already under way on an open
+  connection may still arrive after the cut: it counts, and delays the fence by up to one check.
 - The sidecar down, paused (SIGSTOP), or unable to record (router DB down: its answer is a 503):
   the same as a partition. A sidecar paused longer than ``fence_after_seconds`` but shorter than
   ``lost_after_seconds`` declares nobody lost, yet the fenced jobs were stopped: the cost of the

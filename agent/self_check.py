@@ -2,11 +2,11 @@
 
 Every :data:`SELF_CHECK_SECONDS` the agent writes a probe file in its home (a full or read-only disk,
 or a hung mount, fails it) and reads how much is free on the disk under its home. Below ``[agent]
-min_free_disk_bytes``, or failing the write, it is **unwell**: ``POST /run`` answers 503 with the
-reason (the sidecar places the job elsewhere), running jobs go on, and ``/healthz``, ``/readyz`` and
-each heartbeat say why (``unwell``), so the sidecar routes around it and shows the reason as the
-agent's maintenance. Once both hold again it takes jobs again, by itself. Nothing is kept on disk: a
-restarted agent checks afresh before it listens.
+min_free_disk_bytes``, or failing the write twice in a row, it is **unwell**: ``POST /run`` answers
+503 with the reason (the sidecar places the job elsewhere), running jobs go on, and ``/healthz``,
+``/readyz`` and each heartbeat say why (``unwell``), so the sidecar routes around it and shows the
+reason as the agent's maintenance. Once both hold again it takes jobs again, by itself. Nothing is
+kept on disk: a restarted agent checks afresh before it listens.
 
 :func:`problems` decides; :class:`SelfCheck` does the I/O.
 """
@@ -22,12 +22,13 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
-from agent_api.maintenance import Unwell
+from agent_api.maintenance import MAX_UNWELL_CHARS, Unwell
 
 log = logging.getLogger(__name__)
 
 SELF_CHECK_SECONDS = 5.0
 WRITE_TIMEOUT_SECONDS = 5.0  # a home that takes longer to take a small file is a hung mount
+WRITE_FAILURES = 2  # in a row: a home this many checks failed to write to is not writable
 
 
 def _size(count: int) -> str:
@@ -54,11 +55,12 @@ def problems(
 
 
 def write_probe(home: Path) -> None:
-    """Create, write, flush and remove a small file in ``home``: what a job's start needs."""
+    """Create, write and remove a small file in ``home``: what a job's start needs. No fsync: a busy
+    disk's writeback may hold one for seconds, and a full or read-only file system refuses the write
+    itself."""
     fd, name = tempfile.mkstemp(prefix=".ready-", dir=home)
     try:
         os.write(fd, b"ok")
-        os.fsync(fd)
     finally:
         os.close(fd)
         os.unlink(name)
@@ -74,6 +76,7 @@ class SelfCheck:
         self.min_free_bytes = min_free_bytes
         self.unwell: Unwell | None = None
         self._kinds: tuple[str, ...] = ()
+        self._write_failures = 0
         self._changed = changed
 
     async def check(self) -> Unwell | None:
@@ -88,8 +91,13 @@ class SelfCheck:
             free: int | None = (await asyncio.to_thread(shutil.disk_usage, self.home)).free
         except OSError:
             free = None  # the write probe says what is wrong with the home
+        # One slow or failed write may be a passing stall: only two in a row make the agent unwell.
+        self._write_failures = self._write_failures + 1 if write_error is not None else 0
         found = problems(
-            home=self.home, free_bytes=free, min_free_bytes=self.min_free_bytes, write_error=write_error
+            home=self.home,
+            free_bytes=free,
+            min_free_bytes=self.min_free_bytes,
+            write_error=write_error if self._write_failures >= WRITE_FAILURES else None,
         )
         kinds = tuple(sorted(found))
         if not found:
@@ -100,7 +108,10 @@ class SelfCheck:
                 self._changed(None)
             return None
         since = self.unwell.since if self.unwell is not None else datetime.now(UTC)
-        self.unwell = Unwell("; ".join(found.values()), since)  # the free bytes as of now
+        reason = "; ".join(found.values())  # the free bytes as of now; a long home path cut short
+        self.unwell = Unwell(
+            reason if len(reason) <= MAX_UNWELL_CHARS else reason[: MAX_UNWELL_CHARS - 3] + "...", since
+        )
         if kinds != self._kinds:  # told (and logged) when what is wrong changes, not its figures
             self._kinds = kinds
             log.error("the agent takes no new job until it recovers: %s", self.unwell.reason,

@@ -92,7 +92,15 @@ from agent_api.protocol import (
     validate_job_id,
 )
 from servicekit.credentials import Secret, View, follow, token_list
-from servicekit.http import HttpError, json_errors, query_flag, query_int, read_json, token_auth
+from servicekit.http import (
+    HttpError,
+    carries_token,
+    json_errors,
+    query_flag,
+    query_int,
+    read_json,
+    token_auth,
+)
 from servicekit.serve import serving, shutdown_requested
 
 log = logging.getLogger(__name__)
@@ -303,12 +311,19 @@ def _heartbeat_now(app: web.Application) -> None:
         registration.poke()
 
 
-def _heard(fence: Fence) -> Middleware:
-    """An agent in the sidecar's [[agents]] hears from it by its calls: each past the token check."""
+def _heard(fence: Fence, tokens: Secret[tuple[str, ...]]) -> Middleware:
+    """An agent in the sidecar's [[agents]] hears from it by the leader's health checks: a ``GET
+    /health`` (or ``/healthz``) carrying one of its tokens. Only the leading replica checks health, and
+    judges liveness by it; any other call (a standby's ``/run``, a log read, a stop) says nothing of
+    what the leader thinks of this agent, so it is no contact."""
 
     @web.middleware
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request.path not in OPEN_PATHS:
+        if (
+            request.method == "GET"
+            and request.path in ("/health", "/healthz")
+            and carries_token(request, tokens)
+        ):
             fence.heard()
         return await handler(request)
 
@@ -323,10 +338,11 @@ def create_app(
     registration: Registration | None = None,
 ) -> web.Application:
     """The API; ``tokens``: the accepted tokens as they change (default: ``config.tokens``, fixed)."""
+    accepted = tokens or Secret(config.tokens, what="[agent] token")
     middlewares = [
         json_errors(service="agent", known=_known),
-        token_auth(tokens or config.tokens, open_paths=OPEN_PATHS, extra_header="X-Agent-Token"),
-        *([] if config.registers else [_heard(jobs.fence)]),
+        token_auth(accepted, open_paths=OPEN_PATHS, extra_header="X-Agent-Token"),
+        *([] if config.registers else [_heard(jobs.fence, accepted)]),
     ]
     # client_max_size is not our limit (read_json applies max_body_bytes); keep aiohttp's out of the way
     app = web.Application(middlewares=middlewares, client_max_size=config.max_body_bytes + 1)

@@ -9,6 +9,7 @@ and orphans re-parented to the supervisor; :mod:`agent.termination` signals it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import time
@@ -34,7 +35,7 @@ async def stop_job(job: TrackedJob, *, force: bool, reason: str, grace: float) -
             return outcome.already_finished(job.record)
         if job.finish_if_exited():
             return outcome.already_finished(job.record)
-        job.save(replace(job.record, stop_reason=reason))
+        job.save_or_hold(replace(job.record, stop_reason=reason), "the stop's intent")  # signal all the same
         log.info("stopping job %s (force=%s): %s", job.record.job_id, force, reason)
         ended = await terminate_tree(lambda: _tree(job), pgid=job.record.pgid, grace=grace, force=force)
         if ended.survivors:
@@ -63,11 +64,12 @@ async def stop_job(job: TrackedJob, *, force: bool, reason: str, grace: float) -
             reason=reason,
             finished_at=exit_record.finished_at if exit_record else None,
         )
-        await asyncio.to_thread(
-            job.append_log_line,
-            f"[agentic-agent {datetime.now(UTC).isoformat()}] job stopped: {reason} "
-            f"({action.value} with {ended.signal.name}, rc={rc})",
-        )
+        with contextlib.suppress(OSError):  # a full disk keeps the line, not the stop
+            await asyncio.to_thread(
+                job.append_log_line,
+                f"[agentic-agent {datetime.now(UTC).isoformat()}] job stopped: {reason} "
+                f"({action.value} with {ended.signal.name}, rc={rc})",
+            )
         log.info("job %s %s with %s, rc=%s", job.record.job_id, action.value, ended.signal.name, rc)
         return StopResult(
             ok=True,

@@ -37,6 +37,22 @@ class TrackedJob:
         self.dir.write_state(record, durable=durable)
         self.record = record
 
+    def save_or_hold(self, record: StoredJob, what: str) -> None:
+        """Save ``record``; when the home refuses (full, read-only), hold it in memory all the same and
+        say so: a stop or an end must not wait for the disk (after a restart, the job is judged from
+        what its supervisor wrote)."""
+        try:
+            self.save(record)
+        except OSError as exc:
+            log.error(
+                "job %s: cannot save %s in its directory (%s); going on with it in memory",
+                record.job_id,
+                what,
+                exc.strerror or exc,
+                extra={"job_id": record.job_id, "action": "job_state_not_saved"},
+            )
+            self.record = record
+
     # ------------------------------------------------------------------------------ supervisor files
 
     def read_exit(self) -> ExitRecord | None:
@@ -114,7 +130,7 @@ class TrackedJob:
         reason: str,
         finished_at: datetime | None = None,
     ) -> None:
-        self.save(
+        self.save_or_hold(
             replace(
                 self.record,
                 status=status,
@@ -122,7 +138,8 @@ class TrackedJob:
                 reason=reason,
                 finished_at=finished_at or datetime.now(UTC),
                 descendants=frozenset(),
-            )
+            ),
+            "its end",
         )
 
 

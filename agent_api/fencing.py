@@ -6,8 +6,9 @@ notices at most one :func:`check_period` late, and each stop takes up to ``grace
 then SIGKILL). So a fenced job is surely gone :meth:`FenceTerms.gone_after` seconds after the
 agent's last contact; the sidecar adds how much later than its own record that contact may be (one
 heartbeat, or one health check), and ends such a job ``FAILED`` no sooner: a retry elsewhere then
-never overlaps it. The agent says its terms in each heartbeat and in ``/healthz``; an agent older than
-fencing says none, and fences nothing.
+never overlaps it. The agent says its terms in each heartbeat and in ``/healthz``; an agent of the
+release before says none (:meth:`FenceTerms.from_json` gives None), though it fences at
+:data:`UNSAID` at most.
 """
 
 from __future__ import annotations
@@ -55,21 +56,28 @@ class FenceTerms:
         }
 
     @classmethod
-    def from_json(cls, value: object) -> FenceTerms:
-        """The ``fence`` field of a heartbeat or a health answer; absent (None): an older agent."""
+    def from_json(cls, value: object) -> FenceTerms | None:
+        """The ``fence`` field of a heartbeat or a health answer; None when absent (an older agent)."""
         if value is None:
-            return cls()
+            return None
         if not isinstance(value, dict):
             raise ProtocolError("fence must be an object")
         seconds = []
         for name in ("after_seconds", "grace_seconds"):
             number = value.get(name, 0.0)
-            if isinstance(number, bool) or not isinstance(number, int | float) or not math.isfinite(number):
+            if isinstance(number, bool) or not isinstance(number, int | float):
                 raise ProtocolError(f"fence.{name} must be a number")
-            if not 0 <= number <= MAX_TERM_SECONDS:
+            if not (0 <= number <= MAX_TERM_SECONDS and math.isfinite(number)):  # an int of 400 digits too
                 raise ProtocolError(f"fence.{name} must be between 0 and {MAX_TERM_SECONDS:g}")
             seconds.append(float(number))
         default = value.get("default", False)
         if not isinstance(default, bool):
             raise ProtocolError("fence.default must be true or false")
         return cls(after_seconds=seconds[0], grace_seconds=seconds[1], default=default)
+
+
+# What an agent that has not said its terms is taken to fence at: the previous release's defaults
+# (fence_after_seconds 60, grace_seconds 10). A lost agent's at_most_once jobs wait this long when
+# nothing better is known (an [[agents]] agent unreachable since this sidecar started, and whose terms
+# no job recorded, or an agent of the previous release). One configured beyond them is not covered.
+UNSAID = FenceTerms(after_seconds=60.0, grace_seconds=10.0)

@@ -25,12 +25,21 @@ MAX_DRAIN_TIMEOUT_SECONDS = 30 * 86400.0
 MAX_UNWELL_CHARS = 1000
 
 
+BIDI_CONTROLS = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+
+def _hidden(ch: str) -> bool:
+    """A character that is not shown as itself: a control, a lone surrogate, or a bidi control, which
+    can reorder what a terminal shows of the text around it."""
+    return ch in BIDI_CONTROLS or unicodedata.category(ch) in ("Cc", "Cs")
+
+
 def _text(obj: dict[str, Any], key: str, limit: int) -> str:
     value = obj.get(key, "")
     if not isinstance(value, str) or len(value) > limit:
         raise ProtocolError(f"{key} must be a string of at most {limit} characters")
-    if any(unicodedata.category(ch) in ("Cc", "Cs") for ch in value):  # NUL, escapes, lone surrogates
-        raise ProtocolError(f"{key} must not contain control characters")
+    if any(_hidden(ch) for ch in value):  # NUL, escapes, lone surrogates, bidi overrides
+        raise ProtocolError(f"{key} must not contain control or format characters")
     return value
 
 
@@ -74,8 +83,8 @@ class DrainRequest:
         if timeout is not None and (
             isinstance(timeout, bool)
             or not isinstance(timeout, int | float)
+            or not 0 < timeout <= MAX_DRAIN_TIMEOUT_SECONDS  # first: an int of 400 digits is no float
             or not math.isfinite(timeout)
-            or not 0 < timeout <= MAX_DRAIN_TIMEOUT_SECONDS
         ):
             raise ProtocolError(
                 f"timeout_seconds must be a number above 0, at most {MAX_DRAIN_TIMEOUT_SECONDS:g}"

@@ -32,14 +32,16 @@ import hashlib
 import math
 import re
 import unicodedata
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from agent_api.fencing import FenceTerms
 from agent_api.maintenance import Maintenance, Unwell
 from agent_api.protocol import CURSOR_PATTERN, JOB_ID_PATTERN, JobInfo, ProtocolError
 
+_T = TypeVar("_T")
 MAX_INT = 2**31 - 1  # max_jobs, jobs_running: as the router DB's integers
 
 AGENT_ID_PATTERN = JOB_ID_PATTERN  # a host name fits; also a safe path segment and log field
@@ -101,7 +103,7 @@ class Heartbeat:
     call_token: str = field(default="", repr=False)
     next_identity_proof: str = field(default="", repr=False)
     next_call_token: str = field(default="", repr=False)
-    fence: FenceTerms = FenceTerms()  # how it fences (agent_api/fencing.py); an older agent: not at all
+    fence: FenceTerms | None = None  # how it fences (agent_api/fencing.py); None: not said (an older agent)
     maintenance: Maintenance | None = None  # while draining: by whom, since when, why (maintenance.py)
     unwell: Unwell | None = None  # why it takes no new job by itself (its automatic maintenance)
     # Entries of ``jobs`` the sidecar could not read (a newer agent's word): skipped, the rest recorded.
@@ -124,7 +126,7 @@ class Heartbeat:
             "leaving": self.leaving,
             **({"identity_proof": self.identity_proof} if self.identity_proof else {}),
             "previous_instances": list(self.previous_instances),
-            "fence": self.fence.to_json(),
+            **({"fence": self.fence.to_json()} if self.fence is not None else {}),
             "maintenance": self.maintenance.to_json() if self.maintenance is not None else None,
             "unwell": self.unwell.to_json() if self.unwell is not None else None,
             **{
@@ -175,6 +177,14 @@ def agent_url_problem(url: str) -> str | None:
     if any(ch.isspace() or ord(ch) < 32 for ch in url):
         return "must not contain white space or control characters"
     return None
+
+
+def _lenient(parse: Callable[[object], _T | None], value: object) -> _T | None:
+    """``parse(value)``, or None for a value it refuses."""
+    try:
+        return parse(value)
+    except ProtocolError:
+        return None
 
 
 def parse_heartbeat(body: object) -> Heartbeat:
@@ -249,9 +259,11 @@ def parse_heartbeat(body: object) -> Heartbeat:
         next_identity_proof=secrets["next_identity_proof"],
         next_call_token=secrets["next_call_token"],
         previous_instances=tuple(previous),
-        fence=FenceTerms.from_json(body.get("fence")),
-        maintenance=Maintenance.from_json(body.get("maintenance")),
-        unwell=Unwell.from_json(body.get("unwell")),
+        # What it says of its fence and maintenance is read leniently: a field the sidecar cannot read
+        # (a newer agent's, or one past a bound) must not cost the agent its liveness.
+        fence=_lenient(FenceTerms.from_json, body.get("fence")),
+        maintenance=_lenient(Maintenance.from_json, body.get("maintenance")),
+        unwell=_lenient(Unwell.from_json, body.get("unwell")),
         cursor=cursor,
         url=url.rstrip("/"),
         instance=instance,

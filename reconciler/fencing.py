@@ -42,6 +42,7 @@ def fence_problem(
     )
 
 
-def fence_wait(terms: FenceTerms, *, silent_for: float, margin: float) -> float:
-    """Seconds until a fenced job of an agent silent for ``silent_for`` has surely ended (0: it has)."""
-    return max(0.0, terms.gone_after() + margin - silent_for)
+def fence_wait(gone_after: float, *, silent_for: float, margin: float) -> float:
+    """Seconds until a fenced job, surely ended ``gone_after`` seconds after its agent's last contact, has
+    ended, the agent having been silent for ``silent_for`` (0: it has)."""
+    return max(0.0, gone_after + margin - silent_for)

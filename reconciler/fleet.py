@@ -43,7 +43,7 @@ from enum import StrEnum
 from typing import Any
 
 from agent_api.client import AgentError, JobInfo
-from agent_api.fencing import FenceTerms
+from agent_api.fencing import UNSAID, FenceTerms
 from agent_api.maintenance import DrainRequest, Maintenance, Unwell
 from agent_api.protocol import ProtocolError
 from reconciler.agents import AgentPool
@@ -243,8 +243,7 @@ class _Agent:
     revoked: bool = False  # a registered agent whose credential an operator revoked
     # How it fences, as it last said (kept across a standby term: terms rarely change, and a stale
     # answer is better than none for a fenced job's FAILED, which waits on them).
-    fence: FenceTerms = FenceTerms()
-    fence_heard: bool = False  # its terms were said (a health answer, a heartbeat's row)
+    fence: FenceTerms | None = None  # None: not said (not heard yet, or an agent of the release before)
     fence_said: str = ""  # the last complaint logged about its terms ("": none)
     fence_waiting: int = 0  # lost, with this many fenced jobs whose fence may not have fired yet
     outdated: bool = False  # it says a version older than the sidecar works with (as last heard)
@@ -414,6 +413,12 @@ class Fleet:
                 f"{'routes no new job there' if draining else 'routes jobs there again'} meanwhile, "
                 "and tells the agent once it answers"
             ) from None
+        bounded = request is not None and request.timeout_seconds is not None and draining
+        if bounded and (answer.maintenance is None or answer.maintenance.stop_at is None):  # an older agent
+            raise DrainNotDelivered(
+                f"agent {agent_id} drains, but is too old to stop what still runs at the timeout: "
+                "upgrade it, or stop its jobs by hand (agentic jobs stop)"
+            )
         log.info("agent %s %s", agent_id, "drains" if answer.draining else "takes new jobs", extra=fields)
         return self.report(agent_id)
 
@@ -553,44 +558,38 @@ class Fleet:
             if job.created_at <= lost_at or now - job.created_at >= window
         ]
         # A fenced job ends once the agent's fence has surely stopped it: never while it may run on.
-        wait = fence_wait(agent.fence, silent_for=self._silent_for(agent), margin=self._fence_margin(agent))
-        fenced = [job for job in jobs if agent.fence.fenced(job.at_most_once)]
-        waiting, agent.fence_waiting = agent.fence_waiting, len(fenced) if wait > 0 else 0
-        if agent.fence_waiting:
-            jobs = [job for job in jobs if not agent.fence.fenced(job.at_most_once)]
-            if not waiting:
+        silent, margin = self._silent_for(agent), self._fence_margin(agent)
+        waits = {job.job_id: fence_wait(self._gone_after(agent, job), silent_for=silent, margin=margin)
+                 for job in jobs if job.at_most_once}  # fmt: skip
+        waiting = [job_id for job_id, wait in waits.items() if wait > 0]
+        was_waiting, agent.fence_waiting = agent.fence_waiting, len(waiting)
+        if waiting:
+            jobs = [job for job in jobs if job.job_id not in waiting]
+            if not was_waiting:
                 log.warning(
-                    "agent %s lost: its %d at_most_once job(s) end FAILED in %.0f s, once its fence "
-                    "(fence_after_seconds=%s) has surely stopped them",
+                    "agent %s lost: %d at_most_once job(s) end FAILED in up to %.0f s, once its fence has "
+                    "surely stopped them",
                     agent.id,
-                    len(fenced),
-                    wait,
-                    f"{agent.fence.after_seconds:g}",
+                    len(waiting),
+                    max(waits.values()),
                     extra={"agent_id": agent.id, "action": "agent_fence_wait"},
                 )
         if not jobs:
             return
         reason = self._lost_reason(agent)
+        after = agent.fence.after_seconds if agent.fence is not None else UNSAID.after_seconds
         fence_note = (
-            f"; fenced: the agent stops its at_most_once jobs once cut off for fence_after_seconds="
-            f"{agent.fence.after_seconds:g}"
+            f"; fenced: the agent stops its at_most_once jobs once cut off for fence_after_seconds={after:g}"
         )
         ended = await asyncio.to_thread(
             self._db.apply,
-            [
-                lost_job_transition(
-                    job, reason + (fence_note if agent.fence.fenced(job.at_most_once) else "")
-                )
-                for job in jobs
-            ],
+            [lost_job_transition(job, reason + (fence_note if job.at_most_once else "")) for job in jobs],
             source="fleet",
         )
         self.changed(job for job in ended if job is not None)
         count = sum(job is not None for job in ended)
         self._metrics.lost_jobs.inc(count)
-        self._metrics.fenced_jobs.inc(
-            sum(job is not None and agent.fence.fenced(job.at_most_once) for job in ended)
-        )
+        self._metrics.fenced_jobs.inc(sum(job is not None and job.at_most_once for job in ended))
         if count:
             log.error("ended %d job(s) of lost agent %s", count, agent.id, extra={"agent_id": agent.id})
 
@@ -718,8 +717,10 @@ class Fleet:
             agent.last_contact_at = row.last_heartbeat_at
             agent.last_error = ""
         agent.heartbeat_seconds = max(0.1, row.heartbeat_seconds)
-        agent.fence = FenceTerms(row.fence_after_seconds, row.fence_grace_seconds, row.at_most_once_default)
-        agent.fence_heard = True
+        if row.fence_after_seconds is not None:  # None: not said (an agent of the release before)
+            agent.fence = FenceTerms(
+                row.fence_after_seconds, row.fence_grace_seconds or 0.0, row.at_most_once_default
+            )
         self._learn(
             agent,
             Heard(
@@ -829,43 +830,53 @@ class Fleet:
             agent.next_check = started + self._config.check_interval_seconds
 
     def _learn_fence(self, agent: _Agent, said: object) -> None:
-        """An ``[[agents]]`` agent's fence terms from its health answer. Its configuration cannot be
-        refused as a registration is: terms that outlast ``lost_after_seconds`` are logged, and its
-        fenced jobs' FAILED waits on them all the same."""
+        """An ``[[agents]]`` agent's fence terms from its health answer (absent: the terms last heard
+        stand). Terms that outlast ``lost_after_seconds`` are logged; the jobs it would fence avoid it."""
         try:
-            agent.fence = FenceTerms.from_json(said)
+            terms = FenceTerms.from_json(said)
         except ProtocolError:
             return  # unreadable: the terms last heard stand
-        agent.fence_heard = True
-        margin = self._config.check_interval_seconds + self._config.check_timeout_seconds
-        problem = fence_problem(
-            agent.fence,
-            agent_id=agent.id,
-            heartbeat_seconds=margin,
-            lost_after=self._config.lost_after_seconds,
-        )
+        if terms is None:
+            return
+        agent.fence = terms
+        problem = self.fence_refusal(agent.id, at_most_once=True)
         if problem is not None and problem != agent.fence_said:
             log.error(
-                "%s; its fenced jobs end FAILED only once the fence has surely stopped them",
+                "%s; it takes no %s meanwhile",
                 problem.replace("one heartbeat", "one health check and its timeout"),
+                "job (it makes every job at_most_once)" if terms.default else "at_most_once job",
                 extra={"agent_id": agent.id, "action": "agent_fence_too_late"},
             )
         agent.fence_said = problem or ""
 
-    def fence_refusal(self, agent_id: str) -> str | None:
-        """Why an ``at_most_once`` job must not go to the agent (None: it may): it does not fence (or
-        has not said so yet), or its fence could still run once the agent is declared lost."""
+    def fence_terms(self, agent_id: str) -> FenceTerms | None:
+        """The agent's fence terms as last said (None: not said, or no such agent)."""
         agent = self._agents.get(agent_id)
-        if agent is None or not agent.fence_heard:  # not said yet: the agent itself refuses if it must
+        return agent.fence if agent is not None else None
+
+    def fence_refusal(self, agent_id: str, *, at_most_once: bool) -> str | None:
+        """Why a job (``at_most_once``: it asked to be fenced) must not go to the agent (None: it may):
+        it would be fenced by a fence that could still run once the agent is declared lost, or it asked
+        for a fence the agent does not have. Terms not said yet: the agent refuses itself if it must."""
+        agent = self._agents.get(agent_id)
+        if agent is None or agent.fence is None:
             return None
-        if not agent.fence.fences:
-            return f"agent {agent_id} does not fence ([agent] fence_after_seconds 0, or an older agent)"
+        if at_most_once and not agent.fence.fences:
+            return f"agent {agent_id} does not fence ([agent] fence_after_seconds 0)"
+        if not agent.fence.fenced(at_most_once):
+            return None
         return fence_problem(
             agent.fence,
             agent_id=agent_id,
             heartbeat_seconds=self._fence_margin(agent),
             lost_after=self._config.lost_after_seconds,
         )
+
+    def _gone_after(self, agent: _Agent, job: JobRecord) -> float:
+        """How long after the agent's last contact the fenced ``job`` has surely ended there: the longer
+        of the terms said when it was submitted and those said now; :data:`UNSAID`'s if neither was."""
+        known = [job.fence_seconds or 0.0, agent.fence.gone_after() if agent.fence is not None else 0.0]
+        return max(known) or UNSAID.gone_after()
 
     def _fence_margin(self, agent: _Agent) -> float:
         """How much later than the sidecar's record the agent's last contact may be."""

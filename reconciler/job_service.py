@@ -171,17 +171,17 @@ class JobService:
             eligible = self._agents.eligible(agent_id=request.agent_id, labels=request.labels)
         except NoAgent as exc:
             raise Refused(400, str(exc)) from None
-        if request.payload.get("at_most_once"):
-            # Only agents whose fence ends the job before they are declared lost: none, and the task
-            # fails now, saying why, rather than wait for an agent that cannot come.
-            unfenced = {a: why for a in eligible if (why := self._loop.fence_refusal(a)) is not None}
-            if len(unfenced) == len(eligible):
-                raise Refused(
-                    400,
-                    "no agent the route allows can fence an at_most_once job: "
-                    + "; ".join(unfenced.values()),
-                )
-            refused = {**unfenced, **refused}
+        # Only agents whose fence, if they would fence the job, ends it before they are declared lost;
+        # none, and the task fails now, saying why, rather than wait for an agent that cannot come.
+        asked = bool(request.payload.get("at_most_once"))
+        unfenced = {a: why for a in eligible if (why := self._loop.fence_refusal(a, at_most_once=asked))}
+        if unfenced and len(unfenced) == len(eligible):
+            raise Refused(
+                400,
+                "no agent the route allows can run this job within its fence: "
+                + "; ".join(unfenced.values()),
+            )
+        refused = {**unfenced, **refused}
         if not self._agents.limited(eligible):  # no agent has a limit: loads do not matter
             return await self._record(request, key, refused, load=None)
         async with self._placing:
@@ -211,8 +211,13 @@ class JobService:
                 refusal or f"agent {agent_id} is lost: it does not answer its health checks",
                 retry_after=LOST_AGENT_RETRY_AFTER,
             )
-        at_most_once = bool(request.payload.get("at_most_once"))
-        new = NewJob(key, agent_id, request.command, request.ti_identity, at_most_once)
+        # Whether its agent fences it, and how long that takes, as the agent's terms say now: kept with
+        # the job, so a sidecar restarted or taking over before it hears the agent waits as long.
+        terms = self._loop.fence_terms(agent_id)
+        asked = bool(request.payload.get("at_most_once"))
+        fenced = asked or (terms is not None and terms.fenced(asked))
+        bound = terms.gone_after() if terms is not None and terms.fenced(asked) else None
+        new = NewJob(key, agent_id, request.command, request.ti_identity, fenced, bound)
         return await asyncio.to_thread(self._db.submit, new)
 
     def _no_capacity(self, message: str) -> NoRoom:

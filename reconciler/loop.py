@@ -36,6 +36,7 @@ from typing import TypeVar
 from sqlalchemy.exc import SQLAlchemyError
 
 from agent_api.client import JobInfo
+from agent_api.fencing import FenceTerms
 from reconciler.agent_reports import Recorded, apply_agent_reports
 from reconciler.agents import AgentPool, unconfigured_reason, unconfigured_transition
 from reconciler.airflow import REFUSALS, AirflowError, TaskInstancePath, TaskInstanceReader
@@ -131,9 +132,13 @@ class ReconcileLoop:
         """Each agent's liveness (live, suspect, lost) as this replica's loop sees it."""
         return {} if self._fleet is None else {a: str(s) for a, s in self._fleet.states().items()}
 
-    def fence_refusal(self, agent_id: str) -> str | None:
-        """Why an at_most_once job must not go to the agent (reconciler.fleet.Fleet.fence_refusal)."""
-        return None if self._fleet is None else self._fleet.fence_refusal(agent_id)
+    def fence_refusal(self, agent_id: str, *, at_most_once: bool) -> str | None:
+        """Why a job must not go to the agent for its fence (reconciler.fleet.Fleet.fence_refusal)."""
+        return None if self._fleet is None else self._fleet.fence_refusal(agent_id, at_most_once=at_most_once)
+
+    def fence_terms(self, agent_id: str) -> FenceTerms | None:
+        """The agent's fence terms as last said (None: not said)."""
+        return None if self._fleet is None else self._fleet.fence_terms(agent_id)
 
     def answering(self, agent_id: str) -> bool:
         """False while this replica's loop sees the agent fail its health checks (suspect or lost)."""

@@ -104,8 +104,7 @@ class Metrics:
             "(an id held by a live agent elsewhere or configured statically, an address the sidecar "
             "cannot reach, the wrong agent there, too many at once, a credential not the agent's or "
             "expired), out_of_scope (an id, a label or an address [fleet] does not allow, or "
-            "max_agents reached), revoked (an id whose credential an operator revoked), or fence_too_late "
-            "(the agent's fence could outlast [fleet] lost_after_seconds).",
+            "max_agents reached), or revoked (an id whose credential an operator revoked).",
             ["result"],
             registry=r,
         )

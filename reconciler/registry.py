@@ -75,6 +75,7 @@ from reconciler.fencing import fence_problem
 from reconciler.job_service import Refused
 from reconciler.metrics import Metrics
 from router_db import AgentConflict, AgentRecord, NotRegistered, RouterDB
+from router_db.records import AGENT_MAINTENANCE_CHARS
 from servicekit.credentials import Secret
 from servicekit.ratelimit import RateLimiter
 
@@ -112,14 +113,6 @@ class OutOfScope(Refused):
         super().__init__(403, message)
 
 
-class FenceTooLate(Refused):
-    """The agent fences every job, and its fence could still be running when the sidecar declares it
-    lost (422): its registration is refused rather than have every job wait on that fence."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(422, message)
-
-
 class CallBackFailed(Refused):
     """The URL a heartbeat gave did not answer as that agent. The answer (422) says only that: what
     answered there (a local service's page, a closed port against an open one) would make
@@ -133,6 +126,15 @@ class CallBackFailed(Refused):
             "(agent_refused); check the agent's SELF_URL and that the sidecar reaches it",
         )
         self.detail = detail
+
+
+def _said(value: dict[str, Any] | None) -> str:
+    """What an agent says of its maintenance, as the router DB keeps it: JSON, or "" for nothing (and
+    for anything past the column's bound, which only a newer agent could send: shown as nothing)."""
+    if value is None:
+        return ""
+    text = json.dumps(value, ensure_ascii=False)
+    return text if len(text) <= AGENT_MAINTENANCE_CHARS else ""
 
 
 class Claim(StrEnum):
@@ -375,21 +377,22 @@ class Registry:
                 # The fleet token lets an expired credential renew instead of being issued again.
                 accepted = await self._accept_credential(agent_id, beat, proof, fresh=not bootstrap)
             elif bootstrap:
-                # Each start of an agent registers with the fleet token: its fence is judged then.
-                # Terms that could outlast lost_after_seconds are refused where every job would be
-                # fenced; otherwise only at_most_once jobs avoid the agent (Fleet.fence_refusal).
-                late = fence_problem(
-                    beat.fence,
-                    agent_id=agent_id,
-                    heartbeat_seconds=beat.heartbeat_seconds,
-                    lost_after=self._config.lost_after_seconds,
-                )
-                if late is not None and beat.fence.default:
-                    raise FenceTooLate(late + " (it makes every job at_most_once)")
-                if late is not None:
+                # Each start of an agent registers with the fleet token: its fence is judged then. Terms
+                # that could outlast lost_after_seconds register all the same (refusing would leave its
+                # old terms behind, and turn a config edit into an outage): only the jobs it would
+                # fence avoid it (Fleet.fence_refusal), saying why.
+                if beat.fence is not None and (
+                    late := fence_problem(
+                        beat.fence,
+                        agent_id=agent_id,
+                        heartbeat_seconds=beat.heartbeat_seconds,
+                        lost_after=self._config.lost_after_seconds,
+                    )
+                ):
                     log.warning(
-                        "%s; it takes no at_most_once job meanwhile",
+                        "%s; it takes no %s meanwhile",
                         late,
+                        "job (it makes every job at_most_once)" if beat.fence.default else "at_most_once job",
                         extra={"agent_id": agent_id, "action": "agent_fence_too_late"},
                     )
                 stored = await self._accept(agent_id, beat, proof)
@@ -402,8 +405,6 @@ class Registry:
                 result = "out_of_scope"
             elif isinstance(exc, Revoked):
                 result = "revoked"
-            elif isinstance(exc, FenceTooLate):
-                result = "fence_too_late"
             self._metrics.heartbeats.labels(result).inc()
             log.warning(
                 "registration of agent %s refused: %s",
@@ -581,11 +582,11 @@ class Registry:
             heartbeat_seconds=beat.heartbeat_seconds,
             identity_fingerprint=fingerprint,
             call_token=beat.next_call_token if beat.next_identity_proof else beat.call_token,
-            fence_after_seconds=beat.fence.after_seconds,
-            fence_grace_seconds=beat.fence.grace_seconds,
-            at_most_once_default=beat.fence.default,
-            maintenance=json.dumps(beat.maintenance.to_json()) if beat.maintenance is not None else "",
-            unwell=json.dumps(beat.unwell.to_json()) if beat.unwell is not None else "",
+            fence_after_seconds=beat.fence.after_seconds if beat.fence is not None else None,
+            fence_grace_seconds=beat.fence.grace_seconds if beat.fence is not None else None,
+            at_most_once_default=beat.fence is not None and beat.fence.default,
+            maintenance=_said(beat.maintenance.to_json() if beat.maintenance is not None else None),
+            unwell=_said(beat.unwell.to_json() if beat.unwell is not None else None),
         )
 
     async def _accept(self, agent_id: str, beat: Heartbeat, proof: str) -> AgentRecord:

@@ -70,9 +70,12 @@ class Job(Base):
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime())
     stop_requested_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
-    # Revision 0006: the job asked to be fenced (agent_api/fencing.py): lost with its agent, it ends
-    # FAILED only once the agent's fence has surely stopped it.
+    # Revision 0006: the job is fenced by its agent (it asked, or the agent fences every job; see
+    # agent_api/fencing.py): lost with its agent, it ends FAILED only once that fence has surely fired.
     at_most_once: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    # And how long after its agent's last contact its fence has surely ended it, as the agent's terms
+    # said at submission (agent_api.fencing.FenceTerms.gone_after); NULL: not known then.
+    fence_seconds: Mapped[float | None] = mapped_column(Float)
 
     __table_args__ = (
         UniqueConstraint(
@@ -142,10 +145,10 @@ class Agent(Base):
     call_token: Mapped[str] = mapped_column(String(64), default="", server_default="")
     credential_issued_at: Mapped[datetime | None] = mapped_column(UTCDateTime())  # the router DB's clock
     revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime())  # agentic agents revoke
-    # Revision 0006: its fence terms, as its heartbeats say them (agent_api/fencing.py); 0: it fences
-    # nothing (an agent older than fencing says nothing).
-    fence_after_seconds: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")
-    fence_grace_seconds: Mapped[float] = mapped_column(Float, default=0.0, server_default="0")
+    # Revision 0006: its fence terms, as its heartbeats say them (agent_api/fencing.py); fence_after 0:
+    # it fences nothing; NULL: not said (an agent of the previous release).
+    fence_after_seconds: Mapped[float | None] = mapped_column(Float)  # NULL: not said
+    fence_grace_seconds: Mapped[float | None] = mapped_column(Float)
     at_most_once_default: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     # Revision 0006 too: while it drains, by whom, since when, why and its timeout, as a JSON object
     # (agent_api.maintenance); "" when it does not say.

@@ -30,6 +30,7 @@ class NewJob:
     command: str
     ti_identity: str = ""  # see Job.ti_identity
     at_most_once: bool = False  # see Job.at_most_once
+    fence_seconds: float | None = None  # see Job.fence_seconds
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +49,7 @@ class JobRecord:
     finished_at: datetime | None
     ti_identity: str = ""
     at_most_once: bool = False
+    fence_seconds: float | None = None
 
     @property
     def active(self) -> bool:
@@ -81,6 +83,7 @@ class JobRecord:
             finished_at=row.finished_at,
             ti_identity=row.ti_identity,
             at_most_once=bool(row.at_most_once),
+            fence_seconds=row.fence_seconds,
         )
 
 
@@ -150,8 +153,8 @@ class AgentRecord:
     call_token: str = field(default="", repr=False)  # a secret
     credential_issued_at: datetime | None = None
     revoked_at: datetime | None = None
-    fence_after_seconds: float = 0.0
-    fence_grace_seconds: float = 0.0
+    fence_after_seconds: float | None = None  # None: not said
+    fence_grace_seconds: float | None = None
     at_most_once_default: bool = False
     maintenance: str = ""  # a JSON object (agent_api.maintenance.Maintenance), or "" for none
     unwell: str = ""  # a JSON object (agent_api.maintenance.Unwell), or "" when well
@@ -229,8 +232,8 @@ class AgentRecord:
             call_token=row.call_token,
             credential_issued_at=row.credential_issued_at,
             revoked_at=row.revoked_at,
-            fence_after_seconds=float(row.fence_after_seconds),
-            fence_grace_seconds=float(row.fence_grace_seconds),
+            fence_after_seconds=row.fence_after_seconds,
+            fence_grace_seconds=row.fence_grace_seconds,
             at_most_once_default=bool(row.at_most_once_default),
             maintenance=row.maintenance,
             unwell=row.unwell,

@@ -189,24 +189,29 @@ def test_an_agent_nobody_calls_fences_its_at_most_once_job_and_leaves_the_other(
             kill_all(fenced_tree + kept_tree)
 
 
-def test_calls_that_pass_the_token_check_keep_an_agent_in_agents_from_fencing(tmp_path: Path) -> None:
+def test_only_health_checks_with_its_token_keep_an_agent_in_agents_from_fencing(tmp_path: Path) -> None:
+    """The leader's health check (a GET /health with the agent's token) is contact; a job read, a
+    wrong token and /healthz without one are not: a standby's calls, or anyone's, prove nothing of
+    what the leader thinks of the agent."""
     with unregistered(tmp_path / "agent") as agent:
         fenced, _ = start_two(agent)
         fenced_tree = tree(on_agent(agent, fenced, agent.token)["pid"])
         try:
-            for _ in range(int(2 * FENCE_AFTER)):  # two fences' worth, a call every second
+            for _ in range(int(2 * FENCE_AFTER)):  # two fences' worth, a check every second
                 time.sleep(1.0)
-                assert on_agent(agent, fenced, agent.token)["status"] == "RUNNING"
+                checked = httpx.get(f"{agent.url}/health", headers=bearer(agent.token), timeout=5)
+                assert checked.status_code == 200 and checked.json()["agent_id"] == agent.agent_id
             assert alive(fenced_tree) == fenced_tree
-            last_call = time.monotonic()
+            last_check = time.monotonic()
 
-            def refused_calls_only() -> bool:  # a wrong token and /healthz: neither is contact
-                wrong = httpx.get(f"{agent.url}/jobs/{fenced}", headers=bearer("wrong"), timeout=5)
-                assert wrong.status_code == 401 and jobs_running(agent) >= 1
+            def other_calls_only() -> bool:
+                assert on_agent(agent, fenced, agent.token)["status"] in ("RUNNING", "FAILED")  # a job read
+                wrong = httpx.get(f"{agent.url}/health", headers=bearer("wrong"), timeout=5)
+                assert wrong.status_code == 200 and jobs_running(agent) >= 0  # answered, no contact
                 return not alive(fenced_tree)
 
-            wait_until(refused_calls_only, timeout=FENCE_AFTER + GRACE + MARGIN, what="gone", interval=0.2)
-            assert time.monotonic() - last_call >= FENCE_AFTER - 0.1
+            wait_until(other_calls_only, timeout=FENCE_AFTER + GRACE + MARGIN, what="gone", interval=0.2)
+            assert time.monotonic() - last_check >= FENCE_AFTER - 0.1
         finally:
             kill_all(fenced_tree)
 

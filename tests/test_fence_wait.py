@@ -2,10 +2,11 @@
 
 In process, on a fake monotonic clock (the fast tier): a registered agent whose terms outlast
 ``lost_after_seconds`` (the sidecar restarted with a shorter one since the agent registered) goes
-silent; its plain job ends FAILED when the agent is lost, its ``at_most_once`` job only once the
-fence has surely fired. Such an agent takes no at_most_once job; one that would fence every job with
-such terms is not registered at all (422, naming the keys on both sides, the router DB unchanged).
-The real-process partition, with Airflow, is tests/test_airflow_partition.py.
+silent; its plain job ends FAILED when the agent is lost, its ``at_most_once`` jobs only once the
+fence has surely fired, by the longer of the terms said at submission and now, or, where no terms
+were ever said (an agent of the previous release), by that release's defaults. Such an agent
+registers, but takes no job it would fence (every job, with ``at_most_once_default``), naming the keys
+on both sides. The real-process partition, with Airflow, is tests/test_airflow_partition.py.
 """
 
 from __future__ import annotations
@@ -13,12 +14,13 @@ from __future__ import annotations
 import asyncio
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from agent_api.fencing import FenceTerms
+from agent_api.fencing import UNSAID, FenceTerms
 from agent_api.registration import Heartbeat, identity_fingerprint
 from reconciler.agents import AgentPool
 from reconciler.config import FleetConfig
@@ -26,7 +28,7 @@ from reconciler.fencing import fence_problem, fence_wait
 from reconciler.fleet import AgentState, Fleet
 from reconciler.job_service import Refused
 from reconciler.metrics import Metrics
-from reconciler.registry import FenceTooLate, Registry
+from reconciler.registry import Registry
 from router_db import AgentRecord, JobRecord, JobStatus, NewJob, RouterDB, TaskInstanceKey
 from servicekit.credentials import Secret
 from tests.test_clock_skew import SteppedRouterDB
@@ -48,18 +50,19 @@ def test_the_rule_counts_the_fence_its_check_the_grace_and_one_heartbeat() -> No
     ):
         assert words in said, said
     assert fence_problem(FenceTerms(), agent_id="vm", heartbeat_seconds=60, lost_after=1) is None  # no fence
-    assert fence_wait(TERMS, silent_for=2.0, margin=0.5) == pytest.approx(2.8)
-    assert fence_wait(TERMS, silent_for=9.0, margin=0.5) == 0
+    assert fence_wait(TERMS.gone_after(), silent_for=2.0, margin=0.5) == pytest.approx(2.8)
+    assert fence_wait(TERMS.gone_after(), silent_for=9.0, margin=0.5) == 0
+    assert FenceTerms.from_json(None) is None  # an agent of the previous release says nothing
+    assert UNSAID.gone_after() == pytest.approx(71)
     assert TERMS.fenced(True) and not TERMS.fenced(False) and replace(TERMS, default=True).fenced(False)
     assert not FenceTerms(grace_seconds=5, default=True).fenced(True)  # fence_after 0: fences nothing
 
 
-def running(db: RouterDB, task_id: str, *, at_most_once: bool) -> JobRecord:
-    job, _ = db.submit(
-        NewJob(
-            TaskInstanceKey(dag_id="fenced", task_id=task_id, run_id="r"), "vm", "sleep 600", "", at_most_once
-        )
-    )
+def running(
+    db: RouterDB, task_id: str, *, at_most_once: bool, fence_seconds: float | None = None
+) -> JobRecord:
+    key = TaskInstanceKey(dag_id="fenced", task_id=task_id, run_id="r")
+    job, _ = db.submit(NewJob(key, "vm", "sleep 600", "", at_most_once, fence_seconds))
     db.mark_running(job.job_id, source="test")
     return job
 
@@ -89,6 +92,7 @@ def test_a_lost_agents_fenced_job_ends_failed_only_once_its_fence_has_surely_fir
     )  # fmt: skip
     plain = running(db, "plain", at_most_once=False)
     fenced = running(db, "fenced", at_most_once=True)
+    recorded = running(db, "recorded", at_most_once=True, fence_seconds=8.0)  # its terms when submitted
     ended: dict[str, float] = {}
 
     async def scenario() -> None:
@@ -103,7 +107,7 @@ def test_a_lost_agents_fenced_job_ends_failed_only_once_its_fence_has_surely_fir
                 await fleet.load_registered()
                 await fleet.tick()
                 waiting.append(metrics.registry.get_sample_value("reconciler_fence_waiting_jobs"))
-                for job in (plain, fenced):
+                for job in (plain, fenced, recorded):
                     found = db.get(job.job_id)
                     if found is not None and not found.active and job.job_id not in ended:
                         ended[job.job_id] = ticks[0] - (silent_since or 0)
@@ -113,9 +117,10 @@ def test_a_lost_agents_fenced_job_ends_failed_only_once_its_fence_has_surely_fir
 
     asyncio.run(scenario())
     assert fleet.state("vm") is AgentState.LOST
-    assert set(ended) == {plain.job_id, fenced.job_id}, ended
+    assert set(ended) == {plain.job_id, fenced.job_id, recorded.job_id}, ended
     assert 2.0 <= ended[plain.job_id] <= 3.0, ended  # lost_after_seconds, as ever
     assert 4.8 <= ended[fenced.job_id] <= 5.5, ended  # its fence (4.3 s) and one heartbeat (0.5 s)
+    assert 8.5 <= ended[recorded.job_id] <= 9.5, ended  # the longer terms, said when it was submitted
     plain_now, fenced_now = db.get(plain.job_id), db.get(fenced.job_id)
     assert plain_now is not None and fenced_now is not None
     assert plain_now.status is JobStatus.FAILED and "fenced" not in (plain_now.reason or "")
@@ -124,8 +129,8 @@ def test_a_lost_agents_fenced_job_ends_failed_only_once_its_fence_has_surely_fir
         fenced_now.reason or ""
     )
     # While its fence may still run, the job is counted as waiting; then as fenced.
-    assert max(w or 0 for w in waiting) == 1 and waiting[-1] == 0, waiting
-    assert metrics.registry.get_sample_value("reconciler_fenced_jobs_total") == 1
+    assert max(w or 0 for w in waiting) == 2 and waiting[-1] == 0, waiting
+    assert metrics.registry.get_sample_value("reconciler_fenced_jobs_total") == 2
     db.dispose()
 
 
@@ -166,56 +171,96 @@ def registry_test(
 
 
 @pytest.mark.fast
-def test_an_agent_fencing_every_job_too_late_is_not_registered_and_changes_nothing(tmp_path: Path) -> None:
-    db = RouterDB(f"sqlite:///{tmp_path / 'router.db'}")
+def test_an_agent_of_the_previous_release_is_waited_for_as_its_defaults_fence(tmp_path: Path) -> None:
+    """It said no terms: its at_most_once job ends FAILED once 60 s fence, 1 s check and 10 s grace (and
+    one heartbeat) have passed since its last heartbeat, not at lost_after_seconds."""
+    db = SteppedRouterDB(f"sqlite:///{tmp_path / 'router.db'}")
     db.create_schema()
-    metrics = Metrics()
-    beat = Heartbeat(
-        url="http://x", instance="one", heartbeat_seconds=0.5, fence=replace(TERMS, default=True)
-    )
-    (refused,) = registry_test(db, FleetConfig(lost_after_seconds=4.0), metrics, [beat])
-    assert isinstance(refused, FenceTooLate) and refused.status == 422
-    for words in ("[agent] fence_after_seconds 3", "[fleet] lost_after_seconds 4", "every job at_most_once"):
-        assert words in str(refused), refused
-    assert db.registered_agent("vm") is None
-    sample = metrics.registry.get_sample_value(
-        "reconciler_agent_heartbeats_total", {"result": "fence_too_late"}
-    )
-    assert sample == 1
+    config = FleetConfig(lost_after_seconds=2.0, check_interval_seconds=0.5, check_timeout_seconds=0.5)
+    ticks = [1000.0]
+    pool = AgentPool([], {}, timeout=1, stop_timeout=1)
+    fleet = Fleet(db=db, agents=pool, metrics=Metrics(), config=config, clock=lambda: ticks[0],
+                  registered_token=Secret("t"))  # fmt: skip
+    now = db.now()
+    record = AgentRecord(
+        agent_id="vm", url="http://127.0.0.1:9", labels=(), max_jobs=0, jobs_running=0, version="",
+        draining=False, instance="one", registered_at=now, last_heartbeat_at=now, heartbeat_seconds=0.5,
+    )  # fmt: skip
+    fenced = running(db, "old", at_most_once=True)
+    ended: list[float] = []
+
+    async def scenario() -> None:
+        try:
+            for step in range(200):  # 100 s
+                ticks[0] += 0.5
+                db.step += 0.5
+                if step < 2:
+                    db.heartbeat_agent(replace(record, last_heartbeat_at=db.now()), alive_after=db.now())
+                    silent_since = ticks[0]
+                await fleet.load_registered()
+                await fleet.tick()
+                found = db.get(fenced.job_id)
+                if not ended and found is not None and not found.active:
+                    ended.append(ticks[0] - silent_since)
+        finally:
+            await fleet.close()
+            await pool.close()
+
+    asyncio.run(scenario())
+    # 71 s and one heartbeat from the last heartbeat, which the stepped router DB's clock dates up to
+    # one tick (0.5 s) before this loop's count of it.
+    assert ended and 71.0 <= ended[0] <= 72.5, ended
     db.dispose()
 
 
 @pytest.mark.fast
-def test_an_agent_fencing_too_late_registers_but_takes_no_at_most_once_job(tmp_path: Path) -> None:
-    """It registers (its plain jobs are no concern of the fence); the fleet then names why an
-    at_most_once job must go elsewhere, as it does for an agent that does not fence at all."""
+def test_an_agent_fencing_too_late_registers_but_takes_no_job_it_would_fence(tmp_path: Path) -> None:
+    """It registers (refusing would leave its old terms behind); the fleet then names why a job it
+    would fence must go elsewhere (every job, for one that makes every job at_most_once), as it does
+    for an at_most_once job on an agent that does not fence at all."""
     db = RouterDB(f"sqlite:///{tmp_path / 'router.db'}")
     db.create_schema()
     config = FleetConfig(lost_after_seconds=4.0)
-    beat = Heartbeat(url="http://x", instance="one", heartbeat_seconds=0.5, fence=TERMS)
+    beat = Heartbeat(
+        url="http://x", instance="one", heartbeat_seconds=0.5, fence=replace(TERMS, default=True)
+    )
     (accepted,) = registry_test(db, config, Metrics(), [beat])
     assert not isinstance(accepted, Refused), accepted
     stored = db.registered_agent("vm")
     assert stored is not None and (stored.fence_after_seconds, stored.fence_grace_seconds) == (3.0, 1.0)
 
-    async def refusals() -> list[str | None]:
+    async def refusals() -> dict[str, str | None]:
         pool = AgentPool([], {}, timeout=1, stop_timeout=1)
         fleet = Fleet(db=db, agents=pool, metrics=Metrics(), config=config, registered_token=Secret("fleet"))
+        said: dict[str, str | None] = {}
+
+        async def beat(**changes: Any) -> None:
+            db.heartbeat_agent(replace(stored, **changes), alive_after=db.now())
+            await fleet.load_registered()
+
         try:
             await fleet.load_registered()
-            late = fleet.fence_refusal("vm")
-            db.heartbeat_agent(replace(stored, fence_after_seconds=0.0), alive_after=db.now())
-            await fleet.load_registered()
-            none = fleet.fence_refusal("vm")
-            db.heartbeat_agent(replace(stored, fence_grace_seconds=0.1), alive_after=db.now())
-            await fleet.load_registered()
-            return [late, none, fleet.fence_refusal("vm"), fleet.fence_refusal("unknown")]
+            said["plain, every job fenced"] = fleet.fence_refusal("vm", at_most_once=False)
+            said["asked, every job fenced"] = fleet.fence_refusal("vm", at_most_once=True)
+            await beat(at_most_once_default=False)
+            said["plain"] = fleet.fence_refusal("vm", at_most_once=False)
+            said["asked"] = fleet.fence_refusal("vm", at_most_once=True)
+            await beat(fence_after_seconds=0.0, at_most_once_default=False)
+            said["asked, no fence"] = fleet.fence_refusal("vm", at_most_once=True)
+            await beat(fence_grace_seconds=0.1, at_most_once_default=False)
+            said["asked, fits"] = fleet.fence_refusal("vm", at_most_once=True)  # 3 + 0.3 + 0.1 + 0.5 < 4
+            await beat(fence_after_seconds=None, fence_grace_seconds=None, at_most_once_default=False)
+            said["asked, not said"] = fleet.fence_refusal("vm", at_most_once=True)  # it refuses if it must
+            said["unknown agent"] = fleet.fence_refusal("unknown", at_most_once=True)
+            return said
         finally:
             await fleet.close()
             await pool.close()
 
-    late, none, fits, unknown = asyncio.run(refusals())
-    assert late is not None and "[fleet] lost_after_seconds 4" in late, late
-    assert none is not None and "does not fence" in none, none
-    assert fits is None and unknown is None  # 3 + 0.3 + 0.1 + 0.5 = 3.9 s < 4 s
+    said = asyncio.run(refusals())
+    for case in ("plain, every job fenced", "asked, every job fenced", "asked"):
+        assert said[case] is not None and "[fleet] lost_after_seconds 4" in said[case], (case, said)
+    assert said["asked, no fence"] is not None and "does not fence" in said["asked, no fence"], said
+    for case in ("plain", "asked, fits", "asked, not said", "unknown agent"):
+        assert said[case] is None, (case, said)
     db.dispose()

@@ -3,9 +3,11 @@ registered agent's maintenance (who drained it, when, why, its timeout) and auto
 it takes no new job by itself), as its heartbeats say them.
 
 A lost agent's fenced jobs end FAILED only once its fence has surely stopped them
-(agent_api/fencing.py): the router DB keeps what that takes. Existing rows get false and 0: jobs that
-never asked, agents that have not said (older than fencing, or not heard since the upgrade); "" for
-no maintenance.
+(agent_api/fencing.py): the router DB keeps what that takes, for each job (whether its agent fences it,
+and how long after the last contact that fence has surely ended it, as its agent's terms said when it
+was submitted) and for each registered agent (its terms as its heartbeats say them). Existing rows get
+false and NULL: jobs that never asked, agents that have not said (of the previous release, or not
+heard since the upgrade); "" for no maintenance.
 
 Revision ID: 0006
 """
@@ -22,9 +24,10 @@ down_revision = "0005"
 def upgrade() -> None:
     with op.batch_alter_table("jobs") as batch:
         batch.add_column(sa.Column("at_most_once", sa.Boolean(), nullable=False, server_default=sa.false()))
+        batch.add_column(sa.Column("fence_seconds", sa.Float(), nullable=True))
     with op.batch_alter_table("agents") as batch:
-        batch.add_column(sa.Column("fence_after_seconds", sa.Float(), nullable=False, server_default="0"))
-        batch.add_column(sa.Column("fence_grace_seconds", sa.Float(), nullable=False, server_default="0"))
+        batch.add_column(sa.Column("fence_after_seconds", sa.Float(), nullable=True))
+        batch.add_column(sa.Column("fence_grace_seconds", sa.Float(), nullable=True))
         batch.add_column(
             sa.Column("at_most_once_default", sa.Boolean(), nullable=False, server_default=sa.false())
         )
@@ -43,4 +46,5 @@ def downgrade() -> None:
         ):
             batch.drop_column(name)
     with op.batch_alter_table("jobs") as batch:
+        batch.drop_column("fence_seconds")
         batch.drop_column("at_most_once")
