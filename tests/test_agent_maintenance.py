@@ -14,7 +14,6 @@ from __future__ import annotations
 import io
 import json
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,14 +28,6 @@ from harness.sidecar import AgentRef, SidecarProcess
 from tests.test_agent_credentials import registering, sidecar_for
 
 COMMENT = "kernel 6.12 upgrade, back by 14:00"
-
-
-@pytest.fixture(scope="module")
-def airflow() -> Iterator[ServedAirflow]:
-    served = ServedAirflow()
-    served.start()
-    yield served
-    served.stop()
 
 
 def cli(sidecar: SidecarProcess, *args: str, monkeypatch: pytest.MonkeyPatch) -> tuple[int, str]:

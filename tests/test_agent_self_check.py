@@ -71,13 +71,6 @@ def test_an_agent_takes_jobs_again_once_its_disk_has_room(
     assert [t is None for t in told] == [False, True]
 
 
-@pytest.fixture(scope="module")
-def airflow() -> ServedAirflow:
-    served = ServedAirflow()
-    served.start()
-    return served
-
-
 def test_a_nearly_full_disk_sends_jobs_elsewhere_and_says_why(tmp_path: Path, airflow: ServedAirflow) -> None:
     full = AgentProcess(
         tmp_path / "full", agent_id="vm-full", extra_config=f"min_free_disk_bytes = {EXBIBYTE}\n"
@@ -91,40 +84,37 @@ def test_a_nearly_full_disk_sends_jobs_elsewhere_and_says_why(tmp_path: Path, ai
         agents=[AgentRef(a.agent_id, a.url, a.token, labels=["pool"]) for a in (full, roomy)],
         interval_seconds=1.0,
     )
-    try:
-        with full, roomy, sidecar, sidecar.client() as client:
-            auth = {"Authorization": f"Bearer {full.token}"}
-            health = httpx.get(f"{full.url}/healthz", timeout=10).json()
-            assert "nearly full" in health["unwell"]["reason"], health
-            assert health["draining"] is False  # its own maintenance, not an operator's drain
-            ready = httpx.get(f"{full.url}/readyz", timeout=10)
-            assert ready.status_code == 503 and "nearly full" in " ".join(ready.json()["problems"])
-            run = httpx.post(
-                f"{full.url}/run", json={"job_id": "j-1", "payload": {"command": "true"}}, headers=auth
-            )
-            assert run.status_code == 503 and "until it recovers" in run.json()["error"], run.text
+    with full, roomy, sidecar, sidecar.client() as client:
+        auth = {"Authorization": f"Bearer {full.token}"}
+        health = httpx.get(f"{full.url}/healthz", timeout=10).json()
+        assert "nearly full" in health["unwell"]["reason"], health
+        assert health["draining"] is False  # its own maintenance, not an operator's drain
+        ready = httpx.get(f"{full.url}/readyz", timeout=10)
+        assert ready.status_code == 503 and "nearly full" in " ".join(ready.json()["problems"])
+        run = httpx.post(
+            f"{full.url}/run", json={"job_id": "j-1", "payload": {"command": "true"}}, headers=auth
+        )
+        assert run.status_code == 503 and "until it recovers" in run.json()["error"], run.text
 
-            def shown() -> dict[str, Any] | None:
-                agents = {a["agent_id"]: a for a in client.get("/agents").json()["agents"]}
-                agent = agents["vm-full"]
-                return dict(agent) if agent["maintenance"] is not None else None
+        def shown() -> dict[str, Any] | None:
+            agents = {a["agent_id"]: a for a in client.get("/agents").json()["agents"]}
+            agent = agents["vm-full"]
+            return dict(agent) if agent["maintenance"] is not None else None
 
-            agent = wait_for(shown, "the sidecar shows why", 20)
-            assert agent["state"] == "draining" and "nearly full" in agent["maintenance"]["comment"], agent
-            assert agent["maintenance"]["by"].startswith("the agent itself"), agent
-            gauge = 'reconciler_agents_in_maintenance{by="agent"} 1.0'
-            wait_for(lambda: gauge in client.get("/metrics").text, "the gauge counts it", 10)
-            for index in range(3):  # each goes to the agent that has room
-                airflow.call_soon(airflow.standin.add, "sc", "r", f"t{index}", -1, "running", 1)
-                body = {"command": "true", "labels": ["pool"], "dag_id": "sc", "task_id": f"t{index}",
+        agent = wait_for(shown, "the sidecar shows why", 20)
+        assert agent["state"] == "draining" and "nearly full" in agent["maintenance"]["comment"], agent
+        assert agent["maintenance"]["by"].startswith("the agent itself"), agent
+        gauge = 'reconciler_agents_in_maintenance{by="agent"} 1.0'
+        wait_for(lambda: gauge in client.get("/metrics").text, "the gauge counts it", 10)
+        for index in range(3):  # each goes to the agent that has room
+            airflow.call_soon(airflow.standin.add, "sc", "r", f"t{index}", -1, "running", 1)
+            body = {"command": "true", "labels": ["pool"], "dag_id": "sc", "task_id": f"t{index}",
                         "run_id": "r", "map_index": -1, "try_number": 1}  # fmt: skip
-                placed = client.post("/jobs", json=body)
-                assert placed.status_code == 201 and placed.json()["agent_id"] == "vm-roomy", placed.text
+            placed = client.post("/jobs", json=body)
+            assert placed.status_code == 201 and placed.json()["agent_id"] == "vm-roomy", placed.text
 
-            full.stop()
-            full.extra_config = "min_free_disk_bytes = 1\n"  # restarted with a bound the disk meets
-            full.start()
-            assert httpx.get(f"{full.url}/healthz", timeout=10).json()["unwell"] is None
-            wait_for(lambda: shown() is None, "the sidecar routes to it again", 20)
-    finally:
-        airflow.stop()
+        full.stop()
+        full.extra_config = "min_free_disk_bytes = 1\n"  # restarted with a bound the disk meets
+        full.start()
+        assert httpx.get(f"{full.url}/healthz", timeout=10).json()["unwell"] is None
+        wait_for(lambda: shown() is None, "the sidecar routes to it again", 20)

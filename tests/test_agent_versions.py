@@ -8,7 +8,6 @@ again. The comparison itself, and a floor that is no version, are pinned in proc
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -43,14 +42,6 @@ def test_a_floor_that_is_no_version_is_refused_at_start() -> None:
     assert (
         parse_config({**base, "fleet": {"min_agent_version": "0.3.1"}}, {}).fleet.min_agent_version == "0.3.1"
     )
-
-
-@pytest.fixture(scope="module")
-def airflow() -> Iterator[ServedAirflow]:
-    served = ServedAirflow()
-    served.start()
-    yield served
-    served.stop()
 
 
 def test_an_outdated_agent_gets_no_new_job_until_the_floor_allows_it(
