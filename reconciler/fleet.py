@@ -841,7 +841,7 @@ class Fleet:
         agent.fence = terms
         problem = self.fence_refusal(agent.id, at_most_once=True)
         if problem is not None and problem != agent.fence_said:
-            log.error(
+            log.warning(
                 "%s; it takes no %s meanwhile",
                 problem.replace("one heartbeat", "one health check and its timeout"),
                 "job (it makes every job at_most_once)" if terms.default else "at_most_once job",

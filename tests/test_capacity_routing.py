@@ -169,6 +169,12 @@ class Liveness:
     def agent_states(self) -> dict[str, str]:
         return {}
 
+    def fence_refusal(self, agent_id: str, *, at_most_once: bool) -> str | None:
+        return None  # no agent here fences: none is said to
+
+    def fence_terms(self, agent_id: str) -> None:
+        return None
+
 
 def service(db: RouterDB, agents: AgentPool, *, when_full: str, metrics: Metrics) -> JobService:
     return JobService(
