@@ -8,6 +8,7 @@ and a natural exit, never race. Which status and reason a job ends with is decid
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 from dataclasses import dataclass, field, replace
@@ -117,10 +118,11 @@ class TrackedJob:
             self.finish(status, rc=exit_record.rc, reason=reason, finished_at=exit_record.finished_at)
             log.info("job %s ended: %s", self.record.job_id, reason)
         if stop_reason is not None:  # the stop was asked for, and the log says so, as for any stop
-            self.append_log_line(
-                f"[agentic-agent {datetime.now(UTC).isoformat()}] job stopped: {stop_reason} "
-                f"(rc={self.record.rc})"
-            )
+            with contextlib.suppress(OSError):  # a full disk keeps the line, not the job's end
+                self.append_log_line(
+                    f"[agentic-agent {datetime.now(UTC).isoformat()}] job stopped: {stop_reason} "
+                    f"(rc={self.record.rc})"
+                )
 
     def finish(
         self,

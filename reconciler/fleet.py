@@ -560,7 +560,7 @@ class Fleet:
         # A fenced job ends once the agent's fence has surely stopped it: never while it may run on.
         silent, margin = self._silent_for(agent), self._fence_margin(agent)
         waits = {job.job_id: fence_wait(self._gone_after(agent, job), silent_for=silent, margin=margin)
-                 for job in jobs if job.at_most_once}  # fmt: skip
+                 for job in jobs if self._fenced(agent, job)}  # fmt: skip
         waiting = [job_id for job_id, wait in waits.items() if wait > 0]
         was_waiting, agent.fence_waiting = agent.fence_waiting, len(waiting)
         if waiting:
@@ -583,13 +583,16 @@ class Fleet:
         )
         ended = await asyncio.to_thread(
             self._db.apply,
-            [lost_job_transition(job, reason + (fence_note if job.at_most_once else "")) for job in jobs],
+            [
+                lost_job_transition(job, reason + (fence_note if self._fenced(agent, job) else ""))
+                for job in jobs
+            ],
             source="fleet",
         )
         self.changed(job for job in ended if job is not None)
         count = sum(job is not None for job in ended)
         self._metrics.lost_jobs.inc(count)
-        self._metrics.fenced_jobs.inc(sum(job is not None and job.at_most_once for job in ended))
+        self._metrics.fenced_jobs.inc(sum(job is not None and self._fenced(agent, job) for job in ended))
         if count:
             log.error("ended %d job(s) of lost agent %s", count, agent.id, extra={"agent_id": agent.id})
 
@@ -839,7 +842,7 @@ class Fleet:
         if terms is None:
             return
         agent.fence = terms
-        problem = self.fence_refusal(agent.id, at_most_once=True)
+        problem = self.fence_refusal(agent.id, at_most_once=True) if terms.fences else None
         if problem is not None and problem != agent.fence_said:
             log.warning(
                 "%s; it takes no %s meanwhile",
@@ -871,6 +874,12 @@ class Fleet:
             heartbeat_seconds=self._fence_margin(agent),
             lost_after=self._config.lost_after_seconds,
         )
+
+    @staticmethod
+    def _fenced(agent: _Agent, job: JobRecord) -> bool:
+        """Whether the agent fences ``job``: recorded so at submission, or the agent fences every job
+        (a replica that did not know its terms then, a standby, recorded what was asked only)."""
+        return job.at_most_once or (agent.fence is not None and agent.fence.fenced(False))
 
     def _gone_after(self, agent: _Agent, job: JobRecord) -> float:
         """How long after the agent's last contact the fenced ``job`` has surely ended there: the longer

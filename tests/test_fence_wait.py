@@ -171,6 +171,51 @@ def registry_test(
 
 
 @pytest.mark.fast
+def test_a_job_recorded_unfenced_on_an_agent_that_fences_every_job_waits_for_the_fence(
+    tmp_path: Path,
+) -> None:
+    """A replica that did not know the agent's terms at submission (a standby) recorded only what was
+    asked; the agent fences every job all the same (at_most_once_default), so its FAILED waits."""
+    db = SteppedRouterDB(f"sqlite:///{tmp_path / 'router.db'}")
+    db.create_schema()
+    config = FleetConfig(lost_after_seconds=2.0, check_interval_seconds=0.5, check_timeout_seconds=0.5)
+    ticks = [1000.0]
+    pool = AgentPool([], {}, timeout=1, stop_timeout=1)
+    fleet = Fleet(db=db, agents=pool, metrics=Metrics(), config=config, clock=lambda: ticks[0],
+                  registered_token=Secret("t"))  # fmt: skip
+    now = db.now()
+    record = AgentRecord(
+        agent_id="vm", url="http://127.0.0.1:9", labels=(), max_jobs=0, jobs_running=0, version="",
+        draining=False, instance="one", registered_at=now, last_heartbeat_at=now, heartbeat_seconds=0.5,
+        fence_after_seconds=TERMS.after_seconds, fence_grace_seconds=TERMS.grace_seconds,
+        at_most_once_default=True,
+    )  # fmt: skip
+    unasked = running(db, "unasked", at_most_once=False)
+    ended: list[float] = []
+
+    async def scenario() -> None:
+        try:
+            for step in range(40):
+                ticks[0] += 0.5
+                db.step += 0.5
+                if step < 2:
+                    db.heartbeat_agent(replace(record, last_heartbeat_at=db.now()), alive_after=db.now())
+                    silent_since = ticks[0]
+                await fleet.load_registered()
+                await fleet.tick()
+                found = db.get(unasked.job_id)
+                if not ended and found is not None and not found.active:
+                    ended.append(ticks[0] - silent_since)
+        finally:
+            await fleet.close()
+            await pool.close()
+
+    asyncio.run(scenario())
+    assert ended and ended[0] >= 4.3, ended  # its fence (4.3 s), not lost_after_seconds (2 s)
+    db.dispose()
+
+
+@pytest.mark.fast
 def test_an_agent_of_the_previous_release_is_waited_for_as_its_defaults_fence(tmp_path: Path) -> None:
     """It said no terms: its at_most_once job ends FAILED once 60 s fence, 1 s check and 10 s grace (and
     one heartbeat) have passed since its last heartbeat, not at lost_after_seconds."""
