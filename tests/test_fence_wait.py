@@ -67,56 +67,69 @@ def running(
     return job
 
 
+class SilentAgent:
+    """Registered agent vm beside the leader's fleet, on a fake clock ticking 0.5 s: it heartbeats for a
+    few ticks, then falls silent; :meth:`run` says when each job ended, counted from its last heartbeat."""
+
+    def __init__(self, tmp_path: Path, **row: Any) -> None:
+        self.db = SteppedRouterDB(f"sqlite:///{tmp_path / 'router.db'}")
+        self.db.create_schema()
+        config = FleetConfig(lost_after_seconds=2.0, check_interval_seconds=0.5, check_timeout_seconds=0.5)
+        self.ticks = [1000.0]
+        self.pool = AgentPool([], {}, timeout=1, stop_timeout=1)
+        self.metrics = Metrics()
+        self.fleet = Fleet(db=self.db, agents=self.pool, metrics=self.metrics, config=config,
+                           clock=lambda: self.ticks[0], registered_token=Secret("t"))  # fmt: skip
+        self.waiting: list[float | None] = []  # reconciler_fence_waiting_jobs after each tick
+        now = self.db.now()
+        self.record = AgentRecord(
+            agent_id="vm", url="http://127.0.0.1:9", labels=(), max_jobs=0, jobs_running=0, version="",
+            draining=False, instance="one", registered_at=now, last_heartbeat_at=now, heartbeat_seconds=0.5,
+            **row,
+        )  # fmt: skip
+
+    def run(self, jobs: list[JobRecord], *, seconds: float, beats: int) -> dict[str, float]:
+        db, ended = self.db, {}
+
+        async def scenario() -> None:
+            silent_since = 0.0
+            try:
+                for step in range(int(seconds / 0.5)):
+                    self.ticks[0] += 0.5
+                    db.step += 0.5
+                    if step < beats:
+                        db.heartbeat_agent(
+                            replace(self.record, last_heartbeat_at=db.now()), alive_after=db.now()
+                        )
+                        silent_since = self.ticks[0]
+                    await self.fleet.load_registered()
+                    await self.fleet.tick()
+                    self.waiting.append(
+                        self.metrics.registry.get_sample_value("reconciler_fence_waiting_jobs")
+                    )
+                    for job in jobs:
+                        found = db.get(job.job_id)
+                        if found is not None and not found.active and job.job_id not in ended:
+                            ended[job.job_id] = self.ticks[0] - silent_since
+            finally:
+                await self.fleet.close()
+                await self.pool.close()
+
+        asyncio.run(scenario())
+        return ended
+
+
 @pytest.mark.fast
 def test_a_lost_agents_fenced_job_ends_failed_only_once_its_fence_has_surely_fired(tmp_path: Path) -> None:
-    db = SteppedRouterDB(f"sqlite:///{tmp_path / 'router.db'}")
-    db.create_schema()
-    config = FleetConfig(lost_after_seconds=2.0, check_interval_seconds=0.5, check_timeout_seconds=0.5)
-    ticks = [1000.0]
-    pool = AgentPool([], {}, timeout=1, stop_timeout=1)
-    metrics = Metrics()
-    fleet = Fleet(
-        db=db,
-        agents=pool,
-        metrics=metrics,
-        config=config,
-        clock=lambda: ticks[0],
-        registered_token=Secret("t"),
+    vm = SilentAgent(
+        tmp_path, fence_after_seconds=TERMS.after_seconds, fence_grace_seconds=TERMS.grace_seconds
     )
-    waiting: list[float | None] = []
-    now = db.now()
-    record = AgentRecord(
-        agent_id="vm", url="http://127.0.0.1:9", labels=(), max_jobs=0, jobs_running=0, version="",
-        draining=False, instance="one", registered_at=now, last_heartbeat_at=now, heartbeat_seconds=0.5,
-        fence_after_seconds=TERMS.after_seconds, fence_grace_seconds=TERMS.grace_seconds,
-    )  # fmt: skip
+    db, metrics, waiting = vm.db, vm.metrics, vm.waiting
     plain = running(db, "plain", at_most_once=False)
     fenced = running(db, "fenced", at_most_once=True)
     recorded = running(db, "recorded", at_most_once=True, fence_seconds=8.0)  # its terms when submitted
-    ended: dict[str, float] = {}
-
-    async def scenario() -> None:
-        silent_since = None
-        try:
-            for step in range(40):  # 20 s, a tick every 0.5 s
-                ticks[0] += 0.5
-                db.step += 0.5
-                if step < 4:
-                    db.heartbeat_agent(replace(record, last_heartbeat_at=db.now()), alive_after=db.now())
-                    silent_since = ticks[0]
-                await fleet.load_registered()
-                await fleet.tick()
-                waiting.append(metrics.registry.get_sample_value("reconciler_fence_waiting_jobs"))
-                for job in (plain, fenced, recorded):
-                    found = db.get(job.job_id)
-                    if found is not None and not found.active and job.job_id not in ended:
-                        ended[job.job_id] = ticks[0] - (silent_since or 0)
-        finally:
-            await fleet.close()
-            await pool.close()
-
-    asyncio.run(scenario())
-    assert fleet.state("vm") is AgentState.LOST
+    ended = vm.run([plain, fenced, recorded], seconds=20, beats=4)
+    assert vm.fleet.state("vm") is AgentState.LOST
     assert set(ended) == {plain.job_id, fenced.job_id, recorded.job_id}, ended
     assert 2.0 <= ended[plain.job_id] <= 3.0, ended  # lost_after_seconds, as ever
     assert 4.8 <= ended[fenced.job_id] <= 5.5, ended  # its fence (4.3 s) and one heartbeat (0.5 s)
@@ -176,86 +189,29 @@ def test_a_job_recorded_unfenced_on_an_agent_that_fences_every_job_waits_for_the
 ) -> None:
     """A replica that did not know the agent's terms at submission (a standby) recorded only what was
     asked; the agent fences every job all the same (at_most_once_default), so its FAILED waits."""
-    db = SteppedRouterDB(f"sqlite:///{tmp_path / 'router.db'}")
-    db.create_schema()
-    config = FleetConfig(lost_after_seconds=2.0, check_interval_seconds=0.5, check_timeout_seconds=0.5)
-    ticks = [1000.0]
-    pool = AgentPool([], {}, timeout=1, stop_timeout=1)
-    fleet = Fleet(db=db, agents=pool, metrics=Metrics(), config=config, clock=lambda: ticks[0],
-                  registered_token=Secret("t"))  # fmt: skip
-    now = db.now()
-    record = AgentRecord(
-        agent_id="vm", url="http://127.0.0.1:9", labels=(), max_jobs=0, jobs_running=0, version="",
-        draining=False, instance="one", registered_at=now, last_heartbeat_at=now, heartbeat_seconds=0.5,
-        fence_after_seconds=TERMS.after_seconds, fence_grace_seconds=TERMS.grace_seconds,
+    vm = SilentAgent(
+        tmp_path,
+        fence_after_seconds=TERMS.after_seconds,
+        fence_grace_seconds=TERMS.grace_seconds,
         at_most_once_default=True,
-    )  # fmt: skip
-    unasked = running(db, "unasked", at_most_once=False)
-    ended: list[float] = []
-
-    async def scenario() -> None:
-        try:
-            for step in range(40):
-                ticks[0] += 0.5
-                db.step += 0.5
-                if step < 2:
-                    db.heartbeat_agent(replace(record, last_heartbeat_at=db.now()), alive_after=db.now())
-                    silent_since = ticks[0]
-                await fleet.load_registered()
-                await fleet.tick()
-                found = db.get(unasked.job_id)
-                if not ended and found is not None and not found.active:
-                    ended.append(ticks[0] - silent_since)
-        finally:
-            await fleet.close()
-            await pool.close()
-
-    asyncio.run(scenario())
-    assert ended and ended[0] >= 4.3, ended  # its fence (4.3 s), not lost_after_seconds (2 s)
-    db.dispose()
+    )
+    unasked = running(vm.db, "unasked", at_most_once=False)
+    ended = vm.run([unasked], seconds=20, beats=2)
+    assert ended[unasked.job_id] >= 4.3, ended  # its fence (4.3 s), not lost_after_seconds (2 s)
+    vm.db.dispose()
 
 
 @pytest.mark.fast
 def test_an_agent_of_the_previous_release_is_waited_for_as_its_defaults_fence(tmp_path: Path) -> None:
     """It said no terms: its at_most_once job ends FAILED once 60 s fence, 1 s check and 10 s grace (and
     one heartbeat) have passed since its last heartbeat, not at lost_after_seconds."""
-    db = SteppedRouterDB(f"sqlite:///{tmp_path / 'router.db'}")
-    db.create_schema()
-    config = FleetConfig(lost_after_seconds=2.0, check_interval_seconds=0.5, check_timeout_seconds=0.5)
-    ticks = [1000.0]
-    pool = AgentPool([], {}, timeout=1, stop_timeout=1)
-    fleet = Fleet(db=db, agents=pool, metrics=Metrics(), config=config, clock=lambda: ticks[0],
-                  registered_token=Secret("t"))  # fmt: skip
-    now = db.now()
-    record = AgentRecord(
-        agent_id="vm", url="http://127.0.0.1:9", labels=(), max_jobs=0, jobs_running=0, version="",
-        draining=False, instance="one", registered_at=now, last_heartbeat_at=now, heartbeat_seconds=0.5,
-    )  # fmt: skip
-    fenced = running(db, "old", at_most_once=True)
-    ended: list[float] = []
-
-    async def scenario() -> None:
-        try:
-            for step in range(200):  # 100 s
-                ticks[0] += 0.5
-                db.step += 0.5
-                if step < 2:
-                    db.heartbeat_agent(replace(record, last_heartbeat_at=db.now()), alive_after=db.now())
-                    silent_since = ticks[0]
-                await fleet.load_registered()
-                await fleet.tick()
-                found = db.get(fenced.job_id)
-                if not ended and found is not None and not found.active:
-                    ended.append(ticks[0] - silent_since)
-        finally:
-            await fleet.close()
-            await pool.close()
-
-    asyncio.run(scenario())
+    vm = SilentAgent(tmp_path)
+    fenced = running(vm.db, "old", at_most_once=True)
+    ended = vm.run([fenced], seconds=100, beats=2)
     # 71 s and one heartbeat from the last heartbeat, which the stepped router DB's clock dates up to
     # one tick (0.5 s) before this loop's count of it.
-    assert ended and 71.0 <= ended[0] <= 72.5, ended
-    db.dispose()
+    assert 71.0 <= ended[fenced.job_id] <= 72.5, ended
+    vm.db.dispose()
 
 
 @pytest.mark.fast
