@@ -9,7 +9,6 @@ audit trail names the push endpoint as its source). Real Airflow 3.3.2, agent an
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
@@ -28,10 +27,13 @@ pytestmark = pytest.mark.airflow
 DAGS = Path(__file__).parent / "dags"
 DAG_ID, RUN_ID = "on_kill", "people"
 SLOW_POLL = 300.0  # the sidecar's poll: far beyond every budget below
-# The triggerer notices a killed task within about a second, then on_kill's report and the sidecar's
-# confirming read: 0.5-2.9 s on a quiet machine, up to 8 s seen with the whole suite on two cores;
-# against five minutes for the poll.
-STOP_BUDGET = 12.0
+# Airflow's triggerer notices a person's action in two or three turns of its loop (a turn is about a
+# second: the mark's trigger row is cleaned up, then its runner is told to cancel), then on_kill's
+# report and the sidecar's confirming read take a fraction of a second. Measured: 1.3-4.5 s on a quiet
+# machine, over 12 s once with the whole suite on two cores, all of it before on_kill was called. The
+# budget stays a tenth of the poll, so only the trigger's report can meet it; the events below name
+# the report as the stop's source either way.
+STOP_BUDGET = SLOW_POLL / 10
 
 
 @dataclass
@@ -87,7 +89,6 @@ def test_a_person_acting_on_a_deferred_task_stops_its_job_through_the_trigger(
     wait_until(lambda: stack.trigger_running(task_id), timeout=30, what=f"{task_id}'s trigger running")
     job = stack.job_of(task_id)
     assert job["status"] == "RUNNING", job
-    acted = time.monotonic()
     if task_id == "cleared":
         stack.api.clear(DAG_ID, RUN_ID, task_id)
     else:
@@ -103,7 +104,6 @@ def test_a_person_acting_on_a_deferred_task_stops_its_job_through_the_trigger(
     # submission first (the scheduler may run it within a second); never the poll ("reconciler").
     told = {"api", "submit"} if task_id == "cleared" else {"api"}
     assert len(stopping) == 1 and stopping[0]["source"] in told, stopping
-    assert time.monotonic() - acted < SLOW_POLL / 10
 
 
 def test_execution_timeout_holds_while_the_task_is_deferred(stack: Stack) -> None:
