@@ -28,6 +28,9 @@ HTTPS: an ``https://`` agent's certificate is verified against the system's trus
 the bundle in ``ca_file`` (PEM) when one is given; a certificate that does not verify raises
 :class:`AgentUnavailable`, before any request (and so the token) is sent. The CA bundle is applied
 per request, so clients for agents with different CAs can share one ``aiohttp.ClientSession``.
+
+``transport``: what carries one exchange (default: aiohttp). The core's simulation passes its own, so
+that the real request building and answer parsing run against simulated agents.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ import os
 import ssl
 from collections.abc import Callable, Mapping, Sequence
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import aiohttp
 
@@ -70,6 +73,24 @@ __all__ = [
 ]
 
 _T = TypeVar("_T")
+
+
+class Transport(Protocol):
+    """One HTTP exchange: the answer's status, headers and body (at most ``max_bytes``, else
+    :class:`AgentUnavailable`). Raises ``TimeoutError`` past ``timeout`` and ``aiohttp.ClientError``
+    when no answer came, as aiohttp does."""
+
+    async def __call__(
+        self,
+        method: str,
+        url: str,
+        *,
+        body: object,
+        params: Mapping[str, str] | Sequence[tuple[str, str]] | None,
+        headers: Mapping[str, str],
+        timeout: float,
+        max_bytes: int,
+    ) -> tuple[int, Mapping[str, str], bytes]: ...
 
 
 class AgentError(Exception):
@@ -136,6 +157,7 @@ class AgentClient:
         timeout: float = 10.0,
         stop_timeout: float = 120.0,
         ca_file: str | os.PathLike[str] | None = None,
+        transport: Transport | None = None,
     ) -> None:
         """``timeout`` bounds every request but ``stop``, which waits for the tree to end and is
         bounded by ``stop_timeout`` (keep it above the agent's ``grace_seconds``). ``ca_file``: PEM
@@ -148,6 +170,7 @@ class AgentClient:
         self._owns_session = session is None
         self.timeout = timeout
         self.stop_timeout = stop_timeout
+        self._transport: Transport = transport or self._aiohttp
 
     def __repr__(self) -> str:
         return f"AgentClient({self.base_url!r})"
@@ -293,18 +316,15 @@ class AgentClient:
         where = f"{method} {self.base_url}{path}"
         seconds = self.timeout if timeout is None else timeout
         try:
-            async with self._client().request(
+            status, headers, raw = await self._transport(
                 method,
                 self.base_url + path,
-                json=body,
+                body=body,
                 params=params,
-                headers={"Authorization": f"Bearer {self._token}"} if self._token else None,
-                timeout=aiohttp.ClientTimeout(total=seconds),
-                allow_redirects=False,
-                ssl=self._ssl,
-            ) as response:
-                raw = await _bounded_read(response, max_bytes, where)
-                status, headers = response.status, response.headers
+                headers={"Authorization": f"Bearer {self._token}"} if self._token else {},
+                timeout=seconds,
+                max_bytes=max_bytes,
+            )
         except TimeoutError:
             raise AgentUnavailable(f"{where}: no answer within {seconds:g} s") from None
         except aiohttp.ClientError as exc:
@@ -321,6 +341,30 @@ class AgentClient:
             raise AgentRejected(status, message, request=where)
         answered = status if _agent_error(raw) is not None else None
         raise AgentUnavailable(f"{where}: HTTP {status}: {message}", answered=answered)
+
+    async def _aiohttp(
+        self,
+        method: str,
+        url: str,
+        *,
+        body: object,
+        params: Mapping[str, str] | Sequence[tuple[str, str]] | None,
+        headers: Mapping[str, str],
+        timeout: float,
+        max_bytes: int,
+    ) -> tuple[int, Mapping[str, str], bytes]:
+        async with self._client().request(
+            method,
+            url,
+            json=body,
+            params=params,
+            headers=headers or None,
+            timeout=aiohttp.ClientTimeout(total=timeout),
+            allow_redirects=False,
+            ssl=self._ssl,
+        ) as response:
+            raw = await _bounded_read(response, max_bytes, f"{method} {url}")
+            return response.status, response.headers, raw
 
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None:

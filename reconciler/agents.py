@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import aiohttp
 
-from agent_api.client import AgentClient, AgentUnavailable
+from agent_api.client import AgentClient, AgentUnavailable, Transport
 from reconciler.config import AgentEntry
 from reconciler.routing import Candidate, Capacity, choose, no_capacity
 from router_db import JobRecord, JobStatus, Transition
@@ -59,11 +59,13 @@ class AgentPool:
         *,
         timeout: float,
         stop_timeout: float,
+        transport: Transport | None = None,
     ) -> None:
         self._entries = {e.id: e for e in entries}
         self._tokens = {agent_id: t if isinstance(t, Secret) else Secret(t) for agent_id, t in tokens.items()}
         self._timeout = timeout
         self._stop_timeout = stop_timeout
+        self._transport = transport  # None: aiohttp (the core's simulation passes its own)
         self._sessions: dict[str, aiohttp.ClientSession] = {}  # "jobs" and "health" pools
         self._clients: dict[tuple[str, str], tuple[str, AgentClient]] = {}  # with the token it sends
         self._turn = 0
@@ -126,17 +128,18 @@ class AgentPool:
             return cached[1]
         # First use, or the token changed (its file was rotated): a client sending the new one, on
         # the same connections.
-        if pool not in self._sessions:
+        if pool not in self._sessions and self._transport is None:
             self._sessions[pool] = aiohttp.ClientSession()
         entry = self._entries[agent_id]
         try:
             client = AgentClient(
                 entry.url,
                 token,
-                session=self._sessions[pool],
+                session=self._sessions.get(pool),
                 timeout=self._timeout,
                 stop_timeout=self._stop_timeout,
                 ca_file=entry.ca_file or None,
+                transport=self._transport,
             )
         except ValueError as exc:  # the CA bundle went missing since the start: retry later
             raise AgentUnavailable(f"agent {agent_id}: {exc}") from None

@@ -18,17 +18,24 @@ PERIOD_SECONDS = 5.0
 
 
 class DbTime:
-    def __init__(self, read: Callable[[], datetime], *, period: float = PERIOD_SECONDS) -> None:
+    def __init__(
+        self,
+        read: Callable[[], datetime],
+        *,
+        period: float = PERIOD_SECONDS,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._read = read  # RouterDB.now: blocking, run in a thread
+        self._clock = clock
         self._period = period
         self._last: tuple[datetime, float] | None = None  # (the DB's time, monotonic time read)
 
     async def now(self) -> datetime:
-        at = time.monotonic()
+        at = self._clock()
         if self._last is None or at - self._last[1] >= self._period:
-            self._last = (await asyncio.to_thread(self._read), time.monotonic())
+            self._last = (await asyncio.to_thread(self._read), self._clock())
         base, read_at = self._last
-        return base + timedelta(seconds=time.monotonic() - read_at)
+        return base + timedelta(seconds=self._clock() - read_at)
 
     def age(self, moment: datetime, now: datetime) -> float:
         return (now - moment).total_seconds()

@@ -28,7 +28,7 @@ import heapq
 import logging
 import time
 from collections import Counter
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import TypeVar
@@ -84,7 +84,11 @@ class ReconcileLoop:
         watch: JobWatch | None = None,
         unconfigured_grace_seconds: float = 0.0,
         start_grace_seconds: float = START_GRACE_SECONDS,
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
+        # This process's clocks: intervals on ``clock`` (monotonic), Airflow watermarks on ``wall``.
+        self._clock, self._wall = clock, wall
         self._db = db
         # A QUEUED job its agent does not know is given up only this long after its submission: the
         # bound its submission keeps ([fleet] submit_give_up_seconds, plus one /run's timeout).
@@ -95,10 +99,11 @@ class ReconcileLoop:
         # must not end jobs that still run.
         self._unconfigured_grace = unconfigured_grace_seconds
         self._missing_since: dict[str, float] = {}  # agent id -> when this process first missed it
-        self._db_time = DbTime(db.now)  # a queued job's age is measured on the clock that wrote it
+        # A queued job's age is measured on the clock that wrote it.
+        self._db_time = DbTime(db.now, clock=clock)
         # The long-poll waiters of this process: the catch-up's and the sweep's changes wake them.
         self.watch = watch or JobWatch(db, period=poll.watch_seconds)
-        self.catch_up = CatchUp(agents, self._apply_reports)
+        self.catch_up = CatchUp(agents, self._apply_reports, clock=clock)
         self._airflow = airflow
         self._agents = agents
         self._dispatcher = dispatcher
@@ -119,6 +124,7 @@ class ReconcileLoop:
             airflow,
             full_check_seconds=poll.full_resync_seconds,
             concurrency=poll.max_concurrent_reads,
+            clock=clock,
             on_request=lambda read: metrics.targeted_reads.labels(read).inc(),
         )
         self.last_success: float | None = None  # monotonic time of the last successful cycle
@@ -162,9 +168,9 @@ class ReconcileLoop:
         catching = asyncio.create_task(self._catch_up_between_cycles(stopping)) if between else None
         try:
             while not stopping.is_set():
-                started = time.monotonic()
+                started = self._clock()
                 await self.cycle()
-                delay = max(0.0, self._poll.interval_seconds - (time.monotonic() - started))
+                delay = max(0.0, self._poll.interval_seconds - (self._clock() - started))
                 try:
                     await asyncio.wait_for(stopping.wait(), timeout=delay)
                 except TimeoutError:
@@ -179,7 +185,7 @@ class ReconcileLoop:
 
     async def cycle(self, *, dry_run: bool = False) -> CycleReport:
         """One reconciliation pass. With ``dry_run`` it reads and decides but changes nothing."""
-        started = time.monotonic()
+        started = self._clock()
         try:
             report = await self._cycle(dry_run)
         except AirflowError as exc:
@@ -192,23 +198,21 @@ class ReconcileLoop:
             log.exception("cycle failed", extra={"error": str(exc)})
             report = CycleReport(result="error")
         self._metrics.cycles.labels(report.result).inc()
-        self._metrics.cycle_duration.observe(time.monotonic() - started)
+        self._metrics.cycle_duration.observe(self._clock() - started)
         if report.result == "ok" and not dry_run:
-            self.last_success = time.monotonic()
+            self.last_success = self._clock()
             self._metrics.last_success.set(time.time())
         return report
 
     async def _cycle(self, dry_run: bool) -> CycleReport:
         if self._poll.strategy == "targeted":
             # The targeted read has no full read of its own: "full" reloads the job view.
-            full = time.monotonic() >= self._next_full
+            full = self._clock() >= self._next_full
             if full:
-                self._next_full = time.monotonic() + self._poll.full_resync_seconds
+                self._next_full = self._clock() + self._poll.full_resync_seconds
         else:
             full = (
-                self._poll.strategy == "batch"
-                or self._watermark is None
-                or time.monotonic() >= self._next_full
+                self._poll.strategy == "batch" or self._watermark is None or self._clock() >= self._next_full
             )
         jobs = await self._end_unconfigured(await self._active_jobs(reload=full), dry_run=dry_run)
         self._metrics.active_jobs.set(len(jobs))
@@ -268,7 +272,7 @@ class ReconcileLoop:
         if not {job.agent_id for job in jobs} - set(self._agents.ids()):
             return list(jobs)  # the common case: no router DB read
         known = await self.known_agents()
-        now = time.monotonic()
+        now = self._clock()
         missing = {job.agent_id for job in jobs if job.agent_id not in known}
         self._missing_since = {a: self._missing_since.get(a, now) for a in missing}
         due = {a for a in missing if now - self._missing_since[a] >= self._unconfigured_grace}
@@ -364,11 +368,11 @@ class ReconcileLoop:
         self, live: Sequence[JobRecord], report: CycleReport, *, full: bool
     ) -> dict[str, Observation]:
         """Observations of the live jobs this cycle can see; a job left out is unchanged."""
-        read_started = datetime.now(UTC)
+        read_started = self._wall()
         if self._poll.strategy == "targeted":
             self.targeted.ended(self._ended)
             self._ended.clear()
-            if time.monotonic() >= self._next_full_attempt:
+            if self._clock() >= self._next_full_attempt:
                 try:
                     found, report.read = await self.targeted.read(live)
                     self._metrics.targeted_surplus.set(self.targeted.surplus)
@@ -406,7 +410,7 @@ class ReconcileLoop:
                 report.read = "incremental (full read failing)"
             else:
                 self._read_works_again()
-                self._next_full = time.monotonic() + self._poll.full_resync_seconds
+                self._next_full = self._clock() + self._poll.full_resync_seconds
                 self._watermark = read_started
                 return found
         else:
@@ -458,9 +462,9 @@ class ReconcileLoop:
         backoff = self._poll.interval_seconds * 2.0 ** min(self._full_failures - 1, 20)
         delay = min(self._poll.full_resync_seconds, backoff)
         if self._poll.strategy == "targeted":
-            self._next_full_attempt = time.monotonic() + delay
+            self._next_full_attempt = self._clock() + delay
         else:
-            self._next_full = time.monotonic() + delay
+            self._next_full = self._clock() + delay
         self.full_read_error = str(exc)
         self._metrics.full_resync_failing.set(1)
         log.error(
@@ -498,9 +502,7 @@ class ReconcileLoop:
             return None
         self._metrics.divergences.labels(verdict.kind).inc()
         if ti is not None and ti.end_date is not None:
-            self._metrics.detection_latency.observe(
-                max(0.0, (datetime.now(UTC) - ti.end_date).total_seconds())
-            )
+            self._metrics.detection_latency.observe(max(0.0, (self._wall() - ti.end_date).total_seconds()))
         return verdict
 
     async def check(self, job: JobRecord, *, source: str, note: str | None = None) -> Stop | None:

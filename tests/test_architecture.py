@@ -27,6 +27,7 @@ FIRST_PARTY = {
     "harness",
     "bench",
     "tests",
+    "simulation",
 }
 
 # package -> the first-party packages it may import (besides itself)
@@ -39,6 +40,9 @@ MAY_IMPORT: dict[str, set[str]] = {
     "reconciler": {"servicekit", "agent_api", "sidecar_api", "router_db"},  # the sidecar
     "agentic_airflow": {"sidecar_api"},  # runs inside Airflow
     "agentic_cli": set(),  # on people's machines: the sidecar's HTTP API only
+    # The core's simulation: the sidecar's real parts, and the agent's own words for an unknown job.
+    # Nothing shipped imports it.
+    "simulation": {"servicekit", "agent_api", "sidecar_api", "router_db", "reconciler", "agent"},
 }
 
 # What code running inside Airflow may import beyond the standard library: what Airflow ships.

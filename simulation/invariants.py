@@ -1,0 +1,151 @@
+"""What the sidecar promises, checked after every step of a world.
+
+- **No false stop.** No stop is decided, nor reaches an agent, for a job whose task instance still
+  wants it (the same try, by its id, in a state where its work goes on).
+- **Bounded detection.** A job whose task instance no longer wants it is STOPPING or ended within
+  ``detect_bound`` seconds of the world's healthy time (Airflow and the router DB answering, the
+  sidecar running).
+- **No hang.** No job stays active in the router DB while its agent has ended it or does not know it,
+  beyond ``hang_bound`` seconds of healthy time with that agent answering.
+- **Nothing lost.** No job row vanishes, and an ended job never changes again.
+
+"Healthy time" leaves out the faults the world injected: a bound is a promise about how fast the
+sidecar acts once it can, not about outages.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from agent_api.protocol import AgentJobStatus
+from reconciler.airflow import TaskInstancePath
+from reconciler.config import PollConfig
+from reconciler.decision import KEEP_STATES
+from router_db import JobRecord, JobStatus
+
+if TYPE_CHECKING:
+    from simulation.world import World
+
+
+STOP_TIMEOUT, STOP_BACKOFF = 10.0, 5.0  # the world's [stop] timeout_seconds and backoff_max_seconds
+AGENT_READ_SECONDS = 5.0  # reconciler.catch_up.READ_TIMEOUT_SECONDS: a cycle waits this for a silent agent
+
+
+class Checker:
+    def __init__(self, world: World) -> None:
+        self.world = world
+        s = world.settings
+        self.detect_bound = 5 * s.interval + 3.0
+        self.hang_bound = 5 * s.interval + 3.0
+        # Incremental reads compare this host's clock with Airflow's: beyond overlap_seconds of skew
+        # they miss changes, as they miss deleted runs; the full read, every full_resync_seconds,
+        # catches those (docs/configuration.md, [poll] overlap_seconds and full_resync_seconds).
+        self._skewed = abs(s.skew["sidecar"] - s.skew["airflow"]) > PollConfig().overlap_seconds
+        self.violations: list[str] = []
+        self._diverged: dict[str, float] = {}  # job id -> healthy seconds since Airflow stopped wanting it
+        self._allowed: dict[str, float] = {}  # job id -> what the documented limits add to its bound
+        self._hanging: dict[str, float] = {}  # job id -> healthy seconds its agent has not run it
+        self._ended: dict[str, JobRecord] = {}
+        self._seen: set[str] = set()
+        self._agent_trouble_until = float("-inf")
+        world.db.on_apply = self._applied
+        for agent in world.agents:
+            agent.on_stop = self._stop_arrived
+
+    def _allowance(self, job: JobRecord, silent_agent: bool) -> float:
+        """Seconds the documented limits add to the detection bound for ``job`` now."""
+        world, s = self.world, self.world.settings
+        extra = 0.0
+        if silent_agent or world.now < self._agent_trouble_until:
+            # A cycle waits for its agents' catch-up, so an agent that does not answer delays every
+            # cycle by the read's timeout (a finding of this simulation, kept as a documented limit).
+            extra += 2 * AGENT_READ_SECONDS
+        incremental = s.strategy == "incremental" or (
+            s.strategy == "targeted" and world.now < world.refused_until + s.full_resync
+        )
+        key = job.key
+        deleted = (
+            TaskInstancePath(key.dag_id, key.run_id, key.task_id, key.map_index) not in world.airflow.tis
+        )
+        if incremental and (deleted or self._skewed):
+            extra += s.full_resync
+        return extra
+
+    def wants(self, job: JobRecord) -> bool:
+        """Airflow wants this job's work to go on: its very task instance try, in a state of work."""
+        key = job.key
+        ti = self.world.airflow.tis.get(TaskInstancePath(key.dag_id, key.run_id, key.task_id, key.map_index))
+        return ti is not None and ti.identity == job.ti_identity and ti.state in KEEP_STATES
+
+    def started(self, job_id: str) -> None:
+        self._seen.add(job_id)
+
+    def _violate(self, what: str) -> None:
+        self.world.say(f"VIOLATION: {what}")
+        self.violations.append(what)
+
+    def _applied(self, before: JobRecord, after: JobRecord, source: str) -> None:
+        self.world.say(
+            f"router DB: {after.job_id} {before.status} -> {after.status} by {source}: {after.reason}"
+        )
+        if after.status is JobStatus.STOPPING and self.wants(before):
+            self._violate(f"false stop: {after.job_id} set STOPPING ({after.reason}) while Airflow wants it")
+
+    def _stop_arrived(self, job_id: str) -> None:
+        job = self.world.db.jobs.get(job_id)
+        self.world.say(f"agent: stop request for {job_id}")
+        if job is not None and self.wants(job):
+            self._violate(f"false stop: a stop for {job_id} reached its agent while Airflow wants it")
+
+    def step(self, seconds: float, *, sidecar_up: bool) -> None:
+        """Check the world after ``seconds`` of world time passed."""
+        world = self.world
+        healthy = sidecar_up and not world.faulty("airflow") and not world.faulty("db")
+        silent = any(a.paused or a.requests_lost or a.answers_lost for a in world.agents)
+        if silent:
+            self._agent_trouble_until = world.now + 2 * AGENT_READ_SECONDS
+        for job_id in self._seen:
+            job = world.db.jobs.get(job_id)
+            if job is None:
+                self._violate(f"lost: job {job_id} vanished from the router DB")
+                continue
+            ended = self._ended.get(job_id)
+            if ended is not None and ended != job:
+                self._violate(f"an ended job changed: {ended.status} -> {job.status} ({job.job_id})")
+            if not job.active:
+                self._ended[job_id] = job
+                self._diverged.pop(job_id, None)
+                self._hanging.pop(job_id, None)
+                continue
+            if job.status is not JobStatus.STOPPING and not self.wants(job):
+                self._detection(job, seconds, healthy=healthy, silent=silent)
+            self._hang(job, seconds, healthy=healthy)
+
+    def _detection(self, job: JobRecord, seconds: float, *, healthy: bool, silent: bool) -> None:
+        allowed = max(self._allowed.get(job.job_id, 0.0), self._allowance(job, silent))
+        self._allowed[job.job_id] = allowed
+        if not healthy:
+            return
+        self._diverged[job.job_id] = waited = self._diverged.get(job.job_id, 0.0) + seconds
+        if waited > self.detect_bound + allowed:
+            self._violate(
+                f"late stop: {job.job_id} unwanted by Airflow for {waited:.1f} s, still {job.status}"
+            )
+
+    def _hang(self, job: JobRecord, seconds: float, *, healthy: bool) -> None:
+        agent = next(a for a in self.world.agents if a.agent_id == job.agent_id)
+        on_agent = agent.jobs.get(job.job_id)
+        answering = not (agent.paused or agent.requests_lost or agent.answers_lost)
+        if (on_agent is not None and on_agent.status is AgentJobStatus.RUNNING) or not (
+            healthy and answering
+        ):
+            return
+        self._hanging[job.job_id] = waited = self._hanging.get(job.job_id, 0.0) + seconds
+        # A stop sent while its agent was silent waits out its call (the stop's timeout, then a
+        # backoff) before the next attempt hears the agent again.
+        extra = STOP_TIMEOUT + STOP_BACKOFF if job.status is JobStatus.STOPPING else 0.0
+        if self.world.now < self._agent_trouble_until:
+            extra += 2 * AGENT_READ_SECONDS
+        if waited > self.hang_bound + extra:
+            said = "does not know it" if on_agent is None else f"ended it {on_agent.status}"
+            self._violate(f"hang: {job.job_id} {job.status} in the router DB while {job.agent_id} {said}")
