@@ -170,7 +170,7 @@ class AgentClient:
         self._owns_session = session is None
         self.timeout = timeout
         self.stop_timeout = stop_timeout
-        self._transport: Transport = transport or self._aiohttp
+        self._transport = transport  # None: aiohttp (a bound method kept here would be a reference cycle)
 
     def __repr__(self) -> str:
         return f"AgentClient({self.base_url!r})"
@@ -316,7 +316,7 @@ class AgentClient:
         where = f"{method} {self.base_url}{path}"
         seconds = self.timeout if timeout is None else timeout
         try:
-            status, headers, raw = await self._transport(
+            status, headers, raw = await (self._transport or self._aiohttp)(
                 method,
                 self.base_url + path,
                 body=body,

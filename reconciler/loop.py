@@ -9,7 +9,9 @@ never stops one.
 
 Beside Airflow, each cycle catches up with the agents (:mod:`reconciler.catch_up`): one request per
 agent that has queued or running jobs, recording every exit it reports; an agent without that feed
-gets the rolling sweep of ``agent_sync_per_cycle`` job reads a cycle instead.
+gets the rolling sweep of ``agent_sync_per_cycle`` job reads a cycle instead. The running loop does
+this in a task of its own, so that an agent that does not answer (its reads wait for their timeout)
+never delays the next read of Airflow.
 
 First of all, a cycle ends the active jobs of agents it can no longer address: neither in
 ``[[agents]]`` nor registered (the router DB's ``agents`` table, read directly: a replica that has
@@ -120,6 +122,7 @@ class ReconcileLoop:
         self.full_read_error: str | None = None  # why the last full read failed, while it keeps failing
         self._sync_cursor = ""  # job id up to which the rolling agent sweep has got
         self._ended: list[JobRecord] = []  # jobs that left the active set since the previous cycle
+        self._syncing: asyncio.Task[None] | None = None  # the running loop's round with the agents
         self.targeted = TargetedRead(
             airflow,
             full_check_seconds=poll.full_resync_seconds,
@@ -157,7 +160,7 @@ class ReconcileLoop:
     async def run(self, stopping: asyncio.Event) -> None:
         # A new term starts from scratch: what an earlier term read is stale (another replica led
         # meanwhile), so the first cycle reloads the jobs and reads everything again.
-        self._watermark, self._jobs_read, self._jobs = None, None, {}
+        self._watermark, self._jobs_read, self._jobs, self._syncing = None, None, {}, None
         self._next_full = self._next_full_attempt = float("-inf")
         self.targeted.restart()
         self.catch_up.restart()
@@ -169,25 +172,29 @@ class ReconcileLoop:
         try:
             while not stopping.is_set():
                 started = self._clock()
-                await self.cycle()
+                await self.cycle(agents_apart=True)
                 delay = max(0.0, self._poll.interval_seconds - (self._clock() - started))
                 try:
                     await asyncio.wait_for(stopping.wait(), timeout=delay)
                 except TimeoutError:
                     pass
         finally:
-            background = [task for task in (fleet, catching) if task is not None]
+            background = [task for task in (fleet, catching, self._syncing) if task is not None]
             for task in background:
                 task.cancel()
             await asyncio.gather(*background, return_exceptions=True)
             self._metrics.leader.set(0)
             self._metrics.full_resync_failing.set(0)  # a standby reads nothing: no stale alert
 
-    async def cycle(self, *, dry_run: bool = False) -> CycleReport:
-        """One reconciliation pass. With ``dry_run`` it reads and decides but changes nothing."""
+    async def cycle(self, *, dry_run: bool = False, agents_apart: bool = False) -> CycleReport:
+        """One reconciliation pass. With ``dry_run`` it reads and decides but changes nothing.
+
+        ``agents_apart`` (the running loop's): the pass hears the agents in a task of its own, started
+        unless the previous one still runs, and reads Airflow without waiting for it. A cut-off agent
+        holds its reads for their timeout; the next read of Airflow must not wait for that."""
         started = self._clock()
         try:
-            report = await self._cycle(dry_run)
+            report = await self._cycle(dry_run, agents_apart)
         except AirflowError as exc:
             log.warning("airflow unusable this cycle; keeping every job: %s", exc, extra={"error": str(exc)})
             report = CycleReport(result="airflow_error")
@@ -204,7 +211,7 @@ class ReconcileLoop:
             self._metrics.last_success.set(time.time())
         return report
 
-    async def _cycle(self, dry_run: bool) -> CycleReport:
+    async def _cycle(self, dry_run: bool, agents_apart: bool) -> CycleReport:
         if self._poll.strategy == "targeted":
             # The targeted read has no full read of its own: "full" reloads the job view.
             full = self._clock() >= self._next_full
@@ -225,6 +232,11 @@ class ReconcileLoop:
         for job in jobs:
             self._dispatcher.resume(job)  # finishes stops left pending by a crash or an outage
         # Agent bookkeeping (exits, liveness, orphans) never waits for Airflow, nor Airflow for it.
+        if agents_apart:
+            if self._syncing is None or self._syncing.done():
+                self._syncing = asyncio.create_task(self._bookkeeping_apart(jobs), name="agent-sync")
+            await self._against_airflow(live, report, full=full, dry_run=False)
+            return report
         outcomes = await asyncio.gather(
             self._bookkeeping(jobs),
             self._against_airflow(live, report, full=full, dry_run=False),
@@ -243,6 +255,12 @@ class ReconcileLoop:
         # read one by one, a few a cycle.
         without_feed = set(await self.catch_up.run(sorted({job.agent_id for job in answering})))
         await self.sync_from_agents(self._next_to_sync([j for j in answering if j.agent_id in without_feed]))
+
+    async def _bookkeeping_apart(self, jobs: Sequence[JobRecord]) -> None:
+        try:
+            await self._bookkeeping(jobs)
+        except Exception as exc:  # the router DB is down: the next cycle's round tries again
+            log.warning("hearing the agents failed: %s", type(exc).__name__, extra={"error": str(exc)})
 
     async def _catch_up_between_cycles(self, stopping: asyncio.Event) -> None:
         """The agents' catch-up at its own pace while cycles are further apart (a long interval that
@@ -377,6 +395,7 @@ class ReconcileLoop:
                     found, report.read = await self.targeted.read(live)
                     self._metrics.targeted_surplus.set(self.targeted.surplus)
                 except AirflowError as exc:
+                    self.targeted.missed()
                     if exc.status not in REFUSALS:
                         self._watermark = self._watermark or read_started
                         raise  # Airflow unwell: keep every job, try again next cycle

@@ -298,6 +298,7 @@ class TargetedRead:
         self._round: list[Run] = []  # runs the current round of the full check has yet to read
         self._round_seen: set[Run] = set()  # every run the current round took in
         self._first_round = True  # a term's first round of the full check goes at full speed
+        self._ids_read: dict[str, frozenset[str]] | None = None  # the id lists of the last read
         self._next_check = float("-inf")
 
     @property
@@ -331,6 +332,8 @@ class TargetedRead:
         now = self._clock()
         watched = self._watched
         watched.update(live)
+        if watched.jobs:
+            await self._widened(watched)
         # Only task instances the live jobs' id lists match are in the count; a watched key is the
         # job's to judge.
         self._others = {
@@ -380,6 +383,27 @@ class TargetedRead:
                 extra={"action": "targeted_read", "error": str(failed[0])},
             )
         return found, read
+
+    async def _widened(self, watched: Watched) -> None:
+        """Where the id lists grew (a new job's DAG, run or task id), the count takes in task
+        instances no read has seen: one deferred there would hide a known one leaving in the same
+        cycle, the two cancelling. So the deferred rows of what the lists newly cover are read
+        first, and known from then on (a new run's take one request; a term's first read takes none:
+        its full check reads every run at full speed)."""
+        ids = {name: frozenset(values) for name, values in watched.id_lists().items()}
+        before = self._ids_read
+        if before is None:
+            self._ids_read = ids
+            return
+        for name, values in ids.items():
+            new = values - before[name]
+            if new:
+                region: IdLists = {**ids, name: new}
+                rows = await self._rows(
+                    region, lambda key: not watched.watches(key), DEFERRED_STATES, kind="rows"
+                )
+                self._learn(watched, rows)
+        self._ids_read = ids  # only once read: a read that failed is made again next cycle
 
     def _settle(
         self, watched: Watched, passing: Collection[TaskInstancePath], now: float
@@ -574,6 +598,13 @@ class TargetedRead:
                 observation = observe(ti)
                 if isinstance(judge(job, observation), Stop):
                     cycle.found[job.job_id] = observation
+
+    def missed(self) -> None:
+        """Airflow gave no answer this cycle: while it gives none, a watched task instance may leave
+        ``deferred`` and come back on another try (cleared and run again) without any read seeing it
+        in flight, and the counts cannot tell. So the rolling full check starts a round at full speed,
+        as a new term's, and reads every watched run within seconds of Airflow answering again."""
+        self._first_round, self._round, self._round_seen = True, [], set()
 
     def _due(self, watched: Watched, now: float) -> list[Run]:
         """The runs the rolling full check reads this cycle: about CHECK_KEYS task instances at a

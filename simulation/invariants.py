@@ -28,14 +28,14 @@ if TYPE_CHECKING:
 
 
 STOP_TIMEOUT, STOP_BACKOFF = 10.0, 5.0  # the world's [stop] timeout_seconds and backoff_max_seconds
-AGENT_READ_SECONDS = 5.0  # reconciler.catch_up.READ_TIMEOUT_SECONDS: a cycle waits this for a silent agent
+AGENT_READ_SECONDS = 5.0  # reconciler.catch_up.READ_TIMEOUT_SECONDS: a round with the agents waits this
 
 
 class Checker:
     def __init__(self, world: World) -> None:
         self.world = world
         s = world.settings
-        self.detect_bound = 5 * s.interval + 3.0
+        self.detect_bound = 3 * s.interval + 2.0
         self.hang_bound = 5 * s.interval + 3.0
         # Incremental reads compare this host's clock with Airflow's: beyond overlap_seconds of skew
         # they miss changes, as they miss deleted runs; the full read, every full_resync_seconds,
@@ -52,14 +52,10 @@ class Checker:
         for agent in world.agents:
             agent.on_stop = self._stop_arrived
 
-    def _allowance(self, job: JobRecord, silent_agent: bool) -> float:
+    def _allowance(self, job: JobRecord) -> float:
         """Seconds the documented limits add to the detection bound for ``job`` now."""
         world, s = self.world, self.world.settings
         extra = 0.0
-        if silent_agent or world.now < self._agent_trouble_until:
-            # A cycle waits for its agents' catch-up, so an agent that does not answer delays every
-            # cycle by the read's timeout (a finding of this simulation, kept as a documented limit).
-            extra += 2 * AGENT_READ_SECONDS
         incremental = s.strategy == "incremental" or (
             s.strategy == "targeted" and world.now < world.refused_until + s.full_resync
         )
@@ -101,8 +97,7 @@ class Checker:
         """Check the world after ``seconds`` of world time passed."""
         world = self.world
         healthy = sidecar_up and not world.faulty("airflow") and not world.faulty("db")
-        silent = any(a.paused or a.requests_lost or a.answers_lost for a in world.agents)
-        if silent:
+        if any(a.paused or a.requests_lost or a.answers_lost for a in world.agents):
             self._agent_trouble_until = world.now + 2 * AGENT_READ_SECONDS
         for job_id in self._seen:
             job = world.db.jobs.get(job_id)
@@ -118,11 +113,11 @@ class Checker:
                 self._hanging.pop(job_id, None)
                 continue
             if job.status is not JobStatus.STOPPING and not self.wants(job):
-                self._detection(job, seconds, healthy=healthy, silent=silent)
+                self._detection(job, seconds, healthy=healthy)
             self._hang(job, seconds, healthy=healthy)
 
-    def _detection(self, job: JobRecord, seconds: float, *, healthy: bool, silent: bool) -> None:
-        allowed = max(self._allowed.get(job.job_id, 0.0), self._allowance(job, silent))
+    def _detection(self, job: JobRecord, seconds: float, *, healthy: bool) -> None:
+        allowed = max(self._allowed.get(job.job_id, 0.0), self._allowance(job))
         self._allowed[job.job_id] = allowed
         if not healthy:
             return

@@ -12,7 +12,6 @@ sidecar restarted, clocks skewed. Then it checks the invariants (:mod:`simulatio
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -55,6 +54,7 @@ class Settings:
     skew: dict[str, float]  # seconds each clock is off: sidecar, airflow, db, agents
     retries: int
     rates: dict[str, float]  # events per second of world time
+    job_seconds: tuple[float, ...] = (0.5, 2.0, 10.0, 60.0, 600.0)  # how long a job may run by itself
 
     @classmethod
     def draw(cls, rng: random.Random) -> Settings:
@@ -111,6 +111,8 @@ class World:
     rng: random.Random
     loop: VirtualLoop
     trace: list[str] = field(default_factory=list)
+    # Scripted moves on top of the random ones: (world time, what to do), for scenarios.
+    script: list[tuple[float, Callable[[World], None]]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         s, now = self.settings, self.loop.time
@@ -168,7 +170,6 @@ class World:
             interval_seconds=s.interval,
             strategy=s.strategy,
             full_resync_seconds=s.full_resync,
-            agent_catch_up_seconds=s.interval,
         )
         loop = ReconcileLoop(
             db=self.db,  # type: ignore[arg-type]
@@ -191,6 +192,8 @@ class World:
         while self.now < self.settings.duration and not self.checker.violations:
             await asyncio.sleep(STEP)
             self._expire_windows()
+            while self.script and self.script[0][0] <= self.now:
+                self.script.pop(0)[1](self)
             if sidecar.done() and self.now >= self.sidecar_down_until:
                 self.say("sidecar starts again (a new term: nothing remembered)")
                 stopping = asyncio.Event()
@@ -202,17 +205,22 @@ class World:
             if not sidecar.done() and self._happens("sidecar_restart"):
                 down = self.rng.uniform(0.0, 10.0)
                 self.say(f"sidecar killed (SIGKILL), back in {down:.1f} s")
-                sidecar.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await sidecar
+                await self._kill_sidecar()
                 self.sidecar_down_until = self.now + down
             self._faults()
             self.checker.step(STEP, sidecar_up=not sidecar.done())
         stopping.set()
-        sidecar.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await sidecar
+        await self._kill_sidecar()
         return self.checker.violations
+
+    async def _kill_sidecar(self) -> None:
+        """Everything the sidecar runs dies at once (its loop, stops under way, rounds with the
+        agents), as with SIGKILL: every task but the world's own."""
+        world = asyncio.current_task()
+        tasks = [task for task in asyncio.all_tasks() if task is not world]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     # --- Airflow: runs, the scheduler, the triggerer -----------------------------------------------------
 
@@ -259,7 +267,7 @@ class World:
                 elif self.rng.random() < 0.9:
                     self.airflow.set_state(ti, "deferred")  # the operator defers on its job
             elif state == "deferred" and not ti.watched:
-                if self.rng.random() < 0.3:
+                if self.rng.random() < 0.1:  # a sensor waits a while
                     self.airflow.set_state(ti, "success")
             elif state == "deferred":
                 self._trigger(task)
@@ -287,7 +295,7 @@ class World:
             try_number=ti.try_number,
         )
         job, _ = self.db.submit(NewJob(key, agent.agent_id, "work", ti_identity=ti.identity))
-        duration = self.rng.choice([0.5, 2.0, 10.0, 60.0, 600.0])
+        duration = self.rng.choice(self.settings.job_seconds)
         agent.start(job.job_id, now=self.now, duration=duration, rc=self.rng.choice([0, 0, 0, 1]))
         self.db.mark_running(job.job_id, source="submit")
         task.job_id = job.job_id
@@ -347,9 +355,9 @@ class World:
     def _faults(self) -> None:
         if self._happens("airflow_fault"):
             kind = self.rng.choice(["500", "503", "429", "slow", "refuse"])
-            self._window(kind, "airflow")
+            self.window(kind, "airflow")
         if self._happens("db_fault"):
-            self._window("down", "db")
+            self.window("down", "db")
         if self._happens("agent_fault"):
             agent = self.rng.choice(self.agents)
             kind = self.rng.choice(["paused", "requests_lost", "answers_lost", "restart", "recreated"])
@@ -358,12 +366,15 @@ class World:
                 what = "recreated with an empty home" if kind == "recreated" else "restarted"
                 self.say(f"agent {agent.agent_id} {what}")
             else:
-                setattr(agent, kind, True)
-                self._window(kind, agent.agent_id)
+                self.window(kind, agent.agent_id)
 
-    def _window(self, kind: str, target: str) -> None:
-        length = self.rng.choice([1.0, 5.0, 20.0])
+    def window(self, kind: str, target: str, length: float | None = None) -> None:
+        """A fault on ``target`` (airflow, db, or an agent's id) for ``length`` seconds (default: drawn)."""
+        length = length or self.rng.choice([1.0, 5.0, 20.0])
         self.windows.append(Window(kind, self.now + length, target))
+        agent = next((a for a in self.agents if a.agent_id == target), None)
+        if agent is not None:
+            setattr(agent, kind, True)  # paused, requests_lost or answers_lost
         if kind == "refuse":
             self.refused_until = max(self.refused_until, self.now + length)
         self.say(f"fault: {target} {kind} for {length:g} s")
