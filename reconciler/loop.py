@@ -10,8 +10,8 @@ never stops one.
 Beside Airflow, each cycle catches up with the agents (:mod:`reconciler.catch_up`): one request per
 agent that has queued or running jobs, recording every exit it reports; an agent without that feed
 gets the rolling sweep of ``agent_sync_per_cycle`` job reads a cycle instead. The running loop does
-this in a task of its own, so that an agent that does not answer (its reads wait for their timeout)
-never delays the next read of Airflow.
+this in a task of its own, a round each cycle unless the previous one still runs, so that an agent
+that does not answer (its reads wait for their timeout) never delays the next read of Airflow.
 
 First of all, a cycle ends the active jobs of agents it can no longer address: neither in
 ``[[agents]]`` nor registered (the router DB's ``agents`` table, read directly: a replica that has
@@ -59,6 +59,7 @@ from router_db import JobRecord, JobStatus, RouterDB
 log = logging.getLogger("reconciler.loop")
 
 AGENT_READ_CONCURRENCY = 16  # status reads of the rolling agent sweep in flight at once
+SLOW_ROUND_SECONDS = 60.0  # a round with the agents running longer than this is logged as an error
 T = TypeVar("T")
 
 
@@ -123,6 +124,7 @@ class ReconcileLoop:
         self._sync_cursor = ""  # job id up to which the rolling agent sweep has got
         self._ended: list[JobRecord] = []  # jobs that left the active set since the previous cycle
         self._syncing: asyncio.Task[None] | None = None  # the running loop's round with the agents
+        self._syncing_since = 0.0  # when that round started (or was last said to be slow)
         self.targeted = TargetedRead(
             airflow,
             full_check_seconds=poll.full_resync_seconds,
@@ -235,6 +237,14 @@ class ReconcileLoop:
         if agents_apart:
             if self._syncing is None or self._syncing.done():
                 self._syncing = asyncio.create_task(self._bookkeeping_apart(jobs), name="agent-sync")
+                self._syncing_since = self._clock()
+            elif self._clock() - self._syncing_since > SLOW_ROUND_SECONDS:
+                # Its reads are bounded (a few seconds each): a round this long waits on something
+                # else, a router DB call say, and no exit is recorded meanwhile.
+                self._syncing_since = self._clock()  # said once a period
+                log.error(
+                    "a round with the agents has run over %.0f s; exits wait for it", SLOW_ROUND_SECONDS
+                )
             await self._against_airflow(live, report, full=full, dry_run=False)
             return report
         outcomes = await asyncio.gather(
@@ -257,10 +267,17 @@ class ReconcileLoop:
         await self.sync_from_agents(self._next_to_sync([j for j in answering if j.agent_id in without_feed]))
 
     async def _bookkeeping_apart(self, jobs: Sequence[JobRecord]) -> None:
+        """A round with the agents beside the cycles; its failures count as a failed cycle's would."""
         try:
             await self._bookkeeping(jobs)
-        except Exception as exc:  # the router DB is down: the next cycle's round tries again
-            log.warning("hearing the agents failed: %s", type(exc).__name__, extra={"error": str(exc)})
+        except SQLAlchemyError as exc:  # the next cycle's round tries again
+            log.error(
+                "router DB unusable hearing the agents: %s", type(exc).__name__, extra={"error": str(exc)}
+            )
+            self._metrics.cycles.labels("db_error").inc()
+        except Exception as exc:
+            log.exception("hearing the agents failed", extra={"error": str(exc)})
+            self._metrics.cycles.labels("error").inc()
 
     async def _catch_up_between_cycles(self, stopping: asyncio.Event) -> None:
         """The agents' catch-up at its own pace while cycles are further apart (a long interval that

@@ -1,8 +1,8 @@
 """The targeted read: what a cycle asks Airflow costs what the active jobs cost, not Airflow's history.
 
-A job's task instance waits in ``deferred`` while its job runs. Each cycle makes two requests through
-the batch endpoint, filtered by the watched jobs' DAG, run and task ids (filters Airflow's indexes
-serve, so finished history is never read):
+A job's task instance waits in ``deferred`` while its job runs. A steady cycle makes two requests
+through the batch endpoint, filtered by the watched jobs' DAG, run and task ids (filters Airflow's
+indexes serve, so finished history is never read):
 
 - the task instances in an *in-flight* state (no state, scheduled, queued, running, up for retry or
   reschedule, restarting): a steady cycle returns none of the watched ones; a cleared task shows here;
@@ -25,11 +25,16 @@ knows, the deferred rows (what it did not know is known from then on). A watched
 in neither vanished (its run deleted): every row of its run is read. So no deferred task instance the
 read does not watch hides a drop for long: once counted, it is known, and known ones are expected.
 
+Where a new job widens the id lists (a new DAG, run or task id), the deferred rows of what they newly
+cover are read before the count, so a task instance that deferred there unseen is known before it is
+counted.
+
 What a count cannot see is two changes that cancel: a task instance no read saw in flight or deferred
 defers as a known one leaves. That drop shows when the task instance leaves ``deferred`` again, or
 at the rolling *full check*, which reads every watched run's rows once per ``full_resync_seconds``, a
-thousand task instances per request. Every would-be stop is still confirmed by a direct read in the
-loop.
+thousand task instances per request. A read that fails (Airflow unreachable: anything may have come
+and gone meanwhile) puts the full check at full speed until it has read every run again. Every
+would-be stop is still confirmed by a direct read in the loop.
 """
 
 from __future__ import annotations
@@ -298,12 +303,14 @@ class TargetedRead:
         self._round: list[Run] = []  # runs the current round of the full check has yet to read
         self._round_seen: set[Run] = set()  # every run the current round took in
         self._first_round = True  # a term's first round of the full check goes at full speed
-        self._ids_read: dict[str, frozenset[str]] | None = None  # the id lists of the last read
+        # The id lists (DAGs, runs, tasks) of the last read: what a read's lists newly cover is new.
+        self._ids_read: tuple[frozenset[str], frozenset[str], frozenset[str]] | None = None
         self._next_check = float("-inf")
 
     @property
     def first_round_done(self) -> bool:
-        """Whether the full check's first round of this term has read every run."""
+        """Whether the full check's round at full speed (a term's first, or one after a failed read)
+        has read every run."""
         return not self._first_round
 
     def ended(self, jobs: Iterable[JobRecord]) -> None:
@@ -332,8 +339,7 @@ class TargetedRead:
         now = self._clock()
         watched = self._watched
         watched.update(live)
-        if watched.jobs:
-            await self._widened(watched)
+        await self._widened(watched)  # with no job, nothing is new: the lists are empty
         # Only task instances the live jobs' id lists match are in the count; a watched key is the
         # job's to judge.
         self._others = {
@@ -388,22 +394,30 @@ class TargetedRead:
         """Where the id lists grew (a new job's DAG, run or task id), the count takes in task
         instances no read has seen: one deferred there would hide a known one leaving in the same
         cycle, the two cancelling. So the deferred rows of what the lists newly cover are read
-        first, and known from then on (a new run's take one request; a term's first read takes none:
-        its full check reads every run at full speed)."""
-        ids = {name: frozenset(values) for name, values in watched.id_lists().items()}
+        first, and known from then on: at most three requests at once, over parts that do not
+        overlap (new DAGs; then new runs of the other DAGs; then new tasks of the rest), usually one,
+        for a new run, and none in a steady state. A term's first read takes none: its full check
+        reads every run at full speed."""
+        dags, runs, tasks = (frozenset(values) for values in watched.id_lists().values())
         before = self._ids_read
         if before is None:
-            self._ids_read = ids
+            self._ids_read = (dags, runs, tasks)
             return
-        for name, values in ids.items():
-            new = values - before[name]
-            if new:
-                region: IdLists = {**ids, name: new}
-                rows = await self._rows(
-                    region, lambda key: not watched.watches(key), DEFERRED_STATES, kind="rows"
-                )
-                self._learn(watched, rows)
-        self._ids_read = ids  # only once read: a read that failed is made again next cycle
+        old_dags, old_runs = dags & before[0], runs & before[1]
+        regions: list[IdLists] = []
+        if dags - before[0]:
+            regions.append({"dag_ids": dags - before[0], "run_ids": runs, "task_ids": tasks})
+        if old_dags and runs - before[1]:
+            regions.append({"dag_ids": old_dags, "run_ids": runs - before[1], "task_ids": tasks})
+        if old_dags and old_runs and tasks - before[2]:
+            regions.append({"dag_ids": old_dags, "run_ids": old_runs, "task_ids": tasks - before[2]})
+        unwatched = lambda key: not watched.watches(key)  # noqa: E731
+        found = await asyncio.gather(
+            *(self._rows(r, unwatched, DEFERRED_STATES, kind="rows") for r in regions)
+        )
+        for rows in found:
+            self._learn(watched, rows)
+        self._ids_read = (dags, runs, tasks)  # only once read: a read that failed is made again
 
     def _settle(
         self, watched: Watched, passing: Collection[TaskInstancePath], now: float
@@ -602,9 +616,13 @@ class TargetedRead:
     def missed(self) -> None:
         """Airflow gave no answer this cycle: while it gives none, a watched task instance may leave
         ``deferred`` and come back on another try (cleared and run again) without any read seeing it
-        in flight, and the counts cannot tell. So the rolling full check starts a round at full speed,
-        as a new term's, and reads every watched run within seconds of Airflow answering again."""
-        self._first_round, self._round, self._round_seen = True, [], set()
+        in flight, and the counts cannot tell. So the rolling full check goes at full speed, as a new
+        term's first round, until it has read every watched run again: first the runs its round had
+        yet to read, then the ones it had read. Nothing starts over, so an Airflow failing every few
+        cycles still has every run read in turn."""
+        done = self._round_seen.difference(self._round)
+        self._round = sorted(done, reverse=True) + self._round  # popped from the end: the rest first
+        self._first_round = True
 
     def _due(self, watched: Watched, now: float) -> list[Run]:
         """The runs the rolling full check reads this cycle: about CHECK_KEYS task instances at a

@@ -325,3 +325,70 @@ def test_a_sensor_that_defers_unseen_hides_no_mark(fixed: bool) -> None:
     with contextlib.nullcontext() if fixed else reverted("count-surplus"):
         found = virtual_time.run(main)
     assert (job.job_id in found) is fixed, found
+
+
+def _job_on(airflow: SimAirflow, db: SimRouterDB, path: TaskInstancePath, state: str) -> JobRecord:
+    ti = airflow.tis[path] = SimTI(path, state, 1, airflow.new_identity(), airflow.clock())
+    key = TaskInstanceKey(
+        dag_id=path.dag_id, task_id=path.task_id, run_id=path.run_id, map_index=path.map_index
+    )
+    job, _ = db.submit(NewJob(key, "vm1", "work", ti_identity=ti.identity))
+    return job
+
+
+@pytest.mark.fast
+def test_id_lists_that_grow_back_after_every_job_ended_are_read_again() -> None:
+    """A sensor the read learnt is forgotten once no job's lists cover it; when a job comes back under
+    the same ids, the lists are new again and their deferred rows are read, so the sensor cannot
+    cancel that job's task marked failed in the count."""
+    moment = datetime(2026, 12, 7, tzinfo=UTC)
+    airflow, db = SimAirflow(lambda: moment, page_size=100), SimRouterDB(lambda: moment)
+    first = _job_on(airflow, db, TaskInstancePath("dag0", "run0", "task0", 0), "deferred")
+    sensor = TaskInstancePath("dag0", "run0", "task0", 7)
+    airflow.tis[sensor] = SimTI(sensor, "deferred", 1, airflow.new_identity(), moment, watched=False)
+
+    async def main(loop: VirtualLoop) -> dict[str, object]:
+        read = targeted.TargetedRead(airflow, full_check_seconds=300.0, concurrency=4, clock=loop.time)
+        await read.read([first])  # the sensor is counted and located
+        await read.read([])  # the job ended: nothing is covered, nothing known
+        airflow.set_state(airflow.tis[TaskInstancePath("dag0", "run0", "task0", 0)], "success")
+        again = _job_on(airflow, db, TaskInstancePath("dag0", "run0", "task0", 1), "failed")
+        found, _ = await read.read([again])  # marked failed before any read saw it deferred
+        return {"again": again.job_id, **found}
+
+    found = virtual_time.run(main)
+    assert found["again"] in found, found
+
+
+@pytest.mark.fast
+def test_a_read_failing_every_few_cycles_still_has_every_run_checked() -> None:
+    """Each failed read puts the full check at full speed; it must not start its round over, or with
+    Airflow failing every other cycle the last runs of a three-cycle round would never be read."""
+    moment = datetime(2026, 12, 7, tzinfo=UTC)
+    airflow, db = SimAirflow(lambda: moment, page_size=1000), SimRouterDB(lambda: moment)
+    jobs = [
+        _job_on(airflow, db, TaskInstancePath("dag0", f"run{r:03d}", f"task{t}", -1), "deferred")
+        for r in range(120)
+        for t in range(50)
+    ]
+    checked: set[str] = set()
+
+    async def main(loop: VirtualLoop) -> None:
+        read = targeted.TargetedRead(airflow, full_check_seconds=300.0, concurrency=4, clock=loop.time)
+        due = read._due
+
+        def recorded(watched: object, now: float) -> list[tuple[str, str]]:
+            runs = due(watched, now)  # type: ignore[arg-type]
+            checked.update(run for _, run in runs)
+            return runs
+
+        read._due = recorded  # type: ignore[method-assign]
+        for cycle in range(12):
+            await read.read(jobs)
+            if cycle % 2 == 1:  # a round at full speed takes three cycles here (2,000 rows a cycle)
+                read.missed()  # as the loop does after a read Airflow failed
+
+    virtual_time.run(main)
+    assert checked == {f"run{r:03d}" for r in range(120)}, sorted(
+        {f"run{r:03d}" for r in range(120)} - checked
+    )[:5]
