@@ -26,11 +26,11 @@ from router_db.leases import Leases
 from router_db.models import Job, JobEvent
 from router_db.records import AgentRecord, EventRecord, JobRecord, NewJob, TaskInstanceKey
 from router_db.schema import upgrade
-from router_db.transitions import StaleTransition, Transition, allowed
+from router_db.transitions import OneTransition, Transition, allowed
 from sidecar_api.protocol import ACTIVE, TERMINAL, JobStatus
 
 
-class RouterDB:
+class RouterDB(OneTransition):
     """The router database. Methods are synchronous and short; async callers use a thread."""
 
     def __init__(self, url_or_engine: str | Engine) -> None:
@@ -380,18 +380,6 @@ class RouterDB:
             session.execute(insert(JobEvent), events)
         return ids
 
-    def mark_running(self, job_id: str, *, source: str) -> JobRecord:
-        return self._apply_one(Transition.running(job_id), source)
-
-    def request_stop(self, job_id: str, *, stop_status: JobStatus, reason: str, source: str) -> JobRecord:
-        """Record the stop intent before the agent is called, so that a crash cannot lose it."""
-        return self._apply_one(Transition.stop(job_id, stop_status, reason), source)
-
-    def finish(
-        self, job_id: str, *, status: JobStatus, rc: int | None, reason: str | None, source: str
-    ) -> JobRecord:
-        return self._apply_one(Transition.finish(job_id, status, rc, reason), source)
-
     def apply(self, transitions: Sequence[Transition], *, source: str) -> list[JobRecord | None]:
         """Apply many transitions in one transaction (one commit for a burst of stops).
 
@@ -431,15 +419,6 @@ class RouterDB:
                 )
         done = set(applied)
         return [rows[t.job_id] if t.job_id in done else None for t in transitions]
-
-    def _apply_one(self, transition: Transition, source: str) -> JobRecord:
-        (result,) = self.apply([transition], source=source)
-        if result is not None:
-            return result
-        current = self.get(transition.job_id)
-        if current is None:
-            raise KeyError(transition.job_id)
-        raise StaleTransition(f"job {transition.job_id} is {current.status}; cannot become {transition.new}")
 
 
 def _chunks(ids: Sequence[str], size: int = 500) -> list[Sequence[str]]:

@@ -6,10 +6,13 @@ status; a transition that :func:`allowed` refuses, or that another writer overto
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from router_db.records import JobRecord
 from sidecar_api.protocol import TERMINAL, JobStatus
 
 # Which status may follow which. Terminal statuses are final.
@@ -75,3 +78,37 @@ class Transition:
         if self.new in TERMINAL:
             return {"rc": self.rc, "finished_at": now}
         return {}
+
+
+class OneTransition(ABC):
+    """One job's status change at a time, on a store's batch :meth:`apply`: what :class:`RouterDB`
+    and the core's simulated router DB (simulation/router.py) share."""
+
+    @abstractmethod
+    def apply(self, transitions: Sequence[Transition], *, source: str) -> list[JobRecord | None]: ...
+
+    @abstractmethod
+    def get(self, job_id: str) -> JobRecord | None: ...
+
+    def mark_running(self, job_id: str, *, source: str) -> JobRecord:
+        return self._apply_one(Transition.running(job_id), source)
+
+    def request_stop(self, job_id: str, *, stop_status: JobStatus, reason: str, source: str) -> JobRecord:
+        """Record the stop intent before the agent is called, so that a crash cannot lose it."""
+        return self._apply_one(Transition.stop(job_id, stop_status, reason), source)
+
+    def finish(
+        self, job_id: str, *, status: JobStatus, rc: int | None, reason: str | None, source: str
+    ) -> JobRecord:
+        return self._apply_one(Transition.finish(job_id, status, rc, reason), source)
+
+    def _apply_one(self, transition: Transition, source: str) -> JobRecord:
+        """The job after ``transition``; KeyError if there is no such job, StaleTransition if it is
+        in a status the transition may not follow."""
+        (result,) = self.apply([transition], source=source)
+        if result is not None:
+            return result
+        current = self.get(transition.job_id)
+        if current is None:
+            raise KeyError(transition.job_id)
+        raise StaleTransition(f"job {transition.job_id} is {current.status}; cannot become {transition.new}")

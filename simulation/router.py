@@ -14,10 +14,10 @@ from datetime import datetime
 
 from router_db import EventRecord, JobRecord, JobStatus, NewJob, TaskInstanceKey, Transition
 from router_db.records import AgentRecord
-from router_db.transitions import StaleTransition, allowed
+from router_db.transitions import OneTransition, allowed
 
 
-class SimRouterDB:
+class SimRouterDB(OneTransition):
     def __init__(self, clock: Callable[[], datetime]) -> None:
         self._clock = clock  # the database server's clock (every writer's "now")
         self.jobs: dict[str, JobRecord] = {}
@@ -157,26 +157,6 @@ class SimRouterDB:
             )
         # As the real one: the job as the batch left it, wherever one of its transitions applied.
         return [done.get(t.job_id) for t in transitions]
-
-    def mark_running(self, job_id: str, *, source: str) -> JobRecord:
-        return self._apply_one(Transition.running(job_id), source)
-
-    def request_stop(self, job_id: str, *, stop_status: JobStatus, reason: str, source: str) -> JobRecord:
-        return self._apply_one(Transition.stop(job_id, stop_status, reason), source)
-
-    def finish(
-        self, job_id: str, *, status: JobStatus, rc: int | None, reason: str | None, source: str
-    ) -> JobRecord:
-        return self._apply_one(Transition.finish(job_id, status, rc, reason), source)
-
-    def _apply_one(self, transition: Transition, source: str) -> JobRecord:
-        (result,) = self.apply([transition], source=source)
-        if result is not None:
-            return result
-        current = self.jobs.get(transition.job_id)
-        if current is None:
-            raise KeyError(transition.job_id)
-        raise StaleTransition(f"job {transition.job_id} is {current.status}; cannot become {transition.new}")
 
 
 def _path(job: JobRecord) -> tuple[str, str, str, int]:
