@@ -2,11 +2,16 @@
 
 - **No false stop.** No stop is decided, nor reaches an agent, for a job whose task instance still
   wants it (the same try, by its id, in a state where its work goes on).
+- **No false end.** No job is ended in the router DB while its process runs on, unless a stop was
+  decided for it.
 - **Bounded detection.** A job whose task instance no longer wants it is STOPPING or ended within
   ``detect_bound`` seconds of the world's healthy time (Airflow and the router DB answering, the
   sidecar running).
 - **No hang.** No job stays active in the router DB while its agent has ended it or does not know it,
-  beyond ``hang_bound`` seconds of healthy time with that agent answering.
+  and no decided stop fails to reach a process still running, beyond ``hang_bound`` seconds of
+  healthy time with that agent answering. (Healthy time leaves out Airflow's faults here too: a
+  round with the agents starts once a cycle, and a slow Airflow makes cycles long, so exits are
+  recorded later; world 441 shows it. Rounds on their own clock would let this bound ignore Airflow.)
 - **Nothing lost.** No job row vanishes, and an ended job never changes again.
 
 "Healthy time" leaves out the faults the world injected: a bound is a promise about how fast the
@@ -20,13 +25,15 @@ from typing import TYPE_CHECKING
 from agent_api.protocol import AgentJobStatus
 from reconciler.airflow import TaskInstancePath
 from reconciler.config import PollConfig
-from reconciler.decision import KEEP_STATES
 from router_db import JobRecord, JobStatus
 
 if TYPE_CHECKING:
     from simulation.world import World
 
 
+# The task-instance states in which Airflow wants its try's work to go on: written out here, not taken
+# from reconciler.decision, so that a wrong decision table cannot agree with itself.
+WANTED = frozenset({"running", "deferred", "queued", "scheduled", "up_for_reschedule"})
 STOP_TIMEOUT, STOP_BACKOFF = 10.0, 5.0  # the world's [stop] timeout_seconds and backoff_max_seconds
 AGENT_READ_SECONDS = 5.0  # reconciler.catch_up.READ_TIMEOUT_SECONDS: a round with the agents waits this
 
@@ -40,7 +47,7 @@ class Checker:
         # Incremental reads compare this host's clock with Airflow's: beyond overlap_seconds of skew
         # they miss changes, as they miss deleted runs; the full read, every full_resync_seconds,
         # catches those (docs/configuration.md, [poll] overlap_seconds and full_resync_seconds).
-        self._skewed = abs(s.skew["sidecar"] - s.skew["airflow"]) > PollConfig().overlap_seconds
+        self._skewed = s.skew["sidecar"] - s.skew["airflow"] > PollConfig().overlap_seconds  # host ahead
         self.violations: list[str] = []
         self._diverged: dict[str, float] = {}  # job id -> healthy seconds since Airflow stopped wanting it
         self._allowed: dict[str, float] = {}  # job id -> what the documented limits add to its bound
@@ -71,7 +78,11 @@ class Checker:
         """Airflow wants this job's work to go on: its very task instance try, in a state of work."""
         key = job.key
         ti = self.world.airflow.tis.get(TaskInstancePath(key.dag_id, key.run_id, key.task_id, key.map_index))
-        return ti is not None and ti.identity == job.ti_identity and ti.state in KEEP_STATES
+        return ti is not None and ti.identity == job.ti_identity and ti.state in WANTED
+
+    def _runs(self, job: JobRecord) -> bool:
+        on_agent = self.world.agent[job.agent_id].jobs.get(job.job_id)
+        return on_agent is not None and on_agent.status is AgentJobStatus.RUNNING
 
     def started(self, job_id: str) -> None:
         self._seen.add(job_id)
@@ -86,6 +97,9 @@ class Checker:
         )
         if after.status is JobStatus.STOPPING and self.wants(before):
             self._violate(f"false stop: {after.job_id} set STOPPING ({after.reason}) while Airflow wants it")
+        elif not after.active and before.status is not JobStatus.STOPPING and self._runs(after):
+            # Ended while its process runs on: the task moves on, and the process is an orphan.
+            self._violate(f"false end: {after.job_id} ended {after.status} ({after.reason}) while it runs")
 
     def _stop_arrived(self, job_id: str) -> None:
         job = self.world.db.jobs.get(job_id)
@@ -99,7 +113,7 @@ class Checker:
         healthy = sidecar_up and not world.faulty("airflow") and not world.faulty("db")
         if any(a.paused or a.requests_lost or a.answers_lost for a in world.agents):
             self._agent_trouble_until = world.now + 2 * AGENT_READ_SECONDS
-        for job_id in self._seen:
+        for job_id in sorted(self._seen):  # in one order whatever the hash seed
             job = world.db.jobs.get(job_id)
             if job is None:
                 self._violate(f"lost: job {job_id} vanished from the router DB")
@@ -128,12 +142,13 @@ class Checker:
             )
 
     def _hang(self, job: JobRecord, seconds: float, *, healthy: bool) -> None:
-        agent = next(a for a in self.world.agents if a.agent_id == job.agent_id)
+        agent = self.world.agent[job.agent_id]
         on_agent = agent.jobs.get(job.job_id)
         answering = not (agent.paused or agent.requests_lost or agent.answers_lost)
-        if (on_agent is not None and on_agent.status is AgentJobStatus.RUNNING) or not (
-            healthy and answering
-        ):
+        running = on_agent is not None and on_agent.status is AgentJobStatus.RUNNING
+        # Active here and ended or unknown there; or a stop decided here that a running process
+        # there never gets.
+        if (running and job.status is not JobStatus.STOPPING) or not (healthy and answering):
             return
         self._hanging[job.job_id] = waited = self._hanging.get(job.job_id, 0.0) + seconds
         # A stop sent while its agent was silent waits out its call (the stop's timeout, then a
@@ -142,5 +157,5 @@ class Checker:
         if self.world.now < self._agent_trouble_until:
             extra += 2 * AGENT_READ_SECONDS
         if waited > self.hang_bound + extra:
-            said = "does not know it" if on_agent is None else f"ended it {on_agent.status}"
+            said = "does not know it" if on_agent is None else f"has it {on_agent.status}"
             self._violate(f"hang: {job.job_id} {job.status} in the router DB while {job.agent_id} {said}")

@@ -115,7 +115,7 @@ class World:
     script: list[tuple[float, Callable[[World], None]]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        s, now = self.settings, self.loop.time
+        s = self.settings
         self.db = SimRouterDB(self._clock("db"))
         self.airflow = SimAirflow(self._clock("airflow"), s.page_size)
         self.network = SimNetwork()
@@ -123,6 +123,7 @@ class World:
             SimAgent(f"vm{i}", f"http://vm{i}.sim:8791", self._clock("agents"))
             for i in range(1, s.agents + 1)
         ]
+        self.agent = {a.agent_id: a for a in self.agents}  # by id
         for agent in self.agents:
             self.network.agents[agent.url] = agent
         self.tasks: dict[TaskInstancePath, Task] = {}
@@ -136,7 +137,6 @@ class World:
         self._runs_made = 0
         for run in range(s.runs):
             self._create_run(f"run{run}")
-        del now
 
     # --- clocks -----------------------------------------------------------------------------------------
 
@@ -153,7 +153,7 @@ class World:
 
     # --- the sidecar ------------------------------------------------------------------------------------
 
-    def build_sidecar(self) -> tuple[ReconcileLoop, StopDispatcher, AgentPool]:
+    def build_sidecar(self) -> ReconcileLoop:
         s = self.settings
         entries = [AgentEntry(id=a.agent_id, url=a.url, labels=["default"]) for a in self.agents]
         pool = AgentPool(
@@ -182,12 +182,12 @@ class World:
             wall=self._clock("sidecar"),
         )
         dispatcher.changed = loop.watch.notify
-        return loop, dispatcher, pool
+        return loop
 
     async def run(self) -> list[str]:
         """Play the world to its end; the invariants' violations (none: the world was kept)."""
         stopping = asyncio.Event()
-        loop, _, _ = self.build_sidecar()
+        loop = self.build_sidecar()
         sidecar = asyncio.create_task(loop.run(stopping))
         while self.now < self.settings.duration and not self.checker.violations:
             await asyncio.sleep(STEP)
@@ -197,7 +197,7 @@ class World:
             if sidecar.done() and self.now >= self.sidecar_down_until:
                 self.say("sidecar starts again (a new term: nothing remembered)")
                 stopping = asyncio.Event()
-                loop, _, _ = self.build_sidecar()
+                loop = self.build_sidecar()
                 sidecar = asyncio.create_task(loop.run(stopping))
             self._move_agents()
             self._move_airflow()
@@ -258,11 +258,7 @@ class World:
             elif state == "running" and not ti.watched:
                 self.airflow.set_state(ti, "deferred")
             elif state == "running":
-                if (
-                    task.job_id is None
-                    or self._job(task).key.try_number != ti.try_number
-                    or self._job(task).ti_identity != ti.identity
-                ):
+                if task.job_id is None or self._job(task).ti_identity != ti.identity:  # an id per try
                     self._submit(task)
                 elif self.rng.random() < 0.9:
                     self.airflow.set_state(ti, "deferred")  # the operator defers on its job
@@ -372,7 +368,7 @@ class World:
         """A fault on ``target`` (airflow, db, or an agent's id) for ``length`` seconds (default: drawn)."""
         length = length or self.rng.choice([1.0, 5.0, 20.0])
         self.windows.append(Window(kind, self.now + length, target))
-        agent = next((a for a in self.agents if a.agent_id == target), None)
+        agent = self.agent.get(target)
         if agent is not None:
             setattr(agent, kind, True)  # paused, requests_lost or answers_lost
         if kind == "refuse":
@@ -382,7 +378,7 @@ class World:
     def _expire_windows(self) -> None:
         for window in [w for w in self.windows if w.until <= self.now]:
             self.windows.remove(window)
-            agent = next((a for a in self.agents if a.agent_id == window.target), None)
+            agent = self.agent.get(window.target)
             if agent is not None and not any(
                 w.target == window.target and w.kind == window.kind for w in self.windows
             ):

@@ -186,7 +186,7 @@ def _long_running(world: World) -> Task:
 
     def ends(task: Task) -> float:
         job = world.db.jobs[task.job_id or ""]
-        agent = next(a for a in world.agents if a.agent_id == job.agent_id)
+        agent = world.agent[job.agent_id]
         return agent.jobs[job.job_id].ends_at if job.status is JobStatus.RUNNING else -1.0
 
     deferred = [t for t in world.tasks.values() if t.job_id is not None and t.ti.state == "deferred"]
