@@ -9,11 +9,13 @@ check and its timeout (an ``[[agents]]`` agent counts any call: the catch-up rea
 checks answer). So a fenced job may end ``gone_after() + margin`` seconds after the sidecar last heard
 from the agent.
 
-Two rules follow. A registration whose fence would still be running when the sidecar declares the
-agent lost (``lost_after_seconds``) is refused, naming the keys on both sides (:func:`fence_problem`).
-And the lost rule itself waits (:func:`fence_wait`): settings changed since (a sidecar restarted with
-a shorter ``lost_after_seconds``, an ``[[agents]]`` agent, which cannot be refused) never let a
-fenced job end before its fence did. Silence is counted as the lost rule counts it, only from when
+Two rules follow. An agent whose fence would still be running when the sidecar declares it lost
+(``lost_after_seconds``) takes no job it would fence, and the log and the submission's refusal name
+the keys on both sides (:func:`fence_problem`). It still registers: refusing it would keep its old
+terms in the router DB and turn a config edit into an outage. And the lost rule itself waits
+(:func:`fence_wait`): settings changed since (a sidecar restarted with a shorter
+``lost_after_seconds``, an ``[[agents]]`` agent, which cannot be refused) never let a fenced job end
+before its fence did. Silence is counted as the lost rule counts it, only from when
 this sidecar listened: a replica that just took over waits longer, never shorter.
 """
 

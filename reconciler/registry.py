@@ -30,8 +30,8 @@ another agent answering there shows the old process gone. A move that waits is j
 elsewhere: it takes a registration only once that is lost and its jobs have ended.
 :func:`judge_claim` and the ``*_problem`` functions decide; the router DB's upsert applies the move
 only to the very row judged. A home wiped or rebuilt is a new agent: it registers once its
-predecessor is lost and its jobs have ended. An agent whose ``router_url`` is plain http to another
-host sends no proof (:mod:`agent.registration`): it is judged as an agent older than identities.
+predecessor is lost and its jobs have ended. A heartbeat without a proof (an agent older than
+identities) is judged as such an agent.
 
 The fleet token is a bootstrap token, as a kubelet's is: a heartbeat carrying it may register a new
 id, or take one whose holder is lost. The identity proof is the agent's credential (it arrives in

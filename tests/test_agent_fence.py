@@ -189,6 +189,27 @@ def test_an_agent_nobody_calls_fences_its_at_most_once_job_and_leaves_the_other(
             kill_all(fenced_tree + kept_tree)
 
 
+def test_an_agent_that_fences_every_job_fences_one_that_did_not_ask(tmp_path: Path) -> None:
+    """[agent] at_most_once_default: the agent's own choice covers jobs submitted without the flag."""
+    home = tmp_path / "agent"
+    config = f"heartbeat_seconds = 1.0\n{FENCED_CONFIG}at_most_once_default = true\n"
+    started = time.monotonic()  # no health check will come: the agent counts contact from its start
+    with AgentProcess(home, extra_config=config) as agent:
+        job = new_id()
+        with_client(agent, lambda client: client.run(job, RunPayload(command=PLAIN)))
+        job_tree = tree(on_agent(agent, job, agent.token)["pid"])
+        try:
+            wait_until(
+                lambda: not alive(job_tree),
+                timeout=started + FENCE_AFTER + GRACE + MARGIN - time.monotonic(),
+                what="the job's tree gone",
+            )
+            assert time.monotonic() - started >= FENCE_AFTER
+            assert ended_on(agent, job, agent.token)["reason"].startswith(FENCE_REASON + " ")
+        finally:
+            kill_all(job_tree)
+
+
 def test_only_health_checks_with_its_token_keep_an_agent_in_agents_from_fencing(tmp_path: Path) -> None:
     """The leader's health check (a GET /health with the agent's token) is contact; a job read, a
     wrong token and /healthz without one are not: a standby's calls, or anyone's, prove nothing of

@@ -135,10 +135,13 @@ def test_env_and_cwd_reach_the_job_but_the_agent_token_does_not(agent: AgentProc
 
 
 def test_the_fleet_token_does_not_reach_the_job_either(tmp_path: Path) -> None:
-    """The fleet token opens registration (and, until agents hold credentials of their own, the
-    sidecar's calls to registered agents): a job that could read it could register agents or reach
-    the agent's siblings. Neither its default variable nor a renamed one reaches the job."""
-    command = 'echo "fleet=${AGENTIC_FLEET_TOKEN:-unset} renamed=${MY_FLEET:-unset} kept=${KEPT:-unset}"'
+    """The fleet token opens registration: a job that could read it could register agents. Neither
+    its default variable nor a renamed one reaches the job, nor any of the agent's own settings (its
+    token, its home, where its credential is kept)."""
+    command = (
+        'echo "fleet=${AGENTIC_FLEET_TOKEN:-unset} renamed=${MY_FLEET:-unset} kept=${KEPT:-unset}'
+        ' settings=$(env | grep -c ^AGENTIC_AGENT_)"'
+    )
 
     async def scenario(client: AgentClient) -> bytes:
         job_id = new_id()
@@ -148,11 +151,14 @@ def test_the_fleet_token_does_not_reach_the_job_either(tmp_path: Path) -> None:
 
     for variable, extra in (("AGENTIC_FLEET_TOKEN", ""), ("MY_FLEET", 'router_token_env = "MY_FLEET"\n')):
         secret = f"fleet-secret-{variable.lower()}"
+        home = tmp_path / variable / "home-from-env"
         with AgentProcess(
-            tmp_path / variable, extra_env={variable: secret, "KEPT": "yes"}, extra_config=extra
+            tmp_path / variable,
+            extra_env={variable: secret, "KEPT": "yes", "AGENTIC_AGENT_HOME": str(home)},
+            extra_config=extra,
         ) as proc:
             output = with_client(proc, scenario).decode()
-        assert output.split() == ["fleet=unset", "renamed=unset", "kept=yes"], output
+        assert output.split() == ["fleet=unset", "renamed=unset", "kept=yes", "settings=0"], output
         assert secret not in output
 
 
