@@ -29,13 +29,14 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from bench.naive_read import NaiveRead
 from bench.standins import AgentsStandIn, AirflowStandIn, recorded_task_instance
 from harness.processes import free_port
 from reconciler.agents import AgentPool
 from reconciler.airflow import AirflowClient
 from reconciler.config import AgentEntry, PollConfig, StopConfig
-from reconciler.loop import ReconcileLoop
 from reconciler.metrics import Metrics
+from reconciler.parts import build_core
 from reconciler.stops import StopDispatcher
 from router_db import NewJob, RouterDB, TaskInstanceKey
 
@@ -133,20 +134,23 @@ async def run_case(jobs: int, strategy: str, flips: int, burst: int, latency: fl
     dispatcher = StopDispatcher(db, agents, metrics, StopConfig())
     poll = PollConfig(
         interval_seconds=INTERVAL,
-        strategy=strategy,
+        strategy="incremental" if strategy == "naive" else strategy,  # naive: the bench's own read
         full_resync_seconds=3600.0,  # steady state: no full resync inside the measured cycles
         overlap_seconds=OVERLAP,
     )
-    loop = ReconcileLoop(
-        db=db, airflow=airflow, agents=agents, dispatcher=dispatcher, metrics=metrics, poll=poll
+    naive = NaiveRead(airflow, concurrency=poll.max_concurrent_reads) if strategy == "naive" else None
+    core = build_core(
+        db=db, airflow=airflow, agents=agents, dispatcher=dispatcher, metrics=metrics, poll=poll, read=naive
     )
+    loop = core.loop
+    targeted = core.read.main.targeted if strategy == "targeted" else None  # type: ignore[attr-defined]
     control = aiohttp.ClientSession(base)
     result: dict[str, Any] = {"jobs": jobs, "strategy": strategy}
     try:
         first_started = time.perf_counter()
         await loop.cycle()  # the first cycle reads everything
         key_of = {
-            j.job_id: (j.key.dag_id, j.key.run_id, j.key.task_id, j.key.map_index) for j in loop.known_jobs()
+            j.job_id: (j.key.dag_id, j.key.run_id, j.key.task_id, j.key.map_index) for j in core.jobs.known()
         }
         job_ids = sorted(key_of)
         result["first_cycle_s"] = round(time.perf_counter() - first_started, 3)
@@ -155,7 +159,7 @@ async def run_case(jobs: int, strategy: str, flips: int, burst: int, latency: fl
         # and let the targeted read's first round of its full check (two requests a cycle) end.
         await asyncio.sleep(OVERLAP + 0.5)
         await loop.cycle()
-        while strategy == "targeted" and not loop.targeted.first_round_done:
+        while targeted is not None and not targeted.first_round_done:
             await loop.cycle()
         before = await _stats(control)
         cpu0, wall0 = time.process_time(), time.perf_counter()
@@ -177,7 +181,7 @@ async def run_case(jobs: int, strategy: str, flips: int, burst: int, latency: fl
         # A new term starts the targeted read's full check over: flips come once its first round ends.
         for _ in range(3000 if strategy == "targeted" else 0):
             await asyncio.sleep(0.1)
-            if loop.targeted.first_round_done:
+            if targeted is None or targeted.first_round_done:
                 break
         rng = random.Random(7)
         chosen = rng.sample(job_ids, flips + burst)

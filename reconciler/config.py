@@ -40,7 +40,7 @@ __all__ = [
 
 ENV_PREFIX = "AGENTIC_RECONCILER_"
 API_VERSIONS = ("auto", "v2", "v1")
-STRATEGIES = ("targeted", "incremental", "batch", "naive")
+STRATEGIES = ("targeted", "incremental", "batch")  # bench.naive_read: one request per job, for comparison
 # A replica id is part of the lease's holder ("<replica id>@<host>:<pid>:<random>"): no "@" nor ":".
 REPLICA_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 

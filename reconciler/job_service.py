@@ -4,8 +4,7 @@ The HTTP layer (:mod:`reconciler.server`) parses and answers.
 
 A job is read from the router DB, never from its agent: the loop's once-a-cycle catch-up and the
 agents' heartbeats record exits (:meth:`JobService.apply_agent_reports`), and a long-poll waiter
-hears of them at once (:mod:`reconciler.watch`). :func:`refresh_from_agent` asks an agent about one
-job: the loop's rolling sweep, for agents without the change feed.
+hears of them at once (:mod:`reconciler.watch`).
 
 What an agent's answer means for the router DB is decided in :mod:`reconciler.outcome`; this module
 and :mod:`reconciler.agent_reports` ask and record. A job whose ``/run`` got neither the job nor a
@@ -19,7 +18,7 @@ import logging
 from collections.abc import Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from agent_api.client import (
     AgentBusy,
@@ -28,23 +27,21 @@ from agent_api.client import (
     JobNotFound,
     LogChunk,
 )
-from reconciler.agent_reports import apply_agent_reports, denies, give_up, record_finish
+from reconciler.agent_reports import apply_agent_reports
+from reconciler.agent_sync import AgentSync
 from reconciler.agents import AgentPool, NoAgent, NoCapacity, unconfigured_reason
 from reconciler.airflow import AirflowError
+from reconciler.confirmer import Confirmer
 from reconciler.db_time import DbTime
 from reconciler.decision import MAX_NOTE_CHARS, Divergence, Stop
-from reconciler.fleet import AgentState
+from reconciler.fleet import AgentState, Fleet
 from reconciler.logfields import job_fields
 from reconciler.metrics import Metrics
-from reconciler.outcome import START_GRACE_SECONDS, Finish, GiveUp, MarkRunning, after_status
 from reconciler.stops import StopDispatcher
 from reconciler.submissions import Submissions
 from reconciler.watch import JobWatch
-from router_db import EventRecord, JobRecord, JobStatus, NewJob, RouterDB, StaleTransition, TaskInstanceKey
+from router_db import EventRecord, JobRecord, JobStatus, NewJob, RouterDB, TaskInstanceKey
 from sidecar_api.protocol import SubmitRequest, UpdateRequest, job_not_found
-
-if TYPE_CHECKING:
-    from reconciler.loop import ReconcileLoop
 
 log = logging.getLogger(__name__)
 
@@ -100,20 +97,24 @@ class JobService:
         *,
         db: RouterDB,
         agents: AgentPool,
-        loop: ReconcileLoop,
+        fleet: Fleet | None,
+        confirmer: Confirmer,
+        sync: AgentSync,
+        watch: JobWatch,
         dispatcher: StopDispatcher,
         when_full: str = "wait",
         metrics: Metrics | None = None,
-        watch: JobWatch | None = None,
         submissions: Submissions | None = None,
     ) -> None:
         self._db = db
         self._db_time = DbTime(db.now)  # a queued job's age is measured on the clock that wrote it
-        self._watch = watch or loop.watch  # one per process: the loop's changes wake our waiters
+        self._watch = watch  # one per process: the loop's changes wake our waiters
         # Follows the jobs whose /run got no clear answer (the leader's sweep uses the same object).
         self._submissions = submissions or Submissions(db=db, agents=agents, notify=self._watch.notify)
         self._agents = agents
-        self._loop = loop
+        self._fleet = fleet
+        self._confirmer = confirmer
+        self._sync = sync
         self._dispatcher = dispatcher
         self._when_full = when_full  # [fleet] when_full: "wait" (503) or "refuse" (409)
         self._metrics = metrics
@@ -174,7 +175,7 @@ class JobService:
         # Only agents whose fence, if they would fence the job, ends it before they are declared lost;
         # none, and the task fails now, saying why, rather than wait for an agent that cannot come.
         asked = bool(request.payload.get("at_most_once"))
-        unfenced = {a: why for a in eligible if (why := self._loop.fence_refusal(a, at_most_once=asked))}
+        unfenced = {a: why for a in eligible if (why := self._fence_refusal(a, asked))}
         if unfenced and len(unfenced) == len(eligible):
             raise Refused(
                 400,
@@ -203,7 +204,9 @@ class JobService:
         except NoCapacity as exc:
             raise self._no_capacity(str(exc)) from None
         refusal = self._agents.refuse(agent_id)
-        if refusal is not None or self._loop.agent_states().get(agent_id) == AgentState.LOST:
+        if refusal is not None or (
+            self._fleet is not None and self._fleet.state(agent_id) is AgentState.LOST
+        ):
             # Only an agent named by agent_id gets here so (routing by labels skips both): the
             # operator retries, and the job starts once the agent answers again.
             raise Refused(
@@ -213,12 +216,16 @@ class JobService:
             )
         # Whether its agent fences it, and how long that takes, as the agent's terms say now: kept with
         # the job, so a sidecar restarted or taking over before it hears the agent waits as long.
-        terms = self._loop.fence_terms(agent_id)
+        terms = None if self._fleet is None else self._fleet.fence_terms(agent_id)
         asked = bool(request.payload.get("at_most_once"))
         fenced = asked or (terms is not None and terms.fenced(asked))
         bound = terms.gone_after() if terms is not None and terms.fenced(asked) else None
         new = NewJob(key, agent_id, request.command, request.ti_identity, fenced, bound)
         return await asyncio.to_thread(self._db.submit, new)
+
+    def _fence_refusal(self, agent_id: str, at_most_once: bool) -> str | None:
+        """Why a job must not go to the agent for its fence (:meth:`Fleet.fence_refusal`)."""
+        return None if self._fleet is None else self._fleet.fence_refusal(agent_id, at_most_once=at_most_once)
 
     def _no_capacity(self, message: str) -> NoRoom:
         if self._when_full == "refuse":
@@ -242,7 +249,7 @@ class JobService:
                 continue
             if job.key.try_number < key.try_number or job.ti_identity != new.ti_identity:
                 try:
-                    await self._loop.check(job, source="submit")
+                    await self._confirmer.check(job, source="submit")
                 except AirflowError as exc:  # the poll loop will see it: only the shortcut is lost
                     log.warning("cannot confirm an older try now: %s", exc, extra=job_fields(job))
 
@@ -299,7 +306,7 @@ class JobService:
             await self._dispatcher.stop(job, forced, source="api")
             return await self._stopped(job, forced)
         try:
-            stop = await self._loop.check(job, source="api", note=request.reason)
+            stop = await self._confirmer.check(job, source="api", note=request.reason)
         except AirflowError as exc:
             return Update(503, False, f"cannot confirm with Airflow ({exc}); nothing stopped", "none", job)
         if stop is None:
@@ -386,14 +393,14 @@ class JobService:
         Refused (502) when the agent does not answer (or registered but this replica has not read it
         yet), (404) when it keeps no log of the job, (410) when the agent is no longer configured (nor
         registered): nothing can read that log any more."""
-        if not self._loop.answering(job.agent_id):
-            state = self._loop.agent_states().get(job.agent_id, "unknown")
+        if not self._sync.answering(job.agent_id):
+            state = "unknown" if self._fleet is None else str(self._fleet.state(job.agent_id))
             why = f"agent {job.agent_id} is {state}: it does not answer its health checks"
             raise Refused(502, self._agents.refuse(job.agent_id) or why)
         try:
             client = self._agents.client(job.agent_id)
         except NoAgent:
-            if job.agent_id in await self._loop.known_agents():
+            if job.agent_id in await self._sync.known_agents():
                 message = f"agent {job.agent_id} registered, but this replica has not read it yet; try again"
                 raise Refused(502, message) from None
             message = f"{unconfigured_reason(job.agent_id)}: the log of job {job.job_id} cannot be read"
@@ -406,53 +413,3 @@ class JobService:
             raise Refused(404, f"agent {job.agent_id} has no log for job {job.job_id}") from None
         except AgentError as exc:
             raise Refused(502, f"agent {job.agent_id} communication failed: {exc}") from None
-
-
-async def refresh_from_agent(
-    db: RouterDB,
-    agents: AgentPool,
-    job: JobRecord,
-    *,
-    timeout: float = 5.0,
-    now: datetime | None = None,
-    start_grace: float = START_GRACE_SECONDS,
-) -> JobRecord:
-    """Ask the job's agent about a queued or running job and record what it reports: the loop's
-    rolling sweep of agents without the change feed. An unreachable agent, or a 404 that is not the
-    agent's own (:func:`~reconciler.agent_reports.denies`), leaves the record as it is. ``start_grace``:
-    see :func:`reconciler.outcome.start_grace`.
-    """
-    if job.status not in (JobStatus.QUEUED, JobStatus.RUNNING):
-        return job
-    try:
-        client = agents.client(job.agent_id)  # refused while another agent answers at its URL
-        info = await asyncio.wait_for(client.get(job.job_id), timeout)
-    except JobNotFound as exc:
-        if not denies(job.job_id, exc):  # a proxy's 404, a route an older agent lacks: no answer
-            return job
-        info = None
-    except (AgentError, TimeoutError):
-        return job
-    except NoAgent:  # no longer configured nor registered: the loop ends the job
-        return job
-    if now is None:
-        now = await asyncio.to_thread(db.now)
-    outcome = after_status(
-        job.status,
-        info.status if info else None,
-        rc=info.rc if info else None,
-        reason=info.reason if info else None,
-        # ``now``: the router DB's, which wrote ``created_at`` (this replica's clock may be off).
-        queued_for=(now - job.created_at).total_seconds(),
-        start_grace=start_grace,
-    )
-    if isinstance(outcome, Finish):
-        return await record_finish(db, job, outcome)
-    if isinstance(outcome, MarkRunning):
-        try:
-            return await asyncio.to_thread(db.mark_running, job.job_id, source="agent")
-        except StaleTransition:
-            return job
-    if isinstance(outcome, GiveUp):
-        return await give_up(db, client, job, timeout)
-    return job

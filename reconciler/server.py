@@ -105,7 +105,7 @@ class SidecarAPI:
         fleet_tokens: Secret[tuple[str, ...]] | None = None,
     ) -> None:
         self._jobs = jobs
-        self._fleet = fleet or loop.fleet
+        self._fleet = fleet
         self._db = db
         self._metrics = metrics
         self._loop = loop
@@ -350,8 +350,8 @@ class SidecarAPI:
             db_error=db_error,
             since_last_cycle=None if last is None else time.monotonic() - last,
             ready_after=self._ready_after,
-            full_read_error=self._loop.full_read_error,
-            agent_states=self._loop.agent_states(),
+            full_read_error=self._loop.read.failing,
+            agent_states={} if self._fleet is None else {a: str(s) for a, s in self._fleet.states().items()},
         )
         return web.json_response(readiness.to_json(), status=200 if readiness.ready else 503)
 

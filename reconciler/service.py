@@ -16,6 +16,7 @@ from reconciler.loop import ReconcileLoop
 from reconciler.metrics import Metrics
 from reconciler.outcome import start_grace
 from reconciler.pages import PageConfig
+from reconciler.parts import Core, build_core
 from reconciler.registry import Registry
 from reconciler.retention import prune_periodically
 from reconciler.server import SidecarAPI
@@ -39,9 +40,28 @@ class Parts:
     agents: AgentPool
     metrics: Metrics
     dispatcher: StopDispatcher
-    loop: ReconcileLoop
+    core: Core
     fleet: Fleet
     submissions: Submissions
+
+    @property
+    def loop(self) -> ReconcileLoop:
+        return self.core.loop
+
+    def job_service(self, *, when_full: str = "wait") -> JobService:
+        """The router API's jobs, over these parts (``when_full``: ``[fleet] when_full``)."""
+        return JobService(
+            db=self.db,
+            agents=self.agents,
+            fleet=self.fleet,
+            confirmer=self.core.confirmer,
+            sync=self.core.sync,
+            watch=self.core.watch,
+            dispatcher=self.dispatcher,
+            when_full=when_full,
+            metrics=self.metrics,
+            submissions=self.submissions,
+        )
 
     async def close(self) -> None:
         await self.fleet.close()
@@ -86,7 +106,7 @@ def build(config: ReconcilerConfig, secrets: Secrets, *, dry_run: bool = False) 
     agents.avoid = lambda agent_id: fleet.state(agent_id) in (AgentState.LOST, AgentState.WRONG_IDENTITY)
     agents.refuse = fleet.refusal
     agents.capacity = fleet.capacity
-    loop = ReconcileLoop(
+    core = build_core(
         db=db,
         airflow=airflow,
         agents=agents,
@@ -94,23 +114,23 @@ def build(config: ReconcilerConfig, secrets: Secrets, *, dry_run: bool = False) 
         metrics=metrics,
         poll=config.poll,
         fleet=fleet,
-        unconfigured_grace_seconds=config.fleet.lost_after_seconds,
+        unaddressable_grace_seconds=config.fleet.lost_after_seconds,
         start_grace_seconds=start_grace(
             give_up_seconds=config.fleet.submit_give_up_seconds, run_timeout=AGENT_READ_TIMEOUT_SECONDS
         ),
     )
     # A stop's outcome, or a lost agent's job ended, wakes the trigger long-polling that job at once.
-    dispatcher.changed = fleet.changed = loop.watch.notify
+    dispatcher.changed = fleet.changed = core.watch.notify
     submissions = Submissions(
         db=db,
         agents=agents,
         give_up_seconds=config.fleet.submit_give_up_seconds,
         lost_after_seconds=config.fleet.lost_after_seconds,
         run_timeout=AGENT_READ_TIMEOUT_SECONDS,
-        answering=loop.answering,
-        notify=loop.watch.notify,
+        answering=core.sync.answering,
+        notify=core.watch.notify,
     )
-    return Parts(db, airflow, agents, metrics, dispatcher, loop, fleet, submissions)
+    return Parts(db, airflow, agents, metrics, dispatcher, core, fleet, submissions)
 
 
 def _sent_token(secrets: Secrets) -> Secret[str]:
@@ -162,15 +182,7 @@ async def _serve(config: ReconcilerConfig, secrets: Secrets, identity: Identity)
         holder=identity.holder,
         successor_of=identity.successor_of,
     )
-    jobs = JobService(
-        db=parts.db,
-        agents=parts.agents,
-        loop=parts.loop,
-        dispatcher=parts.dispatcher,
-        when_full=config.fleet.when_full,
-        metrics=parts.metrics,
-        submissions=parts.submissions,
-    )
+    jobs = parts.job_service(when_full=config.fleet.when_full)
     sent = parts.fleet.registered_token  # the one the fleet sends: the registry's call-back uses it too
     assert sent is not None
     # Always: registered agents keep heartbeating with their credentials when no fleet token is set.
@@ -188,6 +200,7 @@ async def _serve(config: ReconcilerConfig, secrets: Secrets, identity: Identity)
         db=parts.db,
         metrics=parts.metrics,
         loop=parts.loop,
+        fleet=parts.fleet,
         tokens=secrets.http_tokens,
         ready_after=max(10.0, 5 * config.poll.interval_seconds),
         max_body_bytes=config.http.max_body_bytes,

@@ -24,6 +24,7 @@ from reconciler.airflow import AirflowError, TaskInstancePath
 from reconciler.config import AgentEntry, PollConfig, StopConfig
 from reconciler.loop import ReconcileLoop
 from reconciler.metrics import Metrics
+from reconciler.parts import build_core
 from reconciler.stops import StopDispatcher
 from router_db import JobRecord, NewJob, TaskInstanceKey
 from simulation.agents import SimAgent, SimNetwork
@@ -171,7 +172,7 @@ class World:
             strategy=s.strategy,
             full_resync_seconds=s.full_resync,
         )
-        loop = ReconcileLoop(
+        core = build_core(
             db=self.db,  # type: ignore[arg-type]
             airflow=self.airflow,
             agents=pool,
@@ -181,7 +182,8 @@ class World:
             clock=self.loop.time,
             wall=self._clock("sidecar"),
         )
-        dispatcher.changed = loop.watch.notify
+        dispatcher.changed = core.watch.notify
+        loop = core.loop
         return loop
 
     async def run(self) -> list[str]:

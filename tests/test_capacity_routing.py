@@ -163,25 +163,21 @@ def test_a_pinned_agent_that_drains_or_is_full_gets_the_no_capacity_answer() -> 
 # ------------------------------------------------------------------------ the submission's answers
 
 
-class Liveness:
-    """What JobService asks of the loop: every agent answers."""
+class Answering:
+    """What JobService asks of the agents' sync: every agent answers."""
 
-    def agent_states(self) -> dict[str, str]:
-        return {}
-
-    def fence_refusal(self, agent_id: str, *, at_most_once: bool) -> str | None:
-        return None  # no agent here fences: none is said to
-
-    def fence_terms(self, agent_id: str) -> None:
-        return None
+    def answering(self, agent_id: str) -> bool:
+        return True
 
 
 def service(db: RouterDB, agents: AgentPool, *, when_full: str, metrics: Metrics) -> JobService:
     return JobService(
         db=db,
         agents=agents,
-        loop=Liveness(),  # type: ignore[arg-type]
-        dispatcher=None,  # type: ignore[arg-type]  # no update_status here
+        fleet=None,  # every agent answers, none fences
+        confirmer=None,  # type: ignore[arg-type]  # no update_status here
+        sync=Answering(),  # type: ignore[arg-type]
+        dispatcher=None,  # type: ignore[arg-type]
         when_full=when_full,
         metrics=metrics,
         watch=JobWatch(db),

@@ -26,6 +26,7 @@ from reconciler.config import AgentEntry, PollConfig, StopConfig
 from reconciler.loop import ReconcileLoop
 from reconciler.metrics import Metrics
 from reconciler.outcome import START_GRACE_SECONDS
+from reconciler.parts import build_core
 from reconciler.stops import StopDispatcher
 from router_db import JobRecord, JobStatus, NewJob, RouterDB, TaskInstanceKey, Transition
 
@@ -149,9 +150,9 @@ def loop_with(db: RouterDB, pool: StandInPool, jobs: list[JobRecord]) -> Reconci
     metrics = Metrics()
     dispatcher = StopDispatcher(db, agents, metrics, StopConfig(attempts=1))
     poll = PollConfig(strategy="incremental", full_resync_seconds=3600.0, agent_sync_per_cycle=50)
-    return ReconcileLoop(
+    return build_core(
         db=db, airflow=airflow, agents=agents, dispatcher=dispatcher, metrics=metrics, poll=poll
-    )
+    ).loop
 
 
 def running_jobs(db: RouterDB, agent_id: str, count: int) -> list[JobRecord]:
@@ -226,8 +227,8 @@ def test_a_real_agent_reports_exits_in_one_request_a_cycle(db: RouterDB, tmp_pat
         pool = AgentPool([AgentEntry("agent-1", agent.url)], {"agent-1": "t0ken"}, timeout=5, stop_timeout=30)
         jobs = running_jobs(db, "agent-1", 5)
         loop = loop_with(db, StandInPool(), jobs)
-        loop._agents = pool  # the real pool for the sweep, and for the catch-up:
-        loop.catch_up.agents = pool
+        loop.sync._agents = pool  # the real pool for the sweep, and for the catch-up:
+        loop.sync.catch_up.agents = pool
 
         async def scenario() -> list[int]:
             try:
@@ -244,4 +245,4 @@ def test_a_real_agent_reports_exits_in_one_request_a_cycle(db: RouterDB, tmp_pat
 
         assert asyncio.run(scenario())[1:] == [0, 0]
     assert [db.get(j.job_id).rc for j in jobs] == [0, 1, 2, 3, 4]  # type: ignore[union-attr]
-    assert loop.catch_up.cursors.get("agent-1")  # the feed answered: no per-job sweep needed
+    assert loop.sync.catch_up.cursors.get("agent-1")  # the feed answered: no per-job sweep needed

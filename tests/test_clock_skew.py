@@ -234,7 +234,9 @@ def nothing_lost(s: Stand, client: httpx.Client, jobs: list[str], *, seconds: fl
     while time.monotonic() < watch_until:
         states.add(agent_state(client))
         time.sleep(0.2)
-    assert states == {"live"}, states
+    # Judged by the leader's own clock, every heartbeat would look two minutes old: lost within
+    # lost_after_seconds. A heartbeat late on a loaded machine may make it suspect for a moment.
+    assert "live" in states and states <= {"live", "suspect"}, states
     for job, pid in zip(jobs, pids, strict=True):
         answer = client.get(f"/jobs/{job}").json()
         assert answer["status"] == "RUNNING", answer

@@ -27,6 +27,7 @@ from reconciler.config import AgentEntry, PollConfig, StopConfig
 from reconciler.decision import Divergence, Stop
 from reconciler.loop import ReconcileLoop
 from reconciler.metrics import Metrics
+from reconciler.parts import build_core
 from reconciler.stops import StopDispatcher
 from router_db import JobRecord, JobStatus, NewJob, RouterDB, TaskInstanceKey
 
@@ -184,14 +185,14 @@ def loop_on(db: RouterDB, jobs: list[JobRecord]) -> tuple[ReconcileLoop, StopDis
     )
     metrics = Metrics()
     dispatcher = StopDispatcher(db, pool, metrics, StopConfig(attempts=1))
-    loop = ReconcileLoop(
+    loop = build_core(
         db=db,
         airflow=FailedAirflow(jobs),
         agents=pool,
         dispatcher=dispatcher,
         metrics=metrics,
         poll=PollConfig(agent_sync_per_cycle=0),
-    )
+    ).loop
     return loop, dispatcher, pool
 
 

@@ -24,8 +24,8 @@ from harness.sidecar import AgentRef, SidecarProcess
 from reconciler.agents import AgentPool
 from reconciler.config import AgentEntry, FleetConfig, PollConfig, StopConfig
 from reconciler.fleet import AgentState, Fleet, agent_state, orphans, partitioned
-from reconciler.loop import ReconcileLoop
 from reconciler.metrics import Metrics
+from reconciler.parts import build_core
 from reconciler.stops import StopDispatcher
 from router_db import JobRecord, JobStatus, NewJob, RouterDB, TaskInstanceKey
 
@@ -64,7 +64,7 @@ class Sidecar:
         self.metrics = Metrics()
         self.fleet = Fleet(db=db, agents=pool, metrics=self.metrics, config=fleet)
         pool.avoid = lambda agent_id: self.fleet.state(agent_id) is AgentState.LOST
-        self.loop = ReconcileLoop(
+        self.loop = build_core(
             db=db,
             airflow=airflow,
             agents=pool,
@@ -72,7 +72,7 @@ class Sidecar:
             metrics=self.metrics,
             poll=PollConfig(interval_seconds=0.2, full_resync_seconds=3600.0, agent_sync_per_cycle=50),
             fleet=self.fleet,
-        )
+        ).loop
 
     async def cycle_until(self, predicate: Callable[[], bool], timeout: float) -> float:
         """Cycle until ``predicate`` holds; returns how long it took (fails the test on timeout)."""

@@ -28,8 +28,8 @@ from harness.sidecar import AgentRef, SidecarProcess
 from reconciler.agents import AgentPool
 from reconciler.config import AgentEntry, PollConfig, StopConfig
 from reconciler.job_service import JobService
-from reconciler.loop import ReconcileLoop
 from reconciler.metrics import Metrics
+from reconciler.parts import build_core
 from reconciler.stops import StopDispatcher
 from reconciler.watch import JobWatch
 from router_db import JobRecord, JobStatus, NewJob, RouterDB, TaskInstanceKey
@@ -56,7 +56,7 @@ def service(db: RouterDB, *, watch_seconds: float) -> tuple[JobService, AgentPoo
     )
     metrics = Metrics()
     dispatcher = StopDispatcher(db, agents, metrics, StopConfig())
-    loop = ReconcileLoop(
+    core = build_core(
         db=db,
         airflow=ScriptedAirflow(truth={}),
         agents=agents,
@@ -64,7 +64,16 @@ def service(db: RouterDB, *, watch_seconds: float) -> tuple[JobService, AgentPoo
         metrics=metrics,
         poll=PollConfig(watch_seconds=watch_seconds),
     )
-    return JobService(db=db, agents=agents, loop=loop, dispatcher=dispatcher), agents
+    jobs = JobService(
+        db=db,
+        agents=agents,
+        fleet=None,
+        confirmer=core.confirmer,
+        sync=core.sync,
+        watch=core.watch,
+        dispatcher=dispatcher,
+    )
+    return jobs, agents
 
 
 @pytest.mark.fast

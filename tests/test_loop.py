@@ -27,6 +27,7 @@ from reconciler.airflow import TaskInstance
 from reconciler.config import AgentEntry, PollConfig, StopConfig
 from reconciler.loop import ReconcileLoop
 from reconciler.metrics import Metrics
+from reconciler.parts import build_core
 from reconciler.stops import StopDispatcher
 from router_db import JobRecord, JobStatus, NewJob, RouterDB, TaskInstanceKey
 
@@ -54,9 +55,9 @@ def make_loop(
     # These tests pin the incremental strategy's reads; tests/test_targeted.py covers the default.
     settings = {"strategy": "incremental", "full_resync_seconds": 3600.0, "agent_sync_per_cycle": 0, **poll}
     config = PollConfig(**settings)  # type: ignore[arg-type]
-    return ReconcileLoop(
+    return build_core(
         db=db, airflow=airflow, agents=agents, dispatcher=dispatcher, metrics=metrics, poll=config
-    ), dispatcher
+    ).loop, dispatcher
 
 
 def unreachable_agents() -> AgentPool:
@@ -163,16 +164,17 @@ def test_a_failing_full_read_backs_off_and_incremental_reads_go_on(db: RouterDB)
         await asyncio.sleep(0.02)
         report = await loop.cycle()  # full read due, and failing: this cycle still reads incrementally
         assert report.read == "incremental (full read failing)" and report.result == "ok"
-        assert loop.full_read_error == "HTTP 403"
+        assert loop.read.failing == "HTTP 403"
         assert loop._metrics.full_resync_failing._value.get() == 1
         airflow.truth[("d", "r", "t", -1)] = ti(job, "failed")  # a person marks the task failed
         report = await loop.cycle()
-        assert report.read == "incremental" and [j.job_id for j, _ in report.stops] == [job.job_id]
+        assert report.read == "incremental (full read failing)"
+        assert [j.job_id for j, _ in report.stops] == [job.job_id]
         assert airflow.calls.count("batch") == 2  # backing off: not retried every cycle
         await asyncio.sleep(1.05)  # past the backoff (2 x interval): the full read is tried again
         airflow.fail_batch = False
         assert (await loop.cycle()).read == "full"
-        assert loop.full_read_error is None and loop._metrics.full_resync_failing._value.get() == 0
+        assert loop.read.failing is None and loop._metrics.full_resync_failing._value.get() == 0
 
     run(scenario)
 
@@ -187,7 +189,8 @@ def test_a_full_read_failing_from_the_start_does_not_block_incremental_reads(db:
         assert (await loop.cycle()).result == "airflow_error"
         airflow.truth[("d", "r", "t", -1)] = ti(job, "failed")
         report = await loop.cycle()
-        assert report.read == "incremental" and [j.job_id for j, _ in report.stops] == [job.job_id]
+        assert report.read == "incremental (full read failing)"
+        assert [j.job_id for j, _ in report.stops] == [job.job_id]
 
     run(scenario)
 
@@ -360,7 +363,7 @@ def test_no_sequence_of_observations_stops_a_job_whose_task_runs_on_its_own_try(
                 state, try_number = list_answer
                 airflow.listed = [ti(job, state, try_number)]
             if force_full:
-                loop._next_full = float("-inf")
+                loop.jobs._next_reload = float("-inf")
             await loop.cycle()
 
     run(scenario)

@@ -21,7 +21,6 @@ from agent.config import load_config as load_agent_config
 from agent.jobs import JobManager
 from agent.server import create_app
 from reconciler.config import load_secrets, parse_config
-from reconciler.job_service import JobService
 from reconciler.server import SidecarAPI
 from reconciler.service import build
 
@@ -47,12 +46,13 @@ def sidecar_app(tmp: Path) -> web.Application:
     config = parse_config({"router_db": {"url": f"sqlite:///{tmp / 'router.db'}"}}, {})
     secrets = load_secrets(config, {"AIRFLOW_PASSWORD": "pw", "AGENTIC_SIDECAR_TOKEN": TOKEN})
     parts = build(config, secrets)
-    jobs = JobService(db=parts.db, agents=parts.agents, loop=parts.loop, dispatcher=parts.dispatcher)
+    jobs = parts.job_service()
     api = SidecarAPI(
         jobs=jobs,
         db=parts.db,
         metrics=parts.metrics,
         loop=parts.loop,
+        fleet=parts.fleet,
         tokens=[TOKEN],
         ready_after=1,
     )

@@ -34,7 +34,6 @@ from harness.processes import free_port, wait_until
 from harness.served import ServedAirflow
 from harness.sidecar import AgentRef, SidecarProcess
 from reconciler.config import load_secrets, parse_config
-from reconciler.job_service import JobService
 from reconciler.pages import COOKIE, HEADERS, PageConfig, Sessions, airflow_task_url, safe_next
 from reconciler.server import SidecarAPI
 from reconciler.service import build
@@ -98,10 +97,11 @@ async def stand(
     secrets = load_secrets(config, env | {"AGENTIC_VIEWER_TOKEN": VIEWER})
     parts = build(config, secrets)
     api = SidecarAPI(
-        jobs=JobService(db=parts.db, agents=parts.agents, loop=parts.loop, dispatcher=parts.dispatcher),
+        jobs=parts.job_service(),
         db=parts.db,
         metrics=parts.metrics,
         loop=parts.loop,
+        fleet=parts.fleet,
         tokens=secrets.http_tokens,
         ready_after=1,
         rate_limiter=limiter,

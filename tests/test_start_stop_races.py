@@ -21,9 +21,9 @@ from agent_api.client import AgentClient, AgentRejected
 from harness.agent import AgentProcess
 from harness.processes import alive, process_group
 from harness.served import ServedApp
+from reconciler.agent_sync import refresh_from_agent
 from reconciler.agents import AgentPool
 from reconciler.config import AgentEntry, StopConfig
-from reconciler.job_service import refresh_from_agent
 from reconciler.metrics import Metrics
 from reconciler.stops import StopDispatcher
 from router_db import JobStatus, NewJob, RouterDB, TaskInstanceKey

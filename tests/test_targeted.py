@@ -18,6 +18,7 @@ from reconciler.airflow import TaskInstance, TaskInstancePath
 from reconciler.config import PollConfig, StopConfig
 from reconciler.loop import ReconcileLoop
 from reconciler.metrics import Metrics
+from reconciler.parts import build_core
 from reconciler.stops import StopDispatcher
 from reconciler.targeted import Region, partition
 from router_db import JobRecord, JobStatus, NewJob, RouterDB, TaskInstanceKey
@@ -60,9 +61,9 @@ def make_loop(
     dispatcher = StopDispatcher(db, pool, metrics, StopConfig(attempts=1, backoff_initial_seconds=0.01))
     config = PollConfig(**{"full_resync_seconds": 3600.0, "agent_sync_per_cycle": 0, **poll})  # type: ignore[arg-type]
     assert config.strategy == "targeted"  # the default
-    loop = ReconcileLoop(
+    loop = build_core(
         db=db, airflow=airflow, agents=pool, dispatcher=dispatcher, metrics=metrics, poll=config
-    )
+    ).loop
     return loop, dispatcher
 
 
@@ -265,11 +266,11 @@ def test_tasks_nobody_watches_that_finish_from_flight_cost_one_read_of_their_row
         await loop.cycle()
         await loop.cycle()
         airflow.truth[plain] = TaskInstance(*plain, "success", 1, None)
-        before = dict(loop.targeted.requests)
+        before = dict(loop.read.main.targeted.requests)
         report = await loop.cycle()
         assert not report.stops
         assert (await loop.cycle()).read == "targeted"
-        return report.read, {k: n - before[k] for k, n in loop.targeted.requests.items()}
+        return report.read, {k: n - before[k] for k, n in loop.read.main.targeted.requests.items()}
 
     read, requests = run(scenario)
     assert read == "targeted+locate"
@@ -287,10 +288,10 @@ def test_locating_among_many_runs_reads_the_rows_of_few(db: RouterDB) -> None:
         await loop.cycle()
         for job in marked:
             airflow.truth[key(job)] = ti(job, "failed")
-        before = dict(loop.targeted.requests)
+        before = dict(loop.read.main.targeted.requests)
         report = await loop.cycle()
         assert sorted(j.job_id for j, _ in report.stops) == sorted(j.job_id for j in marked)
-        return {k: n - before[k] for k, n in loop.targeted.requests.items()}
+        return {k: n - before[k] for k, n in loop.read.main.targeted.requests.items()}
 
     requests = run(scenario)
     # 2000 task instances in 200 runs: counts narrow it to three groups of a few runs each.
@@ -310,11 +311,11 @@ def test_a_dense_burst_is_read_in_one_request_without_counting_groups(db: Router
         await loop.cycle()
         for job in marked:
             airflow.truth[key(job)] = ti(job, "success")
-        before = dict(loop.targeted.requests)
+        before = dict(loop.read.main.targeted.requests)
         report = await loop.cycle()
         assert sorted(j.job_id for j, _ in report.stops) == sorted(j.job_id for j in marked)
         await dispatcher.drain(10)  # the stops under way, before the agent pool closes
-        return {k: n - before[k] for k, n in loop.targeted.requests.items()}
+        return {k: n - before[k] for k, n in loop.read.main.targeted.requests.items()}
 
     assert run(scenario) == {"in_flight": 1, "deferred_count": 1, "locate_count": 0, "rows": 1}
 
@@ -377,11 +378,11 @@ def test_a_refused_batch_read_falls_back_to_incremental_reads_and_comes_back(db:
         report = await loop.cycle()
         assert report.read == "incremental (targeted read refused)"
         assert [j.job_id for j, _ in report.stops] == [marked.job_id]
-        assert loop.full_read_error is not None and "403" in loop.full_read_error
+        assert loop.read.failing is not None and "403" in loop.read.failing
         airflow.fail_batch, airflow.listed = False, None
         await asyncio.sleep(0.25)  # past the backoff (one interval, then two)
         reads = [(await loop.cycle()).read for _ in range(2)]
-        assert loop.full_read_error is None
+        assert loop.read.failing is None
         return reads
 
     assert run(scenario)[-1] == "targeted"
@@ -512,10 +513,10 @@ def test_a_terms_first_cycles_check_every_run_so_a_hidden_drop_from_before_is_fo
         loop, _ = make_loop(db, airflow, pool)
         report = await loop.cycle()
         assert [j.job_id for j, _ in report.stops] == [watched.job_id]
-        rows = [loop.targeted.requests["rows"]]
+        rows = [loop.read.main.targeted.requests["rows"]]
         for _ in range(3):
             await loop.cycle()
-            rows.append(loop.targeted.requests["rows"])
+            rows.append(loop.read.main.targeted.requests["rows"])
         return rows
 
     # 2,502 task instances, a thousand a request: two requests, one, then the round is done.
@@ -680,13 +681,13 @@ def test_a_task_that_defers_between_the_cycles_two_requests_costs_one_read(db: R
         new = job_at(db, run_id="r500", task_id="t9")
         airflow.truth[key(new)] = ti(new, "running")
         airflow.flip = (key(new), ti(new, "deferred"))
-        before = dict(loop.targeted.requests)
+        before = dict(loop.read.main.targeted.requests)
         reads = []
         for _ in range(2):
             report = await loop.cycle()
             assert not report.stops
             reads.append(report.read)
-        return reads, {k: n - before[k] for k, n in loop.targeted.requests.items()}
+        return reads, {k: n - before[k] for k, n in loop.read.main.targeted.requests.items()}
 
     reads, requests = run(scenario)
     assert reads == ["targeted+locate", "targeted"]

@@ -39,12 +39,12 @@ from harness.served import ServedAirflow, ServedApp
 from harness.sidecar import AgentRef, SidecarProcess
 from reconciler import agent_reports
 from reconciler.agent_reports import Recorded, apply_agent_reports, denies, forgotten_reason, plan
+from reconciler.agent_sync import refresh_from_agent
 from reconciler.agents import AgentPool
 from reconciler.config import PollConfig, StopConfig
-from reconciler.job_service import refresh_from_agent
-from reconciler.loop import ReconcileLoop
 from reconciler.metrics import Metrics
 from reconciler.outcome import start_grace
+from reconciler.parts import build_core
 from reconciler.stops import StopDispatcher
 from reconciler.submissions import Submissions
 from reconciler.watch import JobWatch
@@ -264,7 +264,7 @@ def test_the_loops_catch_up_keeps_the_configured_give_up(
     agent = FeedAgent()
     pool = cast(AgentPool, agent)
     metrics = Metrics()
-    loop = ReconcileLoop(
+    loop = build_core(
         db=db,
         airflow=ScriptedAirflow(truth={}),
         agents=pool,
@@ -272,8 +272,8 @@ def test_the_loops_catch_up_keeps_the_configured_give_up(
         metrics=metrics,
         poll=PollConfig(strategy="incremental"),
         start_grace_seconds=start_grace(give_up_seconds=give_up, run_timeout=10.0),
-    )
-    asyncio.run(loop.catch_up.run(["vm1"]))
+    ).loop
+    asyncio.run(loop.sync.catch_up.run(["vm1"]))
     after = db.get_many([job.job_id])[job.job_id]
     assert (after.status is JobStatus.FAILED, agent.stops == [job.job_id]) == (given_up, given_up)
 
