@@ -514,7 +514,7 @@ def summary(job: dict[str, Any]) -> dict[str, Any]:
 
 
 SUBMIT_PATIENCE_SECONDS = 600.0  # how long a task waits for the sidecar to take its job
-# What becomes of the job of a task that stopped (reconciler/decision.py), said in its log.
+# What becomes of the job of a task that stopped (reconciler/core/decision.py), said in its log.
 RECONCILER_STOPS = (
     "the sidecar's reconciler stops it once Airflow no longer runs this task instance "
     "(failed, up for retry, cleared)"

@@ -9,7 +9,7 @@ Airflow 3.3.2 venv, fill it in SQL (bench/airflow_db_fill.py: 200 DAGs x 100 tas
 99% terminal, 10,000 deferred TIs tracked by the reconciler, 200 running TIs whose heartbeats bump
 ``updated_at``), start the real ``airflow api-server`` on it with every statement logged
 (``log_min_duration_statement = 0`` on this database only), send the reconciler's own requests
-through ``reconciler.airflow.AirflowClient``, read back the SQL each request ran from PostgreSQL's
+through ``reconciler.airflow.client.AirflowClient``, read back the SQL each request ran from PostgreSQL's
 log, and run ``EXPLAIN (ANALYZE, BUFFERS)`` on every statement that reads ``task_instance``.
 The incremental read is measured as Airflow ships (no index on ``task_instance.updated_at``) and
 again with such an index added by hand, to show what the index would change.

@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from reconciler.targeted import IN_FLIGHT_STATES
+from reconciler.core.targeted import IN_FLIGHT_STATES
 
 Key = tuple[str, str, str, int]  # dag_id, run_id, task_id, map_index
 

@@ -2,7 +2,7 @@
 
 The candidates (bench.candidate_bodies) are POSTed to Airflow's batch endpoint as they are; today's
 reads (incremental, batch) go through the reconciler's own client as bench.read_cost sends them, and
-so do the default strategy's (``reconciler.targeted.TargetedRead``: a steady cycle, a chunk of its
+so do the default strategy's (``reconciler.core.targeted.TargetedRead``: a steady cycle, a chunk of its
 rolling full check).
 Every read's statements come from PostgreSQL's log and its ``task_instance`` statements are re-run
 under ``EXPLAIN (ANALYZE, BUFFERS)`` (bench.explain).
@@ -30,16 +30,16 @@ from bench.metadata_db import connect, ti_indexes, touch
 from bench.pg_capture import ServerLog
 from bench.read_cost import READ_TIMEOUT, Case, Reads, measure, say
 from harness.airflow import PASSWORD, USERNAME
-from reconciler.airflow import AirflowClient, TaskInstancePath
+from reconciler.airflow.client import AirflowClient, TaskInstancePath
 from reconciler.config import PollConfig
-from reconciler.targeted import CHECK_KEYS, TargetedRead, Watched, id_lists
+from reconciler.core.targeted import CHECK_KEYS, TargetedRead, Watched, id_lists
 from router_db import JobRecord, JobStatus, TaskInstanceKey
 
 BATCH = "/api/v2/dags/~/dagRuns/~/taskInstances/list"
 
 
 class BatchEndpoint:
-    """Airflow 3's batch endpoint, logged in as ``reconciler.airflow.AirflowClient`` logs in (v2's JWT
+    """Airflow 3's batch endpoint, logged in as ``reconciler.airflow.client.AirflowClient`` logs in (v2's JWT
     from ``POST /auth/token``, fetched again once on a 401)."""
 
     def __init__(self, url: str, *, username: str = USERNAME, password: str = PASSWORD) -> None:

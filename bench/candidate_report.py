@@ -18,7 +18,7 @@ from bench.metadata_db import Contents
 from bench.read_cost import Case
 from harness.airflow import AIRFLOW_VERSION
 from reconciler.config import PollConfig
-from reconciler.targeted import CHECK_KEYS
+from reconciler.core.targeted import CHECK_KEYS
 
 HEADING = "## Candidate reads for a history-independent poll"
 SPREADS = (30.0, 300.0)  # seconds over which R3 sweeps every tracked DAG once
@@ -307,8 +307,8 @@ def render(run: Run) -> str:
         f"R1's `state` list is [{states}]. R3 one DAG rotates over the tracked DAGs, one per read, and "
         "the check chunk over the chunks of one round of the full check (one per read). "
         "The candidates are POSTed with aiohttp after `POST /auth/token` (the JWT login of "
-        "`reconciler.airflow.AirflowClient`); today's reads and the default's go through that client, "
-        "the default's through the project's own code (`reconciler.targeted`): one `TargetedRead` per "
+        "`reconciler.airflow.client.AirflowClient`); today's reads and the default's go through that client, "
+        "the default's through the project's own code (`reconciler.core.targeted`): one `TargetedRead` per "
         "scope, a first read (which also sends a chunk of the full check) as warm-up, then only steady "
         "cycles.",
         "",

@@ -16,7 +16,7 @@ import time
 from typing import Any
 
 from bench.standins import recorded_task_instance
-from reconciler.airflow import parse_task_instance
+from reconciler.airflow.client import parse_task_instance
 
 PAGE = 1000
 ROUNDS = 20
@@ -54,7 +54,7 @@ def main() -> int:
     print("|---|---|")
     official = "apache-airflow-client 3.3.2 models (`TaskInstanceCollectionResponse.from_json`)"
     print(f"| {official} | {official_ms:.1f} |")
-    print(f"| json.loads + reconciler.airflow.parse_task_instance | {ours_ms:.1f} |")
+    print(f"| json.loads + reconciler.airflow.client.parse_task_instance | {ours_ms:.1f} |")
     print(f"\nratio: {official_ms / ours_ms:.1f}x; page size {len(text) / 1024:.0f} KiB")
     return 0
 

@@ -276,8 +276,8 @@ def render(run: Run, cases: dict[str, Case]) -> str:
         "(interval + overlap of the sidecar's `[poll]` settings, `reconciler.config.PollConfig`). "
         "Built by bench/airflow_db_fill.py.",
         "",
-        "**Method.** The reconciler's own client (`reconciler.airflow.AirflowClient`) against the real "
-        "`airflow api-server` (1 worker, SimpleAuthManager). The SQL of each read is what PostgreSQL "
+        "**Method.** The reconciler's own client (`reconciler.airflow.client.AirflowClient`) against the "
+        "real `airflow api-server` (1 worker, SimpleAuthManager). The SQL of each read is what PostgreSQL "
         "logged for it (`ALTER DATABASE ... SET log_min_duration_statement = 0`); every statement on "
         '`task_instance` was then re-run under `EXPLAIN (ANALYZE, BUFFERS)`. "Rows examined" counts the '
         "rows the `task_instance` scans read (returned + removed by filters) over all of a read's "

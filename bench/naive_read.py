@@ -1,18 +1,18 @@
 """The naive read, for comparison only: one direct request per active job every cycle.
 
 It is what the other reads are measured against (``python -m bench.scale``); the sidecar never uses
-it (10,000 requests per cycle at 10,000 jobs). It satisfies :class:`reconciler.reads.AirflowRead`,
-so the bench builds the real loop around it (:func:`reconciler.parts.build_core`'s ``read``).
+it (10,000 requests per cycle at 10,000 jobs). It satisfies :class:`reconciler.core.reads.AirflowRead`,
+so the bench builds the real loop around it (:func:`reconciler.core.parts.build_core`'s ``read``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
-from reconciler.airflow import AirflowError, TaskInstanceReader
-from reconciler.decision import Observation, Unknown
-from reconciler.gather import bounded
-from reconciler.targeted import observe
+from reconciler.airflow.client import AirflowError, TaskInstanceReader
+from reconciler.core.decision import Observation, Unknown
+from reconciler.core.gather import bounded
+from reconciler.core.targeted import observe
 from router_db import JobRecord
 
 

@@ -1,6 +1,6 @@
 """The reconciler's reads against a real api-server, what each one cost, and Airflow's load per second.
 
-Every read goes through the reconciler's own client (``reconciler.airflow.AirflowClient``) with the
+Every read goes through the reconciler's own client (``reconciler.airflow.client.AirflowClient``) with the
 sidecar's poll settings (``reconciler.config.PollConfig``). A logged phase captures the SQL of each
 read from PostgreSQL's log and EXPLAINs it; a quiet phase, on an api-server whose connections log
 nothing, measures latency only.
@@ -25,7 +25,7 @@ from bench.explain import Explained, explain_read
 from bench.metadata_db import active_keys, connect, ti_indexes, touch
 from bench.pg_capture import ServerLog, Statement
 from harness.airflow import PASSWORD, USERNAME
-from reconciler.airflow import AirflowClient, AirflowError
+from reconciler.airflow.client import AirflowClient, AirflowError
 from reconciler.config import PollConfig
 
 INDEX = "bench_ti_updated_at"  # the index Airflow does not ship, added for the comparison

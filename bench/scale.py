@@ -32,12 +32,12 @@ from aiohttp import web
 from bench.naive_read import NaiveRead
 from bench.standins import AgentsStandIn, AirflowStandIn, recorded_task_instance
 from harness.processes import free_port
-from reconciler.agents import AgentPool
-from reconciler.airflow import AirflowClient
+from reconciler.airflow.client import AirflowClient
 from reconciler.config import AgentEntry, PollConfig, StopConfig
+from reconciler.core.parts import build_core
+from reconciler.core.stops import StopDispatcher
+from reconciler.fleet.agents import AgentPool
 from reconciler.metrics import Metrics
-from reconciler.parts import build_core
-from reconciler.stops import StopDispatcher
 from router_db import NewJob, RouterDB, TaskInstanceKey
 
 AGENTS = 20

@@ -12,10 +12,10 @@ from servicekit.extras import require
 SIDECAR_MODULES = ("aiohttp", "tenacity", "sqlalchemy", "alembic", "psycopg", "prometheus_client")
 require("sidecar", *SIDECAR_MODULES, command="agentic-reconciler")  # before the imports that need them
 
-from reconciler.checks import connections  # noqa: E402
+from reconciler.airflow.checks import connections  # noqa: E402
 from reconciler.config import ConfigError, ReconcilerConfig, Secrets, load_config, load_secrets  # noqa: E402
-from reconciler.leadership import holder_id  # noqa: E402
-from reconciler.retention import parse_age  # noqa: E402
+from reconciler.core.leadership import holder_id  # noqa: E402
+from reconciler.core.retention import parse_age  # noqa: E402
 from reconciler.service import build, serve  # noqa: E402
 from router_db import RouterDB, schema  # noqa: E402
 from servicekit import logs  # noqa: E402

@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from reconciler.routing import WHEN_FULL
-from reconciler.scope import Scope, parse_networks
-from reconciler.versions import release
+from reconciler.fleet.routing import WHEN_FULL
+from reconciler.fleet.scope import Scope, parse_networks
+from reconciler.fleet.versions import release
 from servicekit.agreement import Agreement, broken, compare, refusal, table_key
 from servicekit.config import ConfigError, build, check_tables, read_toml, setting, table
 from servicekit.credentials import Secret, load_secret, load_tokens, read_secret
@@ -128,7 +128,7 @@ class LeaderConfig:
     lease_seconds: float = setting(15.0, ge=1)
     lease_name: str = setting("reconciler", nonempty=True)
     # This replica's name among the lease's holders, the same across its restarts, so that a restarted
-    # replica takes its own lease back at once (reconciler/leadership.py). "": one kept in state_dir.
+    # replica takes its own lease back at once (reconciler/core/leadership.py). "": one kept in state_dir.
     replica_id: str = setting("")
     # Where the replica keeps its identity and the lock that proves its earlier process gone.
     # "": beside a SQLite router DB's file; with another database, no stable identity.
@@ -169,7 +169,7 @@ class FleetConfig:
     # Most agents failing at once holds back their losses (the sidecar's own network is the likely
     # fault) for at most this long; 0: never held.
     partition_hold_seconds: float = setting(600.0, ge=0)
-    # What a registration may claim (reconciler/scope.py): id and label patterns, https only, the
+    # What a registration may claim (reconciler/fleet/scope.py): id and label patterns, https only, the
     # networks its URL may resolve to, how many agents; and how many new agent processes a second
     # this replica calls back (0: no limit).
     registration_ids: list[str] = setting(["*"])
@@ -181,7 +181,7 @@ class FleetConfig:
     # A registered agent's credential is refused this long after it was issued (0: never); agents
     # are asked to renew theirs once half of it has passed, so a live agent never reaches it.
     credential_lifetime_seconds: float = setting(30 * 86400.0, ge=0, le=10 * 366 * 86400.0)
-    # Agents saying an older version get no new job and are reported outdated (reconciler/versions.py);
+    # Agents saying an older version get no new job and are reported outdated (reconciler/fleet/versions.py);
     # "" (or lower than this sidecar's own floor): that floor.
     min_agent_version: str = setting("")
 

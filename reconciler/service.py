@@ -6,22 +6,22 @@ import asyncio
 import logging
 from dataclasses import dataclass
 
-from reconciler.agents import AgentPool
-from reconciler.airflow import AirflowClient
+from reconciler.airflow.client import AirflowClient
+from reconciler.api.pages import PageConfig
+from reconciler.api.server import SidecarAPI
 from reconciler.config import ReconcilerConfig, Secrets
-from reconciler.fleet import AgentState, Fleet
-from reconciler.job_service import JobService
-from reconciler.leadership import Identity, Leadership, claim_identity
-from reconciler.loop import ReconcileLoop
+from reconciler.core.job_service import JobService
+from reconciler.core.leadership import Identity, Leadership, claim_identity
+from reconciler.core.loop import ReconcileLoop
+from reconciler.core.outcome import start_grace
+from reconciler.core.parts import Core, build_core
+from reconciler.core.retention import prune_periodically
+from reconciler.core.stops import StopDispatcher
+from reconciler.core.submissions import Submissions
+from reconciler.fleet.agents import AgentPool
+from reconciler.fleet.liveness import AgentState, Fleet
+from reconciler.fleet.registry import Registry
 from reconciler.metrics import Metrics
-from reconciler.outcome import start_grace
-from reconciler.pages import PageConfig
-from reconciler.parts import Core, build_core
-from reconciler.registry import Registry
-from reconciler.retention import prune_periodically
-from reconciler.server import SidecarAPI
-from reconciler.stops import StopDispatcher
-from reconciler.submissions import Submissions
 from router_db import RouterDB, schema
 from servicekit.credentials import Secret, View, follow
 from servicekit.ratelimit import RateLimiter

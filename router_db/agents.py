@@ -74,7 +74,7 @@ class Agents:
         new instance (a registration). An existing row at another URL, of another instance, that heartbeat
         at or after ``alive_after`` is another live agent under this id: AgentConflict, nothing changed;
         unless ``moving_from`` is that row's ``(url, instance)`` and its identity fingerprint is the
-        record's (a move the caller has proven: see :mod:`reconciler.registry`). The same instance with
+        record's (a move the caller has proven: see :mod:`reconciler.fleet.registry`). The same instance with
         another fingerprint is refused too.
         """
         record.check()

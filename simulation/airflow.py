@@ -1,4 +1,4 @@
-"""Airflow as the core reads it (:class:`reconciler.airflow.TaskInstanceReader`), on its own clock.
+"""Airflow as the core reads it (:class:`reconciler.airflow.client.TaskInstanceReader`), on its own clock.
 
 The world moves task instances as Airflow's scheduler, triggerer and people would; the reader answers
 the sidecar from that state, page by page, and fails or dawdles when the world says so.
@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from reconciler.airflow import AirflowError, TaskInstance, TaskInstancePath
+from reconciler.airflow.client import AirflowError, TaskInstance, TaskInstancePath
 
 
 @dataclass

@@ -23,7 +23,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from agent_api.protocol import AgentJobStatus
-from reconciler.airflow import TaskInstancePath
+from reconciler.airflow.client import TaskInstancePath
 from reconciler.config import PollConfig
 from router_db import JobRecord, JobStatus
 
@@ -32,10 +32,10 @@ if TYPE_CHECKING:
 
 
 # The task-instance states in which Airflow wants its try's work to go on: written out here, not taken
-# from reconciler.decision, so that a wrong decision table cannot agree with itself.
+# from reconciler.core.decision, so that a wrong decision table cannot agree with itself.
 WANTED = frozenset({"running", "deferred", "queued", "scheduled", "up_for_reschedule"})
 STOP_TIMEOUT, STOP_BACKOFF = 10.0, 5.0  # the world's [stop] timeout_seconds and backoff_max_seconds
-AGENT_READ_SECONDS = 5.0  # reconciler.catch_up.READ_TIMEOUT_SECONDS: a round with the agents waits this
+AGENT_READ_SECONDS = 5.0  # reconciler.core.catch_up.READ_TIMEOUT_SECONDS: a round with the agents waits this
 
 
 class Checker:

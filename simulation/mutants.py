@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from agent_api.client import JobInfo
-from reconciler import agent_reports, decision, loop, targeted
+from reconciler.core import agent_reports, decision, loop, targeted
 from router_db import JobRecord
 
 

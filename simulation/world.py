@@ -1,5 +1,5 @@
-"""One seeded world: a sidecar's core (the real :class:`reconciler.loop.ReconcileLoop`, read strategies,
-decision, confirmation, :class:`reconciler.stops.StopDispatcher` and agent catch-up) against Airflow,
+"""One seeded world: a sidecar's core (the real :class:`reconciler.core.loop.ReconcileLoop`, read strategies,
+decision, confirmation, :class:`reconciler.core.stops.StopDispatcher` and agent catch-up) against Airflow,
 agents and a router DB that the world moves at random, on virtual time.
 
 Every ``STEP`` seconds the world plays Airflow's scheduler, its triggerer (a deferred task follows its
@@ -19,13 +19,13 @@ from datetime import UTC, datetime, timedelta
 
 from sqlalchemy.exc import OperationalError
 
-from reconciler.agents import AgentPool
-from reconciler.airflow import AirflowError, TaskInstancePath
+from reconciler.airflow.client import AirflowError, TaskInstancePath
 from reconciler.config import AgentEntry, PollConfig, StopConfig
-from reconciler.loop import ReconcileLoop
+from reconciler.core.loop import ReconcileLoop
+from reconciler.core.parts import build_core
+from reconciler.core.stops import StopDispatcher
+from reconciler.fleet.agents import AgentPool
 from reconciler.metrics import Metrics
-from reconciler.parts import build_core
-from reconciler.stops import StopDispatcher
 from router_db import JobRecord, NewJob, TaskInstanceKey
 from simulation.agents import SimAgent, SimNetwork
 from simulation.airflow import SimAirflow, SimTI

@@ -7,7 +7,7 @@ down reaches it there, and a stop through the sidecar reaches it there. A holder
 token (a fresh home) claiming the id elsewhere while the agent lives, a copy of its identity started
 elsewhere while it answers or while it is only paused, a fresh home at its own URL while its job is
 active, and hand-made heartbeats naming its URL or instance are refused and change nothing. The
-decision (:func:`reconciler.registry.judge_claim` and the call-back's checks), the home's identity
+decision (:func:`reconciler.fleet.registry.judge_claim` and the call-back's checks), the home's identity
 files and the router DB's rule are pinned without a network; the sidecar's judgement and what the
 agent sends, and where, against in-process servers (the fast tier).
 """
@@ -58,13 +58,12 @@ from harness.agent import AgentProcess
 from harness.processes import free_port, wait_for
 from harness.served import ServedAirflow
 from harness.sidecar import SidecarProcess
-from reconciler import registry as registry_module
-from reconciler.agents import AgentPool
 from reconciler.config import FleetConfig
-from reconciler.fleet import Fleet
-from reconciler.job_service import Refused
-from reconciler.metrics import Metrics
-from reconciler.registry import (
+from reconciler.errors import Refused
+from reconciler.fleet import registry as registry_module
+from reconciler.fleet.agents import AgentPool
+from reconciler.fleet.liveness import Fleet
+from reconciler.fleet.registry import (
     Accepted,
     Claim,
     Registry,
@@ -75,6 +74,7 @@ from reconciler.registry import (
     still_there_problem,
     unanswered,
 )
+from reconciler.metrics import Metrics
 from router_db import AgentConflict, AgentRecord, JobStatus, NewJob, RouterDB, TaskInstanceKey
 from servicekit.credentials import Secret
 from tests import heartbeats

@@ -18,7 +18,7 @@ from harness.processes import wait_for
 from harness.served import ServedAirflow
 from harness.sidecar import AgentRef, SidecarProcess
 from reconciler.config import parse_config
-from reconciler.versions import LOWEST_AGENT_VERSION, minimum, release, too_old
+from reconciler.fleet.versions import LOWEST_AGENT_VERSION, minimum, release, too_old
 from servicekit.config import ConfigError
 
 

@@ -29,8 +29,8 @@ import vcr
 import yaml
 from aiohttp import web
 
-from reconciler.airflow import AirflowClient, AirflowError, TaskInstance
-from reconciler.targeted import DEFERRED_STATES, IN_FLIGHT_STATES
+from reconciler.airflow.client import AirflowClient, AirflowError, TaskInstance
+from reconciler.core.targeted import DEFERRED_STATES, IN_FLIGHT_STATES
 
 CASSETTES = Path(__file__).parent / "cassettes"
 RECORDING = os.environ.get("AGENTIC_RECORD_CASSETTES") == "1"

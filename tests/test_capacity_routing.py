@@ -1,6 +1,6 @@
 """Routing by capacity: which agent takes a new job, and what the submitter hears when none may.
 
-The choice itself is pure (:mod:`reconciler.routing`) and is pinned here without a network; the
+The choice itself is pure (:mod:`reconciler.fleet.routing`) and is pinned here without a network; the
 submission path (:class:`JobService`) runs against a SQLite router DB and, for an agent's own refusal,
 in-process stand-in agents. The last test runs real agents (max_jobs 2, 1 and no limit) behind a
 real sidecar process.
@@ -23,12 +23,21 @@ from harness.agent import AgentProcess
 from harness.processes import wait_for
 from harness.served import ServedAirflow
 from harness.sidecar import AgentRef, SidecarProcess
-from reconciler.agents import AgentPool, NoAgent, NoCapacity
 from reconciler.config import AgentEntry
-from reconciler.job_service import NO_CAPACITY_RETRY_AFTER, JobService, NoRoom
+from reconciler.core.job_service import NO_CAPACITY_RETRY_AFTER, JobService
+from reconciler.core.watch import JobWatch
+from reconciler.errors import NoRoom
+from reconciler.fleet.agents import AgentPool, NoAgent, NoCapacity
+from reconciler.fleet.routing import (
+    Candidate,
+    Capacity,
+    choose,
+    free_slots,
+    label_set,
+    no_capacity,
+    unavailable,
+)
 from reconciler.metrics import Metrics
-from reconciler.routing import Candidate, Capacity, choose, free_slots, label_set, no_capacity, unavailable
-from reconciler.watch import JobWatch
 from router_db import JobStatus, NewJob, RouterDB, TaskInstanceKey
 from sidecar_api.protocol import SubmitRequest
 

@@ -1,7 +1,7 @@
 """The loop's catch-up with agents: one change-feed request per agent per cycle, whatever the number
 of its jobs, recording exits with their rc; agents without the feed keep the rolling per-job sweep.
 
-What a report means is pinned by :func:`reconciler.agent_reports.plan` (pure); the loop is then run
+What a report means is pinned by :func:`reconciler.core.agent_reports.plan` (pure); the loop is then run
 against stand-in agents that count what they are asked (in process, through the loop's real agent
 pool interface), and against a real agent process.
 """
@@ -20,14 +20,14 @@ from agent_api.client import AgentClient, ChangesUnsupported, JobNotFound, StopR
 from agent_api.protocol import AgentJobStatus, JobInfo, StopAction
 from harness.agent import AgentProcess
 from harness.scripted import ScriptedAirflow, ti
-from reconciler.agent_reports import plan
-from reconciler.agents import AgentPool
 from reconciler.config import AgentEntry, PollConfig, StopConfig
-from reconciler.loop import ReconcileLoop
+from reconciler.core.agent_reports import plan
+from reconciler.core.loop import ReconcileLoop
+from reconciler.core.outcome import START_GRACE_SECONDS
+from reconciler.core.parts import build_core
+from reconciler.core.stops import StopDispatcher
+from reconciler.fleet.agents import AgentPool
 from reconciler.metrics import Metrics
-from reconciler.outcome import START_GRACE_SECONDS
-from reconciler.parts import build_core
-from reconciler.stops import StopDispatcher
 from router_db import JobRecord, JobStatus, NewJob, RouterDB, TaskInstanceKey, Transition
 
 NOW = datetime(2026, 12, 5, 12, 0, tzinfo=UTC)

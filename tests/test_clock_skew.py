@@ -33,13 +33,13 @@ from sqlalchemy.exc import OperationalError
 from harness.agent import AgentProcess
 from harness.processes import free_port, wait_for
 from harness.sidecar import SidecarProcess
-from reconciler.agents import AgentPool
 from reconciler.config import AgentEntry, FleetConfig, LeaderConfig, StopConfig
-from reconciler.decision import Divergence, Stop
-from reconciler.fleet import AgentState, Fleet
-from reconciler.leadership import Leadership
+from reconciler.core.decision import Divergence, Stop
+from reconciler.core.leadership import Leadership
+from reconciler.core.stops import StopDispatcher
+from reconciler.fleet.agents import AgentPool
+from reconciler.fleet.liveness import AgentState, Fleet
 from reconciler.metrics import Metrics
-from reconciler.stops import StopDispatcher
 from router_db import JobStatus, NewJob, RouterDB, TaskInstanceKey
 from router_db.leases import Leases
 from servicekit.credentials import Secret
@@ -403,7 +403,7 @@ def test_a_stop_whose_router_db_time_cannot_be_read_stays_pending_and_is_retried
         finally:
             await pool.close()
 
-    with caplog.at_level(logging.WARNING, logger="reconciler.stops"):
+    with caplog.at_level(logging.WARNING, logger="reconciler.core.stops"):
         asyncio.run(scenario())
     stopped = db.get(job.job_id)
     db.dispose()

@@ -23,9 +23,9 @@ from aiohttp.test_utils import TestServer
 from agent.identity import Credentials, load_identity
 from agent_api.registration import Heartbeat, identity_fingerprint
 from reconciler.config import FleetConfig
-from reconciler.job_service import Refused
+from reconciler.errors import Refused
+from reconciler.fleet.registry import Accepted, Registry
 from reconciler.metrics import Metrics
-from reconciler.registry import Accepted, Registry
 from router_db import RouterDB
 from servicekit.credentials import Secret
 

@@ -21,14 +21,14 @@ from sqlalchemy import event
 
 from harness.agent import AgentProcess
 from harness.processes import free_port
-from reconciler.agents import AgentPool
-from reconciler.airflow import TaskInstance
+from reconciler.airflow.client import TaskInstance
 from reconciler.config import AgentEntry, PollConfig, StopConfig
-from reconciler.decision import Divergence, Stop
-from reconciler.loop import ReconcileLoop
+from reconciler.core.decision import Divergence, Stop
+from reconciler.core.loop import ReconcileLoop
+from reconciler.core.parts import build_core
+from reconciler.core.stops import StopDispatcher
+from reconciler.fleet.agents import AgentPool
 from reconciler.metrics import Metrics
-from reconciler.parts import build_core
-from reconciler.stops import StopDispatcher
 from router_db import JobRecord, JobStatus, NewJob, RouterDB, TaskInstanceKey
 
 FAILED = Stop(Divergence.TI_FAILED, JobStatus.FAILED, "task instance is failed")

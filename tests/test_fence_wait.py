@@ -22,13 +22,13 @@ from aiohttp.test_utils import TestServer
 
 from agent_api.fencing import UNSAID, FenceTerms
 from agent_api.registration import Heartbeat, identity_fingerprint
-from reconciler.agents import AgentPool
 from reconciler.config import FleetConfig
-from reconciler.fencing import fence_problem, fence_wait
-from reconciler.fleet import AgentState, Fleet
-from reconciler.job_service import Refused
+from reconciler.errors import Refused
+from reconciler.fleet.agents import AgentPool
+from reconciler.fleet.fencing import fence_problem, fence_wait
+from reconciler.fleet.liveness import AgentState, Fleet
+from reconciler.fleet.registry import Registry
 from reconciler.metrics import Metrics
-from reconciler.registry import Registry
 from router_db import AgentRecord, JobRecord, JobStatus, NewJob, RouterDB, TaskInstanceKey
 from servicekit.credentials import Secret
 from tests.test_clock_skew import SteppedRouterDB

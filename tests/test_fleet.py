@@ -21,12 +21,12 @@ from harness.processes import alive, free_port, process_group
 from harness.scripted import ScriptedAirflow, ti
 from harness.served import ServedAirflow
 from harness.sidecar import AgentRef, SidecarProcess
-from reconciler.agents import AgentPool
 from reconciler.config import AgentEntry, FleetConfig, PollConfig, StopConfig
-from reconciler.fleet import AgentState, Fleet, agent_state, orphans, partitioned
+from reconciler.core.parts import build_core
+from reconciler.core.stops import StopDispatcher
+from reconciler.fleet.agents import AgentPool
+from reconciler.fleet.liveness import AgentState, Fleet, agent_state, orphans, partitioned
 from reconciler.metrics import Metrics
-from reconciler.parts import build_core
-from reconciler.stops import StopDispatcher
 from router_db import JobRecord, JobStatus, NewJob, RouterDB, TaskInstanceKey
 
 FLEET = FleetConfig(

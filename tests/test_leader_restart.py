@@ -27,7 +27,7 @@ from harness.processes import free_port, start, stop_tree
 from harness.served import ServedAirflow
 from harness.sidecar import AgentRef, SidecarProcess
 from reconciler.config import ConfigError, LeaderConfig
-from reconciler.leadership import Identity, Leadership, claim_identity, holder_id, predecessors
+from reconciler.core.leadership import Identity, Leadership, claim_identity, holder_id, predecessors
 from reconciler.metrics import Metrics
 from router_db import JobStatus, RouterDB
 from router_db.leases import Leases

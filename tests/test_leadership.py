@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from reconciler.config import LeaderConfig
-from reconciler.leadership import Leadership, holder_id
+from reconciler.core.leadership import Leadership, holder_id
 from reconciler.metrics import Metrics
 from router_db import RouterDB
 

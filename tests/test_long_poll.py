@@ -25,13 +25,13 @@ from harness.processes import free_port, wait_until
 from harness.scripted import ScriptedAirflow
 from harness.served import ServedAirflow, ServedApp
 from harness.sidecar import AgentRef, SidecarProcess
-from reconciler.agents import AgentPool
 from reconciler.config import AgentEntry, PollConfig, StopConfig
-from reconciler.job_service import JobService
+from reconciler.core.job_service import JobService
+from reconciler.core.parts import build_core
+from reconciler.core.stops import StopDispatcher
+from reconciler.core.watch import JobWatch
+from reconciler.fleet.agents import AgentPool
 from reconciler.metrics import Metrics
-from reconciler.parts import build_core
-from reconciler.stops import StopDispatcher
-from reconciler.watch import JobWatch
 from router_db import JobRecord, JobStatus, NewJob, RouterDB, TaskInstanceKey
 from sidecar_api.protocol import WireError, parse_wait
 

@@ -22,13 +22,13 @@ from hypothesis import strategies as st
 from harness.agent import AgentProcess
 from harness.processes import free_port
 from harness.scripted import ScriptedAirflow, ti
-from reconciler.agents import AgentPool
-from reconciler.airflow import TaskInstance
+from reconciler.airflow.client import TaskInstance
 from reconciler.config import AgentEntry, PollConfig, StopConfig
-from reconciler.loop import ReconcileLoop
+from reconciler.core.loop import ReconcileLoop
+from reconciler.core.parts import build_core
+from reconciler.core.stops import StopDispatcher
+from reconciler.fleet.agents import AgentPool
 from reconciler.metrics import Metrics
-from reconciler.parts import build_core
-from reconciler.stops import StopDispatcher
 from router_db import JobRecord, JobStatus, NewJob, RouterDB, TaskInstanceKey
 
 T = TypeVar("T")

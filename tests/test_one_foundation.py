@@ -20,8 +20,8 @@ from aiohttp.test_utils import TestClient, TestServer
 from agent.config import load_config as load_agent_config
 from agent.jobs import JobManager
 from agent.server import create_app
+from reconciler.api.server import SidecarAPI
 from reconciler.config import load_secrets, parse_config
-from reconciler.server import SidecarAPI
 from reconciler.service import build
 
 pytestmark = pytest.mark.fast

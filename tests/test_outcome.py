@@ -7,7 +7,7 @@ import itertools
 import pytest
 
 from agent_api.protocol import AgentJobStatus, StopAction
-from reconciler.outcome import (
+from reconciler.core.outcome import (
     START_GRACE_SECONDS,
     Finish,
     GiveUp,

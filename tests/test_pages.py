@@ -33,9 +33,9 @@ from harness.browser import chromium
 from harness.processes import free_port, wait_until
 from harness.served import ServedAirflow
 from harness.sidecar import AgentRef, SidecarProcess
+from reconciler.api.pages import COOKIE, HEADERS, PageConfig, Sessions, airflow_task_url, safe_next
+from reconciler.api.server import SidecarAPI
 from reconciler.config import load_secrets, parse_config
-from reconciler.pages import COOKIE, HEADERS, PageConfig, Sessions, airflow_task_url, safe_next
-from reconciler.server import SidecarAPI
 from reconciler.service import build
 from router_db import JobStatus, NewJob, RouterDB, TaskInstanceKey
 from servicekit.credentials import Secret, token_list

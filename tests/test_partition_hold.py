@@ -28,9 +28,9 @@ from harness.agent import AgentProcess
 from harness.processes import wait_for
 from harness.served import ServedAirflow, ServedApp
 from harness.sidecar import SidecarProcess
-from reconciler.agents import AgentPool
 from reconciler.config import AgentEntry, FleetConfig
-from reconciler.fleet import AgentState, Fleet
+from reconciler.fleet.agents import AgentPool
+from reconciler.fleet.liveness import AgentState, Fleet
 from reconciler.metrics import Metrics
 from router_db import RouterDB
 from servicekit.credentials import Secret

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from reconciler.readiness import assess
+from reconciler.api.readiness import assess
 
 pytestmark = pytest.mark.fast
 

@@ -1,4 +1,4 @@
-"""What a registration may claim, held by [fleet] (reconciler/scope.py), against real processes over
+"""What a registration may claim, held by [fleet] (reconciler/fleet/scope.py), against real processes over
 HTTP only: a sidecar with a scope, a real agent registering within it, and hand-made registrations
 (a fleet-token holder's) claiming a label, an id or an address outside it, beyond max_agents, or too
 many at once. Each is refused with a status and a message naming the key, counted, and changes
@@ -18,7 +18,7 @@ from harness.agent import AgentProcess
 from harness.processes import wait_for
 from harness.served import ServedAirflow, ServedApp
 from harness.sidecar import SidecarProcess
-from reconciler.scope import Scope, parse_networks
+from reconciler.fleet.scope import Scope, parse_networks
 from tests.test_registration import FLEET_TOKEN, agents, registering, submit
 from tests.test_registration import sidecar_for as registration_sidecar
 

@@ -13,7 +13,7 @@ from sqlalchemy import func, select, update
 
 from harness.processes import free_port, wait_until
 from harness.sidecar import SidecarProcess
-from reconciler.retention import parse_age
+from reconciler.core.retention import parse_age
 from router_db import JobStatus, NewJob, RouterDB, TaskInstanceKey
 from router_db.models import Job, JobEvent
 

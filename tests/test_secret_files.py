@@ -13,8 +13,8 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
-from reconciler.agents import AgentPool, WrongAgent
 from reconciler.config import AgentEntry
+from reconciler.fleet.agents import AgentPool, WrongAgent
 from servicekit.credentials import Secret, follow, load_secret, load_tokens, token_list
 from servicekit.http import token_auth
 

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from reconciler import targeted
-from reconciler.airflow import TaskInstancePath
+from reconciler.airflow.client import TaskInstancePath
+from reconciler.core import targeted
 from router_db import JobRecord, JobStatus, NewJob, RouterDB, TaskInstanceKey, Transition
 from simulation import virtual_time
 from simulation.airflow import SimAirflow, SimTI

@@ -21,11 +21,11 @@ from agent_api.client import AgentClient, AgentRejected
 from harness.agent import AgentProcess
 from harness.processes import alive, process_group
 from harness.served import ServedApp
-from reconciler.agent_sync import refresh_from_agent
-from reconciler.agents import AgentPool
 from reconciler.config import AgentEntry, StopConfig
+from reconciler.core.agent_sync import refresh_from_agent
+from reconciler.core.stops import StopDispatcher
+from reconciler.fleet.agents import AgentPool
 from reconciler.metrics import Metrics
-from reconciler.stops import StopDispatcher
 from router_db import JobStatus, NewJob, RouterDB, TaskInstanceKey
 from router_db.models import Job
 

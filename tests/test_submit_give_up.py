@@ -28,8 +28,7 @@ from harness.agent import AgentProcess
 from harness.processes import free_port
 from harness.served import ServedApp
 from harness.sidecar import AgentRef, SidecarProcess
-from reconciler.agents import AgentPool, WrongAgent
-from reconciler.outcome import (
+from reconciler.core.outcome import (
     AskAgent,
     Finish,
     GiveUp,
@@ -42,7 +41,8 @@ from reconciler.outcome import (
     after_unsettled_read,
     given_up,
 )
-from reconciler.submissions import Submissions, run_answer
+from reconciler.core.submissions import Submissions, run_answer
+from reconciler.fleet.agents import AgentPool, WrongAgent
 from router_db import JobStatus, NewJob, RouterDB, TaskInstanceKey
 
 GIVE_UP = 4.0  # [fleet] submit_give_up_seconds here

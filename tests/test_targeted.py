@@ -13,14 +13,14 @@ from typing import Any, TypeVar
 import pytest
 
 from harness.scripted import ScriptedAirflow, ti
-from reconciler.agents import AgentPool
-from reconciler.airflow import TaskInstance, TaskInstancePath
+from reconciler.airflow.client import TaskInstance, TaskInstancePath
 from reconciler.config import PollConfig, StopConfig
-from reconciler.loop import ReconcileLoop
+from reconciler.core.loop import ReconcileLoop
+from reconciler.core.parts import build_core
+from reconciler.core.stops import StopDispatcher
+from reconciler.core.targeted import Region, partition
+from reconciler.fleet.agents import AgentPool
 from reconciler.metrics import Metrics
-from reconciler.parts import build_core
-from reconciler.stops import StopDispatcher
-from reconciler.targeted import Region, partition
 from router_db import JobRecord, JobStatus, NewJob, RouterDB, TaskInstanceKey
 from tests.test_loop import run
 

@@ -37,17 +37,17 @@ from harness.processes import wait_for
 from harness.scripted import ScriptedAirflow
 from harness.served import ServedAirflow, ServedApp
 from harness.sidecar import AgentRef, SidecarProcess
-from reconciler import agent_reports
-from reconciler.agent_reports import Recorded, apply_agent_reports, denies, forgotten_reason, plan
-from reconciler.agent_sync import refresh_from_agent
-from reconciler.agents import AgentPool
 from reconciler.config import PollConfig, StopConfig
+from reconciler.core import agent_reports
+from reconciler.core.agent_reports import Recorded, apply_agent_reports, denies, forgotten_reason, plan
+from reconciler.core.agent_sync import refresh_from_agent
+from reconciler.core.outcome import start_grace
+from reconciler.core.parts import build_core
+from reconciler.core.stops import StopDispatcher
+from reconciler.core.submissions import Submissions
+from reconciler.core.watch import JobWatch
+from reconciler.fleet.agents import AgentPool
 from reconciler.metrics import Metrics
-from reconciler.outcome import start_grace
-from reconciler.parts import build_core
-from reconciler.stops import StopDispatcher
-from reconciler.submissions import Submissions
-from reconciler.watch import JobWatch
 from router_db import AgentRecord, JobRecord, JobStatus, NewJob, RouterDB, TaskInstanceKey
 from router_db.models import Job
 

@@ -48,8 +48,8 @@ from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
-from reconciler.airflow import AirflowError, TaskInstance, TaskInstancePath, TaskInstanceReader
-from reconciler.decision import Absent, Decision, Observation, Observed, Stop, decide
+from reconciler.airflow.client import AirflowError, TaskInstance, TaskInstancePath, TaskInstanceReader
+from reconciler.core.decision import Absent, Decision, Observation, Observed, Stop, decide
 from router_db import JobRecord
 
 IN_FLIGHT_STATES: tuple[str | None, ...] = (
@@ -74,7 +74,7 @@ FOUND = math.inf  # a deferred task instance a read found stays expected until A
 
 Run = tuple[str, str]  # (dag_id, run_id)
 IdLists = dict[str, Collection[str]]
-log = logging.getLogger("reconciler.targeted")
+log = logging.getLogger("reconciler.core.targeted")
 T = TypeVar("T")
 
 

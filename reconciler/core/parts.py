@@ -12,19 +12,19 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from reconciler.active_jobs import ActiveJobs
-from reconciler.agent_sync import AgentSync
-from reconciler.agents import AgentPool
-from reconciler.airflow import TaskInstanceReader
+from reconciler.airflow.client import TaskInstanceReader
 from reconciler.config import PollConfig
-from reconciler.confirmer import Confirmer
-from reconciler.fleet import Fleet
-from reconciler.loop import ReconcileLoop
+from reconciler.core.active_jobs import ActiveJobs
+from reconciler.core.agent_sync import AgentSync
+from reconciler.core.confirmer import Confirmer
+from reconciler.core.loop import ReconcileLoop
+from reconciler.core.outcome import START_GRACE_SECONDS
+from reconciler.core.reads import AirflowRead, read_for
+from reconciler.core.stops import StopDispatcher
+from reconciler.core.watch import JobWatch
+from reconciler.fleet.agents import AgentPool
+from reconciler.fleet.liveness import Fleet
 from reconciler.metrics import Metrics
-from reconciler.outcome import START_GRACE_SECONDS
-from reconciler.reads import AirflowRead, read_for
-from reconciler.stops import StopDispatcher
-from reconciler.watch import JobWatch
 from router_db import RouterDB
 
 

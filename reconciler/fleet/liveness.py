@@ -18,13 +18,13 @@ plain rule. So nobody keeps the hold up by registering agents and falling silent
 
 Each health answer names the agent (``agent_id``). One naming another agent (an address reused by a
 new VM, a DNS name moved, a copied configuration) is no answer from the configured agent: the state
-is ``wrong_identity``, nothing is sent to that URL (:class:`~reconciler.agents.WrongAgent`), and the
+is ``wrong_identity``, nothing is sent to that URL (:class:`~reconciler.fleet.agents.WrongAgent`), and the
 silence of the configured agent counts on as it would for a failed check, so its jobs end by the
 same lost rule, never sooner.
 
 Each health answer also says how much work the agent takes (``max_jobs``, ``draining``,
 ``jobs_running``, ``version``; an older agent says none of it: no limit, not draining). That is kept
-for routing (:mod:`reconciler.routing`) and ``GET /agents``. A drain asked of the sidecar
+for routing (:mod:`reconciler.fleet.routing`) and ``GET /agents``. A drain asked of the sidecar
 (``POST /agents/{id}/drain``) is its own flag until the agent's answer agrees: it routes around the
 agent at once, even one that cannot be reached, and is sent again while an agent's answers disagree.
 """
@@ -46,16 +46,16 @@ from agent_api.client import AgentError, JobInfo
 from agent_api.fencing import UNSAID, FenceTerms
 from agent_api.maintenance import DrainRequest, Maintenance, Unwell
 from agent_api.protocol import ProtocolError
-from reconciler.agents import AgentPool
 from reconciler.config import AgentEntry, FleetConfig
-from reconciler.fencing import fence_problem, fence_wait
+from reconciler.fleet.agents import AgentPool
+from reconciler.fleet.fencing import fence_problem, fence_wait
+from reconciler.fleet.routing import Capacity, label_set
+from reconciler.fleet.versions import minimum, too_old
 from reconciler.metrics import Metrics
-from reconciler.routing import Capacity, label_set
-from reconciler.versions import minimum, too_old
 from router_db import AgentRecord, JobRecord, JobStatus, RouterDB, Transition
 from servicekit.credentials import Secret
 
-log = logging.getLogger("reconciler.fleet")
+log = logging.getLogger("reconciler.fleet.liveness")
 
 DRAIN_RESEND_SECONDS = 30.0  # a drain flag the agent's answers contradict is sent again this often
 REGISTERED_READ_SECONDS = 1.0  # how often every replica reads the registered agents from the router DB
@@ -81,7 +81,7 @@ class AgentState(StrEnum):
     # are refused, so it goes lost by the plain rule.
     REVOKED = "revoked"
     # Reported only: a live or suspect agent saying a version older than this sidecar works with
-    # (reconciler/versions.py); no new work until it says a newer one.
+    # (reconciler/fleet/versions.py); no new work until it says a newer one.
     OUTDATED = "outdated"
 
 

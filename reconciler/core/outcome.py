@@ -1,6 +1,6 @@
-"""What an agent's answer means for the router DB: pure rules, beside :mod:`reconciler.decision`.
+"""What an agent's answer means for the router DB: pure rules, beside :mod:`reconciler.core.decision`.
 
-:mod:`reconciler.decision` decides from Airflow's answer whether a job must stop; this module decides
+:mod:`reconciler.core.decision` decides from Airflow's answer whether a job must stop; this module decides
 from the agent's answer what the router DB records. Three questions are asked of an agent:
 
 - :func:`after_status` — "how is this job?" (``GET /jobs/{id}``), for a QUEUED or RUNNING job;
@@ -9,8 +9,8 @@ from the agent's answer what the router DB records. Three questions are asked of
 - :func:`after_run` — "run it" (``POST /run``) answered without the job, and
   :func:`after_unsettled_read` once such a job is past ``[fleet] submit_give_up_seconds``.
 
-Each returns what to do; the callers (:mod:`reconciler.job_service`, :mod:`reconciler.stops`,
-:mod:`reconciler.submissions`) carry it out. No I/O here, so every combination is tested
+Each returns what to do; the callers (:mod:`reconciler.core.job_service`, :mod:`reconciler.core.stops`,
+:mod:`reconciler.core.submissions`) carry it out. No I/O here, so every combination is tested
 (``tests/test_outcome.py``, ``tests/test_submit_give_up.py``).
 """
 

@@ -31,10 +31,11 @@ from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsp
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
-from reconciler.agents import NoAgent
-from reconciler.airflow import AirflowError
-from reconciler.fleet import AgentReport, Fleet
-from reconciler.job_service import JobService, NoSuchJob, Refused
+from reconciler.airflow.client import AirflowError
+from reconciler.core.job_service import JobService
+from reconciler.errors import NoSuchJob, Refused
+from reconciler.fleet.agents import NoAgent
+from reconciler.fleet.liveness import AgentReport, Fleet
 from router_db import EventRecord, JobRecord, RouterDB, TaskInstanceKey
 from servicekit.credentials import Secret
 from servicekit.http import read_bounded

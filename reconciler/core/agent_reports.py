@@ -2,12 +2,12 @@
 
 An agent reports the jobs that changed since it last told (the loop's catch-up, ``GET
 /jobs?changed_since=``, once a cycle; an agent's heartbeat). Each report is judged by the same rules
-as one job's ``GET /jobs/{id}`` answer (:func:`reconciler.outcome.after_status`): an exit ends the job
+as one job's ``GET /jobs/{id}`` answer (:func:`reconciler.core.outcome.after_status`): an exit ends the job
 with its status and rc, a start marks it RUNNING. A ``full`` report lists every job the agent knows,
 so an active job of that agent missing from it is one the agent does not know:
 
 - a QUEUED job past its start grace is given up (its ``/run`` may still be on the way before that:
-  :func:`reconciler.outcome.start_grace`, from ``[fleet] submit_give_up_seconds``);
+  :func:`reconciler.core.outcome.start_grace`, from ``[fleet] submit_give_up_seconds``);
 - a RUNNING job is read directly (``GET /jobs/{id}``): only the agent's own 404 for that job
   (:func:`denies`), from the process the agent's registration holds now (:func:`answering_problem`),
   ends it FAILED ("agent vm1 no longer knows this job ..."): its state directory was lost (a VM
@@ -34,10 +34,7 @@ from datetime import datetime
 from typing import Any
 
 from agent_api.client import AgentClient, AgentError, JobInfo, JobNotFound
-from reconciler.agents import AgentPool, NoAgent
-from reconciler.fleet import identity_problem
-from reconciler.logfields import job_fields
-from reconciler.outcome import (
+from reconciler.core.outcome import (
     START_GRACE_SECONDS,
     Finish,
     GiveUp,
@@ -45,7 +42,10 @@ from reconciler.outcome import (
     after_never_started_stop,
     after_status,
 )
-from reconciler.watch import JobWatch
+from reconciler.core.watch import JobWatch
+from reconciler.fleet.agents import AgentPool, NoAgent
+from reconciler.fleet.liveness import identity_problem
+from reconciler.logfields import job_fields
 from router_db import AgentRecord, JobRecord, JobStatus, RouterDB, StaleTransition, Transition
 
 log = logging.getLogger(__name__)
@@ -90,7 +90,8 @@ def answering_problem(
     ``registration`` (another copy of its home, or a VM rebuilt without its credential, names the id
     but not both). An agent in ``[[agents]]`` (no registration) has its id, and its own token, only; so
     has a registered agent older than identities, which shows neither and whose heartbeats prove none.
-    The registry's call-back (:func:`reconciler.registry.call_back_problem`) compares the same fields."""
+    The registry's call-back (:func:`reconciler.fleet.registry.call_back_problem`) compares the same
+    fields."""
     problem = identity_problem(dict(answer), expected=agent_id, url=url)
     if problem is not None or registered is None:
         return problem
@@ -117,7 +118,7 @@ def plan(
     """What to record for ``reports`` from ``agent_id``, given the router DB's ``records`` (of the
     reported jobs, and with ``full`` of every active job of the agent). A report of a job the router
     DB does not know, or knows on another agent, is ignored. ``start_grace``: see
-    :func:`reconciler.outcome.start_grace`."""
+    :func:`reconciler.core.outcome.start_grace`."""
     result = Plan()
     seen: set[str] = set()
     for info in reports:

@@ -45,7 +45,7 @@ from reconciler.metrics import Metrics
 from router_db import RouterDB
 from router_db.leases import Leases
 
-log = logging.getLogger("reconciler.leadership")
+log = logging.getLogger("reconciler.core.leadership")
 
 # The leader's work (the poll loop): returns once its event is set.
 Term = Callable[[asyncio.Event], Coroutine[Any, Any, None]]

@@ -1,10 +1,10 @@
-"""The poll loop: a thin cycle over the sidecar's parts, built once (:func:`reconciler.parts.build_core`).
+"""The poll loop: a thin cycle over the sidecar's parts, built once (:func:`.parts.build_core`).
 
-Each cycle takes the active jobs (:mod:`reconciler.active_jobs`), ends those of agents it can no longer
-address and starts a round with the agents (:mod:`reconciler.agent_sync`), reads Airflow
-(:mod:`reconciler.reads`), has each would-be stop confirmed by a direct read
-(:mod:`reconciler.confirmer`), and hands the confirmed stops to the dispatcher
-(:mod:`reconciler.stops`). Stops left pending by a crash or an outage are resumed first. An error of
+Each cycle takes the active jobs (:mod:`.active_jobs`), ends those of agents it can no longer
+address and starts a round with the agents (:mod:`reconciler.core.agent_sync`), reads Airflow
+(:mod:`reconciler.core.reads`), has each would-be stop confirmed by a direct read
+(:mod:`reconciler.core.confirmer`), and hands the confirmed stops to the dispatcher
+(:mod:`reconciler.core.stops`). Stops left pending by a crash or an outage are resumed first. An error of
 Airflow keeps every job (uncertainty never stops one); one of the router DB fails the cycle alone.
 """
 
@@ -18,19 +18,19 @@ from dataclasses import dataclass, field
 
 from sqlalchemy.exc import SQLAlchemyError
 
-from reconciler.active_jobs import ActiveJobs
-from reconciler.agent_sync import AgentSync
-from reconciler.airflow import AirflowError
-from reconciler.confirmer import Confirmer
-from reconciler.decision import Stop
-from reconciler.fleet import Fleet
+from reconciler.airflow.client import AirflowError
+from reconciler.core.active_jobs import ActiveJobs
+from reconciler.core.agent_sync import AgentSync
+from reconciler.core.confirmer import Confirmer
+from reconciler.core.decision import Stop
+from reconciler.core.reads import AirflowRead
+from reconciler.core.stops import StopDispatcher
+from reconciler.core.targeted import judge
+from reconciler.fleet.liveness import Fleet
 from reconciler.metrics import Metrics
-from reconciler.reads import AirflowRead
-from reconciler.stops import StopDispatcher
-from reconciler.targeted import judge
 from router_db import JobRecord, JobStatus
 
-log = logging.getLogger("reconciler.loop")
+log = logging.getLogger("reconciler.core.loop")
 
 
 @dataclass

@@ -2,8 +2,8 @@
 
 A registration and a heartbeat are the same request (:mod:`agent_api.registration`), authenticated
 by the fleet token, and written to the router DB's ``agents`` table, where the leader's
-:class:`~reconciler.fleet.Fleet` reads them: liveness from the heartbeats, routing from the labels and
-capacity, exactly as for an agent configured in ``[[agents]]``.
+:class:`~reconciler.fleet.liveness.Fleet` reads them: liveness from the heartbeats, routing from the
+labels and capacity, exactly as for an agent configured in ``[[agents]]``.
 
 Before the first heartbeat of an agent process (a new ``instance``, or a new URL) is accepted, this
 replica calls the agent back at the URL it gave: its ``/healthz`` must name the same id, and a request
@@ -71,15 +71,15 @@ from agent_api.client import AgentClient, AgentError
 from agent_api.protocol import JobInfo
 from agent_api.registration import Heartbeat, identity_fingerprint
 from reconciler.config import FleetConfig
-from reconciler.fencing import fence_problem
-from reconciler.job_service import Refused
+from reconciler.errors import Refused
+from reconciler.fleet.fencing import fence_problem
 from reconciler.metrics import Metrics
 from router_db import AgentConflict, AgentRecord, NotRegistered, RouterDB
 from router_db.records import AGENT_MAINTENANCE_CHARS
 from servicekit.credentials import Secret
 from servicekit.ratelimit import RateLimiter
 
-log = logging.getLogger("reconciler.registry")
+log = logging.getLogger("reconciler.fleet.registry")
 
 VERIFY_TIMEOUT_SECONDS = 5.0  # the call back to a registering agent, and the look at a mover's old URL
 RENEW_AFTER = 0.5  # of credential_lifetime_seconds: from then on, each answer asks for a renewal

@@ -40,7 +40,7 @@ class Observed:
 
     state: str | None
     try_number: int
-    identity: str | None = None  # see reconciler.airflow.TaskInstance.identity
+    identity: str | None = None  # see reconciler.airflow.client.TaskInstance.identity
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,7 +1,7 @@
 """Jobs whose ``POST /run`` was answered without the job: recorded at once, or followed to an end.
 
 The router API records a job QUEUED, then sends it to its agent (:meth:`JobService.submit`). What the
-answer means is decided in :mod:`reconciler.outcome` (:func:`after_run`):
+answer means is decided in :mod:`reconciler.core.outcome` (:func:`after_run`):
 
 - the job: RUNNING (or its end, if it could not start);
 - a refusal on the merits (a 4xx: a ``cwd`` or ``run_as`` the agent cannot use): FAILED now, the
@@ -11,7 +11,7 @@ answer means is decided in :mod:`reconciler.outcome` (:func:`after_run`):
   the same ``/run`` again with backoff until the job is ``[fleet] submit_give_up_seconds`` old (an
   agent that has the job answers 409: it is read instead). Then it reads the job from its agent
   (:func:`after_unsettled_read`): one the agent runs or ran is recorded so; one it does not know (its
-  own 404: :func:`~reconciler.agent_reports.denies`; any other 404 is no answer) is stopped there (a
+  own 404: :func:`~reconciler.core.agent_reports.denies`; any other 404 is no answer) is stopped there (a
   tombstone that refuses a ``/run`` arriving later) and ends FAILED with the last answer in its reason.
   A read without answer ends the job only when every ``/run`` of it was answered by the agent with an
   error (it started nothing); otherwise the job might run there, and it is asked about again until
@@ -44,10 +44,8 @@ from agent_api.client import (
     JobInfo,
     JobNotFound,
 )
-from reconciler.agent_reports import denies
-from reconciler.agents import AgentPool, WrongAgent
-from reconciler.logfields import job_fields
-from reconciler.outcome import (
+from reconciler.core.agent_reports import denies
+from reconciler.core.outcome import (
     DEFAULT_GIVE_UP_SECONDS,
     DEFAULT_RUN_TIMEOUT,
     Finish,
@@ -64,11 +62,13 @@ from reconciler.outcome import (
     given_up,
     start_grace,
 )
+from reconciler.fleet.agents import AgentPool, WrongAgent
+from reconciler.logfields import job_fields
 from router_db import JobRecord, JobStatus, RouterDB, StaleTransition
 
 __all__ = ["DEFAULT_GIVE_UP_SECONDS", "Submissions", "run_answer"]
 
-log = logging.getLogger("reconciler.submissions")
+log = logging.getLogger("reconciler.core.submissions")
 
 RESEND_FIRST_SECONDS = 1.0  # the first resend comes this soon; each later one waits twice as long...
 RESEND_MAX_SECONDS = 10.0  # ...up to this

@@ -14,15 +14,15 @@ from sqlalchemy.exc import SQLAlchemyError
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential_jitter
 
 from agent_api.client import AgentRejected, AgentUnavailable, JobNotFound, StopResult
-from reconciler.agents import AgentPool, NoAgent, WrongAgent
 from reconciler.config import StopConfig
-from reconciler.decision import Stop
+from reconciler.core.decision import Stop
+from reconciler.core.outcome import RetryForced, after_stop
+from reconciler.fleet.agents import AgentPool, NoAgent, WrongAgent
 from reconciler.logfields import job_fields
 from reconciler.metrics import Metrics
-from reconciler.outcome import RetryForced, after_stop
 from router_db import JobRecord, JobStatus, RouterDB, Transition
 
-log = logging.getLogger("reconciler.stops")
+log = logging.getLogger("reconciler.core.stops")
 
 
 class StopDispatcher:

@@ -9,7 +9,7 @@ reads its jobs one by one, as before the change feed existed. An agent that does
 its cursor: the next cycle asks from there, and nothing it reported is lost; one that refuses the
 cursor (it cannot have given it) is asked in full next time, and so is one whose full answer left a
 doubt unsettled (a running job missing from it that the agent did not certainly deny: see
-:mod:`reconciler.agent_reports`). An agent no longer in the pool (taken out of ``[[agents]]``, or a
+:mod:`reconciler.core.agent_reports`). An agent no longer in the pool (taken out of ``[[agents]]``, or a
 registered one forgotten) is not asked: the loop ends its jobs.
 """
 
@@ -22,8 +22,8 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 from agent_api.client import AgentError, AgentRejected, ChangesUnsupported, JobInfo
-from reconciler.agent_reports import Recorded
-from reconciler.agents import AgentPool, NoAgent
+from reconciler.core.agent_reports import Recorded
+from reconciler.fleet.agents import AgentPool, NoAgent
 
 log = logging.getLogger(__name__)
 

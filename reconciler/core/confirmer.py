@@ -14,16 +14,16 @@ import logging
 from collections.abc import Callable, Sequence
 from datetime import datetime
 
-from reconciler.airflow import AirflowError, TaskInstance, TaskInstanceReader
-from reconciler.decision import MAX_NOTE_CHARS, Keep, Stop, Unknown
-from reconciler.gather import bounded
+from reconciler.airflow.client import AirflowError, TaskInstance, TaskInstanceReader
+from reconciler.core.decision import MAX_NOTE_CHARS, Keep, Stop, Unknown
+from reconciler.core.gather import bounded
+from reconciler.core.stops import StopDispatcher
+from reconciler.core.targeted import judge, observe
 from reconciler.logfields import job_fields
 from reconciler.metrics import Metrics
-from reconciler.stops import StopDispatcher
-from reconciler.targeted import judge, observe
 from router_db import JobRecord
 
-log = logging.getLogger("reconciler.confirmer")
+log = logging.getLogger("reconciler.core.confirmer")
 
 
 class Confirmer:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from reconciler.fleet import AgentState
+from reconciler.fleet.liveness import AgentState
 
 
 @dataclass(frozen=True)

@@ -1,14 +1,14 @@
 """What the router API does, apart from HTTP: submit a job, take a pushed state change, read a job
 (at once, or once it changes: a long-poll), its events and its log, and record what agents report.
-The HTTP layer (:mod:`reconciler.server`) parses and answers.
+The HTTP layer (:mod:`reconciler.api.server`) parses and answers.
 
 A job is read from the router DB, never from its agent: the loop's once-a-cycle catch-up and the
 agents' heartbeats record exits (:meth:`JobService.apply_agent_reports`), and a long-poll waiter
-hears of them at once (:mod:`reconciler.watch`).
+hears of them at once (:mod:`reconciler.core.watch`).
 
-What an agent's answer means for the router DB is decided in :mod:`reconciler.outcome`; this module
-and :mod:`reconciler.agent_reports` ask and record. A job whose ``/run`` got neither the job nor a
-refusal is followed by :mod:`reconciler.submissions` until it runs or ends.
+What an agent's answer means for the router DB is decided in :mod:`reconciler.core.outcome`; this module
+and :mod:`reconciler.core.agent_reports` ask and record. A job whose ``/run`` got neither the job nor a
+refusal is followed by :mod:`reconciler.core.submissions` until it runs or ends.
 """
 
 from __future__ import annotations
@@ -27,19 +27,20 @@ from agent_api.client import (
     JobNotFound,
     LogChunk,
 )
-from reconciler.agent_reports import apply_agent_reports
-from reconciler.agent_sync import AgentSync
-from reconciler.agents import AgentPool, NoAgent, NoCapacity, unconfigured_reason
-from reconciler.airflow import AirflowError
-from reconciler.confirmer import Confirmer
-from reconciler.db_time import DbTime
-from reconciler.decision import MAX_NOTE_CHARS, Divergence, Stop
-from reconciler.fleet import AgentState, Fleet
+from reconciler.airflow.client import AirflowError
+from reconciler.core.agent_reports import apply_agent_reports
+from reconciler.core.agent_sync import AgentSync
+from reconciler.core.confirmer import Confirmer
+from reconciler.core.db_time import DbTime
+from reconciler.core.decision import MAX_NOTE_CHARS, Divergence, Stop
+from reconciler.core.stops import StopDispatcher
+from reconciler.core.submissions import Submissions
+from reconciler.core.watch import JobWatch
+from reconciler.errors import NoRoom, NoSuchJob, Refused
+from reconciler.fleet.agents import AgentPool, NoAgent, NoCapacity, unconfigured_reason
+from reconciler.fleet.liveness import AgentState, Fleet
 from reconciler.logfields import job_fields
 from reconciler.metrics import Metrics
-from reconciler.stops import StopDispatcher
-from reconciler.submissions import Submissions
-from reconciler.watch import JobWatch
 from router_db import EventRecord, JobRecord, JobStatus, NewJob, RouterDB, TaskInstanceKey
 from sidecar_api.protocol import SubmitRequest, UpdateRequest, job_not_found
 
@@ -48,24 +49,6 @@ log = logging.getLogger(__name__)
 UPDATE_WAIT_SECONDS = 15.0  # update_status answers with the stop's outcome if the agent is this quick
 LOST_AGENT_RETRY_AFTER = 15  # seconds: a submission to a lost agent is answered 503 with this
 NO_CAPACITY_RETRY_AFTER = 5  # seconds: about how soon the operator's trigger records a job's end
-
-
-class Refused(Exception):
-    """The request cannot be served as asked: ``status`` and the message say why (and ``retry_after``
-    when asking again later may work)."""
-
-    def __init__(self, status: int, message: str, *, retry_after: int | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.retry_after = retry_after
-
-
-class NoRoom(Refused):
-    """No agent the route allows may take the job: 503 or 409, as [fleet] when_full says."""
-
-
-class NoSuchJob(Exception):
-    pass
 
 
 class _NotTaken(Exception):
@@ -337,7 +320,7 @@ class JobService:
 
     async def apply_agent_reports(self, agent_id: str, jobs: Sequence[JobInfo], *, full: bool = False) -> int:
         """Record what ``agent_id`` reports of ``jobs`` (``full``: every job it knows), as the loop's
-        catch-up does; returns how many jobs changed. See :mod:`reconciler.agent_reports`."""
+        catch-up does; returns how many jobs changed. See :mod:`reconciler.core.agent_reports`."""
         recorded = await apply_agent_reports(
             self._db,
             self._agents,

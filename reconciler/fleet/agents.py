@@ -17,7 +17,7 @@ import aiohttp
 
 from agent_api.client import AgentClient, AgentUnavailable, Transport
 from reconciler.config import AgentEntry
-from reconciler.routing import Candidate, Capacity, choose, no_capacity
+from reconciler.fleet.routing import Candidate, Capacity, choose, no_capacity
 from router_db import JobRecord, JobStatus, Transition
 from servicekit.credentials import Secret
 
@@ -170,7 +170,7 @@ class AgentPool:
         load: Mapping[str, int] | None = None,
         refused: Mapping[str, str] | None = None,
     ) -> str:
-        """The agent for a new job (see :mod:`reconciler.routing`): the named one, or the one with the
+        """The agent for a new job (see :mod:`reconciler.fleet.routing`): the named one, or the one with the
         most free slots among those carrying all labels. ``load``: active jobs per agent (the router
         DB's); ``refused``: agents that refused this very job, and their words.
 

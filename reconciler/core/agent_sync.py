@@ -1,6 +1,6 @@
 """The reverse direction: what the agents know that the router DB does not yet (jobs that exited).
 
-Each round (:meth:`AgentSync.round`) catches up with the agents (:mod:`reconciler.catch_up`): one
+Each round (:meth:`AgentSync.round`) catches up with the agents (:mod:`reconciler.core.catch_up`): one
 request per agent that has queued or running jobs, recording every exit it reports; an agent without
 that feed gets the rolling *sweep* instead, ``agent_sync_per_cycle`` job reads a round in job-id order
 (:func:`refresh_from_agent`), so agents see a bounded load however many jobs are active. The running
@@ -32,19 +32,19 @@ from datetime import datetime
 from sqlalchemy.exc import SQLAlchemyError
 
 from agent_api.client import AgentError, JobInfo, JobNotFound
-from reconciler.agent_reports import Recorded, apply_agent_reports, denies, give_up, record_finish
-from reconciler.agents import AgentPool, NoAgent, unconfigured_reason, unconfigured_transition
-from reconciler.catch_up import CatchUp
-from reconciler.db_time import DbTime
-from reconciler.fleet import AgentState, Fleet
-from reconciler.gather import bounded
+from reconciler.core.agent_reports import Recorded, apply_agent_reports, denies, give_up, record_finish
+from reconciler.core.catch_up import CatchUp
+from reconciler.core.db_time import DbTime
+from reconciler.core.gather import bounded
+from reconciler.core.outcome import START_GRACE_SECONDS, Finish, GiveUp, MarkRunning, after_status
+from reconciler.core.watch import JobWatch
+from reconciler.fleet.agents import AgentPool, NoAgent, unconfigured_reason, unconfigured_transition
+from reconciler.fleet.liveness import AgentState, Fleet
 from reconciler.logfields import job_fields
 from reconciler.metrics import Metrics
-from reconciler.outcome import START_GRACE_SECONDS, Finish, GiveUp, MarkRunning, after_status
-from reconciler.watch import JobWatch
 from router_db import JobRecord, JobStatus, RouterDB, StaleTransition
 
-log = logging.getLogger("reconciler.agent_sync")
+log = logging.getLogger("reconciler.core.agent_sync")
 
 AGENT_READ_CONCURRENCY = 16  # status reads of the rolling sweep in flight at once
 SLOW_ROUND_SECONDS = 60.0  # a round with the agents running longer than this is logged as an error
@@ -238,8 +238,8 @@ async def refresh_from_agent(
 ) -> JobRecord:
     """Ask the job's agent about a queued or running job and record what it reports: the rolling
     sweep of agents without the change feed. An unreachable agent, or a 404 that is not the agent's
-    own (:func:`~reconciler.agent_reports.denies`), leaves the record as it is. ``start_grace``: see
-    :func:`reconciler.outcome.start_grace`.
+    own (:func:`~reconciler.core.agent_reports.denies`), leaves the record as it is. ``start_grace``: see
+    :func:`reconciler.core.outcome.start_grace`.
     """
     if job.status not in (JobStatus.QUEUED, JobStatus.RUNNING):
         return job

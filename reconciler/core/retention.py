@@ -19,7 +19,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from router_db import RouterDB
 
-log = logging.getLogger("reconciler.retention")
+log = logging.getLogger("reconciler.core.retention")
 PRUNE_EVERY_SECONDS = 3600.0
 PRUNE_BATCH = 500
 

@@ -3,7 +3,7 @@
 A read answers, for the live jobs of a cycle, the observations that may stop them (a job left out is
 unchanged) and says which requests it made. There are three:
 
-- the *targeted* read (``targeted``, the default: :class:`reconciler.targeted.TargetedRead`) reads
+- the *targeted* read (``targeted``, the default: :class:`reconciler.core.targeted.TargetedRead`) reads
   only what the active jobs cost;
 - the *full* read (:class:`FullRead`) reads every live job's task instance through the batch
   endpoint: every cycle with ``batch``, every ``full_resync_seconds`` with ``incremental``;
@@ -17,7 +17,7 @@ stops one. A main read Airflow refuses (the batch endpoint forbidden, say), or a
 any way, backs off (one poll interval, doubling up to ``full_resync_seconds``) while the changed-since
 read goes on every cycle; ``/readyz`` says why (:attr:`FallbackRead.failing`). Nothing read yet, the
 cycle fails: the changed-since read counts from there, and the main read, once it works, finds what
-changed before. Every would-be stop is confirmed by a direct read (:mod:`reconciler.confirmer`).
+changed before. Every would-be stop is confirmed by a direct read (:mod:`reconciler.core.confirmer`).
 """
 
 from __future__ import annotations
@@ -27,14 +27,14 @@ from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime, timedelta
 from typing import Protocol
 
-from reconciler.airflow import REFUSALS, AirflowError, TaskInstancePath, TaskInstanceReader
+from reconciler.airflow.client import REFUSALS, AirflowError, TaskInstancePath, TaskInstanceReader
 from reconciler.config import PollConfig
-from reconciler.decision import Absent, Observation, Stop
+from reconciler.core.decision import Absent, Observation, Stop
+from reconciler.core.targeted import TargetedRead, judge, observe, ti_key
 from reconciler.metrics import Metrics
-from reconciler.targeted import TargetedRead, judge, observe, ti_key
 from router_db import JobRecord
 
-log = logging.getLogger("reconciler.reads")
+log = logging.getLogger("reconciler.core.reads")
 
 Found = dict[str, Observation]  # job id -> what may stop it
 

@@ -29,13 +29,14 @@ from agent_api.registration import (
     parse_heartbeat,
     validate_agent_id,
 )
-from reconciler.fleet import AgentReport, DrainNotDelivered, Fleet
-from reconciler.job_service import JobService, NoSuchJob, Refused, Update
-from reconciler.loop import ReconcileLoop
+from reconciler.api.pages import PageConfig, add_pages, except_pages
+from reconciler.api.readiness import assess
+from reconciler.core.job_service import JobService, Update
+from reconciler.core.loop import ReconcileLoop
+from reconciler.errors import NoSuchJob, Refused
+from reconciler.fleet.liveness import AgentReport, DrainNotDelivered, Fleet
+from reconciler.fleet.registry import Registry
 from reconciler.metrics import Metrics
-from reconciler.pages import PageConfig, add_pages, except_pages
-from reconciler.readiness import assess
-from reconciler.registry import Registry
 from router_db import RouterDB
 from servicekit.credentials import Secret
 from servicekit.http import (
@@ -243,7 +244,7 @@ class SidecarAPI:
         )
 
     async def register_agent(self, request: web.Request) -> web.Response:
-        """An agent's registration or heartbeat (:mod:`reconciler.registry`)."""
+        """An agent's registration or heartbeat (:mod:`reconciler.fleet.registry`)."""
         agent_id = validate_agent_id(request.match_info["agent_id"])
         if self._registry is None:
             raise HttpError(
