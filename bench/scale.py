@@ -32,6 +32,7 @@ from aiohttp import web
 from bench.naive_read import NaiveRead
 from bench.standins import AgentsStandIn, AirflowStandIn, recorded_task_instance
 from harness.processes import free_port
+from harness.wiring import nobody_waits
 from reconciler.airflow.client import AirflowClient
 from reconciler.config import AgentEntry, PollConfig, StopConfig
 from reconciler.core.parts import build_core
@@ -131,7 +132,7 @@ async def run_case(jobs: int, strategy: str, flips: int, burst: int, latency: fl
     airflow = AirflowClient(base, api_version="v2", username="admin", password="x", timeout=60)
     entries = [AgentEntry(f"agent-{i}", f"{base}/agent-standin/agents/agent-{i}") for i in range(AGENTS)]
     agents = AgentPool(entries, {e.id: "t" for e in entries}, timeout=10, stop_timeout=30)
-    dispatcher = StopDispatcher(db, agents, metrics, StopConfig())
+    dispatcher = StopDispatcher(db, agents, metrics, StopConfig(), changed=nobody_waits)
     poll = PollConfig(
         interval_seconds=INTERVAL,
         strategy="incremental" if strategy == "naive" else strategy,  # naive: the bench's own read
@@ -199,7 +200,7 @@ async def run_case(jobs: int, strategy: str, flips: int, burst: int, latency: fl
             result["burst_all_stopped_s"] = round(max(arrived.values()) - flipped_at, 2)
         stopping.set()
         await runner
-        await dispatcher.drain(30)
+        await dispatcher.finish(30)
     finally:
         await control.close()
         await airflow.close()

@@ -137,7 +137,7 @@ async def _once(config: ReconcilerConfig, secrets: Secrets, *, dry_run: bool) ->
         try:
             report = await parts.loop.cycle(dry_run=dry_run)
             if not dry_run:
-                await parts.dispatcher.drain(60.0)
+                await parts.dispatcher.finish(60.0)
         finally:
             if not dry_run:
                 await asyncio.to_thread(parts.db.release_lease, lease, holder)

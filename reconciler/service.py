@@ -18,8 +18,9 @@ from reconciler.core.parts import Core, build_core
 from reconciler.core.retention import prune_periodically
 from reconciler.core.stops import StopDispatcher
 from reconciler.core.submissions import Submissions
+from reconciler.core.watch import JobWatch
 from reconciler.fleet.agents import AgentPool
-from reconciler.fleet.liveness import AgentState, Fleet
+from reconciler.fleet.liveness import Fleet
 from reconciler.fleet.registry import Registry
 from reconciler.metrics import Metrics
 from router_db import RouterDB, schema
@@ -99,13 +100,17 @@ def build(config: ReconcilerConfig, secrets: Secrets, *, dry_run: bool = False) 
         timeout=AGENT_READ_TIMEOUT_SECONDS,
         stop_timeout=config.stop.timeout_seconds,
     )
-    dispatcher = StopDispatcher(db, agents, metrics, config.stop)
-    fleet = Fleet(
-        db=db, agents=agents, metrics=metrics, config=config.fleet, registered_token=_sent_token(secrets)
+    # A stop's outcome, or a lost agent's job ended, wakes the trigger long-polling that job at once.
+    watch = JobWatch(db, period=config.poll.watch_seconds)
+    dispatcher = StopDispatcher(db, agents, metrics, config.stop, changed=watch.notify)
+    fleet = Fleet(  # it guards the pool: lost agents avoided, another agent at a URL refused
+        db=db,
+        agents=agents,
+        metrics=metrics,
+        config=config.fleet,
+        changed=watch.notify,
+        registered_token=_sent_token(secrets),
     )
-    agents.avoid = lambda agent_id: fleet.state(agent_id) in (AgentState.LOST, AgentState.WRONG_IDENTITY)
-    agents.refuse = fleet.refusal
-    agents.capacity = fleet.capacity
     core = build_core(
         db=db,
         airflow=airflow,
@@ -114,13 +119,12 @@ def build(config: ReconcilerConfig, secrets: Secrets, *, dry_run: bool = False) 
         metrics=metrics,
         poll=config.poll,
         fleet=fleet,
+        watch=watch,
         unaddressable_grace_seconds=config.fleet.lost_after_seconds,
         start_grace_seconds=start_grace(
             give_up_seconds=config.fleet.submit_give_up_seconds, run_timeout=AGENT_READ_TIMEOUT_SECONDS
         ),
     )
-    # A stop's outcome, or a lost agent's job ended, wakes the trigger long-polling that job at once.
-    dispatcher.changed = fleet.changed = core.watch.notify
     submissions = Submissions(
         db=db,
         agents=agents,
@@ -233,7 +237,7 @@ async def _serve(config: ReconcilerConfig, secrets: Secrets, identity: Identity)
             finally:
                 log.info("shutting down: finishing %d stop(s) under way", parts.dispatcher.inflight)
                 try:
-                    await parts.dispatcher.drain(SHUTDOWN_GRACE_SECONDS)  # a second signal cuts it short
+                    await parts.dispatcher.finish(SHUTDOWN_GRACE_SECONDS)  # a second signal cuts it short
                 finally:
                     await leadership.release()  # a standby takes over at once either way
     finally:

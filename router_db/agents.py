@@ -46,7 +46,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql, sqlite
 
 from router_db.clock import db_now
-from router_db.models import Agent, Job
+from router_db.models import Agent, JobRow
 from router_db.records import AgentConflict, AgentRecord, NotRegistered
 from sidecar_api.protocol import ACTIVE
 
@@ -139,7 +139,7 @@ class Agents:
         """Delete the agent's row if it holds no active job and is revoked or silent for ``alive_within``
         seconds (by the router DB's clock): its id may register again. Whether it went."""
         c = AGENTS.c
-        busy = exists().where(Job.agent_id == c.agent_id, Job.status.in_([str(s) for s in ACTIVE]))
+        busy = exists().where(JobRow.agent_id == c.agent_id, JobRow.status.in_([str(s) for s in ACTIVE]))
         silent = c.last_heartbeat_at < db_now(self._dialect, -float(alive_within))
         condition = and_(c.agent_id == agent_id, ~busy, or_(c.revoked_at.is_not(None), silent))
         with self._engine.begin() as connection:
@@ -192,7 +192,7 @@ class Agents:
         """The agent process ``instance`` stops for good: its row goes unless it has an active job (then
         it stays, and the lost rule ends those jobs if it never comes back). Whether it went."""
         c = AGENTS.c
-        busy = exists().where(Job.agent_id == c.agent_id, Job.status.in_([str(s) for s in ACTIVE]))
+        busy = exists().where(JobRow.agent_id == c.agent_id, JobRow.status.in_([str(s) for s in ACTIVE]))
         with self._engine.begin() as connection:
             gone = connection.execute(
                 delete(AGENTS).where(c.agent_id == agent_id, c.instance == instance, ~busy)
@@ -204,7 +204,7 @@ class Agents:
         (queued, running or stopping); the ids deleted. A heartbeat committed meanwhile keeps its agent:
         the condition is the DELETE's own."""
         c = AGENTS.c
-        busy = exists().where(Job.agent_id == c.agent_id, Job.status.in_([str(s) for s in ACTIVE]))
+        busy = exists().where(JobRow.agent_id == c.agent_id, JobRow.status.in_([str(s) for s in ACTIVE]))
         silent: ColumnElement[bool] = c.last_heartbeat_at < _utc(silent_before)
         kept = c.revoked_at.is_(None)  # a revoked id stays refused until an operator forgets it
         with self._engine.begin() as connection:
@@ -241,7 +241,7 @@ def _upsert(insert: Callable[[Table], Any], *, db_clock: str | None = None) -> A
     # active job: while it does, its jobs would be addressed to the newcomer, which knows none of them
     # (a stop there would find nothing and the job would run on). A lost agent's jobs end FAILED, so a
     # dead holder frees its id once the sidecar has declared it lost.
-    busy = exists().where(Job.agent_id == c.agent_id, Job.status.in_([str(s) for s in ACTIVE]))
+    busy = exists().where(JobRow.agent_id == c.agent_id, JobRow.status.in_([str(s) for s in ACTIVE]))
     fingerprint = c.identity_fingerprint
     from_url = bindparam("from_url", type_=String())
     from_instance = bindparam("from_instance", type_=String())

@@ -28,9 +28,9 @@ class NewJob:
     key: TaskInstanceKey
     agent_id: str
     command: str
-    ti_identity: str = ""  # see Job.ti_identity
-    at_most_once: bool = False  # see Job.at_most_once
-    fence_seconds: float | None = None  # see Job.fence_seconds
+    ti_identity: str = ""  # see JobRow.ti_identity
+    at_most_once: bool = False  # see JobRow.at_most_once
+    fence_seconds: float | None = None  # see JobRow.fence_seconds
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,7 +23,7 @@ from router_db.agents import Agents
 from router_db.clock import db_now
 from router_db.engine import make_engine
 from router_db.leases import Leases
-from router_db.models import Job, JobEvent
+from router_db.models import JobEvent, JobRow
 from router_db.records import AgentRecord, EventRecord, JobRecord, NewJob, TaskInstanceKey
 from router_db.schema import upgrade
 from router_db.transitions import OneTransition, Transition, allowed
@@ -64,7 +64,7 @@ class RouterDB(OneTransition):
 
     def get(self, job_id: str) -> JobRecord | None:
         with self._sessions() as session:
-            row = session.get(Job, job_id)
+            row = session.get(JobRow, job_id)
             return JobRecord.from_row(row) if row is not None else None
 
     def get_many(self, job_ids: Sequence[str]) -> dict[str, JobRecord]:
@@ -72,14 +72,14 @@ class RouterDB(OneTransition):
         found: dict[str, JobRecord] = {}
         with self._sessions() as session:
             for chunk in _chunks(job_ids):
-                query = select(Job.__table__).where(Job.job_id.in_(chunk))
+                query = select(JobRow.__table__).where(JobRow.job_id.in_(chunk))
                 found.update((row.job_id, JobRecord.from_row(row)) for row in session.execute(query))
         return found
 
     def find(self, key: TaskInstanceKey, ti_identity: str = "") -> JobRecord | None:
         """The job of exactly this task-instance try (the reverse mapping)."""
         with self._sessions() as session:
-            query = select(Job).where(*_key_filter(key), Job.ti_identity == ti_identity)
+            query = select(JobRow).where(*_key_filter(key), JobRow.ti_identity == ti_identity)
             row = session.scalars(query).one_or_none()
             return JobRecord.from_row(row) if row is not None else None
 
@@ -87,14 +87,14 @@ class RouterDB(OneTransition):
         """The newest try's job of a task instance."""
         with self._sessions() as session:
             row = session.scalars(
-                select(Job)
+                select(JobRow)
                 .where(
-                    Job.dag_id == dag_id,
-                    Job.task_id == task_id,
-                    Job.run_id == run_id,
-                    Job.map_index == map_index,
+                    JobRow.dag_id == dag_id,
+                    JobRow.task_id == task_id,
+                    JobRow.run_id == run_id,
+                    JobRow.map_index == map_index,
                 )
-                .order_by(Job.try_number.desc(), Job.created_at.desc())  # a re-created run's is newer
+                .order_by(JobRow.try_number.desc(), JobRow.created_at.desc())  # a re-created run's is newer
                 .limit(1)
             ).one_or_none()
             return JobRecord.from_row(row) if row is not None else None
@@ -103,12 +103,12 @@ class RouterDB(OneTransition):
         """Every active job of a task instance, whatever its try (a cleared task's older tries)."""
         with self._sessions() as session:
             rows = session.scalars(
-                select(Job).where(
-                    Job.dag_id == dag_id,
-                    Job.task_id == task_id,
-                    Job.run_id == run_id,
-                    Job.map_index == map_index,
-                    Job.status.in_([str(s) for s in ACTIVE]),
+                select(JobRow).where(
+                    JobRow.dag_id == dag_id,
+                    JobRow.task_id == task_id,
+                    JobRow.run_id == run_id,
+                    JobRow.map_index == map_index,
+                    JobRow.status.in_([str(s) for s in ACTIVE]),
                 )
             ).all()
             return [JobRecord.from_row(row) for row in rows]
@@ -126,18 +126,22 @@ class RouterDB(OneTransition):
     ) -> list[JobRecord]:
         """Jobs matching every filter given (``since``: created at or after), oldest first (the API's
         order), or newest first (the pages': the first ``limit`` are then the latest)."""
-        order = (Job.created_at.desc(), Job.job_id.desc()) if newest_first else (Job.created_at, Job.job_id)
-        query = select(Job).order_by(*order).limit(limit)
+        order = (
+            (JobRow.created_at.desc(), JobRow.job_id.desc())
+            if newest_first
+            else (JobRow.created_at, JobRow.job_id)
+        )
+        query = select(JobRow).order_by(*order).limit(limit)
         if dag_id is not None:
-            query = query.where(Job.dag_id == dag_id)
+            query = query.where(JobRow.dag_id == dag_id)
         if run_id is not None:
-            query = query.where(Job.run_id == run_id)
+            query = query.where(JobRow.run_id == run_id)
         if statuses is not None:
-            query = query.where(Job.status.in_([str(s) for s in statuses]))
+            query = query.where(JobRow.status.in_([str(s) for s in statuses]))
         if agent_id is not None:
-            query = query.where(Job.agent_id == agent_id)
+            query = query.where(JobRow.agent_id == agent_id)
         if since is not None:
-            query = query.where(Job.created_at >= since)
+            query = query.where(JobRow.created_at >= since)
         with self._sessions() as session:
             return [JobRecord.from_row(row) for row in session.scalars(query)]
 
@@ -145,12 +149,12 @@ class RouterDB(OneTransition):
         """Every job the router still considers active (queued, running, or stopping), or those
         of one agent."""
         query = (
-            select(Job.__table__)
-            .where(Job.status.in_([str(s) for s in ACTIVE]))
+            select(JobRow.__table__)
+            .where(JobRow.status.in_([str(s) for s in ACTIVE]))
             .execution_options(yield_per=2000)  # stream rows: no buffer of every row at once
         )
         if agent_id is not None:
-            query = query.where(Job.agent_id == agent_id)
+            query = query.where(JobRow.agent_id == agent_id)
         with self._sessions() as session:  # Core rows: no identity map for tens of thousands of jobs
             return [JobRecord.from_row(row) for row in session.execute(query)]
 
@@ -158,9 +162,9 @@ class RouterDB(OneTransition):
         """Active jobs (queued, running or stopping) per agent id, agents without any left out: what
         each agent carries as far as the router knows, the measure of its free capacity."""
         query = (
-            select(Job.agent_id, func.count())
-            .where(Job.status.in_([str(s) for s in ACTIVE]))
-            .group_by(Job.agent_id)
+            select(JobRow.agent_id, func.count())
+            .where(JobRow.status.in_([str(s) for s in ACTIVE]))
+            .group_by(JobRow.agent_id)
         )
         with self._sessions() as session:
             return {agent_id: int(count) for agent_id, count in session.execute(query)}
@@ -182,7 +186,7 @@ class RouterDB(OneTransition):
             began = self._time(session)
             if moment is None:
                 return began, []
-            query = select(Job.__table__).where(Job.updated_at >= moment)
+            query = select(JobRow.__table__).where(JobRow.updated_at >= moment)
             return began, [JobRecord.from_row(row) for row in session.execute(query)]
 
     def events(self, job_id: str) -> list[EventRecord]:
@@ -199,21 +203,21 @@ class RouterDB(OneTransition):
         if before.tzinfo is None:
             raise ValueError("prune_finished needs a UTC-aware moment")
         finished = [str(s) for s in TERMINAL]
-        old = (Job.updated_at < before, Job.status.in_(finished))
+        old = (JobRow.updated_at < before, JobRow.status.in_(finished))
         if dry_run:
             with self._sessions() as session:
-                return int(session.scalar(select(func.count()).select_from(Job).where(*old)) or 0)
+                return int(session.scalar(select(func.count()).select_from(JobRow).where(*old)) or 0)
         deleted = 0
         while True:
             with self._sessions.begin() as session:
                 # Oldest first, along ix_jobs_updated_at: each batch reads only the rows it deletes.
-                oldest = select(Job.job_id).where(*old).order_by(Job.updated_at).limit(batch)
+                oldest = select(JobRow.job_id).where(*old).order_by(JobRow.updated_at).limit(batch)
                 ids = list(session.scalars(oldest))
                 if not ids:
                     return deleted
                 session.execute(delete(JobEvent).where(JobEvent.job_id.in_(ids)))
                 # The status again: a job is never deleted unless it has ended.
-                gone = delete(Job).where(Job.job_id.in_(ids), Job.status.in_(finished))
+                gone = delete(JobRow).where(JobRow.job_id.in_(ids), JobRow.status.in_(finished))
                 deleted += cast(CursorResult[Any], session.execute(gone)).rowcount
             if len(ids) < batch:
                 return deleted
@@ -302,7 +306,7 @@ class RouterDB(OneTransition):
         A second submission of the same try returns the existing job: an operator whose worker
         died after submitting must not start the command twice.
         """
-        row = Job(
+        row = JobRow(
             job_id=uuid.uuid4().hex,
             dag_id=new.key.dag_id,
             task_id=new.key.task_id,
@@ -334,11 +338,15 @@ class RouterDB(OneTransition):
         """Delete a job, with its audit rows, that is still QUEUED on ``agent_id``: one its agent
         refused to start (full or draining), so that the task's next submission of the same try is
         routed afresh instead of finding this job. False, deleting nothing, if it has moved since."""
-        unstarted = (Job.job_id == job_id, Job.status == str(JobStatus.QUEUED), Job.agent_id == agent_id)
+        unstarted = (
+            JobRow.job_id == job_id,
+            JobRow.status == str(JobStatus.QUEUED),
+            JobRow.agent_id == agent_id,
+        )
         with self._sessions.begin() as session:
             # One guarded statement: a job that moved meanwhile is left whole. Its audit rows go with
             # it (ON DELETE CASCADE, which the SQLite engine turns on).
-            gone = cast(CursorResult[Any], session.execute(delete(Job).where(*unstarted)))
+            gone = cast(CursorResult[Any], session.execute(delete(JobRow).where(*unstarted)))
             return gone.rowcount == 1
 
     def import_running(self, jobs: Sequence[NewJob], *, source: str) -> list[str]:
@@ -376,7 +384,7 @@ class RouterDB(OneTransition):
             for job_id in ids
         ]
         with self._sessions.begin() as session:
-            session.execute(insert(Job), rows)
+            session.execute(insert(JobRow), rows)
             session.execute(insert(JobEvent), events)
         return ids
 
@@ -392,7 +400,9 @@ class RouterDB(OneTransition):
             now = self._time(session)  # the router DB's, in the transaction that writes it
             current: dict[str, str] = {}
             for chunk in _chunks([t.job_id for t in transitions]):
-                statuses = session.execute(select(Job.job_id, Job.status).where(Job.job_id.in_(chunk)))
+                statuses = session.execute(
+                    select(JobRow.job_id, JobRow.status).where(JobRow.job_id.in_(chunk))
+                )
                 current.update((job_id, status) for job_id, status in statuses)
             for t in transitions:
                 old = current.get(t.job_id)
@@ -401,8 +411,8 @@ class RouterDB(OneTransition):
                 if t.expect is not None and old != str(t.expect):
                     continue
                 result = session.execute(
-                    update(Job)
-                    .where(Job.job_id == t.job_id, Job.status == old)
+                    update(JobRow)
+                    .where(JobRow.job_id == t.job_id, JobRow.status == old)
                     .values(status=str(t.new), reason=t.reason, updated_at=now, **t.values(now))
                 )
                 if result.rowcount != 1:  # type: ignore[attr-defined]
@@ -415,7 +425,7 @@ class RouterDB(OneTransition):
             for chunk in _chunks(applied):
                 rows.update(
                     (r.job_id, JobRecord.from_row(r))
-                    for r in session.execute(select(Job.__table__).where(Job.job_id.in_(chunk)))
+                    for r in session.execute(select(JobRow.__table__).where(JobRow.job_id.in_(chunk)))
                 )
         done = set(applied)
         return [rows[t.job_id] if t.job_id in done else None for t in transitions]
@@ -428,11 +438,11 @@ def _chunks(ids: Sequence[str], size: int = 500) -> list[Sequence[str]]:
 
 def _key_filter(key: TaskInstanceKey) -> Sequence[Any]:
     return (
-        Job.dag_id == key.dag_id,
-        Job.task_id == key.task_id,
-        Job.run_id == key.run_id,
-        Job.map_index == key.map_index,
-        Job.try_number == key.try_number,
+        JobRow.dag_id == key.dag_id,
+        JobRow.task_id == key.task_id,
+        JobRow.run_id == key.run_id,
+        JobRow.map_index == key.map_index,
+        JobRow.try_number == key.try_number,
     )
 
 

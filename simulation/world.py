@@ -24,6 +24,7 @@ from reconciler.config import AgentEntry, PollConfig, StopConfig
 from reconciler.core.loop import ReconcileLoop
 from reconciler.core.parts import build_core
 from reconciler.core.stops import StopDispatcher
+from reconciler.core.watch import JobWatch
 from reconciler.fleet.agents import AgentPool
 from reconciler.metrics import Metrics
 from router_db import JobRecord, NewJob, TaskInstanceKey
@@ -166,7 +167,8 @@ class World:
         )
         metrics = Metrics()
         config = StopConfig(timeout_seconds=STOP_TIMEOUT, backoff_max_seconds=STOP_BACKOFF)
-        dispatcher = StopDispatcher(self.db, pool, metrics, config)  # type: ignore[arg-type]
+        watch = JobWatch(self.db)  # type: ignore[arg-type]
+        dispatcher = StopDispatcher(self.db, pool, metrics, config, changed=watch.notify)  # type: ignore[arg-type]
         poll = PollConfig(
             interval_seconds=s.interval,
             strategy=s.strategy,
@@ -181,8 +183,8 @@ class World:
             poll=poll,
             clock=self.loop.time,
             wall=self._clock("sidecar"),
+            watch=watch,
         )
-        dispatcher.changed = core.watch.notify
         loop = core.loop
         return loop
 

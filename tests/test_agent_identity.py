@@ -25,7 +25,7 @@ from harness.processes import free_port, wait_until
 from harness.served import ServedAirflow
 from harness.sidecar import AgentRef, SidecarProcess
 from reconciler.api.readiness import assess
-from reconciler.fleet.liveness import AgentState, agent_state, identity_problem
+from reconciler.fleet.agent_state import AgentState, agent_state, identity_problem
 
 FLEET = "[fleet]\nlost_after_seconds = 60.0\ncheck_interval_seconds = 0.2\ncheck_timeout_seconds = 1.0\n"
 

@@ -58,6 +58,8 @@ from harness.agent import AgentProcess
 from harness.processes import free_port, wait_for
 from harness.served import ServedAirflow
 from harness.sidecar import SidecarProcess
+from harness.wiring import nobody_waits
+from reconciler.api.statuses import status_of
 from reconciler.config import FleetConfig
 from reconciler.errors import Refused
 from reconciler.fleet import registry as registry_module
@@ -833,7 +835,14 @@ def test_a_heartbeat_sent_before_a_drain_and_read_after_it_does_not_route_there_
         server = TestServer(app, host="127.0.0.1")
         await server.start_server()
         pool = AgentPool([], {}, timeout=1, stop_timeout=1)
-        fleet = Fleet(db=db, agents=pool, metrics=Metrics(), config=config, registered_token=Secret("t"))
+        fleet = Fleet(
+            db=db,
+            agents=pool,
+            metrics=Metrics(),
+            config=config,
+            registered_token=Secret("t"),
+            changed=nobody_waits,
+        )
         url = str(server.make_url("")).rstrip("/")
         try:
             heartbeats.beat(db, "vm-d", url=url)
@@ -952,7 +961,7 @@ def test_a_move_waits_while_the_old_url_gives_no_clear_answer(
     if moves:
         assert isinstance(outcome, Accepted) and (row.instance, row.url) == ("i-2", outcome.record.url)
     else:
-        assert isinstance(outcome, Refused) and outcome.status == 409, outcome
+        assert isinstance(outcome, Refused) and status_of(outcome) == 409, outcome
         assert said in str(outcome) and row.instance == "i-1"
 
 
@@ -991,7 +1000,7 @@ def test_another_identity_at_the_registrations_url_takes_it_only_by_the_takeover
     if taken:
         assert isinstance(outcome, Accepted) and row.identity_fingerprint == identity_fingerprint(OTHER_PROOF)
     else:
-        assert isinstance(outcome, Refused) and outcome.status == 409, outcome
+        assert isinstance(outcome, Refused) and status_of(outcome) == 409, outcome
         assert "another identity" in str(outcome)
         assert (row.instance, row.identity_fingerprint) == ("i-1", FINGERPRINT)
 

@@ -23,6 +23,8 @@ from harness.agent import AgentProcess
 from harness.processes import wait_for
 from harness.served import ServedAirflow
 from harness.sidecar import AgentRef, SidecarProcess
+from harness.wiring import said_of
+from reconciler.api.statuses import status_of
 from reconciler.config import AgentEntry
 from reconciler.core.job_service import NO_CAPACITY_RETRY_AFTER, JobService
 from reconciler.core.watch import JobWatch
@@ -127,7 +129,7 @@ def test_the_pool_takes_turns_among_equals_and_fills_the_freest_first() -> None:
     # No limits known (agents that never said): turns among all three carrying "x".
     assert [agents.route(agent_id=None, labels=["x"]) for _ in range(6)] == ["a", "b", "c", "a", "b", "c"]
     limits = {"a": 2, "b": 1, "c": 2}
-    agents.capacity = lambda agent_id: Capacity(max_jobs=limits.get(agent_id))
+    said_of(agents).limits = lambda agent_id: Capacity(max_jobs=limits.get(agent_id))
     load: dict[str, int] = {}
     chosen = []
     for _ in range(5):
@@ -145,11 +147,11 @@ def test_the_pool_takes_turns_among_equals_and_fills_the_freest_first() -> None:
 @fast
 def test_the_pool_skips_lost_wrong_identity_and_draining_agents() -> None:
     agents = pool(entry("lost"), entry("other"), entry("drains"), entry("fine"))
-    agents.avoid = lambda agent_id: agent_id in ("lost", "other")  # as the fleet's liveness says
-    agents.refuse = lambda agent_id: "another agent answers there" if agent_id == "other" else None
-    agents.capacity = lambda agent_id: Capacity(draining=agent_id == "drains")
+    said_of(agents).avoid = lambda agent_id: agent_id in ("lost", "other")  # as the fleet's liveness says
+    said_of(agents).refuse = lambda agent_id: "another agent answers there" if agent_id == "other" else None
+    said_of(agents).limits = lambda agent_id: Capacity(draining=agent_id == "drains")
     assert {agents.route(agent_id=None, labels=[]) for _ in range(5)} == {"fine"}
-    agents.capacity = lambda agent_id: Capacity(draining=True)
+    said_of(agents).limits = lambda agent_id: Capacity(draining=True)
     with pytest.raises(NoCapacity) as refused:
         agents.route(agent_id=None, labels=[])
     assert str(refused.value).endswith(": drains draining, fine draining, lost lost, other wrong_identity")
@@ -158,14 +160,14 @@ def test_the_pool_skips_lost_wrong_identity_and_draining_agents() -> None:
 @fast
 def test_a_pinned_agent_that_drains_or_is_full_gets_the_no_capacity_answer() -> None:
     agents = pool(entry("a"), entry("b"))
-    agents.capacity = lambda agent_id: Capacity(draining=agent_id == "a", max_jobs=1)
+    said_of(agents).limits = lambda agent_id: Capacity(draining=agent_id == "a", max_jobs=1)
     with pytest.raises(NoCapacity, match=r"^no capacity: agent_id a: a draining$"):
         agents.route(agent_id="a", labels=[])
     with pytest.raises(NoCapacity, match=r"^no capacity: agent_id b: b full 1/1$"):
         agents.route(agent_id="b", labels=[], load={"b": 1})
     assert agents.route(agent_id="b", labels=[], load={"b": 0}) == "b"
     # A lost one is returned: the submission answers that case itself (503 "agent b is lost").
-    agents.avoid = lambda agent_id: True
+    said_of(agents).avoid = lambda agent_id: True
     assert agents.route(agent_id="b", labels=[], load={"b": 0}) == "b"
 
 
@@ -213,14 +215,14 @@ def test_no_room_is_answered_as_when_full_says_and_records_nothing(
     db: RouterDB, when_full: str, status: int
 ) -> None:
     agents = pool(entry("a", "gpu"), entry("b", "gpu"))
-    agents.capacity = lambda agent_id: Capacity(max_jobs=1, draining=agent_id == "b")
+    said_of(agents).limits = lambda agent_id: Capacity(max_jobs=1, draining=agent_id == "b")
     db.submit(NewJob(TaskInstanceKey(dag_id="d", task_id="running", run_id="r"), "a", "sleep 1"))
     metrics = Metrics()
     jobs = service(db, agents, when_full=when_full, metrics=metrics)
 
     with pytest.raises(NoRoom) as refused:
         asyncio.run(jobs.submit(request("new", labels=["gpu"])))
-    assert refused.value.status == status
+    assert status_of(refused.value) == status
     assert refused.value.retry_after == (NO_CAPACITY_RETRY_AFTER if when_full == "wait" else None)
     assert str(refused.value) == "no capacity: 2 agent(s) carry labels ['gpu']: a full 1/1, b draining"
     assert [job.key.task_id for job in db.search()] == ["running"]
@@ -291,7 +293,7 @@ def test_when_every_agent_says_full_at_run_the_submitter_is_told_to_retry_and_no
     busy = {"a": "agent a is full: 3 of max_jobs 3 running", "b": "agent b is draining: it takes no new job"}
     refused, metrics = asyncio.run(submit_to(db, busy, request("t", labels=["x"]), seen))
     assert sorted(seen) == ["a", "b"]  # each agent asked once
-    assert isinstance(refused, NoRoom) and refused.status == 503 and refused.retry_after
+    assert isinstance(refused, NoRoom) and status_of(refused) == 503 and refused.retry_after
     assert str(refused) == (
         "no capacity: 2 agent(s) carry labels ['x']: a refused (agent a is full: 3 of max_jobs 3 running), "
         "b refused (agent b is draining: it takes no new job)"

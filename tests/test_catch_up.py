@@ -20,6 +20,7 @@ from agent_api.client import AgentClient, ChangesUnsupported, JobNotFound, StopR
 from agent_api.protocol import AgentJobStatus, JobInfo, StopAction
 from harness.agent import AgentProcess
 from harness.scripted import ScriptedAirflow, ti
+from harness.wiring import nobody_waits
 from reconciler.config import AgentEntry, PollConfig, StopConfig
 from reconciler.core.agent_reports import plan
 from reconciler.core.loop import ReconcileLoop
@@ -148,7 +149,7 @@ def loop_with(db: RouterDB, pool: StandInPool, jobs: list[JobRecord]) -> Reconci
     airflow = ScriptedAirflow(truth={("d", "r", j.key.task_id, -1): ti(j, "deferred") for j in jobs})
     agents = cast(AgentPool, pool)
     metrics = Metrics()
-    dispatcher = StopDispatcher(db, agents, metrics, StopConfig(attempts=1))
+    dispatcher = StopDispatcher(db, agents, metrics, StopConfig(attempts=1), changed=nobody_waits)
     poll = PollConfig(strategy="incremental", full_resync_seconds=3600.0, agent_sync_per_cycle=50)
     return build_core(
         db=db, airflow=airflow, agents=agents, dispatcher=dispatcher, metrics=metrics, poll=poll

@@ -33,12 +33,14 @@ from sqlalchemy.exc import OperationalError
 from harness.agent import AgentProcess
 from harness.processes import free_port, wait_for
 from harness.sidecar import SidecarProcess
+from harness.wiring import nobody_waits
 from reconciler.config import AgentEntry, FleetConfig, LeaderConfig, StopConfig
 from reconciler.core.decision import Divergence, Stop
 from reconciler.core.leadership import Leadership
 from reconciler.core.stops import StopDispatcher
+from reconciler.fleet.agent_state import AgentState
 from reconciler.fleet.agents import AgentPool
-from reconciler.fleet.liveness import AgentState, Fleet
+from reconciler.fleet.liveness import Fleet
 from reconciler.metrics import Metrics
 from router_db import JobStatus, NewJob, RouterDB, TaskInstanceKey
 from router_db.leases import Leases
@@ -310,6 +312,7 @@ def test_liveness_reads_heartbeat_ages_on_the_router_db_clock_and_a_step_of_it_l
         config=config,
         clock=lambda: ticks[0],
         registered_token=Secret("fleet"),
+        changed=nobody_waits,
     )
 
     async def run(seconds: float, *, beating: bool) -> set[AgentState]:
@@ -377,7 +380,7 @@ def test_a_stop_whose_router_db_time_cannot_be_read_stays_pending_and_is_retried
     unreachable = f"http://127.0.0.1:{free_port()}"  # the agent call, once sent, fails fast
     pool = AgentPool([AgentEntry(id="agent-1", url=unreachable)], {"agent-1": "t"}, timeout=1, stop_timeout=1)
     metrics = Metrics()
-    dispatcher = StopDispatcher(db, pool, metrics, StopConfig(attempts=1))
+    dispatcher = StopDispatcher(db, pool, metrics, StopConfig(attempts=1), changed=nobody_waits)
     retries = metrics.stop_requests.labels("retry")
     unhandled: list[dict[str, Any]] = []
 
@@ -389,14 +392,14 @@ def test_a_stop_whose_router_db_time_cannot_be_read_stays_pending_and_is_retried
                 [(job, Stop(Divergence.TI_FAILED, JobStatus.FAILED, "task instance is failed"))], source="t"
             )
             assert stopping is not None and stopping.stop_requested_at is not None
-            await dispatcher.drain(10)
+            await dispatcher.finish(10)
             gc.collect()  # a task that died of an exception nobody retrieved says so when collected
             assert unhandled == [] and dispatcher.inflight == 0
             assert retries._value.get() == 1
             assert "router DB unavailable; stop resumes next cycle" in caplog.text
             db.failing = False
             dispatcher.resume(stopping)  # the next cycle's resume: the agent call goes out this time
-            await dispatcher.drain(10)
+            await dispatcher.finish(10)
             assert retries._value.get() == 2 and "agent unreachable" in caplog.text
             gc.collect()
             assert unhandled == []

@@ -22,6 +22,7 @@ from aiohttp.test_utils import TestServer
 
 from agent.identity import Credentials, load_identity
 from agent_api.registration import Heartbeat, identity_fingerprint
+from reconciler.api.statuses import status_of
 from reconciler.config import FleetConfig
 from reconciler.errors import Refused
 from reconciler.fleet.registry import Accepted, Registry
@@ -74,7 +75,7 @@ def heartbeat(url: str, instance: str, **secrets: str) -> Heartbeat:
 async def refused(status: int, attempt: Awaitable[Accepted]) -> str:
     with pytest.raises(Refused) as caught:
         await attempt
-    assert caught.value.status == status, caught.value
+    assert status_of(caught.value) == status, caught.value
     return str(caught.value)
 
 

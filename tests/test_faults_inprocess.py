@@ -21,6 +21,7 @@ from sqlalchemy import event
 
 from harness.agent import AgentProcess
 from harness.processes import free_port
+from harness.wiring import nobody_waits
 from reconciler.airflow.client import TaskInstance
 from reconciler.config import AgentEntry, PollConfig, StopConfig
 from reconciler.core.decision import Divergence, Stop
@@ -93,7 +94,7 @@ def test_agents_answering_500_or_hanging_are_bounded_and_never_block_a_healthy_a
                 per_agent_concurrency=2,
             )
             metrics = Metrics()
-            dispatcher = StopDispatcher(db, pool, metrics, config)
+            dispatcher = StopDispatcher(db, pool, metrics, config, changed=nobody_waits)
             try:
                 hanging = [running_job(db, f"hang{i}", "hang") for i in range(4)]
                 failing = running_job(db, "broken", "broken")
@@ -115,7 +116,7 @@ def test_agents_answering_500_or_hanging_are_bounded_and_never_block_a_healthy_a
                 assert all(db.get(j.job_id).status is JobStatus.STOPPING for j in hanging)  # type: ignore[union-attr]
 
                 # Bounded: 3 attempts of at most 1 s plus backoff per stop, two stops at a time.
-                await asyncio.wait_for(dispatcher.drain(60), timeout=20)
+                await asyncio.wait_for(dispatcher.finish(60), timeout=20)
                 assert dispatcher.inflight == 0
                 took = time.monotonic() - started
                 assert took < 12, took
@@ -124,7 +125,7 @@ def test_agents_answering_500_or_hanging_are_bounded_and_never_block_a_healthy_a
                 assert metrics.stop_requests.labels("retry")._value.get() == 5
                 assert metrics.stop_requests.labels("stopped")._value.get() == 1
             finally:
-                await dispatcher.drain(5)
+                await dispatcher.finish(5)
                 await pool.close()
                 await hang_runner.cleanup()
                 await broken_runner.cleanup()
@@ -184,7 +185,7 @@ def loop_on(db: RouterDB, jobs: list[JobRecord]) -> tuple[ReconcileLoop, StopDis
         stop_timeout=1.0,
     )
     metrics = Metrics()
-    dispatcher = StopDispatcher(db, pool, metrics, StopConfig(attempts=1))
+    dispatcher = StopDispatcher(db, pool, metrics, StopConfig(attempts=1), changed=nobody_waits)
     loop = build_core(
         db=db,
         airflow=FailedAirflow(jobs),
@@ -222,10 +223,10 @@ def test_a_locked_sqlite_router_db_makes_the_cycle_wait_or_report_db_error_and_i
             took = time.monotonic() - started
             await asyncio.to_thread(holder.join, 10)
             second = await loop.cycle()
-            await dispatcher.drain(5)
+            await dispatcher.finish(5)
             return first.result, took, second.result
         finally:
-            await dispatcher.drain(5)
+            await dispatcher.finish(5)
             await pool.close()
 
     try:

@@ -22,11 +22,13 @@ from aiohttp.test_utils import TestServer
 
 from agent_api.fencing import UNSAID, FenceTerms
 from agent_api.registration import Heartbeat, identity_fingerprint
+from harness.wiring import nobody_waits
 from reconciler.config import FleetConfig
 from reconciler.errors import Refused
+from reconciler.fleet.agent_state import AgentState
 from reconciler.fleet.agents import AgentPool
 from reconciler.fleet.fencing import fence_problem, fence_wait
-from reconciler.fleet.liveness import AgentState, Fleet
+from reconciler.fleet.liveness import Fleet
 from reconciler.fleet.registry import Registry
 from reconciler.metrics import Metrics
 from router_db import AgentRecord, JobRecord, JobStatus, NewJob, RouterDB, TaskInstanceKey
@@ -79,7 +81,8 @@ class SilentAgent:
         self.pool = AgentPool([], {}, timeout=1, stop_timeout=1)
         self.metrics = Metrics()
         self.fleet = Fleet(db=self.db, agents=self.pool, metrics=self.metrics, config=config,
-                           clock=lambda: self.ticks[0], registered_token=Secret("t"))  # fmt: skip
+                           clock=lambda: self.ticks[0], registered_token=Secret("t"),
+                           changed=nobody_waits)  # fmt: skip
         self.waiting: list[float | None] = []  # reconciler_fence_waiting_jobs after each tick
         now = self.db.now()
         self.record = AgentRecord(
@@ -232,7 +235,14 @@ def test_an_agent_fencing_too_late_registers_but_takes_no_job_it_would_fence(tmp
 
     async def refusals() -> dict[str, str | None]:
         pool = AgentPool([], {}, timeout=1, stop_timeout=1)
-        fleet = Fleet(db=db, agents=pool, metrics=Metrics(), config=config, registered_token=Secret("fleet"))
+        fleet = Fleet(
+            db=db,
+            agents=pool,
+            metrics=Metrics(),
+            config=config,
+            registered_token=Secret("fleet"),
+            changed=nobody_waits,
+        )
         said: dict[str, str | None] = {}
 
         async def beat(**changes: Any) -> None:

@@ -21,11 +21,14 @@ from harness.processes import alive, free_port, process_group
 from harness.scripted import ScriptedAirflow, ti
 from harness.served import ServedAirflow
 from harness.sidecar import AgentRef, SidecarProcess
+from harness.wiring import nobody_waits
 from reconciler.config import AgentEntry, FleetConfig, PollConfig, StopConfig
 from reconciler.core.parts import build_core
 from reconciler.core.stops import StopDispatcher
+from reconciler.fleet.agent_state import AgentState, agent_state, partitioned
 from reconciler.fleet.agents import AgentPool
-from reconciler.fleet.liveness import AgentState, Fleet, agent_state, orphans, partitioned
+from reconciler.fleet.liveness import Fleet
+from reconciler.fleet.orphans import orphans
 from reconciler.metrics import Metrics
 from router_db import JobRecord, JobStatus, NewJob, RouterDB, TaskInstanceKey
 
@@ -62,13 +65,14 @@ class Sidecar:
 
     def __init__(self, db: RouterDB, pool: AgentPool, airflow: ScriptedAirflow, fleet: FleetConfig) -> None:
         self.metrics = Metrics()
-        self.fleet = Fleet(db=db, agents=pool, metrics=self.metrics, config=fleet)
-        pool.avoid = lambda agent_id: self.fleet.state(agent_id) is AgentState.LOST
+        self.fleet = Fleet(db=db, agents=pool, metrics=self.metrics, config=fleet, changed=nobody_waits)
         self.loop = build_core(
             db=db,
             airflow=airflow,
             agents=pool,
-            dispatcher=StopDispatcher(db, pool, self.metrics, StopConfig(attempts=1)),
+            dispatcher=StopDispatcher(
+                db, pool, self.metrics, StopConfig(attempts=1), changed=nobody_waits
+            ),
             metrics=self.metrics,
             poll=PollConfig(interval_seconds=0.2, full_resync_seconds=3600.0, agent_sync_per_cycle=50),
             fleet=self.fleet,
@@ -315,7 +319,7 @@ def test_most_agents_failing_at_once_is_taken_for_the_sidecars_own_outage(db: Ro
 
     async def scenario() -> dict[str, AgentState]:
         try:
-            fleet = Fleet(db=db, agents=pool, metrics=Metrics(), config=FLEET)
+            fleet = Fleet(db=db, agents=pool, metrics=Metrics(), config=FLEET, changed=nobody_waits)
             deadline = time.monotonic() + FLEET.lost_after_seconds + 2.0
             while time.monotonic() < deadline:
                 await fleet.tick()

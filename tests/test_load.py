@@ -33,7 +33,7 @@ from sqlalchemy import func, select
 from harness.served import ServedAirflow, ServedApp
 from harness.sidecar import AgentRef, SidecarProcess
 from router_db import RouterDB
-from router_db.models import Job
+from router_db.models import JobRow
 
 RATE = float(os.environ.get("AGENTIC_LOAD_RATE", "120"))  # submissions per second
 SECONDS = float(os.environ.get("AGENTIC_LOAD_SECONDS", "30"))  # shorter for a quick local look
@@ -165,7 +165,7 @@ def test_sustained_submissions_for_30_s_with_the_loop_running_lose_nothing(
         assert agent.runs == TOTAL
         db = RouterDB(f"sqlite:///{sidecar.workdir / 'router.db'}")
         with db.engine.connect() as conn:
-            count = conn.execute(select(func.count()).select_from(Job)).scalar_one()
+            count = conn.execute(select(func.count()).select_from(JobRow)).scalar_one()
         assert count == TOTAL  # none lost, none doubled
         assert len(db.active()) == TOTAL  # and the loop stopped none of them
         assert sidecar.proc is not None and sidecar.proc.poll() is None

@@ -25,6 +25,7 @@ from harness.processes import free_port, wait_until
 from harness.scripted import ScriptedAirflow
 from harness.served import ServedAirflow, ServedApp
 from harness.sidecar import AgentRef, SidecarProcess
+from harness.wiring import nobody_waits
 from reconciler.config import AgentEntry, PollConfig, StopConfig
 from reconciler.core.job_service import JobService
 from reconciler.core.parts import build_core
@@ -55,7 +56,7 @@ def service(db: RouterDB, *, watch_seconds: float) -> tuple[JobService, AgentPoo
         stop_timeout=1,
     )
     metrics = Metrics()
-    dispatcher = StopDispatcher(db, agents, metrics, StopConfig())
+    dispatcher = StopDispatcher(db, agents, metrics, StopConfig(), changed=nobody_waits)
     core = build_core(
         db=db,
         airflow=ScriptedAirflow(truth={}),

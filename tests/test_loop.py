@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 from harness.agent import AgentProcess
 from harness.processes import free_port
 from harness.scripted import ScriptedAirflow, ti
+from harness.wiring import nobody_waits
 from reconciler.airflow.client import TaskInstance
 from reconciler.config import AgentEntry, PollConfig, StopConfig
 from reconciler.core.loop import ReconcileLoop
@@ -51,7 +52,9 @@ def make_loop(
     db: RouterDB, airflow: ScriptedAirflow, agents: AgentPool, **poll: float | str
 ) -> tuple[ReconcileLoop, StopDispatcher]:
     metrics = Metrics()
-    dispatcher = StopDispatcher(db, agents, metrics, StopConfig(attempts=1, backoff_initial_seconds=0.01))
+    dispatcher = StopDispatcher(
+        db, agents, metrics, StopConfig(attempts=1, backoff_initial_seconds=0.01), changed=nobody_waits
+    )
     # These tests pin the incremental strategy's reads; tests/test_targeted.py covers the default.
     settings = {"strategy": "incremental", "full_resync_seconds": 3600.0, "agent_sync_per_cycle": 0, **poll}
     config = PollConfig(**settings)  # type: ignore[arg-type]
@@ -300,7 +303,7 @@ def test_a_restarted_reconciler_finishes_a_stop_left_pending(db: RouterDB, tmp_p
                 )
                 loop, dispatcher = make_loop(db, ScriptedAirflow(), pool)
                 await loop.cycle()
-                await dispatcher.drain(30)
+                await dispatcher.finish(30)
             finally:
                 await pool.close()
 
@@ -423,11 +426,11 @@ def test_a_stop_pending_past_its_deadline_is_sent_with_force(db: RouterDB, tmp_p
                 )
                 metrics = Metrics()
                 config = StopConfig(attempts=1, force_after_seconds=0.1)  # the intent is already overdue
-                dispatcher = StopDispatcher(db, pool, metrics, config)
+                dispatcher = StopDispatcher(db, pool, metrics, config, changed=nobody_waits)
                 await asyncio.sleep(0.2)
                 started = time.monotonic()
                 dispatcher.resume(db.get(job.job_id))  # type: ignore[arg-type]
-                await dispatcher.drain(30)
+                await dispatcher.finish(30)
                 return time.monotonic() - started
             finally:
                 await pool.close()

@@ -11,9 +11,9 @@ from reconciler.core.outcome import (
     START_GRACE_SECONDS,
     Finish,
     GiveUp,
-    Keep,
     MarkRunning,
     RetryForced,
+    Unchanged,
     after_never_started_stop,
     after_status,
     after_stop,
@@ -35,24 +35,24 @@ EARLY, LATE = 0.0, START_GRACE_SECONDS + 1
 STATUS_TABLE: dict[tuple[JobStatus, AgentJobStatus | None, float], object] = {}
 for answer, queued_for in itertools.product([None, *AgentJobStatus], [EARLY, LATE]):
     for ended_or_stopping in (S, OK, F):
-        STATUS_TABLE[(ended_or_stopping, answer, queued_for)] = Keep()  # only the stop path changes them
+        STATUS_TABLE[(ended_or_stopping, answer, queued_for)] = Unchanged()  # only the stop path changes them
     for active in (Q, R):
         if answer in (AgentJobStatus.SUCCEEDED, AgentJobStatus.FAILED):
             STATUS_TABLE[(active, answer, queued_for)] = Finish(JobStatus(answer.value), 3, "boom")
 STATUS_TABLE.update(
     {
-        (Q, None, EARLY): Keep(),  # its /run may still be on the way
+        (Q, None, EARLY): Unchanged(),  # its /run may still be on the way
         (Q, None, LATE): GiveUp(),
-        (R, None, EARLY): Keep(),  # a running job the agent forgot: the orphan sweep's and the stop's
-        (R, None, LATE): Keep(),
-        (Q, AgentJobStatus.QUEUED, EARLY): Keep(),
-        (Q, AgentJobStatus.QUEUED, LATE): Keep(),
+        (R, None, EARLY): Unchanged(),  # a running job the agent forgot: the orphan sweep's and the stop's
+        (R, None, LATE): Unchanged(),
+        (Q, AgentJobStatus.QUEUED, EARLY): Unchanged(),
+        (Q, AgentJobStatus.QUEUED, LATE): Unchanged(),
         (Q, AgentJobStatus.RUNNING, EARLY): MarkRunning(),
         (Q, AgentJobStatus.RUNNING, LATE): MarkRunning(),
-        (R, AgentJobStatus.QUEUED, EARLY): Keep(),
-        (R, AgentJobStatus.QUEUED, LATE): Keep(),
-        (R, AgentJobStatus.RUNNING, EARLY): Keep(),
-        (R, AgentJobStatus.RUNNING, LATE): Keep(),
+        (R, AgentJobStatus.QUEUED, EARLY): Unchanged(),
+        (R, AgentJobStatus.QUEUED, LATE): Unchanged(),
+        (R, AgentJobStatus.RUNNING, EARLY): Unchanged(),
+        (R, AgentJobStatus.RUNNING, LATE): Unchanged(),
     }
 )
 
@@ -76,7 +76,7 @@ def test_an_exit_without_a_reason_says_its_rc() -> None:
 
 
 def test_the_grace_ends_exactly_at_its_limit() -> None:
-    assert after_status(Q, None, queued_for=START_GRACE_SECONDS - 0.001) == Keep()
+    assert after_status(Q, None, queued_for=START_GRACE_SECONDS - 0.001) == Unchanged()
     assert after_status(Q, None, queued_for=START_GRACE_SECONDS) == GiveUp()
 
 

@@ -28,9 +28,11 @@ from harness.agent import AgentProcess
 from harness.processes import wait_for
 from harness.served import ServedAirflow, ServedApp
 from harness.sidecar import SidecarProcess
+from harness.wiring import nobody_waits
 from reconciler.config import AgentEntry, FleetConfig
+from reconciler.fleet.agent_state import AgentState
 from reconciler.fleet.agents import AgentPool
-from reconciler.fleet.liveness import AgentState, Fleet
+from reconciler.fleet.liveness import Fleet
 from reconciler.metrics import Metrics
 from router_db import RouterDB
 from servicekit.credentials import Secret
@@ -193,6 +195,7 @@ def test_a_term_that_ends_while_holding_exports_no_held_agent_from_the_standby(t
         config=config,
         clock=lambda: ticks[0],
         registered_token=Secret("t"),
+        changed=nobody_waits,
     )
 
     async def tick(seconds: float, beating: list[str]) -> None:
@@ -243,7 +246,7 @@ def test_a_drain_sent_through_a_standby_is_not_wanted_again_once_the_agent_took_
             timeout=1,
             stop_timeout=1,
         )
-        fleet = Fleet(db=db, agents=pool, metrics=Metrics(), config=FleetConfig())
+        fleet = Fleet(db=db, agents=pool, metrics=Metrics(), config=FleetConfig(), changed=nobody_waits)
         try:
             await fleet.drain("vm-s", draining=True)
             return fleet._agents["vm-s"].drain_wanted is None

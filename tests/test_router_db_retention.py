@@ -15,7 +15,7 @@ from harness.processes import free_port, wait_until
 from harness.sidecar import SidecarProcess
 from reconciler.core.retention import parse_age
 from router_db import JobStatus, NewJob, RouterDB, TaskInstanceKey
-from router_db.models import Job, JobEvent
+from router_db.models import JobEvent, JobRow
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -34,11 +34,11 @@ def submit(db: RouterDB, n: int, *, status: JobStatus, age_days: float) -> list[
         ids.append(job.job_id)
     then = datetime.now(UTC) - timedelta(days=age_days)
     with db.engine.begin() as conn:
-        conn.execute(update(Job).where(Job.job_id.in_(ids)).values(updated_at=then))
+        conn.execute(update(JobRow).where(JobRow.job_id.in_(ids)).values(updated_at=then))
     return ids
 
 
-def count(db: RouterDB, table: type[Job] | type[JobEvent]) -> int:
+def count(db: RouterDB, table: type[JobRow] | type[JobEvent]) -> int:
     with db.engine.connect() as conn:
         return int(conn.execute(select(func.count()).select_from(table)).scalar_one())
 
@@ -52,7 +52,7 @@ def test_old_finished_jobs_go_with_their_events_and_nothing_else(router_db: Rout
     cutoff = datetime.now(UTC) - timedelta(days=30)
 
     assert router_db.prune_finished(cutoff, dry_run=True) == 10
-    assert count(router_db, Job) == 15  # a dry run deletes nothing
+    assert count(router_db, JobRow) == 15  # a dry run deletes nothing
     assert router_db.prune_finished(cutoff, batch=3) == 10  # in batches of three
     for job_id in old_done + old_failed:
         assert router_db.get(job_id) is None and router_db.events(job_id) == []

@@ -13,6 +13,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
+from harness.wiring import said_of
 from reconciler.config import AgentEntry
 from reconciler.fleet.agents import AgentPool, WrongAgent
 from servicekit.credentials import Secret, follow, load_secret, load_tokens, token_list
@@ -154,7 +155,7 @@ def test_the_pool_sends_the_current_token_and_nothing_to_a_refused_agent(tmp_pat
             secret.refresh()
             after = pool.client("a")
             assert after is not before and after._token == NEW
-            pool.refuse = lambda agent_id: "the agent at http://127.0.0.1:1 says it is 'b', not 'a'"
+            said_of(pool).refuse = lambda agent_id: "the agent at http://127.0.0.1:1 says it is 'b', not 'a'"
             with pytest.raises(WrongAgent, match="says it is 'b'"):
                 pool.client("a")
             assert pool.prober("a")._token == NEW  # health checks go on: how the right agent is found

@@ -21,13 +21,14 @@ from agent_api.client import AgentClient, AgentRejected
 from harness.agent import AgentProcess
 from harness.processes import alive, process_group
 from harness.served import ServedApp
+from harness.wiring import nobody_waits
 from reconciler.config import AgentEntry, StopConfig
 from reconciler.core.agent_sync import refresh_from_agent
 from reconciler.core.stops import StopDispatcher
 from reconciler.fleet.agents import AgentPool
 from reconciler.metrics import Metrics
 from router_db import JobStatus, NewJob, RouterDB, TaskInstanceKey
-from router_db.models import Job
+from router_db.models import JobRow
 
 
 @pytest.fixture
@@ -95,7 +96,7 @@ def test_a_queued_job_unknown_to_its_agent_is_given_up_only_after_the_start_grac
             assert fresh.status is JobStatus.QUEUED
             with db.engine.begin() as conn:  # the submission is now long past
                 past = datetime.now(UTC) - timedelta(minutes=5)
-                conn.execute(update(Job).where(Job.job_id == job.job_id).values(created_at=past))
+                conn.execute(update(JobRow).where(JobRow.job_id == job.job_id).values(created_at=past))
             old = db.get(job.job_id)
             assert old is not None
             given_up = await refresh_from_agent(db, pool, old)
@@ -125,9 +126,11 @@ def test_a_retried_stop_keeps_the_status_chosen_at_intent(db: RouterDB, agent: A
             await pool.client("agent-1").stop(
                 job.job_id, reason="task instance marked success"
             )  # answer lost
-            dispatcher = StopDispatcher(db, pool, Metrics(), StopConfig(attempts=1))
+            dispatcher = StopDispatcher(
+                db, pool, Metrics(), StopConfig(attempts=1), changed=nobody_waits
+            )
             dispatcher.resume(stopping)
-            await dispatcher.drain(30)
+            await dispatcher.finish(30)
         finally:
             await pool.close()
 
@@ -169,10 +172,12 @@ def test_a_stop_whose_processes_survive_stays_stopping_and_is_retried_with_force
         pool = pool_for(served.url)
         seen = []
         try:
-            dispatcher = StopDispatcher(db, pool, Metrics(), StopConfig(attempts=1))
+            dispatcher = StopDispatcher(
+                db, pool, Metrics(), StopConfig(attempts=1), changed=nobody_waits
+            )
             for _ in range(2):  # two cycles resume the pending stop
                 dispatcher.resume(stopping)
-                await dispatcher.drain(10)
+                await dispatcher.finish(10)
                 record = db.get(job.job_id)
                 assert record is not None
                 seen.append(record.status)

@@ -32,10 +32,10 @@ from reconciler.core.outcome import (
     AskAgent,
     Finish,
     GiveUp,
-    Keep,
     MarkRunning,
     Resend,
     RunAnswer,
+    Unchanged,
     after_never_started_stop,
     after_run,
     after_unsettled_read,
@@ -381,14 +381,14 @@ def test_after_unsettled_read(overdue: bool, doubtful: bool, answer: AgentJobSta
             JobStatus.FAILED, None, f"{why}; its agent said nothing of it for lost_after_seconds more"
         )
     else:
-        assert unanswered == Keep()
+        assert unanswered == Unchanged()
     read = after_unsettled_read(
         answer, answered=True, doubtful=doubtful, overdue=overdue, why=why, rc=3, reason="exited"
     )
     ended = answer in (AgentJobStatus.SUCCEEDED, AgentJobStatus.FAILED)
     assert read == {
         None: GiveUp(),
-        AgentJobStatus.QUEUED: Keep(),  # starting there: asked again
+        AgentJobStatus.QUEUED: Unchanged(),  # starting there: asked again
         AgentJobStatus.RUNNING: MarkRunning(),
     }.get(answer, Finish(JobStatus(str(answer)), 3, "exited") if ended else None)
 

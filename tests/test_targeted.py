@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 import pytest
 
 from harness.scripted import ScriptedAirflow, ti
+from harness.wiring import nobody_waits
 from reconciler.airflow.client import TaskInstance, TaskInstancePath
 from reconciler.config import PollConfig, StopConfig
 from reconciler.core.loop import ReconcileLoop
@@ -58,7 +59,9 @@ def make_loop(
     db: RouterDB, airflow: ScriptedAirflow, pool: AgentPool, metrics: Metrics | None = None, **poll: float
 ) -> tuple[ReconcileLoop, StopDispatcher]:
     metrics = metrics or Metrics()
-    dispatcher = StopDispatcher(db, pool, metrics, StopConfig(attempts=1, backoff_initial_seconds=0.01))
+    dispatcher = StopDispatcher(
+        db, pool, metrics, StopConfig(attempts=1, backoff_initial_seconds=0.01), changed=nobody_waits
+    )
     config = PollConfig(**{"full_resync_seconds": 3600.0, "agent_sync_per_cycle": 0, **poll})  # type: ignore[arg-type]
     assert config.strategy == "targeted"  # the default
     loop = build_core(
@@ -314,7 +317,7 @@ def test_a_dense_burst_is_read_in_one_request_without_counting_groups(db: Router
         before = dict(loop.read.main.targeted.requests)
         report = await loop.cycle()
         assert sorted(j.job_id for j, _ in report.stops) == sorted(j.job_id for j in marked)
-        await dispatcher.drain(10)  # the stops under way, before the agent pool closes
+        await dispatcher.finish(10)  # the stops under way, before the agent pool closes
         return {k: n - before[k] for k, n in loop.read.main.targeted.requests.items()}
 
     assert run(scenario) == {"in_flight": 1, "deferred_count": 1, "locate_count": 0, "rows": 1}
@@ -469,7 +472,7 @@ def test_requests_in_flight_never_exceed_max_concurrent_reads(db: RouterDB) -> N
             airflow.truth[key(job)] = ti(job, "failed")
         report = await loop.cycle()
         assert sorted(j.job_id for j, _ in report.stops) == sorted(j.job_id for j in marked)
-        await dispatcher.drain(10)  # the stops under way, before the agent pool closes
+        await dispatcher.finish(10)  # the stops under way, before the agent pool closes
 
     run(scenario)
     assert 1 < airflow.peak_in_flight <= 3

@@ -37,6 +37,7 @@ from harness.processes import wait_for
 from harness.scripted import ScriptedAirflow
 from harness.served import ServedAirflow, ServedApp
 from harness.sidecar import AgentRef, SidecarProcess
+from harness.wiring import nobody_waits
 from reconciler.config import PollConfig, StopConfig
 from reconciler.core import agent_reports
 from reconciler.core.agent_reports import Recorded, apply_agent_reports, denies, forgotten_reason, plan
@@ -49,7 +50,7 @@ from reconciler.core.watch import JobWatch
 from reconciler.fleet.agents import AgentPool
 from reconciler.metrics import Metrics
 from router_db import AgentRecord, JobRecord, JobStatus, NewJob, RouterDB, TaskInstanceKey
-from router_db.models import Job
+from router_db.models import JobRow
 
 INTERVAL = 1.0  # the sidecar's poll interval: "two cycles" is two of these
 FLEET = "[fleet]\nlost_after_seconds = 120\ncheck_interval_seconds = 0.2\ncheck_timeout_seconds = 1.0\n"
@@ -259,7 +260,9 @@ def test_the_loops_catch_up_keeps_the_configured_give_up(
     job, _ = db.submit(NewJob(TaskInstanceKey(dag_id="d", task_id="q", run_id="r"), "vm1", "sleep 300"))
     with db.engine.begin() as conn:
         conn.execute(
-            update(Job).where(Job.job_id == job.job_id).values(created_at=db.now() - timedelta(seconds=100))
+            update(JobRow)
+            .where(JobRow.job_id == job.job_id)
+            .values(created_at=db.now() - timedelta(seconds=100))
         )
     agent = FeedAgent()
     pool = cast(AgentPool, agent)
@@ -268,7 +271,7 @@ def test_the_loops_catch_up_keeps_the_configured_give_up(
         db=db,
         airflow=ScriptedAirflow(truth={}),
         agents=pool,
-        dispatcher=StopDispatcher(db, pool, metrics, StopConfig(attempts=1)),
+        dispatcher=StopDispatcher(db, pool, metrics, StopConfig(attempts=1), changed=nobody_waits),
         metrics=metrics,
         poll=PollConfig(strategy="incremental"),
         start_grace_seconds=start_grace(give_up_seconds=give_up, run_timeout=10.0),

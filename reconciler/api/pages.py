@@ -32,10 +32,12 @@ from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
 from reconciler.airflow.client import AirflowError
+from reconciler.api.statuses import status_of
 from reconciler.core.job_service import JobService
-from reconciler.errors import NoSuchJob, Refused
+from reconciler.errors import Refused
+from reconciler.fleet.agent_state import AgentReport
 from reconciler.fleet.agents import NoAgent
-from reconciler.fleet.liveness import AgentReport, Fleet
+from reconciler.fleet.liveness import Fleet
 from router_db import EventRecord, JobRecord, RouterDB, TaskInstanceKey
 from servicekit.credentials import Secret
 from servicekit.http import read_bounded
@@ -441,8 +443,8 @@ async def _rendered(
         status, message = exc.status, exc.message
     except WireError as exc:
         status, message = 400, str(exc)
-    except NoSuchJob as exc:
-        status, message = 404, str(exc)
+    except Refused as exc:
+        status, message = status_of(exc), str(exc)
     return _html(_document("Not shown", f'<p class="error">{e(message)}</p>'), status=status)
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from reconciler.fleet.liveness import AgentState
+from reconciler.fleet.agent_state import AgentState
 
 
 @dataclass(frozen=True)

@@ -31,10 +31,12 @@ from agent_api.registration import (
 )
 from reconciler.api.pages import PageConfig, add_pages, except_pages
 from reconciler.api.readiness import assess
+from reconciler.api.statuses import status_of
 from reconciler.core.job_service import JobService, Update
 from reconciler.core.loop import ReconcileLoop
-from reconciler.errors import NoSuchJob, Refused
-from reconciler.fleet.liveness import AgentReport, DrainNotDelivered, Fleet
+from reconciler.errors import Refused
+from reconciler.fleet.agent_state import AgentReport
+from reconciler.fleet.liveness import Fleet
 from reconciler.fleet.registry import Registry
 from reconciler.metrics import Metrics
 from router_db import RouterDB
@@ -77,13 +79,9 @@ _BOOTSTRAP = web.RequestKey("bootstrap", bool)  # the registration carried the f
 def _known(exc: Exception) -> HttpError | None:
     if isinstance(exc, WireError | ProtocolError):  # ProtocolError: an agent's registration
         return BadRequest(str(exc))
-    if isinstance(exc, NoSuchJob):
-        return HttpError(404, str(exc))
-    if isinstance(exc, DrainNotDelivered):
-        return HttpError(502, str(exc))
     if isinstance(exc, Refused):
         headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after is not None else None
-        return HttpError(exc.status, str(exc), headers=headers)
+        return HttpError(status_of(exc), str(exc), headers=headers)
     return None
 
 

@@ -43,8 +43,8 @@ from reconciler.core.outcome import (
     after_status,
 )
 from reconciler.core.watch import JobWatch
+from reconciler.fleet.agent_state import identity_problem
 from reconciler.fleet.agents import AgentPool, NoAgent
-from reconciler.fleet.liveness import identity_problem
 from reconciler.logfields import job_fields
 from router_db import AgentRecord, JobRecord, JobStatus, RouterDB, StaleTransition, Transition
 

@@ -38,8 +38,9 @@ from reconciler.core.db_time import DbTime
 from reconciler.core.gather import bounded
 from reconciler.core.outcome import START_GRACE_SECONDS, Finish, GiveUp, MarkRunning, after_status
 from reconciler.core.watch import JobWatch
+from reconciler.fleet.agent_state import AgentState
 from reconciler.fleet.agents import AgentPool, NoAgent, unconfigured_reason, unconfigured_transition
-from reconciler.fleet.liveness import AgentState, Fleet
+from reconciler.fleet.liveness import Fleet
 from reconciler.logfields import job_fields
 from reconciler.metrics import Metrics
 from router_db import JobRecord, JobStatus, RouterDB, StaleTransition

@@ -20,13 +20,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from agent_api.client import (
-    AgentBusy,
-    AgentError,
-    JobInfo,
-    JobNotFound,
-    LogChunk,
-)
+from agent_api.client import AgentBusy, AgentError, JobInfo, JobNotFound, LogChunk
+from reconciler import errors
 from reconciler.airflow.client import AirflowError
 from reconciler.core.agent_reports import apply_agent_reports
 from reconciler.core.agent_sync import AgentSync
@@ -36,9 +31,9 @@ from reconciler.core.decision import MAX_NOTE_CHARS, Divergence, Stop
 from reconciler.core.stops import StopDispatcher
 from reconciler.core.submissions import Submissions
 from reconciler.core.watch import JobWatch
-from reconciler.errors import NoRoom, NoSuchJob, Refused
+from reconciler.fleet.agent_state import AgentState
 from reconciler.fleet.agents import AgentPool, NoAgent, NoCapacity, unconfigured_reason
-from reconciler.fleet.liveness import AgentState, Fleet
+from reconciler.fleet.liveness import Fleet
 from reconciler.logfields import job_fields
 from reconciler.metrics import Metrics
 from router_db import EventRecord, JobRecord, JobStatus, NewJob, RouterDB, TaskInstanceKey
@@ -99,7 +94,7 @@ class JobService:
         self._confirmer = confirmer
         self._sync = sync
         self._dispatcher = dispatcher
-        self._when_full = when_full  # [fleet] when_full: "wait" (503) or "refuse" (409)
+        self._when_full = when_full  # [fleet] when_full: "wait" or "refuse"
         self._metrics = metrics
         self._background: set[asyncio.Task[None]] = set()
         # Counting agents' loads and recording the job chosen by them happen one submission at a
@@ -108,10 +103,10 @@ class JobService:
 
     async def submit(self, request: SubmitRequest) -> Submitted:
         """Record the try's job and start it on an agent; a resubmission of the same try returns its
-        job unchanged (idempotent). Refused (400) when no agent matches; (503) when the agent named is
-        lost or another agent answers at its URL; when no agent the route allows has room (lost,
-        draining or full), (503, the operator retries) or (409, the task fails) as [fleet] when_full
-        says."""
+        job unchanged (idempotent). Raises Invalid when no agent matches; Unavailable when the agent
+        named is lost or another agent answers at its URL; when no agent the route allows has room
+        (lost, draining or full), NoRoomForNow (the operator retries) or NoRoomAtAll (the task fails)
+        as [fleet] when_full says."""
         key = TaskInstanceKey(
             dag_id=request.dag_id,
             task_id=request.task_id,
@@ -130,11 +125,11 @@ class JobService:
         while True:
             try:
                 job, created = await self._place(request, key, refused)
-            except Refused as exc:
+            except errors.Refused as exc:
                 existing = await asyncio.to_thread(self._db.find, key, request.ti_identity)
                 if existing is not None:
                     return Submitted(existing, False)  # this try was submitted before: its job
-                if isinstance(exc, NoRoom) and self._metrics is not None:
+                if isinstance(exc, errors.NoRoom) and self._metrics is not None:
                     self._metrics.no_capacity.inc()
                 raise
             if not created:
@@ -154,14 +149,13 @@ class JobService:
         try:
             eligible = self._agents.eligible(agent_id=request.agent_id, labels=request.labels)
         except NoAgent as exc:
-            raise Refused(400, str(exc)) from None
+            raise errors.Invalid(str(exc)) from None
         # Only agents whose fence, if they would fence the job, ends it before they are declared lost;
         # none, and the task fails now, saying why, rather than wait for an agent that cannot come.
         asked = bool(request.payload.get("at_most_once"))
         unfenced = {a: why for a in eligible if (why := self._fence_refusal(a, asked))}
         if unfenced and len(unfenced) == len(eligible):
-            raise Refused(
-                400,
+            raise errors.Invalid(
                 "no agent the route allows can run this job within its fence: "
                 + "; ".join(unfenced.values()),
             )
@@ -192,8 +186,7 @@ class JobService:
         ):
             # Only an agent named by agent_id gets here so (routing by labels skips both): the
             # operator retries, and the job starts once the agent answers again.
-            raise Refused(
-                503,
+            raise errors.Unavailable(
                 refusal or f"agent {agent_id} is lost: it does not answer its health checks",
                 retry_after=LOST_AGENT_RETRY_AFTER,
             )
@@ -210,10 +203,10 @@ class JobService:
         """Why a job must not go to the agent for its fence (:meth:`Fleet.fence_refusal`)."""
         return None if self._fleet is None else self._fleet.fence_refusal(agent_id, at_most_once=at_most_once)
 
-    def _no_capacity(self, message: str) -> NoRoom:
+    def _no_capacity(self, message: str) -> errors.NoRoom:
         if self._when_full == "refuse":
-            return NoRoom(409, message)
-        return NoRoom(503, message, retry_after=NO_CAPACITY_RETRY_AFTER)
+            return errors.NoRoomAtAll(message)
+        return errors.NoRoomForNow(message, retry_after=NO_CAPACITY_RETRY_AFTER)
 
     async def _stop_superseded(self, new: JobRecord) -> None:
         """A new try of a task instance (or the first try of a re-created run's) means the jobs of the
@@ -342,7 +335,7 @@ class JobService:
     async def recorded(self, job_id: str) -> JobRecord:
         job = await asyncio.to_thread(self._db.get, job_id)
         if job is None:
-            raise NoSuchJob(job_not_found(job_id))
+            raise errors.NoSuchJob(job_not_found(job_id))
         return job
 
     async def search(
@@ -373,26 +366,26 @@ class JobService:
 
     async def log(self, job: JobRecord, *, offset: int, limit: int | None, cursor: bool = False) -> LogChunk:
         """The job's output from its agent (``cursor``: read as the task's log, see the agent's API);
-        Refused (502) when the agent does not answer (or registered but this replica has not read it
-        yet), (404) when it keeps no log of the job, (410) when the agent is no longer configured (nor
-        registered): nothing can read that log any more."""
+        AgentUnreachable when the agent does not answer (or registered but this replica has not read
+        it yet), NotFound when it keeps no log of the job, Gone when the agent is no longer configured
+        (nor registered): nothing can read that log any more."""
         if not self._sync.answering(job.agent_id):
             state = "unknown" if self._fleet is None else str(self._fleet.state(job.agent_id))
             why = f"agent {job.agent_id} is {state}: it does not answer its health checks"
-            raise Refused(502, self._agents.refuse(job.agent_id) or why)
+            raise errors.AgentUnreachable(self._agents.refuse(job.agent_id) or why)
         try:
             client = self._agents.client(job.agent_id)
         except NoAgent:
             if job.agent_id in await self._sync.known_agents():
                 message = f"agent {job.agent_id} registered, but this replica has not read it yet; try again"
-                raise Refused(502, message) from None
+                raise errors.AgentUnreachable(message) from None
             message = f"{unconfigured_reason(job.agent_id)}: the log of job {job.job_id} cannot be read"
-            raise Refused(410, message) from None
+            raise errors.Gone(message) from None
         except AgentError as exc:  # another agent answers at its URL
-            raise Refused(502, f"agent {job.agent_id} communication failed: {exc}") from None
+            raise errors.AgentUnreachable(f"agent {job.agent_id} communication failed: {exc}") from None
         try:
             return await client.log(job.job_id, offset=offset, limit=limit, cursor=cursor)
         except JobNotFound:
-            raise Refused(404, f"agent {job.agent_id} has no log for job {job.job_id}") from None
+            raise errors.NotFound(f"agent {job.agent_id} has no log for job {job.job_id}") from None
         except AgentError as exc:
-            raise Refused(502, f"agent {job.agent_id} communication failed: {exc}") from None
+            raise errors.AgentUnreachable(f"agent {job.agent_id} communication failed: {exc}") from None

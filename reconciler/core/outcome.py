@@ -39,7 +39,7 @@ START_GRACE_SECONDS = start_grace(give_up_seconds=DEFAULT_GIVE_UP_SECONDS, run_t
 
 
 @dataclass(frozen=True)
-class Keep:
+class Unchanged:
     """Record nothing."""
 
 
@@ -71,7 +71,7 @@ class RetryForced:
     kind: str = "survived"
 
 
-StatusOutcome = Keep | MarkRunning | Finish | GiveUp
+StatusOutcome = Unchanged | MarkRunning | Finish | GiveUp
 StopOutcome = Finish | RetryForced
 
 
@@ -88,16 +88,16 @@ def after_status(
     ``queued_for`` is how long the job has been recorded (seconds), ``start_grace`` how long its
     ``/run`` may still be on the way (:func:`start_grace`)."""
     if status not in (JobStatus.QUEUED, JobStatus.RUNNING):
-        return Keep()  # a stop under way or an ended job: only the stop path changes it
+        return Unchanged()  # a stop under way or an ended job: only the stop path changes it
     if answer is None:
         if status is JobStatus.QUEUED and queued_for >= start_grace:
             return GiveUp()
-        return Keep()  # a RUNNING job the agent forgot is the orphan sweep's and the stop's business
+        return Unchanged()  # a RUNNING job the agent forgot is the orphan sweep's and the stop's business
     if answer in (AgentJobStatus.SUCCEEDED, AgentJobStatus.FAILED):
         return Finish(JobStatus(answer.value), rc, reason or f"exited with rc {rc}")
     if answer is AgentJobStatus.RUNNING and status is JobStatus.QUEUED:
         return MarkRunning()
-    return Keep()
+    return Unchanged()
 
 
 def after_stop(
@@ -195,7 +195,7 @@ def after_unsettled_read(
                 JobStatus.FAILED, None, f"{why}; every /run was answered with an error: never started"
             )
         if not overdue:
-            return Keep()
+            return Unchanged()
         return Finish(
             JobStatus.FAILED, None, f"{why}; its agent said nothing of it for lost_after_seconds more"
         )

@@ -26,7 +26,15 @@ log = logging.getLogger("reconciler.core.stops")
 
 
 class StopDispatcher:
-    def __init__(self, db: RouterDB, agents: AgentPool, metrics: Metrics, config: StopConfig) -> None:
+    def __init__(
+        self,
+        db: RouterDB,
+        agents: AgentPool,
+        metrics: Metrics,
+        config: StopConfig,
+        *,
+        changed: Callable[[Iterable[JobRecord]], object],  # told of every record it changed
+    ) -> None:
         self._db = db
         self._agents = agents
         self._metrics = metrics
@@ -40,7 +48,7 @@ class StopDispatcher:
         # Jobs whose last stop left processes alive after SIGKILL: their next attempt forces at once.
         self._force: set[str] = set()
         # Told of every record this dispatcher changed (the long-poll's watch wakes its waiters).
-        self.changed: Callable[[Iterable[JobRecord]], object] = lambda records: None
+        self.changed = changed
 
     @property
     def inflight(self) -> int:
@@ -79,7 +87,7 @@ class StopDispatcher:
         self._inflight[job.job_id] = task
         task.add_done_callback(lambda _: self._inflight.pop(job.job_id, None))
 
-    async def drain(self, timeout: float) -> None:
+    async def finish(self, timeout: float) -> None:
         """Let stops under way finish (graceful shutdown); unfinished ones resume after restart."""
         if self._inflight:
             await asyncio.wait(list(self._inflight.values()), timeout=timeout)

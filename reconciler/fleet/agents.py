@@ -1,8 +1,10 @@
 """The configured agents: one :class:`AgentClient` each, and routing of new jobs to them.
 
 The token sent to an agent is asked of its :class:`Secret` at each call: a token file rotated while
-the sidecar runs applies to the next call. Nothing at all is sent to an agent while ``refuse`` says
-why not (another agent answers at its URL): a stop or a job meant for one agent never reaches another.
+the sidecar runs applies to the next call. The fleet's liveness guards the pool (:class:`Guard`, which
+:class:`~reconciler.fleet.liveness.Fleet` installs as it is built): nothing at all is sent to an agent
+while it says why not (another agent answers at its URL), so a stop or a job meant for one agent never
+reaches another; new jobs avoid lost agents; routing counts each agent's drain flag and job limit.
 
 An active job whose agent is in neither ``[[agents]]`` nor the router DB's registered agents (while
 registration is on) can never be asked about or stopped again: the loop ends it with
@@ -11,7 +13,8 @@ registration is on) can never be asked about or stopped again: the loop ends it 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Protocol
 
 import aiohttp
 
@@ -51,6 +54,22 @@ class WrongAgent(AgentUnavailable):
     Retryable like any unavailable agent: a stop stays pending, a job is not started."""
 
 
+class Guard(Protocol):
+    """What the fleet's liveness says of each agent, for the pool to act on."""
+
+    def avoids(self, agent_id: str) -> bool:
+        """Whether new jobs avoid it (lost, or another agent answers at its URL)."""
+        ...
+
+    def refusal(self, agent_id: str) -> str | None:
+        """Why nothing may be sent to it now (None: it may)."""
+        ...
+
+    def capacity(self, agent_id: str) -> Capacity:
+        """Its drain flag and job limit as last heard."""
+        ...
+
+
 class AgentPool:
     def __init__(
         self,
@@ -70,11 +89,21 @@ class AgentPool:
         self._clients: dict[tuple[str, str], tuple[str, AgentClient]] = {}  # with the token it sends
         self._turn = 0
         self._picked: dict[str, int] = {}  # agent id -> the turn it was last chosen at
-        self.avoid: Callable[[str], bool] = lambda agent_id: False  # set by the fleet's liveness
-        # Why nothing may be sent to the agent now, or None (set by the fleet's identity check).
-        self.refuse: Callable[[str], str | None] = lambda agent_id: None
-        # Its drain flag and job limit as last heard (set by the fleet's health checks).
-        self.capacity: Callable[[str], Capacity] = lambda agent_id: Capacity()
+        self._guard: Guard | None = None  # none: a pool no fleet watches (a bench, a test)
+
+    def guarded_by(self, guard: Guard) -> None:
+        """The fleet's liveness, from now on (one per pool)."""
+        if self._guard is not None and self._guard is not guard:
+            raise RuntimeError("this agent pool is guarded already")
+        self._guard = guard
+
+    def refuse(self, agent_id: str) -> str | None:
+        """Why nothing may be sent to the agent now (another agent answers at its URL), or None."""
+        return self._guard.refusal(agent_id) if self._guard is not None else None
+
+    def capacity(self, agent_id: str) -> Capacity:
+        """Its drain flag and job limit as last heard."""
+        return self._guard.capacity(agent_id) if self._guard is not None else Capacity()
 
     def ids(self) -> list[str]:
         return sorted(self._entries)
@@ -202,7 +231,7 @@ class AgentPool:
     def _blocked(self, agent_id: str) -> str | None:
         if self.refuse(agent_id) is not None:
             return "wrong_identity"
-        return "lost" if self.avoid(agent_id) else None
+        return "lost" if self._guard is not None and self._guard.avoids(agent_id) else None
 
     async def close(self) -> None:
         for session in self._sessions.values():

@@ -1,264 +1,73 @@
-"""Agent liveness and the orphan sweep: the bookkeeping that needs agents, never Airflow.
+"""Agent liveness: whether each agent lives, from its health checks or its heartbeats; never Airflow.
 
-Each agent's ``/health`` is asked every ``check_interval_seconds``, in the background: a paused or
-hanging agent must not hold up the loop. An agent is **lost** once a health check *started*
-``lost_after_seconds`` after its last answer has failed. Counting from the start of a failed check (not
-from "now") means a sidecar that was itself paused, starved or restarted never declares a healthy
-agent lost: only a check sent after the whole silence counts. A lost agent's active jobs end ``FAILED``
-with a reason naming the agent and its last answer, so their tasks fail and Airflow's retries run.
-
-When a lost agent answers again, and every ``orphan_sweep_seconds`` for every agent, the agent's
-queued and running jobs are compared with the router DB: one the router DB has ended is an orphan,
-and is stopped. When most agents fail at once, the fault is likely the sidecar's own network: no agent
-is declared lost until most answer again, or until ``[fleet] partition_hold_seconds`` have passed (the
-``reconciler_agents_held`` gauge counts the agents held back meanwhile). Only agents that have shown
-they live count in that majority: a registration never followed by a heartbeat (a VM scaled in before
-its second one, or a fleet-token holder's invention) counts in neither side, and goes lost by the
-plain rule. So nobody keeps the hold up by registering agents and falling silent.
+Each ``[[agents]]`` agent's ``/health`` is asked every ``check_interval_seconds``, in the background:
+a paused or hanging agent must not hold up the loop. A registered agent is judged by its heartbeats,
+read from the router DB by every replica (their ages on the router DB's clock). An agent is **lost**
+once a health check *started* ``lost_after_seconds`` after its last answer has failed. Counting from
+the start of a failed check (not from "now") means a sidecar that was itself paused, starved or
+restarted never declares a healthy agent lost: only a check sent after the whole silence counts. A
+lost agent's jobs end (:mod:`.lost_jobs`), unless most agents fail at once (:mod:`.partition_hold`);
+when it answers again, and every ``orphan_sweep_seconds``, its jobs the router DB has ended are
+stopped (:mod:`.orphans`).
 
 Each health answer names the agent (``agent_id``). One naming another agent (an address reused by a
 new VM, a DNS name moved, a copied configuration) is no answer from the configured agent: the state
-is ``wrong_identity``, nothing is sent to that URL (:class:`~reconciler.fleet.agents.WrongAgent`), and the
-silence of the configured agent counts on as it would for a failed check, so its jobs end by the
-same lost rule, never sooner.
-
-Each health answer also says how much work the agent takes (``max_jobs``, ``draining``,
-``jobs_running``, ``version``; an older agent says none of it: no limit, not draining). That is kept
-for routing (:mod:`reconciler.fleet.routing`) and ``GET /agents``. A drain asked of the sidecar
-(``POST /agents/{id}/drain``) is its own flag until the agent's answer agrees: it routes around the
-agent at once, even one that cannot be reached, and is sent again while an agent's answers disagree.
+is ``wrong_identity``, nothing is sent to that URL (:class:`~reconciler.fleet.agents.WrongAgent`), and
+the silence of the configured agent counts on as it would for a failed check, so its jobs end by the
+same lost rule, never sooner. Each answer also says how much work the agent takes (``max_jobs``,
+``draining``, ``jobs_running``, ``version``), kept for routing (:mod:`.routing`) and ``GET /agents``;
+a drain asked of the sidecar is delivered by :mod:`.drains`. The fleet guards the agent pool
+(:class:`~reconciler.fleet.agents.Guard`) with all of it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import time
 from collections.abc import Callable, Coroutine, Iterable
-from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
-from enum import StrEnum
 from typing import Any
 
-from agent_api.client import AgentError, JobInfo
-from agent_api.fencing import UNSAID, FenceTerms
-from agent_api.maintenance import DrainRequest, Maintenance, Unwell
+from agent_api.client import AgentError
+from agent_api.fencing import FenceTerms
+from agent_api.maintenance import DrainRequest, Maintenance
 from agent_api.protocol import ProtocolError
 from reconciler.config import AgentEntry, FleetConfig
+from reconciler.fleet.agent_state import (
+    MAX_VERSION_CHARS,
+    MISSED_HEARTBEATS,
+    TICK_GAP_SECONDS,
+    AgentReport,
+    AgentState,
+    DrainNotDelivered,
+    Heard,
+    TrackedAgent,
+    agent_state,
+    fence_margin,
+    heard,
+    identity_problem,
+    lost_reason,
+    maintenance_of,
+    unwell_of,
+)
 from reconciler.fleet.agents import AgentPool
-from reconciler.fleet.fencing import fence_problem, fence_wait
+from reconciler.fleet.drains import DrainDelivery
+from reconciler.fleet.fencing import fence_problem
+from reconciler.fleet.lost_jobs import LostJobs
+from reconciler.fleet.orphans import OrphanSweep
+from reconciler.fleet.partition_hold import PartitionHold
 from reconciler.fleet.routing import Capacity, label_set
 from reconciler.fleet.versions import minimum, too_old
 from reconciler.metrics import Metrics
-from router_db import AgentRecord, JobRecord, JobStatus, RouterDB, Transition
+from router_db import AgentRecord, JobRecord, RouterDB
 from servicekit.credentials import Secret
 
 log = logging.getLogger("reconciler.fleet.liveness")
 
-DRAIN_RESEND_SECONDS = 30.0  # a drain flag the agent's answers contradict is sent again this often
 REGISTERED_READ_SECONDS = 1.0  # how often every replica reads the registered agents from the router DB
 FORGET_CHECK_SECONDS = 60.0  # how often long-silent registered agents are looked for
-MISSED_HEARTBEATS = 3  # this many heartbeats late: suspect (lost takes lost_after_seconds)
-# A tick this late says the sidecar itself was paused or starved: heartbeats were not heard meanwhile,
-# so silence is counted again from then, as at a start.
-TICK_GAP_SECONDS = 2.0
-MAX_VERSION_CHARS = 100
-
-
-class AgentState(StrEnum):
-    """Also the ``state`` label of ``reconciler_agents``."""
-
-    LIVE = "live"  # its last health check answered
-    SUSPECT = "suspect"  # its last health check failed; not lost yet
-    LOST = "lost"  # silent for lost_after_seconds; its jobs were ended
-    WRONG_IDENTITY = "wrong_identity"  # another agent answered at its URL; not lost yet
-    # Reported only (GET /agents, the metric): a live or suspect agent taking no new work. Liveness
-    # itself stays live or suspect meanwhile: draining changes nothing of how it is checked.
-    DRAINING = "draining"
-    # Reported only: a registered agent whose credential was revoked; no new work, and its heartbeats
-    # are refused, so it goes lost by the plain rule.
-    REVOKED = "revoked"
-    # Reported only: a live or suspect agent saying a version older than this sidecar works with
-    # (reconciler/fleet/versions.py); no new work until it says a newer one.
-    OUTDATED = "outdated"
-
-
-def agent_state(
-    *,
-    last_contact: float,
-    last_check_ok: bool,
-    failed_check_started: float | None,
-    lost_after: float,
-    wrong_identity: bool = False,
-) -> AgentState:
-    """The agent's state from the times of its last answer and of its latest failed check (monotonic);
-    ``wrong_identity``: the last agent to answer at its URL was another one."""
-    if failed_check_started is not None and failed_check_started - last_contact >= lost_after:
-        return AgentState.LOST
-    if wrong_identity:
-        return AgentState.WRONG_IDENTITY
-    return AgentState.LIVE if last_check_ok else AgentState.SUSPECT
-
-
-def identity_problem(answer: dict[str, Any], *, expected: str, url: str) -> str | None:
-    """Why a health answer is not from the agent ``expected`` (None when it is)."""
-    reported = answer.get("agent_id")
-    if reported == expected:
-        return None
-    said = f"says it is {reported!r}" if isinstance(reported, str) else "gives no agent_id"
-    return f"the agent at {url} {said[:200]}, not {expected!r}"
-
-
-@dataclass(frozen=True)
-class Heard:
-    """What a health answer says of the agent's work; ``None``: it did not say (an older agent)."""
-
-    draining: bool | None = None
-    max_jobs: int | None = None  # 0: no limit
-    jobs_running: int | None = None
-    version: str | None = None
-    maintenance: Maintenance | None = None  # while draining: by whom, since when, why
-    unwell: Unwell | None = None  # why it takes no new job by itself (its automatic maintenance)
-
-
-def unwell_of(said: object) -> Unwell | None:
-    """An answer's or a row's unwell (None: well, or unreadable)."""
-    try:
-        return Unwell.from_json(json.loads(said) if isinstance(said, str) and said else said or None)
-    except (ValueError, ProtocolError):
-        return None
-
-
-def maintenance_of(said: object) -> Maintenance | None:
-    """An answer's or a row's maintenance (None: none, or unreadable: the drain flag still counts)."""
-    try:
-        return Maintenance.from_json(json.loads(said) if isinstance(said, str) and said else said or None)
-    except (ValueError, ProtocolError):
-        return None
-
-
-def heard(answer: dict[str, Any]) -> Heard:
-    """The work fields of a health (or drain) answer; a field of the wrong type counts as not said."""
-
-    def count(name: str) -> int | None:
-        value = answer.get(name)
-        return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
-
-    draining, version = answer.get("draining"), answer.get("version")
-    return Heard(
-        draining=draining if isinstance(draining, bool) else None,
-        max_jobs=count("max_jobs"),
-        jobs_running=count("jobs_running"),
-        version=version[:MAX_VERSION_CHARS] if isinstance(version, str) else None,
-        maintenance=maintenance_of(answer.get("maintenance")),
-        unwell=unwell_of(answer.get("unwell")),
-    )
-
-
-@dataclass(frozen=True)
-class AgentReport:
-    """One agent as ``GET /agents`` shows it (the router DB's active jobs are added by the caller)."""
-
-    agent_id: str
-    url: str
-    labels: list[str]
-    state: AgentState  # draining shown as such while live or suspect
-    last_contact_at: datetime | None
-    draining: bool
-    max_jobs: int | None
-    jobs_running: int | None
-    version: str | None
-    registered: bool = False  # registered itself (PUT /agents/{id}); else configured in [[agents]]
-    maintenance: Maintenance | None = None
-
-
-class DrainNotDelivered(Exception):
-    """The agent did not take the drain flag (unreachable, or refused it); the sidecar keeps it."""
-
-
-def partitioned(*, failing: int, total: int) -> bool:
-    """True when more than half of three or more agents (of those not lost already) fail their checks
-    at once: that says more about the sidecar's own network (DNS, a policy, a proxy) than about the
-    agents, and ending every job in the fleet would turn the sidecar's outage into the loss of all
-    work."""
-    return total >= 3 and 2 * failing > total
-
-
-def lost_job_transition(job: JobRecord, reason: str) -> Transition:
-    """How a job of a lost agent ends: FAILED, or the status chosen when its stop was requested."""
-    if job.status is JobStatus.STOPPING:
-        return Transition.finish(
-            job.job_id, job.stop_status or JobStatus.FAILED, None, f"{job.reason}; {reason}"
-        )
-    return Transition.finish(job.job_id, JobStatus.FAILED, None, reason)
-
-
-def orphans(running: Iterable[JobInfo], records: dict[str, JobRecord]) -> list[tuple[str, str]]:
-    """The agent's jobs that must not run: ``(job_id, why)`` for each one the router DB has ended.
-
-    A job the router DB does not know is left alone: another sidecar may share the agent, or this
-    router DB may be new or restored from a backup; not knowing is no proof that it must stop."""
-    return [
-        (info.job_id, f"orphan: the router DB has ended the job {record.status}")
-        for info in running
-        if (record := records.get(info.job_id)) is not None and not record.active
-    ]
-
-
-@dataclass
-class _Agent:
-    id: str
-    last_contact: float  # monotonic; the sidecar's start counts as contact
-    last_contact_at: datetime | None = None  # wall clock of the last answer; None: none since start
-    last_check_ok: bool = True
-    failed_check_started: float | None = None
-    last_error: str = ""
-    wrong_identity: str = ""  # why the last agent to answer at its URL was not this one; "": it was
-    state: AgentState = AgentState.LIVE
-    lost_at: datetime | None = None  # when it was declared lost: jobs submitted later are not its past
-    next_check: float = 0.0
-    next_sweep: float = 0.0
-    next_end: float = 0.0  # while lost: when its active jobs are next read and ended
-    tasks: set[asyncio.Task[None]] = field(default_factory=set)
-    checking: bool = False
-    sweeping: bool = False
-    heard: Heard = Heard()  # the work fields of its last answer
-    drain_wanted: bool | None = None  # asked of the sidecar and not yet confirmed by the agent
-    drain_request: DrainRequest | None = None  # its comment and timeout, sent with it
-    next_drain_send: float = 0.0
-    sending_drain: bool = False
-    # Registered agents: liveness from their heartbeats (router DB), no health checks.
-    registered: bool = False
-    # Its last heartbeat on this process's monotonic clock: the heartbeat's age by the router DB's clock
-    # (which wrote it) at the last read, counted back from that read. None: none read yet.
-    last_beat: float | None = None
-    beat_seen: datetime | None = None  # the row's last_heartbeat_at at the last read
-    instance: str = ""
-    heartbeat_seconds: float = 10.0
-    # Has shown it lives: configured in [[agents]], or a registration followed by a heartbeat. Only
-    # those count in the majority that holds back losses.
-    confirmed: bool = True
-    revoked: bool = False  # a registered agent whose credential an operator revoked
-    # How it fences, as it last said (kept across a standby term: terms rarely change, and a stale
-    # answer is better than none for a fenced job's FAILED, which waits on them).
-    fence: FenceTerms | None = None  # None: not said (not heard yet, or an agent of the release before)
-    fence_said: str = ""  # the last complaint logged about its terms ("": none)
-    fence_waiting: int = 0  # lost, with this many fenced jobs whose fence may not have fired yet
-    outdated: bool = False  # it says a version older than the sidecar works with (as last heard)
-    call_token: Secret[str] | None = None  # what it is called with (its registration's)
-
-    @property
-    def draining(self) -> bool:
-        if self.revoked:  # routed around as a drained agent is
-            return True
-        return self.drain_wanted if self.drain_wanted is not None else bool(self.heard.draining)
-
-    @property
-    def takes_no_work(self) -> bool:
-        """Drained, unwell by its own say (a nearly full disk), or outdated: routed around either way."""
-        return self.draining or self.heard.unwell is not None or self.outdated
 
 
 class Fleet:
@@ -269,13 +78,12 @@ class Fleet:
         agents: AgentPool,
         metrics: Metrics,
         config: FleetConfig,
+        changed: Callable[[Iterable[JobRecord]], object],  # told of the jobs it ended: their long-polls wake
         clock: Callable[[], float] = time.monotonic,
         registered_token: Secret[str] | None = None,  # sent to registered agents; None: registration off
     ) -> None:
         self._db = db
         self._registered_token = registered_token
-        # Told of the jobs it ended (the long-poll's watch wakes the triggers waiting on them).
-        self.changed: Callable[[Iterable[JobRecord]], object] = lambda records: None
         self._registered_lock = asyncio.Lock()
         self._next_forget = 0.0
         self._listening_since = clock()  # heartbeats count from here: a start, a term, a pause
@@ -284,22 +92,24 @@ class Fleet:
         self._db_clock: tuple[datetime, float] | None = None
         self._last_tick = clock()
         self._pool = agents
+        agents.guarded_by(self)  # the pool asks this fleet which agents to avoid, refuse, and fill
+        self._orphans = OrphanSweep(db, agents, metrics)
+        self._drains = DrainDelivery(agents, clock)
         self._metrics = metrics
         self._config = config
         self._clock = clock
         self._min_version = minimum(config.min_agent_version)
         self._started_at = datetime.now(UTC)
+        self._lost_jobs = LostJobs(db, metrics, config, changed=changed, started_at=self._started_at)
         # Most agents fail at once (a partition, maybe the sidecar's own), since when a loss has been
         # held back because of it, and whether that has lasted partition_hold_seconds already.
-        self._partitioned = False
-        self._held_since: float | None = None
-        self._hold_expired = False
+        self._hold = PartitionHold(config.partition_hold_seconds)
         self._leading = False  # this replica runs the fleet's ticks (health checks among them)
         self._load: dict[str, int] | None = None  # active jobs per agent (router DB), for the gauges
         self._next_load = 0.0
         now = clock()
         self._agents = {
-            agent_id: _Agent(agent_id, last_contact=now, next_sweep=now + config.orphan_sweep_seconds)
+            agent_id: TrackedAgent(agent_id, last_contact=now, next_sweep=now + config.orphan_sweep_seconds)
             for agent_id in agents.ids()
         }
 
@@ -319,7 +129,7 @@ class Fleet:
             agent.wrong_identity = ""  # checked again at once by a term's first tick
             agent.heard = Heard()  # a standby asks no agent: what it last heard grows stale
             agent.next_sweep = min(agent.next_sweep, now + self._config.orphan_sweep_seconds)
-        self._partitioned, self._held_since, self._hold_expired = False, None, False
+        self._hold.reset()
         self._metrics.agents_held.set(0)  # a standby holds nothing back
         self._load, self._next_load = None, now
         self._publish()
@@ -349,7 +159,7 @@ class Fleet:
             self._metrics.agent_capacity.labels(key).set(slots)
             self._metrics.agent_active_jobs.labels(key).set(active[key])
 
-    def _shown(self, agent: _Agent) -> AgentState:
+    def _shown(self, agent: TrackedAgent) -> AgentState:
         if agent.revoked and agent.state is not AgentState.LOST:
             return AgentState.REVOKED
         if agent.state in (AgentState.LIVE, AgentState.SUSPECT) and agent.outdated:
@@ -361,6 +171,10 @@ class Fleet:
     def state(self, agent_id: str) -> AgentState:
         agent = self._agents.get(agent_id)
         return agent.state if agent is not None else AgentState.LIVE
+
+    def avoids(self, agent_id: str) -> bool:
+        """Whether new jobs avoid the agent: lost, or another agent answers at its URL."""
+        return self.state(agent_id) in (AgentState.LOST, AgentState.WRONG_IDENTITY)
 
     def states(self) -> dict[str, AgentState]:
         return {agent_id: agent.state for agent_id, agent in self._agents.items()}
@@ -422,7 +236,7 @@ class Fleet:
         log.info("agent %s %s", agent_id, "drains" if answer.draining else "takes new jobs", extra=fields)
         return self.report(agent_id)
 
-    def _maintenance(self, agent: _Agent) -> Maintenance | None:
+    def _maintenance(self, agent: TrackedAgent) -> Maintenance | None:
         """The operator's, while it drains; else the agent's own, while it is unwell."""
         if agent.draining:
             return agent.heard.maintenance
@@ -475,21 +289,20 @@ class Fleet:
             self._next_forget = now + FORGET_CHECK_SECONDS
             await self._forget_silent()
         verdicts = {agent.id: self._verdict(agent) for agent in self._agents.values()}
-        hold = self._hold(verdicts, now)
+        hold = self._hold.holds(verdicts, self._agents.values(), now)
         held = 0
         for agent in self._agents.values():
             verdict = verdicts[agent.id]
             if hold and agent.confirmed and verdict is AgentState.LOST and agent.state is not AgentState.LOST:
                 verdict = AgentState.SUSPECT
                 held += 1
-                if self._held_since is None:
-                    self._held_since = now
+                self._hold.held(now)
             self._update_state(agent, verdict)
-            if agent.drain_wanted is not None and self._drain_due(agent, now):
+            if agent.drain_wanted is not None and self._drains.due(agent, now):
                 self._spawn(agent, self._resend_drain(agent))
             if agent.state is AgentState.LOST and now >= agent.next_end:
                 agent.next_end = now + self._config.check_interval_seconds
-                await self._end_jobs(agent)
+                await self._lost_jobs.end(agent, silent_for=self._silent_for(agent))
             if not agent.registered and not agent.checking and now >= agent.next_check:
                 self._spawn(agent, self._check(agent))
             # A revoked agent is lost once its refused heartbeats fall silent, never live again: it is
@@ -506,103 +319,13 @@ class Fleet:
         )
         self._publish()
 
-    def _hold(self, verdicts: dict[str, AgentState], now: float) -> bool:
-        """Whether losses are held back now: most agents that have shown they live, and are not lost
-        already (a VM dead for an hour says nothing about a new silence), fail at once, and no loss
-        has been held back for ``partition_hold_seconds`` yet."""
-        limit = self._config.partition_hold_seconds
-        if limit <= 0:
-            return False
-        current = [
-            verdicts[a.id] for a in self._agents.values() if a.state is not AgentState.LOST and a.confirmed
-        ]
-        failing = sum(state is not AgentState.LIVE for state in current)
-        if not partitioned(failing=failing, total=len(current)):
-            if self._partitioned:
-                log.warning("most agents answer again: no loss is held back")
-            self._partitioned, self._held_since, self._hold_expired = False, None, False
-            return False
-        if not self._partitioned:
-            self._partitioned = True
-            log.error(
-                "%d of %d agents fail their health checks at once: the sidecar itself may be cut off; no "
-                "agent is declared lost until most answer again, or for partition_hold_seconds=%s after "
-                "lost_after_seconds",
-                failing,
-                len(current),
-                f"{limit:g}",
-                extra={"action": "fleet_partitioned"},
-            )
-        if not self._hold_expired and self._held_since is not None and now - self._held_since >= limit:
-            self._hold_expired = True  # until most answer again: a silence this long is the agents'
-            log.error(
-                "%d of %d agents fail at once, and losses have been held back for partition_hold_seconds=%s: "
-                "they are declared lost as any silent agent is",
-                failing,
-                len(current),
-                f"{limit:g}",
-                extra={"action": "fleet_hold_expired"},
-            )
-        return not self._hold_expired
-
-    async def _end_jobs(self, agent: _Agent) -> None:
-        # Jobs submitted after the verdict are ended only once they too have gone a whole
-        # lost_after_seconds without their agent answering (the agent may be back already). Their
-        # created_at is the router DB's time, written by whichever replica took them: so are these.
-        now = await asyncio.to_thread(self._db.now)
-        lost_at = agent.lost_at = agent.lost_at or now
-        window = timedelta(seconds=self._config.lost_after_seconds)
-        jobs = [
-            job
-            for job in await asyncio.to_thread(self._db.active, agent_id=agent.id)
-            if job.created_at <= lost_at or now - job.created_at >= window
-        ]
-        # A fenced job ends once the agent's fence has surely stopped it: never while it may run on.
-        silent, margin = self._silent_for(agent), self._fence_margin(agent)
-        waits = {job.job_id: fence_wait(self._gone_after(agent, job), silent_for=silent, margin=margin)
-                 for job in jobs if self._fenced(agent, job)}  # fmt: skip
-        waiting = [job_id for job_id, wait in waits.items() if wait > 0]
-        was_waiting, agent.fence_waiting = agent.fence_waiting, len(waiting)
-        if waiting:
-            jobs = [job for job in jobs if job.job_id not in waiting]
-            if not was_waiting:
-                log.warning(
-                    "agent %s lost: %d at_most_once job(s) end FAILED in up to %.0f s, once its fence has "
-                    "surely stopped them",
-                    agent.id,
-                    len(waiting),
-                    max(waits.values()),
-                    extra={"agent_id": agent.id, "action": "agent_fence_wait"},
-                )
-        if not jobs:
-            return
-        reason = self._lost_reason(agent)
-        after = agent.fence.after_seconds if agent.fence is not None else UNSAID.after_seconds
-        fence_note = (
-            f"; fenced: the agent stops its at_most_once jobs once cut off for fence_after_seconds={after:g}"
-        )
-        ended = await asyncio.to_thread(
-            self._db.apply,
-            [
-                lost_job_transition(job, reason + (fence_note if self._fenced(agent, job) else ""))
-                for job in jobs
-            ],
-            source="fleet",
-        )
-        self.changed(job for job in ended if job is not None)
-        count = sum(job is not None for job in ended)
-        self._metrics.lost_jobs.inc(count)
-        self._metrics.fenced_jobs.inc(sum(job is not None and self._fenced(agent, job) for job in ended))
-        if count:
-            log.error("ended %d job(s) of lost agent %s", count, agent.id, extra={"agent_id": agent.id})
-
     async def close(self) -> None:
         tasks = [task for agent in self._agents.values() for task in agent.tasks]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
-    def _verdict(self, agent: _Agent) -> AgentState:
+    def _verdict(self, agent: TrackedAgent) -> AgentState:
         if agent.registered:
             return self._heartbeat_verdict(agent)
         return agent_state(
@@ -613,7 +336,7 @@ class Fleet:
             wrong_identity=bool(agent.wrong_identity),
         )
 
-    def _heartbeat_verdict(self, agent: _Agent) -> AgentState:
+    def _heartbeat_verdict(self, agent: TrackedAgent) -> AgentState:
         """A registered agent's state from its last heartbeat, whichever replica heard it: its age was
         measured on the router DB's clock, never against this replica's wall clock. Silence counts only
         from when this sidecar listened: a start, a term, a pause."""
@@ -670,7 +393,7 @@ class Fleet:
             if agent is not None and not agent.registered:
                 continue  # configured in [[agents]]: the registry refuses it; an older row stays unused
             if agent is None:
-                agent = _Agent(agent_id, last_contact=now, registered=True, next_sweep=now)
+                agent = TrackedAgent(agent_id, last_contact=now, registered=True, next_sweep=now)
                 self._agents[agent_id] = agent
                 log.info("agent %s joins at %s", agent_id, row.url, extra={"agent_id": agent_id})
             # Called with the token its heartbeats carry: it opens that agent alone. An agent older
@@ -699,7 +422,7 @@ class Fleet:
         rows = self._db.registered_agents()
         return self._db.now(), rows
 
-    def _heard_beat(self, agent: _Agent, row: AgentRecord, *, beat: float) -> None:
+    def _heard_beat(self, agent: TrackedAgent, row: AgentRecord, *, beat: float) -> None:
         """``beat``: the row's heartbeat on this process's monotonic clock."""
         if agent.instance and row.instance != agent.instance:
             log.info(
@@ -757,14 +480,15 @@ class Fleet:
                 task.cancel()
         self._pool.remove(agent_id)
 
-    def _update_state(self, agent: _Agent, state: AgentState) -> None:
+    def _update_state(self, agent: TrackedAgent, state: AgentState) -> None:
         if state is agent.state:
             return
         fields = {"agent_id": agent.id, "action": f"agent_{state.value}"}
         if state is AgentState.LOST:
             # Stamped with the router DB's time as its jobs are read, in this very tick.
             agent.lost_at, agent.next_end, agent.fence_waiting = None, float("-inf"), 0
-            log.error("%s; its jobs end FAILED", self._lost_reason(agent), extra=fields)
+            reason = lost_reason(agent, self._config, self._started_at)
+            log.error("%s; its jobs end FAILED", reason, extra=fields)
         elif state is AgentState.WRONG_IDENTITY:
             log.error(
                 "agent %s: %s; nothing is sent there, and its jobs end FAILED if %s does not answer "
@@ -783,22 +507,12 @@ class Fleet:
             log.warning("agent %s answers as itself again", agent.id, extra=fields)
         agent.state = state
 
-    def _lost_reason(self, agent: _Agent) -> str:
-        since = (
-            f"since {agent.last_contact_at.isoformat(timespec='seconds')}"
-            if agent.last_contact_at is not None
-            else f"since the sidecar started at {self._started_at.isoformat(timespec='seconds')}"
-        )
-        error = f"; last error: {agent.last_error}" if agent.last_error else ""
-        limit = f"lost_after_seconds={self._config.lost_after_seconds:g}"
-        return f"agent {agent.id} lost: no answer {since} ({limit}){error}"
-
-    def _spawn(self, agent: _Agent, coro: Coroutine[Any, Any, None]) -> None:
+    def _spawn(self, agent: TrackedAgent, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(coro)
         agent.tasks.add(task)
         task.add_done_callback(agent.tasks.discard)
 
-    async def _check(self, agent: _Agent) -> None:
+    async def _check(self, agent: TrackedAgent) -> None:
         agent.checking = True
         started = self._clock()
         try:
@@ -832,7 +546,7 @@ class Fleet:
             agent.checking = False
             agent.next_check = started + self._config.check_interval_seconds
 
-    def _learn_fence(self, agent: _Agent, said: object) -> None:
+    def _learn_fence(self, agent: TrackedAgent, said: object) -> None:
         """An ``[[agents]]`` agent's fence terms from its health answer (absent: the terms last heard
         stand). Terms that outlast ``lost_after_seconds`` are logged; the jobs it would fence avoid it."""
         try:
@@ -871,29 +585,11 @@ class Fleet:
         return fence_problem(
             agent.fence,
             agent_id=agent_id,
-            heartbeat_seconds=self._fence_margin(agent),
+            heartbeat_seconds=fence_margin(agent, self._config),
             lost_after=self._config.lost_after_seconds,
         )
 
-    @staticmethod
-    def _fenced(agent: _Agent, job: JobRecord) -> bool:
-        """Whether the agent fences ``job``: recorded so at submission, or the agent fences every job
-        (a replica that did not know its terms then, a standby, recorded what was asked only)."""
-        return job.at_most_once or (agent.fence is not None and agent.fence.fenced(False))
-
-    def _gone_after(self, agent: _Agent, job: JobRecord) -> float:
-        """How long after the agent's last contact the fenced ``job`` has surely ended there: the longer
-        of the terms said when it was submitted and those said now; :data:`UNSAID`'s if neither was."""
-        known = [job.fence_seconds or 0.0, agent.fence.gone_after() if agent.fence is not None else 0.0]
-        return max(known) or UNSAID.gone_after()
-
-    def _fence_margin(self, agent: _Agent) -> float:
-        """How much later than the sidecar's record the agent's last contact may be."""
-        if agent.registered:
-            return agent.heartbeat_seconds
-        return self._config.check_interval_seconds + self._config.check_timeout_seconds
-
-    def _silent_for(self, agent: _Agent) -> float:
+    def _silent_for(self, agent: TrackedAgent) -> float:
         """How long the agent has been silent, as the lost rule counts it (only since this sidecar
         listened: a replica that just took over counts less, never more)."""
         now = self._clock()
@@ -902,7 +598,7 @@ class Fleet:
             return min(now - heard_at, now - self._listening_since)
         return now - agent.last_contact
 
-    def _learn(self, agent: _Agent, news: Heard) -> None:
+    def _learn(self, agent: TrackedAgent, news: Heard) -> None:
         agent.heard = news
         outdated = too_old(news.version, self._min_version)
         if outdated != agent.outdated:
@@ -924,42 +620,16 @@ class Fleet:
         if agent.drain_wanted is not None and news.draining is agent.drain_wanted:
             agent.drain_wanted = None  # the agent holds the flag now, and keeps it across restarts
 
-    def _drain_due(self, agent: _Agent, now: float) -> bool:
-        """Send the sidecar's drain flag again: the agent answers, disagrees, and can say (an older
-        agent, which reports no flag, is only routed around)."""
-        return (
-            agent.state is AgentState.LIVE
-            and agent.heard.draining is not None
-            and agent.heard.draining != agent.drain_wanted
-            and not agent.sending_drain
-            and now >= agent.next_drain_send
-        )
-
-    async def _resend_drain(self, agent: _Agent) -> None:
+    async def _resend_drain(self, agent: TrackedAgent) -> None:
         try:
             await self._send_drain(agent)
         except AgentError as exc:
             fields = {"agent_id": agent.id}
             log.warning("agent %s did not take the drain flag again: %s", agent.id, exc, extra=fields)
 
-    async def _send_drain(self, agent: _Agent) -> Heard:
-        """POST /drain or /undrain as the flag wanted now says; what the agent answered."""
-        wanted = bool(agent.drain_wanted)
-        agent.sending_drain = True
-        agent.next_drain_send = self._clock() + DRAIN_RESEND_SECONDS
-        try:
-            client = self._pool.client(agent.id)
-            answer = await (client.drain(agent.drain_request) if wanted else client.undrain())
-        finally:
-            agent.sending_drain = False
-        if answer.agent_id != agent.id:  # the address now reaches another agent
-            raise AgentError(f"the agent at {self._pool.url(agent.id)} answered as {answer.agent_id[:200]!r}")
-        news = replace(
-            agent.heard,
-            draining=answer.draining,
-            jobs_running=answer.jobs_running,
-            maintenance=answer.maintenance,
-        )
+    async def _send_drain(self, agent: TrackedAgent) -> Heard:
+        """Send the flag wanted now; what the agent answered."""
+        news = await self._drains.send(agent)
         if agent.registered or self._leading:
             # The wanted flag stays until a later heartbeat or health answer carries it: one sent before
             # this answer and read after it would otherwise route to a draining agent again.
@@ -969,10 +639,10 @@ class Fleet:
         self._publish()
         return news
 
-    async def _sweep(self, agent: _Agent) -> None:
+    async def _sweep(self, agent: TrackedAgent) -> None:
         agent.sweeping = True
         try:
-            await self.sweep(agent.id)
+            await self._orphans.sweep(agent.id)
         except Exception as exc:  # an unanswered sweep is retried at the next period
             log.warning("orphan sweep of agent %s failed: %s", agent.id, exc, extra={"agent_id": agent.id})
         finally:
@@ -981,21 +651,4 @@ class Fleet:
 
     async def sweep(self, agent_id: str) -> int:
         """Stop the agent's jobs that the router DB has ended; returns how many."""
-        client = self._pool.client(agent_id)
-        running = await client.jobs(str(JobStatus.QUEUED), str(JobStatus.RUNNING))
-        if not running:
-            return 0
-        records = await asyncio.to_thread(self._db.get_many, [info.job_id for info in running])
-        stopped = 0
-        for job_id, why in orphans(running, records):
-            fields = {"job_id": job_id, "agent_id": agent_id, "action": "stop_orphan"}
-            log.warning("stopping %s", why, extra=fields)
-            try:
-                result = await client.stop(job_id, reason=why)
-            except AgentError as exc:
-                log.warning("orphan stop failed; retried at the next sweep: %s", exc, extra=fields)
-                continue
-            if result.ok:
-                stopped += 1
-                self._metrics.orphans_stopped.inc()
-        return stopped
+        return await self._orphans.sweep(agent_id)

@@ -71,7 +71,17 @@ from agent_api.client import AgentClient, AgentError
 from agent_api.protocol import JobInfo
 from agent_api.registration import Heartbeat, identity_fingerprint
 from reconciler.config import FleetConfig
-from reconciler.errors import Refused
+from reconciler.errors import (
+    Conflict,
+    Forbidden,
+    Invalid,
+    NotFound,
+    Refused,
+    TooMany,
+    Unauthenticated,
+    Unavailable,
+    Unverified,
+)
 from reconciler.fleet.fencing import fence_problem
 from reconciler.metrics import Metrics
 from router_db import AgentConflict, AgentRecord, NotRegistered, RouterDB
@@ -85,13 +95,12 @@ VERIFY_TIMEOUT_SECONDS = 5.0  # the call back to a registering agent, and the lo
 RENEW_AFTER = 0.5  # of credential_lifetime_seconds: from then on, each answer asks for a renewal
 
 
-class Revoked(Refused):
-    """The agent id's credential was revoked (403): no heartbeat for it is taken until it is forgotten."""
+class Revoked(Forbidden):
+    """The agent id's credential was revoked: no heartbeat for it is taken until it is forgotten."""
 
     def __init__(self, held: AgentRecord) -> None:
         when = held.revoked_at.isoformat(timespec="seconds") if held.revoked_at else "?"
         super().__init__(
-            403,
             f"agent {held.agent_id}'s credential was revoked at {when}: the id registers again only once "
             f"an operator forgets it (agentic agents forget {held.agent_id})",
         )
@@ -106,22 +115,21 @@ class Accepted:
     credential_renewed: bool = False  # the new one sent is the one held now
 
 
-class OutOfScope(Refused):
-    """The heartbeat claims an id, a label or an address [fleet] does not allow registrations (403)."""
+class OutOfScope(Forbidden):
+    """The heartbeat claims an id, a label or an address [fleet] does not allow registrations."""
 
     def __init__(self, message: str) -> None:
-        super().__init__(403, message)
+        super().__init__(message)
 
 
-class CallBackFailed(Refused):
-    """The URL a heartbeat gave did not answer as that agent. The answer (422) says only that: what
+class CallBackFailed(Unverified):
+    """The URL a heartbeat gave did not answer as that agent. The answer says only that: what
     answered there (a local service's page, a closed port against an open one) would make
     registration a way to probe whatever the sidecar reaches. ``detail``, for the sidecar's log, says
     what answered."""
 
     def __init__(self, agent_id: str, url: str, detail: str) -> None:
         super().__init__(
-            422,
             f"the sidecar could not verify agent {agent_id} at {url}: the reason is in the sidecar's log "
             "(agent_refused); check the agent's SELF_URL and that the sidecar reaches it",
         )
@@ -369,7 +377,7 @@ class Registry:
         id (otherwise the credential alone speaks, for the row that holds it)."""
         try:
             if credential and beat.identity_proof and credential != beat.identity_proof:
-                raise Refused(400, "identity_proof differs from the credential header: send one of them")
+                raise Invalid("identity_proof differs from the credential header: send one of them")
             proof = credential or beat.identity_proof
             if beat.next_identity_proof:
                 # A renewal speaks with the credential it renews, never as a bootstrap: one the
@@ -418,7 +426,7 @@ class Registry:
 
     def _check_claim(self, agent_id: str, beat: Heartbeat) -> None:
         if agent_id in self._static:
-            raise Refused(409, f"agent {agent_id} is configured in [[agents]]: it cannot also register")
+            raise Conflict(f"agent {agent_id} is configured in [[agents]]: it cannot also register")
         if (outside := self._scope.claim_problem(agent_id, beat.labels, beat.url)) is not None:
             raise OutOfScope(outside)
 
@@ -430,7 +438,7 @@ class Registry:
         must be within its lifetime (a renewal under the fleet token need not be)."""
         self._check_claim(agent_id, beat)
         if not proof:
-            raise Refused(401, "no credential: present the fleet token, or the agent's credential")
+            raise Unauthenticated("no credential: present the fleet token, or the agent's credential")
         fingerprint = identity_fingerprint(proof)
         renewal = identity_fingerprint(beat.next_identity_proof)
         key = (beat.instance, beat.url, fingerprint)
@@ -445,8 +453,7 @@ class Registry:
             if judged.claim is Claim.TAKEOVER:  # the credential's own agent, but no restart nor move
                 # 401: the agent registers with the fleet token, where the takeover rule applies (it
                 # takes the id once its holder is lost and its jobs have ended).
-                raise Refused(
-                    401,
+                raise Unauthenticated(
                     f"agent id {agent_id} is held by its process at {held.url if held else '?'}: "
                     f"{judged.unproven}; register with the fleet token: this process takes it only once "
                     "that one is lost",
@@ -472,15 +479,13 @@ class Registry:
             self._refuse_credential(agent_id, exc.held, fingerprint, renewal)
             issued = exc.held.credential_issued_at if exc.held is not None else None
             if exc.held is not None and issued and fresh and await asyncio.to_thread(self._expired, exc.held):
-                raise Refused(
-                    401,
+                raise Unauthenticated(
                     f"agent {agent_id}'s credential expired (issued {issued.isoformat(timespec='seconds')}, "
                     f"[fleet] credential_lifetime_seconds={lifetime:g}): register with the fleet token, "
                     "then renew it",
                 ) from None
             assert exc.held is not None
-            raise Refused(
-                409,
+            raise Conflict(
                 f"agent id {agent_id} is held by its process at {exc.held.url} (instance "
                 f"{exc.held.instance}): this one is neither it, nor its restart there, nor a proven move",
             ) from None
@@ -537,14 +542,12 @@ class Registry:
     ) -> None:
         """Refused unless ``held`` holds this credential (or has taken its renewal already)."""
         if held is None and not self._bootstraps:
-            raise Refused(
-                404,
+            raise NotFound(
                 f"agent {agent_id} is not registered, and registration of new agents is off on this "
                 "sidecar (no fleet token): agents registered already speak with their own credentials",
             )
         if held is None:
-            raise Refused(
-                401,
+            raise Unauthenticated(
                 f"agent {agent_id} is not registered (or was forgotten): register with the fleet token",
             )
         if held.revoked_at is not None:
@@ -558,8 +561,7 @@ class Registry:
             )
         )
         if not holds:
-            raise Refused(
-                401,
+            raise Unauthenticated(
                 f"this credential is not agent {agent_id}'s: register with the fleet token (another "
                 "identity takes the id only once its holder is lost and its jobs have ended)",
             )
@@ -619,8 +621,7 @@ class Registry:
             if holder.revoked_at is not None:
                 raise Revoked(holder) from None
             unproven = f"; it is no move to a new URL: {judged.unproven}" if judged.unproven else ""
-            raise Refused(
-                409,
+            raise Conflict(
                 f"agent id {agent_id} is held by a live agent at {holder.url} (last heartbeat "
                 f"{holder.last_heartbeat_at.isoformat(timespec='seconds')}); it can be taken once that one "
                 f"is silent for lost_after_seconds={self._config.lost_after_seconds:g}{unproven}",
@@ -646,9 +647,7 @@ class Registry:
             try:
                 await self._record_jobs(agent_id, beat.jobs)
             except Exception as exc:  # the router DB is down: the agent sends them again
-                raise Refused(
-                    503, f"the jobs' changes could not be recorded ({type(exc).__name__})"
-                ) from None
+                raise Unavailable(f"the jobs' changes could not be recorded ({type(exc).__name__})") from None
         if beat.leaving:
             self._verified.pop(agent_id, None)
             gone = await asyncio.to_thread(self._db.leave_agent, agent_id, beat.instance)
@@ -706,8 +705,7 @@ class Registry:
             # the router DB holds already (this replica restarted, or another heard it), or one proving
             # the registration's identity (the agent restarted or moved) is not: none of those may
             # wait past lost_after_seconds, whoever else spends the limit.
-            raise Refused(
-                429,
+            raise TooMany(
                 "too many agent registrations at once ([fleet] registration_rate_per_second): retry",
                 retry_after=wait,
             )
@@ -723,7 +721,7 @@ class Registry:
             previous_instances=beat.previous_instances,
         )
         if judged.refusal:
-            raise Refused(409, judged.refusal)
+            raise Conflict(judged.refusal)
         if judged.claim is Claim.TAKEOVER and held is not None:
             # Refused before any call-back while its holder lives: a claim on a live agent's id costs
             # the sidecar no request. At the row's own URL the router DB's upsert would even take it
@@ -734,8 +732,7 @@ class Registry:
             self._db.live_agent_at, beat.url, other_than=agent_id, alive_within=within
         )
         if sharing is not None:  # stops for one would reach the other
-            raise Refused(
-                409,
+            raise Conflict(
                 f"{beat.url} is registered by agent {sharing.agent_id}, which heartbeat within "
                 f"lost_after_seconds={within:g}: two agents cannot share one address",
             )
@@ -778,8 +775,7 @@ class Registry:
         if silent and not active:
             return
         holding = f"{active} active job(s)" if silent else f"a heartbeat within lost_after_seconds={within:g}"
-        raise Refused(
-            409,
+        raise Conflict(
             f"agent id {held.agent_id} is held by the agent registered at {held.url} ({holding}); it can be "
             f"taken once that one is silent for lost_after_seconds={within:g} and its jobs have ended. "
             f"This is no restart or move of that agent: {judged.unproven}",
@@ -789,12 +785,12 @@ class Registry:
         """End a registered agent's credential (``agentic agents revoke``): its next heartbeat, and
         every registration of its id, is refused until it is forgotten; the row as stored."""
         if agent_id in self._static:
-            raise Refused(
-                409, f"agent {agent_id} is configured in [[agents]]: remove it there, and rotate its token"
+            raise Conflict(
+                f"agent {agent_id} is configured in [[agents]]: remove it there, and rotate its token"
             )
         record = await asyncio.to_thread(self._db.revoke_agent, agent_id)
         if record is None:
-            raise Refused(404, f"no registered agent {agent_id}")
+            raise NotFound(f"no registered agent {agent_id}")
         self._verified.pop(agent_id, None)
         log.warning(
             "agent %s's credential revoked: its heartbeats are refused, no new job goes to it, and its "
@@ -817,9 +813,8 @@ class Registry:
             )
             return
         if await asyncio.to_thread(self._db.registered_agent, agent_id) is None:
-            raise Refused(404, f"no registered agent {agent_id}")
-        raise Refused(
-            409,
+            raise NotFound(f"no registered agent {agent_id}")
+        raise Conflict(
             f"agent {agent_id} is kept: an agent is forgotten once it holds no active job and is revoked, "
             f"or silent for lost_after_seconds={within:g} (its jobs end FAILED once it is lost)",
         )
