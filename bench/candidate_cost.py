@@ -30,9 +30,11 @@ from bench.metadata_db import connect, ti_indexes, touch
 from bench.pg_capture import ServerLog
 from bench.read_cost import READ_TIMEOUT, Case, Reads, measure, say
 from harness.airflow import PASSWORD, USERNAME
-from reconciler.airflow.client import AirflowClient, TaskInstancePath
+from reconciler.airflow.client import AirflowClient
+from reconciler.airflow.task_instances import TaskInstancePath
 from reconciler.config import PollConfig
-from reconciler.core.targeted import CHECK_KEYS, TargetedRead, Watched, id_lists
+from reconciler.core.targeted import CHECK_KEYS, TargetedRead
+from reconciler.core.watched import Watched, id_lists
 from router_db import JobRecord, JobStatus, TaskInstanceKey
 
 BATCH = "/api/v2/dags/~/dagRuns/~/taskInstances/list"

@@ -16,7 +16,7 @@ import time
 from typing import Any
 
 from bench.standins import recorded_task_instance
-from reconciler.airflow.client import parse_task_instance
+from reconciler.airflow.task_instances import parse_task_instance
 
 PAGE = 1000
 ROUNDS = 20

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
-from reconciler.airflow.client import AirflowError, TaskInstanceReader
+from reconciler.airflow.task_instances import AirflowError, TaskInstanceReader
 from reconciler.core.decision import Observation, Unknown
 from reconciler.core.gather import bounded
-from reconciler.core.targeted import observe
+from reconciler.core.observe import observe
 from router_db import JobRecord
 
 

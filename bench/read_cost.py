@@ -25,7 +25,8 @@ from bench.explain import Explained, explain_read
 from bench.metadata_db import active_keys, connect, ti_indexes, touch
 from bench.pg_capture import ServerLog, Statement
 from harness.airflow import PASSWORD, USERNAME
-from reconciler.airflow.client import AirflowClient, AirflowError
+from reconciler.airflow.client import AirflowClient
+from reconciler.airflow.task_instances import AirflowError
 from reconciler.config import PollConfig
 
 INDEX = "bench_ti_updated_at"  # the index Airflow does not ship, added for the comparison

@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from reconciler.airflow.client import AirflowError, TaskInstance
+from reconciler.airflow.task_instances import AirflowError, TaskInstance
 from router_db import JobRecord
 
 

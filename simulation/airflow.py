@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from reconciler.airflow.client import AirflowError, TaskInstance, TaskInstancePath
+from reconciler.airflow.task_instances import AirflowError, TaskInstance, TaskInstancePath
 
 
 @dataclass

@@ -23,7 +23,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from agent_api.protocol import AgentJobStatus
-from reconciler.airflow.client import TaskInstancePath
+from reconciler.airflow.task_instances import TaskInstancePath
 from reconciler.config import PollConfig
 from router_db import JobRecord, JobStatus
 

@@ -19,7 +19,7 @@ from datetime import UTC, datetime, timedelta
 
 from sqlalchemy.exc import OperationalError
 
-from reconciler.airflow.client import AirflowError, TaskInstancePath
+from reconciler.airflow.task_instances import AirflowError, TaskInstancePath
 from reconciler.config import AgentEntry, PollConfig, StopConfig
 from reconciler.core.loop import ReconcileLoop
 from reconciler.core.parts import build_core

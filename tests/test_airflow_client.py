@@ -29,7 +29,8 @@ import vcr
 import yaml
 from aiohttp import web
 
-from reconciler.airflow.client import AirflowClient, AirflowError, TaskInstance
+from reconciler.airflow.client import AirflowClient
+from reconciler.airflow.task_instances import AirflowError, TaskInstance
 from reconciler.core.targeted import DEFERRED_STATES, IN_FLIGHT_STATES
 
 CASSETTES = Path(__file__).parent / "cassettes"

@@ -132,9 +132,8 @@ PART_MAY_IMPORT: dict[str, set[str]] = {
 LONG_MODULES = {
     "reconciler/fleet/liveness.py": 654,
     "reconciler/fleet/registry.py": 894,
-    "reconciler/core/targeted.py": 689,
+    "reconciler/core/targeted.py": 512,
     "reconciler/api/pages.py": 657,
-    "reconciler/airflow/client.py": 503,
     "reconciler/config.py": 498,
     "reconciler/api/server.py": 441,
 }

@@ -109,7 +109,7 @@ def test_the_operator_and_the_reconciler_write_airflow_2_identities_alike() -> N
     from datetime import UTC, datetime, timedelta, timezone
 
     from agentic_airflow.sidecar_client import logical_date_identity as operator_side
-    from reconciler.airflow.client import logical_date_identity as reconciler_side
+    from reconciler.airflow.task_instances import logical_date_identity as reconciler_side
 
     for moment in (
         datetime(2026, 11, 29, 10, 0, tzinfo=UTC),

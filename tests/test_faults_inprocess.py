@@ -22,7 +22,7 @@ from sqlalchemy import event
 from harness.agent import AgentProcess
 from harness.processes import free_port
 from harness.wiring import nobody_waits
-from reconciler.airflow.client import TaskInstance
+from reconciler.airflow.task_instances import TaskInstance
 from reconciler.config import AgentEntry, PollConfig, StopConfig
 from reconciler.core.decision import Divergence, Stop
 from reconciler.core.loop import ReconcileLoop

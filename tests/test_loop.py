@@ -23,7 +23,7 @@ from harness.agent import AgentProcess
 from harness.processes import free_port
 from harness.scripted import ScriptedAirflow, ti
 from harness.wiring import nobody_waits
-from reconciler.airflow.client import TaskInstance
+from reconciler.airflow.task_instances import TaskInstance
 from reconciler.config import AgentEntry, PollConfig, StopConfig
 from reconciler.core.loop import ReconcileLoop
 from reconciler.core.parts import build_core

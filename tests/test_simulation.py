@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from reconciler.airflow.client import TaskInstancePath
+from reconciler.airflow.task_instances import TaskInstancePath
 from reconciler.core import targeted
 from router_db import JobRecord, JobStatus, NewJob, RouterDB, TaskInstanceKey, Transition
 from simulation import virtual_time

@@ -14,12 +14,12 @@ import pytest
 
 from harness.scripted import ScriptedAirflow, ti
 from harness.wiring import nobody_waits
-from reconciler.airflow.client import TaskInstance, TaskInstancePath
+from reconciler.airflow.task_instances import TaskInstance, TaskInstancePath
 from reconciler.config import PollConfig, StopConfig
 from reconciler.core.loop import ReconcileLoop
 from reconciler.core.parts import build_core
 from reconciler.core.stops import StopDispatcher
-from reconciler.core.targeted import Region, partition
+from reconciler.core.watched import Region, partition
 from reconciler.fleet.agents import AgentPool
 from reconciler.metrics import Metrics
 from router_db import JobRecord, JobStatus, NewJob, RouterDB, TaskInstanceKey

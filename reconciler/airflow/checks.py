@@ -16,7 +16,8 @@ from datetime import UTC, datetime
 from sqlalchemy import make_url
 
 from agent_api.client import AgentClient, AgentError, AgentRejected, JobNotFound
-from reconciler.airflow.client import AirflowClient, AirflowError
+from reconciler.airflow.client import AirflowClient
+from reconciler.airflow.task_instances import AirflowError
 from reconciler.config import ReconcilerConfig, Secrets
 from router_db import AgentRecord, RouterDB, schema
 

@@ -31,7 +31,7 @@ from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsp
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
-from reconciler.airflow.client import AirflowError
+from reconciler.airflow.task_instances import AirflowError
 from reconciler.api.statuses import status_of
 from reconciler.core.job_service import JobService
 from reconciler.errors import Refused

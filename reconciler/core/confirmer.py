@@ -14,11 +14,11 @@ import logging
 from collections.abc import Callable, Sequence
 from datetime import datetime
 
-from reconciler.airflow.client import AirflowError, TaskInstance, TaskInstanceReader
+from reconciler.airflow.task_instances import AirflowError, TaskInstance, TaskInstanceReader
 from reconciler.core.decision import MAX_NOTE_CHARS, Keep, Stop, Unknown
 from reconciler.core.gather import bounded
+from reconciler.core.observe import judge, observe
 from reconciler.core.stops import StopDispatcher
-from reconciler.core.targeted import judge, observe
 from reconciler.logfields import job_fields
 from reconciler.metrics import Metrics
 from router_db import JobRecord

@@ -22,7 +22,7 @@ from typing import Any
 
 from agent_api.client import AgentBusy, AgentError, JobInfo, JobNotFound, LogChunk
 from reconciler import errors
-from reconciler.airflow.client import AirflowError
+from reconciler.airflow.task_instances import AirflowError
 from reconciler.core.agent_reports import apply_agent_reports
 from reconciler.core.agent_sync import AgentSync
 from reconciler.core.confirmer import Confirmer

@@ -18,14 +18,14 @@ from dataclasses import dataclass, field
 
 from sqlalchemy.exc import SQLAlchemyError
 
-from reconciler.airflow.client import AirflowError
+from reconciler.airflow.task_instances import AirflowError
 from reconciler.core.active_jobs import ActiveJobs
 from reconciler.core.agent_sync import AgentSync
 from reconciler.core.confirmer import Confirmer
 from reconciler.core.decision import Stop
+from reconciler.core.observe import judge
 from reconciler.core.reads import AirflowRead
 from reconciler.core.stops import StopDispatcher
-from reconciler.core.targeted import judge
 from reconciler.fleet.liveness import Fleet
 from reconciler.metrics import Metrics
 from router_db import JobRecord, JobStatus

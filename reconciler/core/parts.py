@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from reconciler.airflow.client import TaskInstanceReader
+from reconciler.airflow.task_instances import TaskInstanceReader
 from reconciler.config import PollConfig
 from reconciler.core.active_jobs import ActiveJobs
 from reconciler.core.agent_sync import AgentSync

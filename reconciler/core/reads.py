@@ -27,10 +27,11 @@ from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime, timedelta
 from typing import Protocol
 
-from reconciler.airflow.client import REFUSALS, AirflowError, TaskInstancePath, TaskInstanceReader
+from reconciler.airflow.task_instances import REFUSALS, AirflowError, TaskInstancePath, TaskInstanceReader
 from reconciler.config import PollConfig
 from reconciler.core.decision import Absent, Observation, Stop
-from reconciler.core.targeted import TargetedRead, judge, observe, ti_key
+from reconciler.core.observe import judge, observe, ti_key
+from reconciler.core.targeted import TargetedRead
 from reconciler.metrics import Metrics
 from router_db import JobRecord
 
