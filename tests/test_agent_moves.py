@@ -62,13 +62,10 @@ from harness.wiring import nobody_waits
 from reconciler.api.statuses import status_of
 from reconciler.config import FleetConfig
 from reconciler.errors import Refused
-from reconciler.fleet import registry as registry_module
+from reconciler.fleet import call_back as call_back_module
 from reconciler.fleet.agents import AgentPool
-from reconciler.fleet.liveness import Fleet
-from reconciler.fleet.registry import (
-    Accepted,
+from reconciler.fleet.claims import (
     Claim,
-    Registry,
     Unanswered,
     call_back_problem,
     judge_claim,
@@ -76,6 +73,8 @@ from reconciler.fleet.registry import (
     still_there_problem,
     unanswered,
 )
+from reconciler.fleet.liveness import Fleet
+from reconciler.fleet.registry import Accepted, Registry
 from reconciler.metrics import Metrics
 from router_db import AgentConflict, AgentRecord, JobStatus, NewJob, RouterDB, TaskInstanceKey
 from servicekit.credentials import Secret
@@ -354,7 +353,7 @@ def test_a_copy_of_the_home_waits_while_the_agent_is_only_paused_at_its_url(
     """SIGSTOP: the agent answers nothing at its URL (as a paused or overloaded one would) while a copy
     of its home claims the id elsewhere. The copy is refused, as a slow process may run on; once the
     agent goes on, it keeps its registration and its job."""
-    lost_after = 4 * registry_module.VERIFY_TIMEOUT_SECONDS  # the pause outlasts the look at its URL
+    lost_after = 4 * call_back_module.VERIFY_TIMEOUT_SECONDS  # the pause outlasts the look at its URL
     with ExitStack() as stack:
         sidecar = stack.enter_context(sidecar_for(tmp_path, airflow, lost_after=lost_after))
         client = stack.enter_context(sidecar.client())
@@ -380,7 +379,7 @@ def test_a_copy_of_the_home_waits_while_the_agent_is_only_paused_at_its_url(
             return error if "still answers" not in error else ""
 
         error = wait_for(
-            judged, "the copy's claim judged", timeout=4 * registry_module.VERIFY_TIMEOUT_SECONDS
+            judged, "the copy's claim judged", timeout=4 * call_back_module.VERIFY_TIMEOUT_SECONDS
         )
         assert "409" in error and "no clear answer" in error and real.url in error, error
         assert agents(client)["vm-m"]["url"] == real.url
@@ -924,7 +923,7 @@ def test_a_move_waits_while_the_old_url_gives_no_clear_answer(
 ) -> None:
     """The old process does not answer within the call-back's timeout (paused, overloaded) or answers
     garbage: the move waits, as the old process may run on. A refused connection shows it gone."""
-    monkeypatch.setattr(registry_module, "VERIFY_TIMEOUT_SECONDS", 0.5)
+    monkeypatch.setattr(call_back_module, "VERIFY_TIMEOUT_SECONDS", 0.5)
 
     async def failing(request: web.Request) -> web.Response:
         return web.Response(status=503, text="overloaded")

@@ -11,7 +11,7 @@ import pytest
 from reconciler import errors
 from reconciler.api.statuses import STATUSES, status_of
 from reconciler.fleet.agent_state import DrainNotDelivered
-from reconciler.fleet.registry import CallBackFailed, OutOfScope
+from reconciler.fleet.call_back import CallBackFailed, OutOfScope
 
 pytestmark = pytest.mark.fast
 

@@ -54,20 +54,13 @@ is the heartbeat answered 200; otherwise the agent sends them again.
 from __future__ import annotations
 
 import asyncio
-import errno
 import json
 import logging
-import socket
-from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
-from enum import StrEnum
 from typing import Any
-from urllib.parse import urlsplit
 
-import aiohttp
-
-from agent_api.client import AgentClient, AgentError
 from agent_api.protocol import JobInfo
 from agent_api.registration import Heartbeat, identity_fingerprint
 from reconciler.config import FleetConfig
@@ -80,7 +73,14 @@ from reconciler.errors import (
     TooMany,
     Unauthenticated,
     Unavailable,
-    Unverified,
+)
+from reconciler.fleet.call_back import CallBack, CallBackFailed, OutOfScope
+from reconciler.fleet.claims import (
+    Claim,
+    Judged,
+    judge_claim,
+    moved_in_place,
+    still_there_problem,
 )
 from reconciler.fleet.fencing import fence_problem
 from reconciler.metrics import Metrics
@@ -91,7 +91,6 @@ from servicekit.ratelimit import RateLimiter
 
 log = logging.getLogger("reconciler.fleet.registry")
 
-VERIFY_TIMEOUT_SECONDS = 5.0  # the call back to a registering agent, and the look at a mover's old URL
 RENEW_AFTER = 0.5  # of credential_lifetime_seconds: from then on, each answer asks for a renewal
 
 
@@ -115,27 +114,6 @@ class Accepted:
     credential_renewed: bool = False  # the new one sent is the one held now
 
 
-class OutOfScope(Forbidden):
-    """The heartbeat claims an id, a label or an address [fleet] does not allow registrations."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
-
-
-class CallBackFailed(Unverified):
-    """The URL a heartbeat gave did not answer as that agent. The answer says only that: what
-    answered there (a local service's page, a closed port against an open one) would make
-    registration a way to probe whatever the sidecar reaches. ``detail``, for the sidecar's log, says
-    what answered."""
-
-    def __init__(self, agent_id: str, url: str, detail: str) -> None:
-        super().__init__(
-            f"the sidecar could not verify agent {agent_id} at {url}: the reason is in the sidecar's log "
-            "(agent_refused); check the agent's SELF_URL and that the sidecar reaches it",
-        )
-        self.detail = detail
-
-
 def _said(value: dict[str, Any] | None) -> str:
     """What an agent says of its maintenance, as the router DB keeps it: JSON, or "" for nothing (and
     for anything past the column's bound, which only a newer agent could send: shown as nothing)."""
@@ -143,198 +121,6 @@ def _said(value: dict[str, Any] | None) -> str:
         return ""
     text = json.dumps(value, ensure_ascii=False)
     return text if len(text) <= AGENT_MAINTENANCE_CHARS else ""
-
-
-class Claim(StrEnum):
-    """What a heartbeat is, against the row the router DB holds for its agent id."""
-
-    NEW = "new"  # no row: a first registration
-    BEAT = "beat"  # the row's own process
-    RESTART = "restart"  # another process at the row's URL: the agent restarted there
-    MOVE = "move"  # the row's identity at another URL, succeeding the row's instance: proven
-    TAKEOVER = "takeover"  # anything else elsewhere: only a long-silent id without active jobs
-
-
-@dataclass(frozen=True)
-class Judged:
-    claim: Claim
-    unproven: str = ""  # a TAKEOVER: why it is no proven move (said if the router DB refuses it)
-    refusal: str = ""  # refused outright (409)
-
-
-def judge_claim(
-    held: AgentRecord | None,
-    *,
-    url: str,
-    instance: str,
-    fingerprint: str,
-    previous_instances: Sequence[str],
-) -> Judged:
-    """A heartbeat (``url``, ``instance``, the fingerprint of its identity proof, its home's earlier
-    instances) against ``held``, the agent id's row. Pure: the router DB's upsert enforces the same."""
-    if held is None:
-        return Judged(Claim.NEW)
-    if held.instance == instance:
-        # A row without an identity (written by a replica older than identities, during a rolling
-        # upgrade) takes the one its own process proves: the call-back checks it is that process.
-        if held.identity_fingerprint and held.identity_fingerprint != fingerprint:
-            return Judged(
-                Claim.BEAT,
-                refusal=f"instance {instance} of agent {held.agent_id} is registered with another identity:"
-                " this heartbeat is not from that process",
-            )
-        if held.url != url:
-            # One process keeps the address it started with: the same instance elsewhere is its
-            # credential replayed (the instance is public in /healthz), not the agent.
-            return Judged(
-                Claim.BEAT,
-                refusal=f"instance {instance} of agent {held.agent_id} is registered at {held.url}: one "
-                "process keeps its address (restarted at another, the agent moves its registration)",
-            )
-        return Judged(Claim.BEAT)
-    if held.url == url and held.identity_fingerprint in ("", fingerprint):
-        # Another process at the row's address, of the same home: the agent restarted there. A row
-        # without an identity (an older agent's or replica's) takes the one its restarted process
-        # proves, or none. Another identity there (a rebuilt VM, a second home), or none where the row
-        # has one (a fleet-token holder speaking for the agent), is another agent: it would be sent
-        # stops for jobs it does not know, so it falls to the takeover rule below, as it would at any
-        # other address.
-        return Judged(Claim.RESTART)
-    if not held.identity_fingerprint:
-        why = "its registration holds no identity (made by an agent older than identities)"
-    elif not fingerprint:
-        why = (
-            "this heartbeat proves no identity (an agent older than identities, or one that keeps its"
-            " proof off a plain http router_url)"
-        )
-    elif fingerprint != held.identity_fingerprint:
-        why = "this heartbeat proves another identity than the registration's (another home, or a wiped one)"
-    elif held.instance not in previous_instances:
-        why = (
-            f"the registration's instance {held.instance} is not in this home's instance history"
-            " (an older copy of the home)"
-        )
-    else:
-        return Judged(Claim.MOVE)
-    return Judged(Claim.TAKEOVER, unproven=why)
-
-
-def _registration(answer: Mapping[str, Any]) -> tuple[str, str | None]:
-    """The identity fingerprint ("" for none) and instance an agent's ``/healthz`` shows."""
-    shown = answer.get("registration")
-    shown = shown if isinstance(shown, dict) else {}
-    fingerprint, instance = shown.get("identity_fingerprint"), shown.get("instance")
-    return (
-        fingerprint if isinstance(fingerprint, str) else "",
-        instance[:64] if isinstance(instance, str) else None,
-    )
-
-
-def call_back_problem(
-    answer: Mapping[str, Any], *, agent_id: str, url: str, instance: str, fingerprint: str
-) -> str | None:
-    """Why the agent answering ``/healthz`` at ``url`` did not send this heartbeat (None: it did, as far
-    as an agent shows): it names another id, or shows another identity or instance. An agent older
-    than identities shows neither, and its heartbeats prove none."""
-    said = answer.get("agent_id")
-    if said != agent_id:
-        named = f"{said[:200]!r}" if isinstance(said, str) else "no agent_id"
-        return f"the agent at {url} answers as {named}, not {agent_id!r}"
-    shown, running = _registration(answer)
-    if shown != fingerprint:
-        if not fingerprint:
-            return f"the agent at {url} proves an identity this heartbeat does not: it did not send it"
-        return f"the agent at {url} does not hold the identity this heartbeat proves"
-    if (fingerprint or running is not None) and running != instance:
-        # An agent that shows its instance is the very process that sent this heartbeat, proof or not:
-        # a fleet-token holder cannot speak for the process answering there.
-        return f"the agent at {url} is another process (instance {running!r}), not instance {instance!r}"
-    return None
-
-
-@dataclass(frozen=True)
-class Unanswered:
-    """What asking ``/health`` at a URL got instead of an agent's answer: ``why``, and whether it shows
-    that nothing is there any more (``gone``)."""
-
-    why: str
-    gone: bool = False
-
-
-# getaddrinfo's "no such name" (NXDOMAIN) and "no address for it"; a resolver that failed (EAI_AGAIN)
-# says nothing of the host.
-_NO_SUCH_NAME = frozenset(
-    code for code in (socket.EAI_NONAME, getattr(socket, "EAI_NODATA", None)) if code is not None
-)
-
-
-def unanswered(error: BaseException) -> Unanswered:
-    """How a failed ``/health`` at an old URL reads: gone only when the connection was refused (no
-    process listens at that port) or the host name does not exist. Everything else is no answer, not
-    an absence: a timeout (the process may be paused, overloaded, or cut off from this replica alone),
-    a reset, a TLS failure, an unreachable host, a 5xx or an answer that is no agent's. ``error`` is
-    the client's (:class:`AgentError`); the connector's error it was raised from, if any, is read."""
-    cause: BaseException | None = error
-    for _ in range(4):  # the client's error, raised while handling the connector's
-        if cause is None or isinstance(cause, aiohttp.ClientConnectorError):
-            break
-        cause = cause.__cause__ or cause.__context__
-    why = str(error)[:300] or type(error).__name__
-    if isinstance(cause, aiohttp.ClientProxyConnectionError) or not isinstance(
-        cause, aiohttp.ClientConnectorError
-    ):
-        return Unanswered(why)
-    if isinstance(cause, aiohttp.ClientConnectorDNSError):
-        return Unanswered(why, gone=cause.os_error.errno in _NO_SUCH_NAME)
-    # A refusal comes from the host's kernel: nothing listens there. A process that is only paused or
-    # overloaded still holds its listening socket, whose connections wait unanswered: a timeout.
-    return Unanswered(why, gone=cause.os_error.errno == errno.ECONNREFUSED)
-
-
-_PORTS = {"http": 80, "https": 443}
-
-
-def moved_in_place(old_url: str, new_url: str) -> bool:
-    """The URLs differ in their scheme only (http to https on the same port): one socket, at which the
-    call-back found the mover, and where no second process can listen. Asked there in the old scheme,
-    the mover would give no clear answer (TLS spoken to plain http, or the reverse)."""
-    old, new = urlsplit(old_url), urlsplit(new_url)
-    try:
-        return (old.hostname, old.port or _PORTS[old.scheme], old.path.rstrip("/")) == (
-            new.hostname,
-            new.port or _PORTS[new.scheme],
-            new.path.rstrip("/"),
-        )
-    except (KeyError, ValueError):
-        return False
-
-
-def still_there_problem(
-    answer: Mapping[str, Any] | Unanswered, *, agent_id: str, old_url: str, instance: str
-) -> str | None:
-    """Why a move away from ``old_url`` must wait (None: it need not), given what ``/health`` answers
-    there. Another process answering there as the agent (not the mover itself, reached by another
-    name) still holds the registration: two processes of one identity. So may one that gives no clear
-    answer: only a refused connection, a host name that no longer exists or another agent answering
-    there shows that the registration's process is gone (a copy of the home must not take the place
-    of an agent that is only slow)."""
-    if isinstance(answer, Unanswered):
-        if answer.gone:
-            return None
-        return (
-            f"agent {agent_id} gives no clear answer at {old_url} ({answer.why}): its process there may "
-            "be alive, only slow, and one identity is held by one process at a time; the registration "
-            "stays there until that process answers, or nothing listens there"
-        )
-    if answer.get("agent_id") != agent_id:
-        return None
-    _, running = _registration(answer)
-    if running == instance:
-        return None
-    return (
-        f"agent {agent_id} still answers at {old_url} (instance {running or 'unknown'}): its registration "
-        "stays there while it does, as one identity is held by one process at a time"
-    )
 
 
 class Registry:
@@ -358,8 +144,8 @@ class Registry:
         self._metrics = metrics
         # agent id -> (instance, url, identity fingerprint) called back here
         self._verified: dict[str, tuple[str, str, str]] = {}
-        self._session: aiohttp.ClientSession | None = None
         self._scope = config.scope()
+        self._call_back = CallBack(config, self._scope, token)
         rate = config.registration_rate_per_second
         self._limiter = RateLimiter(rate=rate, burst=max(1, round(5 * rate))) if rate > 0 else None
 
@@ -448,7 +234,7 @@ class Registry:
             held = await asyncio.to_thread(self._db.registered_agent, agent_id)
             self._refuse_credential(agent_id, held, fingerprint, renewal)
             assert held is not None
-            await self._check_address(beat.url)
+            await self._call_back.check_address(beat.url)
             held, judged = await self._verify(agent_id, beat, fingerprint, held, held.identity_fingerprint)
             if judged.claim is Claim.TAKEOVER:  # the credential's own agent, but no restart nor move
                 # 401: the agent registers with the fleet token, where the takeover rule applies (it
@@ -460,7 +246,7 @@ class Registry:
                 )
         if renewal and (held := held or await asyncio.to_thread(self._db.registered_agent, agent_id)):
             if held.identity_fingerprint == fingerprint:  # a new renewal, not one held already
-                await self._confirm_renewal(agent_id, beat.url, renewal)
+                await self._call_back.confirm_renewal(agent_id, beat.url, renewal)
             if judged.claim is Claim.MOVE:
                 assert held is not None
                 moving_from = (held.url, held.instance)
@@ -508,21 +294,6 @@ class Registry:
         if lifetime <= 0 or issued is None:
             return False
         return (self._db.now() - issued).total_seconds() > lifetime
-
-    async def _confirm_renewal(self, agent_id: str, url: str, renewal: str) -> None:
-        """The agent at its registration's URL is the one renewing: its ``/healthz`` shows the pending
-        credential's fingerprint. A stolen credential cannot renew itself into a thief's secret, which
-        the agent's own process would not show. 422 otherwise (the agent tries again)."""
-        try:
-            answer = await self._client(url, "").health()
-        except (AgentError, ValueError) as exc:
-            raise CallBackFailed(agent_id, url, f"renewal: the sidecar cannot use {url}: {exc}") from None
-        shown = answer.get("registration")
-        pending = shown.get("next_identity_fingerprint") if isinstance(shown, dict) else None
-        if answer.get("agent_id") != agent_id or pending != renewal:
-            raise CallBackFailed(
-                agent_id, url, f"renewal: the agent at {url} does not show the credential being renewed to"
-            )
 
     def _due(self, stored: AgentRecord) -> bool:
         """Whether the stored credential is past half its lifetime (by the router DB's clock: the
@@ -599,7 +370,7 @@ class Registry:
         held, judged, moving_from = None, Judged(Claim.BEAT), None
         if first:
             # Its address is held to [fleet] allowed_networks before it is called back.
-            await self._check_address(beat.url)
+            await self._call_back.check_address(beat.url)
             held = await asyncio.to_thread(self._db.registered_agent, agent_id)
             if held is not None and held.revoked_at is not None:
                 raise Revoked(held)
@@ -737,17 +508,17 @@ class Registry:
                 f"lost_after_seconds={within:g}: two agents cannot share one address",
             )
         if judged.claim is not Claim.MOVE:
-            await self._call_back(agent_id, beat, fingerprint)
+            await self._call_back.verify(agent_id, beat, fingerprint)
             return held, judged
         assert held is not None
         if moved_in_place(held.url, beat.url):  # the old URL is the mover's own socket
-            await self._call_back(agent_id, beat, fingerprint)
+            await self._call_back.verify(agent_id, beat, fingerprint)
             return held, judged
         # The old URL is asked while the new one is called back: a move costs no more time than a
         # registration, within the agent's heartbeat timeout.
-        looking = asyncio.create_task(self._answer_at(held.url))
+        looking = asyncio.create_task(self._call_back.answer_at(held.url))
         try:
-            await self._call_back(agent_id, beat, fingerprint)
+            await self._call_back.verify(agent_id, beat, fingerprint)
         except BaseException:
             looking.cancel()
             await asyncio.gather(looking, return_exceptions=True)
@@ -819,24 +590,6 @@ class Registry:
             f"or silent for lost_after_seconds={within:g} (its jobs end FAILED once it is lost)",
         )
 
-    def _client(self, url: str, token: str) -> AgentClient:
-        if self._session is None:
-            self._session = aiohttp.ClientSession()
-        return AgentClient(
-            url,
-            token,
-            session=self._session,
-            timeout=VERIFY_TIMEOUT_SECONDS,
-            ca_file=self._config.registration_ca_file or None,
-        )
-
-    async def _answer_at(self, url: str) -> dict[str, Any] | Unanswered:
-        """What ``/health`` at ``url`` answers, asked without a token, or what came instead."""
-        try:
-            return await self._client(url, "").health()
-        except (AgentError, ValueError) as exc:
-            return unanswered(exc)
-
     def _counted_agents(self) -> int:
         """Registered agents that take a place under max_agents: heard within lost_after_seconds (by
         the router DB's clock), or holding active jobs. A lost one without jobs frees its place, though
@@ -847,43 +600,5 @@ class Registry:
         alive_after = self._db.now() - timedelta(seconds=self._config.lost_after_seconds)
         return sum(row.last_heartbeat_at >= alive_after or busy.get(row.agent_id, 0) > 0 for row in rows)
 
-    async def _check_address(self, url: str) -> None:
-        """:class:`OutOfScope` unless every address ``url``'s host resolves to is in
-        [fleet] allowed_networks (nothing to check without them)."""
-        if not self._scope.networks:
-            return
-        host = urlsplit(url).hostname or ""
-        try:
-            found = await asyncio.get_running_loop().getaddrinfo(host, None, type=socket.SOCK_STREAM)
-            problem = self._scope.address_problem(host, [str(info[4][0]) for info in found])
-        except OSError as exc:
-            problem = f"{host!r} cannot be resolved: {exc.strerror or exc}"
-        if problem is not None:
-            # The answer names no address and no resolver error: registration is no DNS oracle.
-            log.warning(
-                "registration at %s refused: %s", url, problem, extra={"action": "agent_out_of_scope"}
-            )
-            raise OutOfScope(f"{host!r} does not resolve within [fleet] allowed_networks")
-
-    async def _call_back(self, agent_id: str, beat: Heartbeat, fingerprint: str) -> None:
-        """The agent at the heartbeat's URL is ``agent_id``, the very process that sent it (as its
-        instance and identity show), and takes the call token the heartbeat carries (the fleet token,
-        from an agent older than credentials); or :class:`Refused` (422)."""
-        url = beat.url
-        try:
-            # Who answers is asked without a token: a mistyped address must not receive the fleet's.
-            answer = await self._client(url, "").health()
-            problem = call_back_problem(
-                answer, agent_id=agent_id, url=url, instance=beat.instance, fingerprint=fingerprint
-            )
-            if problem is not None:
-                raise CallBackFailed(agent_id, url, problem)
-            # The token the sidecar will call it with is accepted there.
-            await self._client(url, beat.call_token or self._token.current()).jobs("QUEUED")
-        except (AgentError, ValueError) as exc:
-            raise CallBackFailed(agent_id, url, f"the sidecar cannot use {url}: {exc}") from None
-
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        await self._call_back.close()
