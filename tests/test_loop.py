@@ -82,6 +82,28 @@ def run(scenario: Callable[[AgentPool], Awaitable[T]]) -> T:
 
 
 @pytest.mark.fast
+@pytest.mark.parametrize(("strategy", "reloads"), [("batch", 3), ("incremental", 1), ("targeted", 1)])
+def test_batch_reads_the_active_jobs_whole_every_cycle_the_others_what_changed(
+    db: RouterDB, monkeypatch: pytest.MonkeyPatch, strategy: str, reloads: int
+) -> None:
+    """``batch`` reads everything every cycle, the router DB's active jobs too; the other strategies
+    reload them every full_resync_seconds and read what changed in between."""
+    job = running_job(db)
+    airflow = ScriptedAirflow(truth={("d", "r", "t", -1): ti(job, "deferred")})
+    calls: list[str] = []
+    active = db.active
+    monkeypatch.setattr(db, "active", lambda *a, **k: calls.append("active") or active(*a, **k))
+
+    async def scenario(pool: AgentPool) -> None:
+        loop, _ = make_loop(db, airflow, pool, strategy=strategy)
+        for _ in range(3):
+            assert (await loop.cycle()).result == "ok"
+
+    run(scenario)
+    assert calls.count("active") == reloads
+
+
+@pytest.mark.fast
 def test_first_cycle_reads_everything_then_only_what_changed(db: RouterDB) -> None:
     job = running_job(db)
     airflow = ScriptedAirflow(truth={("d", "r", "t", -1): ti(job, "deferred")})

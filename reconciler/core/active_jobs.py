@@ -2,7 +2,8 @@
 
 A cycle needs every queued, running and stopping job. Reloading tens of thousands of rows a cycle
 would cost more than reading Airflow, so :class:`ActiveJobs` reloads them every ``reload_seconds``
-(the first time, and after a new term) and otherwise reads the rows changed since its previous read.
+(the first time, after a new term, and every cycle with ``batch``: :func:`.reads.reload_seconds`) and
+otherwise reads the rows changed since its previous read.
 Both reads are timed by the router DB's clock, as every replica writes ``updated_at``: this replica's
 own clock never enters, and ``overlap_seconds`` covers a writer whose transaction began before the
 read and committed after.
@@ -50,8 +51,8 @@ class ActiveJobs:
     async def current(self) -> list[JobRecord]:
         """The active jobs now: a reload when due, else the previous ones and what changed since."""
         if self._read_at is None or self._clock() >= self._next_reload:
+            await self._reload()  # one that fails is tried again next cycle
             self._next_reload = self._clock() + self._reload_seconds
-            await self._reload()
         else:
             read_started, changed = await asyncio.to_thread(
                 self._db.changes_since, self._read_at - self._overlap

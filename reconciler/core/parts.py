@@ -19,7 +19,7 @@ from reconciler.core.agent_sync import AgentSync
 from reconciler.core.confirmer import Confirmer
 from reconciler.core.loop import ReconcileLoop
 from reconciler.core.outcome import START_GRACE_SECONDS
-from reconciler.core.reads import AirflowRead, read_for
+from reconciler.core.reads import AirflowRead, read_for, reload_seconds
 from reconciler.core.stops import StopDispatcher
 from reconciler.core.watch import JobWatch
 from reconciler.fleet.agents import AgentPool
@@ -60,7 +60,7 @@ def build_core(
     one ``[poll] strategy`` names (a bench's)."""
     watch = watch or JobWatch(db, period=poll.watch_seconds)
     jobs = ActiveJobs(
-        db, reload_seconds=poll.full_resync_seconds, overlap_seconds=poll.overlap_seconds, clock=clock
+        db, reload_seconds=reload_seconds(poll), overlap_seconds=poll.overlap_seconds, clock=clock
     )
     read = read or read_for(poll, airflow, metrics, clock=clock, wall=wall)
     confirmer = Confirmer(airflow, dispatcher, metrics, concurrency=poll.max_concurrent_reads, wall=wall)

@@ -275,6 +275,12 @@ class FallbackRead:
         )
 
 
+def reload_seconds(poll: PollConfig) -> float:
+    """How often the active jobs are read from the router DB whole (:mod:`.active_jobs`): every cycle
+    with ``batch``, which reads everything every cycle, else every ``full_resync_seconds``."""
+    return 0.0 if poll.strategy == "batch" else poll.full_resync_seconds
+
+
 def read_for(
     poll: PollConfig,
     airflow: TaskInstanceReader,
@@ -283,7 +289,7 @@ def read_for(
     clock: Callable[[], float],
     wall: Callable[[], datetime],
 ) -> FallbackRead:
-    """The read ``[poll] strategy`` names: the one place it is read."""
+    """The read ``[poll] strategy`` names (this module is the one place it is read)."""
     main: MainRead
     if poll.strategy == "targeted":
         main = Targeted(

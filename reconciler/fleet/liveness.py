@@ -92,7 +92,6 @@ class Fleet:
         self._db_clock: tuple[datetime, float] | None = None
         self._last_tick = clock()
         self._pool = agents
-        agents.guarded_by(self)  # the pool asks this fleet which agents to avoid, refuse, and fill
         self._orphans = OrphanSweep(db, agents, metrics)
         self._drains = DrainDelivery(agents, clock)
         self._metrics = metrics
@@ -112,6 +111,7 @@ class Fleet:
             agent_id: TrackedAgent(agent_id, last_contact=now, next_sweep=now + config.orphan_sweep_seconds)
             for agent_id in agents.ids()
         }
+        agents.guarded_by(self)  # last, once whole: the pool asks it which agents to avoid, refuse, fill
 
     @property
     def registered_token(self) -> Secret[str] | None:
