@@ -205,6 +205,27 @@ def test_a_failing_full_read_backs_off_and_incremental_reads_go_on(db: RouterDB)
 
 
 @pytest.mark.fast
+def test_batch_tries_its_full_read_again_the_next_cycle(db: RouterDB) -> None:
+    """batch reads everything every cycle: a failed full read is not backed off. Between full reads it
+    would depend on the changed-since read, which a clock of this host ahead of Airflow's by more than
+    overlap_seconds blinds (the simulation's world 435: stops 4 s late after an outage)."""
+    job = running_job(db)
+    airflow = ScriptedAirflow(truth={("d", "r", "t", -1): ti(job, "deferred")})
+
+    async def scenario(pool: AgentPool) -> None:
+        loop, _ = make_loop(db, airflow, pool, strategy="batch", interval_seconds=5.0)
+        assert (await loop.cycle()).read == "full"
+        airflow.fail_batch = True
+        assert (await loop.cycle()).read == "incremental (full read failing)"
+        airflow.fail_batch = False
+        airflow.truth[("d", "r", "t", -1)] = ti(job, "failed")
+        report = await loop.cycle()
+        assert report.read == "full" and [j.job_id for j, _ in report.stops] == [job.job_id]
+
+    run(scenario)
+
+
+@pytest.mark.fast
 def test_a_full_read_failing_from_the_start_does_not_block_incremental_reads(db: RouterDB) -> None:
     job = running_job(db)
     airflow = ScriptedAirflow(truth={("d", "r", "t", -1): ti(job, "deferred")}, fail_batch=True)

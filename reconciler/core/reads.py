@@ -14,10 +14,11 @@ unchanged) and says which requests it made. There are three:
 :class:`FallbackRead` puts a main read and the changed-since read together and owns what failure
 means. Airflow unwell (a 5xx, a timeout) fails the cycle: every job is kept, as uncertainty never
 stops one. A main read Airflow refuses (the batch endpoint forbidden, say), or a full read failing
-any way, backs off (one poll interval, doubling up to ``full_resync_seconds``) while the changed-since
-read goes on every cycle; ``/readyz`` says why (:attr:`FallbackRead.failing`). Nothing read yet, the
-cycle fails: the changed-since read counts from there, and the main read, once it works, finds what
-changed before. Every would-be stop is confirmed by a direct read (:mod:`reconciler.core.confirmer`).
+any way, backs off (one poll interval, doubling up to ``full_resync_seconds``; ``batch`` tries again
+every cycle) while the changed-since read goes on every cycle; ``/readyz`` says why
+(:attr:`FallbackRead.failing`). Nothing read yet, the cycle fails: the changed-since read counts from
+there, and the main read, once it works, finds what changed before. Every would-be stop is confirmed
+by a direct read (:mod:`reconciler.core.confirmer`).
 """
 
 from __future__ import annotations
@@ -66,7 +67,8 @@ class MainRead(Protocol):
     """A read :class:`FallbackRead` falls back from."""
 
     name: str  # in logs: "targeted read", "full read"
-    around: str  # the cycle's read while it backs off
+    around: str  # the cycle's read while it fails
+    backs_off: bool  # False: tried again every cycle however often it fails (batch)
 
     def due(self) -> bool: ...
 
@@ -90,6 +92,7 @@ class Targeted:
 
     name = "targeted read"
     around = "incremental (targeted read refused)"
+    backs_off = True
 
     def __init__(self, targeted: TargetedRead, metrics: Metrics) -> None:
         self.targeted = targeted
@@ -129,6 +132,9 @@ class FullRead:
     ) -> None:
         self._airflow = airflow
         self._every = every_seconds
+        # Every cycle (batch): a failed read is tried again the next, as batch reads everything every
+        # cycle; the changed-since read between would miss what a skewed clock hides.
+        self.backs_off = every_seconds > 0
         self._clock = clock
         self._next = float("-inf")
 
@@ -262,6 +268,8 @@ class FallbackRead:
         go on every cycle meanwhile."""
         self._failures += 1
         delay = min(self._max_backoff, self._interval * 2.0 ** min(self._failures - 1, 20))
+        if not self.main.backs_off:
+            delay = 0.0
         self._retry_at = self._clock() + delay
         self._failing = str(exc)
         self._metrics.full_resync_failing.set(1)
