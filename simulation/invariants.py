@@ -8,10 +8,10 @@
   ``detect_bound`` seconds of the world's healthy time (Airflow and the router DB answering, the
   sidecar running).
 - **No hang.** No job stays active in the router DB while its agent has ended it or does not know it,
-  and no decided stop fails to reach a process still running, beyond ``hang_bound`` seconds of
-  healthy time with that agent answering. (Healthy time leaves out Airflow's faults here too: a
-  round with the agents starts once a cycle, and a slow Airflow makes cycles long, so exits are
-  recorded later; world 441 shows it. Rounds on their own clock would let this bound ignore Airflow.)
+  and no decided stop fails to reach a process still running, beyond ``hang_bound`` seconds with
+  the sidecar and the router DB up and that agent answering, whatever Airflow does: rounds with the
+  agents run on their own clock, apart from the cycles (world 441 found them waiting for slow reads
+  of Airflow when they started once a cycle).
 - **Nothing lost.** No job row vanishes, and an ended job never changes again.
 
 "Healthy time" leaves out the faults the world injected: a bound is a promise about how fast the
@@ -111,6 +111,7 @@ class Checker:
         """Check the world after ``seconds`` of world time passed."""
         world = self.world
         healthy = sidecar_up and not world.faulty("airflow") and not world.faulty("db")
+        agents_heard = sidecar_up and not world.faulty("db")  # what recording the agents' news needs
         if any(a.paused or a.requests_lost or a.answers_lost for a in world.agents):
             self._agent_trouble_until = world.now + 2 * AGENT_READ_SECONDS
         for job_id in sorted(self._seen):  # in one order whatever the hash seed
@@ -128,7 +129,7 @@ class Checker:
                 continue
             if job.status is not JobStatus.STOPPING and not self.wants(job):
                 self._detection(job, seconds, healthy=healthy)
-            self._hang(job, seconds, healthy=healthy)
+            self._hang(job, seconds, healthy=agents_heard)
 
     def _detection(self, job: JobRecord, seconds: float, *, healthy: bool) -> None:
         allowed = max(self._allowed.get(job.job_id, 0.0), self._allowance(job))

@@ -224,6 +224,16 @@ def test_a_silent_agent_does_not_slow_the_reads_of_airflow() -> None:
 
 
 @pytest.mark.fast
+@pytest.mark.parametrize("seed", [227, 349, 435, 441])
+def test_the_worlds_that_found_defects_stay_clean(seed: int) -> None:
+    """Each of these seeds broke an invariant before a fix (bench/RESULTS.md, "The core's simulation"):
+    227 and 349 late stops (a failed read, widened id lists), 435 a late stop (batch backing off its
+    full read), 441 a hang (rounds with the agents waiting for a slow Airflow's cycles)."""
+    outcome = play(seed)
+    assert outcome.violations == [], outcome.report()
+
+
+@pytest.mark.fast
 def test_a_task_cleared_and_run_again_while_airflow_is_down_is_found_when_it_answers() -> None:
     """Airflow answers 500 for 30 s; meanwhile a deferred task is cleared, and its next try runs and
     defers again: no read saw it leave. Its old try's job is stopped within seconds of Airflow

@@ -4,10 +4,10 @@ Each round (:meth:`AgentSync.round`) catches up with the agents (:mod:`reconcile
 request per agent that has queued or running jobs, recording every exit it reports; an agent without
 that feed gets the rolling *sweep* instead, ``agent_sync_per_cycle`` job reads a round in job-id order
 (:func:`refresh_from_agent`), so agents see a bounded load however many jobs are active. The running
-loop starts a round each cycle in a task of its own (:meth:`AgentSync.start_round`), unless the
-previous one still runs: an agent that does not answer holds its reads for their timeout, and the
-next read of Airflow must not wait for that. While cycles are further apart than
-``agent_catch_up_seconds``, catch-ups also run between them (:meth:`AgentSync.between_cycles`).
+loop's rounds run on their own clock (:meth:`AgentSync.run`: every poll interval, or every
+``agent_catch_up_seconds`` if that is shorter), each in a task of its own unless the previous one
+still runs: an agent that does not answer holds its reads for their timeout, and no read of Airflow
+waits for that; a slow Airflow, which makes cycles long, delays no exit.
 
 First of all, a cycle ends the active jobs of agents it can no longer address
 (:meth:`AgentSync.end_unaddressable`): neither in ``[[agents]]`` nor registered (the router DB's
@@ -26,7 +26,7 @@ import contextlib
 import heapq
 import logging
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from datetime import datetime
 
 from sqlalchemy.exc import SQLAlchemyError
@@ -61,7 +61,7 @@ class AgentSync:
         metrics: Metrics,
         fleet: Fleet | None,
         sweep_per_round: int,
-        catch_up_seconds: float,
+        period_seconds: float,
         unaddressable_grace_seconds: float,
         start_grace_seconds: float,
         clock: Callable[[], float],
@@ -72,7 +72,7 @@ class AgentSync:
         self._metrics = metrics
         self._fleet = fleet
         self._sweep_per_round = sweep_per_round
-        self._catch_up_seconds = catch_up_seconds
+        self._period = period_seconds  # between rounds
         self._clock = clock
         # A QUEUED job its agent does not know is given up only this long after its submission: the
         # bound its submission keeps ([fleet] submit_give_up_seconds, plus one /run's timeout).
@@ -101,30 +101,43 @@ class AgentSync:
             await asyncio.gather(self._round, return_exceptions=True)
             self._round = None
 
-    def start_round(self, jobs: Sequence[JobRecord]) -> None:
-        """A round in a task of its own, unless the previous one still runs."""
-        if self._round is None or self._round.done():
-            self._round = asyncio.create_task(self._round_apart(jobs), name="agent-sync")
-            self._round_since = self._clock()
-        elif self._clock() - self._round_since > SLOW_ROUND_SECONDS:
-            # Its reads are bounded (a few seconds each): a round this long waits on something else,
-            # a router DB call say, and no exit is recorded meanwhile.
-            self._round_since = self._clock()  # said once a period
-            log.error("a round with the agents has run over %.0f s; exits wait for it", SLOW_ROUND_SECONDS)
+    async def run(self, stopping: asyncio.Event, *, jobs: Callable[[], Sequence[JobRecord]]) -> None:
+        """Rounds on their own clock, every ``period_seconds``, each in a task of its own unless the
+        previous one still runs: neither a slow read of Airflow nor a long cycle delays recording the
+        jobs' exits, and an agent that does not answer delays no read of Airflow. ``jobs``: the active
+        jobs as the last cycle read them (for the sweep; the agents to catch up with are read fresh)."""
+        while not stopping.is_set():
+            if self._round is None or self._round.done():
+                self._round = asyncio.create_task(self._round_apart(jobs()), name="agent-sync")
+                self._round_since = self._clock()
+            elif self._clock() - self._round_since > SLOW_ROUND_SECONDS:
+                # Its reads are bounded (a few seconds each): a round this long waits on something
+                # else, a router DB call say, and no exit is recorded meanwhile.
+                self._round_since = self._clock()  # said once a period
+                log.error(
+                    "a round with the agents has run over %.0f s; exits wait for it", SLOW_ROUND_SECONDS
+                )
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stopping.wait(), timeout=self._period)
 
-    async def round(self, jobs: Sequence[JobRecord]) -> None:
-        """Catch up with the agents of the live jobs; sweep a few jobs of agents without the feed."""
+    async def round(self, jobs: Sequence[JobRecord], agents: Collection[str] | None = None) -> None:
+        """Catch up with ``agents`` (default: those of the live jobs); sweep a few jobs of agents without
+        the feed."""
         answering = [
             job for job in jobs if job.status is not JobStatus.STOPPING and self.answering(job.agent_id)
         ]
-        without_feed = set(await self.catch_up.run(sorted({job.agent_id for job in answering})))
+        if agents is None:
+            agents = {job.agent_id for job in answering}
+        without_feed = set(await self.catch_up.run(sorted(a for a in agents if self.answering(a))))
         await self.sweep(self._next_to_sweep([j for j in answering if j.agent_id in without_feed]))
 
     async def _round_apart(self, jobs: Sequence[JobRecord]) -> None:
-        """A round beside the cycles; its failures count as a failed cycle's would."""
+        """A round beside the cycles, with every agent that holds active jobs now (read fresh: a job
+        submitted since the last cycle counts); its failures count as a failed cycle's would."""
         try:
-            await self.round(jobs)
-        except SQLAlchemyError as exc:  # the next cycle's round tries again
+            load = await asyncio.to_thread(self._db.active_counts)
+            await self.round(jobs, agents={a for a, n in load.items() if n})
+        except SQLAlchemyError as exc:  # the next round tries again
             log.error(
                 "router DB unusable hearing the agents: %s", type(exc).__name__, extra={"error": str(exc)}
             )
@@ -132,20 +145,6 @@ class AgentSync:
         except Exception as exc:
             log.exception("hearing the agents failed", extra={"error": str(exc)})
             self._metrics.cycles.labels("error").inc()
-
-    async def between_cycles(self, stopping: asyncio.Event) -> None:
-        """The catch-up at its own pace while cycles are further apart (a long interval that spares
-        Airflow must not delay recording the jobs' exits)."""
-        while not stopping.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stopping.wait(), timeout=self._catch_up_seconds)
-            if stopping.is_set():
-                return
-            try:
-                load = await asyncio.to_thread(self._db.active_counts)
-                await self.catch_up.run(sorted(a for a, n in load.items() if n and self.answering(a)))
-            except Exception as exc:  # the router DB is down: the next round, or the cycle, tries again
-                log.warning("catching up with the agents failed: %s", type(exc).__name__)
 
     async def sweep(self, jobs: Sequence[JobRecord]) -> None:
         """Ask each job's agent about it and record what it says."""

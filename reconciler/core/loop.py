@@ -1,11 +1,12 @@
 """The poll loop: a thin cycle over the sidecar's parts, built once (:func:`.parts.build_core`).
 
 Each cycle takes the active jobs (:mod:`.active_jobs`), ends those of agents it can no longer
-address and starts a round with the agents (:mod:`reconciler.core.agent_sync`), reads Airflow
-(:mod:`reconciler.core.reads`), has each would-be stop confirmed by a direct read
-(:mod:`reconciler.core.confirmer`), and hands the confirmed stops to the dispatcher
-(:mod:`reconciler.core.stops`). Stops left pending by a crash or an outage are resumed first. An error of
-Airflow keeps every job (uncertainty never stops one); one of the router DB fails the cycle alone.
+address (:mod:`.agent_sync`), reads Airflow (:mod:`.reads`), has each would-be stop confirmed by a
+direct read (:mod:`.confirmer`), and hands the confirmed stops to the dispatcher (:mod:`.stops`).
+Stops left pending by a crash or an outage are resumed first. An error of Airflow keeps every job
+(uncertainty never stops one); one of the router DB fails the cycle alone. Beside the cycles, on
+clocks of their own, run the rounds with the agents (:meth:`.agent_sync.AgentSync.run`) and the
+agents' liveness (:meth:`reconciler.fleet.liveness.Fleet.run`).
 """
 
 from __future__ import annotations
@@ -55,7 +56,6 @@ class ReconcileLoop:
         metrics: Metrics,
         fleet: Fleet | None,
         interval_seconds: float,
-        catch_up_seconds: float,
         clock: Callable[[], float],
     ) -> None:
         self.jobs = jobs
@@ -66,7 +66,6 @@ class ReconcileLoop:
         self._metrics = metrics
         self._fleet = fleet  # agents' liveness runs beside the cycles, on its own clock
         self._interval = interval_seconds
-        self._catch_up_seconds = catch_up_seconds
         self._clock = clock
         self.last_success: float | None = None  # ``clock`` time of the last successful cycle
 
@@ -78,8 +77,8 @@ class ReconcileLoop:
         self.sync.restart()
         self._metrics.leader.set(1)
         fleet = asyncio.create_task(self._fleet.run(stopping)) if self._fleet is not None else None
-        between = self._catch_up_seconds < self._interval
-        catching = asyncio.create_task(self.sync.between_cycles(stopping)) if between else None
+        # Rounds with the agents on their own clock: a slow Airflow delays no exit, a silent agent no read.
+        rounds = asyncio.create_task(self.sync.run(stopping, jobs=self.jobs.known))
         try:
             while not stopping.is_set():
                 started = self._clock()
@@ -90,7 +89,7 @@ class ReconcileLoop:
                 except TimeoutError:
                     pass
         finally:
-            background = [task for task in (fleet, catching) if task is not None]
+            background = [task for task in (fleet, rounds) if task is not None]
             for task in background:
                 task.cancel()
             await asyncio.gather(*background, self.sync.stop(), return_exceptions=True)
@@ -100,8 +99,8 @@ class ReconcileLoop:
     async def cycle(self, *, dry_run: bool = False, agents_apart: bool = False) -> CycleReport:
         """One reconciliation pass. With ``dry_run`` it reads and decides but changes nothing.
 
-        ``agents_apart`` (the running loop's): the pass hears the agents in a task of its own, started
-        unless the previous one still runs, and reads Airflow without waiting for it."""
+        ``agents_apart`` (the running loop's): the agents are heard apart, on their own clock
+        (:meth:`AgentSync.run`); otherwise the pass hears them beside its read of Airflow."""
         started = self._clock()
         try:
             report = await self._cycle(dry_run, agents_apart)
@@ -133,8 +132,7 @@ class ReconcileLoop:
         for job in jobs:
             self._dispatcher.resume(job)  # finishes stops left pending by a crash or an outage
         # Agent bookkeeping (exits, liveness, orphans) never waits for Airflow, nor Airflow for it.
-        if agents_apart:
-            self.sync.start_round(jobs)
+        if agents_apart:  # the running loop's rounds run apart (AgentSync.run)
             await self._against_airflow(live, report, dry_run=False)
             return report
         outcomes = await asyncio.gather(

@@ -71,7 +71,7 @@ def build_core(
         metrics=metrics,
         fleet=fleet,
         sweep_per_round=poll.agent_sync_per_cycle,
-        catch_up_seconds=poll.agent_catch_up_seconds,
+        period_seconds=min(poll.interval_seconds, poll.agent_catch_up_seconds),
         unaddressable_grace_seconds=unaddressable_grace_seconds,
         start_grace_seconds=start_grace_seconds,
         clock=clock,
@@ -85,7 +85,6 @@ def build_core(
         metrics=metrics,
         fleet=fleet,
         interval_seconds=poll.interval_seconds,
-        catch_up_seconds=poll.agent_catch_up_seconds,
         clock=clock,
     )
     return Core(jobs, read, confirmer, sync, watch, fleet, loop)
