@@ -294,7 +294,25 @@ def test_the_optional_failure_callback_reaches_the_sidecar_from_inside_airflow(s
         response = stack.api.http.get(path)
         return response.json() if response.status_code == 200 else None
 
-    wait_until(lambda: answered() is not None, timeout=30, what="the callback's answer in XCom")
+    try:
+        wait_until(lambda: answered() is not None, timeout=30, what="the callback's answer in XCom")
+    except TimeoutError:
+        if not airflow_failed_the_try_itself(stack, dag_id, run_id, "exit_three"):
+            raise
+        # Airflow's scheduler failed that try itself, so no callback ran in it: the next try's must.
+        stack.api.clear(dag_id, run_id, "exit_three")
+        stack.api.wait_for_state(dag_id, run_id, "exit_three", {"failed"}, timeout=90)
+        wait_until(lambda: answered() is not None, timeout=30, what="the callback's answer in XCom")
     value = str(answered()["value"])  # type: ignore[index]
-    job_id = {job["task_id"]: job for job in stack.jobs(dag_id, run_id)}["exit_three"]["job_id"]
-    assert "already_final" in value and job_id in value, value
+    jobs = [job["job_id"] for job in stack.jobs(dag_id, run_id) if job["task_id"] == "exit_three"]
+    assert "already_final" in value and any(job_id in value for job_id in jobs), value
+
+
+def airflow_failed_the_try_itself(stack: Stack, dag_id: str, run_id: str, task_id: str) -> bool:
+    """Airflow's own scheduler race, seen under load on 3.1.8 and 3.3.2: the LocalExecutor's "success"
+    for the try's deferring run arrives after the try was queued to resume, and the scheduler fails
+    it ("... finished with state success, but the task instance's state attribute is queued"); the
+    resumed try is told to stop, and runs no callback. The sidecar takes no part in it."""
+    log = stack.airflow.home / "logs-harness" / "scheduler.log"
+    said = f"<TaskInstance: {dag_id}.{task_id} {run_id} [queued]> finished with state success"
+    return log.exists() and said in log.read_text(encoding="utf-8", errors="replace")
