@@ -72,8 +72,8 @@ class PollConfig:
     max_concurrent_reads: int = setting(8, ge=1)
     # Long-polls (GET /jobs/{id}?wait=) see changes made by other replicas by one read this often.
     watch_seconds: float = setting(0.5, gt=0, le=10)
-    # The agents' catch-up read (one request per agent) also runs this often between cycles, when the
-    # cycle is longer: exits are recorded at this pace whatever interval_seconds spares Airflow.
+    # The agents' catch-up read (one request per agent) runs on its own clock, every interval_seconds or
+    # this often if shorter: exits are recorded at this pace whatever interval_seconds spares Airflow.
     agent_catch_up_seconds: float = setting(1.0, gt=0)
 
 

@@ -34,10 +34,12 @@ class ActiveJobs:
         self._read_at: datetime | None = None  # router DB time of the previous read's start
         self._next_reload = float("-inf")  # on ``clock``
         self._left: list[JobRecord] = []
+        self.read_clock = float("-inf")  # ``clock`` time of the last read that succeeded
 
     def restart(self) -> None:
         """A new term: what an earlier term read is stale (another replica led meanwhile)."""
         self._jobs, self._read_at, self._next_reload, self._left = {}, None, float("-inf"), []
+        self.read_clock = float("-inf")
 
     def known(self) -> list[JobRecord]:
         """The active jobs as of the last read."""
@@ -63,6 +65,7 @@ class ActiveJobs:
                 elif self._jobs.pop(job.job_id, None) is not None:
                     self._left.append(job)
             self._read_at = read_started
+        self.read_clock = self._clock()
         return list(self._jobs.values())
 
     async def _reload(self) -> None:

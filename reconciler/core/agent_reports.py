@@ -1,7 +1,7 @@
 """What agents report about many jobs at once, recorded in the router DB in one transaction.
 
 An agent reports the jobs that changed since it last told (the loop's catch-up, ``GET
-/jobs?changed_since=``, once a cycle; an agent's heartbeat). Each report is judged by the same rules
+/jobs?changed_since=``, every poll interval; an agent's heartbeat). Each report is judged by the same rules
 as one job's ``GET /jobs/{id}`` answer (:func:`reconciler.core.outcome.after_status`): an exit ends the job
 with its status and rc, a start marks it RUNNING. A ``full`` report lists every job the agent knows,
 so an active job of that agent missing from it is one the agent does not know:

@@ -5,9 +5,10 @@ request per agent that has queued or running jobs, recording every exit it repor
 that feed gets the rolling *sweep* instead, ``agent_sync_per_cycle`` job reads a round in job-id order
 (:func:`refresh_from_agent`), so agents see a bounded load however many jobs are active. The running
 loop's rounds run on their own clock (:meth:`AgentSync.run`: every poll interval, or every
-``agent_catch_up_seconds`` if that is shorter), each in a task of its own unless the previous one
-still runs: an agent that does not answer holds its reads for their timeout, and no read of Airflow
-waits for that; a slow Airflow, which makes cycles long, delays no exit.
+``agent_catch_up_seconds`` if that is shorter, the sweep once an interval), each in a task of its own
+unless the previous one still runs: an agent that does not answer holds its reads for their timeout,
+and no read of Airflow waits for that; a slow Airflow, which makes cycles long, delays no exit an
+agent's change feed reports (the sweep reads the jobs the last cycle knew).
 
 First of all, a cycle ends the active jobs of agents it can no longer address
 (:meth:`AgentSync.end_unaddressable`): neither in ``[[agents]]`` nor registered (the router DB's
@@ -61,7 +62,8 @@ class AgentSync:
         metrics: Metrics,
         fleet: Fleet | None,
         sweep_per_round: int,
-        period_seconds: float,
+        interval_seconds: float,
+        catch_up_seconds: float,
         unaddressable_grace_seconds: float,
         start_grace_seconds: float,
         clock: Callable[[], float],
@@ -72,7 +74,13 @@ class AgentSync:
         self._metrics = metrics
         self._fleet = fleet
         self._sweep_per_round = sweep_per_round
-        self._period = period_seconds  # between rounds
+        self._interval = interval_seconds
+        self._period = min(interval_seconds, catch_up_seconds)  # between rounds
+        # Rounds more often than cycles (catch_up_seconds shorter), or a cycle's list older than a round
+        # (a slow Airflow): the agents are read fresh from the router DB; otherwise the list serves.
+        self._fresh_agents = catch_up_seconds < interval_seconds
+        self._last_sweep = float("-inf")  # the sweep and a failure's count: at most once an interval
+        self._last_counted = float("-inf")
         self._clock = clock
         # A QUEUED job its agent does not know is given up only this long after its submission: the
         # bound its submission keeps ([fleet] submit_give_up_seconds, plus one /run's timeout).
@@ -101,14 +109,22 @@ class AgentSync:
             await asyncio.gather(self._round, return_exceptions=True)
             self._round = None
 
-    async def run(self, stopping: asyncio.Event, *, jobs: Callable[[], Sequence[JobRecord]]) -> None:
+    async def run(
+        self,
+        stopping: asyncio.Event,
+        *,
+        jobs: Callable[[], Sequence[JobRecord]],
+        read_at: Callable[[], float],
+    ) -> None:
         """Rounds on their own clock, every ``period_seconds``, each in a task of its own unless the
         previous one still runs: neither a slow read of Airflow nor a long cycle delays recording the
         jobs' exits, and an agent that does not answer delays no read of Airflow. ``jobs``: the active
-        jobs as the last cycle read them (for the sweep; the agents to catch up with are read fresh)."""
+        jobs as the last cycle read them, at ``read_at`` (``clock`` time)."""
         while not stopping.is_set():
             if self._round is None or self._round.done():
-                self._round = asyncio.create_task(self._round_apart(jobs()), name="agent-sync")
+                # A cycle late (a slow Airflow): jobs submitted since may be missing from its list.
+                stale = self._clock() - read_at() > 2 * self._interval
+                self._round = asyncio.create_task(self._round_apart(jobs(), fresh=stale), name="agent-sync")
                 self._round_since = self._clock()
             elif self._clock() - self._round_since > SLOW_ROUND_SECONDS:
                 # Its reads are bounded (a few seconds each): a round this long waits on something
@@ -120,31 +136,43 @@ class AgentSync:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stopping.wait(), timeout=self._period)
 
-    async def round(self, jobs: Sequence[JobRecord], agents: Collection[str] | None = None) -> None:
+    async def round(
+        self, jobs: Sequence[JobRecord], agents: Collection[str] | None = None, *, sweeps: bool = True
+    ) -> None:
         """Catch up with ``agents`` (default: those of the live jobs); sweep a few jobs of agents without
-        the feed."""
+        the feed (``sweeps``: the sweep's share is one a poll interval, however often rounds come)."""
         answering = [
             job for job in jobs if job.status is not JobStatus.STOPPING and self.answering(job.agent_id)
         ]
         if agents is None:
             agents = {job.agent_id for job in answering}
         without_feed = set(await self.catch_up.run(sorted(a for a in agents if self.answering(a))))
-        await self.sweep(self._next_to_sweep([j for j in answering if j.agent_id in without_feed]))
+        if sweeps:
+            self._last_sweep = self._clock()
+            await self.sweep(self._next_to_sweep([j for j in answering if j.agent_id in without_feed]))
 
-    async def _round_apart(self, jobs: Sequence[JobRecord]) -> None:
-        """A round beside the cycles, with every agent that holds active jobs now (read fresh: a job
-        submitted since the last cycle counts); its failures count as a failed cycle's would."""
+    async def _round_apart(self, jobs: Sequence[JobRecord], *, fresh: bool = False) -> None:
+        """A round beside the cycles. Its failures count as a failed cycle's would, at most once an
+        interval (rounds may come more often than cycles; a router DB down fails the cycles too)."""
         try:
-            load = await asyncio.to_thread(self._db.active_counts)
-            await self.round(jobs, agents={a for a, n in load.items() if n})
-        except SQLAlchemyError as exc:  # the next round tries again
-            log.error(
-                "router DB unusable hearing the agents: %s", type(exc).__name__, extra={"error": str(exc)}
-            )
-            self._metrics.cycles.labels("db_error").inc()
+            agents = None
+            if fresh or self._fresh_agents:  # a job submitted since the last cycle counts
+                load = await asyncio.to_thread(self._db.active_counts)
+                agents = {a for a, n in load.items() if n}
+            await self.round(jobs, agents, sweeps=self._clock() - self._last_sweep >= self._interval)
         except Exception as exc:
-            log.exception("hearing the agents failed", extra={"error": str(exc)})
-            self._metrics.cycles.labels("error").inc()
+            result = "db_error" if isinstance(exc, SQLAlchemyError) else "error"
+            if self._clock() - self._last_counted < self._interval:
+                log.warning("hearing the agents failed again: %s", type(exc).__name__)
+                return
+            self._last_counted = self._clock()
+            self._metrics.cycles.labels(result).inc()
+            if result == "db_error":  # the next round tries again
+                log.error(
+                    "router DB unusable hearing the agents: %s", type(exc).__name__, extra={"error": str(exc)}
+                )
+            else:
+                log.exception("hearing the agents failed", extra={"error": str(exc)})
 
     async def sweep(self, jobs: Sequence[JobRecord]) -> None:
         """Ask each job's agent about it and record what it says."""

@@ -1,5 +1,5 @@
-"""The loop's catch-up with agents: one ``changed_since`` request per agent per cycle, whatever the
-number of its jobs, instead of one status read per job.
+"""The catch-up with agents: one ``changed_since`` request per agent per round, whatever the number of
+its jobs, instead of one status read per job.
 
 Each agent's cursor (what it answered last) is kept in memory: a new term, or an agent restarted,
 starts from none, and the agent then answers ``full`` (every job it knows). An agent whose client
@@ -54,8 +54,8 @@ class CatchUp:
 
     async def run(self, agent_ids: Sequence[str]) -> list[str]:
         """Ask each agent (at once, one request each) and record what it reports; returns the
-        agents that lack the change feed. One round at a time (the cycle's and the one between
-        cycles): each agent's cursor moves forward only."""
+        agents that lack the change feed. One round at a time: each agent's cursor moves forward
+        only."""
         async with self._lock:
             asked = [agent_id for agent_id in agent_ids if self.supported(agent_id)]
             await asyncio.gather(*(self._one(agent_id) for agent_id in asked))

@@ -78,7 +78,8 @@ class ReconcileLoop:
         self._metrics.leader.set(1)
         fleet = asyncio.create_task(self._fleet.run(stopping)) if self._fleet is not None else None
         # Rounds with the agents on their own clock: a slow Airflow delays no exit, a silent agent no read.
-        rounds = asyncio.create_task(self.sync.run(stopping, jobs=self.jobs.known))
+        jobs, read_at = self.jobs.known, lambda: self.jobs.read_clock
+        rounds = asyncio.create_task(self.sync.run(stopping, jobs=jobs, read_at=read_at))
         try:
             while not stopping.is_set():
                 started = self._clock()
