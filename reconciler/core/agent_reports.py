@@ -39,6 +39,7 @@ from reconciler.core.outcome import (
     Finish,
     GiveUp,
     MarkRunning,
+    StatusOutcome,
     after_never_started_stop,
     after_status,
 )
@@ -138,8 +139,10 @@ def plan(
     return result
 
 
-def _judge(result: Plan, job: JobRecord, info: JobInfo | None, now: datetime, start_grace: float) -> None:
-    outcome = after_status(
+def outcome_of(job: JobRecord, info: JobInfo | None, *, now: datetime, start_grace: float) -> StatusOutcome:
+    """What the agent's answer about ``job`` (None: it does not know the job) means for the router DB.
+    ``now``: the router DB's time, which wrote ``created_at`` (this replica's clock may be off)."""
+    return after_status(
         job.status,
         info.status if info else None,
         rc=info.rc if info else None,
@@ -147,6 +150,10 @@ def _judge(result: Plan, job: JobRecord, info: JobInfo | None, now: datetime, st
         queued_for=(now - job.created_at).total_seconds(),
         start_grace=start_grace,
     )
+
+
+def _judge(result: Plan, job: JobRecord, info: JobInfo | None, now: datetime, start_grace: float) -> None:
+    outcome = outcome_of(job, info, now=now, start_grace=start_grace)
     if isinstance(outcome, Finish):
         result.transitions.append(Transition.finish(job.job_id, outcome.status, outcome.rc, outcome.reason))
     elif isinstance(outcome, MarkRunning):

@@ -33,11 +33,18 @@ from datetime import datetime
 from sqlalchemy.exc import SQLAlchemyError
 
 from agent_api.client import AgentError, JobInfo, JobNotFound
-from reconciler.core.agent_reports import Recorded, apply_agent_reports, denies, give_up, record_finish
+from reconciler.core.agent_reports import (
+    Recorded,
+    apply_agent_reports,
+    denies,
+    give_up,
+    outcome_of,
+    record_finish,
+)
 from reconciler.core.catch_up import CatchUp
 from reconciler.core.db_time import DbTime
 from reconciler.core.gather import bounded
-from reconciler.core.outcome import START_GRACE_SECONDS, Finish, GiveUp, MarkRunning, after_status
+from reconciler.core.outcome import START_GRACE_SECONDS, Finish, GiveUp, MarkRunning
 from reconciler.core.watch import JobWatch
 from reconciler.fleet.agent_state import AgentState
 from reconciler.fleet.agents import AgentPool, NoAgent, unconfigured_reason, unconfigured_transition
@@ -284,15 +291,7 @@ async def refresh_from_agent(
         return job
     if now is None:
         now = await asyncio.to_thread(db.now)
-    outcome = after_status(
-        job.status,
-        info.status if info else None,
-        rc=info.rc if info else None,
-        reason=info.reason if info else None,
-        # ``now``: the router DB's, which wrote ``created_at`` (this replica's clock may be off).
-        queued_for=(now - job.created_at).total_seconds(),
-        start_grace=start_grace,
-    )
+    outcome = outcome_of(job, info, now=now, start_grace=start_grace)
     if isinstance(outcome, Finish):
         return await record_finish(db, job, outcome)
     if isinstance(outcome, MarkRunning):
